@@ -1,0 +1,57 @@
+"""Loading the compiled extension ``fastrank._C`` lazily, and the conventions for calling it.
+
+The compiled core never links libtorch: functions take data pointers, sizes, strides (in elements), a dtype
+code and, for CUDA, a stream handle. That keeps one build valid for whichever torch the machine has.
+"""
+from __future__ import annotations
+
+import torch
+
+# Must match csrc/common.h: enum class DType.
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+REBUILD_HINT = (
+    "rebuild it with `pip install --no-build-isolation -e .` from the fastrank source tree "
+    "(needs cmake, a C++17 compiler, pybind11 and scikit-build-core; set FASTRANK_CUDA=ON to require CUDA)"
+)
+
+_module = None
+_error: str | None = None
+
+
+def load():
+    """Return ``fastrank._C`` or None; never raises, never touches CUDA."""
+    global _module, _error
+    if _module is None and _error is None:
+        try:
+            from fastrank import _C  # type: ignore[attr-defined]
+
+            _module = _C
+        except ImportError as exc:  # not built, or built for another Python
+            _error = f"the compiled extension fastrank._C could not be imported ({exc})"
+    return _module
+
+
+def unavailable_reason() -> str | None:
+    """Why the extension cannot be used, or None when it can."""
+    load()
+    return None if _module is not None else f"{_error}; {REBUILD_HINT}"
+
+
+def require():
+    """Return ``fastrank._C`` or raise an error that says how to rebuild it."""
+    module = load()
+    if module is None:
+        raise RuntimeError(unavailable_reason())
+    return module
+
+
+def dtype_code(t: torch.Tensor) -> int:
+    return DTYPE_CODES[t.dtype]
+
+
+def cuda_stream(t: torch.Tensor) -> int:
+    """The raw handle of the current stream on ``t``'s device (0 for CPU tensors)."""
+    if t.device.type != "cuda":
+        return 0
+    return torch.cuda.current_stream(t.device).cuda_stream

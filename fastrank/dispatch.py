@@ -1,0 +1,143 @@
+"""The one place that chooses a backend for each call.
+
+Backends are tried in priority order: Triton on CUDA, the compiled C++/CUDA extension, the Triton
+interpreter (CPU tensors, only when ``TRITON_INTERPRET=1`` was set before fastrank was imported) and the
+eager PyTorch reference. Each backend, and each op's implementation on it, reports why it cannot run a
+call; the first with no reason runs it. A caller forces a backend with ``backend=`` or the environment
+variable ``FASTRANK_BACKEND``; a forced backend that cannot run raises an error listing the reasons.
+
+Ops register implementations with :func:`register`; nothing outside this module inspects devices to pick
+a code path.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from fastrank import _ext
+
+BACKENDS: tuple[str, ...] = ("triton", "cpp", "triton_interpret", "reference")
+ENV_VAR = "FASTRANK_BACKEND"
+
+Reasons = Callable[..., list[str]]
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot run the call; the message lists every reason."""
+
+
+@dataclass(frozen=True)
+class Implementation:
+    op: str
+    backend: str
+    fn: Callable
+    reasons: Reasons
+
+
+_REGISTRY: dict[str, dict[str, Implementation]] = {}
+
+
+def register(op: str, backend: str, reasons: Reasons | None = None):
+    """Decorator: ``fn`` implements ``op`` on ``backend``; ``reasons(**ctx)`` lists what it cannot handle."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+    def wrap(fn: Callable) -> Callable:
+        _REGISTRY.setdefault(op, {})[backend] = Implementation(op, backend, fn, reasons or (lambda **_: []))
+        return fn
+
+    return wrap
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_state() -> tuple[bool, bool, str]:
+    """(importable, interpreting, import error). Decided once: Triton reads TRITON_INTERPRET when a kernel
+    is defined, so the mode fastrank's kernels were defined in is the mode they run in."""
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        return False, False, f"triton is not importable ({exc.__class__.__name__}: {exc}); pip install triton"
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return True, interpreting, ""
+
+
+def _devices(tensors: Iterable[torch.Tensor | None]) -> set[str]:
+    return {t.device.type for t in tensors if t is not None}
+
+
+def environment_reasons(backend: str, tensors: Sequence[torch.Tensor | None]) -> list[str]:
+    """Why ``backend`` cannot run on these tensors, independent of the op."""
+    devices = _devices(tensors)
+    reasons: list[str] = []
+    if backend == "triton":
+        ok, interpreting, err = _triton_state()
+        if not ok:
+            reasons.append(err)
+        elif interpreting:
+            reasons.append("TRITON_INTERPRET=1 was set when fastrank was imported: kernels run interpreted")
+        if devices != {"cuda"}:
+            reasons.append(f"needs CUDA tensors, got device type(s) {sorted(devices)}")
+    elif backend == "triton_interpret":
+        ok, interpreting, err = _triton_state()
+        if not ok:
+            reasons.append(err)
+        elif not interpreting:
+            reasons.append("TRITON_INTERPRET=1 was not set before fastrank was imported")
+        if devices != {"cpu"}:
+            reasons.append(f"the interpreter runs on CPU tensors, got device type(s) {sorted(devices)}")
+    elif backend == "cpp":
+        err = _ext.unavailable_reason()
+        if err is not None:
+            reasons.append(err)
+        elif "cuda" in devices and not _ext.load().has_cuda:
+            reasons.append("fastrank._C was built without CUDA sources (no CUDA compiler at build time)")
+        if not devices <= {"cpu", "cuda"}:
+            reasons.append(f"supports CPU and CUDA tensors, got device type(s) {sorted(devices)}")
+    return reasons
+
+
+def requested_backend(backend: str | None) -> str | None:
+    """The caller's choice, else the environment's, validated."""
+    choice = backend if backend is not None else (os.environ.get(ENV_VAR) or None)
+    if choice is not None and choice not in BACKENDS:
+        source = "backend=" if backend is not None else f"${ENV_VAR}="
+        raise ValueError(f"{source}{choice!r} is not a backend; expected one of {BACKENDS}")
+    return choice
+
+
+def reasons_for(op: str, backend: str, tensors: Sequence[torch.Tensor | None], **ctx) -> list[str]:
+    impl = _REGISTRY.get(op, {}).get(backend)
+    if impl is None:
+        return [f"{op!r} has no {backend} implementation"]
+    return environment_reasons(backend, tensors) + impl.reasons(**ctx)
+
+
+def choose(op: str, tensors: Sequence[torch.Tensor | None], backend: str | None = None, **ctx) -> Implementation:
+    """The implementation of ``op`` to run on ``tensors``.
+
+    ``ctx`` is passed to each implementation's ``reasons`` (shapes, dtypes, flags the op cares about).
+    """
+    forced = requested_backend(backend)
+    if forced is not None:
+        reasons = reasons_for(op, forced, tensors, **ctx)
+        if reasons:
+            raise BackendUnavailableError(
+                f"fastrank.{op}: backend {forced!r} cannot run this call:\n  - " + "\n  - ".join(reasons)
+            )
+        return _REGISTRY[op][forced]
+    collected = []
+    for name in BACKENDS:
+        reasons = reasons_for(op, name, tensors, **ctx)
+        if not reasons:
+            return _REGISTRY[op][name]
+        collected.append(f"{name}: " + "; ".join(reasons))
+    raise BackendUnavailableError(f"fastrank.{op}: no backend can run this call:\n  - " + "\n  - ".join(collected))
+
+
+def explain(op: str, tensors: Sequence[torch.Tensor | None], **ctx) -> dict[str, list[str]]:
+    """For each backend, why it cannot run this call (an empty list: it can). For diagnostics and the CLI."""
+    return {name: reasons_for(op, name, tensors, **ctx) for name in BACKENDS}
