@@ -396,13 +396,13 @@ def _canonicalize(q: Tensor, d: Tensor, q_mask: Optional[Tensor], d_mask: Option
             q_only.append(k)
         else:  # d varies here, or only a mask does (then d is expanded: a view, and autograd sums it)
             d_only.append(k)
-    dv = dv.expand(tuple(batch) + tuple(dv.shape[-2:])) if any(dv.shape[k] == 1 for k in d_only) else dv
+    dv = dv.expand([batch[k] if k in d_only else dv.shape[k] for k in range(n)] + list(dv.shape[-2:]))
     order = both + q_only + d_only
     rest = [k for k in range(n) if k not in order]
     perm = order + rest
-    F = math.prod(batch[k] for k in both)
-    Y = math.prod(batch[k] for k in q_only)
-    X = math.prod(batch[k] for k in d_only)
+    F = math.prod([batch[k] for k in both])
+    Y = math.prod([batch[k] for k in q_only])
+    X = math.prod([batch[k] for k in d_only])
     qc = qv.permute(perm + [n, n + 1]).reshape(F, Y, *q.shape[-2:])
     dc = dv.permute(perm + [n, n + 1]).reshape(F, X, *d.shape[-2:])
 
