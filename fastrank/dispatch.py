@@ -69,9 +69,9 @@ def _devices(tensors: Iterable[torch.Tensor | None]) -> set[str]:
     return {t.device.type for t in tensors if t is not None}
 
 
-def environment_reasons(backend: str, tensors: Sequence[torch.Tensor | None]) -> list[str]:
-    """Why ``backend`` cannot run on these tensors, independent of the op."""
-    devices = _devices(tensors)
+def environment_reasons(backend: str, devices: Iterable[str]) -> list[str]:
+    """Why ``backend`` cannot run on tensors of these device types, independent of the op."""
+    devices = set(devices)
     reasons: list[str] = []
     if backend == "triton":
         ok, interpreting, err = _triton_state()
@@ -110,20 +110,36 @@ def requested_backend(backend: str | None) -> str | None:
 
 
 def reasons_for(op: str, backend: str, tensors: Sequence[torch.Tensor | None], **ctx) -> list[str]:
+    return _reasons(op, backend, frozenset(_devices(tensors)), tuple(sorted(ctx.items())))
+
+
+@functools.lru_cache(maxsize=4096)
+def _reasons(op: str, backend: str, devices: frozenset, ctx: tuple) -> list[str]:
+    # Cached: availability is a property of the installation, fixed for the life of the process, and
+    # this runs on every call of every op. `reset()` clears it.
     impl = _REGISTRY.get(op, {}).get(backend)
     if impl is None:
         return [f"{op!r} has no {backend} implementation"]
-    return environment_reasons(backend, tensors) + impl.reasons(**ctx)
+    return environment_reasons(backend, devices) + impl.reasons(device_types=set(devices), **dict(ctx))
+
+
+def reset() -> None:
+    """Forget cached availability (after installing Triton or rebuilding the extension in-process)."""
+    _reasons.cache_clear()
+    _triton_state.cache_clear()
 
 
 def choose(op: str, tensors: Sequence[torch.Tensor | None], backend: str | None = None, **ctx) -> Implementation:
     """The implementation of ``op`` to run on ``tensors``.
 
-    ``ctx`` is passed to each implementation's ``reasons`` (shapes, dtypes, flags the op cares about).
+    ``ctx`` (hashable values) is passed to each implementation's ``reasons`` along with ``device_types``:
+    the shapes, dtypes and flags the op cares about.
     """
     forced = requested_backend(backend)
+    devices = frozenset(_devices(tensors))
+    key = tuple(sorted(ctx.items()))
     if forced is not None:
-        reasons = reasons_for(op, forced, tensors, **ctx)
+        reasons = _reasons(op, forced, devices, key)
         if reasons:
             raise BackendUnavailableError(
                 f"fastrank.{op}: backend {forced!r} cannot run this call:\n  - " + "\n  - ".join(reasons)
@@ -131,7 +147,7 @@ def choose(op: str, tensors: Sequence[torch.Tensor | None], backend: str | None 
         return _REGISTRY[op][forced]
     collected = []
     for name in BACKENDS:
-        reasons = reasons_for(op, name, tensors, **ctx)
+        reasons = _reasons(op, name, devices, key)
         if not reasons:
             return _REGISTRY[op][name]
         collected.append(f"{name}: " + "; ".join(reasons))
@@ -139,5 +155,5 @@ def choose(op: str, tensors: Sequence[torch.Tensor | None], backend: str | None 
 
 
 def explain(op: str, tensors: Sequence[torch.Tensor | None], **ctx) -> dict[str, list[str]]:
-    """For each backend, why it cannot run this call (an empty list: it can). For diagnostics and the CLI."""
+    """For each backend, why it cannot run this call (an empty list: it can). For diagnostics."""
     return {name: reasons_for(op, name, tensors, **ctx) for name in BACKENDS}

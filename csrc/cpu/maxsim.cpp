@@ -198,6 +198,11 @@ void score_pair(const Problem& p, int64_t f, int64_t y, int64_t x, int64_t LQP, 
   vfloat acc[JB][NV];
   for (int64_t j0 = 0; j0 < p.Ld; j0 += JB) {
     const int nb = static_cast<int>(std::min<int64_t>(JB, p.Ld - j0));
+    if (p.dm != nullptr) {  // padding usually ends a doc: skip blocks with no valid token
+      bool any = false;
+      for (int jj = 0; jj < nb && !any; ++jj) any = valid(p.dm, p.dms, f, y, x, j0 + jj);
+      if (!any) continue;
+    }
     decltype(rows(0)) ptrs[JB];
     for (int jj = 0; jj < JB; ++jj) ptrs[jj] = rows(j0 + std::min(jj, nb - 1));  // clamp: tail rows repeat
     block(ptrs, acc);

@@ -68,25 +68,26 @@ if triton is not None:
         for j0 in range(0, Ld, BLOCK_LD):
             offs_j = j0 + tl.arange(0, BLOCK_LD)
             col_in = offs_j < Ld
-            s = tl.zeros([BLOCK_LQ, BLOCK_LD], tl.float32)
-            for h0 in range(0, H, BLOCK_H):
-                h = h0 + offs_h
-                qt = tl.load(q_base + offs_i[:, None] * sq_t + h[None, :], mask=row_in[:, None] & (h[None, :] < H), other=0.0)
-                dt = tl.load(d_base + offs_j[:, None] * sd_t + h[None, :], mask=col_in[:, None] & (h[None, :] < H), other=0.0)
-                s = tl.dot(qt, tl.trans(dt), s, input_precision=PRECISION)
             valid = col_in
             if HAS_DM:
                 dm = tl.load(DM + f * sdm_f + y * sdm_y + x * sdm_x + offs_j * sdm_t, mask=col_in, other=0)
                 valid = valid & (dm != 0)
             n_valid += valid.to(tl.int32)
-            s = tl.where(valid[None, :], s, float("-inf"))
-            # tl.max does not propagate NaN on every target; count NaNs so they reach the score.
-            saw_nan += tl.sum((s != s).to(tl.int32), axis=1)
-            blk_best = tl.max(s, axis=1)
-            blk_j = tl.argmax(s, axis=1, tie_break_left=True).to(tl.int32) + j0
-            take = blk_best > best  # strict: ties keep the earliest doc token, like torch.max
-            best = tl.where(take, blk_best, best)
-            best_j = tl.where(take, blk_j, best_j)
+            if tl.sum(valid.to(tl.int32), axis=0) > 0:  # padding usually ends a doc: skip empty blocks
+                s = tl.zeros([BLOCK_LQ, BLOCK_LD], tl.float32)
+                for h0 in range(0, H, BLOCK_H):
+                    h = h0 + offs_h
+                    qt = tl.load(q_base + offs_i[:, None] * sq_t + h[None, :], mask=row_in[:, None] & (h[None, :] < H), other=0.0)
+                    dt = tl.load(d_base + offs_j[:, None] * sd_t + h[None, :], mask=col_in[:, None] & (h[None, :] < H), other=0.0)
+                    s = tl.dot(qt, tl.trans(dt), s, input_precision=PRECISION)
+                s = tl.where(valid[None, :], s, float("-inf"))
+                # tl.max does not propagate NaN on every target; count NaNs so they reach the score.
+                saw_nan += tl.sum((s != s).to(tl.int32), axis=1)
+                blk_best = tl.max(s, axis=1)
+                blk_j = tl.argmax(s, axis=1, tie_break_left=True).to(tl.int32) + j0
+                take = blk_best > best  # strict: ties keep the earliest doc token, like torch.max
+                best = tl.where(take, blk_best, best)
+                best_j = tl.where(take, blk_j, best_j)
 
         row_ok = row_in & (tl.sum(n_valid, axis=0) > 0)
         if HAS_QM:
@@ -380,13 +381,15 @@ class _Canonical:
 
 
 def _with_rank(t: Tensor, rank: int) -> Tensor:
-    return t.reshape((1,) * (rank - t.dim()) + tuple(t.shape))
+    return t if t.dim() == rank else t.reshape((1,) * (rank - t.dim()) + tuple(t.shape))
 
 
 def _canonicalize(q: Tensor, d: Tensor, q_mask: Optional[Tensor], d_mask: Optional[Tensor], batch) -> _Canonical:
+    # Views only, and as few as possible: this runs on every call, and re-ranking calls are short.
     n = len(batch)
     qv, dv = _with_rank(q, n + 2), _with_rank(d, n + 2)
     both, q_only, d_only = [], [], []
+    expand_d = False
     for k, size in enumerate(batch):
         if size == 1:
             continue
@@ -396,26 +399,36 @@ def _canonicalize(q: Tensor, d: Tensor, q_mask: Optional[Tensor], d_mask: Option
             q_only.append(k)
         else:  # d varies here, or only a mask does (then d is expanded: a view, and autograd sums it)
             d_only.append(k)
-    dv = dv.expand([batch[k] if k in d_only else dv.shape[k] for k in range(n)] + list(dv.shape[-2:]))
+            expand_d = expand_d or dv.shape[k] == 1
+    if expand_d:
+        dv = dv.expand([batch[k] if k in d_only else dv.shape[k] for k in range(n)] + list(dv.shape[-2:]))
     order = both + q_only + d_only
-    rest = [k for k in range(n) if k not in order]
-    perm = order + rest
+    identity = order == sorted(order)  # dims of size 1 may sit anywhere: they vanish in the reshapes
+    perm = order + [k for k in range(n) if k not in order]
     F = math.prod([batch[k] for k in both])
     Y = math.prod([batch[k] for k in q_only])
     X = math.prod([batch[k] for k in d_only])
-    qc = qv.permute(perm + [n, n + 1]).reshape(F, Y, *q.shape[-2:])
-    dc = dv.permute(perm + [n, n + 1]).reshape(F, X, *d.shape[-2:])
+    if not identity:
+        qv = qv.permute(perm + [n, n + 1])
+        dv = dv.permute(perm + [n, n + 1])
+    qc = qv.reshape(F, Y, *q.shape[-2:])
+    dc = dv.reshape(F, X, *d.shape[-2:])
 
     def mask(m: Optional[Tensor]) -> Optional[Tensor]:
         if m is None:
             return None
-        mv = _with_rank(m, n + 1).expand(tuple(batch) + (m.shape[-1],))
-        return mv.permute(perm + [n]).reshape(F, Y, X, m.shape[-1])
+        mv = m.expand(tuple(batch) + (m.shape[-1],))
+        if not identity:
+            mv = mv.permute(perm + [n])
+        return mv.reshape(F, Y, X, m.shape[-1])
 
-    inverse = sorted(range(len(order)), key=lambda i: order[i])
+    if identity:
+        restore = lambda scores: scores.reshape(batch)  # noqa: E731
+    else:
+        inverse = sorted(range(len(order)), key=lambda i: order[i])
 
-    def restore(scores: Tensor) -> Tensor:
-        return scores.reshape([batch[k] for k in order]).permute(inverse).reshape(batch)
+        def restore(scores: Tensor) -> Tensor:
+            return scores.reshape([batch[k] for k in order]).permute(inverse).reshape(batch)
 
     return _Canonical(qc, dc, mask(q_mask), mask(d_mask), restore)
 
@@ -460,13 +473,27 @@ def _check_inputs(q, d, q_mask, d_mask) -> torch.Size:
         shapes["q_mask"] = q_mask.shape[:-1]
     if d_mask is not None:
         shapes["d_mask"] = d_mask.shape[:-1]
-    try:
-        return torch.broadcast_shapes(*shapes.values())
-    except RuntimeError:
+    batch = _broadcast(shapes.values())
+    if batch is None:
         raise ValueError(
             "maxsim: the leading (batch) dims do not broadcast: "
             + ", ".join(f"{k} {tuple(v)}" for k, v in shapes.items())
-        ) from None
+        )
+    return batch
+
+
+def _broadcast(shapes) -> Optional[torch.Size]:
+    """torch.broadcast_shapes for a few short shapes, without its per-call overhead; None if incompatible."""
+    shapes = list(shapes)
+    n = max(len(s) for s in shapes)
+    out = [1] * n
+    for s in shapes:
+        for i, size in enumerate(s, start=n - len(s)):
+            if size != 1:
+                if out[i] != 1 and out[i] != size:
+                    return None
+                out[i] = size
+    return torch.Size(out)
 
 
 def maxsim(
@@ -503,13 +530,16 @@ def maxsim(
     ld = d.shape[-2]
     impl = dispatch.choose(
         "maxsim", (q, d, q_mask, d_mask), backend,
-        dtype=q.dtype, lq=lq, device_types={q.device.type},
+        dtype=q.dtype, lq=lq,
     )
     if impl.backend == "reference" or math.prod(batch) == 0 or lq == 0 or ld == 0 or h == 0:
         return maxsim_ref(q, d, q_mask, d_mask)
     c = _canonicalize(q, d, q_mask, d_mask, batch)
     save_argmax = torch.is_grad_enabled() and (q.requires_grad or d.requires_grad)
-    scores, _ = _maxsim_forward_op(c.q, c.d, c.q_mask, c.d_mask, impl.backend, save_argmax, deterministic)
+    if save_argmax or torch.compiler.is_compiling():
+        scores, _ = _maxsim_forward_op(c.q, c.d, c.q_mask, c.d_mask, impl.backend, save_argmax, deterministic)
+    else:  # inference: no graph to record, so skip the custom-op machinery (tens of microseconds a call)
+        scores, _ = impl.fn.forward(c.q, c.d, c.q_mask, c.d_mask, False)
     return c.restore(scores)
 
 
