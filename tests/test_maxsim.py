@@ -358,12 +358,41 @@ def test_import_touches_no_cuda_and_needs_no_triton_or_extension():
 # ---------------------------------------------------------------------------------------------------------
 # GPU (runs where CUDA is present)
 # ---------------------------------------------------------------------------------------------------------
-GPU_BACKENDS = ["triton"] if HAS_TRITON and not INTERPRET else []
+def _gpu_backends():
+    from fastrank import _ext
+
+    backends = ["triton"] if HAS_TRITON and not INTERPRET else []
+    ext = _ext.load()
+    if ext is not None and ext.has_cuda:
+        backends.append("cpp")
+    return backends
 
 
-@pytest.mark.skipif(not CUDA or not GPU_BACKENDS, reason="needs CUDA and compiled (not interpreted) Triton")
+GPU_BACKENDS = _gpu_backends() if CUDA else []
+
+
+@pytest.mark.skipif(not GPU_BACKENDS, reason="needs CUDA with compiled Triton or the extension's CUDA kernels")
+@pytest.mark.parametrize("backend", GPU_BACKENDS or ["none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("form", ["rerank", "grouped", "allpairs"])
 @pytest.mark.parametrize("lq,ld,h", [(1, 1, 59), (7, 97, 128), (32, 200, 768), (64, 512, 1024), (31, 201, 128)])
-def test_gpu_matches_reference(dtype, form, lq, ld, h):
-    _check(*_case(form, lq, ld, h, seed=lq + ld + h, dtype=dtype, device="cuda"), "triton")
+def test_gpu_matches_reference(backend, dtype, form, lq, ld, h):
+    _check(*_case(form, lq, ld, h, seed=lq + ld + h, dtype=dtype, device="cuda"), backend)
+
+
+@pytest.mark.skipif(not GPU_BACKENDS, reason="needs CUDA")
+@pytest.mark.parametrize("backend", GPU_BACKENDS or ["none"])
+def test_gpu_long_reduction_loops_and_determinism(backend):
+    q, d = torch.randn(8, 64, device="cuda"), torch.randn(3000, 40, 64, device="cuda")
+    _check(q, d, None, None, backend, deterministic=False)
+    grads = []
+    for _ in range(2):
+        qq, dd = q.clone().requires_grad_(), d.clone().requires_grad_()
+        grads.append(torch.autograd.grad(maxsim(qq, dd, backend=backend, deterministic=True).sum(), (qq, dd)))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_default_backend_on_cuda_is_a_kernel():
+    q, d = torch.randn(4, 8, device="cuda"), torch.randn(3, 5, 8, device="cuda")
+    assert dispatch.choose("maxsim", (q, d), None, dtype=q.dtype, lq=4).backend in ("triton", "cpp")

@@ -267,33 +267,41 @@ def _cpp_forward(q, d, q_mask, d_mask, save_argmax: bool):
     ext = _ext.require()
     q, d = _inner_contiguous(q), _inner_contiguous(d)
     F, Y, X, Lq, Ld, H = _dims(q, d)
-    out = torch.empty((F, Y, X), dtype=torch.float32)
-    arg = torch.empty((F, Y, X, Lq) if save_argmax else (0,), dtype=torch.int32)
+    out = torch.empty((F, Y, X), device=q.device, dtype=torch.float32)
+    arg = torch.empty((F, Y, X, Lq) if save_argmax else (0,), device=q.device, dtype=torch.int32)
     qm, qms = _mask_args(q_mask)
     dm, dms = _mask_args(d_mask)
-    ext.maxsim_forward(
+    args = (
         _ext.dtype_code(q), q.data_ptr(), d.data_ptr(), [F, Y, X, Lq, Ld, H],
         [q.stride(0), q.stride(1), q.stride(2)], [d.stride(0), d.stride(1), d.stride(2)],
         qm.data_ptr() if qm is not None else 0, qms, dm.data_ptr() if dm is not None else 0, dms,
         out.data_ptr(), arg.data_ptr() if save_argmax else 0,
     )
+    if q.is_cuda:
+        ext.maxsim_forward_cuda(*args, _ext.cuda_stream(q))
+    else:
+        ext.maxsim_forward(*args)
     return out, arg
 
 
 def _cpp_backward(q, d, grad, argmax, need_dq: bool, need_dd: bool, deterministic: bool):
-    # The CPU kernels are deterministic whatever `deterministic` says: each output row has one writer.
+    # Deterministic whatever `deterministic` says: each output element has one writer (CPU and CUDA).
     ext = _ext.require()
     q, d = _inner_contiguous(q), _inner_contiguous(d)
     F, Y, X, Lq, Ld, H = _dims(q, d)
     grad = grad.contiguous().float()
     argmax = argmax.contiguous()
-    dq = torch.empty((F, Y, Lq, H), dtype=torch.float32) if need_dq else None
-    dd = torch.empty((F, X, Ld, H), dtype=torch.float32) if need_dd else None
-    ext.maxsim_backward(
+    dq = torch.empty((F, Y, Lq, H), device=q.device, dtype=torch.float32) if need_dq else None
+    dd = torch.empty((F, X, Ld, H), device=q.device, dtype=torch.float32) if need_dd else None
+    args = (
         _ext.dtype_code(q), q.data_ptr(), d.data_ptr(), [F, Y, X, Lq, Ld, H],
         [q.stride(0), q.stride(1), q.stride(2)], [d.stride(0), d.stride(1), d.stride(2)],
         grad.data_ptr(), argmax.data_ptr(), dq.data_ptr() if need_dq else 0, dd.data_ptr() if need_dd else 0,
     )
+    if q.is_cuda:
+        ext.maxsim_backward_cuda(*args, _ext.cuda_stream(q))
+    else:
+        ext.maxsim_backward(*args)
     return (dq.to(q.dtype) if need_dq else None), (dd.to(d.dtype) if need_dd else None)
 
 
@@ -317,8 +325,7 @@ _TRITON = _Kernels(_triton_forward, _triton_backward)
 _CPP = _Kernels(_cpp_forward, _cpp_backward)
 dispatch.register("maxsim", "triton", reasons=_kernel_reasons)(_TRITON)
 dispatch.register("maxsim", "triton_interpret", reasons=lambda **ctx: _kernel_reasons(interpreter=True, **ctx))(_TRITON)
-dispatch.register("maxsim", "cpp", reasons=lambda *, device_types, **ctx: (
-    ["the C++ MaxSim kernel runs on CPU tensors"] if device_types != {"cpu"} else []) + _kernel_reasons(**ctx))(_CPP)
+dispatch.register("maxsim", "cpp", reasons=_kernel_reasons)(_CPP)
 _KERNELS = {"triton": _TRITON, "triton_interpret": _TRITON, "cpp": _CPP}
 
 
