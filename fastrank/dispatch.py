@@ -138,8 +138,11 @@ def choose(op: str, tensors: Sequence[torch.Tensor | None], backend: str | None 
     forced = requested_backend(backend)
     devices = frozenset(_devices(tensors))
     key = tuple(sorted(ctx.items()))
+    # Under torch.compile the choice is made once, at trace time: call the function itself, since
+    # Dynamo does not trace through lru_cache wrappers (it warns and bypasses them).
+    lookup = _reasons.__wrapped__ if torch.compiler.is_compiling() else _reasons
     if forced is not None:
-        reasons = _reasons(op, forced, devices, key)
+        reasons = lookup(op, forced, devices, key)
         if reasons:
             raise BackendUnavailableError(
                 f"fastrank.{op}: backend {forced!r} cannot run this call:\n  - " + "\n  - ".join(reasons)
@@ -147,7 +150,7 @@ def choose(op: str, tensors: Sequence[torch.Tensor | None], backend: str | None 
         return _REGISTRY[op][forced]
     collected = []
     for name in BACKENDS:
-        reasons = _reasons(op, name, devices, key)
+        reasons = lookup(op, name, devices, key)
         if not reasons:
             return _REGISTRY[op][name]
         collected.append(f"{name}: " + "; ".join(reasons))
