@@ -1,0 +1,397 @@
+// Fused distillation losses on CPU: loss and gradient w.r.t. the student in one pass, OpenMP over queries.
+//
+// Per query (one row of K candidates), with v the valid candidates, P / N the valid positives / negatives,
+// d_k = s_k - t_k, and g_k = dL/ds_k (what the kernel keeps for backward):
+//   mse          L = sum_v d_k^2                                   g_k = 2 d_k
+//   margin_mse   L = sum_{i in P, j in N} (d_i - d_j)^2            g_i = 2|N|(d_i - mean_N d), g_j = 2|P|(d_j - mean_P d)
+//                evaluated in O(K) as |N| sum_P (d_i - mP)^2 + |P| sum_N (d_j - mN)^2 + |P||N| (mP - mN)^2,
+//                a sum of non-negative terms, so no cancellation at extreme scores
+//   m3se         j* = first argmax_{j in N} t_j, e_i = (t_i - t_j*) - (s_i - s_j*), h_j = max(s_j - s_j*, 0)
+//                L = sum_P e_i^2 + sum_N h_j^2                     g_i = -2 e_i, g_j = 2 h_j,
+//                                                                  g_j* += 2 sum_P e_i - 2 sum_N h_j
+//   softmax_ce   p = softmax(t/tau), q = softmax(s/tau) over v    L = sum_v p_k (-log q_k)   g_k = (q_k - p_k)/tau
+//   kl_div       L = sum_v p_k (log p_k - log q_k)                 same gradient
+//   rankdistil_b L = sum_P d_i^2 + sum_N max(s_j - gamma0, 0)^2    g_i = 2 d_i, g_j = 2 max(s_j - gamma0, 0)
+//   inbatch_ce   q = softmax(x/tau) over the row, L = -log q_y     g_k = (q_k - [k == y])/tau
+// -log q_k is formed as (max - x_k) + log Z, each part non-negative, for the same reason as margin_mse.
+// Terms with p_k = 0 are skipped rather than multiplied, so -inf logits never make 0 * inf.
+//
+// The hinge max(x, 0) is written `x < 0 ? 0 : x` so that a NaN student score propagates (std::max would
+// drop it depending on argument order). Reductions: "mean" divides by the number of queries that have at
+// least one term; the kernel reports that factor in `scale` so backward multiplies instead of re-counting.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "bindings.h"
+#include "common.h"
+#ifdef FASTRANK_WITH_CUDA
+#include "cuda/losses_cuda.h"
+#endif
+
+namespace fastrank {
+namespace {
+
+// Must match fastrank/ops/losses.py: LOSS_KINDS and REDUCTIONS.
+enum Kind : int { MSE = 0, MARGIN_MSE = 1, M3SE = 2, SOFTMAX_CE = 3, KL_DIV = 4, RANKDISTIL_B = 5 };
+enum Reduction : int { NONE = 0, SUM = 1, MEAN = 2 };
+// Candidate classes after masking.
+enum Cls : uint8_t { MASKED = 0, POS = 1, NEG = 2 };
+
+struct F32 { using in_t = float; template <typename A> static A load(const float* p) { return static_cast<A>(*p); } };
+struct F64 { using in_t = double; template <typename A> static A load(const double* p) { return static_cast<A>(*p); } };
+struct F16 { using in_t = uint16_t; template <typename A> static A load(const uint16_t* p) { return fp16_to_float(*p); } };
+struct BF16 { using in_t = uint16_t; template <typename A> static A load(const uint16_t* p) { return bf16_to_float(*p); } };
+
+template <typename A>
+inline A hinge(A x) { return x < A(0) ? A(0) : x; }
+
+// One query. s, t hold K valid-or-not scores in A; cls says which are valid and which are positive.
+// Writes g[0..K) (zero where masked) and returns the query's loss; *has_term says whether the sum had a term.
+template <typename A>
+A distill_row(int kind, int64_t K, const A* s, const A* t, const uint8_t* cls, A param, A* g, bool* has_term) {
+  A loss = 0;
+  for (int64_t k = 0; k < K; ++k) g[k] = 0;
+  int64_t n_pos = 0, n_neg = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    n_pos += cls[k] == POS;
+    n_neg += cls[k] == NEG;
+  }
+  const int64_t n_valid = n_pos + n_neg;
+  switch (kind) {
+    case MSE: {
+      *has_term = n_valid > 0;
+      for (int64_t k = 0; k < K; ++k) {
+        if (cls[k] == MASKED) continue;
+        const A d = s[k] - t[k];
+        loss += d * d;
+        g[k] = 2 * d;
+      }
+      return loss;
+    }
+    case MARGIN_MSE: {
+      *has_term = n_pos > 0 && n_neg > 0;
+      if (!*has_term) return 0;
+      A sum_p = 0, sum_n = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        if (cls[k] == POS) sum_p += s[k] - t[k];
+        if (cls[k] == NEG) sum_n += s[k] - t[k];
+      }
+      const A np = static_cast<A>(n_pos), nn = static_cast<A>(n_neg);
+      const A mean_p = sum_p / np, mean_n = sum_n / nn;
+      A ss_p = 0, ss_n = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const A d = s[k] - t[k];
+        if (cls[k] == POS) {
+          ss_p += (d - mean_p) * (d - mean_p);
+          g[k] = 2 * nn * (d - mean_n);
+        } else if (cls[k] == NEG) {
+          ss_n += (d - mean_n) * (d - mean_n);
+          g[k] = 2 * np * (d - mean_p);
+        }
+      }
+      const A gap = mean_p - mean_n;
+      return nn * ss_p + np * ss_n + np * nn * gap * gap;
+    }
+    case M3SE: {
+      *has_term = n_neg > 0;
+      if (!*has_term) return 0;
+      int64_t star = -1;
+      for (int64_t k = 0; k < K; ++k)
+        if (cls[k] == NEG && (star < 0 || t[k] > t[star])) star = k;
+      const A s_star = s[star], t_star = t[star];
+      A sum_e = 0, sum_h = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        if (cls[k] == POS) {
+          const A e = (t[k] - t_star) - (s[k] - s_star);
+          loss += e * e;
+          g[k] = -2 * e;
+          sum_e += e;
+        } else if (cls[k] == NEG) {
+          const A h = hinge(s[k] - s_star);
+          loss += h * h;
+          g[k] = 2 * h;
+          sum_h += h;
+        }
+      }
+      g[star] += 2 * sum_e - 2 * sum_h;
+      return loss;
+    }
+    case SOFTMAX_CE:
+    case KL_DIV: {
+      *has_term = n_valid > 0;
+      if (!*has_term) return 0;
+      const A inv_tau = A(1) / param;
+      // std::max passes over a NaN student score, but z_s then turns NaN and so do the loss and all of g.
+      A max_s = -std::numeric_limits<A>::infinity(), max_t = max_s;
+      for (int64_t k = 0; k < K; ++k) {
+        if (cls[k] == MASKED) continue;
+        max_s = std::max(max_s, s[k] * inv_tau);
+        max_t = std::max(max_t, t[k] * inv_tau);
+      }
+      A z_s = 0, z_t = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        if (cls[k] == MASKED) continue;
+        z_s += std::exp(s[k] * inv_tau - max_s);
+        z_t += std::exp(t[k] * inv_tau - max_t);
+      }
+      const A log_z_s = std::log(z_s), log_z_t = std::log(z_t);
+      for (int64_t k = 0; k < K; ++k) {
+        if (cls[k] == MASKED) continue;
+        const A shifted_t = t[k] * inv_tau - max_t;
+        const A p = std::exp(shifted_t) / z_t;
+        const A q = std::exp(s[k] * inv_tau - max_s) / z_s;
+        g[k] = (q - p) * inv_tau;
+        if (p > 0) {
+          const A neg_log_q = (max_s - s[k] * inv_tau) + log_z_s;
+          loss += p * neg_log_q;
+          if (kind == KL_DIV) loss += p * (shifted_t - log_z_t);
+        }
+      }
+      return loss;
+    }
+    case RANKDISTIL_B: {
+      *has_term = n_valid > 0;
+      for (int64_t k = 0; k < K; ++k) {
+        if (cls[k] == POS) {
+          const A d = s[k] - t[k];
+          loss += d * d;
+          g[k] = 2 * d;
+        } else if (cls[k] == NEG) {
+          const A h = hinge(s[k] - param);
+          loss += h * h;
+          g[k] = 2 * h;
+        }
+      }
+      return loss;
+    }
+  }
+  return loss;
+}
+
+template <typename A>
+void finish_reduction(int reduction, int64_t B, const A* row_loss, const uint8_t* has_term, A* loss, A* scale) {
+  if (reduction == NONE) {
+    for (int64_t b = 0; b < B; ++b) loss[b] = row_loss[b];
+    *scale = 1;
+    return;
+  }
+  double total = 0;
+  int64_t counted = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    total += static_cast<double>(row_loss[b]);
+    counted += has_term[b];
+  }
+  const double factor = reduction == MEAN ? 1.0 / static_cast<double>(std::max<int64_t>(counted, 1)) : 1.0;
+  *loss = static_cast<A>(total * factor);
+  *scale = static_cast<A>(factor);
+}
+
+struct View {
+  std::uintptr_t ptr;
+  int64_t stride_b, stride_k;
+};
+
+template <typename L, typename A>
+void distill_cpu(int kind, int reduction, int64_t B, int64_t K, A param, View s, View t, View pos, View mask,
+                 A* loss, A* grad, A* scale) {
+  using in_t = typename L::in_t;
+  const in_t* sp = ptr<const in_t>(s.ptr);
+  const in_t* tp = ptr<const in_t>(t.ptr);
+  const uint8_t* pp = ptr<const uint8_t>(pos.ptr);
+  const uint8_t* mp = ptr<const uint8_t>(mask.ptr);
+  std::vector<A> row_loss(B);
+  std::vector<uint8_t> has_term(B);
+  int64_t bad_row = -1, bad_col = -1;
+  // Tiny problems (the common training case, B*K ~ 10^3) finish faster than threads wake up.
+#pragma omp parallel if (B * K >= 16384)
+  {
+    std::vector<A> s_row(K), t_row(K);
+    std::vector<uint8_t> cls(K);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t k = 0; k < K; ++k) {
+        const bool valid = mp == nullptr || mp[b * mask.stride_b + k * mask.stride_k] != 0;
+        const bool positive = pp == nullptr ? k == 0 : pp[b * pos.stride_b + k * pos.stride_k] != 0;
+        cls[k] = valid ? (positive ? POS : NEG) : MASKED;
+        s_row[k] = L::template load<A>(sp + b * s.stride_b + k * s.stride_k);
+        t_row[k] = L::template load<A>(tp + b * t.stride_b + k * t.stride_k);
+        if (valid && std::isnan(t_row[k])) {
+#pragma omp critical(fastrank_losses_nan)
+          if (bad_row < 0 || b < bad_row) { bad_row = b; bad_col = k; }
+        }
+      }
+      bool term = false;
+      row_loss[b] = distill_row<A>(kind, K, s_row.data(), t_row.data(), cls.data(), param, grad + b * K, &term);
+      has_term[b] = term;
+    }
+  }
+  FASTRANK_CHECK(bad_row < 0, "t (teacher scores) contains NaN at a valid candidate, first at [" << bad_row << ", "
+                                  << bad_col << "]; clean or mask the teacher scores");
+  finish_reduction<A>(reduction, B, row_loss.data(), has_term.data(), loss, scale);
+}
+
+template <typename L, typename A>
+void inbatch_ce_cpu(int reduction, int64_t B, int64_t M, A tau, View x, std::uintptr_t target_ptr, int64_t target_stride,
+                    bool target_is_int64, A* loss, A* grad, A* scale) {
+  using in_t = typename L::in_t;
+  const in_t* xp = ptr<const in_t>(x.ptr);
+  std::vector<A> row_loss(B);
+  std::vector<uint8_t> has_term(B);
+  int64_t bad_row = -1, bad_target = 0;
+  const A inv_tau = A(1) / tau;
+#pragma omp parallel if (B * M >= 16384)
+  {
+    std::vector<A> row(M);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t y = target_is_int64 ? ptr<const int64_t>(target_ptr)[b * target_stride]
+                                        : ptr<const int32_t>(target_ptr)[b * target_stride];
+      A* g = grad + b * M;
+      row_loss[b] = 0;
+      has_term[b] = y >= 0;
+      if (y < 0 || y >= M) {
+        for (int64_t k = 0; k < M; ++k) g[k] = 0;
+        if (y >= M) {
+#pragma omp critical(fastrank_losses_target)
+          if (bad_row < 0 || b < bad_row) { bad_row = b; bad_target = y; }
+        }
+        continue;
+      }
+      A mx = -std::numeric_limits<A>::infinity();
+      for (int64_t k = 0; k < M; ++k) {
+        row[k] = L::template load<A>(xp + b * x.stride_b + k * x.stride_k) * inv_tau;
+        mx = std::max(mx, row[k]);
+      }
+      A z = 0;
+      for (int64_t k = 0; k < M; ++k) z += std::exp(row[k] - mx);
+      for (int64_t k = 0; k < M; ++k) g[k] = std::exp(row[k] - mx) / z * inv_tau;
+      g[y] -= inv_tau;
+      row_loss[b] = (mx - row[y]) + std::log(z);
+    }
+  }
+  FASTRANK_CHECK(bad_row < 0, "target[" << bad_row << "] = " << bad_target << " is out of range for scores with M = "
+                                        << M << " columns (expected 0 <= target < M, or a negative value to ignore the row)");
+  finish_reduction<A>(reduction, B, row_loss.data(), has_term.data(), loss, scale);
+}
+
+void check_common(int reduction, int64_t B, int64_t K, const char* what) {
+  FASTRANK_CHECK(reduction >= NONE && reduction <= MEAN, "unknown reduction code " << reduction);
+  FASTRANK_CHECK(B >= 1 && K >= 1, what << " must be a non-empty (B, K) matrix, got (" << B << ", " << K << ")");
+}
+
+void distill_forward_cpu(int kind, int reduction, int64_t B, int64_t K, int dtype, double param, View s, View t,
+                         View pos, View mask, std::uintptr_t loss, std::uintptr_t grad, std::uintptr_t scale) {
+  check_common(reduction, B, K, "s");
+  FASTRANK_CHECK(kind >= MSE && kind <= RANKDISTIL_B, "unknown loss kind " << kind);
+  FASTRANK_CHECK(s.ptr != 0 && t.ptr != 0, "s and t must be given");
+  switch (to_dtype(dtype)) {
+    case DType::Float32:
+      return distill_cpu<F32, float>(kind, reduction, B, K, static_cast<float>(param), s, t, pos, mask,
+                                     ptr<float>(loss), ptr<float>(grad), ptr<float>(scale));
+    case DType::Float16:
+      return distill_cpu<F16, float>(kind, reduction, B, K, static_cast<float>(param), s, t, pos, mask,
+                                     ptr<float>(loss), ptr<float>(grad), ptr<float>(scale));
+    case DType::BFloat16:
+      return distill_cpu<BF16, float>(kind, reduction, B, K, static_cast<float>(param), s, t, pos, mask,
+                                      ptr<float>(loss), ptr<float>(grad), ptr<float>(scale));
+    case DType::Float64:
+      // float64 stays float64 end to end so that gradcheck can test the kernel itself.
+      return distill_cpu<F64, double>(kind, reduction, B, K, param, s, t, pos, mask, ptr<double>(loss),
+                                      ptr<double>(grad), ptr<double>(scale));
+  }
+}
+
+void inbatch_ce_forward_cpu(int reduction, int64_t B, int64_t M, int dtype, double tau, View x,
+                            std::uintptr_t target, int64_t target_stride, bool target_is_int64, std::uintptr_t loss,
+                            std::uintptr_t grad, std::uintptr_t scale) {
+  check_common(reduction, B, M, "scores");
+  switch (to_dtype(dtype)) {
+    case DType::Float32:
+      return inbatch_ce_cpu<F32, float>(reduction, B, M, static_cast<float>(tau), x, target, target_stride,
+                                        target_is_int64, ptr<float>(loss), ptr<float>(grad), ptr<float>(scale));
+    case DType::Float16:
+      return inbatch_ce_cpu<F16, float>(reduction, B, M, static_cast<float>(tau), x, target, target_stride,
+                                        target_is_int64, ptr<float>(loss), ptr<float>(grad), ptr<float>(scale));
+    case DType::BFloat16:
+      return inbatch_ce_cpu<BF16, float>(reduction, B, M, static_cast<float>(tau), x, target, target_stride,
+                                         target_is_int64, ptr<float>(loss), ptr<float>(grad), ptr<float>(scale));
+    case DType::Float64:
+      return inbatch_ce_cpu<F64, double>(reduction, B, M, tau, x, target, target_stride, target_is_int64,
+                                         ptr<double>(loss), ptr<double>(grad), ptr<double>(scale));
+  }
+}
+
+void register_losses(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def(
+      "distill_forward",
+      [](int kind, int reduction, int64_t B, int64_t K, int dtype, double param, std::uintptr_t s, int64_t s_sb,
+         int64_t s_sk, std::uintptr_t t, int64_t t_sb, int64_t t_sk, std::uintptr_t pos, int64_t pos_sb,
+         int64_t pos_sk, std::uintptr_t mask, int64_t mask_sb, int64_t mask_sk, std::uintptr_t loss,
+         std::uintptr_t grad, std::uintptr_t scale) {
+        py::gil_scoped_release release;
+        distill_forward_cpu(kind, reduction, B, K, dtype, param, {s, s_sb, s_sk}, {t, t_sb, t_sk},
+                            {pos, pos_sb, pos_sk}, {mask, mask_sb, mask_sk}, loss, grad, scale);
+      },
+      "Distillation loss over (B, K) CPU scores: writes the reduced loss, dL/ds (B, K, contiguous) and the "
+      "backward scale. pos / mask pointers may be 0 (column 0 positive / all valid).",
+      py::arg("kind"), py::arg("reduction"), py::arg("B"), py::arg("K"), py::arg("dtype"), py::arg("param"),
+      py::arg("s"), py::arg("s_sb"), py::arg("s_sk"), py::arg("t"), py::arg("t_sb"), py::arg("t_sk"),
+      py::arg("pos"), py::arg("pos_sb"), py::arg("pos_sk"), py::arg("mask"), py::arg("mask_sb"),
+      py::arg("mask_sk"), py::arg("loss"), py::arg("grad"), py::arg("scale"));
+  m.def(
+      "inbatch_ce_forward",
+      [](int reduction, int64_t B, int64_t M, int dtype, double tau, std::uintptr_t x, int64_t x_sb, int64_t x_sk,
+         std::uintptr_t target, int64_t target_stride, bool target_is_int64, std::uintptr_t loss,
+         std::uintptr_t grad, std::uintptr_t scale) {
+        py::gil_scoped_release release;
+        inbatch_ce_forward_cpu(reduction, B, M, dtype, tau, {x, x_sb, x_sk}, target, target_stride,
+                               target_is_int64, loss, grad, scale);
+      },
+      "One-hot softmax cross-entropy over (B, M) CPU scores; negative targets ignore their row.",
+      py::arg("reduction"), py::arg("B"), py::arg("M"), py::arg("dtype"), py::arg("tau"), py::arg("x"),
+      py::arg("x_sb"), py::arg("x_sk"), py::arg("target"), py::arg("target_stride"), py::arg("target_is_int64"),
+      py::arg("loss"), py::arg("grad"), py::arg("scale"));
+#ifdef FASTRANK_WITH_CUDA
+  m.def(
+      "distill_forward_cuda",
+      [](int kind, int reduction, int64_t B, int64_t K, int dtype, double param, std::uintptr_t s, int64_t s_sb,
+         int64_t s_sk, std::uintptr_t t, int64_t t_sb, int64_t t_sk, std::uintptr_t pos, int64_t pos_sb,
+         int64_t pos_sk, std::uintptr_t mask, int64_t mask_sb, int64_t mask_sk, std::uintptr_t loss,
+         std::uintptr_t grad, std::uintptr_t scale, std::uintptr_t workspace, std::uintptr_t stream) {
+        check_common(reduction, B, K, "s");
+        FASTRANK_CHECK(kind >= MSE && kind <= RANKDISTIL_B, "unknown loss kind " << kind);
+        py::gil_scoped_release release;
+        cuda::distill_forward(kind, reduction, B, K, dtype, param, s, s_sb, s_sk, t, t_sb, t_sk, pos, pos_sb,
+                              pos_sk, mask, mask_sb, mask_sk, loss, grad, scale, workspace, stream);
+      },
+      "CUDA version of distill_forward; workspace: zeroed int32[4] + float[B] (see losses_cuda.h).",
+      py::arg("kind"), py::arg("reduction"), py::arg("B"), py::arg("K"), py::arg("dtype"), py::arg("param"),
+      py::arg("s"), py::arg("s_sb"), py::arg("s_sk"), py::arg("t"), py::arg("t_sb"), py::arg("t_sk"),
+      py::arg("pos"), py::arg("pos_sb"), py::arg("pos_sk"), py::arg("mask"), py::arg("mask_sb"),
+      py::arg("mask_sk"), py::arg("loss"), py::arg("grad"), py::arg("scale"), py::arg("workspace"),
+      py::arg("stream"));
+  m.def(
+      "inbatch_ce_forward_cuda",
+      [](int reduction, int64_t B, int64_t M, int dtype, double tau, std::uintptr_t x, int64_t x_sb, int64_t x_sk,
+         std::uintptr_t target, int64_t target_stride, bool target_is_int64, std::uintptr_t loss,
+         std::uintptr_t grad, std::uintptr_t scale, std::uintptr_t workspace, std::uintptr_t stream) {
+        check_common(reduction, B, M, "scores");
+        py::gil_scoped_release release;
+        cuda::inbatch_ce_forward(reduction, B, M, dtype, tau, x, x_sb, x_sk, target, target_stride,
+                                 target_is_int64, loss, grad, scale, workspace, stream);
+      },
+      "CUDA version of inbatch_ce_forward.", py::arg("reduction"), py::arg("B"), py::arg("M"), py::arg("dtype"),
+      py::arg("tau"), py::arg("x"), py::arg("x_sb"), py::arg("x_sk"), py::arg("target"), py::arg("target_stride"),
+      py::arg("target_is_int64"), py::arg("loss"), py::arg("grad"), py::arg("scale"), py::arg("workspace"),
+      py::arg("stream"));
+#endif
+}
+
+}  // namespace
+
+FASTRANK_REGISTER(register_losses);
+
+}  // namespace fastrank
