@@ -412,6 +412,8 @@ def test_custom_op_autograd_matches_reference():
 
 
 def test_torch_compile():
+    from torch._dynamo.backends.debugging import aot_eager
+
     gen = torch.Generator().manual_seed(16)
     s, t = make_scores(8, 6, "normal", gen, torch.float32), make_scores(8, 6, "normal", gen, torch.float32)
     positives, mask = make_flags(8, 6, "several", "ragged", gen)
@@ -421,8 +423,14 @@ def test_torch_compile():
         return (losses.margin_mse(x, t, positives, mask) + losses.softmax_ce(x, t, None, mask, tau=0.5)
                 + losses.inbatch_ce(x, target, 0.1))
 
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return aot_eager(gm, example_inputs)
+
     torch._dynamo.reset()
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(step, backend=recording_backend, fullgraph=True)
     x = s.clone().requires_grad_(True)
     loss = compiled(x)
     loss.backward()
@@ -431,6 +439,8 @@ def test_torch_compile():
     loss_eager.backward()
     torch.testing.assert_close(loss, loss_eager)
     torch.testing.assert_close(x.grad, x_eager.grad)
+    # traced code must reach the kernels through the custom ops, not the eager-only autograd.Function
+    assert len(graphs) == 1 and "fastrank.distill_loss" in graphs[0] and "fastrank.inbatch_ce" in graphs[0]
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -120,6 +120,13 @@ def _(scores, target, reduction, tau):
     return _outputs(scores, reduction)
 
 
+def _scaled_grad(grad: Tensor, scale: Tensor, grad_loss: Tensor, per_query: bool, dtype: torch.dtype) -> Tensor:
+    """Backward of every fused loss: the saved dL/dx times the upstream gradient."""
+    # "none": one upstream value per query; otherwise one scalar, and "mean" folds 1/#queries into scale.
+    weight = grad_loss.unsqueeze(-1) if per_query else grad_loss * scale
+    return (grad * weight.to(grad.dtype)).to(dtype)
+
+
 def _autograd_for(reduction_index: int, n_inputs: int):
     def setup_context(ctx, inputs, output):
         _, grad, scale = output
@@ -130,9 +137,7 @@ def _autograd_for(reduction_index: int, n_inputs: int):
 
     def backward(ctx, grad_loss, _grad_grad, _grad_scale):
         grad, scale = ctx.saved_tensors
-        # "none": one upstream value per query; otherwise one scalar, and "mean" folds 1/#queries into scale.
-        weight = grad_loss.unsqueeze(-1) if ctx.per_query else grad_loss * scale
-        return ((grad * weight.to(grad.dtype)).to(ctx.input_dtype),) + (None,) * (n_inputs - 1)
+        return (_scaled_grad(grad, scale, grad_loss, ctx.per_query, ctx.input_dtype),) + (None,) * (n_inputs - 1)
 
     return setup_context, backward
 
@@ -141,6 +146,27 @@ _setup, _backward = _autograd_for(reduction_index=5, n_inputs=7)
 distill_loss_op.register_autograd(_backward, setup_context=_setup)
 _setup, _backward = _autograd_for(reduction_index=2, n_inputs=4)
 inbatch_ce_op.register_autograd(_backward, setup_context=_setup)
+
+
+class _EagerFusedLoss(torch.autograd.Function):
+    """The same forward and backward as the custom ops, for eager calls.
+
+    A custom op's autograd wrapper costs about 50 us per call on CPU, more than the whole fused loss at a
+    training-sized batch (B=128, K=20), so eager code calls the launcher through this Function and only
+    traced code (torch.compile) goes through the custom ops, which it needs for fake shapes.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, launch, per_query: bool) -> Tensor:
+        loss, grad, scale = launch()
+        ctx.save_for_backward(grad, scale)
+        ctx.per_query, ctx.input_dtype = per_query, x.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad, scale = ctx.saved_tensors
+        return _scaled_grad(grad, scale, grad_loss, ctx.per_query, ctx.input_dtype), None, None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -223,7 +249,12 @@ def _register_distill(name: str) -> None:
 
     @dispatch.register(name, "cpp", reasons=_cpp_reasons)
     def _cpp(s, t, positives, mask, reduction, param):
-        loss, _, _ = distill_loss_op(s, t.detach(), positives, mask, kind, REDUCTIONS[reduction], float(param))
+        t, code, param = t.detach(), REDUCTIONS[reduction], float(param)
+        if torch.compiler.is_compiling():
+            loss = distill_loss_op(s, t, positives, mask, kind, code, param)[0]
+        else:
+            launch = lambda: _launch_distill(s, t, positives, mask, kind, code, param)  # noqa: E731
+            loss = _EagerFusedLoss.apply(s, launch, code == REDUCTIONS["none"])
         return loss.to(s.dtype)
 
     @dispatch.register(name, "reference")
@@ -236,7 +267,12 @@ def _register_distill(name: str) -> None:
 
 @dispatch.register("inbatch_ce", "cpp", reasons=_cpp_reasons)
 def _inbatch_ce_cpp(scores, target, reduction, tau):
-    loss, _, _ = inbatch_ce_op(scores, target, REDUCTIONS[reduction], float(tau))
+    code, tau = REDUCTIONS[reduction], float(tau)
+    if torch.compiler.is_compiling():
+        loss = inbatch_ce_op(scores, target, code, tau)[0]
+    else:
+        loss = _EagerFusedLoss.apply(scores, lambda: _launch_inbatch_ce(scores, target, code, tau),
+                                     code == REDUCTIONS["none"])
     return loss.to(scores.dtype)
 
 
