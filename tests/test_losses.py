@@ -26,6 +26,12 @@ needs_ext = pytest.mark.skipif(fastrank._ext.load() is None, reason="fastrank._C
 pytestmark = needs_ext
 
 
+@pytest.fixture(autouse=True)
+def _default_backend(monkeypatch):
+    """Tests that rely on the default choice must not see a FASTRANK_BACKEND from the shell."""
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+
+
 def make_scores(B, K, scale, gen, dtype=torch.float64):
     if scale == "normal":
         x = torch.randn(B, K, generator=gen, dtype=torch.float64)
@@ -111,6 +117,55 @@ def test_matches_reference_float64(name, K, B, pattern):
         if mask is not None:  # masked candidates never get a gradient
             assert (grad[~mask] == 0).all()
     assert torch.equal(s, s_before) and torch.equal(t, t_before)
+
+
+@pytest.mark.parametrize("pattern", ["ragged-extreme", "several-cosines-sharp"])
+@pytest.mark.parametrize("name", DISTILL)
+def test_float32_matches_float64_reference(name, pattern):
+    """The float32 path (vectorised exp, float32 accumulation) against the truth on the same inputs."""
+    positives_kind, mask_kind, scale, params = PATTERNS[pattern]
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{name}-{pattern}-f32".encode()))
+    s, t = make_scores(128, 129, scale, gen, torch.float32), make_scores(128, 129, scale, gen, torch.float32)
+    positives, mask = make_flags(128, 129, positives_kind, mask_kind, gen)
+    kw = param_kwargs(name, params)
+    for reduction in REDUCTIONS:
+        loss, grad = run(getattr(losses, name), s, t, positives, mask, reduction, torch.Generator().manual_seed(1),
+                         **kw)
+        truth, grad_truth = run(getattr(losses, name + "_ref"), s.double(), t.double(), positives, mask, reduction,
+                                torch.Generator().manual_seed(1), **kw)
+        close(loss.double(), truth, 1e-5)
+        close(grad.double(), grad_truth, 1e-5)
+
+
+def test_inbatch_ce_float32_over_the_exp_range():
+    """Logits from far below exp's underflow up: the float32 kernel's error against the float64 truth is at
+    most twice that of the reference computed in float32 (plus 1e-7 of the magnitude)."""
+    x = torch.linspace(-300, 20, 2560).reshape(2, -1).flip(-1).contiguous()
+    target = torch.tensor([0, 700])
+    for tau in (1.0, 0.07):
+        outputs = [
+            run(lambda v, *_: fn(v, target, tau, "none"), inputs, None, None, None, "none",
+                torch.Generator().manual_seed(1))
+            for fn, inputs in ((losses.inbatch_ce, x), (losses.inbatch_ce_ref, x), (losses.inbatch_ce_ref, x.double()))
+        ]
+        for got, low, exact in zip(*outputs):
+            err = (got.double() - exact).abs().max().item()
+            err_ref = (low.double() - exact).abs().max().item()
+            assert err <= 2 * err_ref + 1e-7 * exact.abs().max().item(), (tau, err, err_ref)
+
+
+def test_float32_softmax_probabilities_are_accurate_to_a_few_ulp():
+    """The float32 kernels' exp: with tau=1 the logits reach exp unrounded, and one dominant logit keeps the
+    normaliser's rounding near one ulp, so the gradient (the softmax probabilities) isolates exp's error."""
+    gen = torch.Generator().manual_seed(18)
+    x = torch.cat([torch.zeros(1), -torch.rand(3000, generator=gen) * 100 - 1]).reshape(1, -1)
+    x.requires_grad_(True)
+    (grad,) = torch.autograd.grad(losses.inbatch_ce(x, torch.tensor([0]), 1.0, "sum"), x)
+    q = torch.softmax(x.detach().double(), -1)[0, 1:]
+    got = grad[0, 1:].double()
+    normal = q > 1e-37
+    assert ((got[normal] - q[normal]).abs() / q[normal]).max() < 1e-6  # float32 eps is 1.2e-7
+    assert (got[~normal].abs() < 1e-37).all() and (~normal).any()
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

@@ -44,13 +44,48 @@ struct F64 { using in_t = double; template <typename A> static A load(const doub
 struct F16 { using in_t = uint16_t; template <typename A> static A load(const uint16_t* p) { return fp16_to_float(*p); } };
 struct BF16 { using in_t = uint16_t; template <typename A> static A load(const uint16_t* p) { return bf16_to_float(*p); } };
 
+constexpr int64_t kParallelMin = int64_t(1) << 17;
+
+// exp that GCC vectorises (std::exp stays a scalar libm call without -ffast-math), for the float path:
+// exp(x) = 2^n exp(r) with n = round(x / ln 2) and r = x - n ln 2 (ln 2 split in two constants so that r is
+// exact), |r| <= ln(2)/2, exp(r) by its degree-7 Taylor polynomial (truncation < 1e-8 relative, so the
+// result is within a few ulp). NaN propagates, x < -87 gives 0 (instead of a subnormal), x > 88 gives inf.
+inline float exp_fast(float x) {
+  const float clamped = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it leaves round(y) in the low mantissa bits
+  const float shifted = clamped * 1.44269504088896341f + shifter;
+  const float n = shifted - shifter;
+  int32_t n_bits;
+  std::memcpy(&n_bits, &shifted, sizeof(n_bits));
+  const int32_t n_int = n_bits - 0x4B400000;
+  const float r = (clamped - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.0f / 5040;
+  p = p * r + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t scale_bits = (n_int + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &scale_bits, sizeof(scale));
+  const float result = x < -87.0f ? 0.0f : p * scale;
+  return x > 88.0f ? std::numeric_limits<float>::infinity() : result;
+}
+
+// float64 inputs keep libm's exp: that path exists for exactness (gradcheck), not speed.
+inline double exp_fast(double x) { return std::exp(x); }
+
 template <typename A>
 inline A hinge(A x) { return x < A(0) ? A(0) : x; }
 
 // One query. s, t hold K valid-or-not scores in A; cls says which are valid and which are positive.
 // Writes g[0..K) (zero where masked) and returns the query's loss; *has_term says whether the sum had a term.
+// work: K scratch values.
 template <typename A>
-A distill_row(int kind, int64_t K, const A* s, const A* t, const uint8_t* cls, A param, A* g, bool* has_term) {
+A distill_row(int kind, int64_t K, const A* s, const A* t, const uint8_t* cls, A param, A* g, A* work,
+              bool* has_term) {
   A loss = 0;
   for (int64_t k = 0; k < K; ++k) g[k] = 0;
   int64_t n_pos = 0, n_neg = 0;
@@ -130,24 +165,28 @@ A distill_row(int kind, int64_t K, const A* s, const A* t, const uint8_t* cls, A
         max_s = std::max(max_s, s[k] * inv_tau);
         max_t = std::max(max_t, t[k] * inv_tau);
       }
+      // Branch-free loops so that the exponentials vectorise: masked lanes compute garbage, then select 0.
       A z_s = 0, z_t = 0;
+#pragma omp simd reduction(+ : z_s, z_t)
       for (int64_t k = 0; k < K; ++k) {
-        if (cls[k] == MASKED) continue;
-        z_s += std::exp(s[k] * inv_tau - max_s);
-        z_t += std::exp(t[k] * inv_tau - max_t);
+        const bool valid = cls[k] != MASKED;
+        const A e_s = valid ? exp_fast(s[k] * inv_tau - max_s) : A(0);
+        const A e_t = valid ? exp_fast(t[k] * inv_tau - max_t) : A(0);
+        g[k] = e_s;
+        work[k] = e_t;
+        z_s += e_s;
+        z_t += e_t;
       }
-      const A log_z_s = std::log(z_s), log_z_t = std::log(z_t);
+      const A log_z_s = std::log(z_s), log_z_t = std::log(z_t), inv_z_s = A(1) / z_s, inv_z_t = A(1) / z_t;
+      const A kl = kind == KL_DIV ? A(1) : A(0);
+#pragma omp simd reduction(+ : loss)
       for (int64_t k = 0; k < K; ++k) {
-        if (cls[k] == MASKED) continue;
-        const A shifted_t = t[k] * inv_tau - max_t;
-        const A p = std::exp(shifted_t) / z_t;
-        const A q = std::exp(s[k] * inv_tau - max_s) / z_s;
-        g[k] = (q - p) * inv_tau;
-        if (p > 0) {
-          const A neg_log_q = (max_s - s[k] * inv_tau) + log_z_s;
-          loss += p * neg_log_q;
-          if (kind == KL_DIV) loss += p * (shifted_t - log_z_t);
-        }
+        const bool valid = cls[k] != MASKED;
+        const A p = work[k] * inv_z_t;
+        g[k] = valid ? (g[k] * inv_z_s - p) * inv_tau : A(0);
+        const A neg_log_q = (max_s - s[k] * inv_tau) + log_z_s;
+        const A log_p = (t[k] * inv_tau - max_t) - log_z_t;
+        loss += p > 0 ? p * (neg_log_q + kl * log_p) : A(0);
       }
       return loss;
     }
@@ -204,10 +243,11 @@ void distill_cpu(int kind, int reduction, int64_t B, int64_t K, A param, View s,
   std::vector<A> row_loss(B);
   std::vector<uint8_t> has_term(B);
   int64_t bad_row = -1, bad_col = -1;
-  // Tiny problems (the common training case, B*K ~ 10^3) finish faster than threads wake up.
-#pragma omp parallel if (B * K >= 16384)
+  // Training-sized problems (B*K up to ~10^5) finish in tens of microseconds on one core, less than an
+  // OpenMP fork/join costs on a busy machine, so only larger ones are split across threads.
+#pragma omp parallel if (B * K >= kParallelMin)
   {
-    std::vector<A> s_row(K), t_row(K);
+    std::vector<A> s_row(K), t_row(K), work(K);
     std::vector<uint8_t> cls(K);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
@@ -223,7 +263,8 @@ void distill_cpu(int kind, int reduction, int64_t B, int64_t K, A param, View s,
         }
       }
       bool term = false;
-      row_loss[b] = distill_row<A>(kind, K, s_row.data(), t_row.data(), cls.data(), param, grad + b * K, &term);
+      row_loss[b] = distill_row<A>(kind, K, s_row.data(), t_row.data(), cls.data(), param, grad + b * K, work.data(),
+                                   &term);
       has_term[b] = term;
     }
   }
@@ -241,7 +282,7 @@ void inbatch_ce_cpu(int reduction, int64_t B, int64_t M, A tau, View x, std::uin
   std::vector<uint8_t> has_term(B);
   int64_t bad_row = -1, bad_target = 0;
   const A inv_tau = A(1) / tau;
-#pragma omp parallel if (B * M >= 16384)
+#pragma omp parallel if (B * M >= kParallelMin)
   {
     std::vector<A> row(M);
 #pragma omp for schedule(static)
@@ -259,14 +300,20 @@ void inbatch_ce_cpu(int reduction, int64_t B, int64_t M, A tau, View x, std::uin
         }
         continue;
       }
+      for (int64_t k = 0; k < M; ++k) row[k] = L::template load<A>(xp + b * x.stride_b + k * x.stride_k) * inv_tau;
+      // An OpenMP max reduction may vectorise and drop a NaN score, but exp(NaN - mx) still poisons z.
       A mx = -std::numeric_limits<A>::infinity();
-      for (int64_t k = 0; k < M; ++k) {
-        row[k] = L::template load<A>(xp + b * x.stride_b + k * x.stride_k) * inv_tau;
-        mx = std::max(mx, row[k]);
-      }
+#pragma omp simd reduction(max : mx)
+      for (int64_t k = 0; k < M; ++k) mx = row[k] > mx ? row[k] : mx;
       A z = 0;
-      for (int64_t k = 0; k < M; ++k) z += std::exp(row[k] - mx);
-      for (int64_t k = 0; k < M; ++k) g[k] = std::exp(row[k] - mx) / z * inv_tau;
+#pragma omp simd reduction(+ : z)
+      for (int64_t k = 0; k < M; ++k) {
+        g[k] = exp_fast(row[k] - mx);
+        z += g[k];
+      }
+      const A scale_q = inv_tau / z;
+#pragma omp simd
+      for (int64_t k = 0; k < M; ++k) g[k] *= scale_q;
       g[y] -= inv_tau;
       row_loss[b] = (mx - row[y]) + std::log(z);
     }
