@@ -345,6 +345,17 @@ def test_cpp_runs_by_default_on_cpu(monkeypatch):
     assert len(calls) == 1
 
 
+def test_without_the_extension_the_reference_runs(monkeypatch):
+    """``import fastrank`` works without fastrank._C; dispatch then falls back to the eager reference."""
+    monkeypatch.setattr(fastrank._ext, "_module", None)
+    monkeypatch.setattr(fastrank._ext, "_error", "simulated: not built")
+    s, t = torch.randn(4, 5), torch.randn(4, 5)
+    assert dispatch.choose("margin_mse", (s, t, None, None), dtype=s.dtype).backend == "reference"
+    torch.testing.assert_close(losses.margin_mse(s, t), losses.margin_mse_ref(s, t))
+    with pytest.raises(dispatch.BackendUnavailableError, match="simulated: not built"):
+        losses.margin_mse(s, t, backend="cpp")
+
+
 def test_reference_backend_can_be_forced_and_matches():
     gen = torch.Generator().manual_seed(12)
     s, t = make_scores(8, 6, "normal", gen, torch.float32), make_scores(8, 6, "normal", gen, torch.float32)

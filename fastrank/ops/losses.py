@@ -164,6 +164,7 @@ class _EagerFusedLoss(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the saved dL/dx is a constant: no second derivative
     def backward(ctx, grad_loss):
         grad, scale = ctx.saved_tensors
         return _scaled_grad(grad, scale, grad_loss, ctx.per_query, ctx.input_dtype), None, None
