@@ -80,92 +80,101 @@ inline double exp_fast(double x) { return std::exp(x); }
 template <typename A>
 inline A hinge(A x) { return x < A(0) ? A(0) : x; }
 
-// One query. s, t hold K valid-or-not scores in A; cls says which are valid and which are positive.
+// One query. s, t hold K scores in A, zero where masked; cls says which are valid and which are positive.
 // Writes g[0..K) (zero where masked) and returns the query's loss; *has_term says whether the sum had a term.
-// work: K scratch values.
+// work: K scratch values. Classes enter the loops as selects rather than branches so that the loops vectorise.
 template <typename A>
-A distill_row(int kind, int64_t K, const A* s, const A* t, const uint8_t* cls, A param, A* g, A* work,
-              bool* has_term) {
-  A loss = 0;
-  for (int64_t k = 0; k < K; ++k) g[k] = 0;
+A distill_row(int kind, int64_t K, const A* __restrict s, const A* __restrict t, const uint8_t* __restrict cls,
+              A param, A* __restrict g, A* __restrict work, bool* has_term) {
   int64_t n_pos = 0, n_neg = 0;
+#pragma omp simd reduction(+ : n_pos, n_neg)
   for (int64_t k = 0; k < K; ++k) {
     n_pos += cls[k] == POS;
     n_neg += cls[k] == NEG;
   }
   const int64_t n_valid = n_pos + n_neg;
+  auto no_term = [&]() {
+    *has_term = false;
+    for (int64_t k = 0; k < K; ++k) g[k] = 0;
+    return A(0);
+  };
+  A loss = 0;
   switch (kind) {
-    case MSE: {
-      *has_term = n_valid > 0;
+    case MSE:
+    case RANKDISTIL_B: {
+      if (n_valid == 0) return no_term();
+      *has_term = true;
+      const bool hinge_negatives = kind == RANKDISTIL_B;
+#pragma omp simd reduction(+ : loss)
       for (int64_t k = 0; k < K; ++k) {
-        if (cls[k] == MASKED) continue;
         const A d = s[k] - t[k];
-        loss += d * d;
-        g[k] = 2 * d;
+        const A h = hinge(s[k] - param);
+        const A v = cls[k] == MASKED ? A(0) : (hinge_negatives && cls[k] == NEG ? h : d);
+        loss += v * v;
+        g[k] = 2 * v;
       }
       return loss;
     }
     case MARGIN_MSE: {
-      *has_term = n_pos > 0 && n_neg > 0;
-      if (!*has_term) return 0;
+      if (n_pos == 0 || n_neg == 0) return no_term();
+      *has_term = true;
       A sum_p = 0, sum_n = 0;
+#pragma omp simd reduction(+ : sum_p, sum_n)
       for (int64_t k = 0; k < K; ++k) {
-        if (cls[k] == POS) sum_p += s[k] - t[k];
-        if (cls[k] == NEG) sum_n += s[k] - t[k];
+        const A d = s[k] - t[k];
+        sum_p += cls[k] == POS ? d : A(0);
+        sum_n += cls[k] == NEG ? d : A(0);
       }
       const A np = static_cast<A>(n_pos), nn = static_cast<A>(n_neg);
       const A mean_p = sum_p / np, mean_n = sum_n / nn;
       A ss_p = 0, ss_n = 0;
+#pragma omp simd reduction(+ : ss_p, ss_n)
       for (int64_t k = 0; k < K; ++k) {
         const A d = s[k] - t[k];
-        if (cls[k] == POS) {
-          ss_p += (d - mean_p) * (d - mean_p);
-          g[k] = 2 * nn * (d - mean_n);
-        } else if (cls[k] == NEG) {
-          ss_n += (d - mean_n) * (d - mean_n);
-          g[k] = 2 * np * (d - mean_p);
-        }
+        const A dp = d - mean_p, dn = d - mean_n;
+        const bool pos = cls[k] == POS, neg = cls[k] == NEG;
+        ss_p += pos ? dp * dp : A(0);
+        ss_n += neg ? dn * dn : A(0);
+        g[k] = pos ? 2 * nn * dn : (neg ? 2 * np * dp : A(0));
       }
       const A gap = mean_p - mean_n;
       return nn * ss_p + np * ss_n + np * nn * gap * gap;
     }
     case M3SE: {
-      *has_term = n_neg > 0;
-      if (!*has_term) return 0;
+      if (n_neg == 0) return no_term();
+      *has_term = true;
       int64_t star = -1;
       for (int64_t k = 0; k < K; ++k)
         if (cls[k] == NEG && (star < 0 || t[k] > t[star])) star = k;
       const A s_star = s[star], t_star = t[star];
       A sum_e = 0, sum_h = 0;
+#pragma omp simd reduction(+ : loss, sum_e, sum_h)
       for (int64_t k = 0; k < K; ++k) {
-        if (cls[k] == POS) {
-          const A e = (t[k] - t_star) - (s[k] - s_star);
-          loss += e * e;
-          g[k] = -2 * e;
-          sum_e += e;
-        } else if (cls[k] == NEG) {
-          const A h = hinge(s[k] - s_star);
-          loss += h * h;
-          g[k] = 2 * h;
-          sum_h += h;
-        }
+        const A e = cls[k] == POS ? (t[k] - t_star) - (s[k] - s_star) : A(0);
+        const A h = cls[k] == NEG ? hinge(s[k] - s_star) : A(0);
+        loss += e * e + h * h;
+        g[k] = 2 * h - 2 * e;
+        sum_e += e;
+        sum_h += h;
       }
       g[star] += 2 * sum_e - 2 * sum_h;
       return loss;
     }
     case SOFTMAX_CE:
     case KL_DIV: {
-      *has_term = n_valid > 0;
-      if (!*has_term) return 0;
+      if (n_valid == 0) return no_term();
+      *has_term = true;
       const A inv_tau = A(1) / param;
-      // std::max passes over a NaN student score, but z_s then turns NaN and so do the loss and all of g.
-      A max_s = -std::numeric_limits<A>::infinity(), max_t = max_s;
+      const A neg_inf = -std::numeric_limits<A>::infinity();
+      // A vectorised max may pass over a NaN student score, but z_s then turns NaN and so does everything.
+      A max_s = neg_inf, max_t = neg_inf;
+#pragma omp simd reduction(max : max_s, max_t)
       for (int64_t k = 0; k < K; ++k) {
-        if (cls[k] == MASKED) continue;
-        max_s = std::max(max_s, s[k] * inv_tau);
-        max_t = std::max(max_t, t[k] * inv_tau);
+        const A xs = cls[k] == MASKED ? neg_inf : s[k] * inv_tau;
+        const A xt = cls[k] == MASKED ? neg_inf : t[k] * inv_tau;
+        max_s = xs > max_s ? xs : max_s;
+        max_t = xt > max_t ? xt : max_t;
       }
-      // Branch-free loops so that the exponentials vectorise: masked lanes compute garbage, then select 0.
       A z_s = 0, z_t = 0;
 #pragma omp simd reduction(+ : z_s, z_t)
       for (int64_t k = 0; k < K; ++k) {
@@ -187,21 +196,6 @@ A distill_row(int kind, int64_t K, const A* s, const A* t, const uint8_t* cls, A
         const A neg_log_q = (max_s - s[k] * inv_tau) + log_z_s;
         const A log_p = (t[k] * inv_tau - max_t) - log_z_t;
         loss += p > 0 ? p * (neg_log_q + kl * log_p) : A(0);
-      }
-      return loss;
-    }
-    case RANKDISTIL_B: {
-      *has_term = n_valid > 0;
-      for (int64_t k = 0; k < K; ++k) {
-        if (cls[k] == POS) {
-          const A d = s[k] - t[k];
-          loss += d * d;
-          g[k] = 2 * d;
-        } else if (cls[k] == NEG) {
-          const A h = hinge(s[k] - param);
-          loss += h * h;
-          g[k] = 2 * h;
-        }
       }
       return loss;
     }
@@ -247,24 +241,40 @@ void distill_cpu(int kind, int reduction, int64_t B, int64_t K, A param, View s,
   // OpenMP fork/join costs on a busy machine, so only larger ones are split across threads.
 #pragma omp parallel if (B * K >= kParallelMin)
   {
-    std::vector<A> s_row(K), t_row(K), work(K);
-    std::vector<uint8_t> cls(K);
+    std::vector<A> s_buf(K), t_buf(K), work(K);
+    std::vector<uint8_t> cls_buf(K);
+    // Locals, not captured struct fields: the uint8 stores below may alias anything, and the compiler would
+    // reload every shared field after each of them.
+    A* __restrict s_row = s_buf.data();
+    A* __restrict t_row = t_buf.data();
+    uint8_t* __restrict cls = cls_buf.data();
+    const int64_t s_sb = s.stride_b, s_sk = s.stride_k, t_sb = t.stride_b, t_sk = t.stride_k;
+    const int64_t p_sb = pos.stride_b, p_sk = pos.stride_k, m_sb = mask.stride_b, m_sk = mask.stride_k;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
+      const in_t* s_in = sp + b * s_sb;
+      const in_t* t_in = tp + b * t_sb;
+      const uint8_t* p_in = pp == nullptr ? nullptr : pp + b * p_sb;
+      const uint8_t* m_in = mp == nullptr ? nullptr : mp + b * m_sb;
+      bool teacher_nan = false;
       for (int64_t k = 0; k < K; ++k) {
-        const bool valid = mp == nullptr || mp[b * mask.stride_b + k * mask.stride_k] != 0;
-        const bool positive = pp == nullptr ? k == 0 : pp[b * pos.stride_b + k * pos.stride_k] != 0;
+        const bool valid = m_in == nullptr || m_in[k * m_sk] != 0;
+        const bool positive = p_in == nullptr ? k == 0 : p_in[k * p_sk] != 0;
+        const A sv = L::template load<A>(s_in + k * s_sk), tv = L::template load<A>(t_in + k * t_sk);
         cls[k] = valid ? (positive ? POS : NEG) : MASKED;
-        s_row[k] = L::template load<A>(sp + b * s.stride_b + k * s.stride_k);
-        t_row[k] = L::template load<A>(tp + b * t.stride_b + k * t.stride_k);
-        if (valid && std::isnan(t_row[k])) {
+        // Masked entries are padding (possibly inf or NaN): zero them so that no arithmetic sees them.
+        s_row[k] = valid ? sv : A(0);
+        t_row[k] = valid ? tv : A(0);
+        teacher_nan |= valid && std::isnan(tv);
+      }
+      if (teacher_nan) {
+        int64_t col = 0;
+        while (!(cls[col] != MASKED && std::isnan(t_row[col]))) ++col;
 #pragma omp critical(fastrank_losses_nan)
-          if (bad_row < 0 || b < bad_row) { bad_row = b; bad_col = k; }
-        }
+        if (bad_row < 0 || b < bad_row) { bad_row = b; bad_col = col; }
       }
       bool term = false;
-      row_loss[b] = distill_row<A>(kind, K, s_row.data(), t_row.data(), cls.data(), param, grad + b * K, work.data(),
-                                   &term);
+      row_loss[b] = distill_row<A>(kind, K, s_row, t_row, cls, param, grad + b * K, work.data(), &term);
       has_term[b] = term;
     }
   }
