@@ -1,0 +1,478 @@
+"""Fused distillation losses for re-rankers: a student's scores ``s`` against a teacher's ``t``.
+
+Read top to bottom: the kernels' launchers (the kernels are C++/OpenMP in ``csrc/cpu/losses.cpp`` and CUDA in
+``csrc/cuda/losses.cu``; their header comments give every loss and its gradient), the ``torch.library`` custom
+ops with their fake and autograd registrations, argument checks, the backend registrations, the public
+functions, and the plain PyTorch references ``*_ref`` that are the spec.
+
+Every distillation loss is a sum over the valid candidates of one query. With ``P`` the valid positives,
+``N`` the valid negatives and ``j*`` the negative with the highest teacher score (ties: the first):
+
+- ``mse``:          sum_k (t_k - s_k)^2
+- ``margin_mse``:   sum_{i in P, j in N} ((t_i - t_j) - (s_i - s_j))^2
+- ``m3se``:         sum_{i in P} ((t_i - t_j*) - (s_i - s_j*))^2 + sum_{j in N} max(s_j - s_j*, 0)^2
+- ``softmax_ce``:   -sum_k softmax(t/tau)_k log softmax(s/tau)_k
+- ``kl_div``:       softmax_ce minus the teacher's entropy (same gradient)
+- ``rankdistil_b``: sum_{i in P} (t_i - s_i)^2 + sum_{j in N} max(s_j - gamma0, 0)^2
+
+A query "has a term" when its sum is not empty: mse, softmax_ce, kl_div and rankdistil_b need one valid
+candidate, margin_mse a valid positive and a valid negative, m3se a valid negative. ``reduction="mean"``
+averages over the queries that have a term; the others contribute 0 loss and 0 gradient.
+
+The kernels compute the loss and dL/ds in one pass (float32 for float32/16/bf16 inputs, float64 for float64)
+and keep only dL/ds for backward, which scales it by the upstream gradient.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastrank import _ext, dispatch
+
+# Must match the Kind and Reduction enums in csrc/cpu/losses.cpp and csrc/cuda/losses.cu.
+LOSS_KINDS = {"mse": 0, "margin_mse": 1, "m3se": 2, "softmax_ce": 3, "kl_div": 4, "rankdistil_b": 5}
+REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
+_NEEDS_PAIR = ("margin_mse", "m3se")
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _workspace_bytes(batch: int) -> int:
+    # Must match csrc/cuda/losses_cuda.h: losses_workspace_bytes.
+    return 16 + 12 * batch
+
+
+def _matrix_args(x: Optional[Tensor]) -> tuple[int, int, int]:
+    if x is None:
+        return 0, 0, 0
+    return x.data_ptr(), x.stride(0), x.stride(1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Launchers: raw pointers and strides in, (loss, dL/ds, backward scale) out. Inputs are never written.
+# --------------------------------------------------------------------------------------------------------
+def _outputs(x: Tensor, reduction: int) -> tuple[Tensor, Tensor, Tensor]:
+    acc = _accumulator(x.dtype)
+    batch = x.shape[0]
+    loss = x.new_empty((batch,) if reduction == REDUCTIONS["none"] else (), dtype=acc)
+    return loss, x.new_empty(tuple(x.shape), dtype=acc), x.new_empty((), dtype=acc)
+
+
+def _launch_distill(s: Tensor, t: Tensor, positives: Optional[Tensor], mask: Optional[Tensor], kind: int,
+                    reduction: int, param: float) -> tuple[Tensor, Tensor, Tensor]:
+    C = _ext.require()
+    loss, grad, scale = _outputs(s, reduction)
+    args = (kind, reduction, s.shape[0], s.shape[1], _ext.dtype_code(s), param, *_matrix_args(s),
+            *_matrix_args(t), *_matrix_args(positives), *_matrix_args(mask), loss.data_ptr(), grad.data_ptr(),
+            scale.data_ptr())
+    # The "cpp" backend serves both devices; the extension exports one host function per device.
+    if s.device.type == "cuda":
+        workspace = torch.zeros(_workspace_bytes(s.shape[0]), dtype=torch.uint8, device=s.device)
+        C.distill_forward_cuda(*args, workspace.data_ptr(), _ext.cuda_stream(s))
+    else:
+        C.distill_forward(*args)
+    return loss, grad, scale
+
+
+def _launch_inbatch_ce(scores: Tensor, target: Tensor, reduction: int, tau: float) -> tuple[Tensor, Tensor, Tensor]:
+    C = _ext.require()
+    loss, grad, scale = _outputs(scores, reduction)
+    args = (reduction, scores.shape[0], scores.shape[1], _ext.dtype_code(scores), tau, *_matrix_args(scores),
+            target.data_ptr(), target.stride(0), target.dtype == torch.int64, loss.data_ptr(), grad.data_ptr(),
+            scale.data_ptr())
+    if scores.device.type == "cuda":
+        workspace = torch.zeros(_workspace_bytes(scores.shape[0]), dtype=torch.uint8, device=scores.device)
+        C.inbatch_ce_forward_cuda(*args, workspace.data_ptr(), _ext.cuda_stream(scores))
+    else:
+        C.inbatch_ce_forward(*args)
+    return loss, grad, scale
+
+
+# --------------------------------------------------------------------------------------------------------
+# Custom ops: opaque to torch.compile, with shapes from the fake kernels and gradients from the saved dL/ds.
+# --------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastrank::distill_loss", mutates_args=())
+def distill_loss_op(s: Tensor, t: Tensor, positives: Optional[Tensor], mask: Optional[Tensor], kind: int,
+                    reduction: int, param: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, dL/ds, scale): loss is (B,) for reduction "none" else (); dL/ds is (B, K) and unscaled."""
+    return _launch_distill(s, t, positives, mask, kind, reduction, param)
+
+
+@distill_loss_op.register_fake
+def _(s, t, positives, mask, kind, reduction, param):
+    return _outputs(s, reduction)
+
+
+@torch.library.custom_op("fastrank::inbatch_ce", mutates_args=())
+def inbatch_ce_op(scores: Tensor, target: Tensor, reduction: int, tau: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, dL/dscores, scale), as :func:`distill_loss_op`."""
+    return _launch_inbatch_ce(scores, target, reduction, tau)
+
+
+@inbatch_ce_op.register_fake
+def _(scores, target, reduction, tau):
+    return _outputs(scores, reduction)
+
+
+def _scaled_grad(grad: Tensor, scale: Tensor, grad_loss: Tensor, per_query: bool, dtype: torch.dtype) -> Tensor:
+    """Backward of every fused loss: the saved dL/dx times the upstream gradient."""
+    # "none": one upstream value per query; otherwise one scalar, and "mean" folds 1/#queries into scale.
+    weight = grad_loss.unsqueeze(-1) if per_query else grad_loss * scale
+    return (grad * weight.to(grad.dtype)).to(dtype)
+
+
+def _autograd_for(reduction_index: int, n_inputs: int):
+    def setup_context(ctx, inputs, output):
+        _, grad, scale = output
+        ctx.save_for_backward(grad, scale)
+        ctx.per_query = inputs[reduction_index] == REDUCTIONS["none"]
+        ctx.input_dtype = inputs[0].dtype
+        ctx.mark_non_differentiable(grad, scale)
+
+    def backward(ctx, grad_loss, _grad_grad, _grad_scale):
+        grad, scale = ctx.saved_tensors
+        return (_scaled_grad(grad, scale, grad_loss, ctx.per_query, ctx.input_dtype),) + (None,) * (n_inputs - 1)
+
+    return setup_context, backward
+
+
+_setup, _backward = _autograd_for(reduction_index=5, n_inputs=7)
+distill_loss_op.register_autograd(_backward, setup_context=_setup)
+_setup, _backward = _autograd_for(reduction_index=2, n_inputs=4)
+inbatch_ce_op.register_autograd(_backward, setup_context=_setup)
+
+
+class _EagerFusedLoss(torch.autograd.Function):
+    """The same forward and backward as the custom ops, for eager calls.
+
+    A custom op's autograd wrapper costs about 50 us per call on CPU, more than the whole fused loss at a
+    training-sized batch (B=128, K=20), so eager code calls the launcher through this Function and only
+    traced code (torch.compile) goes through the custom ops, which it needs for fake shapes.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, launch, per_query: bool) -> Tensor:
+        loss, grad, scale = launch()
+        ctx.save_for_backward(grad, scale)
+        ctx.per_query, ctx.input_dtype = per_query, x.dtype
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the saved dL/dx is a constant: no second derivative
+    def backward(ctx, grad_loss):
+        grad, scale = ctx.saved_tensors
+        return _scaled_grad(grad, scale, grad_loss, ctx.per_query, ctx.input_dtype), None, None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Argument checks, shared by every backend so that errors do not depend on which one runs.
+# --------------------------------------------------------------------------------------------------------
+def _check_reduction(name: str, reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"fastrank.losses.{name}: reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}")
+
+
+def _check_scores(name: str, arg: str, x, like: Optional[Tensor] = None) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"fastrank.losses.{name}: {arg} must be a tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"fastrank.losses.{name}: {arg} must be a (B, K) matrix, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"fastrank.losses.{name}: {arg} must be floating point, got {x.dtype}")
+    if like is None:
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"fastrank.losses.{name}: {arg} must have at least one row and column, "
+                             f"got shape {tuple(x.shape)}")
+        return
+    if x.shape != like.shape:
+        raise ValueError(f"fastrank.losses.{name}: {arg} must have the shape of s {tuple(like.shape)}, "
+                         f"got {tuple(x.shape)}")
+    if x.device != like.device:
+        raise ValueError(f"fastrank.losses.{name}: {arg} is on {x.device} but s is on {like.device}")
+    if x.dtype != like.dtype:
+        raise ValueError(f"fastrank.losses.{name}: {arg} has dtype {x.dtype} but s has {like.dtype}; "
+                         f"cast one of them")
+
+
+def _check_flags(name: str, arg: str, x, like: Tensor) -> None:
+    if x is None:
+        return
+    if not isinstance(x, Tensor):
+        raise TypeError(f"fastrank.losses.{name}: {arg} must be a bool tensor or None, got {type(x).__name__}")
+    if x.dtype != torch.bool:
+        raise ValueError(f"fastrank.losses.{name}: {arg} must be a bool tensor, got {x.dtype}")
+    if x.shape != like.shape:
+        raise ValueError(f"fastrank.losses.{name}: {arg} must have the shape of s {tuple(like.shape)}, "
+                         f"got {tuple(x.shape)}")
+    if x.device != like.device:
+        raise ValueError(f"fastrank.losses.{name}: {arg} is on {x.device} but s is on {like.device}")
+
+
+def _check_distill(name, s, t, positives, mask, reduction, param_name, param) -> None:
+    _check_scores(name, "s", s)
+    _check_scores(name, "t", t, like=s)
+    _check_flags(name, "positives", positives, s)
+    _check_flags(name, "mask", mask, s)
+    _check_reduction(name, reduction)
+    if name in _NEEDS_PAIR and s.shape[1] < 2:
+        raise ValueError(f"fastrank.losses.{name}: needs K >= 2 candidates per query (a positive and a "
+                         f"negative), got s of shape {tuple(s.shape)}")
+    if param_name == "tau" and not (math.isfinite(param) and param > 0):
+        raise ValueError(f"fastrank.losses.{name}: tau must be a finite number > 0, got {param!r}")
+    if param_name == "gamma0" and not math.isfinite(param):
+        raise ValueError(f"fastrank.losses.{name}: gamma0 must be finite, got {param!r}")
+
+
+def _check_teacher_not_nan(name: str, t: Tensor, mask: Optional[Tensor]) -> None:
+    """The kernels make the same check; the reference backend needs it here."""
+    bad = torch.isnan(t) if mask is None else torch.isnan(t) & mask
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"fastrank: t (teacher scores) contains NaN at a valid candidate, first at [{row}, {col}]; "
+                         f"clean or mask the teacher scores")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Backends: "cpp" (C++ on CPU, CUDA on GPU) is the kernel, "reference" the eager spec.
+# --------------------------------------------------------------------------------------------------------
+def _cpp_reasons(dtype: torch.dtype, **_) -> list[str]:
+    return [] if dtype in _KERNEL_DTYPES else [f"the kernels take {[str(d) for d in _KERNEL_DTYPES]}, got {dtype}"]
+
+
+def _register_distill(name: str) -> None:
+    kind = LOSS_KINDS[name]
+
+    @dispatch.register(name, "cpp", reasons=_cpp_reasons)
+    def _cpp(s, t, positives, mask, reduction, param):
+        t, code, param = t.detach(), REDUCTIONS[reduction], float(param)
+        if torch.compiler.is_compiling():
+            loss = distill_loss_op(s, t, positives, mask, kind, code, param)[0]
+        else:
+            launch = lambda: _launch_distill(s, t, positives, mask, kind, code, param)  # noqa: E731
+            loss = _EagerFusedLoss.apply(s, launch, code == REDUCTIONS["none"])
+        return loss.to(s.dtype)
+
+    @dispatch.register(name, "reference")
+    def _reference(s, t, positives, mask, reduction, param):
+        _check_teacher_not_nan(name, t, mask)
+        reference, param_name = _REFERENCES[name]
+        extra = {param_name: param} if param_name else {}
+        return reference(s, t, positives, mask, reduction, **extra)
+
+
+@dispatch.register("inbatch_ce", "cpp", reasons=_cpp_reasons)
+def _inbatch_ce_cpp(scores, target, reduction, tau):
+    code, tau = REDUCTIONS[reduction], float(tau)
+    if torch.compiler.is_compiling():
+        loss = inbatch_ce_op(scores, target, code, tau)[0]
+    else:
+        loss = _EagerFusedLoss.apply(scores, lambda: _launch_inbatch_ce(scores, target, code, tau),
+                                     code == REDUCTIONS["none"])
+    return loss.to(scores.dtype)
+
+
+@dispatch.register("inbatch_ce", "reference")
+def _inbatch_ce_reference(scores, target, reduction, tau):
+    bad = target >= scores.shape[1]
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"fastrank: target[{row}] = {int(target[row])} is out of range for scores with M = "
+                         f"{scores.shape[1]} columns (expected 0 <= target < M, or a negative value to ignore the row)")
+    return inbatch_ce_ref(scores, target, tau=tau, reduction=reduction)
+
+
+def _distill(name: str, s, t, positives, mask, reduction: str, param_name: str, param: float, backend):
+    _check_distill(name, s, t, positives, mask, reduction, param_name, param)
+    impl = dispatch.choose(name, (s, t, positives, mask), backend=backend, dtype=s.dtype)
+    return impl.fn(s, t, positives, mask, reduction, param)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------------------
+_ARGS_DOC = """
+    Args:
+        s: (B, K) student scores, float32/float16/bfloat16/float64; the gradient flows to it.
+        t: (B, K) teacher scores, same dtype and device as ``s``; no gradient flows to it. A NaN at a valid
+            candidate raises ValueError (a NaN in ``s`` propagates to the loss instead).
+        positives: (B, K) bool, which candidates are positives; default: column 0 positive, the rest negative.
+        mask: (B, K) bool, which candidates are valid (ragged K); default: all.
+        reduction: "mean" (over queries that have a term), "sum", or "none" for a (B,) tensor.
+        backend: force a backend ("cpp", "reference"); default: :mod:`fastrank.dispatch` decides.
+
+    Returns:
+        The loss in ``s.dtype``: a scalar, or (B,) for ``reduction="none"``.
+"""
+
+
+def mse(s: Tensor, t: Tensor, positives: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+        reduction: str = "mean", *, backend: Optional[str] = None) -> Tensor:
+    """Per query ``sum_k (t_k - s_k)^2`` over valid candidates (``positives`` is accepted and unused)."""
+    return _distill("mse", s, t, positives, mask, reduction, None, 0.0, backend)
+
+
+def margin_mse(s: Tensor, t: Tensor, positives: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+               reduction: str = "mean", *, backend: Optional[str] = None) -> Tensor:
+    """Per query ``sum_{i in P, j in N} ((t_i - t_j) - (s_i - s_j))^2``; K=2 is Hofstatter et al.'s Margin-MSE.
+    Needs K >= 2."""
+    return _distill("margin_mse", s, t, positives, mask, reduction, None, 0.0, backend)
+
+
+def m3se(s: Tensor, t: Tensor, positives: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+         reduction: str = "mean", *, backend: Optional[str] = None) -> Tensor:
+    """Per query ``sum_{i in P} ((t_i - t_j*) - (s_i - s_j*))^2 + sum_{j in N} max(s_j - s_j*, 0)^2`` with ``j*``
+    the negative of highest teacher score (ties: the first). Needs K >= 2."""
+    return _distill("m3se", s, t, positives, mask, reduction, None, 0.0, backend)
+
+
+def softmax_ce(s: Tensor, t: Tensor, positives: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+               reduction: str = "mean", *, tau: float = 1.0, backend: Optional[str] = None) -> Tensor:
+    """Per query ``-sum_k softmax(t/tau)_k log softmax(s/tau)_k`` over valid candidates (``positives`` unused)."""
+    return _distill("softmax_ce", s, t, positives, mask, reduction, "tau", tau, backend)
+
+
+def kl_div(s: Tensor, t: Tensor, positives: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+           reduction: str = "mean", *, tau: float = 1.0, backend: Optional[str] = None) -> Tensor:
+    """Per query ``KL(softmax(t/tau) || softmax(s/tau))``: :func:`softmax_ce` minus the teacher's entropy."""
+    return _distill("kl_div", s, t, positives, mask, reduction, "tau", tau, backend)
+
+
+def rankdistil_b(s: Tensor, t: Tensor, positives: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+                 reduction: str = "mean", *, gamma0: float = 0.0, backend: Optional[str] = None) -> Tensor:
+    """Per query ``sum_{i in P} (t_i - s_i)^2 + sum_{j in N} max(s_j - gamma0, 0)^2``."""
+    return _distill("rankdistil_b", s, t, positives, mask, reduction, "gamma0", gamma0, backend)
+
+
+for _fn in (mse, margin_mse, m3se, softmax_ce, kl_div, rankdistil_b):
+    _fn.__doc__ += _ARGS_DOC
+    _register_distill(_fn.__name__)
+
+
+def inbatch_ce(scores: Tensor, target: Tensor, tau: float = 1.0, reduction: str = "mean", *,
+               backend: Optional[str] = None) -> Tensor:
+    """One-hot softmax cross-entropy over in-batch candidates: per row ``-log softmax(scores/tau)[target]``.
+
+    Args:
+        scores: (B, M) float32/float16/bfloat16/float64, e.g. each query against every document in the batch.
+        target: (B,) int64 or int32 column of the positive; a negative value ignores the row (0 loss, 0
+            gradient, not counted by "mean"); a value >= M raises ValueError.
+        tau: temperature > 0.
+        reduction: "mean" (over rows not ignored), "sum" or "none" for a (B,) tensor.
+        backend: force a backend ("cpp", "reference").
+    """
+    name = "inbatch_ce"
+    _check_scores(name, "scores", scores)
+    if not isinstance(target, Tensor):
+        raise TypeError(f"fastrank.losses.{name}: target must be a tensor, got {type(target).__name__}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"fastrank.losses.{name}: target must be int64 or int32, got {target.dtype}")
+    if target.shape != scores.shape[:1]:
+        raise ValueError(f"fastrank.losses.{name}: target must have shape (B,) = {tuple(scores.shape[:1])}, "
+                         f"got {tuple(target.shape)}")
+    if target.device != scores.device:
+        raise ValueError(f"fastrank.losses.{name}: target is on {target.device} but scores is on {scores.device}")
+    _check_reduction(name, reduction)
+    if not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"fastrank.losses.{name}: tau must be a finite number > 0, got {tau!r}")
+    impl = dispatch.choose(name, (scores, target), backend=backend, dtype=scores.dtype)
+    return impl.fn(scores, target, reduction, tau)
+
+
+# --------------------------------------------------------------------------------------------------------
+# References: the equations in plain PyTorch. They upcast to float32 (float64 stays) and cast back.
+# Masked entries are replaced before any arithmetic, so padding (even inf or NaN) never reaches a gradient.
+# --------------------------------------------------------------------------------------------------------
+def _prepare(s: Tensor, t: Tensor, positives: Optional[Tensor], mask: Optional[Tensor]):
+    acc = _accumulator(s.dtype)
+    valid = torch.ones_like(s, dtype=torch.bool) if mask is None else mask
+    if positives is None:
+        positives = torch.zeros_like(valid)
+        positives[:, 0] = True
+    pos, neg = valid & positives, valid & ~positives
+    s = torch.where(valid, s.to(acc), 0.0)
+    t = torch.where(valid, t.detach().to(acc), 0.0)
+    return s, t, valid, pos, neg
+
+
+def _reduce(per_query: Tensor, has_term: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
+    per_query = torch.where(has_term, per_query, 0.0)
+    if reduction == "none":
+        out = per_query
+    elif reduction == "sum":
+        out = per_query.sum()
+    else:
+        out = per_query.sum() / has_term.sum().clamp(min=1)
+    return out.to(dtype)
+
+
+def mse_ref(s, t, positives=None, mask=None, reduction="mean"):
+    s_, t_, valid, _, _ = _prepare(s, t, positives, mask)
+    per_query = torch.where(valid, (t_ - s_) ** 2, 0.0).sum(-1)
+    return _reduce(per_query, valid.any(-1), reduction, s.dtype)
+
+
+def margin_mse_ref(s, t, positives=None, mask=None, reduction="mean"):
+    s_, t_, _, pos, neg = _prepare(s, t, positives, mask)
+    diff = (t_[:, :, None] - t_[:, None, :]) - (s_[:, :, None] - s_[:, None, :])  # [b, i, j]
+    pairs = pos[:, :, None] & neg[:, None, :]
+    per_query = torch.where(pairs, diff ** 2, 0.0).sum((1, 2))
+    return _reduce(per_query, pairs.any(-1).any(-1), reduction, s.dtype)
+
+
+def m3se_ref(s, t, positives=None, mask=None, reduction="mean"):
+    s_, t_, _, pos, neg = _prepare(s, t, positives, mask)
+    star = torch.where(neg, t_, -math.inf).argmax(-1, keepdim=True)  # argmax returns the first maximum
+    s_star, t_star = s_.gather(-1, star), t_.gather(-1, star)
+    margin = torch.where(pos, ((t_ - t_star) - (s_ - s_star)) ** 2, 0.0).sum(-1)
+    hinge = torch.where(neg, torch.clamp(s_ - s_star, min=0) ** 2, 0.0).sum(-1)
+    return _reduce(margin + hinge, neg.any(-1), reduction, s.dtype)
+
+
+def _softmax_ce_parts(s, t, positives, mask, tau):
+    s_, t_, valid, _, _ = _prepare(s, t, positives, mask)
+    has_term = valid.any(-1, keepdim=True)
+    # A row with no valid candidate keeps its zeros so that log_softmax stays finite; _reduce drops it.
+    live = valid | ~has_term
+    log_p = torch.log_softmax(torch.where(live, t_ / tau, -math.inf), -1)
+    log_q = torch.log_softmax(torch.where(live, s_ / tau, -math.inf), -1)
+    p = log_p.exp()
+    cross = -torch.where(valid, p * torch.where(valid, log_q, 0.0), 0.0).sum(-1)
+    entropy = -torch.where(valid & (p > 0), p * torch.where(valid, log_p, 0.0), 0.0).sum(-1)
+    return cross, entropy, has_term.squeeze(-1)
+
+
+def softmax_ce_ref(s, t, positives=None, mask=None, reduction="mean", tau=1.0):
+    cross, _, has_term = _softmax_ce_parts(s, t, positives, mask, tau)
+    return _reduce(cross, has_term, reduction, s.dtype)
+
+
+def kl_div_ref(s, t, positives=None, mask=None, reduction="mean", tau=1.0):
+    cross, entropy, has_term = _softmax_ce_parts(s, t, positives, mask, tau)
+    return _reduce(cross - entropy, has_term, reduction, s.dtype)
+
+
+def rankdistil_b_ref(s, t, positives=None, mask=None, reduction="mean", gamma0=0.0):
+    s_, t_, valid, pos, neg = _prepare(s, t, positives, mask)
+    per_query = (torch.where(pos, (t_ - s_) ** 2, 0.0) + torch.where(neg, torch.clamp(s_ - gamma0, min=0) ** 2, 0.0))
+    return _reduce(per_query.sum(-1), valid.any(-1), reduction, s.dtype)
+
+
+def inbatch_ce_ref(scores, target, tau=1.0, reduction="mean"):
+    x = scores.to(_accumulator(scores.dtype))
+    keep = target >= 0
+    log_q = torch.log_softmax(x / tau, -1)
+    per_row = -log_q.gather(-1, torch.where(keep, target, 0).long()[:, None]).squeeze(-1)
+    return _reduce(per_row, keep, reduction, scores.dtype)
+
+
+# name -> (reference, the name of its scalar parameter or None)
+_REFERENCES = {
+    "mse": (mse_ref, None), "margin_mse": (margin_mse_ref, None), "m3se": (m3se_ref, None),
+    "softmax_ce": (softmax_ce_ref, "tau"), "kl_div": (kl_div_ref, "tau"), "rankdistil_b": (rankdistil_b_ref, "gamma0"),
+}
