@@ -345,10 +345,12 @@ def test_cpp_runs_by_default_on_cpu(monkeypatch):
     assert len(calls) == 1
 
 
-def test_without_the_extension_the_reference_runs(monkeypatch):
+def test_without_the_extension_the_reference_runs(monkeypatch, request):
     """``import fastrank`` works without fastrank._C; dispatch then falls back to the eager reference."""
+    request.addfinalizer(dispatch.reset)
     monkeypatch.setattr(fastrank._ext, "_module", None)
     monkeypatch.setattr(fastrank._ext, "_error", "simulated: not built")
+    dispatch.reset()  # availability is cached per process; this test simulates another installation
     s, t = torch.randn(4, 5), torch.randn(4, 5)
     assert dispatch.choose("margin_mse", (s, t, None, None), dtype=s.dtype).backend == "reference"
     torch.testing.assert_close(losses.margin_mse(s, t), losses.margin_mse_ref(s, t))
