@@ -8,4 +8,22 @@ from fastrank.ops.maxsim import maxsim, maxsim_ref
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "maxsim", "maxsim_ref", "__version__"]
+# Retrieval pieces import faiss / transformers / ir-measures only when first used, so `import fastrank`
+# needs none of them; a missing one is reported when the object that needs it is created.
+_LAZY = {
+    "DenseIndex": "fastrank.index", "TokenIndex": "fastrank.index", "IndexFormatError": "fastrank.index",
+    "Encoder": "fastrank.encoders", "TokenEmbeddings": "fastrank.encoders",
+    "evaluate": "fastrank.evaluate", "data": "fastrank.data",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(_LAZY[name])
+        return module if module.__name__ == f"fastrank.{name}" else getattr(module, name)
+    raise AttributeError(f"module 'fastrank' has no attribute {name!r}")
+
+
+__all__ = ["BACKENDS", "BackendUnavailableError", "maxsim", "maxsim_ref", "__version__", *_LAZY]

@@ -64,19 +64,22 @@ def _is_header(fields: list[str], numeric_col: int) -> bool:
 def read_qrels(path: PathLike) -> Qrels:
     """TREC qrels (``qid iter docid grade``, whitespace separated) or BEIR qrels TSV with a header."""
     qrels: Qrels = {}
+    width = None  # 3 (BEIR) or 4 (TREC), fixed by the first judgment so a short line cannot pass as the other
     for lineno, line in _lines(path):
         fields = line.split()
-        if len(fields) == 3:  # BEIR: query-id corpus-id score
-            if lineno == 1 and _is_header(fields, 2):
-                continue
-            qid, docid, grade = fields
-        elif len(fields) == 4:
-            qid, _, docid, grade = fields
-        else:
+        if width is None and len(fields) == 3 and _is_header(fields, 2):
+            continue
+        if width is None and len(fields) in (3, 4):
+            width = len(fields)
+        if len(fields) != width:
             raise DataFormatError(
-                f"{path}:{lineno}: expected 'qid iter docid grade' (TREC) or 'qid docid grade' (BEIR), "
-                f"got {len(fields)} fields: {line!r}"
+                f"{path}:{lineno}: expected 'qid iter docid grade' (TREC) or 'qid docid grade' (BEIR) like the "
+                f"first judgment, got {len(fields)} fields: {line!r}"
             )
+        if width == 3:
+            qid, docid, grade = fields
+        else:
+            qid, _, docid, grade = fields
         try:
             qrels.setdefault(qid, {})[docid] = int(float(grade))
         except ValueError:
@@ -92,19 +95,22 @@ def read_run(path: PathLike) -> Run:
     Scores are kept as given; trec_eval (and so ir-measures) ranks by score, not by the rank column.
     """
     run: Run = {}
+    width = None  # 6 (TREC run) or 4 (candidate TSV), fixed by the first data line
     for lineno, line in _lines(path):
         fields = line.split()
-        if len(fields) == 6:
-            qid, _, docid, _, score, _ = fields
-        elif len(fields) == 4:  # candidate TSV: qid pid rank score
-            if lineno == 1 and _is_header(fields, 3):
-                continue
-            qid, docid, _, score = fields
-        else:
+        if width is None and len(fields) == 4 and _is_header(fields, 3):
+            continue
+        if width is None and len(fields) in (4, 6):
+            width = len(fields)
+        if len(fields) != width:
             raise DataFormatError(
                 f"{path}:{lineno}: expected a TREC run line 'qid Q0 docid rank score tag' or a candidate "
-                f"line 'qid pid rank score', got {len(fields)} fields: {line!r}"
+                f"line 'qid pid rank score' like the first line, got {len(fields)} fields: {line!r}"
             )
+        if width == 6:
+            qid, _, docid, _, score, _ = fields
+        else:
+            qid, docid, _, score = fields
         try:
             run.setdefault(qid, {})[docid] = float(score)
         except ValueError:

@@ -3,7 +3,8 @@ figures match trec_eval's to the digit and no metric is re-derived here.
 
 Measures use ir-measures notation: ``nDCG@10``, ``RR@10``, ``RR(rel=2)@10``, ``R@100``, ``AP``. TREC DL
 counts a passage relevant for the binary measures at grade >= 2; pass ``rel=2`` to get those.
-Like trec_eval without ``-c``, a query judged but absent from the run is left out of the mean.
+A query judged but absent from the run counts 0 (ir-measures' convention, trec_eval's ``-c``); a query in
+the run but not judged is ignored.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def _check(qrels: Mapping, run: Mapping) -> None:
 
 def evaluate(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[str, float]],
              measures: Sequence[str] | None = None, rel: int = 1) -> dict[str, float]:
-    """Mean of each measure over the queries in both ``qrels`` and ``run``.
+    """Mean of each measure over the judged queries (those missing from ``run`` count 0).
 
     Returns ``{measure name in ir-measures notation: value}`` in the order asked.
     """
@@ -68,7 +69,7 @@ def evaluate(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[s
 
 
 def evaluate_per_query(qrels, run, measures: Sequence[str] | None = None, rel: int = 1) -> dict[str, dict[str, float]]:
-    """``{qid: {measure: value}}`` for the queries in both ``qrels`` and ``run``."""
+    """``{qid: {measure: value}}`` for every judged query."""
     _check(qrels, run)
     parsed = parse_measures(measures if measures is not None else default_measures(rel))
     out: dict[str, dict[str, float]] = {}
