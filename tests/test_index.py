@@ -83,8 +83,12 @@ def test_external_ids_torch_inputs_and_short_results():
     assert isinstance(scores, torch.Tensor) and scores.shape == (2, 5)
     assert ids[0, 0] == "a" and ids[1, 0] == "b"
     assert list(ids[0, 3:]) == [None, None] and torch.isinf(scores[:, 3:]).all()
+    index = DenseIndex(DIM).add(X[:3])
     index.add(X[3:5])  # default ids continue from the current size
-    assert index.ids[-2:] == [3, 4]
+    assert index.ids == [0, 1, 2, 3, 4]
+    ids = index.search(X[:1], k=7, progress=False)[1]
+    assert ids.dtype == np.int64 and ids[0, 0] == 0
+    assert sorted(ids[0, :5].tolist()) == [0, 1, 2, 3, 4] and ids[0, 5:].tolist() == [-1, -1]
     run = index.to_run(["q1"], X[3:4], k=2, progress=False)
     assert list(run["q1"])[0] == "3"
 

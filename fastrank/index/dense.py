@@ -158,6 +158,7 @@ class DenseIndex:
         self.device = torch.device(device)
         self.backend = choose_backend(kind, self.device, backend)
         self._ids: list = []
+        self._table: np.ndarray | None = None
         self._faiss_index = None  # CPU FAISS index: what is trained, added to and saved
         self._gpu_index = None  # its GPU copy, rebuilt lazily after adds
         self._vectors: torch.Tensor | None = None  # torch backend storage
@@ -299,17 +300,26 @@ class DenseIndex:
         """Top-``k`` documents for each query row.
 
         Returns ``(scores, ids)``: scores (Q, k) float32, higher is better (a torch tensor on the queries'
-        device when queries is a tensor, else numpy); ids a (Q, k) numpy array of external ids, ``None``
-        where the index holds fewer than ``k`` documents (score ``-inf``).
+        device when queries is a tensor, else numpy); ids a (Q, k) numpy array of the external ids: int64
+        when every id is an int (``-1`` where the index holds fewer than ``k`` documents, FAISS's
+        convention), else object (``None`` there). Missing results score ``-inf``.
         """
         scores, pos = self.search_positions(queries, k, batch_size=batch_size, progress=progress)
-        table = np.empty(len(self._ids) + 1, dtype=object)
-        table[:-1] = self._ids
-        table[-1] = None
-        ids = table[pos]  # -1 picks the trailing None
+        ids = self._id_table()[pos]  # position -1 picks the table's trailing "missing" entry
         if isinstance(queries, torch.Tensor):
             return torch.from_numpy(scores).to(queries.device), ids
         return scores, ids
+
+    def _id_table(self) -> np.ndarray:
+        """External ids by position, plus a trailing missing marker; cached so a search maps ids with one
+        fancy-index, not a Python loop (that loop would dominate a fast HNSW search)."""
+        if self._table is None or len(self._table) != len(self._ids) + 1:
+            if all(isinstance(i, int) for i in self._ids):
+                self._table = np.array(self._ids + [-1], dtype=np.int64)
+            else:
+                self._table = np.empty(len(self._ids) + 1, dtype=object)
+                self._table[:-1] = self._ids
+        return self._table
 
     def to_run(self, qids: Sequence[str], queries, k: int = 100, **kw) -> dict[str, dict[str, float]]:
         """Search and return a run ``{qid: {docid: score}}`` (ids as strings)."""
@@ -317,7 +327,7 @@ class DenseIndex:
             raise ValueError(f"qids has {len(qids)} entries for {len(queries)} query vectors")
         scores, ids = self.search(queries, k, **kw)
         scores = scores.cpu().numpy() if isinstance(scores, torch.Tensor) else scores
-        return {str(q): {str(d): float(s) for d, s in zip(row_ids, row_s) if d is not None}
+        return {str(q): {str(d): float(s) for d, s in zip(row_ids, row_s) if s != -np.inf}
                 for q, row_ids, row_s in zip(qids, ids, scores)}
 
     # -- persistence ----------------------------------------------------------------------------------
@@ -389,7 +399,7 @@ class DenseIndex:
             _faiss().extract_index_ivf(index).nprobe = min(p["nprobe"], p["nlist"])
         if self.kind == "hnsw":
             index.hnsw.efSearch = p["ef_search"]
-        self._faiss_index, self._ids, self._trained = index, ids, True
+        self._faiss_index, self._ids, self._trained, self._table = index, ids, True, None
         return self
 
 

@@ -144,7 +144,7 @@ class TokenIndex:
         if len(qids) != len(q):
             raise ValueError(f"qids has {len(qids)} entries for {len(q)} queries")
         scores, ids = self.search(q, k, **kw)
-        return {str(qid): {str(d): float(s) for d, s in zip(row_ids, row_s) if d is not None}
+        return {str(qid): {str(d): float(s) for d, s in zip(row_ids, row_s) if s != -np.inf}
                 for qid, row_ids, row_s in zip(qids, ids, scores)}
 
     def save(self, path: str | os.PathLike) -> Path:
