@@ -130,7 +130,7 @@ def cmd_retrieve(args) -> int:
         run = index.to_run(qids, enc.encode_queries(texts, progress="queries"), args.k)
     else:
         index = DenseIndex.load(index_dir, device=enc.device)
-        run = index.to_run(qids, enc.encode_dense(texts, max_length=QUERY_MAX_LENGTH * 2, progress="queries"), args.k)
+        run = index.to_run(qids, enc.encode_dense(texts, max_length=info["max_length"], progress="queries"), args.k)
     write_run(run, args.out, tag=args.tag)
     print(f"wrote {sum(map(len, run.values()))} results for {len(run)} queries to {args.out}")
     return 0
