@@ -1,6 +1,7 @@
 // Each source file registers its own Python functions, so adding an op never edits a shared list.
 #pragma once
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 namespace fastrank {
 using Registrar = void (*)(pybind11::module_&);

@@ -1,2 +1,536 @@
-def maxsim(*a, **k): raise NotImplementedError
-def maxsim_ref(*a, **k): raise NotImplementedError
+"""MaxSim (ColBERT late interaction), fused: the (..., Lq, Ld) similarity matrix never reaches memory.
+
+    score = sum_{i valid} max_{j valid} <q_i, d_j>
+
+Read top to bottom: Triton kernels (forward, backward), their launchers, the C++ launchers, the
+torch.library custom ops with their autograd, the public :func:`maxsim`, and :func:`maxsim_ref`, the
+plain PyTorch reference that is the spec.
+
+Broadcasting. The leading dims of q (..., Lq, H) and d (..., Ld, H) broadcast like torch.matmul. Kernels
+see a canonical (F, Y, X) pair grid: F = dims where q and d both vary, Y = dims where only q varies,
+X = dims where only d varies, so q is (F, Y, Lq, H) and d is (F, X, Ld, H) and the broadcast operand is
+never copied. Re-ranking is (1, 1, N), grouped training (B, 1, K), in-batch all-pairs (1, B, B).
+
+Backward follows the argmax route: the forward stores, per pair and query token, the index of the
+maximising doc token (-1 for padded query tokens and empty docs); the gradient of q_i is g * d_argmax
+and the gradient of d_j collects g * q_i from every query token whose argmax is j.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from fastrank import _ext, dispatch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton is optional: the C++ and reference backends cover CPU.
+    triton = None
+
+MAX_LQ = 64  # the query tile of both kernels; longer queries run on the reference
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# --------------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _maxsim_fwd_kernel(
+        Q, D, QM, DM, OUT, ARG,
+        Y, X, Lq, Ld, H,
+        sq_f, sq_y, sq_t, sd_f, sd_x, sd_t,
+        sqm_f, sqm_y, sqm_x, sqm_t, sdm_f, sdm_y, sdm_x, sdm_t,
+        HAS_QM: tl.constexpr, HAS_DM: tl.constexpr, STORE_ARG: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_LQ: tl.constexpr, BLOCK_LD: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        # One program per (f, y, x) pair. S is built BLOCK_LD doc tokens at a time, split over H so that a
+        # 768-wide embedding never needs a 768-wide register tile; only the running row max survives.
+        pair = tl.program_id(0).to(tl.int64)
+        f = pair // (Y * X)
+        y = (pair // X) % Y
+        x = pair % X
+        offs_i = tl.arange(0, BLOCK_LQ)
+        offs_h = tl.arange(0, BLOCK_H)
+        row_in = offs_i < Lq
+        q_base = Q + f * sq_f + y * sq_y
+        d_base = D + f * sd_f + x * sd_x
+
+        best = tl.full([BLOCK_LQ], float("-inf"), tl.float32)
+        best_j = tl.full([BLOCK_LQ], -1, tl.int32)
+        saw_nan = tl.zeros([BLOCK_LQ], tl.int32)
+        n_valid = tl.zeros([BLOCK_LD], tl.int32)
+        for j0 in range(0, Ld, BLOCK_LD):
+            offs_j = j0 + tl.arange(0, BLOCK_LD)
+            col_in = offs_j < Ld
+            s = tl.zeros([BLOCK_LQ, BLOCK_LD], tl.float32)
+            for h0 in range(0, H, BLOCK_H):
+                h = h0 + offs_h
+                qt = tl.load(q_base + offs_i[:, None] * sq_t + h[None, :], mask=row_in[:, None] & (h[None, :] < H), other=0.0)
+                dt = tl.load(d_base + offs_j[:, None] * sd_t + h[None, :], mask=col_in[:, None] & (h[None, :] < H), other=0.0)
+                s = tl.dot(qt, tl.trans(dt), s, input_precision=PRECISION)
+            valid = col_in
+            if HAS_DM:
+                dm = tl.load(DM + f * sdm_f + y * sdm_y + x * sdm_x + offs_j * sdm_t, mask=col_in, other=0)
+                valid = valid & (dm != 0)
+            n_valid += valid.to(tl.int32)
+            s = tl.where(valid[None, :], s, float("-inf"))
+            # tl.max does not propagate NaN on every target; count NaNs so they reach the score.
+            saw_nan += tl.sum((s != s).to(tl.int32), axis=1)
+            blk_best = tl.max(s, axis=1)
+            blk_j = tl.argmax(s, axis=1, tie_break_left=True).to(tl.int32) + j0
+            take = blk_best > best  # strict: ties keep the earliest doc token, like torch.max
+            best = tl.where(take, blk_best, best)
+            best_j = tl.where(take, blk_j, best_j)
+
+        row_ok = row_in & (tl.sum(n_valid, axis=0) > 0)
+        if HAS_QM:
+            qm = tl.load(QM + f * sqm_f + y * sqm_y + x * sqm_x + offs_i * sqm_t, mask=row_in, other=0)
+            row_ok = row_ok & (qm != 0)
+        best = tl.where(saw_nan > 0, float("nan"), best)
+        tl.store(OUT + pair, tl.sum(tl.where(row_ok, best, 0.0), axis=0))
+        if STORE_ARG:
+            tl.store(ARG + pair * Lq + offs_i, tl.where(row_ok, best_j, -1), mask=row_in)
+
+    @triton.jit
+    def _maxsim_bwd_dq_kernel(
+        D, G, ARG, DQ,
+        Y, X, Lq, H, x_chunk,
+        sd_f, sd_x, sd_t,
+        ATOMIC: tl.constexpr, BLOCK_LQ: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        # dq[f,y,i,h] = sum_x g[f,y,x] * d[f,x,argmax[f,y,x,i],h]; program (item, h block, x chunk).
+        item = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        x_start = tl.program_id(2) * x_chunk
+        f = item // Y
+        offs_i = tl.arange(0, BLOCK_LQ)
+        row_in = offs_i < Lq
+        acc = tl.zeros([BLOCK_LQ, BLOCK_H], tl.float32)
+        for x in range(x_start, tl.minimum(x_start + x_chunk, X)):
+            pair = item * X + x
+            j = tl.load(ARG + pair * Lq + offs_i, mask=row_in, other=-1)
+            g = tl.load(G + pair)
+            rows = tl.load(
+                D + f * sd_f + x * sd_x + j[:, None].to(tl.int64) * sd_t + h[None, :],
+                mask=(j[:, None] >= 0) & (h[None, :] < H), other=0.0,
+            )
+            acc += g * rows.to(tl.float32)
+        ptrs = DQ + (item * Lq + offs_i[:, None]) * H + h[None, :]
+        mask = row_in[:, None] & (h[None, :] < H)
+        if ATOMIC:
+            tl.atomic_add(ptrs, acc, mask=mask)
+        else:
+            tl.store(ptrs, acc, mask=mask)
+
+    @triton.jit
+    def _maxsim_bwd_dd_kernel(
+        Q, G, ARG, DD,
+        Y, X, Lq, Ld, H, y_chunk,
+        sq_f, sq_y, sq_t,
+        ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_LQ: tl.constexpr, BLOCK_LD: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        # dd[f,x,j,h] = sum_y g[f,y,x] * sum_i [argmax[f,y,x,i] = j] q[f,y,i,h]: the scatter is a matmul
+        # of a one-hot (BLOCK_LD x Lq) routing matrix with q, so it runs on tensor cores with no atomics.
+        item = tl.program_id(0).to(tl.int64)
+        h_blocks = tl.cdiv(H, BLOCK_H)
+        offs_j = (tl.program_id(1) // h_blocks) * BLOCK_LD + tl.arange(0, BLOCK_LD)
+        h = (tl.program_id(1) % h_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+        y_start = tl.program_id(2) * y_chunk
+        f = item // X
+        x = item % X
+        offs_i = tl.arange(0, BLOCK_LQ)
+        row_in = offs_i < Lq
+        acc = tl.zeros([BLOCK_LD, BLOCK_H], tl.float32)
+        for y in range(y_start, tl.minimum(y_start + y_chunk, Y)):
+            pair = (f * Y + y) * X + x
+            j = tl.load(ARG + pair * Lq + offs_i, mask=row_in, other=-1)
+            g = tl.load(G + pair)
+            qt = tl.load(Q + f * sq_f + y * sq_y + offs_i[:, None] * sq_t + h[None, :],
+                         mask=row_in[:, None] & (h[None, :] < H), other=0.0)
+            route = (offs_j[:, None] == j[None, :]).to(qt.dtype)
+            acc += g * tl.dot(route, qt, input_precision=PRECISION)
+        ptrs = DD + (item * Ld + offs_j[:, None]) * H + h[None, :]
+        mask = (offs_j[:, None] < Ld) & (h[None, :] < H)
+        if ATOMIC:
+            tl.atomic_add(ptrs, acc, mask=mask)
+        else:
+            tl.store(ptrs, acc, mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Launchers. All take the canonical tensors: q (F, Y, Lq, H), d (F, X, Ld, H), masks (F, Y, X, L) or None.
+# --------------------------------------------------------------------------------------------------------
+def _inner_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _dims(q: Tensor, d: Tensor) -> tuple[int, int, int, int, int, int]:
+    F, Y, Lq, H = q.shape
+    X, Ld = d.shape[1], d.shape[2]
+    return F, Y, X, Lq, Ld, H
+
+
+def _mask_args(m: Optional[Tensor]) -> tuple[Tensor | None, list[int]]:
+    return (m, list(m.stride())) if m is not None else (None, [0, 0, 0, 0])
+
+
+def _pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(n)))
+
+
+def _precision(t: Tensor) -> str:
+    # float32 inputs keep float32 products (TF32 would cost ~1e-3 relative error in scores).
+    return "ieee" if t.dtype == torch.float32 else "tf32"
+
+
+def _triton_forward(q, d, q_mask, d_mask, save_argmax: bool):
+    q, d = _inner_contiguous(q), _inner_contiguous(d)
+    F, Y, X, Lq, Ld, H = _dims(q, d)
+    out = torch.empty((F, Y, X), device=q.device, dtype=torch.float32)
+    arg = torch.empty((F, Y, X, Lq) if save_argmax else (0,), device=q.device, dtype=torch.int32)
+    qm, qms = _mask_args(q_mask)
+    dm, dms = _mask_args(d_mask)
+    block_lq = _pow2(Lq, 16, MAX_LQ)
+    block_ld = 64 if block_lq <= 32 else 32
+    block_h = _pow2(H, 16, 64 if q.dtype == torch.float32 else 128)
+    _maxsim_fwd_kernel[(F * Y * X,)](
+        q, d, qm if qm is not None else out, dm if dm is not None else out, out, arg,
+        Y, X, Lq, Ld, H,
+        q.stride(0), q.stride(1), q.stride(2), d.stride(0), d.stride(1), d.stride(2),
+        *qms, *dms,
+        HAS_QM=qm is not None, HAS_DM=dm is not None, STORE_ARG=save_argmax, PRECISION=_precision(q),
+        BLOCK_LQ=block_lq, BLOCK_LD=block_ld, BLOCK_H=block_h,
+        num_warps=4,
+    )
+    return out, arg
+
+
+def _parallel_programs(device: torch.device) -> int:
+    """Programs that keep the device busy: 4 per SM on a GPU; the interpreter runs them one by one."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _loop_split(programs: int, loop_len: int, deterministic: bool, device: torch.device) -> int:
+    """How many chunks a backward reduction loop is split into (>1 means float atomics: run-to-run
+    differences in the last bits). Split only when the grid alone cannot fill the device."""
+    if deterministic:
+        return 1
+    target = _parallel_programs(device)
+    if programs >= target:
+        return 1
+    return max(1, min(math.ceil(target / programs), loop_len // 8))
+
+
+def _triton_backward(q, d, grad, argmax, need_dq: bool, need_dd: bool, deterministic: bool):
+    q, d = _inner_contiguous(q), _inner_contiguous(d)
+    F, Y, X, Lq, Ld, H = _dims(q, d)
+    grad = grad.contiguous().float()
+    block_lq = _pow2(Lq, 16, MAX_LQ)
+    dq = dd = None
+    if need_dq:
+        block_h = _pow2(H, 16, 64)
+        programs = F * Y * triton.cdiv(H, block_h)
+        split = _loop_split(programs, X, deterministic, q.device)
+        chunk = triton.cdiv(X, split)
+        dq = (torch.zeros if split > 1 else torch.empty)((F, Y, Lq, H), device=q.device, dtype=torch.float32)
+        _maxsim_bwd_dq_kernel[(F * Y, triton.cdiv(H, block_h), triton.cdiv(X, chunk))](
+            d, grad, argmax, dq, Y, X, Lq, H, chunk, d.stride(0), d.stride(1), d.stride(2),
+            ATOMIC=split > 1, BLOCK_LQ=block_lq, BLOCK_H=block_h, num_warps=4,
+        )
+        dq = dq.to(q.dtype)
+    if need_dd:
+        block_ld, block_h = 64, _pow2(H, 16, 64)
+        programs = F * X * triton.cdiv(Ld, block_ld) * triton.cdiv(H, block_h)
+        split = _loop_split(programs, Y, deterministic, q.device)
+        chunk = triton.cdiv(Y, split)
+        dd = (torch.zeros if split > 1 else torch.empty)((F, X, Ld, H), device=q.device, dtype=torch.float32)
+        _maxsim_bwd_dd_kernel[(F * X, triton.cdiv(Ld, block_ld) * triton.cdiv(H, block_h), triton.cdiv(Y, chunk))](
+            q, grad, argmax, dd, Y, X, Lq, Ld, H, chunk, q.stride(0), q.stride(1), q.stride(2),
+            ATOMIC=split > 1, PRECISION=_precision(q),
+            BLOCK_LQ=block_lq, BLOCK_LD=block_ld, BLOCK_H=block_h, num_warps=4,
+        )
+        dd = dd.to(d.dtype)
+    return dq, dd
+
+
+def _cpp_forward(q, d, q_mask, d_mask, save_argmax: bool):
+    ext = _ext.require()
+    q, d = _inner_contiguous(q), _inner_contiguous(d)
+    F, Y, X, Lq, Ld, H = _dims(q, d)
+    out = torch.empty((F, Y, X), dtype=torch.float32)
+    arg = torch.empty((F, Y, X, Lq) if save_argmax else (0,), dtype=torch.int32)
+    qm, qms = _mask_args(q_mask)
+    dm, dms = _mask_args(d_mask)
+    ext.maxsim_forward(
+        _ext.dtype_code(q), q.data_ptr(), d.data_ptr(), [F, Y, X, Lq, Ld, H],
+        [q.stride(0), q.stride(1), q.stride(2)], [d.stride(0), d.stride(1), d.stride(2)],
+        qm.data_ptr() if qm is not None else 0, qms, dm.data_ptr() if dm is not None else 0, dms,
+        out.data_ptr(), arg.data_ptr() if save_argmax else 0,
+    )
+    return out, arg
+
+
+def _cpp_backward(q, d, grad, argmax, need_dq: bool, need_dd: bool, deterministic: bool):
+    # The CPU kernels are deterministic whatever `deterministic` says: each output row has one writer.
+    ext = _ext.require()
+    q, d = _inner_contiguous(q), _inner_contiguous(d)
+    F, Y, X, Lq, Ld, H = _dims(q, d)
+    grad = grad.contiguous().float()
+    argmax = argmax.contiguous()
+    dq = torch.empty((F, Y, Lq, H), dtype=torch.float32) if need_dq else None
+    dd = torch.empty((F, X, Ld, H), dtype=torch.float32) if need_dd else None
+    ext.maxsim_backward(
+        _ext.dtype_code(q), q.data_ptr(), d.data_ptr(), [F, Y, X, Lq, Ld, H],
+        [q.stride(0), q.stride(1), q.stride(2)], [d.stride(0), d.stride(1), d.stride(2)],
+        grad.data_ptr(), argmax.data_ptr(), dq.data_ptr() if need_dq else 0, dd.data_ptr() if need_dd else 0,
+    )
+    return (dq.to(q.dtype) if need_dq else None), (dd.to(d.dtype) if need_dd else None)
+
+
+@dataclass(frozen=True)
+class _Kernels:
+    forward: Callable
+    backward: Callable
+
+
+def _kernel_reasons(*, dtype: torch.dtype, lq: int, interpreter: bool = False, **_) -> list[str]:
+    reasons = []
+    allowed = (torch.float32,) if interpreter else KERNEL_DTYPES
+    if dtype not in allowed:
+        reasons.append(f"dtype {dtype} not supported (supports {', '.join(str(t) for t in allowed)})")
+    if lq > MAX_LQ:
+        reasons.append(f"Lq={lq} exceeds the {MAX_LQ}-token query tile")
+    return reasons
+
+
+_TRITON = _Kernels(_triton_forward, _triton_backward)
+_CPP = _Kernels(_cpp_forward, _cpp_backward)
+dispatch.register("maxsim", "triton", reasons=_kernel_reasons)(_TRITON)
+dispatch.register("maxsim", "triton_interpret", reasons=lambda **ctx: _kernel_reasons(interpreter=True, **ctx))(_TRITON)
+dispatch.register("maxsim", "cpp", reasons=lambda *, device_types, **ctx: (
+    ["the C++ MaxSim kernel runs on CPU tensors"] if device_types != {"cpu"} else []) + _kernel_reasons(**ctx))(_CPP)
+_KERNELS = {"triton": _TRITON, "triton_interpret": _TRITON, "cpp": _CPP}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Custom ops (torch.library): opaque to torch.compile, with fake implementations and autograd.
+# --------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastrank::maxsim_forward", mutates_args=())
+def _maxsim_forward_op(
+    q: Tensor, d: Tensor, q_mask: Optional[Tensor], d_mask: Optional[Tensor], backend: str,
+    save_argmax: bool, deterministic: bool,
+) -> tuple[Tensor, Tensor]:
+    return _KERNELS[backend].forward(q, d, q_mask, d_mask, save_argmax)
+
+
+@_maxsim_forward_op.register_fake
+def _(q, d, q_mask, d_mask, backend, save_argmax, deterministic):
+    F, Y, X, Lq, _, _ = _dims(q, d)
+    out = q.new_empty((F, Y, X), dtype=torch.float32)
+    return out, q.new_empty((F, Y, X, Lq) if save_argmax else (0,), dtype=torch.int32)
+
+
+@torch.library.custom_op("fastrank::maxsim_backward", mutates_args=())
+def _maxsim_backward_op(
+    q: Tensor, d: Tensor, grad: Tensor, argmax: Tensor, backend: str, deterministic: bool,
+) -> tuple[Tensor, Tensor]:
+    dq, dd = _KERNELS[backend].backward(q, d, grad, argmax, True, True, deterministic)
+    return dq, dd
+
+
+@_maxsim_backward_op.register_fake
+def _(q, d, grad, argmax, backend, deterministic):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(d, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    q, d, _, _, backend, save_argmax, deterministic = inputs
+    ctx.backend, ctx.deterministic = backend, deterministic
+    ctx.save_for_backward(q, d, output[1])
+
+
+def _backward(ctx, grad_scores, _grad_argmax):
+    q, d, argmax = ctx.saved_tensors
+    dq, dd = _maxsim_backward_op(q, d, grad_scores, argmax, ctx.backend, ctx.deterministic)
+    return dq, dd, None, None, None, None, None
+
+
+_maxsim_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Canonical (F, Y, X) form of broadcast inputs, without copying the broadcast operand.
+# --------------------------------------------------------------------------------------------------------
+@dataclass
+class _Canonical:
+    q: Tensor
+    d: Tensor
+    q_mask: Optional[Tensor]
+    d_mask: Optional[Tensor]
+    restore: Callable[[Tensor], Tensor]  # (F, Y, X) scores -> the broadcast batch shape
+
+
+def _with_rank(t: Tensor, rank: int) -> Tensor:
+    return t.reshape((1,) * (rank - t.dim()) + tuple(t.shape))
+
+
+def _canonicalize(q: Tensor, d: Tensor, q_mask: Optional[Tensor], d_mask: Optional[Tensor], batch) -> _Canonical:
+    n = len(batch)
+    qv, dv = _with_rank(q, n + 2), _with_rank(d, n + 2)
+    both, q_only, d_only = [], [], []
+    for k, size in enumerate(batch):
+        if size == 1:
+            continue
+        if qv.shape[k] == size and dv.shape[k] == size:
+            both.append(k)
+        elif qv.shape[k] == size:
+            q_only.append(k)
+        else:  # d varies here, or only a mask does (then d is expanded: a view, and autograd sums it)
+            d_only.append(k)
+    dv = dv.expand([batch[k] if k in d_only else dv.shape[k] for k in range(n)] + list(dv.shape[-2:]))
+    order = both + q_only + d_only
+    rest = [k for k in range(n) if k not in order]
+    perm = order + rest
+    F = math.prod([batch[k] for k in both])
+    Y = math.prod([batch[k] for k in q_only])
+    X = math.prod([batch[k] for k in d_only])
+    qc = qv.permute(perm + [n, n + 1]).reshape(F, Y, *q.shape[-2:])
+    dc = dv.permute(perm + [n, n + 1]).reshape(F, X, *d.shape[-2:])
+
+    def mask(m: Optional[Tensor]) -> Optional[Tensor]:
+        if m is None:
+            return None
+        mv = _with_rank(m, n + 1).expand(tuple(batch) + (m.shape[-1],))
+        return mv.permute(perm + [n]).reshape(F, Y, X, m.shape[-1])
+
+    inverse = sorted(range(len(order)), key=lambda i: order[i])
+
+    def restore(scores: Tensor) -> Tensor:
+        return scores.reshape([batch[k] for k in order]).permute(inverse).reshape(batch)
+
+    return _Canonical(qc, dc, mask(q_mask), mask(d_mask), restore)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------------
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_inputs(q, d, q_mask, d_mask) -> torch.Size:
+    for name, t in (("q", q), ("d", d)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"maxsim: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() < 2:
+            raise ValueError(f"maxsim: {name} must have shape (..., L{name}, H), got {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"maxsim: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if q.dtype != d.dtype:
+        raise TypeError(f"maxsim: q and d must have the same dtype, got q {q.dtype} and d {d.dtype}")
+    if q.shape[-1] != d.shape[-1]:
+        raise ValueError(
+            f"maxsim: q and d must share the embedding dim H, got q {tuple(q.shape)} (H={q.shape[-1]}) "
+            f"and d {tuple(d.shape)} (H={d.shape[-1]})"
+        )
+    for name, m, owner, length in (("q_mask", q_mask, "q", q.shape[-2]), ("d_mask", d_mask, "d", d.shape[-2])):
+        if m is None:
+            continue
+        if not isinstance(m, Tensor):
+            raise TypeError(f"maxsim: {name} must be a bool tensor or None, got {type(m).__name__}")
+        if m.dtype != torch.bool:
+            raise TypeError(f"maxsim: {name} must be a bool tensor, got {m.dtype}")
+        if m.dim() < 1 or m.shape[-1] != length:
+            raise ValueError(
+                f"maxsim: {name} must have shape (..., {length}) to match {owner}'s {length} tokens, got {tuple(m.shape)}"
+            )
+    devices = {name: t.device for name, t in (("q", q), ("d", d), ("q_mask", q_mask), ("d_mask", d_mask)) if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError("maxsim: all tensors must be on one device, got " + ", ".join(f"{k} on {v}" for k, v in devices.items()))
+    shapes = {"q": q.shape[:-2], "d": d.shape[:-2]}
+    if q_mask is not None:
+        shapes["q_mask"] = q_mask.shape[:-1]
+    if d_mask is not None:
+        shapes["d_mask"] = d_mask.shape[:-1]
+    try:
+        return torch.broadcast_shapes(*shapes.values())
+    except RuntimeError:
+        raise ValueError(
+            "maxsim: the leading (batch) dims do not broadcast: "
+            + ", ".join(f"{k} {tuple(v)}" for k, v in shapes.items())
+        ) from None
+
+
+def maxsim(
+    q: Tensor,
+    d: Tensor,
+    q_mask: Optional[Tensor] = None,
+    d_mask: Optional[Tensor] = None,
+    *,
+    backend: Optional[str] = None,
+    deterministic: bool = False,
+) -> Tensor:
+    """ColBERT MaxSim scores, fused: ``sum_i max_j <q_i, d_j>`` over valid tokens.
+
+    Args:
+        q: (..., Lq, H) query token embeddings, float32, float16 or bfloat16.
+        d: (..., Ld, H) document token embeddings, same dtype and device. The leading dims of q and d
+            broadcast like ``torch.matmul``: q (Lq, H) with d (N, Ld, H) gives (N,) (re-ranking);
+            q (B, 1, Lq, H) with d (B, K, Ld, H) gives (B, K) (training groups); q (B, 1, Lq, H) with
+            d (1, B, Ld, H) gives (B, B) (in-batch all pairs). The broadcast operand is never copied.
+        q_mask: optional bool (..., Lq); False marks padding, which contributes 0.
+        d_mask: optional bool (..., Ld); padded doc tokens never win the max. A doc with no valid token
+            scores 0 and gets zero gradient.
+        backend: force one of :data:`fastrank.BACKENDS` (default: the first that can run, also settable
+            with ``FASTRANK_BACKEND``).
+        deterministic: make the backward bitwise reproducible on GPU (no float atomics). The CPU
+            kernels are always deterministic.
+
+    Returns:
+        float32 scores of the broadcast batch shape (float64 for float64 inputs, which run on the
+        reference). Accumulation is float32 whatever the input dtype. NaN in the inputs propagates.
+    """
+    batch = _check_inputs(q, d, q_mask, d_mask)
+    lq, h = q.shape[-2], q.shape[-1]
+    ld = d.shape[-2]
+    impl = dispatch.choose(
+        "maxsim", (q, d, q_mask, d_mask), backend,
+        dtype=q.dtype, lq=lq, device_types={q.device.type},
+    )
+    if impl.backend == "reference" or math.prod(batch) == 0 or lq == 0 or ld == 0 or h == 0:
+        return maxsim_ref(q, d, q_mask, d_mask)
+    c = _canonicalize(q, d, q_mask, d_mask, batch)
+    save_argmax = torch.is_grad_enabled() and (q.requires_grad or d.requires_grad)
+    scores, _ = _maxsim_forward_op(c.q, c.d, c.q_mask, c.d_mask, impl.backend, save_argmax, deterministic)
+    return c.restore(scores)
+
+
+dispatch.register("maxsim", "reference")(lambda *args, **kwargs: maxsim_ref(*args, **kwargs))
+
+
+def maxsim_ref(q: Tensor, d: Tensor, q_mask: Optional[Tensor] = None, d_mask: Optional[Tensor] = None) -> Tensor:
+    """The specification of :func:`maxsim` in plain PyTorch (materialises the similarity matrix).
+
+    Computes in float32 (float64 for float64 inputs) and returns that dtype.
+    """
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = torch.matmul(q.to(compute), d.to(compute).transpose(-1, -2))  # (..., Lq, Ld)
+    if d_mask is not None:
+        s = torch.where(d_mask.unsqueeze(-2), s, float("-inf"))
+    if s.shape[-1] == 0:
+        best = s.new_zeros(s.shape[:-1])
+    else:
+        best = s.max(dim=-1).values
+    if d_mask is not None:
+        best = torch.where(d_mask.any(dim=-1, keepdim=True), best, 0.0)
+    if q_mask is not None:
+        best = torch.where(q_mask, best, 0.0)
+    return best.sum(dim=-1)

@@ -1,0 +1,366 @@
+"""fastrank.maxsim against maxsim_ref (the spec), in float64, on every backend this machine can run."""
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastrank
+from fastrank import BackendUnavailableError, dispatch, maxsim, maxsim_ref
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+CUDA = torch.cuda.is_available()
+CPU_BACKENDS = ["cpp"] + (["triton_interpret"] if HAS_TRITON and INTERPRET else [])
+
+# Kernel error vs the float64 truth. Inputs are rounded to the dtype first, so the only error left is
+# float32 accumulation (and, for gradients, the final rounding to the input dtype).
+FWD_TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-5, 2e-4), torch.float16: (2e-5, 2e-4)}
+GRAD_TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 1e-2), torch.float16: (2e-3, 2e-3)}
+
+
+def _case(form, lq, ld, h, *, seed, dtype=torch.float32, device="cpu", masks=True):
+    """Fresh random inputs (never zeros) in one of the three broadcast forms, with random masks, one fully
+    padded document and at least one valid query token."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {
+        "rerank": ((lq, h), (5, ld, h), (lq,), (5, ld)),
+        "grouped": ((2, 1, lq, h), (2, 3, ld, h), (2, 1, lq), (2, 3, ld)),
+        "allpairs": ((3, 1, lq, h), (1, 3, ld, h), (3, 1, lq), (1, 3, ld)),
+    }[form]
+    q = torch.randn(shapes[0], generator=g).to(dtype)
+    d = torch.randn(shapes[1], generator=g).to(dtype)
+    q_mask = d_mask = None
+    if masks:
+        q_mask = torch.rand(shapes[2], generator=g) < 0.8
+        q_mask[..., 0] = True
+        d_mask = torch.rand(shapes[3], generator=g) < 0.7
+        d_mask.view(-1, ld)[1] = False  # a fully padded document
+    move = lambda t: None if t is None else t.to(device)
+    return move(q), move(d), move(q_mask), move(d_mask)
+
+
+def _check(q, d, q_mask, d_mask, backend, *, deterministic=False):
+    """Forward and gradients (with a non-unit upstream gradient) against the float64 reference."""
+    dtype = q.dtype
+    q = q.detach().requires_grad_()
+    d = d.detach().requires_grad_()
+    out = maxsim(q, d, q_mask, d_mask, backend=backend, deterministic=deterministic)
+    q64 = q.detach().double().requires_grad_()
+    d64 = d.detach().double().requires_grad_()
+    ref = maxsim_ref(q64, d64, q_mask, d_mask)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    rtol, atol = FWD_TOL[dtype]
+    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7)).to(out.device) + 0.5
+    dq, dd = torch.autograd.grad(out, (q, d), grad)
+    rq, rd = torch.autograd.grad(ref, (q64, d64), grad.double())
+    assert dq.dtype == dtype and dd.dtype == dtype
+    rtol, atol = GRAD_TOL[dtype]
+    torch.testing.assert_close(dq.double(), rq, rtol=rtol, atol=atol)
+    torch.testing.assert_close(dd.double(), rd, rtol=rtol, atol=atol)
+    return out, dq, dd
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernels vs the reference
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("form", ["rerank", "grouped", "allpairs"])
+@pytest.mark.parametrize("lq", [1, 7, 32])
+@pytest.mark.parametrize("ld", [1, 97, 200])
+@pytest.mark.parametrize("h", [59, 128, 768])
+def test_matches_reference(backend, form, lq, ld, h):
+    _check(*_case(form, lq, ld, h, seed=lq * 1000 + ld * 10 + h), backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("form", ["rerank", "grouped", "allpairs"])
+def test_without_masks(backend, form):
+    _check(*_case(form, 31, 201, 128, seed=3, masks=False), backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("form", ["rerank", "grouped", "allpairs"])
+@pytest.mark.parametrize("lq,ld,h", [(7, 97, 59), (32, 200, 128), (31, 201, 768), (64, 13, 33)])
+def test_cpp_low_precision(dtype, form, lq, ld, h):
+    _check(*_case(form, lq, ld, h, seed=lq + ld + h, dtype=dtype), "cpp")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_lq_at_tile_limit(backend):
+    _check(*_case("grouped", 64, 50, 40, seed=11), backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_long_reduction_loops(backend):
+    """Many docs per query and many queries per doc: the backward reductions over X and Y (split into
+    chunks with atomics when deterministic=False) must still sum every contribution."""
+    q, d, qm, dm = _case("rerank", 8, 24, 32, seed=5)
+    d = torch.randn(40, 24, 32)
+    dm = torch.rand(40, 24) < 0.6
+    for deterministic in (False, True):
+        _check(q, d, qm, dm, backend, deterministic=deterministic)
+    q = torch.randn(40, 1, 8, 32)
+    d = torch.randn(1, 3, 24, 32)
+    for deterministic in (False, True):
+        _check(q, d, None, None, backend, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_deterministic_backward_is_bitwise_reproducible(backend):
+    q, d, qm, dm = _case("allpairs", 7, 97, 59, seed=2)
+    grads = []
+    for _ in range(2):
+        qq, dd = q.clone().requires_grad_(), d.clone().requires_grad_()
+        out = maxsim(qq, dd, qm, dm, backend=backend, deterministic=True)
+        grads.append(torch.autograd.grad(out.sum(), (qq, dd)))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_ties_route_to_first_doc_token(backend):
+    """Integer-valued embeddings make similarities exact, so ties are real: the max and its gradient go to
+    the earliest doc token, as torch.max does in the reference."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-2, 3, (6, 16), generator=g).float()
+    d = torch.randint(-2, 3, (4, 30, 16), generator=g).float()
+    d[:, 20:] = d[:, :10]  # guaranteed duplicates
+    _check(q, d, None, None, backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_noncontiguous_inputs(backend):
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(40, 7, generator=g).t()  # (7, 40) with stride (1, 7): last dim not contiguous
+    d = torch.randn(6, 40, 97, generator=g).transpose(1, 2)
+    dm = (torch.rand(97, 6, generator=g) < 0.7).t()
+    _check(q, d, None, dm, backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_extra_batch_dims_and_mask_only_broadcast(backend):
+    """Three batch dims, a size-1 dim, and a dim where only the masks vary (q and d are shared)."""
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(2, 1, 1, 5, 24, generator=g)
+    d = torch.randn(1, 3, 1, 17, 24, generator=g)
+    qm = torch.rand(2, 1, 4, 5, generator=g) < 0.8
+    dm = torch.rand(1, 3, 4, 17, generator=g) < 0.8
+    out, _, _ = _check(q, d, qm, dm, backend)
+    assert out.shape == (2, 3, 4)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_propagates(backend):
+    q, d, qm, dm = _case("rerank", 7, 97, 59, seed=1)
+    q[0, 3] = float("nan")  # query token 0 is always valid: every doc with a valid token gets NaN
+    d[2, 5, 0] = float("nan")
+    out = maxsim(q, d, qm, dm, backend=backend)
+    ref = maxsim_ref(q.double(), d.double(), qm, dm)
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert out.isnan().any() and not out[1].isnan()  # doc 1 is fully padded: 0, not NaN
+    assert out[1] == 0
+
+
+def test_fully_padded_document_scores_zero_with_zero_grad():
+    q = torch.randn(4, 8, requires_grad=True)
+    d = torch.randn(3, 5, 8, requires_grad=True)
+    dm = torch.ones(3, 5, dtype=torch.bool)
+    dm[1] = False
+    for backend in CPU_BACKENDS + ["reference"]:
+        out = maxsim(q, d, None, dm, backend=backend)
+        assert out[1] == 0
+        (gd,) = torch.autograd.grad(out.sum(), d)
+        assert torch.all(gd[1] == 0) and torch.any(gd[0] != 0)
+
+
+def test_padded_doc_tokens_never_win_the_max():
+    """A padded token with a huge similarity must be ignored, not treated as similarity 0 either: all
+    valid similarities are negative here, so a 0 from padding would change the score."""
+    q = torch.ones(2, 4)
+    d = -torch.rand(1, 6, 4) - 0.1
+    d[0, 5] = 100.0
+    dm = torch.tensor([[True] * 5 + [False]])
+    expected = 2 * (d[0, :5] @ torch.ones(4)).max()
+    for backend in CPU_BACKENDS + ["reference"]:
+        torch.testing.assert_close(maxsim(q, d, None, dm, backend=backend)[0], expected)
+
+
+def test_default_backend_on_cpu_is_cpp():
+    q, d, _, _ = _case("rerank", 7, 9, 16, seed=0)
+    assert dispatch.choose("maxsim", (q, d), None, dtype=q.dtype, lq=7, device_types={"cpu"}).backend == "cpp"
+
+
+def test_empty_inputs():
+    for backend in CPU_BACKENDS + ["reference", None]:
+        assert maxsim(torch.randn(4, 8), torch.randn(0, 5, 8), backend=backend).shape == (0,)
+        out = maxsim(torch.randn(4, 8), torch.randn(3, 0, 8), backend=backend)
+        assert out.shape == (3,) and torch.all(out == 0)
+        out = maxsim(torch.randn(0, 8), torch.randn(3, 5, 8), backend=backend)
+        assert out.shape == (3,) and torch.all(out == 0)
+
+
+def test_float64_runs_on_reference_and_gradchecks():
+    q = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    d = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert maxsim(q, d).dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda a, b: maxsim(a, b), (q, d))
+    with pytest.raises(BackendUnavailableError, match="dtype torch.float64 not supported"):
+        maxsim(q, d, backend="cpp")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Property tests over random shapes
+# ---------------------------------------------------------------------------------------------------------
+@st.composite
+def _problems(draw):
+    lq = draw(st.integers(1, 40))
+    ld = draw(st.integers(1, 70))
+    h = draw(st.integers(1, 80))
+    rank = draw(st.integers(0, 3))
+    batch = [draw(st.integers(1, 3)) for _ in range(rank)]
+    q_batch = [b if draw(st.booleans()) else 1 for b in batch]
+    d_batch = [b if draw(st.booleans()) else 1 for b in batch]
+    q_rank = draw(st.integers(0, rank))  # q may have fewer leading dims: matmul-style broadcasting
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(*q_batch[rank - q_rank:], lq, h, generator=g)
+    d = torch.randn(*d_batch, ld, h, generator=g)
+    qm = (torch.rand(*q_batch, lq, generator=g) < 0.8) if draw(st.booleans()) else None
+    dm = (torch.rand(*d_batch, ld, generator=g) < 0.7) if draw(st.booleans()) else None
+    return q, d, qm, dm
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_problems())
+def test_property_cpp(problem):
+    _check(*problem, "cpp")
+
+
+@pytest.mark.skipif("triton_interpret" not in CPU_BACKENDS, reason="needs triton and TRITON_INTERPRET=1")
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_problems())
+def test_property_triton_interpret(problem):
+    _check(*problem, "triton_interpret")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.compile and torch.library registration
+# ---------------------------------------------------------------------------------------------------------
+def test_opcheck_custom_ops():
+    q, d, qm, dm = _case("grouped", 7, 13, 16, seed=1)
+    from fastrank.ops.maxsim import _canonicalize, _maxsim_forward_op
+
+    c = _canonicalize(q, d, qm, dm, torch.Size([2, 3]))
+    args = (c.q.requires_grad_(), c.d.requires_grad_(), c.q_mask, c.d_mask, "cpp", True, True)
+    torch.library.opcheck(_maxsim_forward_op, args)
+
+
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
+def test_under_torch_compile(compile_backend):
+    q, d, qm, dm = _case("grouped", 7, 13, 16, seed=1)
+    q.requires_grad_()
+    d.requires_grad_()
+    fn = torch.compile(lambda a, b: maxsim(a, b, qm, dm, backend="cpp"), backend=compile_backend, fullgraph=True)
+    out = fn(q, d)
+    ref = maxsim_ref(q, d, qm, dm)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    dq, dd = torch.autograd.grad(out.sum(), (q, d))
+    rq, rd = torch.autograd.grad(ref.sum(), (q, d))
+    torch.testing.assert_close(dq, rq)
+    torch.testing.assert_close(dd, rd)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input: clear errors naming the argument
+# ---------------------------------------------------------------------------------------------------------
+def _bad_inputs():
+    q, d = torch.randn(4, 8), torch.randn(3, 5, 8)
+    return [
+        (dict(q=q, d=torch.randn(3, 5, 7)), ValueError, r"share the embedding dim H.*H=8.*H=7"),
+        (dict(q=torch.randn(2, 4, 8), d=torch.randn(3, 5, 8)), ValueError, r"batch\) dims do not broadcast: q \(2,\), d \(3,\)"),
+        (dict(q=torch.randn(8), d=d), ValueError, r"q must have shape \(\.\.\., Lq, H\)"),
+        (dict(q=q, d=torch.randn(8)), ValueError, r"d must have shape \(\.\.\., Ld, H\)"),
+        (dict(q=q.long(), d=d.long()), TypeError, r"q must be float32, float16 or bfloat16, got torch.int64"),
+        (dict(q=q, d=d.bfloat16()), TypeError, r"same dtype, got q torch.float32 and d torch.bfloat16"),
+        (dict(q=q, d=d, q_mask=torch.ones(4)), TypeError, r"q_mask must be a bool tensor, got torch.float32"),
+        (dict(q=q, d=d, d_mask=torch.ones(3, 5, dtype=torch.int8)), TypeError, r"d_mask must be a bool tensor"),
+        (dict(q=q, d=d, q_mask=torch.ones(5, dtype=torch.bool)), ValueError, r"q_mask must have shape \(\.\.\., 4\)"),
+        (dict(q=q, d=d, d_mask=torch.ones(3, 4, dtype=torch.bool)), ValueError, r"d_mask must have shape \(\.\.\., 5\)"),
+        (dict(q=q, d=d, d_mask=torch.ones(2, 5, dtype=torch.bool)), ValueError, r"do not broadcast.*d_mask \(2,\)"),
+        (dict(q=q, d=d, q_mask=[True] * 4), TypeError, r"q_mask must be a bool tensor or None"),
+        (dict(q=q.numpy(), d=d), TypeError, r"q must be a torch.Tensor"),
+        (dict(q=q, d=d.to("meta")), ValueError, r"one device, got q on cpu, d on meta"),
+    ]
+
+
+@pytest.mark.parametrize("kwargs,exc,match", _bad_inputs())
+def test_bad_input_is_a_clear_error(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        maxsim(**kwargs)
+
+
+def test_forced_backend_that_cannot_run_lists_reasons(monkeypatch):
+    q, d = torch.randn(4, 8), torch.randn(3, 5, 8)
+    with pytest.raises(BackendUnavailableError, match=r"(?s)backend 'triton' cannot run.*needs CUDA tensors"):
+        maxsim(q, d, backend="triton")
+    with pytest.raises(ValueError, match=r"backend='gpu' is not a backend"):
+        maxsim(q, d, backend="gpu")
+    monkeypatch.setenv("FASTRANK_BACKEND", "triton")
+    with pytest.raises(BackendUnavailableError, match="needs CUDA tensors"):
+        maxsim(q, d)
+    monkeypatch.setenv("FASTRANK_BACKEND", "reference")
+    torch.testing.assert_close(maxsim(q, d), maxsim_ref(q, d))
+    with pytest.raises(BackendUnavailableError, match=r"Lq=65 exceeds the 64-token query tile"):
+        maxsim(torch.randn(65, 8), d, backend="cpp")
+    # longer queries than the tile still run by default, on the reference
+    monkeypatch.delenv("FASTRANK_BACKEND")
+    q65 = torch.randn(65, 8)
+    torch.testing.assert_close(maxsim(q65, d), maxsim_ref(q65, d))
+
+
+def test_missing_extension_says_how_to_rebuild(monkeypatch):
+    from fastrank import _ext
+
+    monkeypatch.setattr(_ext, "_module", None)
+    monkeypatch.setattr(_ext, "_error", "the compiled extension fastrank._C could not be imported (test)")
+    reasons = dispatch.explain("maxsim", (torch.randn(2, 2),), dtype=torch.float32, lq=2, device_types={"cpu"})
+    assert any("pip install --no-build-isolation -e ." in r for r in reasons["cpp"])
+    with pytest.raises(BackendUnavailableError, match="could not be imported"):
+        maxsim(torch.randn(4, 8), torch.randn(3, 5, 8), backend="cpp")
+    q, d = torch.randn(4, 8), torch.randn(3, 5, 8)  # the default still works, on another backend
+    torch.testing.assert_close(maxsim(q, d), maxsim_ref(q, d), rtol=1e-5, atol=1e-5)
+
+
+def test_import_touches_no_cuda_and_needs_no_triton_or_extension():
+    code = (
+        "import sys; sys.modules['triton'] = None; sys.modules['fastrank._C'] = None\n"
+        "import torch, fastrank\n"
+        "assert not torch.cuda.is_initialized()\n"
+        "q, d = torch.randn(4, 8), torch.randn(3, 5, 8)\n"
+        "torch.testing.assert_close(fastrank.maxsim(q, d), fastrank.maxsim_ref(q, d))\n"
+        "r = fastrank.dispatch.explain('maxsim', (q, d), dtype=q.dtype, lq=4, device_types={'cpu'})\n"
+        "assert 'triton is not importable' in ' '.join(r['triton']), r\n"
+        "assert 'could not be imported' in ' '.join(r['cpp']), r\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU (runs where CUDA is present)
+# ---------------------------------------------------------------------------------------------------------
+GPU_BACKENDS = ["triton"] if HAS_TRITON and not INTERPRET else []
+
+
+@pytest.mark.skipif(not CUDA or not GPU_BACKENDS, reason="needs CUDA and compiled (not interpreted) Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("form", ["rerank", "grouped", "allpairs"])
+@pytest.mark.parametrize("lq,ld,h", [(1, 1, 59), (7, 97, 128), (32, 200, 768), (64, 512, 1024), (31, 201, 128)])
+def test_gpu_matches_reference(dtype, form, lq, ld, h):
+    _check(*_case(form, lq, ld, h, seed=lq + ld + h, dtype=dtype, device="cuda"), "triton")
