@@ -23,17 +23,6 @@ def tiny_model(tmp_path_factory):
     return str(make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), texts))
 
 
-@pytest.fixture
-def needs_maxsim():
-    # TODO(retrieval): drop once fastrank.maxsim from main is merged into this branch.
-    import fastrank
-
-    try:
-        fastrank.maxsim(torch.ones(1, 2), torch.ones(1, 1, 2))
-    except NotImplementedError:
-        pytest.skip("fastrank.maxsim is not implemented on this branch yet")
-
-
 def run_cli(capsys, *argv):
     rc = main([str(a) for a in argv])
     out, err = capsys.readouterr()
@@ -100,7 +89,7 @@ def test_rerank_dense_keeps_candidates_and_orders_by_the_encoder(capsys, tmp_pat
     assert [run[q][p] for p in pids] == pytest.approx(expected.tolist(), abs=1e-5)
 
 
-def test_rerank_maxsim_and_demo(capsys, tmp_path, tiny_model, needs_maxsim):
+def test_rerank_maxsim_and_demo(capsys, tmp_path, tiny_model):
     rc, _, err = run_cli(capsys, "rerank", DL19 / "slice.candidates.tsv", DL19 / "queries.tsv",
                          DL19 / "slice.passages.jsonl", tmp_path / "maxsim.txt", "--model", tiny_model,
                          "--device", "cpu")
@@ -116,7 +105,7 @@ def test_rerank_maxsim_and_demo(capsys, tmp_path, tiny_model, needs_maxsim):
     assert result["speed"]["fused_docs_per_s"] > 0 and result["speed"]["eager_docs_per_s"] > 0
 
 
-def test_index_tokens_and_retrieve(capsys, tmp_path, tiny_model, needs_maxsim):
+def test_index_tokens_and_retrieve(capsys, tmp_path, tiny_model):
     corpus = load_beir(SCIFACT).corpus
     rc, _, err = run_cli(capsys, "index", SCIFACT / "corpus.jsonl", tmp_path / "tix", "--tokens",
                          "--model", tiny_model, "--device", "cpu")

@@ -173,17 +173,6 @@ def test_missing_faiss_is_a_clear_error_only_when_needed(monkeypatch):
 
 
 # -- TokenIndex -----------------------------------------------------------------------------------------
-@pytest.fixture(autouse=False)
-def needs_maxsim():
-    # TODO(retrieval): drop once fastrank.maxsim from main is merged into this branch.
-    import fastrank
-
-    try:
-        fastrank.maxsim(torch.ones(1, 2), torch.ones(1, 1, 2))
-    except NotImplementedError:
-        pytest.skip("fastrank.maxsim is not implemented on this branch yet")
-
-
 def ragged(n, seed, lo=1, hi=12, dim=DIM):
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(lo, hi, (n,), generator=g)
@@ -206,7 +195,7 @@ def exact_maxsim_ranking(q_vectors, q_offsets, d_vectors, d_offsets, k):
     return out
 
 
-def test_token_index_matches_exhaustive_maxsim(tmp_path, needs_maxsim):
+def test_token_index_matches_exhaustive_maxsim(tmp_path):
     d_vec, d_off = ragged(80, 0)
     q_vec, q_off = ragged(6, 1, lo=3, hi=8)
     ids = [f"p{i}" for i in range(80)]
@@ -223,7 +212,7 @@ def test_token_index_matches_exhaustive_maxsim(tmp_path, needs_maxsim):
     np.testing.assert_allclose(s2, scores)
 
 
-def test_token_index_approximate_candidates_and_errors(tmp_path, needs_maxsim):
+def test_token_index_approximate_candidates_and_errors(tmp_path):
     d_vec, d_off = ragged(200, 2)
     q_vec, q_off = ragged(4, 3, lo=3, hi=8)
     index = TokenIndex(DIM, "hnsw").add((d_vec, d_off), progress=False)
