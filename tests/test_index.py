@@ -128,6 +128,10 @@ def test_corrupt_or_mismatched_saved_index(tmp_path):
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(IndexFormatError, match="100 ids but meta.json says ntotal=99"):
         DenseIndex.load(tmp_path / "ix2")
+    del meta["sha256"]
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(IndexFormatError, match="meta.json: missing sha256"):
+        DenseIndex.load(tmp_path / "ix2")
     meta_file.write_text("{not json")
     with pytest.raises(IndexFormatError, match="meta.json: not valid JSON"):
         DenseIndex.load(tmp_path / "ix2")

@@ -372,10 +372,6 @@ class DenseIndex:
             raise IndexFormatError(f"{ids_file}: {len(ids)} ids but meta.json says ntotal={meta['ntotal']}")
         p = meta["params"]
         saved_torch = data.suffix == ".npy"
-        if backend is None and saved_torch and meta["kind"] == "flat":
-            # Stored as plain vectors: load into FAISS if it is there, else stay with torch.
-            backend = None if not backend_reasons("faiss", "flat", torch.device(device)) or \
-                torch.device(device).type == "cuda" else "torch"
         self = cls(meta["dim"], meta["kind"], meta["metric"], nlist=p["nlist"], nprobe=p["nprobe"], pq_m=p["pq_m"],
                    pq_bits=p["pq_bits"], hnsw_m=p["hnsw_m"], ef_construction=p["ef_construction"],
                    ef_search=p["ef_search"], seed=p["seed"], device=device, backend=backend)
@@ -383,11 +379,10 @@ class DenseIndex:
             vectors = np.load(data)
             if vectors.shape != (meta["ntotal"], meta["dim"]):
                 raise IndexFormatError(f"{data}: shape {vectors.shape}, meta.json says ({meta['ntotal']}, {meta['dim']})")
-            self._trained = False if self.kind != "flat" else True
-            self.add(vectors, ids, progress=False)
+            self.add(vectors, ids, progress=False)  # plain vectors load into whichever backend was chosen
             return self
         if self.backend == "torch":
-            raise IndexFormatError(f"{data} is a FAISS index; loading it needs faiss installed")
+            raise IndexFormatError(f"{data} is a FAISS index: load it with a FAISS backend (faiss installed)")
         try:
             index = _faiss().read_index(str(data))
         except RuntimeError as exc:
@@ -401,6 +396,10 @@ class DenseIndex:
             index.hnsw.efSearch = p["ef_search"]
         self._faiss_index, self._ids, self._trained, self._table = index, ids, True, None
         return self
+
+
+_REQUIRED = {"fastrank.DenseIndex": ("dim", "kind", "metric", "params", "ntotal", "data_file", "sha256"),
+             "fastrank.TokenIndex": ("dim", "ndocs", "ntokens", "sha256")}
 
 
 def _read_meta(path: Path, fmt: str) -> dict:
@@ -418,6 +417,9 @@ def _read_meta(path: Path, fmt: str) -> dict:
                                f"expected {fmt!r}")
     if meta.get("version") != FORMAT_VERSION:
         raise IndexFormatError(f"{meta_file}: format version {meta.get('version')!r}, this fastrank reads {FORMAT_VERSION}")
+    missing = [key for key in _REQUIRED[fmt] if key not in meta]
+    if missing:
+        raise IndexFormatError(f"{meta_file}: missing {', '.join(missing)}")
     return meta
 
 
