@@ -140,6 +140,19 @@ def test_corrupt_or_mismatched_saved_index(tmp_path):
         DenseIndex.load(tmp_path / "ix3")
 
 
+def test_faiss_index_shards_over_dense_indexes_match_one_index():
+    # The README's recipe for a corpus split into parts: FAISS merges the shards, positions become global.
+    parts = [DenseIndex(DIM, "flat").add(X[i:i + 1000], IDS[i:i + 1000], progress=False) for i in (0, 1000, 2000)]
+    shards = faiss.IndexShards(DIM, True, True)  # threaded, successive ids
+    for part in parts:
+        shards.add_shard(part.faiss_index)
+    scores, pos = shards.search(Q, 10)
+    ids = np.array([i for part in parts for i in part.ids], dtype=object)[pos]
+    full_scores, full_ids = DenseIndex(DIM).add(X, IDS, progress=False).search(Q, 10, progress=False)
+    np.testing.assert_allclose(scores, full_scores, rtol=1e-5, atol=1e-5)
+    assert (ids == full_ids).mean() > 0.99
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown index kind 'ivf'"):
         DenseIndex(DIM, "ivf")

@@ -194,6 +194,12 @@ class DenseIndex:
         return index
 
     @property
+    def faiss_index(self):
+        """The CPU FAISS index (positions 0..N-1, ids in :attr:`ids`), for FAISS's own tools: ``IndexShards``
+        over several DenseIndexes, ``index_cpu_to_all_gpus``, ``contrib.client_server``. None on torch."""
+        return self._faiss_index
+
+    @property
     def is_trained(self) -> bool:
         return self._trained
 
