@@ -247,3 +247,12 @@ def test_token_index_approximate_candidates_and_errors(tmp_path):
     np.save(tmp_path / "tix" / "offsets.npy", d_off.numpy()[:-1])
     with pytest.raises(IndexFormatError, match="offsets.npy: checksum does not match"):
         TokenIndex.load(tmp_path / "tix")
+
+
+def test_import_fastrank_pulls_in_no_optional_dependency():
+    import subprocess
+
+    code = ("import sys, fastrank, fastrank.index, fastrank.data, fastrank.evaluate, fastrank.cli; "
+            "print(sorted(m for m in ('faiss', 'transformers', 'ir_measures') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
