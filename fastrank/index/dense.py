@@ -277,9 +277,16 @@ class DenseIndex:
             raise ValueError(f"k must be a positive int, got {k!r}")
         if len(self) == 0:
             raise ValueError("the index is empty: add vectors before searching")
+        nq = q.shape[0]
+        if self.backend != "torch" and nq <= batch_size and k <= len(self):
+            # One FAISS call fills whole (nq, k) arrays: hand them back as they are, no copies.
+            scores, pos = self._searcher().search(_to_numpy(q), k)
+            if self.metric == "l2":
+                np.negative(scores, out=scores)
+            scores[pos < 0] = -np.inf  # HNSW / IVF can come back short of k
+            return scores, pos
         from tqdm.auto import tqdm
 
-        nq = q.shape[0]
         scores = np.full((nq, k), -np.inf, dtype=np.float32)
         pos = np.full((nq, k), -1, dtype=np.int64)
         kk = min(k, len(self))
