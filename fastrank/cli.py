@@ -101,6 +101,8 @@ def add_retrieve(sub) -> None:
     p.add_argument("queries", help="qid<TAB>text TSV or BEIR queries.jsonl")
     p.add_argument("out", help="TREC run file to write")
     p.add_argument("-k", "--k", type=int, default=100, help="documents per query (default 100)")
+    p.add_argument("--token-k", type=int, default=32,
+                   help="token index only: nearest document tokens fetched per query token (default 32)")
     p.add_argument("--qrels", help="keep only queries judged in these qrels")
     p.add_argument("--tag", default="fastrank")
     _add_model_args(p)
@@ -127,7 +129,7 @@ def cmd_retrieve(args) -> int:
     qids, texts = list(queries), list(queries.values())
     if info["tokens"]:
         index = TokenIndex.load(index_dir, device=enc.device)
-        run = index.to_run(qids, enc.encode_queries(texts, progress="queries"), args.k)
+        run = index.to_run(qids, enc.encode_queries(texts, progress="queries"), args.k, token_k=args.token_k)
     else:
         index = DenseIndex.load(index_dir, device=enc.device)
         run = index.to_run(qids, enc.encode_dense(texts, max_length=info["max_length"], progress="queries"), args.k)
