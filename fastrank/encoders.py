@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 QUERY_MAX_LENGTH = 32
@@ -229,9 +228,3 @@ class Encoder:
         kw.setdefault("max_length", DOC_MAX_LENGTH)
         return self.encode(texts, dense=False, tokens=True, **kw).tokens
 
-
-def as_numpy_f32(x) -> np.ndarray:
-    """A C-contiguous float32 numpy view/copy of a tensor or array (what FAISS takes)."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().to("cpu", torch.float32).numpy()
-    return np.ascontiguousarray(x, dtype=np.float32)
