@@ -6,9 +6,10 @@ keeps the whole file under 3 minutes on a 2-core CPU; ``FASTRANK_BENCH_INDEX_N=f
 sizes (200,000 on CPU, 1,000,000 with CUDA; 1,000 queries), and a number sets N. Run:
 ``pytest benchmarks/bench_index.py``.
 
-The timed call for each provider is the whole search of all queries for the top 100; fastrank's and raw
-FAISS's calls are paired round by round so a shared machine's load hits both alike, and the overhead is the
-median of the per-round time ratios.
+The timed call for each provider is the whole search of all queries for the top 100. The overhead pits
+``DenseIndex.search`` against the raw ``faiss_index.search`` on the same FAISS index, paired round by round
+so a shared machine's load hits both alike: the median of the per-round time ratios. A raw FAISS index
+built separately with the same calls gives the build-time comparison and an independent queries/s.
 """
 from __future__ import annotations
 
@@ -91,15 +92,19 @@ def test_dense_index_search(benchmark, data, kind):
     if kind == "flat":
         assert recall > 0.999
 
-    # Enough rounds for ~TIMED_S of each provider. Each round times both back to back (which one goes first
-    # alternates) and the overhead is the median of the per-round ratios: on a shared machine a load spike
-    # then hits one pair, not the verdict.
-    rounds = int(np.clip(TIMED_S / timed(lambda: raw.search(q, K))[1], MIN_ROUNDS, 50))
-    t_fastrank, t_faiss = [], []
+    # The overhead compares fastrank's search with the raw FAISS call on the very same FAISS index: two
+    # separately built indexes can differ by 10-20% on memory placement alone, which is not fastrank's
+    # doing. The separately built one still gives the build time and an independent queries/s.
+    same = ix.faiss_index
+    rounds = int(np.clip(TIMED_S / timed(lambda: same.search(q, K))[1], MIN_ROUNDS, 50))
+    t_fastrank, t_faiss, t_separate = [], [], []
     for r in range(rounds):
-        calls = [(t_faiss, lambda: raw.search(q, K)), (t_fastrank, lambda: ix.search(q, K, progress=False))]
+        # Back to back, alternating which goes first; the median of per-round ratios shrugs off a load spike.
+        calls = [(t_faiss, lambda: same.search(q, K)), (t_fastrank, lambda: ix.search(q, K, progress=False))]
         for times, fn in calls if r % 2 else calls[::-1]:
             times.append(timed(fn)[1])
+        if r < MIN_ROUNDS:
+            t_separate.append(timed(lambda: raw.search(q, K))[1])
     ratio = float(np.median(np.array(t_fastrank) / np.array(t_faiss)))
     overhead = ratio - 1
     best_fastrank, best_faiss = min(t_fastrank), min(t_faiss)
@@ -109,6 +114,7 @@ def test_dense_index_search(benchmark, data, kind):
         "n": N, "dim": DIM, "queries": NQ, "k": K, "timed_rounds": rounds, "backend": ix.backend, "params": PARAMS[kind],
         "build_s_fastrank": build_fastrank, "build_s_faiss": build_faiss,
         "qps_fastrank": NQ / best_fastrank, "qps_faiss": NQ / best_faiss,
+        "qps_faiss_separately_built": NQ / min(t_separate),
         "overhead_ratio": ratio, f"recall@{K}": recall,
         "device": torch.cuda.get_device_name() if CUDA else "cpu", "faiss_threads": faiss.omp_get_max_threads(),
     })
