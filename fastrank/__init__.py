@@ -1,7 +1,9 @@
 """fastrank: fused kernels for neural re-ranking.
 
-Public API: :func:`maxsim` and its reference :func:`maxsim_ref`. ``import fastrank`` never touches CUDA and
-works without the compiled extension, Triton or faiss; ops that need a missing piece say so when called.
+Public API: :func:`maxsim` and its reference :func:`maxsim_ref`, the distillation losses in
+:mod:`fastrank.losses`, and (imported lazily) encoders, indexes, data readers and evaluation.
+``import fastrank`` never touches CUDA and works without the compiled extension, Triton, faiss or
+transformers; ops that need a missing piece say so when called.
 """
 from fastrank import losses
 from fastrank.dispatch import BACKENDS, BackendUnavailableError
@@ -9,4 +11,22 @@ from fastrank.ops.maxsim import maxsim, maxsim_ref
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "losses", "maxsim", "maxsim_ref", "__version__"]
+# Retrieval pieces import faiss / transformers / ir-measures only when first used, so `import fastrank`
+# needs none of them; a missing one is reported when the object that needs it is created.
+_LAZY = {
+    "DenseIndex": "fastrank.index", "TokenIndex": "fastrank.index", "IndexFormatError": "fastrank.index",
+    "Encoder": "fastrank.encoders", "TokenEmbeddings": "fastrank.encoders",
+    "evaluate": "fastrank.evaluate", "data": "fastrank.data",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(_LAZY[name])
+        return module if module.__name__ == f"fastrank.{name}" else getattr(module, name)
+    raise AttributeError(f"module 'fastrank' has no attribute {name!r}")
+
+
+__all__ = ["BACKENDS", "BackendUnavailableError", "losses", "maxsim", "maxsim_ref", "__version__", *_LAZY]

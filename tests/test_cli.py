@@ -1,0 +1,125 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("faiss")
+pytest.importorskip("ir_measures")
+
+from fastrank.cli import build_parser, main  # noqa: E402
+from fastrank.data import EMBEDDED_DL19, load_beir, load_trec_dl, read_run  # noqa: E402
+from tiny_bert import make_tiny_bert  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+SCIFACT = DATA / "scifact-slice"
+DL19 = DATA / "dl19-slice"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    texts = list(load_beir(SCIFACT).corpus.values()) + list(load_trec_dl(DL19).passages.values())
+    return str(make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), texts))
+
+
+def run_cli(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_evaluate_json_on_embedded_dl19_bm25(capsys):
+    rc, out, _ = run_cli(capsys, "evaluate", EMBEDDED_DL19 / "qrels.txt.gz", EMBEDDED_DL19 / "candidates.tsv.gz",
+                         "--json", "--measures", "nDCG@10", "RR(rel=2)@10", "R@100")
+    assert rc == 0
+    result = json.loads(out)
+    assert list(result) == ["nDCG@10", "RR(rel=2)@10", "R@100"]
+    assert result["nDCG@10"] == pytest.approx(0.5058, abs=5e-5)
+
+
+def test_evaluate_table_and_errors(capsys):
+    rc, out, _ = run_cli(capsys, "evaluate", DL19 / "qrels.txt", DL19 / "slice.candidates.tsv", "--rel", "2")
+    assert rc == 0
+    header, row = out.splitlines()
+    assert header.split() == ["system", "nDCG@10", "RR(rel=2)@10", "R(rel=2)@100", "AP(rel=2)"]
+    assert row.split()[0] == "slice.candidates.tsv"
+    rc, _, err = run_cli(capsys, "evaluate", DL19 / "qrels.txt", DL19 / "missing.txt")
+    assert rc == 2 and "no such file" in err and "missing.txt" in err
+    rc, _, err = run_cli(capsys, "evaluate", DL19 / "qrels.txt", DL19 / "slice.candidates.tsv", "--measures", "P@x")
+    assert rc == 2 and "cannot parse 'P@x'" in err
+
+
+def test_index_and_retrieve_dense_finds_each_document_from_its_own_text(capsys, tmp_path, tiny_model):
+    corpus = load_beir(SCIFACT).corpus
+    rc, out, _ = run_cli(capsys, "index", SCIFACT / "corpus.jsonl", tmp_path / "ix", "--model", tiny_model,
+                         "--device", "cpu")
+    assert rc == 0 and "indexed 61 documents" in out
+    docs = list(corpus)[:5]
+    (tmp_path / "q.tsv").write_text("".join(f"q{d}\t{corpus[d]}\n" for d in docs))
+    rc, _, err = run_cli(capsys, "retrieve", tmp_path / "ix", tmp_path / "q.tsv", tmp_path / "run.txt", "-k", "3",
+                         "--device", "cpu")
+    assert rc == 0, err
+    run = read_run(tmp_path / "run.txt")
+    assert {q: max(r, key=r.get) for q, r in run.items()} == {f"q{d}": d for d in docs}
+    assert all(len(r) == 3 for r in run.values())
+    rc, _, err = run_cli(capsys, "index", SCIFACT / "corpus.jsonl", tmp_path / "ix2", "--kind", "lsh",
+                         "--model", tiny_model, "--device", "cpu")
+    assert rc == 2 and "unknown index kind 'lsh'" in err
+
+
+def test_rerank_dense_keeps_candidates_and_orders_by_the_encoder(capsys, tmp_path, tiny_model):
+    rc, _, err = run_cli(capsys, "rerank", DL19 / "slice.candidates.tsv", DL19 / "queries.tsv",
+                         DL19 / "slice.passages.jsonl", tmp_path / "dense.txt", "--scorer", "dense",
+                         "--model", tiny_model, "--device", "cpu", "--depth", "10")
+    assert rc == 0, err
+    run, cand = read_run(tmp_path / "dense.txt"), read_run(DL19 / "slice.candidates.tsv")
+    assert set(run) == set(cand)
+    for q in run:
+        top10 = sorted(cand[q], key=cand[q].get, reverse=True)[:10]
+        assert set(run[q]) == set(top10)
+    from fastrank.encoders import Encoder
+
+    s = load_trec_dl(DL19)
+    q = next(iter(run))
+    enc = Encoder(tiny_model, device="cpu")
+    qv = enc.encode_dense([s.queries[q]], max_length=32, progress=False)[0]
+    pids = list(run[q])
+    expected = enc.encode_dense([s.passages[p] for p in pids], max_length=200, progress=False) @ qv
+    assert [run[q][p] for p in pids] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_rerank_maxsim_and_demo(capsys, tmp_path, tiny_model):
+    rc, _, err = run_cli(capsys, "rerank", DL19 / "slice.candidates.tsv", DL19 / "queries.tsv",
+                         DL19 / "slice.passages.jsonl", tmp_path / "maxsim.txt", "--model", tiny_model,
+                         "--device", "cpu")
+    assert rc == 0, err
+    assert sum(map(len, read_run(tmp_path / "maxsim.txt").values())) == 60
+    rc, out, err = run_cli(capsys, "demo", "--data", DL19, "--model", tiny_model, "--device", "cpu", "--json")
+    assert rc == 0, err
+    result = json.loads(out)
+    assert set(result["metrics"]) == {"BM25", "dense", "MaxSim"}
+    assert result["metrics"]["BM25"]["nDCG@10"] == pytest.approx(
+        json.loads(run_cli(capsys, "evaluate", DL19 / "qrels.txt", DL19 / "slice.candidates.tsv", "--json",
+                           "--measures", "nDCG@10")[1])["nDCG@10"])
+    assert result["speed"]["fused_docs_per_s"] > 0 and result["speed"]["eager_docs_per_s"] > 0
+
+
+def test_index_tokens_and_retrieve(capsys, tmp_path, tiny_model):
+    corpus = load_beir(SCIFACT).corpus
+    rc, _, err = run_cli(capsys, "index", SCIFACT / "corpus.jsonl", tmp_path / "tix", "--tokens",
+                         "--model", tiny_model, "--device", "cpu")
+    assert rc == 0, err
+    docs = list(corpus)[:3]
+    (tmp_path / "q.tsv").write_text("".join(f"q{d}\t{corpus[d][:100]}\n" for d in docs))
+    rc, _, err = run_cli(capsys, "retrieve", tmp_path / "tix", tmp_path / "q.tsv", tmp_path / "run.txt", "-k", "5",
+                         "--device", "cpu")
+    assert rc == 0, err
+    run = read_run(tmp_path / "run.txt")
+    assert {q: max(r, key=r.get) for q, r in run.items()} == {f"q{d}": d for d in docs}
+
+
+def test_parser_has_the_subcommands_and_room_for_more():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert {"index", "retrieve", "rerank", "evaluate", "demo"} <= set(sub.choices)
