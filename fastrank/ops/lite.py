@@ -16,13 +16,14 @@ affine g, b) into the next Linear lets the kernel stream h in chunks and keep on
 so per row the kernel accumulates W2g h chunk by chunk together with the (Chan-merged) mean and M2 of h, and
 applies r, m, u and c once at the end. The same fold serves the column MLP's 360-wide hidden layer.
 
-Read top to bottom: the Triton forward kernel, its launcher, the torch.library custom ops with their
-autograd, the public :func:`lite_score`, and :func:`lite_ref`, the plain PyTorch reference that is the spec.
+Read top to bottom: the Triton forward and backward kernels, their launchers, the torch.library custom
+ops with their autograd, the public :func:`lite_score`, and :func:`lite_ref`, the reference that is the spec.
 
-The backward is NOT fused yet: it recomputes the forward in PyTorch (materialising the hidden layers of
-every pair in the batch) and applies the chain rule by hand, block by block (:func:`_block_backward`, the
-blueprint for a Triton backward). It stores nothing from the forward but the inputs, and costs about what
-eager PyTorch's backward costs.
+Backward (Triton, one program per pair): recompute rather than store. The program recomputes S and the
+LayerNorm statistics, goes back through the output, LN4, the column MLP, LN2 and the row MLP, streaming
+each wide hidden layer in chunks (three passes: statistics, the two sums the LayerNorm backward needs,
+gradients). Only dS (pairs x Lq x Ld) reaches memory, for dq = dS d and dd = dS^T q on the host; the
+parameter gradients are summed over pairs with float32 atomics (not bitwise reproducible run to run).
 
 Broadcasting follows :func:`fastrank.maxsim`: kernels see the canonical (F, Y, X) pair grid, q as
 (F, Y, Lq, H) and d as (F, X, Ld, H), so a query shared by many docs is never copied.
@@ -182,6 +183,241 @@ if triton is not None:
         tl.store(OUT + pair, score + tl.load(BO).to(tl.float32))
 
 
+    @triton.jit
+    def _lite_bwd_kernel(
+        Q, D, QM, DM, G, DS,
+        W1, B1, G1, BE1, W2, W2G, U1, C1, G2, BE2,
+        V1, CB1, G3, BE3, V2, V2G, U3, C3, G4, BE4, WO,
+        DW1, DB1, DG1, DBE1, DW2, DB2, DG2, DBE2,
+        DV1, DCB1, DG3, DBE3, DV2, DCB2, DG4, DBE4, DWO,
+        Y, X, Lq, Ld, H, LQ, LD, R1, C,
+        sq_f, sq_y, sq_t, sd_f, sd_x, sd_t,
+        sqm_f, sqm_y, sqm_x, sqm_t, sdm_f, sdm_y, sdm_x, sdm_t,
+        eps1, eps2, eps3, eps4,
+        HAS_QM: tl.constexpr, HAS_DM: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_LQ: tl.constexpr, BLOCK_LD: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        # One program per pair: recompute the forward (statistics only), then back through the output,
+        # LN4, the column MLP, LN2 and the row MLP. Each wide hidden layer is streamed three times: its
+        # statistics, then sum(dxhat) and sum(dxhat * xhat) (the LayerNorm backward needs both before any
+        # chunk's gradient), then the gradients. dS goes to memory (dq, dd are matmuls with it on the host);
+        # parameter gradients are summed over pairs with float atomics.
+        #   LayerNorm(h) = xhat g + b, xhat = (h - m) r:  dh = r (dxhat - mean(dxhat) - xhat mean(dxhat xhat))
+        pair = tl.program_id(0).to(tl.int64)
+        f = pair // (Y * X)
+        y = (pair // X) % Y
+        x = pair % X
+        offs_i = tl.arange(0, BLOCK_LQ)
+        offs_j = tl.arange(0, BLOCK_LD)
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_c = tl.arange(0, BLOCK_C)
+        q_in = offs_i < Lq
+        d_in = offs_j < Ld
+        in_i = offs_i < LQ
+        in_j = offs_j < LD
+        row_ok = q_in
+        col_ok = d_in
+        if HAS_QM:
+            qm = tl.load(QM + f * sqm_f + y * sqm_y + x * sqm_x + offs_i * sqm_t, mask=q_in, other=0)
+            row_ok = row_ok & (qm != 0)
+        if HAS_DM:
+            dm = tl.load(DM + f * sdm_f + y * sdm_y + x * sdm_x + offs_j * sdm_t, mask=d_in, other=0)
+            col_ok = col_ok & (dm != 0)
+        q_base = Q + f * sq_f + y * sq_y
+        d_base = D + f * sd_f + x * sd_x
+        s = tl.zeros([BLOCK_LQ, BLOCK_LD], tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            h = h0 + offs_h
+            qt = tl.load(q_base + offs_i[:, None] * sq_t + h[None, :], mask=q_in[:, None] & (h[None, :] < H), other=0.0)
+            dt = tl.load(d_base + offs_j[:, None] * sd_t + h[None, :], mask=d_in[:, None] & (h[None, :] < H), other=0.0)
+            s = tl.dot(qt, tl.trans(dt), s, input_precision=PRECISION)
+        s = tl.where(row_ok[:, None] & col_ok[None, :], s, 0.0)
+        s_w = s.to(W1.dtype.element_ty)
+
+        # ---- forward recompute: row MLP ----
+        mean1 = tl.zeros([BLOCK_LQ], tl.float32)
+        m2 = tl.zeros([BLOCK_LQ], tl.float32)
+        count = 0.0
+        acc = tl.zeros([BLOCK_LQ, BLOCK_LD], tl.float32)
+        for r0 in range(0, R1, BLOCK_R):
+            r = r0 + offs_r
+            r_in = r < R1
+            w1 = tl.load(W1 + r[:, None] * LD + offs_j[None, :], mask=r_in[:, None] & in_j[None, :], other=0.0)
+            b1 = tl.load(B1 + r, mask=r_in, other=0.0).to(tl.float32)
+            hid = tl.dot(s_w, tl.trans(w1), input_precision=PRECISION) + b1[None, :]
+            hid = tl.where(r_in[None, :] & (hid > 0), hid, 0.0)
+            n = tl.minimum(R1 - r0, BLOCK_R).to(tl.float32)
+            c_mean = tl.sum(hid, axis=1) / n
+            dev = tl.where(r_in[None, :], hid - c_mean[:, None], 0.0)
+            total = count + n
+            delta = c_mean - mean1
+            mean1 = mean1 + delta * (n / total)
+            m2 = m2 + tl.sum(dev * dev, axis=1) + delta * delta * (count * n / total)
+            count = total
+            w2 = tl.load(W2G + offs_j[:, None] * R1 + r[None, :], mask=in_j[:, None] & r_in[None, :], other=0.0)
+            acc = tl.dot(hid.to(w2.dtype), tl.trans(w2), acc, input_precision=PRECISION)
+        rstd1 = 1.0 / tl.sqrt(m2 / R1 + eps1)
+        u1 = tl.load(U1 + offs_j, mask=in_j, other=0.0)
+        c1 = tl.load(C1 + offs_j, mask=in_j, other=0.0)
+        z2 = acc * rstd1[:, None] - (mean1 * rstd1)[:, None] * u1[None, :] + c1[None, :]
+        live2 = in_j[None, :] & (z2 > 0)
+        h2 = tl.where(live2, z2, 0.0)
+        mu2 = tl.sum(h2, axis=1) / LD
+        rstd2 = 1.0 / tl.sqrt(tl.sum(tl.where(in_j[None, :], (h2 - mu2[:, None]) * (h2 - mu2[:, None]), 0.0), axis=1) / LD + eps2)
+        xhat2 = tl.where(in_j[None, :], (h2 - mu2[:, None]) * rstd2[:, None], 0.0)
+        g2 = tl.load(G2 + offs_j, mask=in_j, other=0.0).to(tl.float32)
+        be2 = tl.load(BE2 + offs_j, mask=in_j, other=0.0).to(tl.float32)
+        rows = tl.where(in_i[:, None] & in_j[None, :], xhat2 * g2[None, :] + be2[None, :], 0.0)
+
+        # ---- forward recompute: column MLP on the transposed tile ----
+        rt = tl.trans(rows)  # (BLOCK_LD, BLOCK_LQ), float32
+        rt_w = rt.to(V1.dtype.element_ty)
+        mean3 = tl.zeros([BLOCK_LD], tl.float32)
+        m2_c = tl.zeros([BLOCK_LD], tl.float32)
+        count_c = 0.0
+        acc_c = tl.zeros([BLOCK_LD, BLOCK_LQ], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + offs_c
+            c_in = c < C
+            v1 = tl.load(V1 + c[:, None] * LQ + offs_i[None, :], mask=c_in[:, None] & in_i[None, :], other=0.0)
+            cb = tl.load(CB1 + c, mask=c_in, other=0.0).to(tl.float32)
+            hid = tl.dot(rt_w, tl.trans(v1), input_precision=PRECISION) + cb[None, :]
+            hid = tl.where(c_in[None, :] & (hid > 0), hid, 0.0)
+            n = tl.minimum(C - c0, BLOCK_C).to(tl.float32)
+            c_mean = tl.sum(hid, axis=1) / n
+            dev = tl.where(c_in[None, :], hid - c_mean[:, None], 0.0)
+            total = count_c + n
+            delta = c_mean - mean3
+            mean3 = mean3 + delta * (n / total)
+            m2_c = m2_c + tl.sum(dev * dev, axis=1) + delta * delta * (count_c * n / total)
+            count_c = total
+            v2 = tl.load(V2G + offs_i[:, None] * C + c[None, :], mask=in_i[:, None] & c_in[None, :], other=0.0)
+            acc_c = tl.dot(hid.to(v2.dtype), tl.trans(v2), acc_c, input_precision=PRECISION)
+        rstd3 = 1.0 / tl.sqrt(m2_c / C + eps3)
+        u3 = tl.load(U3 + offs_i, mask=in_i, other=0.0)
+        c3 = tl.load(C3 + offs_i, mask=in_i, other=0.0)
+        z4 = acc_c * rstd3[:, None] - (mean3 * rstd3)[:, None] * u3[None, :] + c3[None, :]
+        live4 = in_i[None, :] & (z4 > 0)
+        h4 = tl.where(live4, z4, 0.0)
+        mu4 = tl.sum(h4, axis=1) / LQ
+        rstd4 = 1.0 / tl.sqrt(tl.sum(tl.where(in_i[None, :], (h4 - mu4[:, None]) * (h4 - mu4[:, None]), 0.0), axis=1) / LQ + eps4)
+        xhat4 = tl.where(in_i[None, :], (h4 - mu4[:, None]) * rstd4[:, None], 0.0)
+        g4 = tl.load(G4 + offs_i, mask=in_i, other=0.0).to(tl.float32)
+        be4 = tl.load(BE4 + offs_i, mask=in_i, other=0.0).to(tl.float32)
+        both = in_j[:, None] & in_i[None, :]
+        t = tl.where(both, xhat4 * g4[None, :] + be4[None, :], 0.0)
+
+        # ---- output and LN4 (over the query axis of each column) ----
+        g = tl.load(G + pair)
+        wo_ptrs = offs_i[None, :] * LD + offs_j[:, None]
+        wo = tl.load(WO + wo_ptrs, mask=both, other=0.0).to(tl.float32)
+        tl.atomic_add(DWO + wo_ptrs, g * t, mask=both)
+        dout = g * wo  # dscore/dT, (BLOCK_LD, BLOCK_LQ), zero outside the model's grid
+        tl.atomic_add(DG4 + offs_i, tl.sum(dout * xhat4, axis=0), mask=in_i)
+        tl.atomic_add(DBE4 + offs_i, tl.sum(dout, axis=0), mask=in_i)
+        dx = dout * g4[None, :]
+        dh = rstd4[:, None] * (dx - (tl.sum(dx, axis=1) / LQ)[:, None] - xhat4 * (tl.sum(dx * xhat4, axis=1) / LQ)[:, None])
+        dz4 = tl.where(live4 & in_j[:, None], dh, 0.0)  # d/d(V2 n3 + cb2), (BLOCK_LD, BLOCK_LQ)
+        tl.atomic_add(DCB2 + offs_i, tl.sum(dz4, axis=0), mask=in_i)
+
+        # ---- column hidden layer: sums for its LayerNorm backward ----
+        s1 = tl.zeros([BLOCK_LD], tl.float32)
+        s2 = tl.zeros([BLOCK_LD], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + offs_c
+            c_in = c < C
+            v1 = tl.load(V1 + c[:, None] * LQ + offs_i[None, :], mask=c_in[:, None] & in_i[None, :], other=0.0)
+            cb = tl.load(CB1 + c, mask=c_in, other=0.0).to(tl.float32)
+            pre = tl.dot(rt_w, tl.trans(v1), input_precision=PRECISION) + cb[None, :]
+            hid = tl.where(c_in[None, :] & (pre > 0), pre, 0.0)
+            xhat = tl.where(c_in[None, :], (hid - mean3[:, None]) * rstd3[:, None], 0.0)
+            v2 = tl.load(V2 + offs_i[:, None] * C + c[None, :], mask=in_i[:, None] & c_in[None, :], other=0.0)
+            g3 = tl.load(G3 + c, mask=c_in, other=0.0).to(tl.float32)
+            dxh = tl.dot(dz4.to(v2.dtype), v2, input_precision=PRECISION) * g3[None, :]
+            s1 += tl.sum(dxh, axis=1)
+            s2 += tl.sum(dxh * xhat, axis=1)
+        # ---- column hidden layer: gradients ----
+        drt = tl.zeros([BLOCK_LD, BLOCK_LQ], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + offs_c
+            c_in = c < C
+            v1 = tl.load(V1 + c[:, None] * LQ + offs_i[None, :], mask=c_in[:, None] & in_i[None, :], other=0.0)
+            cb = tl.load(CB1 + c, mask=c_in, other=0.0).to(tl.float32)
+            pre = tl.dot(rt_w, tl.trans(v1), input_precision=PRECISION) + cb[None, :]
+            hid = tl.where(c_in[None, :] & (pre > 0), pre, 0.0)
+            xhat = tl.where(c_in[None, :], (hid - mean3[:, None]) * rstd3[:, None], 0.0)
+            v2 = tl.load(V2 + offs_i[:, None] * C + c[None, :], mask=in_i[:, None] & c_in[None, :], other=0.0)
+            g3 = tl.load(G3 + c, mask=c_in, other=0.0).to(tl.float32)
+            be3 = tl.load(BE3 + c, mask=c_in, other=0.0).to(tl.float32)
+            dn = tl.dot(dz4.to(v2.dtype), v2, input_precision=PRECISION)  # (BLOCK_LD, BLOCK_C)
+            n3 = tl.where(in_j[:, None] & c_in[None, :], xhat * g3[None, :] + be3[None, :], 0.0)
+            dv2 = tl.dot(tl.trans(dz4), n3, input_precision=PRECISION)  # (BLOCK_LQ, BLOCK_C)
+            tl.atomic_add(DV2 + offs_i[:, None] * C + c[None, :], dv2, mask=in_i[:, None] & c_in[None, :])
+            tl.atomic_add(DG3 + c, tl.sum(dn * xhat, axis=0), mask=c_in)
+            tl.atomic_add(DBE3 + c, tl.sum(dn, axis=0), mask=c_in)
+            dh = rstd3[:, None] * (dn * g3[None, :] - (s1 / C)[:, None] - xhat * (s2 / C)[:, None])
+            da = tl.where(in_j[:, None] & c_in[None, :] & (pre > 0), dh, 0.0)
+            dv1 = tl.dot(tl.trans(da), rt, input_precision=PRECISION)  # (BLOCK_C, BLOCK_LQ)
+            tl.atomic_add(DV1 + c[:, None] * LQ + offs_i[None, :], dv1, mask=c_in[:, None] & in_i[None, :])
+            tl.atomic_add(DCB1 + c, tl.sum(da, axis=0), mask=c_in)
+            drt = tl.dot(da.to(v1.dtype), v1, drt, input_precision=PRECISION)
+
+        # ---- LN2 (over the doc axis of each row) ----
+        dr = tl.where(in_i[:, None] & in_j[None, :], tl.trans(drt), 0.0)  # (BLOCK_LQ, BLOCK_LD)
+        tl.atomic_add(DG2 + offs_j, tl.sum(dr * xhat2, axis=0), mask=in_j)
+        tl.atomic_add(DBE2 + offs_j, tl.sum(dr, axis=0), mask=in_j)
+        dx = dr * g2[None, :]
+        dh = rstd2[:, None] * (dx - (tl.sum(dx, axis=1) / LD)[:, None] - xhat2 * (tl.sum(dx * xhat2, axis=1) / LD)[:, None])
+        dz2 = tl.where(live2 & in_i[:, None], dh, 0.0)  # d/d(W2 n1 + b2), (BLOCK_LQ, BLOCK_LD)
+        tl.atomic_add(DB2 + offs_j, tl.sum(dz2, axis=0), mask=in_j)
+
+        # ---- row hidden layer: sums for its LayerNorm backward ----
+        s1 = tl.zeros([BLOCK_LQ], tl.float32)
+        s2 = tl.zeros([BLOCK_LQ], tl.float32)
+        for r0 in range(0, R1, BLOCK_R):
+            r = r0 + offs_r
+            r_in = r < R1
+            w1 = tl.load(W1 + r[:, None] * LD + offs_j[None, :], mask=r_in[:, None] & in_j[None, :], other=0.0)
+            b1 = tl.load(B1 + r, mask=r_in, other=0.0).to(tl.float32)
+            pre = tl.dot(s_w, tl.trans(w1), input_precision=PRECISION) + b1[None, :]
+            hid = tl.where(r_in[None, :] & (pre > 0), pre, 0.0)
+            xhat = tl.where(r_in[None, :], (hid - mean1[:, None]) * rstd1[:, None], 0.0)
+            w2 = tl.load(W2 + offs_j[:, None] * R1 + r[None, :], mask=in_j[:, None] & r_in[None, :], other=0.0)
+            g1 = tl.load(G1 + r, mask=r_in, other=0.0).to(tl.float32)
+            dxh = tl.dot(dz2.to(w2.dtype), w2, input_precision=PRECISION) * g1[None, :]
+            s1 += tl.sum(dxh, axis=1)
+            s2 += tl.sum(dxh * xhat, axis=1)
+        # ---- row hidden layer: gradients ----
+        ds = tl.zeros([BLOCK_LQ, BLOCK_LD], tl.float32)
+        for r0 in range(0, R1, BLOCK_R):
+            r = r0 + offs_r
+            r_in = r < R1
+            w1 = tl.load(W1 + r[:, None] * LD + offs_j[None, :], mask=r_in[:, None] & in_j[None, :], other=0.0)
+            b1 = tl.load(B1 + r, mask=r_in, other=0.0).to(tl.float32)
+            pre = tl.dot(s_w, tl.trans(w1), input_precision=PRECISION) + b1[None, :]
+            hid = tl.where(r_in[None, :] & (pre > 0), pre, 0.0)
+            xhat = tl.where(r_in[None, :], (hid - mean1[:, None]) * rstd1[:, None], 0.0)
+            w2 = tl.load(W2 + offs_j[:, None] * R1 + r[None, :], mask=in_j[:, None] & r_in[None, :], other=0.0)
+            g1 = tl.load(G1 + r, mask=r_in, other=0.0).to(tl.float32)
+            be1 = tl.load(BE1 + r, mask=r_in, other=0.0).to(tl.float32)
+            dn = tl.dot(dz2.to(w2.dtype), w2, input_precision=PRECISION)  # (BLOCK_LQ, BLOCK_R)
+            n1 = tl.where(in_i[:, None] & r_in[None, :], xhat * g1[None, :] + be1[None, :], 0.0)
+            dw2 = tl.dot(tl.trans(dz2), n1, input_precision=PRECISION)  # (BLOCK_LD, BLOCK_R)
+            tl.atomic_add(DW2 + offs_j[:, None] * R1 + r[None, :], dw2, mask=in_j[:, None] & r_in[None, :])
+            tl.atomic_add(DG1 + r, tl.sum(dn * xhat, axis=0), mask=r_in)
+            tl.atomic_add(DBE1 + r, tl.sum(dn, axis=0), mask=r_in)
+            dh = rstd1[:, None] * (dn * g1[None, :] - (s1 / R1)[:, None] - xhat * (s2 / R1)[:, None])
+            da = tl.where(in_i[:, None] & r_in[None, :] & (pre > 0), dh, 0.0)
+            dw1 = tl.dot(tl.trans(da), s, input_precision=PRECISION)  # (BLOCK_R, BLOCK_LD)
+            tl.atomic_add(DW1 + r[:, None] * LD + offs_j[None, :], dw1, mask=r_in[:, None] & in_j[None, :])
+            tl.atomic_add(DB1 + r, tl.sum(da, axis=0), mask=r_in)
+            ds = tl.dot(da.to(w1.dtype), w1, ds, input_precision=PRECISION)
+        ds = tl.where(row_ok[:, None] & col_ok[None, :], ds, 0.0)
+        tl.store(DS + (pair * Lq + offs_i[:, None]) * Ld + offs_j[None, :], ds, mask=q_in[:, None] & d_in[None, :])
+
+
 # --------------------------------------------------------------------------------------------------------
 # Launcher. Canonical tensors: q (F, Y, Lq, H), d (F, X, Ld, H), masks (F, Y, X, L) or None.
 # --------------------------------------------------------------------------------------------------------
@@ -232,6 +468,43 @@ def _triton_forward(q, d, q_mask, d_mask, params, lq: int, ld: int, eps) -> Tens
     return out
 
 
+def _triton_backward(grad, q, d, q_mask, d_mask, params, lq: int, ld: int, eps) -> list[Tensor]:
+    """Gradients for q, d and the 18 parameters. dS (pairs, Lq, Ld) is the one per-pair tensor in memory."""
+    q, d = _inner_contiguous(q), _inner_contiguous(d)
+    W1, b1, g1, be1, W2, b2, g2, be2, V1, cb1, g3, be3, V2, cb2, g4, be4, wo, bo = (p.detach().contiguous() for p in params)
+    dtype = W1.dtype
+    W2g, u1, c1 = _fold(W2, g1, be1, b2, dtype)
+    V2g, u3, c3 = _fold(V2, g3, be3, cb2, dtype)
+    Fd, Y, Lq, H = q.shape
+    X, Ld = d.shape[1], d.shape[2]
+    R1, C = W1.shape[0], V1.shape[0]
+    grad = grad.detach().float().contiguous()
+    ds = torch.empty((Fd, Y, X, Lq, Ld), device=q.device, dtype=torch.float32)
+    # float32 accumulators for the parameter gradients, in the order of `params` (the output bias apart)
+    acc = [torch.zeros(p.shape, device=q.device, dtype=torch.float32) for p in params[:-1]]
+    qms = list(q_mask.stride()) if q_mask is not None else [0, 0, 0, 0]
+    dms = list(d_mask.stride()) if d_mask is not None else [0, 0, 0, 0]
+    _lite_bwd_kernel[(Fd * Y * X,)](
+        q, d, q_mask if q_mask is not None else ds, d_mask if d_mask is not None else ds, grad, ds,
+        W1, b1, g1, be1, W2, W2g, u1, c1, g2, be2,
+        V1, cb1, g3, be3, V2, V2g, u3, c3, g4, be4, wo,
+        *acc,
+        Y, X, Lq, Ld, H, lq, ld, R1, C,
+        q.stride(0), q.stride(1), q.stride(2), d.stride(0), d.stride(1), d.stride(2),
+        *qms, *dms,
+        *[float(e) for e in eps],
+        HAS_QM=q_mask is not None, HAS_DM=d_mask is not None, PRECISION=_precision(q),
+        BLOCK_LQ=_pow2(lq, 16), BLOCK_LD=_pow2(ld, 16), BLOCK_H=_pow2(min(H, 64), 16),
+        BLOCK_R=32, BLOCK_C=32,
+        num_warps=8,
+    )
+    dq = torch.einsum("fyxij,fxjh->fyih", ds, d.float()).to(q.dtype)
+    dd = torch.einsum("fyxij,fyih->fxjh", ds, q.float()).to(d.dtype)
+    dbo = grad.sum().reshape(bo.shape)
+    grads = acc + [dbo]
+    return [dq.contiguous(), dd.contiguous()] + [gr.to(p.dtype) for gr, p in zip(grads, params)]
+
+
 def _kernel_reasons(*, dtype: torch.dtype, weight_dtype: torch.dtype, lq: int, ld: int,
                     interpreter: bool = False, **_) -> list[str]:
     reasons = []
@@ -267,66 +540,12 @@ def _(q, d, q_mask, d_mask, params, lq, ld, eps, backend):
     return q.new_empty((q.shape[0], q.shape[1], d.shape[1]), dtype=torch.float32)
 
 
-def _block_forward(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, beta: Tensor, eps: float):
-    """LayerNorm(ReLU(x W^T + b)) over the last dim, with what its backward needs."""
-    a = F_.linear(x, weight, bias)
-    h = F_.relu(a)
-    mu = h.mean(dim=-1, keepdim=True)
-    rstd = torch.rsqrt(h.var(dim=-1, unbiased=False, keepdim=True) + eps)
-    xhat = (h - mu) * rstd
-    return xhat * gamma + beta, (x, weight, a, xhat, rstd, gamma)
-
-
-def _block_backward(dy: Tensor, saved) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dW, db, dgamma, dbeta) of :func:`_block_forward`, summed over every leading dim."""
-    x, weight, a, xhat, rstd, gamma = saved
-    lead = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
-    dgamma = (lead(dy) * lead(xhat)).sum(0)
-    dbeta = lead(dy).sum(0)
-    dxhat = dy * gamma
-    dh = rstd * (dxhat - dxhat.mean(dim=-1, keepdim=True) - xhat * (dxhat * xhat).mean(dim=-1, keepdim=True))
-    da = torch.where(a > 0, dh, 0.0)
-    dweight = lead(da).t() @ lead(x)
-    return da @ weight, dweight, lead(da).sum(0), dgamma, dbeta
-
-
 @torch.library.custom_op("fastrank::lite_backward", mutates_args=())
 def _lite_backward_op(
     grad: Tensor, q: Tensor, d: Tensor, q_mask: Optional[Tensor], d_mask: Optional[Tensor],
     params: list[Tensor], lq: int, ld: int, eps: list[float],
 ) -> list[Tensor]:
-    # Not fused: recomputes the forward in PyTorch (materialising the hidden layers of every pair) and
-    # applies the chain rule by hand, block by block; nothing but the inputs is kept from the forward.
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    W1, b1, g1, be1, W2, b2, g2, be2, V1, cb1, g3, be3, V2, cb2, g4, be4, wo, bo = (p.to(compute) for p in params)
-    qc, dc = q.to(compute), d.to(compute)
-    Lq, Ld = q.shape[-2], d.shape[-2]
-    keep = torch.ones((), dtype=compute, device=q.device)
-    if q_mask is not None:
-        keep = keep * q_mask.unsqueeze(-1)
-    if d_mask is not None:
-        keep = keep * d_mask.unsqueeze(-2)
-    s = torch.matmul(qc.unsqueeze(2), dc.unsqueeze(1).transpose(-1, -2)) * keep  # (F, Y, X, Lq, Ld)
-    s = F_.pad(s, (0, ld - Ld, 0, lq - Lq))
-    n1, saved1 = _block_forward(s, W1, b1, g1, be1, eps[0])
-    r, saved2 = _block_forward(n1, W2, b2, g2, be2, eps[1])
-    n3, saved3 = _block_forward(r.transpose(-1, -2), V1, cb1, g3, be3, eps[2])
-    t, saved4 = _block_forward(n3, V2, cb2, g4, be4, eps[3])  # (F, Y, X, ld, lq)
-
-    g = grad.to(compute)
-    flat = t.transpose(-1, -2).reshape(-1, lq * ld)
-    dwo = (g.reshape(1, -1) @ flat).reshape(wo.shape)
-    dbo = g.sum().reshape(bo.shape)
-    dt = (g[..., None] * wo.reshape(-1)).reshape(*g.shape, lq, ld).transpose(-1, -2)
-    dn3, dV2, dcb2, dg4, dbe4 = _block_backward(dt, saved4)
-    dr_t, dV1, dcb1, dg3, dbe3 = _block_backward(dn3, saved3)
-    dn1, dW2, db2, dg2, dbe2 = _block_backward(dr_t.transpose(-1, -2), saved2)
-    ds, dW1, db1, dg1, dbe1 = _block_backward(dn1, saved1)
-    ds = ds[..., :Lq, :Ld] * keep  # (F, Y, X, Lq, Ld)
-    dq = torch.einsum("fyxij,fxjh->fyih", ds, dc).to(q.dtype)
-    dd = torch.einsum("fyxij,fyih->fxjh", ds, qc).to(d.dtype)
-    grads = [dW1, db1, dg1, dbe1, dW2, db2, dg2, dbe2, dV1, dcb1, dg3, dbe3, dV2, dcb2, dg4, dbe4, dwo, dbo]
-    return [dq.contiguous(), dd.contiguous()] + [gr.to(p.dtype).contiguous() for gr, p in zip(grads, params)]
+    return _triton_backward(grad, q, d, q_mask, d_mask, params, lq, ld, eps)
 
 
 @_lite_backward_op.register_fake
