@@ -314,6 +314,53 @@ def test_under_torch_compile(compile_backend):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+_COMPILE_FOR_SM90 = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastrank.ops import lite
+
+dtype = sys.argv[1]
+ints = {"Y", "X", "Lq", "Ld", "H", "LQ", "LD", "R1", "C"}
+fp32_ptrs = {"OUT", "G", "DS", "U1", "C1", "U3", "C3"}
+consts = dict(HAS_QM=True, HAS_DM=True, PRECISION="ieee" if dtype == "fp32" else "tf32",
+              BLOCK_LQ=32, BLOCK_LD=256, BLOCK_H=64, BLOCK_R=32, BLOCK_C=32)
+for kernel in (lite._lite_fwd_kernel, lite._lite_bwd_kernel):
+    signature = {}
+    for name in kernel.arg_names:
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name.startswith("eps"):
+            signature[name] = "fp32"
+        elif name in ints or name.startswith("s"):
+            signature[name] = "i32"
+        elif name in ("QM", "DM"):
+            signature[name] = "*i1"
+        elif name in fp32_ptrs or (name.startswith("D") and name != "D"):
+            signature[name] = "*fp32"  # gradient accumulators, folded vectors, outputs
+        else:
+            signature[name] = "*" + dtype
+    src = ASTSource(fn=kernel, signature=signature,
+                    constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    assert compiled.asm["cubin"], kernel
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("dtype", ["bf16"])  # fp32 compiles too, in a minute of ptxas time
+def test_kernels_compile_for_sm90(dtype, tmp_path):
+    """The interpreter accepts code the compiler rejects (loop-carried types, for one): compile both kernels
+    to an sm_90 cubin, which needs Triton's bundled ptxas but no GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from a cache
+    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, dtype], env=env, capture_output=True, text=True)
+    if run.returncode != 0 and "ptxas" in run.stderr and "not found" in run.stderr.lower():
+        pytest.skip("Triton's ptxas is not available")
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Bad input: clear errors naming the argument
 # ---------------------------------------------------------------------------------------------------------

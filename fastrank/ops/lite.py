@@ -107,7 +107,6 @@ if triton is not None:
         s_w = s.to(W1.dtype.element_ty)
         mean = tl.zeros([BLOCK_LQ], tl.float32)
         m2 = tl.zeros([BLOCK_LQ], tl.float32)
-        count = 0.0
         acc = tl.zeros([BLOCK_LQ, BLOCK_LD], tl.float32)
         for r0 in range(0, R1, BLOCK_R):
             r = r0 + offs_r
@@ -120,11 +119,11 @@ if triton is not None:
             n = tl.minimum(R1 - r0, BLOCK_R).to(tl.float32)
             c_mean = tl.sum(hid, axis=1) / n
             dev = tl.where(r_in[None, :], hid - c_mean[:, None], 0.0)
+            count = r0 * 1.0  # every chunk before this one is full
             total = count + n
             delta = c_mean - mean
             mean = mean + delta * (n / total)
             m2 = m2 + tl.sum(dev * dev, axis=1) + delta * delta * (count * n / total)
-            count = total
             w2 = tl.load(W2G + offs_j[:, None] * R1 + r[None, :], mask=in_j[:, None] & r_in[None, :], other=0.0)
             acc = tl.dot(hid.to(w2.dtype), tl.trans(w2), acc, input_precision=PRECISION)
         rstd = 1.0 / tl.sqrt(m2 / R1 + eps1)
@@ -145,7 +144,6 @@ if triton is not None:
         offs_c = tl.arange(0, BLOCK_C)
         mean_c = tl.zeros([BLOCK_LD], tl.float32)
         m2_c = tl.zeros([BLOCK_LD], tl.float32)
-        count_c = 0.0
         acc_c = tl.zeros([BLOCK_LD, BLOCK_LQ], tl.float32)
         for c0 in range(0, C, BLOCK_C):
             c = c0 + offs_c
@@ -157,11 +155,11 @@ if triton is not None:
             n = tl.minimum(C - c0, BLOCK_C).to(tl.float32)
             c_mean = tl.sum(hid, axis=1) / n
             dev = tl.where(c_in[None, :], hid - c_mean[:, None], 0.0)
+            count_c = c0 * 1.0
             total = count_c + n
             delta = c_mean - mean_c
             mean_c = mean_c + delta * (n / total)
             m2_c = m2_c + tl.sum(dev * dev, axis=1) + delta * delta * (count_c * n / total)
-            count_c = total
             v2 = tl.load(V2G + offs_i[:, None] * C + c[None, :], mask=in_i[:, None] & c_in[None, :], other=0.0)
             acc_c = tl.dot(hid.to(v2.dtype), tl.trans(v2), acc_c, input_precision=PRECISION)
         rstd_c = 1.0 / tl.sqrt(m2_c / C + eps3)
@@ -239,7 +237,6 @@ if triton is not None:
         # ---- forward recompute: row MLP ----
         mean1 = tl.zeros([BLOCK_LQ], tl.float32)
         m2 = tl.zeros([BLOCK_LQ], tl.float32)
-        count = 0.0
         acc = tl.zeros([BLOCK_LQ, BLOCK_LD], tl.float32)
         for r0 in range(0, R1, BLOCK_R):
             r = r0 + offs_r
@@ -251,11 +248,11 @@ if triton is not None:
             n = tl.minimum(R1 - r0, BLOCK_R).to(tl.float32)
             c_mean = tl.sum(hid, axis=1) / n
             dev = tl.where(r_in[None, :], hid - c_mean[:, None], 0.0)
+            count = r0 * 1.0  # every chunk before this one is full
             total = count + n
             delta = c_mean - mean1
             mean1 = mean1 + delta * (n / total)
             m2 = m2 + tl.sum(dev * dev, axis=1) + delta * delta * (count * n / total)
-            count = total
             w2 = tl.load(W2G + offs_j[:, None] * R1 + r[None, :], mask=in_j[:, None] & r_in[None, :], other=0.0)
             acc = tl.dot(hid.to(w2.dtype), tl.trans(w2), acc, input_precision=PRECISION)
         rstd1 = 1.0 / tl.sqrt(m2 / R1 + eps1)
@@ -276,7 +273,6 @@ if triton is not None:
         rt_w = rt.to(V1.dtype.element_ty)
         mean3 = tl.zeros([BLOCK_LD], tl.float32)
         m2_c = tl.zeros([BLOCK_LD], tl.float32)
-        count_c = 0.0
         acc_c = tl.zeros([BLOCK_LD, BLOCK_LQ], tl.float32)
         for c0 in range(0, C, BLOCK_C):
             c = c0 + offs_c
@@ -288,11 +284,11 @@ if triton is not None:
             n = tl.minimum(C - c0, BLOCK_C).to(tl.float32)
             c_mean = tl.sum(hid, axis=1) / n
             dev = tl.where(c_in[None, :], hid - c_mean[:, None], 0.0)
+            count_c = c0 * 1.0
             total = count_c + n
             delta = c_mean - mean3
             mean3 = mean3 + delta * (n / total)
             m2_c = m2_c + tl.sum(dev * dev, axis=1) + delta * delta * (count_c * n / total)
-            count_c = total
             v2 = tl.load(V2G + offs_i[:, None] * C + c[None, :], mask=in_i[:, None] & c_in[None, :], other=0.0)
             acc_c = tl.dot(hid.to(v2.dtype), tl.trans(v2), acc_c, input_precision=PRECISION)
         rstd3 = 1.0 / tl.sqrt(m2_c / C + eps3)
@@ -357,8 +353,8 @@ if triton is not None:
             tl.atomic_add(DV2 + offs_i[:, None] * C + c[None, :], dv2, mask=in_i[:, None] & c_in[None, :])
             tl.atomic_add(DG3 + c, tl.sum(dn * xhat, axis=0), mask=c_in)
             tl.atomic_add(DBE3 + c, tl.sum(dn, axis=0), mask=c_in)
-            dh = rstd3[:, None] * (dn * g3[None, :] - (s1 / C)[:, None] - xhat * (s2 / C)[:, None])
-            da = tl.where(in_j[:, None] & c_in[None, :] & (pre > 0), dh, 0.0)
+            dhid = rstd3[:, None] * (dn * g3[None, :] - (s1 / C)[:, None] - xhat * (s2 / C)[:, None])
+            da = tl.where(in_j[:, None] & c_in[None, :] & (pre > 0), dhid, 0.0)
             dv1 = tl.dot(tl.trans(da), rt, input_precision=PRECISION)  # (BLOCK_C, BLOCK_LQ)
             tl.atomic_add(DV1 + c[:, None] * LQ + offs_i[None, :], dv1, mask=c_in[:, None] & in_i[None, :])
             tl.atomic_add(DCB1 + c, tl.sum(da, axis=0), mask=c_in)
@@ -408,8 +404,8 @@ if triton is not None:
             tl.atomic_add(DW2 + offs_j[:, None] * R1 + r[None, :], dw2, mask=in_j[:, None] & r_in[None, :])
             tl.atomic_add(DG1 + r, tl.sum(dn * xhat, axis=0), mask=r_in)
             tl.atomic_add(DBE1 + r, tl.sum(dn, axis=0), mask=r_in)
-            dh = rstd1[:, None] * (dn * g1[None, :] - (s1 / R1)[:, None] - xhat * (s2 / R1)[:, None])
-            da = tl.where(in_i[:, None] & r_in[None, :] & (pre > 0), dh, 0.0)
+            dhid = rstd1[:, None] * (dn * g1[None, :] - (s1 / R1)[:, None] - xhat * (s2 / R1)[:, None])
+            da = tl.where(in_i[:, None] & r_in[None, :] & (pre > 0), dhid, 0.0)
             dw1 = tl.dot(tl.trans(da), s, input_precision=PRECISION)  # (BLOCK_R, BLOCK_LD)
             tl.atomic_add(DW1 + r[:, None] * LD + offs_j[None, :], dw1, mask=r_in[:, None] & in_j[None, :])
             tl.atomic_add(DB1 + r, tl.sum(da, axis=0), mask=r_in)
