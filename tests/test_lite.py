@@ -25,9 +25,10 @@ KERNEL_BACKENDS = ["triton_interpret"] if HAS_TRITON and INTERPRET else []
 SMALL = dict(lq=8, ld=16, row_hidden=40, col_hidden=24)
 PAPER = dict(lq=30, ld=200, row_hidden=2400, col_hidden=360)
 
-# Kernel (float32) error vs the float64 truth: two wide layers and four LayerNorms of float32 accumulation.
-FWD_TOL = dict(rtol=1e-4, atol=1e-5)
-GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
+# Kernel (float32) error vs the float64 truth, relative to the largest |truth| of each tensor: two wide
+# layers and four LayerNorms of float32 accumulation.
+FWD_TOL = dict(rtol=2e-5, atol=1e-6)
+GRAD_TOL = dict(rtol=1e-4, atol=1e-7)
 
 
 def _randomize(module: nn.Module, seed: int) -> nn.Module:
@@ -68,7 +69,11 @@ def _case(form, lq, ld, h, *, seed, masks=True):
 
 
 def _check(q, d, q_mask, d_mask, scorer, backend):
-    """Forward and gradients for q, d and every parameter (non-unit upstream gradient) vs float64 lite_ref."""
+    """Forward and gradients for q, d and every parameter (non-unit upstream gradient) vs float64 lite_ref.
+
+    Tolerance (flash-attention's rule): the kernel's largest error against the float64 truth is within a
+    tight bound, or at most twice the float32 reference's own error, which is what a float32 computation
+    of an ill-conditioned case (a LayerNorm over a few surviving ReLU units) can be held to."""
     q = q.detach().requires_grad_()
     d = d.detach().requires_grad_()
     out = lite_score(q, d, q_mask, d_mask, scorer=scorer, backend=backend)
@@ -76,16 +81,26 @@ def _check(q, d, q_mask, d_mask, scorer, backend):
     q64 = q.detach().double().requires_grad_()
     d64 = d.detach().double().requires_grad_()
     ref = lite_ref(q64, d64, q_mask, d_mask, scorer=scorer64)
+    q32 = q.detach().clone().requires_grad_()
+    d32 = d.detach().clone().requires_grad_()
+    ref32 = lite_ref(q32, d32, q_mask, d_mask, scorer=scorer)
     assert out.dtype == torch.float32 and out.shape == ref.shape
-    torch.testing.assert_close(out.double(), ref, **FWD_TOL)
     grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7)) + 0.5
     names = [n for n, _ in scorer.named_parameters()]
     got = torch.autograd.grad(out, [q, d, *scorer.parameters()], grad)
     want = torch.autograd.grad(ref, [q64, d64, *scorer64.parameters()], grad.double())
-    for name, a, b in zip(["q", "d"] + names, got, want):
-        scale = b.abs().max().item()  # some parameter gradients are tiny: compare relative to their size
-        torch.testing.assert_close(a.double(), b, rtol=GRAD_TOL["rtol"], atol=GRAD_TOL["atol"] + 1e-4 * scale,
-                                   msg=lambda m, name=name: f"gradient of {name}: {m}")
+    base = torch.autograd.grad(ref32, [q32, d32, *scorer.parameters()], grad)
+    checks = [("score", out, ref, ref32, FWD_TOL)] + [
+        (f"gradient of {name}", a, b, c, GRAD_TOL) for name, a, b, c in zip(["q", "d"] + names, got, want, base)
+    ]
+    for what, a, b, c, tol in checks:
+        assert a.shape == b.shape, what
+        if b.numel() == 0:
+            continue
+        scale = b.abs().max().item()
+        err = (a.double() - b).abs().max().item()
+        allowed = max(tol["atol"] + tol["rtol"] * scale, 2 * (c.double() - b).abs().max().item())
+        assert err <= allowed, f"{what}: max error {err:.3g} > {allowed:.3g} (max |truth| {scale:.3g})"
     return out
 
 
@@ -123,7 +138,7 @@ def test_plain_lite_checkpoint_loads_and_scores_the_same(backend):
     want = torch.stack([plain(q, d[k], qm, dm[k]) for k in range(3)])
     torch.testing.assert_close(lite_ref(q, d, qm, dm, scorer=scorer), want, rtol=1e-12, atol=1e-12)
     got = lite_score(q.float(), d.float(), qm, dm, scorer=scorer.float(), backend=backend)
-    torch.testing.assert_close(got.double(), want, **FWD_TOL)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
 
 
 def test_module_layout():
@@ -204,7 +219,7 @@ def test_small_lite_projection():
     plain.load_state_dict({k: v for k, v in scorer.state_dict().items() if not k.startswith("proj")})
     q, d, qm, dm = _case("grouped", 7, 12, 40, seed=3)
     project = lambda t: torch.nn.functional.normalize(scorer.proj(t), dim=-1)  # noqa: E731
-    torch.testing.assert_close(out, lite_ref(project(q), project(d), qm, dm, scorer=plain), **FWD_TOL)
+    torch.testing.assert_close(out, lite_ref(project(q), project(d), qm, dm, scorer=plain), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(not KERNEL_BACKENDS, reason="needs triton and TRITON_INTERPRET=1")
@@ -223,9 +238,12 @@ def test_parameter_gradients_sum_over_many_pairs():
 # ---------------------------------------------------------------------------------------------------------
 @st.composite
 def _problems(draw):
-    lq_model = draw(st.integers(1, 20))
-    ld_model = draw(st.integers(1, 40))
-    sizes = dict(lq=lq_model, ld=ld_model, row_hidden=draw(st.integers(1, 70)), col_hidden=draw(st.integers(1, 40)))
+    # Widths of 1 or 2 make a LayerNorm constant (1) or +-1 (2): every gradient upstream of it is 0 in exact
+    # arithmetic and float32 rounding noise in practice, which no comparison with float64 can judge. Real
+    # token counts still go down to 1.
+    lq_model = draw(st.integers(3, 20))
+    ld_model = draw(st.integers(3, 40))
+    sizes = dict(lq=lq_model, ld=ld_model, row_hidden=draw(st.integers(3, 70)), col_hidden=draw(st.integers(3, 40)))
     lq = draw(st.integers(1, lq_model))
     ld = draw(st.integers(1, ld_model))
     h = draw(st.integers(1, 70))
