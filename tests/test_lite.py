@@ -391,6 +391,7 @@ def _bad_inputs():
         (dict(q=q, d=d.bfloat16()), TypeError, r"same dtype, got q torch.float32 and d torch.bfloat16"),
         (dict(q=q.long(), d=d.long()), TypeError, r"q must be float32, float16 or bfloat16, got torch.int64"),
         (dict(q=q, d=d.to("meta")), ValueError, r"one device, got q on cpu, d on meta"),
+        (dict(q=q.to("meta"), d=d.to("meta")), ValueError, r"one device, got q on meta, d on meta, scorer on cpu"),
         (dict(q=q, d=d, q_mask=torch.ones(4)), TypeError, r"q_mask must be a bool tensor, got torch.float32"),
         (dict(q=q, d=d, d_mask=torch.ones(3, 4, dtype=torch.bool)), ValueError, r"d_mask must have shape \(\.\.\., 5\)"),
         (dict(q=torch.randn(2, 4, 8), d=d), ValueError, r"batch\) dims do not broadcast: q \(2,\), d \(3,\)"),

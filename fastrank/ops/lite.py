@@ -606,6 +606,8 @@ def _scorer_params(scorer) -> tuple[list[Tensor], int, int, list[float]]:
         out.weight, out.bias,
     ]
     eps = [float(row[2].eps), float(row[5].eps), float(col[2].eps), float(col[5].eps)]
+    if len({p.device for p in params}) > 1 or len({p.dtype for p in params}) > 1:
+        raise TypeError("lite_score: the scorer's parameters must share one device and one dtype")
     return params, lq, ld, eps
 
 
@@ -624,7 +626,7 @@ def _project(scorer, q: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
     return (F_.normalize(F_.linear(q, weight, bias), dim=-1), F_.normalize(F_.linear(d, weight, bias), dim=-1))
 
 
-def _check_inputs(q, d, q_mask, d_mask, lq: int, ld: int) -> torch.Size:
+def _check_inputs(q, d, q_mask, d_mask, lq: int, ld: int, scorer_device: torch.device) -> torch.Size:
     for name, t in (("q", q), ("d", d)):
         if not isinstance(t, Tensor):
             raise TypeError(f"lite_score: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -655,6 +657,7 @@ def _check_inputs(q, d, q_mask, d_mask, lq: int, ld: int) -> torch.Size:
                 f"lite_score: {name} must have shape (..., {length}) to match {owner}'s {length} tokens, got {tuple(m.shape)}"
             )
     devices = {name: t.device for name, t in (("q", q), ("d", d), ("q_mask", q_mask), ("d_mask", d_mask)) if t is not None}
+    devices["scorer"] = scorer_device
     if len(set(devices.values())) > 1:
         raise ValueError("lite_score: all tensors must be on one device, got " + ", ".join(f"{k} on {v}" for k, v in devices.items()))
     shapes = {"q": q.shape[:-2], "d": d.shape[:-2]}
@@ -699,7 +702,7 @@ def lite_score(
         reference). Accumulation is float32 whatever the input dtype.
     """
     params, lq, ld, eps = _scorer_params(scorer)
-    batch = _check_inputs(q, d, q_mask, d_mask, lq, ld)
+    batch = _check_inputs(q, d, q_mask, d_mask, lq, ld, params[0].device)
     q, d = _project(scorer, q, d)
     impl = dispatch.choose(
         "lite", (q, d, q_mask, d_mask), backend,
@@ -745,6 +748,6 @@ def lite_ref(q: Tensor, d: Tensor, q_mask: Optional[Tensor] = None, d_mask: Opti
     parameters are cast to that dtype) and returns that dtype.
     """
     params, lq, ld, eps = _scorer_params(scorer)
-    _check_inputs(q, d, q_mask, d_mask, lq, ld)
+    _check_inputs(q, d, q_mask, d_mask, lq, ld, params[0].device)
     q, d = _project(scorer, q, d)
     return _lite_math(q, d, q_mask, d_mask, params, lq, ld, eps)
