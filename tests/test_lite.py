@@ -297,6 +297,15 @@ def test_float64_and_mixed_weight_dtypes_run_on_the_reference():
             lite_score(q, d, scorer=scorer, backend="triton_interpret")
 
 
+def test_scorer_wider_than_the_kernel_tile_runs_on_the_reference():
+    scorer = _scorer(seed=2, lq=70, ld=5, row_hidden=6, col_hidden=4)
+    q, d = torch.randn(3, 8), torch.randn(2, 5, 8)
+    torch.testing.assert_close(lite_score(q, d, scorer=scorer), lite_ref(q, d, scorer=scorer))
+    if KERNEL_BACKENDS:
+        with pytest.raises(BackendUnavailableError, match="lq=70 exceeds the kernel's 64-row tile"):
+            lite_score(q, d, scorer=scorer, backend="triton_interpret")
+
+
 def test_empty_batch():
     scorer = _scorer()
     for backend in ["reference", None] + KERNEL_BACKENDS:
