@@ -1,12 +1,15 @@
 """fastrank: fused kernels for neural re-ranking.
 
-Public API: :func:`maxsim` and its reference :func:`maxsim_ref`, the distillation losses in
-:mod:`fastrank.losses`, and (imported lazily) encoders, indexes, data readers and evaluation.
+Public API: :func:`maxsim` and its reference :func:`maxsim_ref`; the LITE scorer (:class:`LiteScorer`,
+:func:`lite_score`, :func:`lite_ref`); the distillation losses in :mod:`fastrank.losses`; and (imported
+lazily) encoders, indexes, data readers and evaluation.
 ``import fastrank`` never touches CUDA and works without the compiled extension, Triton, faiss or
 transformers; ops that need a missing piece say so when called.
 """
 from fastrank import losses
 from fastrank.dispatch import BACKENDS, BackendUnavailableError
+from fastrank.nn import LiteScorer
+from fastrank.ops.lite import lite_ref, lite_score
 from fastrank.ops.maxsim import maxsim, maxsim_ref
 
 __version__ = "0.1.0"
@@ -29,4 +32,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'fastrank' has no attribute {name!r}")
 
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "losses", "maxsim", "maxsim_ref", "__version__", *_LAZY]
+__all__ = [
+    "BACKENDS", "BackendUnavailableError", "LiteScorer", "lite_ref", "lite_score", "losses", "maxsim",
+    "maxsim_ref", "__version__", *_LAZY,
+]

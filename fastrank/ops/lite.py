@@ -1,0 +1,753 @@
+"""Separable LITE (learnable late interaction, arXiv 2406.17968), fused: the similarity matrix S, the
+2400-wide hidden layer and every intermediate activation stay on chip.
+
+For one query-doc pair, with S = q d^T zero-padded to (lq, ld) (padded and masked positions are 0; LITE is
+position-sensitive, so a padded row still goes through the MLPs):
+
+    R = LN(ReLU(W2 · LN(ReLU(W1 · S[i,:] + b1)) + b2))      row MLP, each of the lq rows (ld -> R1 -> ld)
+    T = LN(ReLU(V2 · LN(ReLU(V1 · R[:,j] + c1)) + c2))      column MLP, each of the ld columns (lq -> C -> lq)
+    score = <w_out, vec(T)> + b_out                         vec: row-major flattening of (lq, ld)
+
+Folding the LayerNorm that follows the wide hidden layer h (width R1, mean m, rstd r = 1/sqrt(var + eps),
+affine g, b) into the next Linear lets the kernel stream h in chunks and keep only running sums:
+
+    W2 · ((h - m) r ⊙ g + b) + b2 = r · (W2g h) - r m · u + c,   W2g = W2 diag(g), u = W2g 1, c = b2 + W2 b
+
+so per row the kernel accumulates W2g h chunk by chunk together with the (Chan-merged) mean and M2 of h, and
+applies r, m, u and c once at the end. The same fold serves the column MLP's 360-wide hidden layer.
+
+Read top to bottom: the Triton forward and backward kernels, their launchers, the torch.library custom
+ops with their autograd, the public :func:`lite_score`, and :func:`lite_ref`, the reference that is the spec.
+
+Backward (Triton, one program per pair): recompute rather than store. The program recomputes S and the
+LayerNorm statistics, goes back through the output, LN4, the column MLP, LN2 and the row MLP, streaming
+each wide hidden layer in chunks (three passes: statistics, the two sums the LayerNorm backward needs,
+gradients). Only dS (pairs x Lq x Ld) reaches memory, for dq = dS d and dd = dS^T q on the host; the
+parameter gradients are summed over pairs with float32 atomics (not bitwise reproducible run to run).
+
+Broadcasting follows :func:`fastrank.maxsim`: kernels see the canonical (F, Y, X) pair grid, q as
+(F, Y, Lq, H) and d as (F, X, Ld, H), so a query shared by many docs is never copied.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F_
+from torch import Tensor
+
+from fastrank import dispatch
+from fastrank.ops.maxsim import _broadcast, _canonicalize, _inner_contiguous
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton is optional: the reference backend covers CPU.
+    triton = None
+
+# Register budget of one program: a (lq, ld) tile of S plus a same-size accumulator.
+MAX_LQ = 64
+MAX_LD = 256
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# --------------------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _lite_fwd_kernel(
+        Q, D, QM, DM, OUT,
+        W1, B1, W2G, U1, C1, G2, BE2,
+        V1, CB1, V2G, U3, C3, G4, BE4, WO, BO,
+        Y, X, Lq, Ld, H, LQ, LD, R1, C,
+        sq_f, sq_y, sq_t, sd_f, sd_x, sd_t,
+        sqm_f, sqm_y, sqm_x, sqm_t, sdm_f, sdm_y, sdm_x, sdm_t,
+        eps1, eps2, eps3, eps4,
+        HAS_QM: tl.constexpr, HAS_DM: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_LQ: tl.constexpr, BLOCK_LD: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        # One program per (f, y, x) pair. Rows i < LQ and columns j < LD are the model's padded grid;
+        # i < Lq and j < Ld are the real tokens.
+        pair = tl.program_id(0).to(tl.int64)
+        f = pair // (Y * X)
+        y = (pair // X) % Y
+        x = pair % X
+        offs_i = tl.arange(0, BLOCK_LQ)
+        offs_j = tl.arange(0, BLOCK_LD)
+        offs_h = tl.arange(0, BLOCK_H)
+        q_in = offs_i < Lq
+        d_in = offs_j < Ld
+        in_i = offs_i < LQ
+        in_j = offs_j < LD
+        row_ok = q_in
+        col_ok = d_in
+        if HAS_QM:
+            qm = tl.load(QM + f * sqm_f + y * sqm_y + x * sqm_x + offs_i * sqm_t, mask=q_in, other=0)
+            row_ok = row_ok & (qm != 0)
+        if HAS_DM:
+            dm = tl.load(DM + f * sdm_f + y * sdm_y + x * sdm_x + offs_j * sdm_t, mask=d_in, other=0)
+            col_ok = col_ok & (dm != 0)
+
+        # S = q d^T, split over H so that H = 768 needs no 768-wide register tile.
+        q_base = Q + f * sq_f + y * sq_y
+        d_base = D + f * sd_f + x * sd_x
+        s = tl.zeros([BLOCK_LQ, BLOCK_LD], tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            h = h0 + offs_h
+            qt = tl.load(q_base + offs_i[:, None] * sq_t + h[None, :], mask=q_in[:, None] & (h[None, :] < H), other=0.0)
+            dt = tl.load(d_base + offs_j[:, None] * sd_t + h[None, :], mask=d_in[:, None] & (h[None, :] < H), other=0.0)
+            s = tl.dot(qt, tl.trans(dt), s, input_precision=PRECISION)
+        s = tl.where(row_ok[:, None] & col_ok[None, :], s, 0.0)
+
+        # Row MLP, hidden layer streamed BLOCK_R units at a time: acc = W2g h, (mean, m2) = running stats.
+        offs_r = tl.arange(0, BLOCK_R)
+        s_w = s.to(W1.dtype.element_ty)
+        mean = tl.zeros([BLOCK_LQ], tl.float32)
+        m2 = tl.zeros([BLOCK_LQ], tl.float32)
+        acc = tl.zeros([BLOCK_LQ, BLOCK_LD], tl.float32)
+        for r0 in range(0, R1, BLOCK_R):
+            r = r0 + offs_r
+            r_in = r < R1
+            w1 = tl.load(W1 + r[:, None] * LD + offs_j[None, :], mask=r_in[:, None] & in_j[None, :], other=0.0)
+            b1 = tl.load(B1 + r, mask=r_in, other=0.0).to(tl.float32)
+            hid = tl.dot(s_w, tl.trans(w1), input_precision=PRECISION) + b1[None, :]
+            hid = tl.where(r_in[None, :] & (hid > 0), hid, 0.0)
+            # Chan's merge of this chunk's (mean, M2) into the running ones: no E[h^2] - E[h]^2 cancellation.
+            n = tl.minimum(R1 - r0, BLOCK_R).to(tl.float32)
+            c_mean = tl.sum(hid, axis=1) / n
+            dev = tl.where(r_in[None, :], hid - c_mean[:, None], 0.0)
+            count = r0 * 1.0  # every chunk before this one is full
+            total = count + n
+            delta = c_mean - mean
+            mean = mean + delta * (n / total)
+            m2 = m2 + tl.sum(dev * dev, axis=1) + delta * delta * (count * n / total)
+            w2 = tl.load(W2G + offs_j[:, None] * R1 + r[None, :], mask=in_j[:, None] & r_in[None, :], other=0.0)
+            acc = tl.dot(hid.to(w2.dtype), tl.trans(w2), acc, input_precision=PRECISION)
+        rstd = 1.0 / tl.sqrt(m2 / R1 + eps1)
+        u1 = tl.load(U1 + offs_j, mask=in_j, other=0.0)
+        c1 = tl.load(C1 + offs_j, mask=in_j, other=0.0)
+        z = acc * rstd[:, None] - (mean * rstd)[:, None] * u1[None, :] + c1[None, :]
+        z = tl.where(in_j[None, :] & (z > 0), z, 0.0)
+        mu = tl.sum(z, axis=1) / LD
+        zc = tl.where(in_j[None, :], z - mu[:, None], 0.0)
+        rstd2 = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / LD + eps2)
+        g2 = tl.load(G2 + offs_j, mask=in_j, other=0.0).to(tl.float32)
+        be2 = tl.load(BE2 + offs_j, mask=in_j, other=0.0).to(tl.float32)
+        rows = zc * rstd2[:, None] * g2[None, :] + be2[None, :]
+        rows = tl.where(in_i[:, None] & in_j[None, :], rows, 0.0)
+
+        # Column MLP on the transposed tile: each of the BLOCK_LD rows of rt is one column of the pair.
+        rt = tl.trans(rows).to(V1.dtype.element_ty)  # (BLOCK_LD, BLOCK_LQ)
+        offs_c = tl.arange(0, BLOCK_C)
+        mean_c = tl.zeros([BLOCK_LD], tl.float32)
+        m2_c = tl.zeros([BLOCK_LD], tl.float32)
+        acc_c = tl.zeros([BLOCK_LD, BLOCK_LQ], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + offs_c
+            c_in = c < C
+            v1 = tl.load(V1 + c[:, None] * LQ + offs_i[None, :], mask=c_in[:, None] & in_i[None, :], other=0.0)
+            cb = tl.load(CB1 + c, mask=c_in, other=0.0).to(tl.float32)
+            hid = tl.dot(rt, tl.trans(v1), input_precision=PRECISION) + cb[None, :]
+            hid = tl.where(c_in[None, :] & (hid > 0), hid, 0.0)
+            n = tl.minimum(C - c0, BLOCK_C).to(tl.float32)
+            c_mean = tl.sum(hid, axis=1) / n
+            dev = tl.where(c_in[None, :], hid - c_mean[:, None], 0.0)
+            count_c = c0 * 1.0
+            total = count_c + n
+            delta = c_mean - mean_c
+            mean_c = mean_c + delta * (n / total)
+            m2_c = m2_c + tl.sum(dev * dev, axis=1) + delta * delta * (count_c * n / total)
+            v2 = tl.load(V2G + offs_i[:, None] * C + c[None, :], mask=in_i[:, None] & c_in[None, :], other=0.0)
+            acc_c = tl.dot(hid.to(v2.dtype), tl.trans(v2), acc_c, input_precision=PRECISION)
+        rstd_c = 1.0 / tl.sqrt(m2_c / C + eps3)
+        u3 = tl.load(U3 + offs_i, mask=in_i, other=0.0)
+        c3 = tl.load(C3 + offs_i, mask=in_i, other=0.0)
+        z = acc_c * rstd_c[:, None] - (mean_c * rstd_c)[:, None] * u3[None, :] + c3[None, :]
+        z = tl.where(in_i[None, :] & (z > 0), z, 0.0)
+        mu = tl.sum(z, axis=1) / LQ
+        zc = tl.where(in_i[None, :], z - mu[:, None], 0.0)
+        rstd4 = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / LQ + eps4)
+        g4 = tl.load(G4 + offs_i, mask=in_i, other=0.0).to(tl.float32)
+        be4 = tl.load(BE4 + offs_i, mask=in_i, other=0.0).to(tl.float32)
+        t = zc * rstd4[:, None] * g4[None, :] + be4[None, :]  # (BLOCK_LD, BLOCK_LQ): T transposed
+
+        # score = sum_{i,j} w_out[i * LD + j] T[i, j] + b_out
+        both = in_j[:, None] & in_i[None, :]
+        wo = tl.load(WO + offs_i[None, :] * LD + offs_j[:, None], mask=both, other=0.0).to(tl.float32)
+        score = tl.sum(tl.sum(tl.where(both, t * wo, 0.0), axis=1), axis=0)
+        tl.store(OUT + pair, score + tl.load(BO).to(tl.float32))
+
+
+    @triton.jit
+    def _lite_bwd_kernel(
+        Q, D, QM, DM, G, DS,
+        W1, B1, G1, BE1, W2, W2G, U1, C1, G2, BE2,
+        V1, CB1, G3, BE3, V2, V2G, U3, C3, G4, BE4, WO,
+        DW1, DB1, DG1, DBE1, DW2, DB2, DG2, DBE2,
+        DV1, DCB1, DG3, DBE3, DV2, DCB2, DG4, DBE4, DWO,
+        Y, X, Lq, Ld, H, LQ, LD, R1, C,
+        sq_f, sq_y, sq_t, sd_f, sd_x, sd_t,
+        sqm_f, sqm_y, sqm_x, sqm_t, sdm_f, sdm_y, sdm_x, sdm_t,
+        eps1, eps2, eps3, eps4,
+        HAS_QM: tl.constexpr, HAS_DM: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_LQ: tl.constexpr, BLOCK_LD: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        # One program per pair: recompute the forward (statistics only), then back through the output,
+        # LN4, the column MLP, LN2 and the row MLP. Each wide hidden layer is streamed three times: its
+        # statistics, then sum(dxhat) and sum(dxhat * xhat) (the LayerNorm backward needs both before any
+        # chunk's gradient), then the gradients. dS goes to memory (dq, dd are matmuls with it on the host);
+        # parameter gradients are summed over pairs with float atomics.
+        #   LayerNorm(h) = xhat g + b, xhat = (h - m) r:  dh = r (dxhat - mean(dxhat) - xhat mean(dxhat xhat))
+        pair = tl.program_id(0).to(tl.int64)
+        f = pair // (Y * X)
+        y = (pair // X) % Y
+        x = pair % X
+        offs_i = tl.arange(0, BLOCK_LQ)
+        offs_j = tl.arange(0, BLOCK_LD)
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_c = tl.arange(0, BLOCK_C)
+        q_in = offs_i < Lq
+        d_in = offs_j < Ld
+        in_i = offs_i < LQ
+        in_j = offs_j < LD
+        row_ok = q_in
+        col_ok = d_in
+        if HAS_QM:
+            qm = tl.load(QM + f * sqm_f + y * sqm_y + x * sqm_x + offs_i * sqm_t, mask=q_in, other=0)
+            row_ok = row_ok & (qm != 0)
+        if HAS_DM:
+            dm = tl.load(DM + f * sdm_f + y * sdm_y + x * sdm_x + offs_j * sdm_t, mask=d_in, other=0)
+            col_ok = col_ok & (dm != 0)
+        q_base = Q + f * sq_f + y * sq_y
+        d_base = D + f * sd_f + x * sd_x
+        s = tl.zeros([BLOCK_LQ, BLOCK_LD], tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            h = h0 + offs_h
+            qt = tl.load(q_base + offs_i[:, None] * sq_t + h[None, :], mask=q_in[:, None] & (h[None, :] < H), other=0.0)
+            dt = tl.load(d_base + offs_j[:, None] * sd_t + h[None, :], mask=d_in[:, None] & (h[None, :] < H), other=0.0)
+            s = tl.dot(qt, tl.trans(dt), s, input_precision=PRECISION)
+        s = tl.where(row_ok[:, None] & col_ok[None, :], s, 0.0)
+        s_w = s.to(W1.dtype.element_ty)
+
+        # ---- forward recompute: row MLP ----
+        mean1 = tl.zeros([BLOCK_LQ], tl.float32)
+        m2 = tl.zeros([BLOCK_LQ], tl.float32)
+        acc = tl.zeros([BLOCK_LQ, BLOCK_LD], tl.float32)
+        for r0 in range(0, R1, BLOCK_R):
+            r = r0 + offs_r
+            r_in = r < R1
+            w1 = tl.load(W1 + r[:, None] * LD + offs_j[None, :], mask=r_in[:, None] & in_j[None, :], other=0.0)
+            b1 = tl.load(B1 + r, mask=r_in, other=0.0).to(tl.float32)
+            hid = tl.dot(s_w, tl.trans(w1), input_precision=PRECISION) + b1[None, :]
+            hid = tl.where(r_in[None, :] & (hid > 0), hid, 0.0)
+            n = tl.minimum(R1 - r0, BLOCK_R).to(tl.float32)
+            c_mean = tl.sum(hid, axis=1) / n
+            dev = tl.where(r_in[None, :], hid - c_mean[:, None], 0.0)
+            count = r0 * 1.0  # every chunk before this one is full
+            total = count + n
+            delta = c_mean - mean1
+            mean1 = mean1 + delta * (n / total)
+            m2 = m2 + tl.sum(dev * dev, axis=1) + delta * delta * (count * n / total)
+            w2 = tl.load(W2G + offs_j[:, None] * R1 + r[None, :], mask=in_j[:, None] & r_in[None, :], other=0.0)
+            acc = tl.dot(hid.to(w2.dtype), tl.trans(w2), acc, input_precision=PRECISION)
+        rstd1 = 1.0 / tl.sqrt(m2 / R1 + eps1)
+        u1 = tl.load(U1 + offs_j, mask=in_j, other=0.0)
+        c1 = tl.load(C1 + offs_j, mask=in_j, other=0.0)
+        z2 = acc * rstd1[:, None] - (mean1 * rstd1)[:, None] * u1[None, :] + c1[None, :]
+        live2 = in_j[None, :] & (z2 > 0)
+        h2 = tl.where(live2, z2, 0.0)
+        mu2 = tl.sum(h2, axis=1) / LD
+        rstd2 = 1.0 / tl.sqrt(tl.sum(tl.where(in_j[None, :], (h2 - mu2[:, None]) * (h2 - mu2[:, None]), 0.0), axis=1) / LD + eps2)
+        xhat2 = tl.where(in_j[None, :], (h2 - mu2[:, None]) * rstd2[:, None], 0.0)
+        g2 = tl.load(G2 + offs_j, mask=in_j, other=0.0).to(tl.float32)
+        be2 = tl.load(BE2 + offs_j, mask=in_j, other=0.0).to(tl.float32)
+        rows = tl.where(in_i[:, None] & in_j[None, :], xhat2 * g2[None, :] + be2[None, :], 0.0)
+
+        # ---- forward recompute: column MLP on the transposed tile ----
+        rt = tl.trans(rows)  # (BLOCK_LD, BLOCK_LQ), float32
+        rt_w = rt.to(V1.dtype.element_ty)
+        mean3 = tl.zeros([BLOCK_LD], tl.float32)
+        m2_c = tl.zeros([BLOCK_LD], tl.float32)
+        acc_c = tl.zeros([BLOCK_LD, BLOCK_LQ], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + offs_c
+            c_in = c < C
+            v1 = tl.load(V1 + c[:, None] * LQ + offs_i[None, :], mask=c_in[:, None] & in_i[None, :], other=0.0)
+            cb = tl.load(CB1 + c, mask=c_in, other=0.0).to(tl.float32)
+            hid = tl.dot(rt_w, tl.trans(v1), input_precision=PRECISION) + cb[None, :]
+            hid = tl.where(c_in[None, :] & (hid > 0), hid, 0.0)
+            n = tl.minimum(C - c0, BLOCK_C).to(tl.float32)
+            c_mean = tl.sum(hid, axis=1) / n
+            dev = tl.where(c_in[None, :], hid - c_mean[:, None], 0.0)
+            count_c = c0 * 1.0
+            total = count_c + n
+            delta = c_mean - mean3
+            mean3 = mean3 + delta * (n / total)
+            m2_c = m2_c + tl.sum(dev * dev, axis=1) + delta * delta * (count_c * n / total)
+            v2 = tl.load(V2G + offs_i[:, None] * C + c[None, :], mask=in_i[:, None] & c_in[None, :], other=0.0)
+            acc_c = tl.dot(hid.to(v2.dtype), tl.trans(v2), acc_c, input_precision=PRECISION)
+        rstd3 = 1.0 / tl.sqrt(m2_c / C + eps3)
+        u3 = tl.load(U3 + offs_i, mask=in_i, other=0.0)
+        c3 = tl.load(C3 + offs_i, mask=in_i, other=0.0)
+        z4 = acc_c * rstd3[:, None] - (mean3 * rstd3)[:, None] * u3[None, :] + c3[None, :]
+        live4 = in_i[None, :] & (z4 > 0)
+        h4 = tl.where(live4, z4, 0.0)
+        mu4 = tl.sum(h4, axis=1) / LQ
+        rstd4 = 1.0 / tl.sqrt(tl.sum(tl.where(in_i[None, :], (h4 - mu4[:, None]) * (h4 - mu4[:, None]), 0.0), axis=1) / LQ + eps4)
+        xhat4 = tl.where(in_i[None, :], (h4 - mu4[:, None]) * rstd4[:, None], 0.0)
+        g4 = tl.load(G4 + offs_i, mask=in_i, other=0.0).to(tl.float32)
+        be4 = tl.load(BE4 + offs_i, mask=in_i, other=0.0).to(tl.float32)
+        both = in_j[:, None] & in_i[None, :]
+        t = tl.where(both, xhat4 * g4[None, :] + be4[None, :], 0.0)
+
+        # ---- output and LN4 (over the query axis of each column) ----
+        g = tl.load(G + pair)
+        wo_ptrs = offs_i[None, :] * LD + offs_j[:, None]
+        wo = tl.load(WO + wo_ptrs, mask=both, other=0.0).to(tl.float32)
+        tl.atomic_add(DWO + wo_ptrs, g * t, mask=both)
+        dout = g * wo  # dscore/dT, (BLOCK_LD, BLOCK_LQ), zero outside the model's grid
+        tl.atomic_add(DG4 + offs_i, tl.sum(dout * xhat4, axis=0), mask=in_i)
+        tl.atomic_add(DBE4 + offs_i, tl.sum(dout, axis=0), mask=in_i)
+        dx = dout * g4[None, :]
+        dh = rstd4[:, None] * (dx - (tl.sum(dx, axis=1) / LQ)[:, None] - xhat4 * (tl.sum(dx * xhat4, axis=1) / LQ)[:, None])
+        dz4 = tl.where(live4 & in_j[:, None], dh, 0.0)  # d/d(V2 n3 + cb2), (BLOCK_LD, BLOCK_LQ)
+        tl.atomic_add(DCB2 + offs_i, tl.sum(dz4, axis=0), mask=in_i)
+
+        # ---- column hidden layer: sums for its LayerNorm backward ----
+        s1 = tl.zeros([BLOCK_LD], tl.float32)
+        s2 = tl.zeros([BLOCK_LD], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + offs_c
+            c_in = c < C
+            v1 = tl.load(V1 + c[:, None] * LQ + offs_i[None, :], mask=c_in[:, None] & in_i[None, :], other=0.0)
+            cb = tl.load(CB1 + c, mask=c_in, other=0.0).to(tl.float32)
+            pre = tl.dot(rt_w, tl.trans(v1), input_precision=PRECISION) + cb[None, :]
+            hid = tl.where(c_in[None, :] & (pre > 0), pre, 0.0)
+            xhat = tl.where(c_in[None, :], (hid - mean3[:, None]) * rstd3[:, None], 0.0)
+            v2 = tl.load(V2 + offs_i[:, None] * C + c[None, :], mask=in_i[:, None] & c_in[None, :], other=0.0)
+            g3 = tl.load(G3 + c, mask=c_in, other=0.0).to(tl.float32)
+            dxh = tl.dot(dz4.to(v2.dtype), v2, input_precision=PRECISION) * g3[None, :]
+            s1 += tl.sum(dxh, axis=1)
+            s2 += tl.sum(dxh * xhat, axis=1)
+        # ---- column hidden layer: gradients ----
+        drt = tl.zeros([BLOCK_LD, BLOCK_LQ], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + offs_c
+            c_in = c < C
+            v1 = tl.load(V1 + c[:, None] * LQ + offs_i[None, :], mask=c_in[:, None] & in_i[None, :], other=0.0)
+            cb = tl.load(CB1 + c, mask=c_in, other=0.0).to(tl.float32)
+            pre = tl.dot(rt_w, tl.trans(v1), input_precision=PRECISION) + cb[None, :]
+            hid = tl.where(c_in[None, :] & (pre > 0), pre, 0.0)
+            xhat = tl.where(c_in[None, :], (hid - mean3[:, None]) * rstd3[:, None], 0.0)
+            v2 = tl.load(V2 + offs_i[:, None] * C + c[None, :], mask=in_i[:, None] & c_in[None, :], other=0.0)
+            g3 = tl.load(G3 + c, mask=c_in, other=0.0).to(tl.float32)
+            be3 = tl.load(BE3 + c, mask=c_in, other=0.0).to(tl.float32)
+            dn = tl.dot(dz4.to(v2.dtype), v2, input_precision=PRECISION)  # (BLOCK_LD, BLOCK_C)
+            n3 = tl.where(in_j[:, None] & c_in[None, :], xhat * g3[None, :] + be3[None, :], 0.0)
+            dv2 = tl.dot(tl.trans(dz4), n3, input_precision=PRECISION)  # (BLOCK_LQ, BLOCK_C)
+            tl.atomic_add(DV2 + offs_i[:, None] * C + c[None, :], dv2, mask=in_i[:, None] & c_in[None, :])
+            tl.atomic_add(DG3 + c, tl.sum(dn * xhat, axis=0), mask=c_in)
+            tl.atomic_add(DBE3 + c, tl.sum(dn, axis=0), mask=c_in)
+            dhid = rstd3[:, None] * (dn * g3[None, :] - (s1 / C)[:, None] - xhat * (s2 / C)[:, None])
+            da = tl.where(in_j[:, None] & c_in[None, :] & (pre > 0), dhid, 0.0)
+            dv1 = tl.dot(tl.trans(da), rt, input_precision=PRECISION)  # (BLOCK_C, BLOCK_LQ)
+            tl.atomic_add(DV1 + c[:, None] * LQ + offs_i[None, :], dv1, mask=c_in[:, None] & in_i[None, :])
+            tl.atomic_add(DCB1 + c, tl.sum(da, axis=0), mask=c_in)
+            drt = tl.dot(da.to(v1.dtype), v1, drt, input_precision=PRECISION)
+
+        # ---- LN2 (over the doc axis of each row) ----
+        dr = tl.where(in_i[:, None] & in_j[None, :], tl.trans(drt), 0.0)  # (BLOCK_LQ, BLOCK_LD)
+        tl.atomic_add(DG2 + offs_j, tl.sum(dr * xhat2, axis=0), mask=in_j)
+        tl.atomic_add(DBE2 + offs_j, tl.sum(dr, axis=0), mask=in_j)
+        dx = dr * g2[None, :]
+        dh = rstd2[:, None] * (dx - (tl.sum(dx, axis=1) / LD)[:, None] - xhat2 * (tl.sum(dx * xhat2, axis=1) / LD)[:, None])
+        dz2 = tl.where(live2 & in_i[:, None], dh, 0.0)  # d/d(W2 n1 + b2), (BLOCK_LQ, BLOCK_LD)
+        tl.atomic_add(DB2 + offs_j, tl.sum(dz2, axis=0), mask=in_j)
+
+        # ---- row hidden layer: sums for its LayerNorm backward ----
+        s1 = tl.zeros([BLOCK_LQ], tl.float32)
+        s2 = tl.zeros([BLOCK_LQ], tl.float32)
+        for r0 in range(0, R1, BLOCK_R):
+            r = r0 + offs_r
+            r_in = r < R1
+            w1 = tl.load(W1 + r[:, None] * LD + offs_j[None, :], mask=r_in[:, None] & in_j[None, :], other=0.0)
+            b1 = tl.load(B1 + r, mask=r_in, other=0.0).to(tl.float32)
+            pre = tl.dot(s_w, tl.trans(w1), input_precision=PRECISION) + b1[None, :]
+            hid = tl.where(r_in[None, :] & (pre > 0), pre, 0.0)
+            xhat = tl.where(r_in[None, :], (hid - mean1[:, None]) * rstd1[:, None], 0.0)
+            w2 = tl.load(W2 + offs_j[:, None] * R1 + r[None, :], mask=in_j[:, None] & r_in[None, :], other=0.0)
+            g1 = tl.load(G1 + r, mask=r_in, other=0.0).to(tl.float32)
+            dxh = tl.dot(dz2.to(w2.dtype), w2, input_precision=PRECISION) * g1[None, :]
+            s1 += tl.sum(dxh, axis=1)
+            s2 += tl.sum(dxh * xhat, axis=1)
+        # ---- row hidden layer: gradients ----
+        ds = tl.zeros([BLOCK_LQ, BLOCK_LD], tl.float32)
+        for r0 in range(0, R1, BLOCK_R):
+            r = r0 + offs_r
+            r_in = r < R1
+            w1 = tl.load(W1 + r[:, None] * LD + offs_j[None, :], mask=r_in[:, None] & in_j[None, :], other=0.0)
+            b1 = tl.load(B1 + r, mask=r_in, other=0.0).to(tl.float32)
+            pre = tl.dot(s_w, tl.trans(w1), input_precision=PRECISION) + b1[None, :]
+            hid = tl.where(r_in[None, :] & (pre > 0), pre, 0.0)
+            xhat = tl.where(r_in[None, :], (hid - mean1[:, None]) * rstd1[:, None], 0.0)
+            w2 = tl.load(W2 + offs_j[:, None] * R1 + r[None, :], mask=in_j[:, None] & r_in[None, :], other=0.0)
+            g1 = tl.load(G1 + r, mask=r_in, other=0.0).to(tl.float32)
+            be1 = tl.load(BE1 + r, mask=r_in, other=0.0).to(tl.float32)
+            dn = tl.dot(dz2.to(w2.dtype), w2, input_precision=PRECISION)  # (BLOCK_LQ, BLOCK_R)
+            n1 = tl.where(in_i[:, None] & r_in[None, :], xhat * g1[None, :] + be1[None, :], 0.0)
+            dw2 = tl.dot(tl.trans(dz2), n1, input_precision=PRECISION)  # (BLOCK_LD, BLOCK_R)
+            tl.atomic_add(DW2 + offs_j[:, None] * R1 + r[None, :], dw2, mask=in_j[:, None] & r_in[None, :])
+            tl.atomic_add(DG1 + r, tl.sum(dn * xhat, axis=0), mask=r_in)
+            tl.atomic_add(DBE1 + r, tl.sum(dn, axis=0), mask=r_in)
+            dhid = rstd1[:, None] * (dn * g1[None, :] - (s1 / R1)[:, None] - xhat * (s2 / R1)[:, None])
+            da = tl.where(in_i[:, None] & r_in[None, :] & (pre > 0), dhid, 0.0)
+            dw1 = tl.dot(tl.trans(da), s, input_precision=PRECISION)  # (BLOCK_R, BLOCK_LD)
+            tl.atomic_add(DW1 + r[:, None] * LD + offs_j[None, :], dw1, mask=r_in[:, None] & in_j[None, :])
+            tl.atomic_add(DB1 + r, tl.sum(da, axis=0), mask=r_in)
+            ds = tl.dot(da.to(w1.dtype), w1, ds, input_precision=PRECISION)
+        ds = tl.where(row_ok[:, None] & col_ok[None, :], ds, 0.0)
+        tl.store(DS + (pair * Lq + offs_i[:, None]) * Ld + offs_j[None, :], ds, mask=q_in[:, None] & d_in[None, :])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Launcher. Canonical tensors: q (F, Y, Lq, H), d (F, X, Ld, H), masks (F, Y, X, L) or None.
+# --------------------------------------------------------------------------------------------------------
+def _precision(t: Tensor) -> str:
+    # float32 keeps float32 products: TF32 would cost ~1e-3 relative error through two wide layers.
+    return "ieee" if t.dtype == torch.float32 else "tf32"
+
+
+def _pow2(n: int, lo: int) -> int:
+    return max(lo, triton.next_power_of_2(n))
+
+
+def _fold(weight: Tensor, gamma: Tensor, beta: Tensor, bias: Tensor, dtype: torch.dtype):
+    """(W diag(gamma), W diag(gamma) 1, bias + W beta): the LayerNorm before ``weight`` folded into it.
+    u is summed from the rounded W diag(gamma), so that r (Wg h) - r m u is exactly Wg (h - m) r."""
+    wg = (weight.float() * gamma.float()[None, :]).to(dtype).contiguous()
+    u = wg.float().sum(dim=1).contiguous()
+    c = (bias.float() + weight.float() @ beta.float()).contiguous()
+    return wg, u, c
+
+
+def _triton_forward(q, d, q_mask, d_mask, params, lq: int, ld: int, eps) -> Tensor:
+    q, d = _inner_contiguous(q), _inner_contiguous(d)
+    W1, b1, g1, be1, W2, b2, g2, be2, V1, cb1, g3, be3, V2, cb2, g4, be4, wo, bo = (p.detach() for p in params)
+    dtype = W1.dtype
+    W2g, u1, c1 = _fold(W2, g1, be1, b2, dtype)
+    V2g, u3, c3 = _fold(V2, g3, be3, cb2, dtype)
+    Fd, Y, Lq, H = q.shape
+    X, Ld = d.shape[1], d.shape[2]
+    R1, C = W1.shape[0], V1.shape[0]
+    out = torch.empty((Fd, Y, X), device=q.device, dtype=torch.float32)
+    qms = list(q_mask.stride()) if q_mask is not None else [0, 0, 0, 0]
+    dms = list(d_mask.stride()) if d_mask is not None else [0, 0, 0, 0]
+    _lite_fwd_kernel[(Fd * Y * X,)](
+        q, d, q_mask if q_mask is not None else out, d_mask if d_mask is not None else out, out,
+        W1.contiguous(), b1.contiguous(), W2g, u1, c1, g2.contiguous(), be2.contiguous(),
+        V1.contiguous(), cb1.contiguous(), V2g, u3, c3, g4.contiguous(), be4.contiguous(),
+        wo.contiguous(), bo.contiguous(),
+        Y, X, Lq, Ld, H, lq, ld, R1, C,
+        q.stride(0), q.stride(1), q.stride(2), d.stride(0), d.stride(1), d.stride(2),
+        *qms, *dms,
+        *[float(e) for e in eps],
+        HAS_QM=q_mask is not None, HAS_DM=d_mask is not None, PRECISION=_precision(q),
+        BLOCK_LQ=_pow2(lq, 16), BLOCK_LD=_pow2(ld, 16), BLOCK_H=_pow2(min(H, 64), 16),
+        BLOCK_R=32, BLOCK_C=32,
+        num_warps=8,
+    )
+    return out
+
+
+def _triton_backward(grad, q, d, q_mask, d_mask, params, lq: int, ld: int, eps) -> list[Tensor]:
+    """Gradients for q, d and the 18 parameters. dS (pairs, Lq, Ld) is the one per-pair tensor in memory."""
+    q, d = _inner_contiguous(q), _inner_contiguous(d)
+    W1, b1, g1, be1, W2, b2, g2, be2, V1, cb1, g3, be3, V2, cb2, g4, be4, wo, bo = (p.detach().contiguous() for p in params)
+    dtype = W1.dtype
+    W2g, u1, c1 = _fold(W2, g1, be1, b2, dtype)
+    V2g, u3, c3 = _fold(V2, g3, be3, cb2, dtype)
+    Fd, Y, Lq, H = q.shape
+    X, Ld = d.shape[1], d.shape[2]
+    R1, C = W1.shape[0], V1.shape[0]
+    grad = grad.detach().float().contiguous()
+    ds = torch.empty((Fd, Y, X, Lq, Ld), device=q.device, dtype=torch.float32)
+    # float32 accumulators for the parameter gradients, in the order of `params` (the output bias apart)
+    acc = [torch.zeros(p.shape, device=q.device, dtype=torch.float32) for p in params[:-1]]
+    qms = list(q_mask.stride()) if q_mask is not None else [0, 0, 0, 0]
+    dms = list(d_mask.stride()) if d_mask is not None else [0, 0, 0, 0]
+    _lite_bwd_kernel[(Fd * Y * X,)](
+        q, d, q_mask if q_mask is not None else ds, d_mask if d_mask is not None else ds, grad, ds,
+        W1, b1, g1, be1, W2, W2g, u1, c1, g2, be2,
+        V1, cb1, g3, be3, V2, V2g, u3, c3, g4, be4, wo,
+        *acc,
+        Y, X, Lq, Ld, H, lq, ld, R1, C,
+        q.stride(0), q.stride(1), q.stride(2), d.stride(0), d.stride(1), d.stride(2),
+        *qms, *dms,
+        *[float(e) for e in eps],
+        HAS_QM=q_mask is not None, HAS_DM=d_mask is not None, PRECISION=_precision(q),
+        BLOCK_LQ=_pow2(lq, 16), BLOCK_LD=_pow2(ld, 16), BLOCK_H=_pow2(min(H, 64), 16),
+        BLOCK_R=32, BLOCK_C=32,
+        num_warps=8,
+    )
+    dq = torch.einsum("fyxij,fxjh->fyih", ds, d.float()).to(q.dtype)
+    dd = torch.einsum("fyxij,fyih->fxjh", ds, q.float()).to(d.dtype)
+    dbo = grad.sum().reshape(bo.shape)
+    grads = acc + [dbo]
+    return [dq.contiguous(), dd.contiguous()] + [gr.to(p.dtype) for gr, p in zip(grads, params)]
+
+
+def _kernel_reasons(*, dtype: torch.dtype, weight_dtype: torch.dtype, lq: int, ld: int,
+                    interpreter: bool = False, **_) -> list[str]:
+    reasons = []
+    allowed = (torch.float32,) if interpreter else KERNEL_DTYPES
+    if dtype not in allowed:
+        reasons.append(f"dtype {dtype} not supported (supports {', '.join(str(t) for t in allowed)})")
+    if weight_dtype != dtype:
+        reasons.append(f"the scorer's weights are {weight_dtype} but the inputs are {dtype}; the kernel needs one dtype")
+    if lq > MAX_LQ:
+        reasons.append(f"lq={lq} exceeds the kernel's {MAX_LQ}-row tile")
+    if ld > MAX_LD:
+        reasons.append(f"ld={ld} exceeds the kernel's {MAX_LD}-column tile")
+    return reasons
+
+
+dispatch.register("lite", "triton", reasons=_kernel_reasons)(_triton_forward)
+dispatch.register("lite", "triton_interpret", reasons=lambda **ctx: _kernel_reasons(interpreter=True, **ctx))(_triton_forward)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Custom ops (torch.library): opaque to torch.compile, with fake implementations and autograd.
+# --------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastrank::lite_forward", mutates_args=())
+def _lite_forward_op(
+    q: Tensor, d: Tensor, q_mask: Optional[Tensor], d_mask: Optional[Tensor], params: list[Tensor],
+    lq: int, ld: int, eps: list[float], backend: str,
+) -> Tensor:
+    return _triton_forward(q, d, q_mask, d_mask, params, lq, ld, eps)
+
+
+@_lite_forward_op.register_fake
+def _(q, d, q_mask, d_mask, params, lq, ld, eps, backend):
+    return q.new_empty((q.shape[0], q.shape[1], d.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastrank::lite_backward", mutates_args=())
+def _lite_backward_op(
+    grad: Tensor, q: Tensor, d: Tensor, q_mask: Optional[Tensor], d_mask: Optional[Tensor],
+    params: list[Tensor], lq: int, ld: int, eps: list[float],
+) -> list[Tensor]:
+    return _triton_backward(grad, q, d, q_mask, d_mask, params, lq, ld, eps)
+
+
+@_lite_backward_op.register_fake
+def _(grad, q, d, q_mask, d_mask, params, lq, ld, eps):
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, d, *params)]
+
+
+def _setup_context(ctx, inputs, output):
+    q, d, q_mask, d_mask, params, lq, ld, eps, _ = inputs
+    ctx.n_params, ctx.lq, ctx.ld, ctx.eps = len(params), lq, ld, eps
+    ctx.has_qm, ctx.has_dm = q_mask is not None, d_mask is not None
+    ctx.save_for_backward(q, d, q_mask, d_mask, *params)
+
+
+def _backward(ctx, grad_scores):
+    q, d, q_mask, d_mask, *params = ctx.saved_tensors
+    grads = _lite_backward_op(
+        grad_scores, q, d, q_mask if ctx.has_qm else None, d_mask if ctx.has_dm else None, params,
+        ctx.lq, ctx.ld, ctx.eps,
+    )
+    return grads[0], grads[1], None, None, list(grads[2:]), None, None, None, None
+
+
+_lite_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------------
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _scorer_params(scorer) -> tuple[list[Tensor], int, int, list[float]]:
+    """The 18 tensors of a LiteScorer-layout module, in the order the ops take them, with lq, ld and the
+    four LayerNorm epsilons. Checks the layout so that a wrong module fails here, not in a kernel."""
+    try:
+        row, col, out = scorer.row_mlp, scorer.col_mlp, scorer.out
+        layers = (row[0], row[2], row[3], row[5], col[0], col[2], col[3], col[5])
+    except (AttributeError, IndexError, TypeError) as exc:
+        raise TypeError(
+            "lite_score: scorer must have the LiteScorer layout: row_mlp and col_mlp as nn.Sequential(Linear, "
+            f"ReLU, LayerNorm, Linear, ReLU, LayerNorm) and out = Linear(lq*ld, 1) ({exc})"
+        ) from None
+    for seq_name, seq in (("row_mlp", row), ("col_mlp", col)):
+        kinds = [type(m).__name__ for m in seq]
+        if kinds != ["Linear", "ReLU", "LayerNorm", "Linear", "ReLU", "LayerNorm"]:
+            raise TypeError(f"lite_score: scorer.{seq_name} must be (Linear, ReLU, LayerNorm, Linear, ReLU, LayerNorm), got {kinds}")
+        if seq[2].weight is None or seq[5].weight is None or seq[0].bias is None or seq[3].bias is None:
+            raise TypeError(f"lite_score: scorer.{seq_name} needs biases and affine LayerNorms")
+    ld, r1 = row[0].in_features, row[0].out_features
+    lq, c = col[0].in_features, col[0].out_features
+    expect = {"row_mlp[3]": (row[3], r1, ld), "col_mlp[3]": (col[3], c, lq), "out": (out, lq * ld, 1)}
+    for name, (lin, fan_in, fan_out) in expect.items():
+        if (lin.in_features, lin.out_features) != (fan_in, fan_out) or lin.bias is None:
+            raise TypeError(f"lite_score: scorer.{name} must be Linear({fan_in}, {fan_out}) with bias")
+    for name, norm, width in (("row_mlp[2]", row[2], r1), ("row_mlp[5]", row[5], ld), ("col_mlp[2]", col[2], c), ("col_mlp[5]", col[5], lq)):
+        if tuple(norm.normalized_shape) != (width,):
+            raise TypeError(f"lite_score: scorer.{name} must be LayerNorm({width}), got {tuple(norm.normalized_shape)}")
+    params = [
+        row[0].weight, row[0].bias, row[2].weight, row[2].bias, row[3].weight, row[3].bias, row[5].weight, row[5].bias,
+        col[0].weight, col[0].bias, col[2].weight, col[2].bias, col[3].weight, col[3].bias, col[5].weight, col[5].bias,
+        out.weight, out.bias,
+    ]
+    eps = [float(row[2].eps), float(row[5].eps), float(col[2].eps), float(col[5].eps)]
+    if len({p.device for p in params}) > 1 or len({p.dtype for p in params}) > 1:
+        raise TypeError("lite_score: the scorer's parameters must share one device and one dtype")
+    return params, lq, ld, eps
+
+
+def _project(scorer, q: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """Small LITE: Linear(H -> d') then L2 normalisation of every token, when the scorer has ``proj``."""
+    proj = getattr(scorer, "proj", None)
+    if proj is None:
+        return q, d
+    for name, t in (("q", q), ("d", d)):
+        if t.shape[-1] != proj.in_features:
+            raise ValueError(
+                f"lite_score: {name} has H={t.shape[-1]} but the scorer's projection takes H={proj.in_features}"
+            )
+    weight = proj.weight.to(q.dtype)
+    bias = proj.bias.to(q.dtype) if proj.bias is not None else None
+    return (F_.normalize(F_.linear(q, weight, bias), dim=-1), F_.normalize(F_.linear(d, weight, bias), dim=-1))
+
+
+def _check_inputs(q, d, q_mask, d_mask, lq: int, ld: int, scorer_device: torch.device) -> torch.Size:
+    for name, t in (("q", q), ("d", d)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"lite_score: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() < 2:
+            raise ValueError(f"lite_score: {name} must have shape (..., L{name}, H), got {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"lite_score: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if q.dtype != d.dtype:
+        raise TypeError(f"lite_score: q and d must have the same dtype, got q {q.dtype} and d {d.dtype}")
+    if q.shape[-1] != d.shape[-1]:
+        raise ValueError(
+            f"lite_score: q and d must share the embedding dim H, got q {tuple(q.shape)} (H={q.shape[-1]}) "
+            f"and d {tuple(d.shape)} (H={d.shape[-1]})"
+        )
+    if q.shape[-2] > lq:
+        raise ValueError(f"lite_score: q has Lq={q.shape[-2]} tokens, more than the scorer's lq={lq}; truncate the query")
+    if d.shape[-2] > ld:
+        raise ValueError(f"lite_score: d has Ld={d.shape[-2]} tokens, more than the scorer's ld={ld}; truncate the document")
+    for name, m, owner, length in (("q_mask", q_mask, "q", q.shape[-2]), ("d_mask", d_mask, "d", d.shape[-2])):
+        if m is None:
+            continue
+        if not isinstance(m, Tensor):
+            raise TypeError(f"lite_score: {name} must be a bool tensor or None, got {type(m).__name__}")
+        if m.dtype != torch.bool:
+            raise TypeError(f"lite_score: {name} must be a bool tensor, got {m.dtype}")
+        if m.dim() < 1 or m.shape[-1] != length:
+            raise ValueError(
+                f"lite_score: {name} must have shape (..., {length}) to match {owner}'s {length} tokens, got {tuple(m.shape)}"
+            )
+    devices = {name: t.device for name, t in (("q", q), ("d", d), ("q_mask", q_mask), ("d_mask", d_mask)) if t is not None}
+    devices["scorer"] = scorer_device
+    if len(set(devices.values())) > 1:
+        raise ValueError("lite_score: all tensors must be on one device, got " + ", ".join(f"{k} on {v}" for k, v in devices.items()))
+    shapes = {"q": q.shape[:-2], "d": d.shape[:-2]}
+    if q_mask is not None:
+        shapes["q_mask"] = q_mask.shape[:-1]
+    if d_mask is not None:
+        shapes["d_mask"] = d_mask.shape[:-1]
+    batch = _broadcast(shapes.values())
+    if batch is None:
+        raise ValueError(
+            "lite_score: the leading (batch) dims do not broadcast: " + ", ".join(f"{k} {tuple(v)}" for k, v in shapes.items())
+        )
+    return batch
+
+
+def lite_score(
+    q: Tensor,
+    d: Tensor,
+    q_mask: Optional[Tensor] = None,
+    d_mask: Optional[Tensor] = None,
+    *,
+    scorer,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Separable LITE scores, fused: S = q d^T padded to (lq, ld), row MLP, column MLP, Linear(lq*ld -> 1).
+
+    Args:
+        q: (..., Lq, H) query token embeddings, float32, float16 or bfloat16, Lq <= scorer's lq.
+        d: (..., Ld, H) document token embeddings, same dtype and device, Ld <= scorer's ld. The leading
+            dims broadcast like :func:`fastrank.maxsim`: q (Lq, H) with d (N, Ld, H) gives (N,) (re-ranking);
+            q (B, 1, Lq, H) with d (B, K, Ld, H) gives (B, K); q (B, 1, Lq, H) with d (1, B, Ld, H) gives
+            (B, B). The broadcast operand is never copied.
+        q_mask: optional bool (..., Lq); False zeroes that row of S (as padding does).
+        d_mask: optional bool (..., Ld); False zeroes that column of S.
+        scorer: a :class:`fastrank.LiteScorer`, or any module with its layout (``row_mlp``, ``col_mlp``,
+            ``out``, optional ``proj``). Its parameters get gradients.
+        backend: force one of :data:`fastrank.BACKENDS` (default: the first that can run, also settable
+            with ``FASTRANK_BACKEND``).
+
+    Returns:
+        float32 scores of the broadcast batch shape (float64 for float64 inputs, which run on the
+        reference). Accumulation is float32 whatever the input dtype.
+    """
+    params, lq, ld, eps = _scorer_params(scorer)
+    batch = _check_inputs(q, d, q_mask, d_mask, lq, ld, params[0].device)
+    q, d = _project(scorer, q, d)
+    impl = dispatch.choose(
+        "lite", (q, d, q_mask, d_mask), backend,
+        dtype=q.dtype, weight_dtype=params[0].dtype, lq=lq, ld=ld,
+    )
+    if impl.backend == "reference" or math.prod(batch) == 0 or q.shape[-2] == 0 or d.shape[-2] == 0 or q.shape[-1] == 0:
+        return _lite_math(q, d, q_mask, d_mask, params, lq, ld, eps)
+    c = _canonicalize(q, d, q_mask, d_mask, batch)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, d, *params))
+    if needs_grad or torch.compiler.is_compiling():
+        scores = _lite_forward_op(c.q, c.d, c.q_mask, c.d_mask, params, lq, ld, eps, impl.backend)
+    else:  # inference: no graph to record, so skip the custom-op machinery
+        scores = impl.fn(c.q, c.d, c.q_mask, c.d_mask, params, lq, ld, eps)
+    return c.restore(scores)
+
+
+dispatch.register("lite", "reference")(lambda *args, **kwargs: _lite_math(*args, **kwargs))
+
+
+def _lite_math(q: Tensor, d: Tensor, q_mask, d_mask, params, lq: int, ld: int, eps) -> Tensor:
+    """The computation of :func:`lite_ref` on explicit parameters (also what the backward recomputes)."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    (W1, b1, g1, be1, W2, b2, g2, be2, V1, cb1, g3, be3, V2, cb2, g4, be4, wo, bo) = (p.to(compute) for p in params)
+    s = torch.matmul(q.to(compute), d.to(compute).transpose(-1, -2))  # (..., Lq, Ld)
+    if q_mask is not None:
+        s = s * q_mask.unsqueeze(-1)
+    if d_mask is not None:
+        s = s * d_mask.unsqueeze(-2)
+    s = F_.pad(s, (0, ld - s.shape[-1], 0, lq - s.shape[-2]))  # (..., lq, ld), zeros where there is no token
+    r = F_.layer_norm(F_.relu(F_.linear(s, W1, b1)), (W1.shape[0],), g1, be1, eps[0])
+    r = F_.layer_norm(F_.relu(F_.linear(r, W2, b2)), (ld,), g2, be2, eps[1])
+    t = r.transpose(-1, -2)  # (..., ld, lq): the column MLP runs over the query axis
+    t = F_.layer_norm(F_.relu(F_.linear(t, V1, cb1)), (V1.shape[0],), g3, be3, eps[2])
+    t = F_.layer_norm(F_.relu(F_.linear(t, V2, cb2)), (lq,), g4, be4, eps[3])
+    flat = t.transpose(-1, -2).reshape(*t.shape[:-2], lq * ld)  # row-major flattening of (lq, ld)
+    return F_.linear(flat, wo, bo).squeeze(-1)
+
+
+def lite_ref(q: Tensor, d: Tensor, q_mask: Optional[Tensor] = None, d_mask: Optional[Tensor] = None, *, scorer) -> Tensor:
+    """The specification of :func:`lite_score` in plain PyTorch (materialises S and the hidden layers).
+
+    Same arguments as :func:`lite_score`. Computes in float32 (float64 for float64 inputs; the scorer's
+    parameters are cast to that dtype) and returns that dtype.
+    """
+    params, lq, ld, eps = _scorer_params(scorer)
+    _check_inputs(q, d, q_mask, d_mask, lq, ld, params[0].device)
+    q, d = _project(scorer, q, d)
+    return _lite_math(q, d, q_mask, d_mask, params, lq, ld, eps)

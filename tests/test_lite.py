@@ -1,0 +1,441 @@
+"""fastrank.lite_score / LiteScorer against lite_ref (the spec), in float64, on every backend this machine can run.
+
+Most cases use a small scorer (lq=8, ld=16, row_hidden=40, col_hidden=24): the Triton interpreter is slow and
+the kernel's logic (tiles, masks, chunked LayerNorm statistics, broadcasting) does not depend on the widths.
+A few cases run the paper's sizes (lq=30, ld=200, row_hidden=2400, col_hidden=360) on one or two pairs.
+"""
+import copy
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import fastrank
+from fastrank import BackendUnavailableError, LiteScorer, dispatch, lite_ref, lite_score
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+KERNEL_BACKENDS = ["triton_interpret"] if HAS_TRITON and INTERPRET else []
+SMALL = dict(lq=8, ld=16, row_hidden=40, col_hidden=24)
+PAPER = dict(lq=30, ld=200, row_hidden=2400, col_hidden=360)
+
+# Kernel (float32) error vs the float64 truth, relative to the largest |truth| of each tensor: two wide
+# layers and four LayerNorms of float32 accumulation.
+FWD_TOL = dict(rtol=2e-5, atol=1e-6)
+GRAD_TOL = dict(rtol=1e-4, atol=1e-7)
+
+
+def _randomize(module: nn.Module, seed: int) -> nn.Module:
+    """Random weights, not the init: LayerNorm affines away from (1, 0) and non-zero biases, so that a
+    kernel that dropped gamma, beta or a bias would fail. Linear weights ~ 1/sqrt(fan_in) keep scores O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in module.modules():
+            if isinstance(mod, nn.Linear):
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) / mod.in_features ** 0.5)
+                mod.bias.copy_(0.3 * torch.randn(mod.bias.shape, generator=g))
+            elif isinstance(mod, nn.LayerNorm):
+                mod.weight.copy_(1 + 0.5 * torch.randn(mod.weight.shape, generator=g))
+                mod.bias.copy_(0.3 * torch.randn(mod.bias.shape, generator=g))
+    return module
+
+
+def _scorer(seed=0, **sizes) -> LiteScorer:
+    return _randomize(LiteScorer(**(sizes or SMALL)), seed)
+
+
+def _case(form, lq, ld, h, *, seed, masks=True):
+    """Fresh random inputs in one of the three broadcast forms, random masks with one fully padded doc."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {
+        "rerank": ((lq, h), (3, ld, h), (lq,), (3, ld)),
+        "grouped": ((2, 1, lq, h), (2, 2, ld, h), (2, 1, lq), (2, 2, ld)),
+        "allpairs": ((2, 1, lq, h), (1, 2, ld, h), (2, 1, lq), (1, 2, ld)),
+    }[form]
+    q = torch.randn(shapes[0], generator=g) / h ** 0.25
+    d = torch.randn(shapes[1], generator=g) / h ** 0.25
+    q_mask = d_mask = None
+    if masks:
+        q_mask = torch.rand(shapes[2], generator=g) < 0.8
+        d_mask = torch.rand(shapes[3], generator=g) < 0.7
+        d_mask.view(-1, ld)[1] = False  # a fully padded document
+    return q, d, q_mask, d_mask
+
+
+def _check(q, d, q_mask, d_mask, scorer, backend):
+    """Forward and gradients for q, d and every parameter (non-unit upstream gradient) vs float64 lite_ref.
+
+    Tolerance (flash-attention's rule): the kernel's largest error against the float64 truth is within a
+    tight bound, or at most twice the float32 reference's own error, which is what a float32 computation
+    of an ill-conditioned case (a LayerNorm over a few surviving ReLU units) can be held to."""
+    q = q.detach().requires_grad_()
+    d = d.detach().requires_grad_()
+    out = lite_score(q, d, q_mask, d_mask, scorer=scorer, backend=backend)
+    scorer64 = copy.deepcopy(scorer).double()
+    q64 = q.detach().double().requires_grad_()
+    d64 = d.detach().double().requires_grad_()
+    ref = lite_ref(q64, d64, q_mask, d_mask, scorer=scorer64)
+    q32 = q.detach().clone().requires_grad_()
+    d32 = d.detach().clone().requires_grad_()
+    ref32 = lite_ref(q32, d32, q_mask, d_mask, scorer=scorer)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7)) + 0.5
+    names = [n for n, _ in scorer.named_parameters()]
+    got = torch.autograd.grad(out, [q, d, *scorer.parameters()], grad)
+    want = torch.autograd.grad(ref, [q64, d64, *scorer64.parameters()], grad.double())
+    base = torch.autograd.grad(ref32, [q32, d32, *scorer.parameters()], grad)
+    checks = [("score", out, ref, ref32, FWD_TOL)] + [
+        (f"gradient of {name}", a, b, c, GRAD_TOL) for name, a, b, c in zip(["q", "d"] + names, got, want, base)
+    ]
+    for what, a, b, c, tol in checks:
+        assert a.shape == b.shape, what
+        if b.numel() == 0:
+            continue
+        scale = b.abs().max().item()
+        err = (a.double() - b).abs().max().item()
+        allowed = max(tol["atol"] + tol["rtol"] * scale, 2 * (c.double() - b).abs().max().item())
+        assert err <= allowed, f"{what}: max error {err:.3g} > {allowed:.3g} (max |truth| {scale:.3g})"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The spec: lite_ref and the module layout against an independently written plain PyTorch LITE
+# ---------------------------------------------------------------------------------------------------------
+class PlainLite(nn.Module):
+    """A plain PyTorch separable LITE, written from the paper's description, not from fastrank."""
+
+    def __init__(self, lq, ld, row_hidden, col_hidden):
+        super().__init__()
+        self.lq, self.ld = lq, ld
+        self.row_mlp = nn.Sequential(nn.Linear(ld, row_hidden), nn.ReLU(), nn.LayerNorm(row_hidden),
+                                     nn.Linear(row_hidden, ld), nn.ReLU(), nn.LayerNorm(ld))
+        self.col_mlp = nn.Sequential(nn.Linear(lq, col_hidden), nn.ReLU(), nn.LayerNorm(col_hidden),
+                                     nn.Linear(col_hidden, lq), nn.ReLU(), nn.LayerNorm(lq))
+        self.out = nn.Linear(lq * ld, 1)
+
+    def forward(self, q, d, q_mask, d_mask):  # one pair: q (Lq, H), d (Ld, H)
+        s = torch.zeros(self.lq, self.ld, dtype=q.dtype)
+        s[: q.shape[0], : d.shape[0]] = (q @ d.T) * q_mask[:, None] * d_mask[None, :]
+        rows = torch.stack([self.row_mlp(s[i]) for i in range(self.lq)])
+        cols = torch.stack([self.col_mlp(rows[:, j]) for j in range(self.ld)], dim=1)
+        return self.out(cols.flatten())[0]
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+def test_plain_lite_checkpoint_loads_and_scores_the_same(backend):
+    plain = _randomize(PlainLite(**SMALL), seed=3).double()
+    scorer = LiteScorer(**SMALL).double()
+    assert list(scorer.state_dict()) == list(plain.state_dict())
+    scorer.load_state_dict(plain.state_dict(), strict=True)
+    q, d, qm, dm = _case("rerank", 7, 13, 24, seed=1)
+    q, d = q.double(), d.double()
+    want = torch.stack([plain(q, d[k], qm, dm[k]) for k in range(3)])
+    torch.testing.assert_close(lite_ref(q, d, qm, dm, scorer=scorer), want, rtol=1e-12, atol=1e-12)
+    got = lite_score(q.float(), d.float(), qm, dm, scorer=scorer.float(), backend=backend)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_module_layout():
+    scorer = LiteScorer()
+    kinds = lambda seq: [type(m).__name__ for m in seq]  # noqa: E731
+    assert kinds(scorer.row_mlp) == kinds(scorer.col_mlp) == ["Linear", "ReLU", "LayerNorm", "Linear", "ReLU", "LayerNorm"]
+    assert (scorer.row_mlp[0].in_features, scorer.row_mlp[0].out_features) == (200, 2400)
+    assert (scorer.col_mlp[0].in_features, scorer.col_mlp[0].out_features) == (30, 360)
+    assert (scorer.out.in_features, scorer.out.out_features) == (6000, 1)
+    assert scorer.proj is None
+
+
+def test_padding_is_position_sensitive_and_masks_equal_truncation():
+    """A masked tail scores as if the doc were truncated (both zero S there); padded query rows still pass
+    through the MLPs, so the score is not that of a smaller grid."""
+    scorer = _scorer(seed=5).double()
+    q, d, _, _ = _case("rerank", 6, 12, 16, seed=2, masks=False)
+    q, d = q.double(), d.double()
+    dm = torch.zeros(3, 12, dtype=torch.bool)
+    dm[:, :9] = True
+    torch.testing.assert_close(lite_ref(q, d, None, dm, scorer=scorer), lite_ref(q, d[:, :9], scorer=scorer))
+    shifted = torch.roll(torch.nn.functional.pad(d, (0, 0, 0, 4)), 4, dims=1)  # same tokens, 4 pad columns first
+    assert not torch.allclose(lite_ref(q, d, scorer=scorer), lite_ref(q, shifted, scorer=scorer))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernel vs the reference
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not KERNEL_BACKENDS, reason="needs triton and TRITON_INTERPRET=1")
+@pytest.mark.parametrize("form", ["rerank", "grouped", "allpairs"])
+@pytest.mark.parametrize("lq,ld", [(1, 1), (7, 9), (8, 16)])
+@pytest.mark.parametrize("h", [59, 128])
+def test_matches_reference(form, lq, ld, h):
+    _check(*_case(form, lq, ld, h, seed=lq * 100 + ld * 10 + h), _scorer(seed=lq + ld), "triton_interpret")
+
+
+@pytest.mark.skipif(not KERNEL_BACKENDS, reason="needs triton and TRITON_INTERPRET=1")
+@pytest.mark.parametrize("form", ["rerank", "grouped", "allpairs"])
+def test_without_masks_h768(form):
+    _check(*_case(form, 7, 13, 768, seed=4, masks=False), _scorer(seed=1), "triton_interpret")
+
+
+@pytest.fixture(scope="module")
+def paper_scorer():
+    return _scorer(seed=11, **PAPER)
+
+
+@pytest.mark.skipif(not KERNEL_BACKENDS, reason="needs triton and TRITON_INTERPRET=1")
+@pytest.mark.parametrize("lq,ld,h,docs", [(30, 200, 768, 1), (7, 97, 128, 2), (1, 1, 59, 2)])
+def test_paper_sizes(paper_scorer, lq, ld, h, docs):
+    g = torch.Generator().manual_seed(lq + ld + h)
+    q = torch.randn(lq, h, generator=g) / h ** 0.25
+    d = torch.randn(docs, ld, h, generator=g) / h ** 0.25
+    dm = torch.rand(docs, ld, generator=g) < 0.9
+    _check(q, d, None, dm, paper_scorer, "triton_interpret")
+
+
+@pytest.mark.skipif(not KERNEL_BACKENDS, reason="needs triton and TRITON_INTERPRET=1")
+def test_noncontiguous_inputs_and_mask_only_broadcast():
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(24, 7, generator=g).t()  # (7, 24), last dim not contiguous
+    d = torch.randn(3, 24, 11, generator=g).transpose(1, 2)
+    dm = (torch.rand(11, 3, generator=g) < 0.7).t()
+    _check(q, d, None, dm, _scorer(seed=2), "triton_interpret")
+    q = torch.randn(2, 1, 1, 5, 24, generator=g)
+    d = torch.randn(1, 2, 1, 9, 24, generator=g)
+    qm = torch.rand(2, 1, 2, 5, generator=g) < 0.8  # only the masks vary along the last batch dim
+    out = _check(q, d, qm, None, _scorer(seed=3), "triton_interpret")
+    assert out.shape == (2, 2, 2)
+
+
+@pytest.mark.skipif(not KERNEL_BACKENDS, reason="needs triton and TRITON_INTERPRET=1")
+def test_small_lite_projection():
+    scorer = _randomize(LiteScorer(**SMALL, proj_dim=16, embed_dim=40), seed=8)
+    out = _check(*_case("grouped", 7, 12, 40, seed=3), scorer, "triton_interpret")
+    # the projection is Linear then L2 normalisation of every token, applied before S
+    plain = _randomize(LiteScorer(**SMALL), seed=8)
+    plain.load_state_dict({k: v for k, v in scorer.state_dict().items() if not k.startswith("proj")})
+    q, d, qm, dm = _case("grouped", 7, 12, 40, seed=3)
+    project = lambda t: torch.nn.functional.normalize(scorer.proj(t), dim=-1)  # noqa: E731
+    torch.testing.assert_close(out, lite_ref(project(q), project(d), qm, dm, scorer=plain), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not KERNEL_BACKENDS, reason="needs triton and TRITON_INTERPRET=1")
+def test_parameter_gradients_sum_over_many_pairs():
+    """Every pair's program adds into the same parameter gradients: 40 docs of one query, and 40 queries
+    of one doc (dq and dd then sum over the broadcast dims too)."""
+    scorer = _scorer(seed=12)
+    g = torch.Generator().manual_seed(3)
+    _check(torch.randn(6, 16, generator=g), torch.randn(40, 11, 16, generator=g), None,
+           torch.rand(40, 11, generator=g) < 0.8, scorer, "triton_interpret")
+    _check(torch.randn(40, 6, 16, generator=g), torch.randn(11, 16, generator=g), None, None, scorer, "triton_interpret")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Property tests over random shapes (few examples: the interpreter is slow)
+# ---------------------------------------------------------------------------------------------------------
+@st.composite
+def _problems(draw):
+    # Widths of 1 or 2 make a LayerNorm constant (1) or +-1 (2): every gradient upstream of it is 0 in exact
+    # arithmetic and float32 rounding noise in practice, which no comparison with float64 can judge. Real
+    # token counts still go down to 1.
+    lq_model = draw(st.integers(3, 20))
+    ld_model = draw(st.integers(3, 40))
+    sizes = dict(lq=lq_model, ld=ld_model, row_hidden=draw(st.integers(3, 70)), col_hidden=draw(st.integers(3, 40)))
+    lq = draw(st.integers(1, lq_model))
+    ld = draw(st.integers(1, ld_model))
+    h = draw(st.integers(1, 70))
+    rank = draw(st.integers(0, 2))
+    batch = [draw(st.integers(1, 3)) for _ in range(rank)]
+    q_batch = [b if draw(st.booleans()) else 1 for b in batch]
+    d_batch = [b if draw(st.booleans()) else 1 for b in batch]
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(*q_batch, lq, h, generator=g)
+    d = torch.randn(*d_batch, ld, h, generator=g)
+    qm = (torch.rand(*q_batch, lq, generator=g) < 0.8) if draw(st.booleans()) else None
+    dm = (torch.rand(*d_batch, ld, generator=g) < 0.7) if draw(st.booleans()) else None
+    return (q, d, qm, dm), _scorer(seed=seed % 1000, **sizes)
+
+
+@pytest.mark.skipif(not KERNEL_BACKENDS, reason="needs triton and TRITON_INTERPRET=1")
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_problems())
+def test_property_triton_interpret(problem):
+    inputs, scorer = problem
+    _check(*inputs, scorer, "triton_interpret")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dispatch, torch.compile and torch.library registration
+# ---------------------------------------------------------------------------------------------------------
+def test_default_backend_on_cpu_is_the_reference_and_triton_needs_cuda():
+    code = (
+        "import torch, fastrank\n"
+        "q, d = torch.randn(4, 8), torch.randn(3, 5, 8)\n"
+        "impl = fastrank.dispatch.choose('lite', (q, d), None, dtype=q.dtype, weight_dtype=q.dtype, lq=30, ld=200)\n"
+        "assert impl.backend == 'reference', impl.backend\n"
+        "assert not torch.cuda.is_initialized()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    with pytest.raises(BackendUnavailableError, match="needs CUDA tensors"):
+        lite_score(torch.randn(4, 8), torch.randn(3, 5, 8), scorer=_scorer(), backend="triton")
+
+
+def test_float64_and_mixed_weight_dtypes_run_on_the_reference():
+    scorer = _scorer(seed=1)
+    q, d, qm, dm = _case("rerank", 7, 9, 16, seed=0)
+    out = lite_score(q.double(), d.double(), qm, dm, scorer=scorer.double())
+    assert out.dtype == torch.float64
+    if KERNEL_BACKENDS:
+        with pytest.raises(BackendUnavailableError, match="dtype torch.float64 not supported"):
+            lite_score(q.double(), d.double(), scorer=scorer, backend="triton_interpret")
+        with pytest.raises(BackendUnavailableError, match="weights are torch.float64 but the inputs are torch.float32"):
+            lite_score(q, d, scorer=scorer, backend="triton_interpret")
+
+
+def test_scorer_wider_than_the_kernel_tile_runs_on_the_reference():
+    scorer = _scorer(seed=2, lq=70, ld=5, row_hidden=6, col_hidden=4)
+    q, d = torch.randn(3, 8), torch.randn(2, 5, 8)
+    torch.testing.assert_close(lite_score(q, d, scorer=scorer), lite_ref(q, d, scorer=scorer))
+    if KERNEL_BACKENDS:
+        with pytest.raises(BackendUnavailableError, match="lq=70 exceeds the kernel's 64-row tile"):
+            lite_score(q, d, scorer=scorer, backend="triton_interpret")
+
+
+def test_empty_batch():
+    scorer = _scorer()
+    for backend in ["reference", None] + KERNEL_BACKENDS:
+        assert lite_score(torch.randn(4, 8), torch.randn(0, 5, 8), scorer=scorer, backend=backend).shape == (0,)
+
+
+@pytest.mark.skipif(not KERNEL_BACKENDS, reason="needs triton and TRITON_INTERPRET=1")
+def test_opcheck_custom_op():
+    from fastrank.ops.lite import _lite_forward_op, _scorer_params
+    from fastrank.ops.maxsim import _canonicalize
+
+    scorer = _scorer(seed=2, lq=4, ld=5, row_hidden=6, col_hidden=3)
+    params, lq, ld, eps = _scorer_params(scorer)
+    q, d = torch.randn(2, 1, 3, 8), torch.randn(2, 2, 5, 8)
+    c = _canonicalize(q, d, None, torch.rand(2, 2, 5) < 0.7, torch.Size([2, 2]))
+    args = (c.q.requires_grad_(), c.d.requires_grad_(), c.q_mask, c.d_mask, list(params), lq, ld, eps, "triton_interpret")
+    torch.library.opcheck(_lite_forward_op, args)
+
+
+@pytest.mark.skipif(not KERNEL_BACKENDS, reason="needs triton and TRITON_INTERPRET=1")
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
+def test_under_torch_compile(compile_backend):
+    scorer = _scorer(seed=4)
+    q, d, qm, dm = _case("grouped", 7, 9, 16, seed=1)
+    q.requires_grad_()
+    fn = torch.compile(lambda a: scorer(a, d, qm, dm, backend="triton_interpret"), backend=compile_backend, fullgraph=True)
+    out = fn(q)
+    ref = lite_ref(q, d, qm, dm, scorer=scorer)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad(out.sum(), [q, *scorer.parameters()])
+    want = torch.autograd.grad(ref.sum(), [q, *scorer.parameters()])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+_COMPILE_FOR_SM90 = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastrank.ops import lite
+
+dtype = sys.argv[1]
+ints = {"Y", "X", "Lq", "Ld", "H", "LQ", "LD", "R1", "C"}
+fp32_ptrs = {"OUT", "G", "DS", "U1", "C1", "U3", "C3"}
+consts = dict(HAS_QM=True, HAS_DM=True, PRECISION="ieee" if dtype == "fp32" else "tf32",
+              BLOCK_LQ=32, BLOCK_LD=256, BLOCK_H=64, BLOCK_R=32, BLOCK_C=32)
+for kernel in (lite._lite_fwd_kernel, lite._lite_bwd_kernel):
+    signature = {}
+    for name in kernel.arg_names:
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name.startswith("eps"):
+            signature[name] = "fp32"
+        elif name in ints or name.startswith("s"):
+            signature[name] = "i32"
+        elif name in ("QM", "DM"):
+            signature[name] = "*i1"
+        elif name in fp32_ptrs or (name.startswith("D") and name != "D"):
+            signature[name] = "*fp32"  # gradient accumulators, folded vectors, outputs
+        else:
+            signature[name] = "*" + dtype
+    src = ASTSource(fn=kernel, signature=signature,
+                    constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    assert compiled.asm["cubin"], kernel
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("dtype", ["bf16"])  # fp32 compiles too, in a minute of ptxas time
+def test_kernels_compile_for_sm90(dtype, tmp_path):
+    """The interpreter accepts code the compiler rejects (loop-carried types, for one): compile both kernels
+    to an sm_90 cubin, which needs Triton's bundled ptxas but no GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from a cache
+    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, dtype], env=env, capture_output=True, text=True)
+    if run.returncode != 0 and "ptxas" in run.stderr and "not found" in run.stderr.lower():
+        pytest.skip("Triton's ptxas is not available")
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input: clear errors naming the argument
+# ---------------------------------------------------------------------------------------------------------
+def _bad_inputs():
+    q, d = torch.randn(4, 8), torch.randn(3, 5, 8)
+    return [
+        (dict(q=q, d=torch.randn(3, 5, 7)), ValueError, r"share the embedding dim H.*H=8.*H=7"),
+        (dict(q=torch.randn(9, 8), d=d), ValueError, r"q has Lq=9 tokens, more than the scorer's lq=8"),
+        (dict(q=q, d=torch.randn(3, 17, 8)), ValueError, r"d has Ld=17 tokens, more than the scorer's ld=16"),
+        (dict(q=q, d=d.bfloat16()), TypeError, r"same dtype, got q torch.float32 and d torch.bfloat16"),
+        (dict(q=q.long(), d=d.long()), TypeError, r"q must be float32, float16 or bfloat16, got torch.int64"),
+        (dict(q=q, d=d.to("meta")), ValueError, r"one device, got q on cpu, d on meta"),
+        (dict(q=q.to("meta"), d=d.to("meta")), ValueError, r"one device, got q on meta, d on meta, scorer on cpu"),
+        (dict(q=q, d=d, q_mask=torch.ones(4)), TypeError, r"q_mask must be a bool tensor, got torch.float32"),
+        (dict(q=q, d=d, d_mask=torch.ones(3, 4, dtype=torch.bool)), ValueError, r"d_mask must have shape \(\.\.\., 5\)"),
+        (dict(q=torch.randn(2, 4, 8), d=d), ValueError, r"batch\) dims do not broadcast: q \(2,\), d \(3,\)"),
+        (dict(q=torch.randn(8), d=d), ValueError, r"q must have shape \(\.\.\., Lq, H\)"),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+@pytest.mark.parametrize("case", range(len(_bad_inputs())))
+def test_bad_input(backend, case):
+    kwargs, exc, pattern = _bad_inputs()[case]
+    with pytest.raises(exc, match=pattern):
+        lite_score(**kwargs, scorer=_scorer(), backend=backend)
+    with pytest.raises(exc, match=pattern):
+        lite_ref(**kwargs, scorer=_scorer())
+
+
+def test_bad_scorer_and_projection_width():
+    q, d = torch.randn(4, 8), torch.randn(3, 5, 8)
+    broken = _scorer()
+    broken.row_mlp[1] = nn.GELU()
+    with pytest.raises(TypeError, match=r"scorer.row_mlp must be \(Linear, ReLU, LayerNorm"):
+        lite_score(q, d, scorer=broken)
+    with pytest.raises(TypeError, match="LiteScorer layout"):
+        lite_score(q, d, scorer=nn.Linear(3, 3))
+    small = LiteScorer(**SMALL, proj_dim=4, embed_dim=12)
+    with pytest.raises(ValueError, match=r"q has H=8 but the scorer's projection takes H=12"):
+        small(q, d)
+    with pytest.raises(ValueError, match="activation='gelu' is not supported"):
+        LiteScorer(activation="gelu")
+    with pytest.raises(ValueError, match="proj_dim needs embed_dim"):
+        LiteScorer(proj_dim=16)
+
+
+def test_public_api():
+    assert fastrank.lite_score is lite_score and fastrank.lite_ref is lite_ref and fastrank.LiteScorer is LiteScorer
+    assert set(dispatch.explain("lite", (torch.randn(2, 2),), dtype=torch.float32, weight_dtype=torch.float32,
+                                lq=30, ld=200)) == set(fastrank.BACKENDS)
