@@ -111,7 +111,6 @@ def add_retrieve(sub) -> None:
 
 def cmd_retrieve(args) -> int:
     from fastrank.data import read_qrels, read_queries, write_run
-    from fastrank.encoders import QUERY_MAX_LENGTH
     from fastrank.index import DenseIndex, TokenIndex
 
     index_dir = Path(args.index)

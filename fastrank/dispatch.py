@@ -53,16 +53,23 @@ def register(op: str, backend: str, reasons: Reasons | None = None):
     return wrap
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_STATE: tuple[bool, bool, str] | None = None
+
+
 def _triton_state() -> tuple[bool, bool, str]:
     """(importable, interpreting, import error). Decided once: Triton reads TRITON_INTERPRET when a kernel
-    is defined, so the mode fastrank's kernels were defined in is the mode they run in."""
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install raising something else
-        return False, False, f"triton is not importable ({exc.__class__.__name__}: {exc}); pip install triton"
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    return True, interpreting, ""
+    is defined, so the mode fastrank's kernels were defined in is the mode they run in. (A plain global
+    rather than lru_cache: Dynamo traces through this under torch.compile.)"""
+    global _TRITON_STATE
+    if _TRITON_STATE is None:
+        try:
+            import triton  # noqa: F401
+
+            interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+            _TRITON_STATE = (True, interpreting, "")
+        except Exception as exc:  # ImportError, or a broken install raising something else
+            _TRITON_STATE = (False, False, f"triton is not importable ({exc.__class__.__name__}: {exc}); pip install triton")
+    return _TRITON_STATE
 
 
 def _devices(tensors: Iterable[torch.Tensor | None]) -> set[str]:
@@ -125,8 +132,9 @@ def _reasons(op: str, backend: str, devices: frozenset, ctx: tuple) -> list[str]
 
 def reset() -> None:
     """Forget cached availability (after installing Triton or rebuilding the extension in-process)."""
+    global _TRITON_STATE
     _reasons.cache_clear()
-    _triton_state.cache_clear()
+    _TRITON_STATE = None
 
 
 def choose(op: str, tensors: Sequence[torch.Tensor | None], backend: str | None = None, **ctx) -> Implementation:

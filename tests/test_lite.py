@@ -315,7 +315,7 @@ def test_empty_batch():
 @pytest.mark.skipif(not KERNEL_BACKENDS, reason="needs triton and TRITON_INTERPRET=1")
 def test_opcheck_custom_op():
     from fastrank.ops.lite import _lite_forward_op, _scorer_params
-    from fastrank.ops.maxsim import _canonicalize
+    from fastrank.ops.pairs import canonicalize as _canonicalize
 
     scorer = _scorer(seed=2, lq=4, ld=5, row_hidden=6, col_hidden=3)
     params, lq, ld, eps = _scorer_params(scorer)

@@ -38,7 +38,7 @@ import torch.nn.functional as F_
 from torch import Tensor
 
 from fastrank import dispatch
-from fastrank.ops.maxsim import _broadcast, _canonicalize, _inner_contiguous
+from fastrank.ops.pairs import broadcast_shapes as _broadcast, canonicalize as _canonicalize, inner_contiguous as _inner_contiguous
 
 try:
     import triton
@@ -579,7 +579,7 @@ def _scorer_params(scorer) -> tuple[list[Tensor], int, int, list[float]]:
     four LayerNorm epsilons. Checks the layout so that a wrong module fails here, not in a kernel."""
     try:
         row, col, out = scorer.row_mlp, scorer.col_mlp, scorer.out
-        layers = (row[0], row[2], row[3], row[5], col[0], col[2], col[3], col[5])
+        (row[0], row[2], row[3], row[5], col[0], col[2], col[3], col[5])  # IndexError/TypeError: not this layout
     except (AttributeError, IndexError, TypeError) as exc:
         raise TypeError(
             "lite_score: scorer must have the LiteScorer layout: row_mlp and col_mlp as nn.Sequential(Linear, "

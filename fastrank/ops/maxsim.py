@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from fastrank import _ext, dispatch
+from fastrank.ops.pairs import broadcast_shapes, canonicalize, inner_contiguous
 
 try:
     import triton
@@ -168,10 +169,6 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------------------
 # Launchers. All take the canonical tensors: q (F, Y, Lq, H), d (F, X, Ld, H), masks (F, Y, X, L) or None.
 # --------------------------------------------------------------------------------------------------------
-def _inner_contiguous(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _dims(q: Tensor, d: Tensor) -> tuple[int, int, int, int, int, int]:
     F, Y, Lq, H = q.shape
     X, Ld = d.shape[1], d.shape[2]
@@ -192,7 +189,7 @@ def _precision(t: Tensor) -> str:
 
 
 def _triton_forward(q, d, q_mask, d_mask, save_argmax: bool):
-    q, d = _inner_contiguous(q), _inner_contiguous(d)
+    q, d = inner_contiguous(q), inner_contiguous(d)
     F, Y, X, Lq, Ld, H = _dims(q, d)
     out = torch.empty((F, Y, X), device=q.device, dtype=torch.float32)
     arg = torch.empty((F, Y, X, Lq) if save_argmax else (0,), device=q.device, dtype=torch.int32)
@@ -232,7 +229,7 @@ def _loop_split(programs: int, loop_len: int, deterministic: bool, device: torch
 
 
 def _triton_backward(q, d, grad, argmax, need_dq: bool, need_dd: bool, deterministic: bool):
-    q, d = _inner_contiguous(q), _inner_contiguous(d)
+    q, d = inner_contiguous(q), inner_contiguous(d)
     F, Y, X, Lq, Ld, H = _dims(q, d)
     grad = grad.contiguous().float()
     block_lq = _pow2(Lq, 16, MAX_LQ)
@@ -265,7 +262,7 @@ def _triton_backward(q, d, grad, argmax, need_dq: bool, need_dd: bool, determini
 
 def _cpp_forward(q, d, q_mask, d_mask, save_argmax: bool):
     ext = _ext.require()
-    q, d = _inner_contiguous(q), _inner_contiguous(d)
+    q, d = inner_contiguous(q), inner_contiguous(d)
     F, Y, X, Lq, Ld, H = _dims(q, d)
     out = torch.empty((F, Y, X), device=q.device, dtype=torch.float32)
     arg = torch.empty((F, Y, X, Lq) if save_argmax else (0,), device=q.device, dtype=torch.int32)
@@ -287,7 +284,7 @@ def _cpp_forward(q, d, q_mask, d_mask, save_argmax: bool):
 def _cpp_backward(q, d, grad, argmax, need_dq: bool, need_dd: bool, deterministic: bool):
     # Deterministic whatever `deterministic` says: each output element has one writer (CPU and CUDA).
     ext = _ext.require()
-    q, d = _inner_contiguous(q), _inner_contiguous(d)
+    q, d = inner_contiguous(q), inner_contiguous(d)
     F, Y, X, Lq, Ld, H = _dims(q, d)
     grad = grad.contiguous().float()
     argmax = argmax.contiguous()
@@ -376,71 +373,6 @@ _maxsim_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------------
-# Canonical (F, Y, X) form of broadcast inputs, without copying the broadcast operand.
-# --------------------------------------------------------------------------------------------------------
-@dataclass
-class _Canonical:
-    q: Tensor
-    d: Tensor
-    q_mask: Optional[Tensor]
-    d_mask: Optional[Tensor]
-    restore: Callable[[Tensor], Tensor]  # (F, Y, X) scores -> the broadcast batch shape
-
-
-def _with_rank(t: Tensor, rank: int) -> Tensor:
-    return t if t.dim() == rank else t.reshape((1,) * (rank - t.dim()) + tuple(t.shape))
-
-
-def _canonicalize(q: Tensor, d: Tensor, q_mask: Optional[Tensor], d_mask: Optional[Tensor], batch) -> _Canonical:
-    # Views only, and as few as possible: this runs on every call, and re-ranking calls are short.
-    n = len(batch)
-    qv, dv = _with_rank(q, n + 2), _with_rank(d, n + 2)
-    both, q_only, d_only = [], [], []
-    expand_d = False
-    for k, size in enumerate(batch):
-        if size == 1:
-            continue
-        if qv.shape[k] == size and dv.shape[k] == size:
-            both.append(k)
-        elif qv.shape[k] == size:
-            q_only.append(k)
-        else:  # d varies here, or only a mask does (then d is expanded: a view, and autograd sums it)
-            d_only.append(k)
-            expand_d = expand_d or dv.shape[k] == 1
-    if expand_d:
-        dv = dv.expand([batch[k] if k in d_only else dv.shape[k] for k in range(n)] + list(dv.shape[-2:]))
-    order = both + q_only + d_only
-    identity = order == sorted(order)  # dims of size 1 may sit anywhere: they vanish in the reshapes
-    perm = order + [k for k in range(n) if k not in order]
-    F = math.prod([batch[k] for k in both])
-    Y = math.prod([batch[k] for k in q_only])
-    X = math.prod([batch[k] for k in d_only])
-    if not identity:
-        qv = qv.permute(perm + [n, n + 1])
-        dv = dv.permute(perm + [n, n + 1])
-    qc = qv.reshape(F, Y, *q.shape[-2:])
-    dc = dv.reshape(F, X, *d.shape[-2:])
-
-    def mask(m: Optional[Tensor]) -> Optional[Tensor]:
-        if m is None:
-            return None
-        mv = m.expand(tuple(batch) + (m.shape[-1],))
-        if not identity:
-            mv = mv.permute(perm + [n])
-        return mv.reshape(F, Y, X, m.shape[-1])
-
-    if identity:
-        restore = lambda scores: scores.reshape(batch)  # noqa: E731
-    else:
-        inverse = sorted(range(len(order)), key=lambda i: order[i])
-
-        def restore(scores: Tensor) -> Tensor:
-            return scores.reshape([batch[k] for k in order]).permute(inverse).reshape(batch)
-
-    return _Canonical(qc, dc, mask(q_mask), mask(d_mask), restore)
-
-
-# --------------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------------
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -480,27 +412,13 @@ def _check_inputs(q, d, q_mask, d_mask) -> torch.Size:
         shapes["q_mask"] = q_mask.shape[:-1]
     if d_mask is not None:
         shapes["d_mask"] = d_mask.shape[:-1]
-    batch = _broadcast(shapes.values())
+    batch = broadcast_shapes(shapes.values())
     if batch is None:
         raise ValueError(
             "maxsim: the leading (batch) dims do not broadcast: "
             + ", ".join(f"{k} {tuple(v)}" for k, v in shapes.items())
         )
     return batch
-
-
-def _broadcast(shapes) -> Optional[torch.Size]:
-    """torch.broadcast_shapes for a few short shapes, without its per-call overhead; None if incompatible."""
-    shapes = list(shapes)
-    n = max(len(s) for s in shapes)
-    out = [1] * n
-    for s in shapes:
-        for i, size in enumerate(s, start=n - len(s)):
-            if size != 1:
-                if out[i] != 1 and out[i] != size:
-                    return None
-                out[i] = size
-    return torch.Size(out)
 
 
 def maxsim(
@@ -541,7 +459,7 @@ def maxsim(
     )
     if impl.backend == "reference" or math.prod(batch) == 0 or lq == 0 or ld == 0 or h == 0:
         return maxsim_ref(q, d, q_mask, d_mask)
-    c = _canonicalize(q, d, q_mask, d_mask, batch)
+    c = canonicalize(q, d, q_mask, d_mask, batch)
     save_argmax = torch.is_grad_enabled() and (q.requires_grad or d.requires_grad)
     if save_argmax or torch.compiler.is_compiling():
         scores, _ = _maxsim_forward_op(c.q, c.d, c.q_mask, c.d_mask, impl.backend, save_argmax, deterministic)
