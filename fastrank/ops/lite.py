@@ -52,9 +52,156 @@ MAX_LD = 256
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # --------------------------------------------------------------------------------------------------------
-# Triton kernel
+# Triton kernels: shared pieces (similarity tile, streamed hidden layer and its backward), forward, backward
 # --------------------------------------------------------------------------------------------------------
 if triton is not None:
+
+    @triton.jit
+    def _similarity(
+        Q, D, QM, DM, pair, Y, X, Lq, Ld, H,
+        sq_f, sq_y, sq_t, sd_f, sd_x, sd_t,
+        sqm_f, sqm_y, sqm_x, sqm_t, sdm_f, sdm_y, sdm_x, sdm_t,
+        HAS_QM: tl.constexpr, HAS_DM: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_LQ: tl.constexpr, BLOCK_LD: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        # S = q d^T of one (f, y, x) pair, split over H so that H = 768 needs no 768-wide register tile,
+        # zero at padded and masked positions. Also returns which rows and columns are real, unmasked tokens.
+        f = pair // (Y * X)
+        y = (pair // X) % Y
+        x = pair % X
+        offs_i = tl.arange(0, BLOCK_LQ)
+        offs_j = tl.arange(0, BLOCK_LD)
+        offs_h = tl.arange(0, BLOCK_H)
+        q_in = offs_i < Lq
+        d_in = offs_j < Ld
+        row_ok = q_in
+        col_ok = d_in
+        if HAS_QM:
+            qm = tl.load(QM + f * sqm_f + y * sqm_y + x * sqm_x + offs_i * sqm_t, mask=q_in, other=0)
+            row_ok = row_ok & (qm != 0)
+        if HAS_DM:
+            dm = tl.load(DM + f * sdm_f + y * sdm_y + x * sdm_x + offs_j * sdm_t, mask=d_in, other=0)
+            col_ok = col_ok & (dm != 0)
+        q_base = Q + f * sq_f + y * sq_y
+        d_base = D + f * sd_f + x * sd_x
+        s = tl.zeros([BLOCK_LQ, BLOCK_LD], tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            h = h0 + offs_h
+            qt = tl.load(q_base + offs_i[:, None] * sq_t + h[None, :], mask=q_in[:, None] & (h[None, :] < H), other=0.0)
+            dt = tl.load(d_base + offs_j[:, None] * sd_t + h[None, :], mask=d_in[:, None] & (h[None, :] < H), other=0.0)
+            s = tl.dot(qt, tl.trans(dt), s, input_precision=PRECISION)
+        s = tl.where(row_ok[:, None] & col_ok[None, :], s, 0.0)
+        return s, row_ok, col_ok
+
+    @triton.jit
+    def _hidden_forward(
+        x_w, W_IN, B_IN, W_OUTG, U, CC, n_hidden, n_feat, eps, offs_f, in_f,
+        BLOCK_ROWS: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_HID: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # z = W_out LN(ReLU(W_in x + b_in)) + b_out for every row of x_w (BLOCK_ROWS x BLOCK_F), with the
+        # LayerNorm folded into W_out (module docstring): the hidden layer streams BLOCK_HID units at a time,
+        # keeping only W_outg h and the running (mean, M2) of h, merged chunk by chunk with Chan's formula
+        # (no E[h^2] - E[h]^2 cancellation). Returns z and the hidden layer's (mean, rstd).
+        offs_k = tl.arange(0, BLOCK_HID)
+        mean = tl.zeros([BLOCK_ROWS], tl.float32)
+        m2 = tl.zeros([BLOCK_ROWS], tl.float32)
+        acc = tl.zeros([BLOCK_ROWS, BLOCK_F], tl.float32)
+        for k0 in range(0, n_hidden, BLOCK_HID):
+            k = k0 + offs_k
+            k_in = k < n_hidden
+            w_in = tl.load(W_IN + k[:, None] * n_feat + offs_f[None, :], mask=k_in[:, None] & in_f[None, :], other=0.0)
+            b_in = tl.load(B_IN + k, mask=k_in, other=0.0).to(tl.float32)
+            hid = tl.dot(x_w, tl.trans(w_in), input_precision=PRECISION) + b_in[None, :]
+            hid = tl.where(k_in[None, :] & (hid > 0), hid, 0.0)
+            n = tl.minimum(n_hidden - k0, BLOCK_HID).to(tl.float32)
+            c_mean = tl.sum(hid, axis=1) / n
+            dev = tl.where(k_in[None, :], hid - c_mean[:, None], 0.0)
+            count = k0 * 1.0  # every chunk before this one is full
+            total = count + n
+            delta = c_mean - mean
+            mean = mean + delta * (n / total)
+            m2 = m2 + tl.sum(dev * dev, axis=1) + delta * delta * (count * n / total)
+            w_out = tl.load(W_OUTG + offs_f[:, None] * n_hidden + k[None, :], mask=in_f[:, None] & k_in[None, :], other=0.0)
+            acc = tl.dot(hid.to(w_out.dtype), tl.trans(w_out), acc, input_precision=PRECISION)
+        rstd = 1.0 / tl.sqrt(m2 / n_hidden + eps)
+        u = tl.load(U + offs_f, mask=in_f, other=0.0)
+        c = tl.load(CC + offs_f, mask=in_f, other=0.0)
+        z = acc * rstd[:, None] - (mean * rstd)[:, None] * u[None, :] + c[None, :]
+        return z, mean, rstd
+
+    @triton.jit
+    def _relu_layernorm(z, G, BE, offs_f, in_f, n_feat, eps):
+        # y = LN(ReLU(z)) over the n_feat features of each row. Returns y, xhat, rstd and where ReLU passed.
+        live = in_f[None, :] & (z > 0)
+        h = tl.where(live, z, 0.0)
+        mu = tl.sum(h, axis=1) / n_feat
+        hc = tl.where(in_f[None, :], h - mu[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=1) / n_feat + eps)
+        xhat = hc * rstd[:, None]
+        g = tl.load(G + offs_f, mask=in_f, other=0.0).to(tl.float32)
+        be = tl.load(BE + offs_f, mask=in_f, other=0.0).to(tl.float32)
+        return xhat * g[None, :] + be[None, :], xhat, rstd, live
+
+    @triton.jit
+    def _relu_layernorm_backward(dy, xhat, rstd, live, G, offs_f, in_f, n_feat):
+        # y = xhat g + b, xhat = (h - m) r, h = ReLU(z):
+        #   dz = [z > 0] r (dxhat - mean(dxhat) - xhat mean(dxhat xhat)),  dxhat = dy g
+        g = tl.load(G + offs_f, mask=in_f, other=0.0).to(tl.float32)
+        dx = dy * g[None, :]
+        dh = rstd[:, None] * (dx - (tl.sum(dx, axis=1) / n_feat)[:, None] - xhat * (tl.sum(dx * xhat, axis=1) / n_feat)[:, None])
+        return tl.where(live, dh, 0.0)
+
+    @triton.jit
+    def _hidden_backward(
+        x_w, x, dz, mean, rstd, W_IN, B_IN, W_OUT, G, BE, DW_IN, DB_IN, DW_OUT, DG, DBE,
+        n_hidden, n_feat, offs_f, in_f, in_rows,
+        BLOCK_ROWS: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_HID: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # Backward of z = W_out LN(ReLU(W_in x + b_in)) + b_out given dz, recomputing the hidden layer in
+        # two streamed passes: sum(dxhat) and sum(dxhat xhat) first (the LayerNorm backward needs both
+        # before any chunk's gradient), then the gradients. Parameter gradients are summed over pairs with
+        # atomics. Returns dx.
+        offs_k = tl.arange(0, BLOCK_HID)
+        s1 = tl.zeros([BLOCK_ROWS], tl.float32)
+        s2 = tl.zeros([BLOCK_ROWS], tl.float32)
+        for k0 in range(0, n_hidden, BLOCK_HID):
+            k = k0 + offs_k
+            k_in = k < n_hidden
+            w_in = tl.load(W_IN + k[:, None] * n_feat + offs_f[None, :], mask=k_in[:, None] & in_f[None, :], other=0.0)
+            b_in = tl.load(B_IN + k, mask=k_in, other=0.0).to(tl.float32)
+            pre = tl.dot(x_w, tl.trans(w_in), input_precision=PRECISION) + b_in[None, :]
+            hid = tl.where(k_in[None, :] & (pre > 0), pre, 0.0)
+            xhat = tl.where(k_in[None, :], (hid - mean[:, None]) * rstd[:, None], 0.0)
+            w_out = tl.load(W_OUT + offs_f[:, None] * n_hidden + k[None, :], mask=in_f[:, None] & k_in[None, :], other=0.0)
+            g = tl.load(G + k, mask=k_in, other=0.0).to(tl.float32)
+            dxh = tl.dot(dz.to(w_out.dtype), w_out, input_precision=PRECISION) * g[None, :]
+            s1 += tl.sum(dxh, axis=1)
+            s2 += tl.sum(dxh * xhat, axis=1)
+        dx = tl.zeros([BLOCK_ROWS, BLOCK_F], tl.float32)
+        for k0 in range(0, n_hidden, BLOCK_HID):
+            k = k0 + offs_k
+            k_in = k < n_hidden
+            w_in = tl.load(W_IN + k[:, None] * n_feat + offs_f[None, :], mask=k_in[:, None] & in_f[None, :], other=0.0)
+            b_in = tl.load(B_IN + k, mask=k_in, other=0.0).to(tl.float32)
+            pre = tl.dot(x_w, tl.trans(w_in), input_precision=PRECISION) + b_in[None, :]
+            hid = tl.where(k_in[None, :] & (pre > 0), pre, 0.0)
+            xhat = tl.where(k_in[None, :], (hid - mean[:, None]) * rstd[:, None], 0.0)
+            w_out = tl.load(W_OUT + offs_f[:, None] * n_hidden + k[None, :], mask=in_f[:, None] & k_in[None, :], other=0.0)
+            g = tl.load(G + k, mask=k_in, other=0.0).to(tl.float32)
+            be = tl.load(BE + k, mask=k_in, other=0.0).to(tl.float32)
+            dn = tl.dot(dz.to(w_out.dtype), w_out, input_precision=PRECISION)  # (BLOCK_ROWS, BLOCK_HID)
+            normed = tl.where(in_rows[:, None] & k_in[None, :], xhat * g[None, :] + be[None, :], 0.0)
+            dw_out = tl.dot(tl.trans(dz), normed, input_precision=PRECISION)  # (BLOCK_F, BLOCK_HID)
+            tl.atomic_add(DW_OUT + offs_f[:, None] * n_hidden + k[None, :], dw_out, mask=in_f[:, None] & k_in[None, :])
+            tl.atomic_add(DG + k, tl.sum(dn * xhat, axis=0), mask=k_in)
+            tl.atomic_add(DBE + k, tl.sum(dn, axis=0), mask=k_in)
+            dhid = rstd[:, None] * (dn * g[None, :] - (s1 / n_hidden)[:, None] - xhat * (s2 / n_hidden)[:, None])
+            da = tl.where(in_rows[:, None] & k_in[None, :] & (pre > 0), dhid, 0.0)
+            dw_in = tl.dot(tl.trans(da), x, input_precision=PRECISION)  # (BLOCK_HID, BLOCK_F)
+            tl.atomic_add(DW_IN + k[:, None] * n_feat + offs_f[None, :], dw_in, mask=k_in[:, None] & in_f[None, :])
+            tl.atomic_add(DB_IN + k, tl.sum(da, axis=0), mask=k_in)
+            dx = tl.dot(da.to(w_in.dtype), w_in, dx, input_precision=PRECISION)
+        return dx
 
     @triton.jit
     def _lite_fwd_kernel(
@@ -72,114 +219,37 @@ if triton is not None:
         # One program per (f, y, x) pair. Rows i < LQ and columns j < LD are the model's padded grid;
         # i < Lq and j < Ld are the real tokens.
         pair = tl.program_id(0).to(tl.int64)
-        f = pair // (Y * X)
-        y = (pair // X) % Y
-        x = pair % X
+        s, row_ok, col_ok = _similarity(
+            Q, D, QM, DM, pair, Y, X, Lq, Ld, H,
+            sq_f, sq_y, sq_t, sd_f, sd_x, sd_t,
+            sqm_f, sqm_y, sqm_x, sqm_t, sdm_f, sdm_y, sdm_x, sdm_t,
+            HAS_QM, HAS_DM, PRECISION, BLOCK_LQ, BLOCK_LD, BLOCK_H,
+        )
         offs_i = tl.arange(0, BLOCK_LQ)
         offs_j = tl.arange(0, BLOCK_LD)
-        offs_h = tl.arange(0, BLOCK_H)
-        q_in = offs_i < Lq
-        d_in = offs_j < Ld
         in_i = offs_i < LQ
         in_j = offs_j < LD
-        row_ok = q_in
-        col_ok = d_in
-        if HAS_QM:
-            qm = tl.load(QM + f * sqm_f + y * sqm_y + x * sqm_x + offs_i * sqm_t, mask=q_in, other=0)
-            row_ok = row_ok & (qm != 0)
-        if HAS_DM:
-            dm = tl.load(DM + f * sdm_f + y * sdm_y + x * sdm_x + offs_j * sdm_t, mask=d_in, other=0)
-            col_ok = col_ok & (dm != 0)
 
-        # S = q d^T, split over H so that H = 768 needs no 768-wide register tile.
-        q_base = Q + f * sq_f + y * sq_y
-        d_base = D + f * sd_f + x * sd_x
-        s = tl.zeros([BLOCK_LQ, BLOCK_LD], tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            h = h0 + offs_h
-            qt = tl.load(q_base + offs_i[:, None] * sq_t + h[None, :], mask=q_in[:, None] & (h[None, :] < H), other=0.0)
-            dt = tl.load(d_base + offs_j[:, None] * sd_t + h[None, :], mask=d_in[:, None] & (h[None, :] < H), other=0.0)
-            s = tl.dot(qt, tl.trans(dt), s, input_precision=PRECISION)
-        s = tl.where(row_ok[:, None] & col_ok[None, :], s, 0.0)
-
-        # Row MLP, hidden layer streamed BLOCK_R units at a time: acc = W2g h, (mean, m2) = running stats.
-        offs_r = tl.arange(0, BLOCK_R)
-        s_w = s.to(W1.dtype.element_ty)
-        mean = tl.zeros([BLOCK_LQ], tl.float32)
-        m2 = tl.zeros([BLOCK_LQ], tl.float32)
-        acc = tl.zeros([BLOCK_LQ, BLOCK_LD], tl.float32)
-        for r0 in range(0, R1, BLOCK_R):
-            r = r0 + offs_r
-            r_in = r < R1
-            w1 = tl.load(W1 + r[:, None] * LD + offs_j[None, :], mask=r_in[:, None] & in_j[None, :], other=0.0)
-            b1 = tl.load(B1 + r, mask=r_in, other=0.0).to(tl.float32)
-            hid = tl.dot(s_w, tl.trans(w1), input_precision=PRECISION) + b1[None, :]
-            hid = tl.where(r_in[None, :] & (hid > 0), hid, 0.0)
-            # Chan's merge of this chunk's (mean, M2) into the running ones: no E[h^2] - E[h]^2 cancellation.
-            n = tl.minimum(R1 - r0, BLOCK_R).to(tl.float32)
-            c_mean = tl.sum(hid, axis=1) / n
-            dev = tl.where(r_in[None, :], hid - c_mean[:, None], 0.0)
-            count = r0 * 1.0  # every chunk before this one is full
-            total = count + n
-            delta = c_mean - mean
-            mean = mean + delta * (n / total)
-            m2 = m2 + tl.sum(dev * dev, axis=1) + delta * delta * (count * n / total)
-            w2 = tl.load(W2G + offs_j[:, None] * R1 + r[None, :], mask=in_j[:, None] & r_in[None, :], other=0.0)
-            acc = tl.dot(hid.to(w2.dtype), tl.trans(w2), acc, input_precision=PRECISION)
-        rstd = 1.0 / tl.sqrt(m2 / R1 + eps1)
-        u1 = tl.load(U1 + offs_j, mask=in_j, other=0.0)
-        c1 = tl.load(C1 + offs_j, mask=in_j, other=0.0)
-        z = acc * rstd[:, None] - (mean * rstd)[:, None] * u1[None, :] + c1[None, :]
-        z = tl.where(in_j[None, :] & (z > 0), z, 0.0)
-        mu = tl.sum(z, axis=1) / LD
-        zc = tl.where(in_j[None, :], z - mu[:, None], 0.0)
-        rstd2 = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / LD + eps2)
-        g2 = tl.load(G2 + offs_j, mask=in_j, other=0.0).to(tl.float32)
-        be2 = tl.load(BE2 + offs_j, mask=in_j, other=0.0).to(tl.float32)
-        rows = zc * rstd2[:, None] * g2[None, :] + be2[None, :]
+        # Row MLP over the doc axis of each of the BLOCK_LQ rows.
+        z2, mean1, rstd1 = _hidden_forward(
+            s.to(W1.dtype.element_ty), W1, B1, W2G, U1, C1, R1, LD, eps1, offs_j, in_j,
+            BLOCK_LQ, BLOCK_LD, BLOCK_R, PRECISION,
+        )
+        rows, xhat2, rstd2, live2 = _relu_layernorm(z2, G2, BE2, offs_j, in_j, LD, eps2)
         rows = tl.where(in_i[:, None] & in_j[None, :], rows, 0.0)
 
         # Column MLP on the transposed tile: each of the BLOCK_LD rows of rt is one column of the pair.
         rt = tl.trans(rows).to(V1.dtype.element_ty)  # (BLOCK_LD, BLOCK_LQ)
-        offs_c = tl.arange(0, BLOCK_C)
-        mean_c = tl.zeros([BLOCK_LD], tl.float32)
-        m2_c = tl.zeros([BLOCK_LD], tl.float32)
-        acc_c = tl.zeros([BLOCK_LD, BLOCK_LQ], tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            c = c0 + offs_c
-            c_in = c < C
-            v1 = tl.load(V1 + c[:, None] * LQ + offs_i[None, :], mask=c_in[:, None] & in_i[None, :], other=0.0)
-            cb = tl.load(CB1 + c, mask=c_in, other=0.0).to(tl.float32)
-            hid = tl.dot(rt, tl.trans(v1), input_precision=PRECISION) + cb[None, :]
-            hid = tl.where(c_in[None, :] & (hid > 0), hid, 0.0)
-            n = tl.minimum(C - c0, BLOCK_C).to(tl.float32)
-            c_mean = tl.sum(hid, axis=1) / n
-            dev = tl.where(c_in[None, :], hid - c_mean[:, None], 0.0)
-            count_c = c0 * 1.0
-            total = count_c + n
-            delta = c_mean - mean_c
-            mean_c = mean_c + delta * (n / total)
-            m2_c = m2_c + tl.sum(dev * dev, axis=1) + delta * delta * (count_c * n / total)
-            v2 = tl.load(V2G + offs_i[:, None] * C + c[None, :], mask=in_i[:, None] & c_in[None, :], other=0.0)
-            acc_c = tl.dot(hid.to(v2.dtype), tl.trans(v2), acc_c, input_precision=PRECISION)
-        rstd_c = 1.0 / tl.sqrt(m2_c / C + eps3)
-        u3 = tl.load(U3 + offs_i, mask=in_i, other=0.0)
-        c3 = tl.load(C3 + offs_i, mask=in_i, other=0.0)
-        z = acc_c * rstd_c[:, None] - (mean_c * rstd_c)[:, None] * u3[None, :] + c3[None, :]
-        z = tl.where(in_i[None, :] & (z > 0), z, 0.0)
-        mu = tl.sum(z, axis=1) / LQ
-        zc = tl.where(in_i[None, :], z - mu[:, None], 0.0)
-        rstd4 = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / LQ + eps4)
-        g4 = tl.load(G4 + offs_i, mask=in_i, other=0.0).to(tl.float32)
-        be4 = tl.load(BE4 + offs_i, mask=in_i, other=0.0).to(tl.float32)
-        t = zc * rstd4[:, None] * g4[None, :] + be4[None, :]  # (BLOCK_LD, BLOCK_LQ): T transposed
+        z4, mean3, rstd3 = _hidden_forward(
+            rt, V1, CB1, V2G, U3, C3, C, LQ, eps3, offs_i, in_i, BLOCK_LD, BLOCK_LQ, BLOCK_C, PRECISION,
+        )
+        t, xhat4, rstd4, live4 = _relu_layernorm(z4, G4, BE4, offs_i, in_i, LQ, eps4)  # T transposed
 
         # score = sum_{i,j} w_out[i * LD + j] T[i, j] + b_out
         both = in_j[:, None] & in_i[None, :]
         wo = tl.load(WO + offs_i[None, :] * LD + offs_j[:, None], mask=both, other=0.0).to(tl.float32)
         score = tl.sum(tl.sum(tl.where(both, t * wo, 0.0), axis=1), axis=0)
         tl.store(OUT + pair, score + tl.load(BO).to(tl.float32))
-
 
     @triton.jit
     def _lite_bwd_kernel(
@@ -197,113 +267,35 @@ if triton is not None:
         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         # One program per pair: recompute the forward (statistics only), then back through the output,
-        # LN4, the column MLP, LN2 and the row MLP. Each wide hidden layer is streamed three times: its
-        # statistics, then sum(dxhat) and sum(dxhat * xhat) (the LayerNorm backward needs both before any
-        # chunk's gradient), then the gradients. dS goes to memory (dq, dd are matmuls with it on the host);
-        # parameter gradients are summed over pairs with float atomics.
-        #   LayerNorm(h) = xhat g + b, xhat = (h - m) r:  dh = r (dxhat - mean(dxhat) - xhat mean(dxhat xhat))
+        # LN4, the column MLP, LN2 and the row MLP. dS goes to memory (dq, dd are matmuls with it on the
+        # host); parameter gradients are summed over pairs with float atomics.
         pair = tl.program_id(0).to(tl.int64)
-        f = pair // (Y * X)
-        y = (pair // X) % Y
-        x = pair % X
+        s, row_ok, col_ok = _similarity(
+            Q, D, QM, DM, pair, Y, X, Lq, Ld, H,
+            sq_f, sq_y, sq_t, sd_f, sd_x, sd_t,
+            sqm_f, sqm_y, sqm_x, sqm_t, sdm_f, sdm_y, sdm_x, sdm_t,
+            HAS_QM, HAS_DM, PRECISION, BLOCK_LQ, BLOCK_LD, BLOCK_H,
+        )
         offs_i = tl.arange(0, BLOCK_LQ)
         offs_j = tl.arange(0, BLOCK_LD)
-        offs_h = tl.arange(0, BLOCK_H)
-        offs_r = tl.arange(0, BLOCK_R)
-        offs_c = tl.arange(0, BLOCK_C)
-        q_in = offs_i < Lq
-        d_in = offs_j < Ld
         in_i = offs_i < LQ
         in_j = offs_j < LD
-        row_ok = q_in
-        col_ok = d_in
-        if HAS_QM:
-            qm = tl.load(QM + f * sqm_f + y * sqm_y + x * sqm_x + offs_i * sqm_t, mask=q_in, other=0)
-            row_ok = row_ok & (qm != 0)
-        if HAS_DM:
-            dm = tl.load(DM + f * sdm_f + y * sdm_y + x * sdm_x + offs_j * sdm_t, mask=d_in, other=0)
-            col_ok = col_ok & (dm != 0)
-        q_base = Q + f * sq_f + y * sq_y
-        d_base = D + f * sd_f + x * sd_x
-        s = tl.zeros([BLOCK_LQ, BLOCK_LD], tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            h = h0 + offs_h
-            qt = tl.load(q_base + offs_i[:, None] * sq_t + h[None, :], mask=q_in[:, None] & (h[None, :] < H), other=0.0)
-            dt = tl.load(d_base + offs_j[:, None] * sd_t + h[None, :], mask=d_in[:, None] & (h[None, :] < H), other=0.0)
-            s = tl.dot(qt, tl.trans(dt), s, input_precision=PRECISION)
-        s = tl.where(row_ok[:, None] & col_ok[None, :], s, 0.0)
+
+        # ---- forward recompute ----
         s_w = s.to(W1.dtype.element_ty)
-
-        # ---- forward recompute: row MLP ----
-        mean1 = tl.zeros([BLOCK_LQ], tl.float32)
-        m2 = tl.zeros([BLOCK_LQ], tl.float32)
-        acc = tl.zeros([BLOCK_LQ, BLOCK_LD], tl.float32)
-        for r0 in range(0, R1, BLOCK_R):
-            r = r0 + offs_r
-            r_in = r < R1
-            w1 = tl.load(W1 + r[:, None] * LD + offs_j[None, :], mask=r_in[:, None] & in_j[None, :], other=0.0)
-            b1 = tl.load(B1 + r, mask=r_in, other=0.0).to(tl.float32)
-            hid = tl.dot(s_w, tl.trans(w1), input_precision=PRECISION) + b1[None, :]
-            hid = tl.where(r_in[None, :] & (hid > 0), hid, 0.0)
-            n = tl.minimum(R1 - r0, BLOCK_R).to(tl.float32)
-            c_mean = tl.sum(hid, axis=1) / n
-            dev = tl.where(r_in[None, :], hid - c_mean[:, None], 0.0)
-            count = r0 * 1.0  # every chunk before this one is full
-            total = count + n
-            delta = c_mean - mean1
-            mean1 = mean1 + delta * (n / total)
-            m2 = m2 + tl.sum(dev * dev, axis=1) + delta * delta * (count * n / total)
-            w2 = tl.load(W2G + offs_j[:, None] * R1 + r[None, :], mask=in_j[:, None] & r_in[None, :], other=0.0)
-            acc = tl.dot(hid.to(w2.dtype), tl.trans(w2), acc, input_precision=PRECISION)
-        rstd1 = 1.0 / tl.sqrt(m2 / R1 + eps1)
-        u1 = tl.load(U1 + offs_j, mask=in_j, other=0.0)
-        c1 = tl.load(C1 + offs_j, mask=in_j, other=0.0)
-        z2 = acc * rstd1[:, None] - (mean1 * rstd1)[:, None] * u1[None, :] + c1[None, :]
-        live2 = in_j[None, :] & (z2 > 0)
-        h2 = tl.where(live2, z2, 0.0)
-        mu2 = tl.sum(h2, axis=1) / LD
-        rstd2 = 1.0 / tl.sqrt(tl.sum(tl.where(in_j[None, :], (h2 - mu2[:, None]) * (h2 - mu2[:, None]), 0.0), axis=1) / LD + eps2)
-        xhat2 = tl.where(in_j[None, :], (h2 - mu2[:, None]) * rstd2[:, None], 0.0)
-        g2 = tl.load(G2 + offs_j, mask=in_j, other=0.0).to(tl.float32)
-        be2 = tl.load(BE2 + offs_j, mask=in_j, other=0.0).to(tl.float32)
-        rows = tl.where(in_i[:, None] & in_j[None, :], xhat2 * g2[None, :] + be2[None, :], 0.0)
-
-        # ---- forward recompute: column MLP on the transposed tile ----
+        z2, mean1, rstd1 = _hidden_forward(
+            s_w, W1, B1, W2G, U1, C1, R1, LD, eps1, offs_j, in_j, BLOCK_LQ, BLOCK_LD, BLOCK_R, PRECISION,
+        )
+        rows, xhat2, rstd2, live2 = _relu_layernorm(z2, G2, BE2, offs_j, in_j, LD, eps2)
+        rows = tl.where(in_i[:, None] & in_j[None, :], rows, 0.0)
         rt = tl.trans(rows)  # (BLOCK_LD, BLOCK_LQ), float32
         rt_w = rt.to(V1.dtype.element_ty)
-        mean3 = tl.zeros([BLOCK_LD], tl.float32)
-        m2_c = tl.zeros([BLOCK_LD], tl.float32)
-        acc_c = tl.zeros([BLOCK_LD, BLOCK_LQ], tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            c = c0 + offs_c
-            c_in = c < C
-            v1 = tl.load(V1 + c[:, None] * LQ + offs_i[None, :], mask=c_in[:, None] & in_i[None, :], other=0.0)
-            cb = tl.load(CB1 + c, mask=c_in, other=0.0).to(tl.float32)
-            hid = tl.dot(rt_w, tl.trans(v1), input_precision=PRECISION) + cb[None, :]
-            hid = tl.where(c_in[None, :] & (hid > 0), hid, 0.0)
-            n = tl.minimum(C - c0, BLOCK_C).to(tl.float32)
-            c_mean = tl.sum(hid, axis=1) / n
-            dev = tl.where(c_in[None, :], hid - c_mean[:, None], 0.0)
-            count_c = c0 * 1.0
-            total = count_c + n
-            delta = c_mean - mean3
-            mean3 = mean3 + delta * (n / total)
-            m2_c = m2_c + tl.sum(dev * dev, axis=1) + delta * delta * (count_c * n / total)
-            v2 = tl.load(V2G + offs_i[:, None] * C + c[None, :], mask=in_i[:, None] & c_in[None, :], other=0.0)
-            acc_c = tl.dot(hid.to(v2.dtype), tl.trans(v2), acc_c, input_precision=PRECISION)
-        rstd3 = 1.0 / tl.sqrt(m2_c / C + eps3)
-        u3 = tl.load(U3 + offs_i, mask=in_i, other=0.0)
-        c3 = tl.load(C3 + offs_i, mask=in_i, other=0.0)
-        z4 = acc_c * rstd3[:, None] - (mean3 * rstd3)[:, None] * u3[None, :] + c3[None, :]
-        live4 = in_i[None, :] & (z4 > 0)
-        h4 = tl.where(live4, z4, 0.0)
-        mu4 = tl.sum(h4, axis=1) / LQ
-        rstd4 = 1.0 / tl.sqrt(tl.sum(tl.where(in_i[None, :], (h4 - mu4[:, None]) * (h4 - mu4[:, None]), 0.0), axis=1) / LQ + eps4)
-        xhat4 = tl.where(in_i[None, :], (h4 - mu4[:, None]) * rstd4[:, None], 0.0)
-        g4 = tl.load(G4 + offs_i, mask=in_i, other=0.0).to(tl.float32)
-        be4 = tl.load(BE4 + offs_i, mask=in_i, other=0.0).to(tl.float32)
+        z4, mean3, rstd3 = _hidden_forward(
+            rt_w, V1, CB1, V2G, U3, C3, C, LQ, eps3, offs_i, in_i, BLOCK_LD, BLOCK_LQ, BLOCK_C, PRECISION,
+        )
+        t, xhat4, rstd4, live4 = _relu_layernorm(z4, G4, BE4, offs_i, in_i, LQ, eps4)
         both = in_j[:, None] & in_i[None, :]
-        t = tl.where(both, xhat4 * g4[None, :] + be4[None, :], 0.0)
+        t = tl.where(both, t, 0.0)
 
         # ---- output and LN4 (over the query axis of each column) ----
         g = tl.load(G + pair)
@@ -313,104 +305,32 @@ if triton is not None:
         dout = g * wo  # dscore/dT, (BLOCK_LD, BLOCK_LQ), zero outside the model's grid
         tl.atomic_add(DG4 + offs_i, tl.sum(dout * xhat4, axis=0), mask=in_i)
         tl.atomic_add(DBE4 + offs_i, tl.sum(dout, axis=0), mask=in_i)
-        dx = dout * g4[None, :]
-        dh = rstd4[:, None] * (dx - (tl.sum(dx, axis=1) / LQ)[:, None] - xhat4 * (tl.sum(dx * xhat4, axis=1) / LQ)[:, None])
-        dz4 = tl.where(live4 & in_j[:, None], dh, 0.0)  # d/d(V2 n3 + cb2), (BLOCK_LD, BLOCK_LQ)
+        dz4 = _relu_layernorm_backward(dout, xhat4, rstd4, live4, G4, offs_i, in_i, LQ)
+        dz4 = tl.where(in_j[:, None], dz4, 0.0)  # d/d(V2 n3 + cb2), (BLOCK_LD, BLOCK_LQ)
         tl.atomic_add(DCB2 + offs_i, tl.sum(dz4, axis=0), mask=in_i)
 
-        # ---- column hidden layer: sums for its LayerNorm backward ----
-        s1 = tl.zeros([BLOCK_LD], tl.float32)
-        s2 = tl.zeros([BLOCK_LD], tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            c = c0 + offs_c
-            c_in = c < C
-            v1 = tl.load(V1 + c[:, None] * LQ + offs_i[None, :], mask=c_in[:, None] & in_i[None, :], other=0.0)
-            cb = tl.load(CB1 + c, mask=c_in, other=0.0).to(tl.float32)
-            pre = tl.dot(rt_w, tl.trans(v1), input_precision=PRECISION) + cb[None, :]
-            hid = tl.where(c_in[None, :] & (pre > 0), pre, 0.0)
-            xhat = tl.where(c_in[None, :], (hid - mean3[:, None]) * rstd3[:, None], 0.0)
-            v2 = tl.load(V2 + offs_i[:, None] * C + c[None, :], mask=in_i[:, None] & c_in[None, :], other=0.0)
-            g3 = tl.load(G3 + c, mask=c_in, other=0.0).to(tl.float32)
-            dxh = tl.dot(dz4.to(v2.dtype), v2, input_precision=PRECISION) * g3[None, :]
-            s1 += tl.sum(dxh, axis=1)
-            s2 += tl.sum(dxh * xhat, axis=1)
-        # ---- column hidden layer: gradients ----
-        drt = tl.zeros([BLOCK_LD, BLOCK_LQ], tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            c = c0 + offs_c
-            c_in = c < C
-            v1 = tl.load(V1 + c[:, None] * LQ + offs_i[None, :], mask=c_in[:, None] & in_i[None, :], other=0.0)
-            cb = tl.load(CB1 + c, mask=c_in, other=0.0).to(tl.float32)
-            pre = tl.dot(rt_w, tl.trans(v1), input_precision=PRECISION) + cb[None, :]
-            hid = tl.where(c_in[None, :] & (pre > 0), pre, 0.0)
-            xhat = tl.where(c_in[None, :], (hid - mean3[:, None]) * rstd3[:, None], 0.0)
-            v2 = tl.load(V2 + offs_i[:, None] * C + c[None, :], mask=in_i[:, None] & c_in[None, :], other=0.0)
-            g3 = tl.load(G3 + c, mask=c_in, other=0.0).to(tl.float32)
-            be3 = tl.load(BE3 + c, mask=c_in, other=0.0).to(tl.float32)
-            dn = tl.dot(dz4.to(v2.dtype), v2, input_precision=PRECISION)  # (BLOCK_LD, BLOCK_C)
-            n3 = tl.where(in_j[:, None] & c_in[None, :], xhat * g3[None, :] + be3[None, :], 0.0)
-            dv2 = tl.dot(tl.trans(dz4), n3, input_precision=PRECISION)  # (BLOCK_LQ, BLOCK_C)
-            tl.atomic_add(DV2 + offs_i[:, None] * C + c[None, :], dv2, mask=in_i[:, None] & c_in[None, :])
-            tl.atomic_add(DG3 + c, tl.sum(dn * xhat, axis=0), mask=c_in)
-            tl.atomic_add(DBE3 + c, tl.sum(dn, axis=0), mask=c_in)
-            dhid = rstd3[:, None] * (dn * g3[None, :] - (s1 / C)[:, None] - xhat * (s2 / C)[:, None])
-            da = tl.where(in_j[:, None] & c_in[None, :] & (pre > 0), dhid, 0.0)
-            dv1 = tl.dot(tl.trans(da), rt, input_precision=PRECISION)  # (BLOCK_C, BLOCK_LQ)
-            tl.atomic_add(DV1 + c[:, None] * LQ + offs_i[None, :], dv1, mask=c_in[:, None] & in_i[None, :])
-            tl.atomic_add(DCB1 + c, tl.sum(da, axis=0), mask=c_in)
-            drt = tl.dot(da.to(v1.dtype), v1, drt, input_precision=PRECISION)
+        # ---- column MLP ----
+        drt = _hidden_backward(
+            rt_w, rt, dz4, mean3, rstd3, V1, CB1, V2, G3, BE3, DV1, DCB1, DV2, DG3, DBE3,
+            C, LQ, offs_i, in_i, in_j, BLOCK_LD, BLOCK_LQ, BLOCK_C, PRECISION,
+        )
 
         # ---- LN2 (over the doc axis of each row) ----
         dr = tl.where(in_i[:, None] & in_j[None, :], tl.trans(drt), 0.0)  # (BLOCK_LQ, BLOCK_LD)
         tl.atomic_add(DG2 + offs_j, tl.sum(dr * xhat2, axis=0), mask=in_j)
         tl.atomic_add(DBE2 + offs_j, tl.sum(dr, axis=0), mask=in_j)
-        dx = dr * g2[None, :]
-        dh = rstd2[:, None] * (dx - (tl.sum(dx, axis=1) / LD)[:, None] - xhat2 * (tl.sum(dx * xhat2, axis=1) / LD)[:, None])
-        dz2 = tl.where(live2 & in_i[:, None], dh, 0.0)  # d/d(W2 n1 + b2), (BLOCK_LQ, BLOCK_LD)
+        dz2 = _relu_layernorm_backward(dr, xhat2, rstd2, live2, G2, offs_j, in_j, LD)
+        dz2 = tl.where(in_i[:, None], dz2, 0.0)  # d/d(W2 n1 + b2), (BLOCK_LQ, BLOCK_LD)
         tl.atomic_add(DB2 + offs_j, tl.sum(dz2, axis=0), mask=in_j)
 
-        # ---- row hidden layer: sums for its LayerNorm backward ----
-        s1 = tl.zeros([BLOCK_LQ], tl.float32)
-        s2 = tl.zeros([BLOCK_LQ], tl.float32)
-        for r0 in range(0, R1, BLOCK_R):
-            r = r0 + offs_r
-            r_in = r < R1
-            w1 = tl.load(W1 + r[:, None] * LD + offs_j[None, :], mask=r_in[:, None] & in_j[None, :], other=0.0)
-            b1 = tl.load(B1 + r, mask=r_in, other=0.0).to(tl.float32)
-            pre = tl.dot(s_w, tl.trans(w1), input_precision=PRECISION) + b1[None, :]
-            hid = tl.where(r_in[None, :] & (pre > 0), pre, 0.0)
-            xhat = tl.where(r_in[None, :], (hid - mean1[:, None]) * rstd1[:, None], 0.0)
-            w2 = tl.load(W2 + offs_j[:, None] * R1 + r[None, :], mask=in_j[:, None] & r_in[None, :], other=0.0)
-            g1 = tl.load(G1 + r, mask=r_in, other=0.0).to(tl.float32)
-            dxh = tl.dot(dz2.to(w2.dtype), w2, input_precision=PRECISION) * g1[None, :]
-            s1 += tl.sum(dxh, axis=1)
-            s2 += tl.sum(dxh * xhat, axis=1)
-        # ---- row hidden layer: gradients ----
-        ds = tl.zeros([BLOCK_LQ, BLOCK_LD], tl.float32)
-        for r0 in range(0, R1, BLOCK_R):
-            r = r0 + offs_r
-            r_in = r < R1
-            w1 = tl.load(W1 + r[:, None] * LD + offs_j[None, :], mask=r_in[:, None] & in_j[None, :], other=0.0)
-            b1 = tl.load(B1 + r, mask=r_in, other=0.0).to(tl.float32)
-            pre = tl.dot(s_w, tl.trans(w1), input_precision=PRECISION) + b1[None, :]
-            hid = tl.where(r_in[None, :] & (pre > 0), pre, 0.0)
-            xhat = tl.where(r_in[None, :], (hid - mean1[:, None]) * rstd1[:, None], 0.0)
-            w2 = tl.load(W2 + offs_j[:, None] * R1 + r[None, :], mask=in_j[:, None] & r_in[None, :], other=0.0)
-            g1 = tl.load(G1 + r, mask=r_in, other=0.0).to(tl.float32)
-            be1 = tl.load(BE1 + r, mask=r_in, other=0.0).to(tl.float32)
-            dn = tl.dot(dz2.to(w2.dtype), w2, input_precision=PRECISION)  # (BLOCK_LQ, BLOCK_R)
-            n1 = tl.where(in_i[:, None] & r_in[None, :], xhat * g1[None, :] + be1[None, :], 0.0)
-            dw2 = tl.dot(tl.trans(dz2), n1, input_precision=PRECISION)  # (BLOCK_LD, BLOCK_R)
-            tl.atomic_add(DW2 + offs_j[:, None] * R1 + r[None, :], dw2, mask=in_j[:, None] & r_in[None, :])
-            tl.atomic_add(DG1 + r, tl.sum(dn * xhat, axis=0), mask=r_in)
-            tl.atomic_add(DBE1 + r, tl.sum(dn, axis=0), mask=r_in)
-            dhid = rstd1[:, None] * (dn * g1[None, :] - (s1 / R1)[:, None] - xhat * (s2 / R1)[:, None])
-            da = tl.where(in_i[:, None] & r_in[None, :] & (pre > 0), dhid, 0.0)
-            dw1 = tl.dot(tl.trans(da), s, input_precision=PRECISION)  # (BLOCK_R, BLOCK_LD)
-            tl.atomic_add(DW1 + r[:, None] * LD + offs_j[None, :], dw1, mask=r_in[:, None] & in_j[None, :])
-            tl.atomic_add(DB1 + r, tl.sum(da, axis=0), mask=r_in)
-            ds = tl.dot(da.to(w1.dtype), w1, ds, input_precision=PRECISION)
+        # ---- row MLP, then dS ----
+        ds = _hidden_backward(
+            s_w, s, dz2, mean1, rstd1, W1, B1, W2, G1, BE1, DW1, DB1, DW2, DG1, DBE1,
+            R1, LD, offs_j, in_j, in_i, BLOCK_LQ, BLOCK_LD, BLOCK_R, PRECISION,
+        )
         ds = tl.where(row_ok[:, None] & col_ok[None, :], ds, 0.0)
+        q_in = offs_i < Lq
+        d_in = offs_j < Ld
         tl.store(DS + (pair * Lq + offs_i[:, None]) * Ld + offs_j[None, :], ds, mask=q_in[:, None] & d_in[None, :])
 
 
