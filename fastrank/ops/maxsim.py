@@ -179,6 +179,13 @@ def _mask_args(m: Optional[Tensor]) -> tuple[Tensor | None, list[int]]:
     return (m, list(m.stride())) if m is not None else (None, [0, 0, 0, 0])
 
 
+def _forward_outputs(q: Tensor, d: Tensor, save_argmax: bool) -> tuple[Tensor, Tensor]:
+    """float32 scores (F, Y, X) and int32 argmax (F, Y, X, Lq), or an empty argmax when no backward follows."""
+    F, Y, X, Lq, _, _ = _dims(q, d)
+    out = q.new_empty((F, Y, X), dtype=torch.float32)
+    return out, q.new_empty((F, Y, X, Lq) if save_argmax else (0,), dtype=torch.int32)
+
+
 def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
@@ -191,8 +198,7 @@ def _precision(t: Tensor) -> str:
 def _triton_forward(q, d, q_mask, d_mask, save_argmax: bool):
     q, d = inner_contiguous(q), inner_contiguous(d)
     F, Y, X, Lq, Ld, H = _dims(q, d)
-    out = torch.empty((F, Y, X), device=q.device, dtype=torch.float32)
-    arg = torch.empty((F, Y, X, Lq) if save_argmax else (0,), device=q.device, dtype=torch.int32)
+    out, arg = _forward_outputs(q, d, save_argmax)
     qm, qms = _mask_args(q_mask)
     dm, dms = _mask_args(d_mask)
     block_lq = _pow2(Lq, 16, MAX_LQ)
@@ -264,8 +270,7 @@ def _cpp_forward(q, d, q_mask, d_mask, save_argmax: bool):
     ext = _ext.require()
     q, d = inner_contiguous(q), inner_contiguous(d)
     F, Y, X, Lq, Ld, H = _dims(q, d)
-    out = torch.empty((F, Y, X), device=q.device, dtype=torch.float32)
-    arg = torch.empty((F, Y, X, Lq) if save_argmax else (0,), device=q.device, dtype=torch.int32)
+    out, arg = _forward_outputs(q, d, save_argmax)
     qm, qms = _mask_args(q_mask)
     dm, dms = _mask_args(d_mask)
     args = (
@@ -339,9 +344,7 @@ def _maxsim_forward_op(
 
 @_maxsim_forward_op.register_fake
 def _(q, d, q_mask, d_mask, backend, save_argmax, deterministic):
-    F, Y, X, Lq, _, _ = _dims(q, d)
-    out = q.new_empty((F, Y, X), dtype=torch.float32)
-    return out, q.new_empty((F, Y, X, Lq) if save_argmax else (0,), dtype=torch.int32)
+    return _forward_outputs(q, d, save_argmax)
 
 
 @torch.library.custom_op("fastrank::maxsim_backward", mutates_args=())
