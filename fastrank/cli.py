@@ -139,13 +139,16 @@ def cmd_retrieve(args) -> int:
 
 # -- rerank ------------------------------------------------------------------------------------------
 def add_rerank(sub) -> None:
-    p = sub.add_parser("rerank", help="re-score a run's candidates with dense or MaxSim scoring; write a run")
+    p = sub.add_parser("rerank", help="re-score a run's candidates with dense, MaxSim or LITE scoring; write a run")
     p.add_argument("run", help="TREC run or candidate TSV with the candidates")
     p.add_argument("queries", help="qid<TAB>text TSV or BEIR queries.jsonl")
     p.add_argument("corpus", help="jsonl with the candidates' texts ({_id, title?, text})")
     p.add_argument("out", help="TREC run file to write")
-    p.add_argument("--scorer", default="maxsim", choices=("dense", "maxsim"),
-                   help="dense: pooled embeddings; maxsim: fused MaxSim over token embeddings (default)")
+    p.add_argument("--scorer", default="maxsim", choices=("dense", "maxsim", "lite"),
+                   help="dense: pooled embeddings; maxsim: fused MaxSim over token embeddings (default); "
+                        "lite: a trained LiteScorer (--lite) over token embeddings")
+    p.add_argument("--lite", metavar="CHECKPOINT",
+                   help="with --scorer lite: a LiteScorer state_dict saved with torch.save")
     p.add_argument("--depth", type=int, help="re-rank only each query's top DEPTH candidates")
     p.add_argument("--tag", default=None, help="run tag (default fastrank-SCORER)")
     _add_model_args(p)
@@ -156,8 +159,15 @@ def cmd_rerank(args) -> int:
     import torch
 
     from fastrank.data import read_corpus, read_queries, read_run, write_run
-    from fastrank.rerank import encode_for_rerank, maxsim_batches, rerank_dense, rerank_maxsim
+    from fastrank.rerank import encode_for_rerank, maxsim_batches, rerank_dense, rerank_lite, rerank_maxsim
 
+    if (args.scorer == "lite") != (args.lite is not None):
+        raise ValueError("--scorer lite and --lite CHECKPOINT go together")
+    lite = None
+    if args.lite is not None:
+        from fastrank.nn import LiteScorer
+
+        lite = LiteScorer.from_state_dict(torch.load(args.lite, map_location="cpu", weights_only=True))
     candidates = read_run(args.run)
     if args.depth:
         candidates = {q: dict(sorted(c.items(), key=lambda kv: -kv[1])[:args.depth]) for q, c in candidates.items()}
@@ -169,7 +179,8 @@ def cmd_rerank(args) -> int:
         run = rerank_dense(encoded, candidates)
     else:
         dtype = torch.float16 if enc.device.type == "cuda" else torch.float32
-        run = rerank_maxsim(maxsim_batches(encoded, candidates, device=enc.device, dtype=dtype))
+        batches = maxsim_batches(encoded, candidates, device=enc.device, dtype=dtype)
+        run = rerank_lite(batches, lite.to(enc.device, dtype)) if lite is not None else rerank_maxsim(batches)
     write_run(run, args.out, tag=args.tag or f"fastrank-{args.scorer}")
     print(f"re-ranked {sum(map(len, run.values()))} candidates for {len(run)} queries into {args.out}")
     return 0

@@ -51,5 +51,19 @@ class LiteScorer(nn.Module):
         """q (..., Lq, H), d (..., Ld, H), masks bool (..., Lq) / (..., Ld) -> float32 scores (...)."""
         return lite_score(q, d, q_mask, d_mask, scorer=self, backend=backend)
 
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "LiteScorer":
+        """A LiteScorer shaped by a checkpoint's own weights (lq, ld, hidden widths, projection), loaded strictly."""
+        try:
+            row_hidden, ld = state["row_mlp.0.weight"].shape
+            col_hidden, lq = state["col_mlp.0.weight"].shape
+        except KeyError as exc:
+            raise ValueError(f"LiteScorer checkpoint: missing {exc}; expected the row_mlp/col_mlp/out layout") from None
+        proj = state.get("proj.weight")
+        scorer = cls(lq, ld, row_hidden, col_hidden, proj_dim=None if proj is None else proj.shape[0],
+                     embed_dim=None if proj is None else proj.shape[1])
+        scorer.load_state_dict(state)
+        return scorer
+
     def extra_repr(self) -> str:
         return f"lq={self.lq}, ld={self.ld}"

@@ -1,5 +1,6 @@
-"""Re-ranking first-stage candidates with an encoder: dense (one vector per text) or MaxSim over token
-embeddings with the fused ``fastrank.maxsim``.
+"""Re-ranking first-stage candidates with an encoder: dense (one vector per text), MaxSim over token
+embeddings with the fused ``fastrank.maxsim``, or a trained LITE scorer (``fastrank.LiteScorer``) over the
+same token embeddings.
 
 The pipeline encodes every query and every candidate passage once (one forward pass gives both the dense
 and the token embeddings), then scores each query's candidates. Scoring is separate from encoding so the
@@ -15,7 +16,7 @@ import torch
 
 from fastrank.encoders import DOC_MAX_LENGTH, QUERY_MAX_LENGTH, Encoder, Encoded
 
-SCORERS = ("dense", "maxsim")
+SCORERS = ("dense", "maxsim", "lite")
 
 Run = dict[str, dict[str, float]]
 
@@ -76,6 +77,18 @@ def rerank_maxsim(batches, scorer: Callable | None = None) -> Run:
     if scorer is None:
         from fastrank import maxsim as scorer
     return {qid: dict(zip(pids, scorer(q, d, None, d_mask).float().tolist())) for qid, pids, q, d, d_mask in batches}
+
+
+def rerank_lite(batches, scorer) -> Run:
+    """Score each candidate with a LITE scorer; queries and passages longer than its (lq, ld) grid keep
+    their first lq / ld tokens, as LITE was trained on."""
+    lq, ld = scorer.lq, scorer.ld
+    run: Run = {}
+    with torch.no_grad():
+        for qid, pids, q, d, d_mask in batches:
+            scores = scorer(q[:lq].to(d.dtype), d[:, :ld], None, d_mask[:, :ld])
+            run[qid] = dict(zip(pids, scores.float().tolist()))
+    return run
 
 
 def docs_per_second(batches, scorer: Callable, *, repeats: int = 3) -> float:

@@ -104,6 +104,38 @@ def test_rerank_maxsim_and_demo(capsys, tmp_path, tiny_model):
     assert result["speed"]["fused_docs_per_s"] > 0 and result["speed"]["eager_docs_per_s"] > 0
 
 
+def test_rerank_lite_scores_with_the_checkpoint(capsys, tmp_path, tiny_model):
+    import torch
+
+    from fastrank import LiteScorer, lite_ref
+    from fastrank.encoders import Encoder
+    from fastrank.rerank import encode_for_rerank, maxsim_batches
+
+    torch.manual_seed(0)
+    scorer = LiteScorer(lq=8, ld=24, row_hidden=12, col_hidden=10)
+    with torch.no_grad():
+        for p in scorer.parameters():
+            p.add_(torch.randn_like(p) * 0.3)  # random weights, not the init
+    torch.save(scorer.state_dict(), tmp_path / "lite.pt")
+    rc, _, err = run_cli(capsys, "rerank", DL19 / "slice.candidates.tsv", DL19 / "queries.tsv",
+                         DL19 / "slice.passages.jsonl", tmp_path / "lite.txt", "--scorer", "lite",
+                         "--lite", tmp_path / "lite.pt", "--model", tiny_model, "--device", "cpu")
+    assert rc == 0, err
+    run = read_run(tmp_path / "lite.txt")
+    assert sum(map(len, run.values())) == 60
+    # the same scores from the reference on the same (truncated) token embeddings
+    data = load_trec_dl(DL19)
+    cands = read_run(DL19 / "slice.candidates.tsv")
+    enc = encode_for_rerank(Encoder(tiny_model, device="cpu"), data.queries, data.passages, cands, dense=False,
+                            progress=False)
+    for qid, pids, q, d, d_mask in maxsim_batches(enc, cands):
+        expected = lite_ref(q[:8], d[:, :24], None, d_mask[:, :24], scorer=scorer)
+        torch.testing.assert_close(torch.tensor([run[qid][p] for p in pids]), expected, rtol=1e-4, atol=1e-4)
+    rc, _, err = run_cli(capsys, "rerank", DL19 / "slice.candidates.tsv", DL19 / "queries.tsv",
+                         DL19 / "slice.passages.jsonl", tmp_path / "x.txt", "--scorer", "lite")
+    assert rc == 2 and "--lite CHECKPOINT" in err
+
+
 def test_index_tokens_and_retrieve(capsys, tmp_path, tiny_model):
     corpus = load_beir(SCIFACT).corpus
     rc, _, err = run_cli(capsys, "index", SCIFACT / "corpus.jsonl", tmp_path / "tix", "--tokens",
