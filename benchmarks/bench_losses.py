@@ -138,6 +138,8 @@ def _record(benchmark, group, provider, step, batch, extra):
     benchmark.extra_info.update({"provider": provider, "device": str(DEVICE), "threads": torch.get_num_threads(),
                                  "peak_memory_MiB": _peak_memory_mib(step), **extra})
     benchmark(step)
+    if benchmark.stats is None:  # --benchmark-disable: checked above, nothing timed
+        return
     median = benchmark.stats.stats.median
     _medians[(group, provider)] = median
     benchmark.extra_info["queries_per_s"] = batch / median

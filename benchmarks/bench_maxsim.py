@@ -33,6 +33,8 @@ def test_maxsim(benchmark, case, provider, device, session_timings):
     per_call = time_call(timed, device, min_seconds=0.0, max_reps=3)
     rounds = max(3, min(100, int(1.0 / max(per_call, 1e-6))))
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable: checked above, nothing timed
+        return
     median = benchmark.stats.stats.median
     record(benchmark, session_timings, group, provider, {
         "docs_per_s": case.pairs / median,
