@@ -19,9 +19,8 @@ import pytest
 import torch
 
 from fastrank import LiteScorer, lite_ref, lite_score
-from fastrank.bench import synchronize, time_call
 
-from conftest import peak_memory, record
+from conftest import peak_memory, record, time_provider
 
 LQ, LD, ROW_HIDDEN, COL_HIDDEN = 30, 200, 2400, 360
 
@@ -133,17 +132,9 @@ def test_lite(benchmark, case, provider, device, session_timings):
     inputs = case.make(device)
     fn = provider_fn(provider, case, inputs, scorer)
     _check(fn(), provider_fn("eager", case, inputs, scorer)(), case.dtype)
-
-    def timed():
-        fn()
-        synchronize(device)
-
-    per_call = time_call(timed, device, min_seconds=0.0, max_reps=3)
-    rounds = max(3, min(50, int(1.0 / max(per_call, 1e-6))))
-    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
-    if benchmark.stats is None:  # --benchmark-disable: checked above, nothing timed
+    timed, median = time_provider(benchmark, fn, device, max_rounds=50)
+    if median is None:  # --benchmark-disable: checked above, nothing timed
         return
-    median = benchmark.stats.stats.median
     record(benchmark, session_timings, group, provider, {
         "pairs_per_s": case.pairs / median,
         "TFLOP_per_s": case.flops() / median / 1e12,

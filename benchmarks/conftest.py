@@ -22,6 +22,21 @@ def session_timings() -> dict:
     return {}
 
 
+def time_provider(benchmark, fn, device: str, max_rounds: int = 100):
+    """Time ``fn`` (synchronised inside on CUDA) over about a second of rounds, sized from a short probe.
+    Returns the timed callable and the median seconds, or None under --benchmark-disable."""
+    from fastrank.bench import synchronize, time_call
+
+    def timed():
+        fn()
+        synchronize(device)
+
+    per_call = time_call(timed, device, min_seconds=0.0, max_reps=3)
+    rounds = max(3, min(max_rounds, int(1.0 / max(per_call, 1e-6))))
+    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
+    return timed, (None if benchmark.stats is None else benchmark.stats.stats.median)
+
+
 def peak_memory(fn, device: str):
     """Peak bytes allocated on the GPU while ``fn`` runs, above what was allocated before (None on CPU:
     torch's CPU allocator keeps no statistics)."""

@@ -61,22 +61,27 @@ def _is_header(fields: list[str], numeric_col: int) -> bool:
     return False
 
 
+def _rows(path: PathLike, short: int, long: int, expected: str) -> Iterator[tuple[int, list[str]]]:
+    """Whitespace-separated rows of ``short`` or ``long`` fields. The first data row fixes the width for the
+    whole file, so a truncated line cannot pass as the other format; a header of ``short`` fields (its last
+    field not a number) is skipped."""
+    width = None
+    for lineno, line in _lines(path):
+        fields = line.split()
+        if width is None and len(fields) == short and _is_header(fields, short - 1):
+            continue
+        if width is None and len(fields) in (short, long):
+            width = len(fields)
+        if len(fields) != width:
+            raise DataFormatError(f"{path}:{lineno}: expected {expected} like the first line, got {len(fields)} fields: {line!r}")
+        yield lineno, fields
+
+
 def read_qrels(path: PathLike) -> Qrels:
     """TREC qrels (``qid iter docid grade``, whitespace separated) or BEIR qrels TSV with a header."""
     qrels: Qrels = {}
-    width = None  # 3 (BEIR) or 4 (TREC), fixed by the first judgment so a short line cannot pass as the other
-    for lineno, line in _lines(path):
-        fields = line.split()
-        if width is None and len(fields) == 3 and _is_header(fields, 2):
-            continue
-        if width is None and len(fields) in (3, 4):
-            width = len(fields)
-        if len(fields) != width:
-            raise DataFormatError(
-                f"{path}:{lineno}: expected 'qid iter docid grade' (TREC) or 'qid docid grade' (BEIR) like the "
-                f"first judgment, got {len(fields)} fields: {line!r}"
-            )
-        if width == 3:
+    for lineno, fields in _rows(path, 3, 4, "'qid iter docid grade' (TREC) or 'qid docid grade' (BEIR)"):
+        if len(fields) == 3:
             qid, docid, grade = fields
         else:
             qid, _, docid, grade = fields
@@ -95,19 +100,8 @@ def read_run(path: PathLike) -> Run:
     Scores are kept as given; trec_eval (and so ir-measures) ranks by score, not by the rank column.
     """
     run: Run = {}
-    width = None  # 6 (TREC run) or 4 (candidate TSV), fixed by the first data line
-    for lineno, line in _lines(path):
-        fields = line.split()
-        if width is None and len(fields) == 4 and _is_header(fields, 3):
-            continue
-        if width is None and len(fields) in (4, 6):
-            width = len(fields)
-        if len(fields) != width:
-            raise DataFormatError(
-                f"{path}:{lineno}: expected a TREC run line 'qid Q0 docid rank score tag' or a candidate "
-                f"line 'qid pid rank score' like the first line, got {len(fields)} fields: {line!r}"
-            )
-        if width == 6:
+    for lineno, fields in _rows(path, 4, 6, "a TREC run line 'qid Q0 docid rank score tag' or a candidate line 'qid pid rank score'"):
+        if len(fields) == 6:
             qid, _, docid, _, score, _ = fields
         else:
             qid, docid, _, score = fields
