@@ -84,10 +84,12 @@ def test_dense_index_search(benchmark, data, kind):
     ix, build_fastrank = timed(lambda: DenseIndex(DIM, kind, **PARAMS[kind]).add(x, progress=False))
     raw, build_faiss = timed(lambda: raw_faiss(kind, x))
 
+    same = ix.faiss_index
     ids_fastrank = ix.search(q, K, progress=False)[1]
-    ids_faiss = raw.search(q, K)[1]
-    # Correctness before timing: same index, same answers.
-    assert (ids_fastrank == ids_faiss).mean() > 0.999
+    # Correctness before timing: fastrank's answers are FAISS's on the same index. (Not against the separately
+    # built index: HNSW inserts in parallel, so two builds of the same data differ; at N = 200,000 only ~19%
+    # of their top-100 ids agree.)
+    assert (ids_fastrank == same.search(q, K)[1]).mean() > 0.999  # ids are positions: added without ids
     recall = float(np.mean([len(np.intersect1d(a, b)) / K for a, b in zip(ids_fastrank, truth)]))
     if kind == "flat":
         assert recall > 0.999
@@ -95,7 +97,6 @@ def test_dense_index_search(benchmark, data, kind):
     # The overhead compares fastrank's search with the raw FAISS call on the very same FAISS index: two
     # separately built indexes can differ by 10-20% on memory placement alone, which is not fastrank's
     # doing. The separately built one still gives the build time and an independent queries/s.
-    same = ix.faiss_index
     rounds = int(np.clip(TIMED_S / timed(lambda: same.search(q, K))[1], MIN_ROUNDS, 50))
     t_fastrank, t_faiss, t_separate = [], [], []
     for r in range(rounds):
