@@ -1,19 +1,71 @@
 """Shared benchmark fixtures. Timings of every provider are kept for the session so that the fastrank
-and torch.compile rows report their speedup over eager measured in the same run."""
+and torch.compile rows report their speedup over eager measured in the same run; the machine's ceilings
+(sgemm, bf16 GEMM, copy and read bandwidth) are measured once per session, in the same process."""
 import pytest
 import torch
 
+_SESSION: dict = {}  # what pytest_benchmark_update_machine_info adds to the saved JSON
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def pytest_report_header(config):
-    from fastrank.bench import device_name
+    from fastrank.machine import machine_info
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return [f"fastrank benchmarks on {device_name(device)}, torch {torch.__version__}"]
+    info = machine_info(_device())
+    where = f"{info['gpu']} (host CPU {info['cpu']})" if "gpu" in info else info["cpu"]
+    return [
+        f"fastrank benchmarks on {where}: CPU ISA path {info['isa']} (available: {', '.join(info['isa_paths'])}), "
+        f"{info['threads']} threads, torch {info['torch']}"
+        + (f", maxsim-cpu {info['maxsim_cpu']}" if info["maxsim_cpu"] else ", maxsim-cpu not installed")
+    ]
+
+
+def _benchmarks_disabled(config) -> bool:
+    return bool(config.getoption("benchmark_disable", False)) and not config.getoption("benchmark_enable", False)
 
 
 @pytest.fixture(scope="session")
 def device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return _device()
+
+
+@pytest.fixture(scope="session")
+def machine(device) -> dict:
+    """CPU model, threads, torch and the CPU ISA path fastrank dispatches to (fastrank.machine)."""
+    from fastrank.machine import machine_info
+
+    _SESSION["fastrank_machine"] = info = machine_info(device)
+    return info
+
+
+@pytest.fixture(scope="session")
+def ceilings(request, device):
+    """The machine's ceilings, measured once before the first benchmark that asks; None under
+    --benchmark-disable, where nothing is timed."""
+    if _benchmarks_disabled(request.config):
+        return None
+    from fastrank.machine import measure_ceilings
+
+    _SESSION["fastrank_ceilings"] = measured = measure_ceilings(device)
+    return measured
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Saved benchmark JSON names the CPU, ISA path, threads and the ceilings measured in the run."""
+    machine_info.update(_SESSION)
+
+
+def pytest_terminal_summary(terminalreporter):
+    measured = _SESSION.get("fastrank_ceilings")
+    if measured:
+        terminalreporter.write_line(
+            f"fastrank ceilings measured in this run ({measured['threads']} threads): sgemm {measured['sgemm_gflops']:.1f} "
+            f"GFLOP/s, bf16 GEMM {measured['bf16_gemm_gflops']:.1f} GFLOP/s, copy {measured['copy_gbps']:.1f} GB/s, "
+            f"read {measured['read_gbps']:.1f} GB/s"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -23,17 +75,22 @@ def session_timings() -> dict:
 
 
 def time_provider(benchmark, fn, device: str, max_rounds: int = 100):
-    """Time ``fn`` (synchronised inside on CUDA) over about a second of rounds, sized from a short probe.
-    Returns the timed callable and the median seconds, or None under --benchmark-disable."""
+    """Time ``fn`` (synchronised inside on CUDA) over about a second of rounds, sized from a one-call probe.
+    The caller's correctness check has already run ``fn`` once (the warm-up). Returns the timed callable
+    and the median seconds, or None under --benchmark-disable."""
     from fastrank.bench import synchronize, time_call
 
     def timed():
         fn()
         synchronize(device)
 
-    per_call = time_call(timed, device, min_seconds=0.0, max_reps=3)
+    if benchmark.disabled:  # --benchmark-disable: pedantic runs ``timed`` once and records nothing
+        benchmark.pedantic(timed, rounds=1, iterations=1)
+        return timed, None
+    per_call = time_call(timed, device, min_seconds=0.0, min_reps=1, warmup=False)
     rounds = max(3, min(max_rounds, int(1.0 / max(per_call, 1e-6))))
-    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
+    # A call of half a second or more is warm after the check and the probe: no extra warm-up round.
+    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=0 if per_call >= 0.5 else 1, iterations=1)
     return timed, (None if benchmark.stats is None else benchmark.stats.stats.median)
 
 

@@ -1,11 +1,24 @@
-"""Side-by-side MaxSim timing (eager reference, torch.compile of it, fastrank) for `fastrank bench maxsim`
-and for the pytest-benchmark suite in benchmarks/, which imports the shapes and input makers from here.
+"""Side-by-side MaxSim timing for `fastrank bench maxsim` and for the pytest-benchmark suite in
+benchmarks/, which imports the shapes, providers and row arithmetic from here.
 
-Every figure is measured in the same process, on the same inputs, after checking that each provider
-agrees with the reference; ratios are computed from those measurements, never stored.
+Providers (each checked against :func:`fastrank.maxsim_ref` before it is timed):
+
+- ``eager``: the fastest plain-PyTorch form, ``matmul`` + ``amax`` in the inputs' dtype (:func:`maxsim_eager`);
+- ``eager_fp32``: the same on float32 copies of bf16/fp16 inputs (made outside the timed region: a user
+  who keeps float32 embeddings), because eager bf16 is slower than eager fp32 on CPUs without fast bf16;
+- ``einsum``: PyLate's form (:func:`maxsim_einsum`);
+- ``compile``: ``torch.compile`` of the eager form (CPU: only when asked; Inductor compiles C++ for minutes);
+- ``fastrank``: ``fastrank.maxsim`` with default dispatch, what users get;
+- ``fastrank:<isa>``: the C++ kernel forced onto one CPU ISA path (``fastrank.cpu_isa.use``);
+- ``maxsim-cpu``: the PyPI peer, float32 re-ranking only, when it is installed.
+
+Every figure is measured in the same process, on the same inputs, next to the machine's own ceilings
+(:mod:`fastrank.machine`); ratios are computed from those measurements, never stored.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import statistics
 import time
 from dataclasses import dataclass
@@ -13,15 +26,26 @@ from typing import Callable, Optional
 
 import torch
 
+from fastrank import machine
 from fastrank.ops.maxsim import maxsim, maxsim_ref
 
-PROVIDERS = ("eager", "compile", "fastrank")
+# The eager forms; "fastest eager" in every ratio is the fastest of these measured on the case.
+EAGER_PROVIDERS = ("eager", "eager_fp32", "einsum")
+PROVIDERS = (*EAGER_PROVIDERS, "compile", "fastrank", "maxsim-cpu")  # plus "fastrank:<isa>" per ISA path
+ISA_PREFIX = "fastrank:"
+
+# Issue 9's targets for fastrank rows.
+TARGET_VS_EAGER_FP32 = 1.5       # fp32 forward, and forward+backward
+TARGET_VS_EAGER_LOWP = 3.0       # bf16 forward, against the fastest eager in fp32 or bf16
+TARGET_SGEMM_FRACTION = 0.75     # fp32 forward: FLOP rate / the machine's large-sgemm rate
+TARGET_FLOOR_RATIO = 1.5         # bf16 forward: time / max(compute at the GEMM rate, reading d once)
 
 
 @dataclass(frozen=True)
 class MaxSimCase:
     """One benchmark shape. ``form``: "rerank" (1 query x docs), "grouped" (queries x docs each, a
-    training batch) or "allpairs" (queries x queries in-batch). ``backward`` times forward+backward."""
+    training batch) or "allpairs" (queries x queries in-batch). ``backward`` times forward+backward.
+    ``targeted``: issue 9 sets a target for this shape (the target column is left blank otherwise)."""
 
     name: str
     form: str
@@ -32,10 +56,15 @@ class MaxSimCase:
     h: int = 128
     dtype: torch.dtype = torch.float32
     backward: bool = False
+    targeted: bool = True
 
     @property
     def pairs(self) -> int:
         return self.queries * self.docs if self.form != "allpairs" else self.queries * self.queries
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
 
     def make(self, device: str, seed: int = 0):
         """Unit-norm random embeddings (as ColBERT's), docs of random length in [ld/2, ld] behind d_mask."""
@@ -48,7 +77,7 @@ class MaxSimCase:
             q_shape, d_shape = (self.queries, 1, self.lq, self.h), (1, self.queries, self.ld, self.h)
         q = torch.nn.functional.normalize(torch.randn(q_shape, generator=g), dim=-1)
         d = torch.nn.functional.normalize(torch.randn(d_shape, generator=g), dim=-1)
-        lengths = torch.randint(self.ld // 2, self.ld + 1, d_shape[:-2], generator=g)
+        lengths = torch.randint(max(1, self.ld // 2), self.ld + 1, d_shape[:-2], generator=g)
         d_mask = torch.arange(self.ld) < lengths.unsqueeze(-1)
         q, d = q.to(device=device, dtype=self.dtype), d.to(device=device, dtype=self.dtype)
         return q, d, None, d_mask.to(device)
@@ -66,12 +95,14 @@ class MaxSimCase:
 
 
 def cpu_cases() -> list[MaxSimCase]:
-    return [
-        MaxSimCase("rerank 1x1000 H=128", "rerank", 1, 1000, h=128),
-        MaxSimCase("rerank 1x1000 H=128", "rerank", 1, 1000, h=128, dtype=torch.bfloat16),
-        MaxSimCase("rerank 1x1000 H=768", "rerank", 1, 1000, h=768),
-        MaxSimCase("rerank 1x1000 H=768", "rerank", 1, 1000, h=768, dtype=torch.bfloat16),
-        MaxSimCase("throughput 1x10000 H=128", "rerank", 1, 10000, h=128, dtype=torch.bfloat16),
+    bf16, fp16 = torch.bfloat16, torch.float16
+    cases = [MaxSimCase("rerank 1x10 H=128", "rerank", 1, 10, h=128, targeted=False)]  # small-batch overhead
+    for docs in (1000, 10000):
+        for h in (128, 768):
+            cases += [MaxSimCase(f"rerank 1x{docs} H={h}", "rerank", 1, docs, h=h, dtype=dtype)
+                      for dtype in (torch.float32, bf16)]
+    cases.insert(3, MaxSimCase("rerank 1x1000 H=128", "rerank", 1, 1000, h=128, dtype=fp16, targeted=False))
+    return cases + [
         MaxSimCase("train 32x20 fwd+bwd H=128", "grouped", 32, 20, h=128, backward=True),
         MaxSimCase("in-batch 128x128 fwd+bwd H=128", "allpairs", 128, 128, h=128, backward=True),
     ]
@@ -90,35 +121,184 @@ def cuda_cases() -> list[MaxSimCase]:
     ]
 
 
+def select_cases(cases: list[MaxSimCase], quick: bool = False, names: Optional[str] = None) -> list[MaxSimCase]:
+    """``quick``: only the 1x1000 re-rank cases; ``names``: comma-separated substrings of case names."""
+    if quick:
+        cases = [c for c in cases if c.form == "rerank" and c.docs == 1000]
+    if names:
+        wanted = [n.strip() for n in names.split(",") if n.strip()]
+        cases = [c for c in cases if any(w in c.name for w in wanted)]
+    return cases
+
+
+# ------------------------------------------------------------------------------------------- eager forms
+
+def maxsim_eager(q, d, q_mask=None, d_mask=None):
+    """The fastest plain-PyTorch MaxSim we know: one matmul in the inputs' dtype, padded doc tokens
+    filled with -inf in place, ``amax`` over the doc axis, the sum in float32. S is laid out
+    (..., Ld, Lq) so the matmul reads d row-major as stored. Unlike the reference, a document with no
+    valid token scores -inf, not 0 (no benchmark input has one; `check` would catch it)."""
+    s = torch.matmul(d, q.transpose(-1, -2))
+    if d_mask is not None:
+        s.masked_fill_(~d_mask[..., None], float("-inf"))
+    best = s.amax(-2)
+    if q_mask is not None:
+        best = best.masked_fill(~q_mask, 0.0)
+    return best.sum(-1, dtype=torch.float32)
+
+
+# PyLate's einsum per form: the query axis is squeezed so in-batch scoring is one GEMM, not B copies of d.
+_EINSUM = {"rerank": "sh,bth->bst", "grouped": "ash,akth->akst", "allpairs": "ash,bth->abst"}
+
+
+def maxsim_einsum(q, d, q_mask=None, d_mask=None, form: str = "rerank"):
+    """MaxSim as PyLate writes it (einsum, mask, ``.max(-1).values.sum(-1)``), in the inputs' dtype."""
+    # The masks keep their broadcast shapes: S comes out (pair dims..., Lq, Ld) in every form.
+    if form == "grouped":
+        s = torch.einsum(_EINSUM[form], q[:, 0], d)
+    elif form == "allpairs":
+        s = torch.einsum(_EINSUM[form], q[:, 0], d[0])
+    else:
+        s = torch.einsum(_EINSUM[form], q, d)
+    if d_mask is not None:
+        s = s.masked_fill(~d_mask[..., None, :], float("-inf"))
+    best = s.max(-1).values
+    if q_mask is not None:
+        best = best.masked_fill(~q_mask, 0.0)
+    return best.sum(-1)
+
+
+# ------------------------------------------------------------------------------------------- providers
+
+def fastrank_isa_providers(isas: Optional[list[str]] = None) -> list[str]:
+    """``fastrank:<isa>`` for the given ISA paths, or for every path this CPU and build can run except
+    ``scalar`` (a test path). Empty on a build without per-ISA dispatch."""
+    if isas is None:
+        isas = [i for i in machine.isa_paths() if i not in ("scalar", "default")]
+    return [ISA_PREFIX + i for i in isas]
+
+
+# maxsim-cpu 0.1.0 (the PyPI wheel) gives inf scores at H=129..160 and kills the process at H >= 192
+# (checked against numpy on this repository's dev VM); a crash would end the whole benchmark run.
+MAXSIM_CPU_MAX_H = 128
+
+
+def maxsim_cpu_installed() -> bool:
+    return importlib.util.find_spec("maxsim_cpu") is not None
+
+
+def default_providers(device: str, compile: bool = False, isas: Optional[list[str]] = None) -> list[str]:
+    """Every provider that can run on ``device``, eager forms first (the ratios need them)."""
+    providers = list(EAGER_PROVIDERS) + (["compile"] if compile else []) + ["fastrank"]
+    if device == "cpu":
+        providers += fastrank_isa_providers(isas)
+        if maxsim_cpu_installed():
+            providers.append("maxsim-cpu")
+    return providers
+
+
+def skip_reason(provider: str, case: MaxSimCase, device: str) -> Optional[str]:
+    """Why ``provider`` has no row for ``case`` (None: it runs)."""
+    if provider == "eager_fp32" and case.dtype == torch.float32:
+        return "inputs are float32 already (same as eager)"
+    if provider.startswith(ISA_PREFIX) and device != "cpu":
+        return "CPU ISA paths run on CPU tensors"
+    if provider == "maxsim-cpu":
+        if device != "cpu" or case.form != "rerank" or case.backward or case.dtype != torch.float32:
+            return "maxsim-cpu scores one float32 query against docs, forward only"
+        if case.h > MAXSIM_CPU_MAX_H:
+            return f"maxsim-cpu 0.1.0 returns inf or segfaults for H > {MAXSIM_CPU_MAX_H}"
+        if not maxsim_cpu_installed():
+            return "maxsim-cpu is not installed (pip install maxsim-cpu)"
+    return None
+
+
+def case_providers(case: MaxSimCase, providers, device: str) -> list[str]:
+    return [p for p in providers if skip_reason(p, case, device) is None]
+
+
+# Paths whose bf16 compute ceiling is the measured bf16 GEMM rate (AMX tiles, GPU tensor cores); every
+# other path is held to the sgemm rate (AVX2/AVX-512 kernels widen bf16 to float32 FMAs).
+BF16_GEMM_PATHS = ("amx", "cuda")
+
+
+def default_path(device: str) -> str:
+    """The code path fastrank.maxsim takes by default on ``device``: the CPU ISA path, or "cuda"."""
+    return "cuda" if device.startswith("cuda") else machine.selected_isa()
+
+
+def provider_isa(provider: str, default_isa: str) -> str:
+    """The path whose ceilings a row is held to: its own for ``fastrank:<isa>``, otherwise the default
+    path (the fastest this machine offers users)."""
+    return provider[len(ISA_PREFIX):] if provider.startswith(ISA_PREFIX) else default_isa
+
+
+def _maxsim_cpu_fn(q, d, q_mask, d_mask):
+    """maxsim-cpu takes numpy float32 and a list of variable-length docs (its way of honouring a mask);
+    the conversion happens here, outside the timed call."""
+    import maxsim_cpu
+
+    if q_mask is not None:
+        q = q[q_mask]
+    qn = q.contiguous().numpy()
+    docs = [(d[i] if d_mask is None else d[i][d_mask[i]]).contiguous().numpy() for i in range(d.shape[0])]
+    return lambda: torch.from_numpy(maxsim_cpu.maxsim_scores_variable(qn, docs))
+
+
 def provider_fn(provider: str, case: MaxSimCase, inputs, backend: Optional[str] = None) -> Callable[[], object]:
-    """A no-argument callable running one forward (or forward+backward) of ``provider`` on ``inputs``."""
+    """A no-argument callable running one forward (or forward+backward) of ``provider`` on ``inputs``.
+    ``"reference"`` is :func:`fastrank.maxsim_ref` (what `check` compares against; not a timed provider)."""
     q, d, q_mask, d_mask = inputs
-    if provider == "eager":
+    context = contextlib.nullcontext
+    if provider == "reference":
         score = maxsim_ref
+    elif provider == "eager":
+        score = maxsim_eager
+    elif provider == "eager_fp32":
+        q, d = q.float(), d.float()
+        score = maxsim_eager
+    elif provider == "einsum":
+        score = lambda *a: maxsim_einsum(*a, form=case.form)  # noqa: E731
     elif provider == "compile":
         torch._dynamo.reset()  # a fresh cache per shape: no silent fallback after the recompile limit
-        score = torch.compile(maxsim_ref, dynamic=False)
+        score = torch.compile(maxsim_eager, dynamic=False)
     elif provider == "fastrank":
         score = lambda *a: maxsim(*a, backend=backend)  # noqa: E731
+    elif provider.startswith(ISA_PREFIX):
+        from fastrank import cpu_isa
+
+        isa = provider[len(ISA_PREFIX):]
+        context = lambda: cpu_isa.use(isa)  # noqa: E731
+        score = lambda *a: maxsim(*a, backend="cpp")  # noqa: E731
+    elif provider == "maxsim-cpu":
+        if case.backward:
+            raise ValueError("maxsim-cpu has no backward")
+        return _maxsim_cpu_fn(q, d, q_mask, d_mask)
     else:
-        raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+        raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS} or {ISA_PREFIX}<isa>")
     if not case.backward:
-        return lambda: score(q, d, q_mask, d_mask)
+        def forward():
+            with context():
+                return score(q, d, q_mask, d_mask)
+
+        return forward
     qg, dg = q.detach().requires_grad_(), d.detach().requires_grad_()
     weights = torch.linspace(0.5, 1.5, case.pairs, device=q.device)
 
     def step():
-        out = score(qg, dg, q_mask, d_mask)
-        return torch.autograd.grad((out.reshape(-1) * weights).sum(), (qg, dg))
+        with context():
+            out = score(qg, dg, q_mask, d_mask)
+            return torch.autograd.grad((out.reshape(-1) * weights).sum(), (qg, dg))
 
     return step
 
 
 def check(provider_out, reference_out, dtype: torch.dtype) -> None:
-    """Each provider must agree with the eager reference before it is timed."""
+    """Each provider must agree with the reference (:func:`fastrank.maxsim_ref`) before it is timed."""
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     outs = provider_out if isinstance(provider_out, tuple) else (provider_out,)
     refs = reference_out if isinstance(reference_out, tuple) else (reference_out,)
+    assert len(outs) == len(refs), f"{len(outs)} outputs, the reference has {len(refs)}"
     for out, ref in zip(outs, refs):
         torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
 
@@ -128,13 +308,16 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_call(fn: Callable[[], object], device: str, min_seconds: float = 0.3, max_reps: int = 200) -> float:
-    """Median seconds per call over repetitions filling ``min_seconds`` (after one warm-up call)."""
-    fn()
-    synchronize(device)
+def time_call(fn: Callable[[], object], device: str, min_seconds: float = 0.3, max_reps: int = 200,
+              min_reps: int = 3, warmup: bool = True) -> float:
+    """Median seconds per call over at least ``min_reps`` repetitions filling ``min_seconds``, after one
+    warm-up call (``warmup=False`` when the caller's correctness check already ran ``fn``)."""
+    if warmup:
+        fn()
+        synchronize(device)
     times: list[float] = []
     start = time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - start < min_seconds and len(times) < max_reps):
+    while len(times) < min_reps or (time.perf_counter() - start < min_seconds and len(times) < max_reps):
         t0 = time.perf_counter()
         fn()
         synchronize(device)
@@ -142,90 +325,240 @@ def time_call(fn: Callable[[], object], device: str, min_seconds: float = 0.3, m
     return statistics.median(times)
 
 
-def run_maxsim(cases: list[MaxSimCase], device: str, providers=PROVIDERS, progress: bool = True) -> list[dict]:
-    """Time every provider on every case; one row per (case, provider) with docs/s and ratios."""
+# ------------------------------------------------------------------------------------------- row arithmetic
+
+def case_work(case: MaxSimCase, inputs) -> dict:
+    """What the inputs ask of any kernel: forward FLOPs over valid tokens only (2·Lq·Ld_valid·H per
+    pair) and the bytes of d's valid tokens, read once."""
+    q, d, q_mask, d_mask = inputs
+    n_docs = d[..., 0, 0].numel()
+    valid_doc_tokens = int(d_mask.sum()) if d_mask is not None else n_docs * d.shape[-2]
+    lq = int(q_mask.sum()) / q[..., 0, 0].numel() if q_mask is not None else q.shape[-2]  # mean valid Lq
+    return {
+        "flops": 2.0 * lq * valid_doc_tokens * (case.pairs / n_docs) * case.h,
+        "d_valid_bytes": valid_doc_tokens * case.h * d.element_size(),
+    }
+
+
+def ceiling_metrics(case: MaxSimCase, work: dict, seconds: float, isa: str, ceilings: Optional[dict]) -> dict:
+    """Forward rows against the machine's ceilings measured in this run:
+
+    - ``sgemm_fraction`` = (valid-token FLOPs / time) / large-sgemm rate;
+    - ``floor_ms`` = max(FLOPs at the sgemm rate, or at the bf16 GEMM rate for bf16 on AMX or CUDA;
+      d's valid tokens read once at ``read_gbps``), the time no kernel can beat;
+    - ``floor_ratio`` = time / floor (issue 9: <= 1.5 for bf16).
+
+    None for forward+backward rows (their target is a speedup only) and when no ceilings were measured.
+    """
+    metrics = {"GFLOP_per_s": None, "sgemm_fraction": None, "floor_ms": None, "floor_ratio": None}
+    if case.backward:
+        return metrics
+    metrics["GFLOP_per_s"] = work["flops"] / seconds / 1e9
+    if not ceilings:
+        return metrics
+    bf16_gemm = isa in BF16_GEMM_PATHS and case.dtype == torch.bfloat16
+    rate = ceilings["bf16_gemm_gflops"] if bf16_gemm else ceilings["sgemm_gflops"]
+    floor = max(work["flops"] / (rate * 1e9), work["d_valid_bytes"] / (ceilings["read_gbps"] * 1e9))
+    metrics.update({
+        "sgemm_fraction": metrics["GFLOP_per_s"] / ceilings["sgemm_gflops"],
+        "floor_ms": floor * 1e3,
+        "floor_ratio": seconds / floor,
+    })
+    return metrics
+
+
+def target_verdict(case: MaxSimCase, provider: str, row: dict) -> str:
+    """"met", "miss: <what>", or "" (not a fastrank row, or no target for this case)."""
+    if not case.targeted or not provider.startswith("fastrank"):
+        return ""
+    low_precision = case.dtype != torch.float32
+    need = TARGET_VS_EAGER_LOWP if (low_precision and not case.backward) else TARGET_VS_EAGER_FP32
+    misses, judged = [], False
+    if row.get("vs_fastest_eager") is not None:
+        judged = True
+        if row["vs_fastest_eager"] < need:
+            misses.append(f"{row['vs_fastest_eager']:.2f}x eager < {need:g}x")
+    if not case.backward and not low_precision and row.get("sgemm_fraction") is not None:
+        judged = True
+        if row["sgemm_fraction"] < TARGET_SGEMM_FRACTION:
+            misses.append(f"sgemm {row['sgemm_fraction']:.0%} < {TARGET_SGEMM_FRACTION:.0%}")
+    if not case.backward and low_precision and row.get("floor_ratio") is not None:
+        judged = True
+        if row["floor_ratio"] > TARGET_FLOOR_RATIO:
+            misses.append(f"floor {row['floor_ratio']:.2f}x > {TARGET_FLOOR_RATIO:g}x")
+    if not judged:
+        return ""
+    return "miss: " + "; ".join(misses) if misses else "met"
+
+
+def result_row(case: MaxSimCase, work: dict, provider: str, seconds: float, eager_seconds: dict,
+               ceilings: Optional[dict], default_isa: str) -> dict:
+    """One table row; ``eager_seconds`` holds the eager forms measured on this case (provider -> s).
+    The CLI and the pytest benchmarks both build their figures here."""
+    fastest = min(eager_seconds, key=eager_seconds.get) if eager_seconds else None
+    isa = provider_isa(provider, default_isa)
+    row = {
+        "case": case.name,
+        "dtype": case.dtype_name,
+        "provider": provider,
+        "isa": isa if provider.startswith("fastrank") else None,
+        "ms": seconds * 1e3,
+        "docs_per_s": case.pairs / seconds,
+        "GB_per_s": case.bytes_read() / seconds / 1e9,
+        "fastest_eager": fastest,
+        "vs_fastest_eager": eager_seconds[fastest] / seconds if fastest else None,
+        **ceiling_metrics(case, work, seconds, isa, ceilings),
+    }
+    row["target"] = target_verdict(case, provider, row)
+    return row
+
+
+def run_maxsim(cases: list[MaxSimCase], device: str, providers=None, progress: bool = True,
+               ceilings: Optional[dict] = None, default_isa: Optional[str] = None,
+               min_seconds: float = 0.3) -> list[dict]:
+    """Check, then time every provider that applies on every case; one row per (case, provider)."""
     from tqdm.auto import tqdm
 
+    providers = default_providers(device) if providers is None else list(providers)
+    default_isa = default_path(device) if default_isa is None else default_isa
     rows = []
     for case in tqdm(cases, desc="maxsim bench", disable=not progress):
         inputs = case.make(device)
-        reference = provider_fn("eager", case, inputs)()
+        work = case_work(case, inputs)
+        reference = provider_fn("reference", case, inputs)()
         seconds = {}
-        for provider in providers:
+        for provider in case_providers(case, providers, device):
             fn = provider_fn(provider, case, inputs)
-            check(fn(), reference, case.dtype)
-            seconds[provider] = time_call(fn, device)
-        for provider in providers:
-            s = seconds[provider]
-            rows.append({
-                "case": case.name,
-                "dtype": str(case.dtype).replace("torch.", ""),
-                "provider": provider,
-                "ms": s * 1e3,
-                "docs_per_s": case.pairs / s,
-                "GB_per_s": case.bytes_read() / s / 1e9,
-                "vs_eager": seconds["eager"] / s if "eager" in seconds else float("nan"),
-            })
+            check(fn(), reference, case.dtype)  # doubles as the warm-up (and torch.compile's compile)
+            seconds[provider] = time_call(fn, device, min_seconds=min_seconds, warmup=False)
+            del fn  # frees eager_fp32's float32 copies before the next provider
+        eager = {p: s for p, s in seconds.items() if p in EAGER_PROVIDERS}
+        rows += [result_row(case, work, p, s, eager, ceilings, default_isa) for p, s in seconds.items()]
+        del inputs, reference
     return rows
 
 
+# ------------------------------------------------------------------------------------------- report
+
+def _fmt(value, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else format(value, spec) + suffix
+
+
+def format_header(info: dict, ceilings: Optional[dict]) -> str:
+    """Where the table ran: CPU, default ISA path, threads, torch, and this run's ceilings."""
+    where = info.get("gpu") or info["cpu"]
+    lines = [
+        f"fastrank bench maxsim on {info['device']}: {where}",
+        f"  CPU {info['cpu']}; fastrank ISA path: {info['isa']} by default "
+        f"(available: {', '.join(info['isa_paths'])}; flags: {' '.join(info['isa_flags']) or 'none'})",
+        f"  {info['threads']} torch threads (fastrank and eager; {info['logical_cpus']} logical CPUs); "
+        f"torch {info['torch']}; Python {info['python']}",
+    ]
+    if info.get("maxsim_cpu"):
+        lines.append(f"  maxsim-cpu {info['maxsim_cpu']} (its own Rayon pool: RAYON_NUM_THREADS or every logical CPU)")
+    if ceilings:
+        lines.append(
+            f"  ceilings measured in this run at {ceilings['threads']} threads: "
+            f"sgemm {ceilings['gemm_n']}^3 {ceilings['sgemm_gflops']:.1f} GFLOP/s, "
+            f"bf16 GEMM {ceilings['bf16_gemm_gflops']:.1f} GFLOP/s, "
+            f"copy {ceilings['copy_gbps']:.1f} GB/s (read+write), read {ceilings['read_gbps']:.1f} GB/s"
+        )
+    else:
+        lines.append("  ceilings not measured (sgemm/floor columns empty)")
+    lines.append(
+        "  vs eager: against the fastest of eager, eager_fp32, einsum on the case; sgemm: valid-token "
+        "FLOP rate / sgemm rate; floor: time / max(FLOPs at the GEMM rate, reading d's valid tokens once)"
+    )
+    return "\n".join(lines)
+
+
 def format_rows(rows: list[dict]) -> str:
-    header = f"{'case':<32} {'dtype':<9} {'provider':<9} {'ms':>9} {'docs/s':>12} {'GB/s':>7} {'vs eager':>8}"
+    header = (f"{'case':<31} {'dtype':<8} {'provider':<19} {'ms':>9} {'docs/s':>11} {'GB/s':>6} {'GFLOP/s':>8} "
+              f"{'vs eager':>8} {'sgemm':>6} {'floor':>7}  target")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
-            f"{r['case']:<32} {r['dtype']:<9} {r['provider']:<9} {r['ms']:>9.3f} {r['docs_per_s']:>12,.0f} "
-            f"{r['GB_per_s']:>7.2f} {r['vs_eager']:>7.2f}x"
+            f"{r['case']:<31} {r['dtype']:<8} {r['provider']:<19} {r['ms']:>9.3f} {r['docs_per_s']:>11,.0f} "
+            f"{r['GB_per_s']:>6.2f} {_fmt(r.get('GFLOP_per_s'), '.1f'):>8} "
+            f"{_fmt(r.get('vs_fastest_eager'), '.2f', 'x'):>8} {_fmt(r.get('sgemm_fraction'), '.0%'):>6} "
+            f"{_fmt(r.get('floor_ratio'), '.2f', 'x'):>7}  {r.get('target', '')}"
         )
     return "\n".join(lines)
+
+
+def format_report(info: dict, ceilings: Optional[dict], rows: list[dict]) -> str:
+    return format_header(info, ceilings) + "\n\n" + format_rows(rows)
 
 
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(device)
-    import platform
+    return f"{machine.cpu_model()}, {torch.get_num_threads()} threads"
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
 
+# ------------------------------------------------------------------------------------------- CLI
 
 def add_cli(subparsers) -> None:
     """`fastrank bench maxsim`: registered by fastrank.cli."""
     bench = subparsers.add_parser("bench", help="time fused kernels against eager PyTorch and torch.compile")
     ops = bench.add_subparsers(dest="op", required=True)
-    p = ops.add_parser("maxsim", help="MaxSim docs/sec: eager reference, torch.compile, fastrank")
+    p = ops.add_parser("maxsim", help="MaxSim docs/sec: eager forms, torch.compile, fastrank per ISA path, "
+                                      "maxsim-cpu; next to this machine's sgemm and bandwidth ceilings")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument(
         "--providers", default=None,
-        help="comma-separated subset of eager,compile,fastrank (default: all on CUDA; eager,fastrank on CPU, "
-        "where torch.compile spends minutes compiling C++)",
+        help=f"comma-separated subset of {','.join(PROVIDERS)},{ISA_PREFIX}<isa> (default: all that run on the "
+        "device, except compile on CPU, where torch.compile spends minutes compiling C++)",
     )
-    p.add_argument("--quick", action="store_true", help="only the re-rank cases")
-    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    p.add_argument("--isa", default=None,
+                   help="comma-separated CPU ISA paths to time as fastrank:<isa> (default: every path this CPU "
+                   "has except scalar)")
+    p.add_argument("--cases", default=None, help="comma-separated substrings of case names to keep")
+    p.add_argument("--quick", action="store_true", help="only the 1x1000 re-rank cases")
+    p.add_argument("--ceiling-seconds", type=float, default=2.5,
+                   help="time spent measuring the sgemm/bandwidth ceilings (default 2.5)")
+    p.add_argument("--json", metavar="FILE", help="also write machine info, ceilings and rows as JSON")
     p.set_defaults(func=_cli_maxsim)
+
+
+def _cli_providers(args, device: str) -> list[str]:
+    available_isas = machine.isa_paths()
+    isas = None
+    if args.isa:
+        isas = [i.strip() for i in args.isa.split(",") if i.strip()]
+        bad = [i for i in isas if i not in available_isas or i == "default"]
+        if bad:
+            raise SystemExit(
+                f"--isa: {','.join(bad)} cannot run here; this CPU and build offer {','.join(available_isas)} "
+                f"(CPU flags: {' '.join(machine.machine_info()['isa_flags']) or 'none'})")
+    if not args.providers:
+        return default_providers(device, compile=device.startswith("cuda"), isas=isas)
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+    known = set(PROVIDERS) | {ISA_PREFIX + i for i in available_isas if i != "default"}
+    unknown = [p for p in providers if p not in known]
+    if unknown:
+        raise SystemExit(f"--providers: unknown {unknown}; expected a subset of {','.join(sorted(known))}")
+    if isas is not None:
+        providers = [p for p in providers if not p.startswith(ISA_PREFIX) or p[len(ISA_PREFIX):] in isas]
+    return providers
 
 
 def _cli_maxsim(args) -> int:
     import json
+    import shlex
+    import sys
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    providers = tuple(args.providers.split(",")) if args.providers else (
-        PROVIDERS if device.startswith("cuda") else ("eager", "fastrank"))
-    unknown = set(providers) - set(PROVIDERS)
-    if unknown:
-        raise SystemExit(f"--providers: unknown {sorted(unknown)}; expected a subset of {','.join(PROVIDERS)}")
-    cases = cuda_cases() if device.startswith("cuda") else cpu_cases()
-    if args.quick:
-        cases = [c for c in cases if c.name.startswith("rerank")]
-    rows = run_maxsim(cases, device, providers)
-    print(f"fastrank bench maxsim on {device_name(device)} (torch {torch.__version__})")
-    print(format_rows(rows))
+    providers = _cli_providers(args, device)
+    cases = select_cases(cuda_cases() if device.startswith("cuda") else cpu_cases(), args.quick, args.cases)
+    if not cases:
+        raise SystemExit(f"--cases {args.cases!r} matches no case")
+    info = machine.machine_info(device)
+    ceilings = machine.measure_ceilings(device, seconds=args.ceiling_seconds)
+    rows = run_maxsim(cases, device, providers, ceilings=ceilings, default_isa=default_path(device))
+    print(format_report(info, ceilings, rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device_name(device), "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({"command": shlex.join(sys.argv), "machine": info, "ceilings": ceilings, "rows": rows},
+                      f, indent=1)
     return 0

@@ -3,8 +3,11 @@
 Backends are tried in priority order: Triton on CUDA, the compiled C++/CUDA extension, the Triton
 interpreter (CPU tensors, only when ``TRITON_INTERPRET=1`` was set before fastrank was imported) and the
 eager PyTorch reference. Each backend, and each op's implementation on it, reports why it cannot run a
-call; the first with no reason runs it. A caller forces a backend with ``backend=`` or the environment
-variable ``FASTRANK_BACKEND``; a forced backend that cannot run raises an error listing the reasons.
+call; the first with no reason runs it. An implementation may also say where it is *slower* than the eager
+reference on this machine (a scalar CPU path, a shape too small to amortise a call): automatic dispatch
+then passes it over, so a fused path is never slower than eager, while a caller who forces it still gets
+it. A caller forces a backend with ``backend=`` or the environment variable ``FASTRANK_BACKEND``; a forced
+backend that cannot run raises an error listing the reasons. :func:`explain` says what runs and why.
 
 Ops register implementations with :func:`register`; nothing outside this module inspects devices to pick
 a code path.
@@ -36,18 +39,32 @@ class Implementation:
     backend: str
     fn: Callable
     reasons: Reasons
+    slower: Reasons
+    describe: Callable[..., str]
 
 
 _REGISTRY: dict[str, dict[str, Implementation]] = {}
+_CONTEXT: dict[str, Callable[..., dict]] = {}
 
 
-def register(op: str, backend: str, reasons: Reasons | None = None):
-    """Decorator: ``fn`` implements ``op`` on ``backend``; ``reasons(**ctx)`` lists what it cannot handle."""
+def register_context(op: str, fn: Callable[..., dict]) -> None:
+    """``fn(*tensors)`` builds ``op``'s dispatch context from its inputs, so :func:`explain` needs only them."""
+    _CONTEXT[op] = fn
+
+
+def register(op: str, backend: str, reasons: Reasons | None = None, slower: Reasons | None = None,
+             describe: Callable[..., str] | None = None):
+    """Decorator: ``fn`` implements ``op`` on ``backend``; ``reasons(**ctx)`` lists what it cannot handle,
+    ``slower(**ctx)`` where it would lose to the eager reference (skipped unless forced), and
+    ``describe(**ctx)`` names the kernel that would run (for :func:`explain`)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
     def wrap(fn: Callable) -> Callable:
-        _REGISTRY.setdefault(op, {})[backend] = Implementation(op, backend, fn, reasons or (lambda **_: []))
+        _REGISTRY.setdefault(op, {})[backend] = Implementation(
+            op, backend, fn, reasons or (lambda **_: []), slower or (lambda **_: []),
+            describe or (lambda **_: backend),
+        )
         return fn
 
     return wrap
@@ -116,18 +133,28 @@ def requested_backend(backend: str | None) -> str | None:
     return choice
 
 
-def reasons_for(op: str, backend: str, tensors: Sequence[torch.Tensor | None], **ctx) -> list[str]:
-    return _reasons(op, backend, frozenset(_devices(tensors)), tuple(sorted(ctx.items())))
+SLOWER = "slower than eager here: "
+
+
+def reasons_for(op: str, backend: str, tensors: Sequence[torch.Tensor | None], *, forced: bool = False, **ctx) -> list[str]:
+    """Why ``backend`` would not run this call: what it cannot do, and (unless ``forced``) where it would be
+    slower than eager, those prefixed with :data:`SLOWER`."""
+    return _reasons(op, backend, frozenset(_devices(tensors)), tuple(sorted(ctx.items())), not forced)
 
 
 @functools.lru_cache(maxsize=4096)
-def _reasons(op: str, backend: str, devices: frozenset, ctx: tuple) -> list[str]:
+def _reasons(op: str, backend: str, devices: frozenset, ctx: tuple, with_slower: bool = True) -> list[str]:
     # Cached: availability is a property of the installation, fixed for the life of the process, and
-    # this runs on every call of every op. `reset()` clears it.
+    # this runs on every call of every op. `reset()` clears it (and so does switching the CPU ISA path,
+    # which is part of ctx).
     impl = _REGISTRY.get(op, {}).get(backend)
     if impl is None:
         return [f"{op!r} has no {backend} implementation"]
-    return environment_reasons(backend, devices) + impl.reasons(device_types=set(devices), **dict(ctx))
+    kwargs = dict(ctx)
+    reasons = environment_reasons(backend, devices) + impl.reasons(device_types=set(devices), **kwargs)
+    if with_slower and not reasons:
+        reasons = [SLOWER + r for r in impl.slower(device_types=set(devices), **kwargs)]
+    return reasons
 
 
 def reset() -> None:
@@ -150,7 +177,7 @@ def choose(op: str, tensors: Sequence[torch.Tensor | None], backend: str | None 
     # Dynamo does not trace through lru_cache wrappers (it warns and bypasses them).
     lookup = _reasons.__wrapped__ if torch.compiler.is_compiling() else _reasons
     if forced is not None:
-        reasons = lookup(op, forced, devices, key)
+        reasons = lookup(op, forced, devices, key, False)
         if reasons:
             raise BackendUnavailableError(
                 f"fastrank.{op}: backend {forced!r} cannot run this call:\n  - " + "\n  - ".join(reasons)
@@ -165,6 +192,32 @@ def choose(op: str, tensors: Sequence[torch.Tensor | None], backend: str | None 
     raise BackendUnavailableError(f"fastrank.{op}: no backend can run this call:\n  - " + "\n  - ".join(collected))
 
 
-def explain(op: str, tensors: Sequence[torch.Tensor | None], **ctx) -> dict[str, list[str]]:
-    """For each backend, why it cannot run this call (an empty list: it can). For diagnostics."""
-    return {name: reasons_for(op, name, tensors, **ctx) for name in BACKENDS}
+class Explanation(dict):
+    """backend -> reasons it would not run the call (empty: it can), plus what runs: ``chosen`` (the
+    backend automatic dispatch picks), ``kernel`` (the kernel or CPU ISA path it runs) and ``str()`` of it
+    as a readable summary."""
+
+    chosen: str | None
+    kernel: str
+
+    def __str__(self) -> str:
+        lines = [f"runs: {self.chosen or 'nothing'}" + (f" ({self.kernel})" if self.kernel else "")]
+        for name, reasons in self.items():
+            lines.append(f"  {name}: " + ("can run" if not reasons else "; ".join(reasons)))
+        return "\n".join(lines)
+
+
+def explain(op: str, tensors: Sequence[torch.Tensor | None], **ctx) -> Explanation:
+    """For each backend, why automatic dispatch would not run this call on it (an empty list: it can),
+    including where it would be slower than eager; ``.chosen`` and ``.kernel`` say what does run.
+
+    ``tensors`` are the op's inputs in order (``(q, d, q_mask, d_mask)`` for maxsim); without ``ctx`` the
+    context is built from them as the op itself does: ``print(fastrank.dispatch.explain("maxsim", (q, d)))``.
+    """
+    if not ctx and op in _CONTEXT:
+        ctx = _CONTEXT[op](*tensors)
+    out = Explanation({name: reasons_for(op, name, tensors, **ctx) for name in BACKENDS})
+    out.chosen = next((name for name, reasons in out.items() if not reasons), None)
+    impl = _REGISTRY.get(op, {}).get(out.chosen) if out.chosen else None
+    out.kernel = impl.describe(device_types=_devices(tensors), **ctx) if impl is not None else ""
+    return out

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from fastrank import _ext, dispatch
+from fastrank import _ext, cpu_isa, dispatch
 from fastrank.ops.pairs import broadcast_shapes, canonicalize, inner_contiguous
 
 try:
@@ -282,7 +282,7 @@ def _cpp_forward(q, d, q_mask, d_mask, save_argmax: bool):
     if q.is_cuda:
         ext.maxsim_forward_cuda(*args, _ext.cuda_stream(q))
     else:
-        ext.maxsim_forward(*args)
+        ext.maxsim_forward(cpu_isa.selected(), *args, torch.get_num_threads())
     return out, arg
 
 
@@ -303,7 +303,7 @@ def _cpp_backward(q, d, grad, argmax, need_dq: bool, need_dd: bool, deterministi
     if q.is_cuda:
         ext.maxsim_backward_cuda(*args, _ext.cuda_stream(q))
     else:
-        ext.maxsim_backward(*args)
+        ext.maxsim_backward(cpu_isa.selected(), *args, torch.get_num_threads())
     return (dq.to(q.dtype) if need_dq else None), (dd.to(d.dtype) if need_dd else None)
 
 
@@ -323,11 +323,44 @@ def _kernel_reasons(*, dtype: torch.dtype, lq: int, interpreter: bool = False, *
     return reasons
 
 
+# Where the CPU kernel loses to eager PyTorch, measured on the CPUs we run on (benchmarks/results/
+# maxsim_cpu*.md): below about 2^24 multiply-adds per call (1 query x ~20 docs of 200 tokens at H=128)
+# a call's fixed cost (input checks, the pair grid, thread start-up) outweighs the fused kernel's saving
+# over one BLAS call; the bfloat16 tile and dot-product kernels win from 2^21. The scalar path (no AVX2)
+# always loses to torch's vectorised BLAS.
+_SMALL_WORK_LOG2 = {"native_bf16": 21, "default": 24}
+
+
+def _cpu_slower(*, device_types, dtype: torch.dtype, work: int = 64, isa: str = "", **_) -> list[str]:
+    if device_types != {"cpu"}:
+        return []
+    if isa == "scalar":
+        return ["the CPU ISA path is scalar (no AVX2): torch's vectorised BLAS is faster"]
+    native = dtype == torch.bfloat16 and isa in ("amx", "avx512bf16")
+    limit = _SMALL_WORK_LOG2["native_bf16" if native else "default"]
+    if work < limit:
+        return [f"about 2^{work} multiply-adds: below 2^{limit} a call's fixed cost outweighs fusing ({isa} path)"]
+    return []
+
+
+def _cpp_describe(*, device_types, dtype: torch.dtype, isa: str = "", **_) -> str:
+    if device_types != {"cpu"}:
+        return "CUDA kernels of the compiled extension"
+    vector = {"amx": "AVX-512", "avx512bf16": "AVX-512", "avx512": "AVX-512", "avx2": "AVX2"}.get(isa, "baseline SIMD")
+    kernel = {
+        ("amx", torch.bfloat16): "AMX-BF16 tiles (tdpbf16ps)",
+        ("avx512bf16", torch.bfloat16): "AVX512-BF16 dot products (vdpbf16ps)",
+    }.get((isa, dtype), f"{vector} FMA micro-kernel" + ("" if dtype == torch.float32 else ", widened to float32"))
+    return f"C++ CPU kernel, ISA path {isa}: {kernel}"
+
+
 _TRITON = _Kernels(_triton_forward, _triton_backward)
 _CPP = _Kernels(_cpp_forward, _cpp_backward)
-dispatch.register("maxsim", "triton", reasons=_kernel_reasons)(_TRITON)
-dispatch.register("maxsim", "triton_interpret", reasons=lambda **ctx: _kernel_reasons(interpreter=True, **ctx))(_TRITON)
-dispatch.register("maxsim", "cpp", reasons=_kernel_reasons)(_CPP)
+dispatch.register("maxsim", "triton", reasons=_kernel_reasons, describe=lambda **_: "Triton kernels")(_TRITON)
+dispatch.register("maxsim", "triton_interpret", reasons=lambda **ctx: _kernel_reasons(interpreter=True, **ctx),
+                  slower=lambda **_: ["the Triton interpreter checks the GPU kernels on CPU; it never outruns eager"],
+                  describe=lambda **_: "Triton kernels under the interpreter")(_TRITON)
+dispatch.register("maxsim", "cpp", reasons=_kernel_reasons, slower=_cpu_slower, describe=_cpp_describe)(_CPP)
 _KERNELS = {"triton": _TRITON, "triton_interpret": _TRITON, "cpp": _CPP}
 
 
@@ -456,14 +489,14 @@ def maxsim(
     batch = _check_inputs(q, d, q_mask, d_mask)
     lq, h = q.shape[-2], q.shape[-1]
     ld = d.shape[-2]
-    impl = dispatch.choose(
-        "maxsim", (q, d, q_mask, d_mask), backend,
-        dtype=q.dtype, lq=lq,
-    )
+    impl = dispatch.choose("maxsim", (q, d, q_mask, d_mask), backend, **dispatch_context(q, d, batch))
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or d.requires_grad)
     if impl.backend == "reference" or math.prod(batch) == 0 or lq == 0 or ld == 0 or h == 0:
-        return maxsim_ref(q, d, q_mask, d_mask)
+        if needs_grad or torch.compiler.is_compiling():
+            return maxsim_ref(q, d, q_mask, d_mask)
+        return _maxsim_eager(q, d, q_mask, d_mask)
     c = canonicalize(q, d, q_mask, d_mask, batch)
-    save_argmax = torch.is_grad_enabled() and (q.requires_grad or d.requires_grad)
+    save_argmax = needs_grad
     if save_argmax or torch.compiler.is_compiling():
         scores, _ = _maxsim_forward_op(c.q, c.d, c.q_mask, c.d_mask, impl.backend, save_argmax, deterministic)
     else:  # inference: no graph to record, so skip the custom-op machinery (tens of microseconds a call)
@@ -471,7 +504,48 @@ def maxsim(
     return c.restore(scores)
 
 
-dispatch.register("maxsim", "reference")(lambda *args, **kwargs: maxsim_ref(*args, **kwargs))
+def dispatch_context(q: Tensor, d: Tensor, batch) -> dict:
+    """What the backends' reasons look at: dtype, Lq, the CPU ISA path and the work as log2 of the
+    multiply-adds (a coarse key, so the cached choice is shared by calls of similar size)."""
+    ctx = {"dtype": q.dtype, "lq": q.shape[-2]}
+    if q.device.type == "cpu":
+        ctx["isa"] = cpu_isa.selected()
+    if torch.compiler.is_compiling():
+        ctx["work"] = 64  # compiled graphs are training steps: never the small-call fallback
+    else:
+        macs = math.prod(batch) * q.shape[-2] * d.shape[-2] * q.shape[-1]
+        ctx["work"] = max(0, int(macs).bit_length() - 1)
+    return ctx
+
+
+def _maxsim_eager(q: Tensor, d: Tensor, q_mask: Optional[Tensor] = None, d_mask: Optional[Tensor] = None) -> Tensor:
+    """The reference's math in the fastest eager form, for inference calls dispatched to eager: one
+    matmul, the mask applied in place, amax (no indices). Same values as :func:`maxsim_ref`; autograd
+    would split ties differently, so calls that need gradients take the reference itself."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = torch.matmul(q.to(compute), d.to(compute).transpose(-1, -2))  # (..., Lq, Ld)
+    if s.shape[-1] == 0:
+        return maxsim_ref(q, d, q_mask, d_mask)
+    if d_mask is not None:
+        s = s.masked_fill_(~d_mask.unsqueeze(-2), float("-inf")) if s.shape[:-2] == torch.broadcast_shapes(
+            s.shape[:-2], d_mask.shape[:-1]) else torch.where(d_mask.unsqueeze(-2), s, float("-inf"))
+    best = s.amax(dim=-1)
+    if d_mask is not None:
+        best = torch.where(d_mask.any(dim=-1, keepdim=True), best, 0.0)
+    if q_mask is not None:
+        best = torch.where(q_mask, best, 0.0)
+    return best.sum(dim=-1)
+
+
+dispatch.register("maxsim", "reference", describe=lambda **_: "eager PyTorch (maxsim_ref's math)")(
+    lambda *args, **kwargs: maxsim_ref(*args, **kwargs))
+
+
+def _explain_context(q: Tensor, d: Tensor, q_mask: Optional[Tensor] = None, d_mask: Optional[Tensor] = None) -> dict:
+    return dispatch_context(q, d, _check_inputs(q, d, q_mask, d_mask))
+
+
+dispatch.register_context("maxsim", _explain_context)
 
 
 def maxsim_ref(q: Tensor, d: Tensor, q_mask: Optional[Tensor] = None, d_mask: Optional[Tensor] = None) -> Tensor:

@@ -1,0 +1,21 @@
+// Which instruction-set paths this CPU, this kernel (OS) and this build can run, decided once per process.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "cpu/maxsim_cpu.h"
+
+namespace fastrank {
+namespace cpu {
+
+struct IsaSupport {
+  bool ok[kIsaCount];
+  std::string reason[kIsaCount];   // why a path cannot run ("" when it can)
+  std::vector<std::string> flags;  // the CPU features found, /proc/cpuinfo spelling
+};
+
+// Detected on first call (cpuid, xgetbv, and for AMX the arch_prctl permission request).
+const IsaSupport& isa_support();
+
+}  // namespace cpu
+}  // namespace fastrank

@@ -1,0 +1,5 @@
+// MaxSim kernels for AVX-512 with AVX512-BF16: bfloat16 through vdpbf16ps, two k per instruction.
+// Compiled with this ISA's flags only (CMakeLists.txt); entered only after cpu_isa.cpp has checked the CPU.
+#define FASTRANK_ISA_NS isa_avx512bf16
+
+#include "cpu/maxsim_kernels.inc"

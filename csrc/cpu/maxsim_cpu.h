@@ -1,0 +1,45 @@
+// The CPU MaxSim kernels' contract, shared by the baseline bindings (maxsim.cpp) and the per-ISA
+// translation units (isa/maxsim_<isa>.cpp). Plain data only: nothing here is compiled per ISA.
+#pragma once
+#include <cstdint>
+
+namespace fastrank {
+namespace cpu {
+
+struct Strides3 { int64_t a, b, tok; };       // q: (F, Y, tok) / d: (F, X, tok); last dim contiguous
+struct Strides4 { int64_t f, y, x, tok; };   // masks over (F, Y, X, tok)
+
+// Pairs laid out (F, Y, X): q is (F, Y, Lq, H), d is (F, X, Ld, H) (fastrank/ops/pairs.py).
+struct MaxSimProblem {
+  int64_t F, Y, X, Lq, Ld, H;
+  Strides3 qs, ds;
+  const uint8_t* qm;  // nullptr: every query token valid
+  Strides4 qms;
+  const uint8_t* dm;  // nullptr: every doc token valid
+  Strides4 dms;
+  int threads;        // OpenMP threads for this call (torch.get_num_threads() on the Python side)
+};
+
+// Element codes, as fastrank/_ext.py DTYPE_CODES.
+constexpr int kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2;
+
+// The instruction-set paths, lowest first. Names are what FASTRANK_CPU_ISA and fastrank.cpu_isa use.
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3, Amx = 4 };
+constexpr int kIsaCount = 5;
+const char* isa_name(Isa isa);
+
+}  // namespace cpu
+}  // namespace fastrank
+
+// Every ISA translation unit defines these two entry points in its own namespace, fastrank::isa_<name>.
+// forward: out (F, Y, X) float32; argmax (F, Y, X, Lq) int32 or nullptr (inference: not computed).
+// backward: dq (F, Y, Lq, H) / dd (F, X, Ld, H) float32, either nullptr; argmax from the forward.
+#define FASTRANK_DECLARE_MAXSIM_ISA(NS)                                                                      \
+  namespace fastrank {                                                                                       \
+  namespace NS {                                                                                             \
+  void maxsim_forward(const cpu::MaxSimProblem& p, int dtype, const void* q, const void* d, float* out,      \
+                      int32_t* argmax);                                                                      \
+  void maxsim_backward(const cpu::MaxSimProblem& p, int dtype, const void* q, const void* d, const float* g, \
+                       const int32_t* argmax, float* dq, float* dd);                                         \
+  }                                                                                                          \
+  }

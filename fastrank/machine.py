@@ -1,0 +1,135 @@
+"""What this machine is and what it can do, measured in the process that benchmarks on it.
+
+A kernel's speed means little without the machine's own ceilings next to it: the issue-9 targets are
+fractions of the large-sgemm FLOP rate and of the memory bandwidth, so :func:`measure_ceilings` measures
+both in the same run, at torch's current thread count (the count the kernels use), rather than quoting a
+datasheet. :func:`machine_info` names the CPU, the thread count and the CPU ISA path fastrank dispatches to.
+"""
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+
+def _cpuinfo_field(name: str) -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name ("model name" in /proc/cpuinfo), or what ``platform`` knows elsewhere."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_flags() -> set[str]:
+    """The feature flags the kernel reports for the first CPU (empty where /proc/cpuinfo is absent)."""
+    return set((_cpuinfo_field("flags") or "").split())
+
+
+# The flags that decide which fastrank CPU kernel can run; reported so a table says why a path is missing.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+def isa_paths() -> list[str]:
+    """The fastrank CPU ISA paths this CPU and build can run, best first; ``["default"]`` when the build
+    predates per-ISA dispatch (one path, chosen when the extension was compiled)."""
+    try:
+        from fastrank import cpu_isa
+    except ImportError:
+        return ["default"]
+    return list(cpu_isa.available())
+
+
+def selected_isa() -> str:
+    """The ISA path ``fastrank.maxsim`` uses by default (best available, or FASTRANK_CPU_ISA)."""
+    try:
+        from fastrank import cpu_isa
+    except ImportError:
+        return "default"
+    return cpu_isa.selected()
+
+
+def maxsim_cpu_version() -> str | None:
+    """Version of the PyPI peer ``maxsim-cpu`` when it is installed."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("maxsim-cpu")
+    except PackageNotFoundError:
+        return None
+
+
+def machine_info(device: str = "cpu") -> dict:
+    """Everything a results table must name about where it ran."""
+    flags = cpu_flags()
+    info = {
+        "device": device,
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "logical_cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "isa": selected_isa(),
+        "isa_paths": isa_paths(),
+        "isa_flags": [f for f in ISA_FLAGS if f in flags],
+        "maxsim_cpu": maxsim_cpu_version(),
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def measure_ceilings(device: str = "cpu", seconds: float = 2.5, *, gemm_n: int = 2048,
+                     copy_mb: int = 64, read_mb: int = 128) -> dict:
+    """The machine's own ceilings, each the median of repeated runs within a share of ``seconds``:
+
+    - ``sgemm_gflops``: float32 ``gemm_n``^3 matmul, 2·n³ FLOP per call (the rate MaxSim's Q·Dᵀ could reach);
+    - ``bf16_gemm_gflops``: the same in bfloat16 (AMX or AVX512-BF16 through oneDNN where the CPU has
+      them, a slow emulation elsewhere: reported as measured, the caller decides whether it is fast);
+    - ``copy_gbps``: ``dst.copy_(src)`` of ``copy_mb`` MB, counting bytes read plus bytes written;
+    - ``read_gbps``: ``x.sum()`` over ``read_mb`` MB of float32, bytes read (a kernel streaming d once).
+
+    Buffers are larger than any last-level cache at the default sizes; tests pass small sizes.
+    """
+    from fastrank.bench import time_call
+
+    share = seconds / 4
+    a = torch.randn(gemm_n, gemm_n, device=device)
+    b = torch.randn(gemm_n, gemm_n, device=device)
+    out = torch.empty(gemm_n, gemm_n, device=device)
+    gemm_flop = 2.0 * gemm_n ** 3
+    sgemm = time_call(lambda: torch.matmul(a, b, out=out), device, min_seconds=share, max_reps=50)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    out16 = out.bfloat16()
+    bf16 = time_call(lambda: torch.matmul(a16, b16, out=out16), device, min_seconds=share, max_reps=50)
+    del a, b, out, a16, b16, out16
+
+    # torch.full touches every page, so first-touch page faults stay out of the timed calls.
+    src = torch.full((copy_mb * 2 ** 20 // 4,), 1.0, device=device)
+    dst = torch.full_like(src, 2.0)
+    copy = time_call(lambda: dst.copy_(src), device, min_seconds=share, max_reps=50)
+    copy_bytes = 2 * src.numel() * 4
+    del src, dst
+    x = torch.full((read_mb * 2 ** 20 // 4,), 1.0, device=device)
+    read = time_call(lambda: x.sum(), device, min_seconds=share, max_reps=50)
+    read_bytes = x.numel() * 4
+    del x
+    return {
+        "sgemm_gflops": gemm_flop / sgemm / 1e9,
+        "bf16_gemm_gflops": gemm_flop / bf16 / 1e9,
+        "copy_gbps": copy_bytes / copy / 1e9,
+        "read_gbps": read_bytes / read / 1e9,
+        "threads": torch.get_num_threads(),
+        "gemm_n": gemm_n,
+        "copy_mb": copy_mb,
+        "read_mb": read_mb,
+    }

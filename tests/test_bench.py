@@ -1,0 +1,185 @@
+"""The MaxSim benchmark machinery (fastrank.bench, fastrank.machine) on tiny shapes: which providers this
+machine has, that each agrees with maxsim_ref, the ceiling arithmetic, and that the report names the
+machine. Nothing here measures speed."""
+import json
+
+import pytest
+import torch
+
+from fastrank import bench, machine
+from fastrank.bench import MaxSimCase
+
+TINY = [
+    MaxSimCase("tiny rerank", "rerank", 1, 4, lq=7, ld=9, h=16),
+    MaxSimCase("tiny rerank", "rerank", 1, 4, lq=7, ld=9, h=16, dtype=torch.bfloat16),
+    MaxSimCase("tiny rerank", "rerank", 1, 4, lq=7, ld=9, h=16, dtype=torch.float16),
+    MaxSimCase("tiny grouped", "grouped", 3, 4, lq=7, ld=9, h=16),
+    MaxSimCase("tiny train", "grouped", 3, 4, lq=7, ld=9, h=16, backward=True),
+    MaxSimCase("tiny in-batch", "allpairs", 3, 3, lq=7, ld=9, h=16, backward=True),
+]
+TINY_CEILINGS = dict(seconds=0.02, gemm_n=64, copy_mb=1, read_mb=1)
+
+
+def _all_cpu_providers():
+    """Every provider the CLI can run here, scalar included (compile left out: Inductor needs minutes)."""
+    return bench.default_providers("cpu", isas=[i for i in machine.isa_paths() if i != "default"])
+
+
+def test_provider_list_for_this_machine():
+    providers = bench.default_providers("cpu")
+    assert providers[:3] == list(bench.EAGER_PROVIDERS)
+    assert "fastrank" in providers and "compile" not in providers
+    assert "compile" in bench.default_providers("cpu", compile=True)
+    isas = [p[len(bench.ISA_PREFIX):] for p in providers if p.startswith(bench.ISA_PREFIX)]
+    assert isas == [i for i in machine.isa_paths() if i not in ("scalar", "default")]
+    assert ("maxsim-cpu" in providers) == bench.maxsim_cpu_installed()
+    assert set(machine.isa_paths()) <= {"amx", "avx512bf16", "avx512", "avx2", "scalar", "default"}
+    assert machine.selected_isa() in machine.isa_paths() + ["scalar"]
+
+
+def test_skip_reasons():
+    fp32, bf16, train = TINY[0], TINY[1], TINY[4]
+    assert bench.skip_reason("eager_fp32", fp32, "cpu") is not None
+    assert bench.skip_reason("eager_fp32", bf16, "cpu") is None
+    assert bench.skip_reason("maxsim-cpu", bf16, "cpu") is not None
+    assert bench.skip_reason("maxsim-cpu", train, "cpu") is not None
+    assert "H > 128" in bench.skip_reason("maxsim-cpu", MaxSimCase("wide", "rerank", 1, 4, h=768), "cpu")
+    assert bench.skip_reason("fastrank:avx2", fp32, "cuda") is not None
+    assert "maxsim-cpu" not in bench.case_providers(train, ["eager", "maxsim-cpu"], "cpu")
+
+
+@pytest.mark.parametrize("case", TINY, ids=lambda c: f"{c.name}-{c.dtype_name}".replace(" ", "_"))
+def test_every_provider_agrees_with_reference(case):
+    inputs = case.make("cpu", seed=1)
+    reference = bench.provider_fn("reference", case, inputs)()
+    providers = bench.case_providers(case, _all_cpu_providers(), "cpu")
+    assert "eager" in providers and "fastrank" in providers
+    for provider in providers:
+        bench.check(bench.provider_fn(provider, case, inputs)(), reference, case.dtype)
+
+
+def test_eager_forms_honour_query_mask():
+    case = MaxSimCase("tiny grouped", "grouped", 3, 4, lq=7, ld=9, h=16)
+    q, d, _, d_mask = case.make("cpu", seed=2)
+    q_mask = torch.rand(q.shape[:-1], generator=torch.Generator().manual_seed(0)) > 0.3
+    ref = bench.maxsim_ref(q, d, q_mask, d_mask)
+    bench.check(bench.maxsim_eager(q, d, q_mask, d_mask), ref, torch.float32)
+    bench.check(bench.maxsim_einsum(q, d, q_mask, d_mask, form="grouped"), ref, torch.float32)
+
+
+def test_check_catches_an_empty_document():
+    """The eager form scores a document with no valid token -inf (the reference: 0); `check` must say so."""
+    case = TINY[0]
+    q, d, q_mask, d_mask = case.make("cpu")
+    d_mask = d_mask.clone()
+    d_mask[1] = False
+    inputs = (q, d, q_mask, d_mask)
+    with pytest.raises(AssertionError):
+        bench.check(bench.provider_fn("eager", case, inputs)(), bench.provider_fn("reference", case, inputs)(),
+                    case.dtype)
+
+
+def test_ceilings_are_measured_and_positive():
+    ceilings = machine.measure_ceilings("cpu", **TINY_CEILINGS)
+    for key in ("sgemm_gflops", "bf16_gemm_gflops", "copy_gbps", "read_gbps"):
+        assert ceilings[key] > 0, key
+    assert ceilings["threads"] == torch.get_num_threads()
+
+
+def test_ceiling_arithmetic():
+    case = MaxSimCase("rerank", "rerank", 1, 10, lq=4, ld=8, h=16, dtype=torch.bfloat16)
+    q, d, _, _ = case.make("cpu")
+    d_mask = torch.zeros(10, 8, dtype=torch.bool)
+    d_mask[:, :5] = True  # 50 valid doc tokens
+    work = bench.case_work(case, (q, d, None, d_mask))
+    assert work["flops"] == 2 * 4 * 50 * 16
+    assert work["d_valid_bytes"] == 50 * 16 * 2
+    ceilings = {"sgemm_gflops": 1e-6, "bf16_gemm_gflops": 4e-6, "read_gbps": 1e-6, "copy_gbps": 1.0}
+    # 6,400 FLOP at 1,000 FLOP/s = 6.4 s (at the AMX rate 1.6 s); 1,600 bytes at 1,000 B/s = 1.6 s
+    avx = bench.ceiling_metrics(case, work, 12.8, "avx512bf16", ceilings)
+    assert avx["floor_ms"] == pytest.approx(6400.0) and avx["floor_ratio"] == pytest.approx(2.0)
+    assert avx["sgemm_fraction"] == pytest.approx(0.5)
+    amx = bench.ceiling_metrics(case, work, 3.2, "amx", ceilings)
+    assert amx["floor_ms"] == pytest.approx(1600.0) and amx["floor_ratio"] == pytest.approx(2.0)
+    assert bench.ceiling_metrics(TINY[4], work, 1.0, "amx", ceilings)["floor_ratio"] is None
+
+    allpairs = MaxSimCase("in-batch", "allpairs", 3, 3, lq=4, ld=8, h=16)
+    inputs = allpairs.make("cpu")
+    assert bench.case_work(allpairs, inputs)["flops"] == 2 * 4 * int(inputs[3].sum()) * 3 * 16
+
+
+def test_targets():
+    fp32 = MaxSimCase("rerank", "rerank", 1, 1000)
+    row = {"vs_fastest_eager": 2.0, "sgemm_fraction": 0.8}
+    assert bench.target_verdict(fp32, "fastrank:avx512", row) == "met"
+    assert bench.target_verdict(fp32, "eager", row) == ""
+    assert "sgemm" in bench.target_verdict(fp32, "fastrank", {"vs_fastest_eager": 2.0, "sgemm_fraction": 0.5})
+    bf16 = MaxSimCase("rerank", "rerank", 1, 1000, dtype=torch.bfloat16)
+    assert "3x" in bench.target_verdict(bf16, "fastrank", {"vs_fastest_eager": 2.0, "floor_ratio": 1.2})
+    assert "floor" in bench.target_verdict(bf16, "fastrank", {"vs_fastest_eager": 4.0, "floor_ratio": 1.6})
+    assert bench.target_verdict(MaxSimCase("t", "rerank", 1, 10, targeted=False), "fastrank", row) == ""
+
+
+def test_cases_and_quick():
+    cases = bench.cpu_cases()
+    names = {(c.name, c.dtype_name) for c in cases}
+    for docs in (1000, 10000):
+        for h in (128, 768):
+            assert {(f"rerank 1x{docs} H={h}", "float32"), (f"rerank 1x{docs} H={h}", "bfloat16")} <= names
+    assert ("rerank 1x1000 H=128", "float16") in names
+    assert any(c.backward and c.form == "grouped" for c in cases) and any(c.form == "allpairs" for c in cases)
+    assert all(c.docs == 1000 and c.form == "rerank" for c in bench.select_cases(cases, quick=True))
+    assert [c.name for c in bench.select_cases(cases, names="1x10 H")] == ["rerank 1x10 H=128"]
+
+
+def test_report_names_machine_and_isa():
+    info = machine.machine_info("cpu")
+    ceilings = machine.measure_ceilings("cpu", **TINY_CEILINGS)
+    rows = bench.run_maxsim([TINY[0], TINY[4]], "cpu", ["eager", "einsum", "fastrank"], progress=False,
+                            ceilings=ceilings, min_seconds=0.0)
+    assert {r["provider"] for r in rows} == {"eager", "einsum", "fastrank"}
+    assert all(r["vs_fastest_eager"] is not None and r["ms"] > 0 for r in rows)
+    assert rows[0]["sgemm_fraction"] is not None and rows[-1]["floor_ratio"] is None  # fwd+bwd: no ceiling
+    report = bench.format_report(info, ceilings, rows)
+    assert machine.cpu_model() in report
+    assert f"ISA path: {machine.selected_isa()}" in report
+    assert f"{torch.get_num_threads()} torch threads" in report and "sgemm" in report
+
+
+def test_cli_writes_machine_ceilings_and_rows(tmp_path, monkeypatch, capsys):
+    from fastrank.cli import main
+
+    measure = machine.measure_ceilings
+    monkeypatch.setattr(machine, "measure_ceilings", lambda device, seconds: measure(device, **TINY_CEILINGS))
+    monkeypatch.setattr(bench, "time_call", lambda fn, device, **kw: 1e-3)  # the CLI's plumbing, not its timing
+    out = tmp_path / "maxsim.json"
+    assert main(["bench", "maxsim", "--device", "cpu", "--cases", "1x10 H", "--providers", "eager,fastrank",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert machine.cpu_model() in printed and "rerank 1x10 H=128" in printed
+    saved = json.loads(out.read_text())
+    assert saved["machine"]["isa"] == machine.selected_isa()
+    assert saved["ceilings"]["sgemm_gflops"] > 0
+    assert [r["provider"] for r in saved["rows"]] == ["eager", "fastrank"]
+
+
+def test_cli_rejects_unknown_isa_and_provider():
+    from fastrank.cli import main
+
+    with pytest.raises(SystemExit, match="--isa"):
+        main(["bench", "maxsim", "--device", "cpu", "--isa", "sve2"])
+    with pytest.raises(SystemExit, match="--providers"):
+        main(["bench", "maxsim", "--device", "cpu", "--providers", "eager,nope"])
+
+
+def test_without_per_isa_dispatch(monkeypatch):
+    """A build without fastrank.cpu_isa still benchmarks: one "default" path, plain fastrank only."""
+    import sys
+
+    import fastrank
+
+    monkeypatch.delattr(fastrank, "cpu_isa", raising=False)
+    monkeypatch.setitem(sys.modules, "fastrank.cpu_isa", None)  # `from fastrank import cpu_isa` now fails
+    assert machine.isa_paths() == ["default"] and machine.selected_isa() == "default"
+    providers = bench.default_providers("cpu")
+    assert "fastrank" in providers and not any(p.startswith(bench.ISA_PREFIX) for p in providers)
