@@ -174,7 +174,7 @@ def fastrank_isa_providers(isas: Optional[list[str]] = None) -> list[str]:
     """``fastrank:<isa>`` for the given ISA paths, or for every path this CPU and build can run except
     ``scalar`` (a test path). Empty on a build without per-ISA dispatch."""
     if isas is None:
-        isas = [i for i in machine.isa_paths() if i not in ("scalar", "default")]
+        isas = [i for i in emulated_paths(machine.isa_paths()) if i not in ("scalar", "default")]
     return [ISA_PREFIX + i for i in isas]
 
 
@@ -325,6 +325,38 @@ def time_call(fn: Callable[[], object], device: str, min_seconds: float = 0.3, m
     return statistics.median(times)
 
 
+def time_interleaved(fns: dict, device: str, min_seconds: float = 0.3, min_rounds: int = 5,
+                     sample_seconds: float = 0.01) -> dict:
+    """Median seconds per call of each of ``fns`` (name -> callable, already warmed up), timed in rounds
+    that visit every provider once, in a rotating order. A shared VM's speed drifts by tens of percent
+    within a minute; timing providers one after the other would fold that drift into their ratios, while
+    interleaving exposes every provider to the same drift. Each sample repeats a call until it lasts
+    ``sample_seconds``, so microsecond calls are not timer noise."""
+    names = list(fns)
+    reps = {}
+    for name in names:  # calls per sample, from one probe call
+        t0 = time.perf_counter()
+        fns[name]()
+        synchronize(device)
+        reps[name] = max(1, int(sample_seconds / max(time.perf_counter() - t0, 1e-7)))
+    samples: dict = {name: [] for name in names}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or time.perf_counter() - start < min_seconds * len(names):
+        order = names[rounds % len(names):] + names[:rounds % len(names)]
+        for name in order:
+            fn, n = fns[name], reps[name]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            synchronize(device)
+            samples[name].append((time.perf_counter() - t0) / n)
+        rounds += 1
+        if rounds >= 200:
+            break
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
 # ------------------------------------------------------------------------------------------- row arithmetic
 
 def case_work(case: MaxSimCase, inputs) -> dict:
@@ -426,12 +458,13 @@ def run_maxsim(cases: list[MaxSimCase], device: str, providers=None, progress: b
         inputs = case.make(device)
         work = case_work(case, inputs)
         reference = provider_fn("reference", case, inputs)()
-        seconds = {}
+        fns = {}
         for provider in case_providers(case, providers, device):
             fn = provider_fn(provider, case, inputs)
             check(fn(), reference, case.dtype)  # doubles as the warm-up (and torch.compile's compile)
-            seconds[provider] = time_call(fn, device, min_seconds=min_seconds, warmup=False)
-            del fn  # frees eager_fp32's float32 copies before the next provider
+            fns[provider] = fn
+        seconds = time_interleaved(fns, device, min_seconds=min_seconds)
+        del fns  # frees eager_fp32's float32 copies
         eager = {p: s for p, s in seconds.items() if p in EAGER_PROVIDERS}
         rows += [result_row(case, work, p, s, eager, ceilings, default_isa) for p, s in seconds.items()]
         del inputs, reference
@@ -454,6 +487,12 @@ def format_header(info: dict, ceilings: Optional[dict]) -> str:
         f"  {info['threads']} torch threads (fastrank and eager; {info['logical_cpus']} logical CPUs); "
         f"torch {info['torch']}; Python {info['python']}",
     ]
+    import os
+
+    emulating = os.environ.get("FASTRANK_BENCH_EMULATING")
+    if emulating:
+        limits = ", ".join(f"{k}={v}" for k, v in EMULATE_ENV[emulating].items())
+        lines.append(f"  EMULATING a CPU whose best path is {emulating}: {limits} (eager's BLAS limited the same way)")
     if info.get("maxsim_cpu"):
         lines.append(f"  maxsim-cpu {info['maxsim_cpu']} (its own Rayon pool: RAYON_NUM_THREADS or every logical CPU)")
     if ceilings:
@@ -518,6 +557,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--ceiling-seconds", type=float, default=2.5,
                    help="time spent measuring the sgemm/bandwidth ceilings (default 2.5)")
     p.add_argument("--json", metavar="FILE", help="also write machine info, ceilings and rows as JSON")
+    p.add_argument("--emulate", choices=sorted(EMULATE_ENV), default=None,
+                   help="measure as on a CPU whose best path is this one: rerun in a fresh process with "
+                        "FASTRANK_CPU_ISA and torch's BLAS (MKL, oneDNN, ATen) limited to the same instructions")
     p.set_defaults(func=_cli_maxsim)
 
 
@@ -543,11 +585,57 @@ def _cli_providers(args, device: str) -> list[str]:
     return providers
 
 
+# Environment that makes this CPU behave, for fastrank and for eager PyTorch alike, like one whose best
+# instruction set is the key: an AVX2-only EPYC, an AVX-512 Xeon without BF16, a Zen 4 with AVX512-BF16.
+# MKL and oneDNN read these when torch first loads them, hence a fresh process.
+EMULATE_ENV = {
+    "avx2": {"FASTRANK_CPU_ISA": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "ATEN_CPU_CAPABILITY": "avx2"},
+    "avx512": {"FASTRANK_CPU_ISA": "avx512", "MKL_ENABLE_INSTRUCTIONS": "AVX512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+               "ATEN_CPU_CAPABILITY": "avx512"},
+    "avx512bf16": {"FASTRANK_CPU_ISA": "avx512bf16", "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+                   "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "ATEN_CPU_CAPABILITY": "avx512"},
+}
+
+
+def _cli_emulate(args) -> int:
+    import os
+    import subprocess
+    import sys
+
+    if args.emulate not in machine.isa_paths():
+        raise SystemExit(f"--emulate {args.emulate}: this CPU cannot run that path itself "
+                         f"(it offers {','.join(machine.isa_paths())})")
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--emulate":
+            skip = True
+        elif not a.startswith("--emulate="):
+            argv.append(a)
+    env = dict(os.environ, **EMULATE_ENV[args.emulate], FASTRANK_BENCH_EMULATING=args.emulate)
+    return subprocess.run([sys.executable, "-m", "fastrank.cli", *argv], env=env).returncode
+
+
+def emulated_paths(paths: list[str]) -> list[str]:
+    """Under --emulate, only the paths the emulated CPU would have (the forced one and below)."""
+    import os
+
+    forced = os.environ.get("FASTRANK_BENCH_EMULATING")
+    order = ["scalar", "avx2", "avx512", "avx512bf16", "amx"]
+    if not forced or forced not in order:
+        return paths
+    return [p for p in paths if p in order and order.index(p) <= order.index(forced)]
+
+
 def _cli_maxsim(args) -> int:
     import json
     import shlex
     import sys
 
+    if args.emulate:
+        return _cli_emulate(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     providers = _cli_providers(args, device)
     cases = select_cases(cuda_cases() if device.startswith("cuda") else cpu_cases(), args.quick, args.cases)

@@ -275,3 +275,43 @@ def test_every_forced_path_in_a_fresh_process():
         sums[name] = float(total)
     ref = sums["scalar"]
     assert all(abs(v - ref) <= 1e-4 * abs(ref) + 1e-3 for v in sums.values()), sums
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The losses' row kernels go through the same ISA paths
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("isa", PATH_PARAMS, indirect=True)
+@pytest.mark.parametrize("name", ["mse", "margin_mse", "m3se", "softmax_ce", "kl_div", "rankdistil_b"])
+def test_losses_on_every_path(isa, name):
+    from fastrank import losses
+
+    g = torch.Generator().manual_seed(17)
+    s = torch.randn(37, 21, generator=g) * 30  # scores of a learned temperature: exp() sees a wide range
+    t = torch.randn(37, 21, generator=g) * 30
+    mask = torch.rand(37, 21, generator=g) < 0.8
+    mask[:, :2] = True
+    s.requires_grad_()
+    loss = getattr(losses, name)(s, t, mask=mask, reduction="none")
+    (grad,) = torch.autograd.grad(loss.sum(), s)
+    s64 = s.detach().double().requires_grad_()
+    ref = getattr(losses, name + "_ref")(s64, t.double(), mask=mask, reduction="none")
+    (ref_grad,) = torch.autograd.grad(ref.sum(), s64)
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-5 * ref_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("isa", PATH_PARAMS, indirect=True)
+def test_inbatch_ce_on_every_path(isa):
+    from fastrank import losses
+
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(33, 257, generator=g) * 5).requires_grad_()
+    target = torch.randint(0, 257, (33,), generator=g)
+    loss = losses.inbatch_ce(x, target=target, tau=0.05)
+    (grad,) = torch.autograd.grad(loss, x)
+    x64 = x.detach().double().requires_grad_()
+    ref = losses.inbatch_ce_ref(x64, target=target, tau=0.05)
+    (ref_grad,) = torch.autograd.grad(ref, x64)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)

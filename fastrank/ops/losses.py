@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastrank import _ext, dispatch
+from fastrank import _ext, cpu_isa, dispatch
 
 # Must match the Kind and Reduction enums in csrc/cpu/losses.cpp and csrc/cuda/losses.cu.
 LOSS_KINDS = {"mse": 0, "margin_mse": 1, "m3se": 2, "softmax_ce": 3, "kl_div": 4, "rankdistil_b": 5}
@@ -76,7 +76,7 @@ def _launch_distill(s: Tensor, t: Tensor, positives: Optional[Tensor], mask: Opt
         workspace = torch.zeros(_workspace_bytes(s.shape[0]), dtype=torch.uint8, device=s.device)
         C.distill_forward_cuda(*args, workspace.data_ptr(), _ext.cuda_stream(s))
     else:
-        C.distill_forward(*args)
+        C.distill_forward(*args, cpu_isa.selected())
     return loss, grad, scale
 
 
@@ -90,7 +90,7 @@ def _launch_inbatch_ce(scores: Tensor, target: Tensor, reduction: int, tau: floa
         workspace = torch.zeros(_workspace_bytes(scores.shape[0]), dtype=torch.uint8, device=scores.device)
         C.inbatch_ce_forward_cuda(*args, workspace.data_ptr(), _ext.cuda_stream(scores))
     else:
-        C.inbatch_ce_forward(*args)
+        C.inbatch_ce_forward(*args, cpu_isa.selected())
     return loss, grad, scale
 
 
