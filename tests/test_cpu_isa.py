@@ -199,17 +199,32 @@ def test_explain_names_the_isa_path_and_kernel():
             assert "vdpbf16ps" in kernel
 
 
-def test_small_calls_and_the_scalar_path_go_to_eager_unless_forced():
-    q, d, dm = torch.randn(32, 128), torch.randn(2, 200, 128), torch.rand(2, 200) < 0.8
-    e = dispatch.explain("maxsim", (q, d, None, dm))
-    assert e.chosen == "reference" and e["cpp"][0].startswith(dispatch.SLOWER)
-    torch.testing.assert_close(maxsim(q, d, d_mask=dm), maxsim_ref(q, d, None, dm), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(maxsim(q, d, d_mask=dm, backend="cpp"), maxsim_ref(q, d, None, dm), rtol=1e-5, atol=1e-4)
+def test_underfilled_big_calls_and_the_scalar_path_go_to_eager_unless_forced():
+    q, d, dm = torch.randn(32, 768), torch.randn(1, 200, 768), torch.rand(1, 200) < 0.8
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # one pair, two threads: the kernel would leave a core idle
+        e = dispatch.explain("maxsim", (q, d, None, dm))
+        if cpu_isa.selected() != "scalar":
+            assert e.chosen == "reference" and "fewer (query, doc) pairs than threads" in e["cpp"][0]
+        assert e["cpp"][0].startswith(dispatch.SLOWER)
+        torch.testing.assert_close(maxsim(q, d, d_mask=dm), maxsim_ref(q, d, None, dm), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(maxsim(q, d, d_mask=dm, backend="cpp"), maxsim_ref(q, d, None, dm),
+                                   rtol=1e-5, atol=1e-4)
+        small = torch.randn(1, 200, 128)  # a small pair is still the kernel's
+        if cpu_isa.selected() != "scalar":
+            assert dispatch.explain("maxsim", (q[:, :128], small)).chosen == "cpp"
+        torch.set_num_threads(1)
+        assert dispatch.explain("maxsim", (q, d, None, dm)).chosen == ("cpp" if cpu_isa.selected() != "scalar"
+                                                                        else "reference")
+    finally:
+        torch.set_num_threads(before)
     with cpu_isa.use("scalar"):
         big = torch.randn(500, 200, 128)
-        e = dispatch.explain("maxsim", (q, big))
+        e = dispatch.explain("maxsim", (q[:, :128], big))
         assert e.chosen == "reference" and "scalar" in e["cpp"][0]
-        assert dispatch.choose("maxsim", (q, big), "cpp", **dispatch_context(q, big, big.shape[:1])).backend == "cpp"
+        ctx = dispatch_context(q[:, :128], big, big.shape[:1])
+        assert dispatch.choose("maxsim", (q[:, :128], big), "cpp", **ctx).backend == "cpp"
 
 
 def test_eager_fallback_matches_reference_semantics():

@@ -323,23 +323,24 @@ def _kernel_reasons(*, dtype: torch.dtype, lq: int, interpreter: bool = False, *
     return reasons
 
 
-# Where the CPU kernel loses to eager PyTorch, measured on the CPUs we run on (benchmarks/results/
-# maxsim_cpu*.md): below about 2^24 multiply-adds per call (1 query x ~20 docs of 200 tokens at H=128)
-# a call's fixed cost (input checks, the pair grid, thread start-up) outweighs the fused kernel's saving
-# over one BLAS call; the bfloat16 tile and dot-product kernels win from 2^21. The scalar path (no AVX2)
-# always loses to torch's vectorised BLAS.
-_SMALL_WORK_LOG2 = {"native_bf16": 21, "default": 24}
+# Where the CPU kernel loses to eager PyTorch, measured through this same entry point on the CPUs we ran
+# (benchmarks/results/maxsim_cpu_xeon_amx.md, including the AVX2 and AVX-512 classes emulated there): the
+# scalar path (no AVX2) loses to torch's vectorised BLAS, and a call with fewer (query, doc) pairs than
+# threads leaves cores idle (the kernel parallelises over pairs), which loses to eager's multi-threaded
+# GEMM once the one pair is big (from about 2^22 multiply-adds: one 200-token doc at H = 768). Small calls
+# otherwise go to the kernel: through maxsim() the eager form pays the same checks and is slower.
+_UNDERFILLED_WORK_LOG2 = 22
 
 
-def _cpu_slower(*, device_types, dtype: torch.dtype, work: int = 64, isa: str = "", **_) -> list[str]:
+def _cpu_slower(*, device_types, dtype: torch.dtype, work: int = 64, isa: str = "", underfilled: bool = False,
+                **_) -> list[str]:
     if device_types != {"cpu"}:
         return []
     if isa == "scalar":
         return ["the CPU ISA path is scalar (no AVX2): torch's vectorised BLAS is faster"]
-    native = dtype == torch.bfloat16 and isa in ("amx", "avx512bf16")
-    limit = _SMALL_WORK_LOG2["native_bf16" if native else "default"]
-    if work < limit:
-        return [f"about 2^{work} multiply-adds: below 2^{limit} a call's fixed cost outweighs fusing ({isa} path)"]
+    if underfilled and work >= _UNDERFILLED_WORK_LOG2:
+        return [f"fewer (query, doc) pairs than threads at about 2^{work} multiply-adds: the kernel would leave "
+                "cores idle, eager's GEMM uses them all"]
     return []
 
 
@@ -505,31 +506,37 @@ def maxsim(
 
 
 def dispatch_context(q: Tensor, d: Tensor, batch) -> dict:
-    """What the backends' reasons look at: dtype, Lq, the CPU ISA path and the work as log2 of the
-    multiply-adds (a coarse key, so the cached choice is shared by calls of similar size)."""
+    """What the backends' reasons look at: dtype, Lq, the CPU ISA path, the work as log2 of the
+    multiply-adds (a coarse key, so the cached choice is shared by calls of similar size) and whether there
+    are fewer pairs than threads."""
     ctx = {"dtype": q.dtype, "lq": q.shape[-2]}
     if q.device.type == "cpu":
         ctx["isa"] = cpu_isa.selected()
     if torch.compiler.is_compiling():
         ctx["work"] = 64  # compiled graphs are training steps: never the small-call fallback
     else:
-        macs = math.prod(batch) * q.shape[-2] * d.shape[-2] * q.shape[-1]
-        ctx["work"] = max(0, int(macs).bit_length() - 1)
+        pairs = math.prod(batch)
+        ctx["work"] = max(0, int(pairs * q.shape[-2] * d.shape[-2] * q.shape[-1]).bit_length() - 1)
+        ctx["underfilled"] = pairs < torch.get_num_threads()
     return ctx
 
 
 def _maxsim_eager(q: Tensor, d: Tensor, q_mask: Optional[Tensor] = None, d_mask: Optional[Tensor] = None) -> Tensor:
     """The reference's math in the fastest eager form, for inference calls dispatched to eager: one
-    matmul, the mask applied in place, amax (no indices). Same values as :func:`maxsim_ref`; autograd
-    would split ties differently, so calls that need gradients take the reference itself."""
+    d @ qᵀ matmul (a single large GEMM when q is shared by many docs), the mask applied in place, amax over
+    doc tokens (no indices). Same values as :func:`maxsim_ref`; autograd would split ties differently, so
+    calls that need gradients take the reference itself."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    s = torch.matmul(q.to(compute), d.to(compute).transpose(-1, -2))  # (..., Lq, Ld)
-    if s.shape[-1] == 0:
+    if d.shape[-2] == 0:
         return maxsim_ref(q, d, q_mask, d_mask)
+    s = torch.matmul(d.to(compute), q.to(compute).transpose(-1, -2))  # (..., Ld, Lq)
     if d_mask is not None:
-        s = s.masked_fill_(~d_mask.unsqueeze(-2), float("-inf")) if s.shape[:-2] == torch.broadcast_shapes(
-            s.shape[:-2], d_mask.shape[:-1]) else torch.where(d_mask.unsqueeze(-2), s, float("-inf"))
-    best = s.amax(dim=-1)
+        keep = d_mask.unsqueeze(-1)
+        if torch.broadcast_shapes(s.shape, keep.shape) == s.shape:
+            s.masked_fill_(~keep, float("-inf"))
+        else:
+            s = torch.where(keep, s, float("-inf"))
+    best = s.amax(dim=-2)  # (..., Lq)
     if d_mask is not None:
         best = torch.where(d_mask.any(dim=-1, keepdim=True), best, 0.0)
     if q_mask is not None:
