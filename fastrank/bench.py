@@ -482,10 +482,10 @@ def format_header(info: dict, ceilings: Optional[dict]) -> str:
     where = info.get("gpu") or info["cpu"]
     lines = [
         f"fastrank bench maxsim on {info['device']}: {where}",
-        f"  CPU {info['cpu']}; fastrank ISA path: {info['isa']} by default "
+        f"  CPU {info['cpu']} ({info.get('cpu_signature') or 'no signature'}); fastrank ISA path: {info['isa']} by default "
         f"(available: {', '.join(info['isa_paths'])}; flags: {' '.join(info['isa_flags']) or 'none'})",
         f"  {info['threads']} torch threads (fastrank and eager; {info['logical_cpus']} logical CPUs); "
-        f"torch {info['torch']}; Python {info['python']}",
+        f"torch {info['torch']}; Python {info['python']}; fastrank commit {info.get('commit') or 'unknown'}",
     ]
     import os
 
