@@ -82,8 +82,9 @@ def source_commit() -> str | None:
         return None
     if out.returncode != 0:
         return None
-    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True, timeout=5).stdout.strip()
+    # Changed result files (a benchmark writing its own output) do not make the source dirty.
+    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                            ":(exclude)benchmarks/results"], capture_output=True, text=True, timeout=5).stdout.strip()
     return out.stdout.strip() + ("+uncommitted changes" if dirty else "")
 
 
