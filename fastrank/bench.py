@@ -172,9 +172,9 @@ def maxsim_einsum(q, d, q_mask=None, d_mask=None, form: str = "rerank"):
 
 def fastrank_isa_providers(isas: Optional[list[str]] = None) -> list[str]:
     """``fastrank:<isa>`` for the given ISA paths, or for every path this CPU and build can run except
-    ``scalar`` (a test path). Empty on a build without per-ISA dispatch."""
+    ``scalar`` (a test path). Empty without the compiled extension."""
     if isas is None:
-        isas = [i for i in emulated_paths(machine.isa_paths()) if i not in ("scalar", "default")]
+        isas = [i for i in emulated_paths(machine.isa_paths()) if i != "scalar"]
     return [ISA_PREFIX + i for i in isas]
 
 
@@ -568,7 +568,7 @@ def _cli_providers(args, device: str) -> list[str]:
     isas = None
     if args.isa:
         isas = [i.strip() for i in args.isa.split(",") if i.strip()]
-        bad = [i for i in isas if i not in available_isas or i == "default"]
+        bad = [i for i in isas if i not in available_isas]
         if bad:
             raise SystemExit(
                 f"--isa: {','.join(bad)} cannot run here; this CPU and build offer {','.join(available_isas)} "
@@ -576,7 +576,7 @@ def _cli_providers(args, device: str) -> list[str]:
     if not args.providers:
         return default_providers(device, compile=device.startswith("cuda"), isas=isas)
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    known = set(PROVIDERS) | {ISA_PREFIX + i for i in available_isas if i != "default"}
+    known = set(PROVIDERS) | {ISA_PREFIX + i for i in available_isas}
     unknown = [p for p in providers if p not in known]
     if unknown:
         raise SystemExit(f"--providers: unknown {unknown}; expected a subset of {','.join(sorted(known))}")

@@ -52,21 +52,16 @@ ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16",
 
 
 def isa_paths() -> list[str]:
-    """The fastrank CPU ISA paths this CPU and build can run, best first; ``["default"]`` when the build
-    predates per-ISA dispatch (one path, chosen when the extension was compiled)."""
-    try:
-        from fastrank import cpu_isa
-    except ImportError:
-        return ["default"]
-    return list(cpu_isa.available())
+    """The fastrank CPU ISA paths this CPU and build can run, best first."""
+    from fastrank import cpu_isa
+
+    return cpu_isa.available()
 
 
 def selected_isa() -> str:
     """The ISA path ``fastrank.maxsim`` uses by default (best available, or FASTRANK_CPU_ISA)."""
-    try:
-        from fastrank import cpu_isa
-    except ImportError:
-        return "default"
+    from fastrank import cpu_isa
+
     return cpu_isa.selected()
 
 

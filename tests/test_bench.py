@@ -22,7 +22,7 @@ TINY_CEILINGS = dict(seconds=0.02, gemm_n=64, copy_mb=1, read_mb=1)
 
 def _all_cpu_providers():
     """Every provider the CLI can run here, scalar included (compile left out: Inductor needs minutes)."""
-    return bench.default_providers("cpu", isas=[i for i in machine.isa_paths() if i != "default"])
+    return bench.default_providers("cpu", isas=machine.isa_paths())
 
 
 def test_provider_list_for_this_machine():
@@ -31,9 +31,9 @@ def test_provider_list_for_this_machine():
     assert "fastrank" in providers and "compile" not in providers
     assert "compile" in bench.default_providers("cpu", compile=True)
     isas = [p[len(bench.ISA_PREFIX):] for p in providers if p.startswith(bench.ISA_PREFIX)]
-    assert isas == [i for i in machine.isa_paths() if i not in ("scalar", "default")]
+    assert isas == [i for i in machine.isa_paths() if i != "scalar"]
     assert ("maxsim-cpu" in providers) == bench.maxsim_cpu_installed()
-    assert set(machine.isa_paths()) <= {"amx", "avx512bf16", "avx512", "avx2", "scalar", "default"}
+    assert set(machine.isa_paths()) <= {"amx", "avx512bf16", "avx512", "avx2", "scalar"}
     assert machine.selected_isa() in machine.isa_paths() + ["scalar"]
 
 
@@ -170,16 +170,3 @@ def test_cli_rejects_unknown_isa_and_provider():
         main(["bench", "maxsim", "--device", "cpu", "--isa", "sve2"])
     with pytest.raises(SystemExit, match="--providers"):
         main(["bench", "maxsim", "--device", "cpu", "--providers", "eager,nope"])
-
-
-def test_without_per_isa_dispatch(monkeypatch):
-    """A build without fastrank.cpu_isa still benchmarks: one "default" path, plain fastrank only."""
-    import sys
-
-    import fastrank
-
-    monkeypatch.delattr(fastrank, "cpu_isa", raising=False)
-    monkeypatch.setitem(sys.modules, "fastrank.cpu_isa", None)  # `from fastrank import cpu_isa` now fails
-    assert machine.isa_paths() == ["default"] and machine.selected_isa() == "default"
-    providers = bench.default_providers("cpu")
-    assert "fastrank" in providers and not any(p.startswith(bench.ISA_PREFIX) for p in providers)
