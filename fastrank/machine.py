@@ -115,6 +115,23 @@ def machine_info(device: str = "cpu") -> dict:
     return info
 
 
+def ceiling_probes(device: str = "cpu", *, gemm_n: int = 1024, read_mb: int = 512) -> dict:
+    """Calls that re-measure the ceilings inside a benchmark's interleaved rounds, so each case's fractions
+    use the machine's speed at the moment the case ran (a shared VM's speed drifts by tens of percent
+    within minutes): name -> (callable, units per call), the ceiling being units / seconds / 1e9."""
+    a = torch.randn(gemm_n, gemm_n, device=device)
+    b = torch.randn(gemm_n, gemm_n, device=device)
+    out = torch.empty(gemm_n, gemm_n, device=device)
+    a16, b16, out16 = a.bfloat16(), b.bfloat16(), out.bfloat16()
+    x = torch.full((read_mb * 2 ** 20 // 4,), 1.0, device=device)
+    flop = 2.0 * gemm_n ** 3
+    return {
+        "sgemm_gflops": (lambda: torch.matmul(a, b, out=out), flop),
+        "bf16_gemm_gflops": (lambda: torch.matmul(a16, b16, out=out16), flop),
+        "read_gbps": (lambda: x.sum(), x.numel() * 4.0),
+    }
+
+
 def measure_ceilings(device: str = "cpu", seconds: float = 2.5, *, gemm_n: int = 2048,
                      copy_mb: int = 512, read_mb: int = 1024) -> dict:
     """The machine's own ceilings, each the median of repeated runs within a share of ``seconds``:
