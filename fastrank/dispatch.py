@@ -4,7 +4,7 @@ Backends are tried in priority order: Triton on CUDA, the compiled C++/CUDA exte
 interpreter (CPU tensors, only when ``TRITON_INTERPRET=1`` was set before fastrank was imported) and the
 eager PyTorch reference. Each backend, and each op's implementation on it, reports why it cannot run a
 call; the first with no reason runs it. An implementation may also say where it is *slower* than the eager
-reference on this machine (a scalar CPU path, a shape too small to amortise a call): automatic dispatch
+reference on this machine (a scalar CPU path, a call that would leave cores idle): automatic dispatch
 then passes it over, so a fused path is never slower than eager, while a caller who forces it still gets
 it. A caller forces a backend with ``backend=`` or the environment variable ``FASTRANK_BACKEND``; a forced
 backend that cannot run raises an error listing the reasons. :func:`explain` says what runs and why.
@@ -136,10 +136,10 @@ def requested_backend(backend: str | None) -> str | None:
 SLOWER = "slower than eager here: "
 
 
-def reasons_for(op: str, backend: str, tensors: Sequence[torch.Tensor | None], *, forced: bool = False, **ctx) -> list[str]:
-    """Why ``backend`` would not run this call: what it cannot do, and (unless ``forced``) where it would be
-    slower than eager, those prefixed with :data:`SLOWER`."""
-    return _reasons(op, backend, frozenset(_devices(tensors)), tuple(sorted(ctx.items())), not forced)
+def reasons_for(op: str, backend: str, tensors: Sequence[torch.Tensor | None], **ctx) -> list[str]:
+    """Why automatic dispatch would not run this call on ``backend``: what it cannot do, and where it would
+    be slower than eager (those prefixed with :data:`SLOWER`)."""
+    return _reasons(op, backend, frozenset(_devices(tensors)), tuple(sorted(ctx.items())))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -332,8 +332,7 @@ def _kernel_reasons(*, dtype: torch.dtype, lq: int, interpreter: bool = False, *
 _UNDERFILLED_WORK_LOG2 = 22
 
 
-def _cpu_slower(*, device_types, dtype: torch.dtype, work: int = 64, isa: str = "", underfilled: bool = False,
-                **_) -> list[str]:
+def _cpu_slower(*, device_types, work: int = 64, isa: str = "", underfilled: bool = False, **_) -> list[str]:
     if device_types != {"cpu"}:
         return []
     if isa == "scalar":
@@ -513,7 +512,7 @@ def dispatch_context(q: Tensor, d: Tensor, batch) -> dict:
     if q.device.type == "cpu":
         ctx["isa"] = cpu_isa.selected()
     if torch.compiler.is_compiling():
-        ctx["work"] = 64  # compiled graphs are training steps: never the small-call fallback
+        ctx["work"] = 64  # compiled graphs are training steps: the size-based rule is not traced
     else:
         pairs = math.prod(batch)
         ctx["work"] = max(0, int(pairs * q.shape[-2] * d.shape[-2] * q.shape[-1]).bit_length() - 1)
