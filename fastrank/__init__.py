@@ -1,6 +1,7 @@
 """fastrank: fused kernels for neural re-ranking.
 
-Public API: :func:`maxsim` and its reference :func:`maxsim_ref`; the LITE scorer (:class:`LiteScorer`,
+Public API: :func:`maxsim` and its reference :func:`maxsim_ref`; :func:`maxsim_packed` (documents back to
+back, no padding; int8 tokens from :func:`quantize_tokens`) and :func:`maxsim_packed_ref`; the LITE scorer (:class:`LiteScorer`,
 :func:`lite_score`, :func:`lite_ref`); the distillation losses in :mod:`fastrank.losses`; and (imported
 lazily) encoders, indexes, data readers and evaluation.
 ``import fastrank`` never touches CUDA and works without the compiled extension, Triton, faiss or
@@ -11,6 +12,7 @@ from fastrank.dispatch import BACKENDS, BackendUnavailableError
 from fastrank.nn import LiteScorer
 from fastrank.ops.lite import lite_ref, lite_score
 from fastrank.ops.maxsim import maxsim, maxsim_ref
+from fastrank.ops.maxsim_packed import dequantize_tokens, maxsim_packed, maxsim_packed_ref, quantize_tokens
 
 __version__ = "0.1.0"
 
@@ -33,6 +35,6 @@ def __getattr__(name):
 
 
 __all__ = [
-    "BACKENDS", "BackendUnavailableError", "LiteScorer", "lite_ref", "lite_score", "losses", "maxsim",
-    "maxsim_ref", "__version__", *_LAZY,
+    "BACKENDS", "BackendUnavailableError", "LiteScorer", "dequantize_tokens", "lite_ref", "lite_score", "losses",
+    "maxsim", "maxsim_packed", "maxsim_packed_ref", "maxsim_ref", "quantize_tokens", "__version__", *_LAZY,
 ]

@@ -582,6 +582,9 @@ def add_cli(subparsers) -> None:
                    help="measure as on a CPU whose best path is this one: rerun in a fresh process with "
                         "FASTRANK_CPU_ISA and torch's BLAS (MKL, oneDNN, ATen) limited to the same instructions")
     p.set_defaults(func=_cli_maxsim)
+    from fastrank import bench_packed
+
+    bench_packed.add_cli(ops)
 
 
 def _cli_providers(args, device: str) -> list[str]:

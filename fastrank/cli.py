@@ -56,41 +56,90 @@ def cmd_evaluate(args) -> int:
 
 
 # -- index -------------------------------------------------------------------------------------------
+def _add_token_search_args(p: argparse.ArgumentParser, at_build: bool) -> None:
+    g = p.add_argument_group("token index (--tokens) candidate stage" if at_build else "token index search")
+    saved = "kept in the index as the default of `fastrank retrieve`" if at_build else "default: the index's"
+    g.add_argument("--nprobe", type=int, help=f"centroids probed per query token ({saved}; 8 unless set)")
+    g.add_argument("--ndocs", type=int, help=f"candidates per query scored exactly with MaxSim ({saved}; "
+                                             "max(128, 4 k) unless set)")
+    g.add_argument("--exhaustive", action="store_true",
+                   help="score every document exactly (no centroids" + (" are built)" if at_build else " used)"))
+
+
 def add_index(sub) -> None:
-    p = sub.add_parser("index", help="encode a corpus and build a DenseIndex (or a TokenIndex with --tokens)")
+    p = sub.add_parser("index", help="encode a corpus and build a DenseIndex (or a TokenIndex with --tokens)",
+                       description="Encode CORPUS and write an index to OUT. Dense by default (--kind picks the "
+                                   "FAISS index); --tokens builds a TokenIndex for MaxSim: k-means centroids over "
+                                   "the token vectors generate candidates, which are scored exactly.")
     p.add_argument("corpus", help="BEIR corpus.jsonl or passage jsonl ({_id, title?, text})")
     p.add_argument("out", help="directory to write the index to")
-    p.add_argument("--kind", default="flat", help="flat, ivf_flat, ivf_pq or hnsw (default flat)")
-    p.add_argument("--metric", default="ip", choices=("ip", "l2"))
+    p.add_argument("--kind", help="dense index only: flat, ivf_flat, ivf_pq or hnsw (default flat)")
+    p.add_argument("--metric", choices=("ip", "l2"), help="dense index only (default ip; MaxSim is inner product)")
     p.add_argument("--tokens", action="store_true", help="index token embeddings for MaxSim (TokenIndex)")
     p.add_argument("--max-length", type=int, help="max tokens per document (default 256 dense, 200 tokens)")
-    p.add_argument("--seed", type=int, default=0, help="seed for IVF / PQ training")
+    p.add_argument("--seed", type=int, default=0, help="seed for IVF / PQ / k-means training")
+    g = p.add_argument_group("token index (--tokens) storage")
+    g.add_argument("--token-dtype", choices=("float16", "bfloat16", "int8"),
+                   help="how token vectors are stored and scored (default int8: half float16's size, the same "
+                        "SciFact nDCG@10)")
+    g.add_argument("--ncentroids", type=int,
+                   help="k-means centroids (default: the power of two nearest 4 sqrt(number of tokens))")
+    _add_token_search_args(p, at_build=True)
     _add_model_args(p)
     p.set_defaults(func=cmd_index)
 
 
 def cmd_index(args) -> int:
+    import time
+
     from fastrank.data import read_corpus
     from fastrank.encoders import DOC_MAX_LENGTH
     from fastrank.index import DenseIndex, TokenIndex
+    from fastrank.index.tokens import DEFAULT_NPROBE
 
+    token_only = [flag for flag, value in (("--token-dtype", args.token_dtype), ("--ncentroids", args.ncentroids),
+                                           ("--nprobe", args.nprobe), ("--ndocs", args.ndocs),
+                                           ("--exhaustive", args.exhaustive or None)) if value is not None]
+    if args.tokens:
+        # A token index has no FAISS kind or metric: refusing them beats silently building something else.
+        for flag, value in (("--kind", args.kind), ("--metric", args.metric)):
+            if value is not None and value != {"--kind": "flat", "--metric": "ip"}[flag]:
+                raise ValueError(f"{flag} {value} applies to dense indexes; a token index scores MaxSim (inner "
+                                 "product) over centroid candidates (--ncentroids, --nprobe, --ndocs) or --exhaustive")
+        if args.exhaustive and args.ncentroids is not None:
+            raise ValueError("--ncentroids and --exhaustive: an exhaustive token index builds no centroids")
+    elif token_only:
+        raise ValueError(f"{', '.join(token_only)} apply to token indexes only: add --tokens")
     corpus = read_corpus(args.corpus)
     enc = _encoder(args)
     ids, texts = list(corpus), list(corpus.values())
+    t0 = time.perf_counter()
     if args.tokens:
         max_length = args.max_length or DOC_MAX_LENGTH
         tok = enc.encode(texts, dense=False, tokens=True, max_length=max_length, progress="corpus").tokens
-        index = TokenIndex(enc.token_dim, args.kind, args.metric, device=enc.device, seed=args.seed)
-        index.add(tok, ids)
+        encoded = time.perf_counter()
+        index = TokenIndex(enc.token_dim, token_dtype=args.token_dtype or "int8",
+                           stage1="exhaustive" if args.exhaustive else "centroids", ncentroids=args.ncentroids,
+                           nprobe=DEFAULT_NPROBE if args.nprobe is None else args.nprobe, ndocs=args.ndocs,
+                           seed=args.seed, device=enc.device)
+        index.add(tok, ids).build()
+        kind = f"tokens, {index.token_dtype}, " + ("exhaustive" if args.exhaustive else
+                                                    f"{index.ncentroids} centroids")
     else:
         max_length = args.max_length or enc.max_length
         vectors = enc.encode(texts, max_length=max_length, progress="corpus").dense
-        index = DenseIndex(vectors.shape[1], args.kind, args.metric, device=enc.device, seed=args.seed)
+        encoded = time.perf_counter()
+        kind = args.kind or "flat"
+        index = DenseIndex(vectors.shape[1], kind, args.metric or "ip", device=enc.device, seed=args.seed)
         index.add(vectors, ids)
+        kind += ", dense"
+    built = time.perf_counter()
     out = index.save(args.out)
     (out / ENCODER_FILE).write_text(json.dumps({"model": str(enc.path), "tokens": args.tokens,
                                                  "max_length": max_length, "pooling": enc.pooling}))
-    print(f"indexed {len(index)} documents ({args.kind}, {'tokens' if args.tokens else 'dense'}) into {out}")
+    print(f"encoded {len(index)} documents in {encoded - t0:.1f} s; built the index in {built - encoded:.1f} s; "
+          f"saved in {time.perf_counter() - built:.1f} s")
+    print(f"indexed {len(index)} documents ({kind}) into {out}")
     return 0
 
 
@@ -101,8 +150,8 @@ def add_retrieve(sub) -> None:
     p.add_argument("queries", help="qid<TAB>text TSV or BEIR queries.jsonl")
     p.add_argument("out", help="TREC run file to write")
     p.add_argument("-k", "--k", type=int, default=100, help="documents per query (default 100)")
-    p.add_argument("--token-k", type=int, default=32,
-                   help="token index only: nearest document tokens fetched per query token (default 32)")
+    _add_token_search_args(p, at_build=False)
+    p.add_argument("--token-k", type=int, help=argparse.SUPPRESS)  # gone with the per-token ANN: see cmd_retrieve
     p.add_argument("--qrels", help="keep only queries judged in these qrels")
     p.add_argument("--tag", default="fastrank")
     _add_model_args(p)
@@ -113,11 +162,18 @@ def cmd_retrieve(args) -> int:
     from fastrank.data import read_qrels, read_queries, write_run
     from fastrank.index import DenseIndex, TokenIndex
 
+    if args.token_k is not None:
+        raise ValueError("--token-k is gone: token indexes now find candidates through centroids; "
+                         "use --nprobe (centroids per query token) and --ndocs (candidates scored exactly)")
     index_dir = Path(args.index)
     info_file = index_dir / ENCODER_FILE
     if not info_file.is_file():
         raise SystemExit(f"fastrank retrieve: {index_dir} has no {ENCODER_FILE}; build it with `fastrank index`")
     info = json.loads(info_file.read_text())
+    token_args = [f for f, v in (("--nprobe", args.nprobe), ("--ndocs", args.ndocs),
+                                 ("--exhaustive", args.exhaustive or None)) if v is not None]
+    if token_args and not info["tokens"]:
+        raise ValueError(f"{', '.join(token_args)} apply to token indexes; {index_dir} is a dense index")
     if args.model is None:
         args.model = info["model"]
     queries = read_queries(args.queries)
@@ -128,7 +184,8 @@ def cmd_retrieve(args) -> int:
     qids, texts = list(queries), list(queries.values())
     if info["tokens"]:
         index = TokenIndex.load(index_dir, device=enc.device)
-        run = index.to_run(qids, enc.encode_queries(texts, progress="queries"), args.k, token_k=args.token_k)
+        run = index.to_run(qids, enc.encode_queries(texts, progress="queries"), args.k, nprobe=args.nprobe,
+                           ndocs=args.ndocs, exhaustive=True if args.exhaustive else None)
     else:
         index = DenseIndex.load(index_dir, device=enc.device)
         run = index.to_run(qids, enc.encode_dense(texts, max_length=info["max_length"], progress="queries"), args.k)
@@ -150,6 +207,9 @@ def add_rerank(sub) -> None:
     p.add_argument("--lite", metavar="CHECKPOINT",
                    help="with --scorer lite: a LiteScorer state_dict saved with torch.save")
     p.add_argument("--depth", type=int, help="re-rank only each query's top DEPTH candidates")
+    p.add_argument("--token-dtype", choices=("float32", "float16", "bfloat16", "int8"), default=None,
+                   help="maxsim: dtype the passages' token embeddings are held and scored in (default float32 on "
+                        "CPU, float16 on CUDA; int8 is quantized per token)")
     p.add_argument("--tag", default=None, help="run tag (default fastrank-SCORER)")
     _add_model_args(p)
     p.set_defaults(func=cmd_rerank)
@@ -159,7 +219,8 @@ def cmd_rerank(args) -> int:
     import torch
 
     from fastrank.data import read_corpus, read_queries, read_run, write_run
-    from fastrank.rerank import encode_for_rerank, maxsim_batches, rerank_dense, rerank_lite, rerank_maxsim
+    from fastrank.rerank import (encode_for_rerank, maxsim_batches, pack_candidates, rerank_dense, rerank_lite,
+                                 rerank_maxsim)
 
     if (args.scorer == "lite") != (args.lite is not None):
         raise ValueError("--scorer lite and --lite CHECKPOINT go together")
@@ -179,8 +240,11 @@ def cmd_rerank(args) -> int:
         run = rerank_dense(encoded, candidates)
     else:
         dtype = torch.float16 if enc.device.type == "cuda" else torch.float32
-        batches = maxsim_batches(encoded, candidates, device=enc.device, dtype=dtype)
-        run = rerank_lite(batches, lite.to(enc.device, dtype)) if lite is not None else rerank_maxsim(batches)
+        if lite is not None:  # LITE's MLPs need the padded (lq, ld) grid
+            run = rerank_lite(maxsim_batches(encoded, candidates, device=enc.device, dtype=dtype), lite.to(enc.device, dtype))
+        else:
+            run = rerank_maxsim(pack_candidates(encoded, candidates, device=enc.device,
+                                                token_dtype=args.token_dtype or dtype))
     write_run(run, args.out, tag=args.tag or f"fastrank-{args.scorer}")
     print(f"re-ranked {sum(map(len, run.values()))} candidates for {len(run)} queries into {args.out}")
     return 0

@@ -1,16 +1,21 @@
 """Re-ranking first-stage candidates with an encoder: dense (one vector per text), MaxSim over token
-embeddings with the fused ``fastrank.maxsim``, or a trained LITE scorer (``fastrank.LiteScorer``) over the
-same token embeddings.
+embeddings with the fused ``fastrank.maxsim_packed``, or a trained LITE scorer (``fastrank.LiteScorer``)
+over the same token embeddings.
 
 The pipeline encodes every query and every candidate passage once (one forward pass gives both the dense
 and the token embeddings), then scores each query's candidates. Scoring is separate from encoding so the
 fused MaxSim can be timed against the eager reference on identical inputs.
+
+MaxSim keeps every passage's tokens once, back to back (:class:`PackedCandidates`): a query's candidates
+are scored in place by index, so no padded copy of a candidate list is ever made (DL19's passages average
+a third of the longest one's tokens). LITE's MLPs run over a fixed (lq, ld) grid of the similarity matrix,
+so :func:`maxsim_batches` still pads for it.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Optional
 
 import torch
 
@@ -60,9 +65,71 @@ def rerank_dense(enc: EncodedSet, candidates: Mapping[str, Mapping[str, float]])
     return run
 
 
+TOKEN_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
+
+
+@dataclass
+class PackedCandidates:
+    """Every candidate passage's token embeddings once, back to back (passage ``i`` owns rows
+    ``offsets[i]:offsets[i+1]`` of ``tokens``; int8 ``tokens`` come with per-token ``scales``), and per
+    query ``(qid, pids, q (Lq, H), docs)``: its candidates' passage indices, scored in place."""
+
+    tokens: torch.Tensor
+    offsets: torch.Tensor
+    scales: Optional[torch.Tensor]
+    queries: list
+
+    @property
+    def num_docs(self) -> int:
+        return sum(len(docs) for _, _, _, docs in self.queries)
+
+
+def pack_candidates(enc: EncodedSet, candidates: Mapping[str, Mapping[str, float]],
+                    device: torch.device | str = "cpu", token_dtype: str | torch.dtype = torch.float32) -> PackedCandidates:
+    """The encoded passages as one packed tensor in ``token_dtype`` (float32, float16, bfloat16 or int8,
+    quantized per token) and each query's candidate indices; queries are cast to the float dtype the
+    tokens are scored in (float32 for int8)."""
+    from fastrank.ops.maxsim_packed import quantize_tokens
+
+    dtype = TOKEN_DTYPES.get(token_dtype, token_dtype) if isinstance(token_dtype, str) else token_dtype
+    if dtype not in TOKEN_DTYPES.values():
+        raise ValueError(f"token_dtype must be one of {', '.join(TOKEN_DTYPES)}, got {token_dtype!r}")
+    vectors = enc.passages.tokens.vectors
+    scales = None
+    if dtype == torch.int8:
+        tokens, scales = quantize_tokens(vectors)
+        tokens, scales = tokens.to(device), scales.to(device)
+        qdtype = torch.float32
+    else:
+        tokens = vectors.to(device=device, dtype=dtype)
+        qdtype = dtype
+    offsets = enc.passages.tokens.offsets.to(device)
+    qt = enc.queries.tokens
+    queries = []
+    for qid, qi in enc.qrow.items():
+        pids = list(candidates[qid])
+        q = qt.vectors[qt.offsets[qi]:qt.offsets[qi + 1]].to(device=device, dtype=qdtype)
+        docs = torch.tensor([enc.prow[p] for p in pids], dtype=torch.int64, device=device)
+        queries.append((qid, pids, q, docs))
+    return PackedCandidates(tokens, offsets, scales, queries)
+
+
+def rerank_maxsim(packed: PackedCandidates, *, backend: str | None = None) -> Run:
+    """Score each candidate by MaxSim of the query's and the passage's token embeddings (no padding)."""
+    from fastrank import maxsim_packed
+
+    run: Run = {}
+    with torch.no_grad():
+        for qid, pids, q, docs in packed.queries:
+            s = maxsim_packed(q, packed.tokens, packed.offsets, scales=packed.scales, docs=docs, backend=backend)
+            run[qid] = dict(zip(pids, s.float().tolist()))
+    return run
+
+
 def maxsim_batches(enc: EncodedSet, candidates: Mapping[str, Mapping[str, float]],
                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """Per query: ``(qid, pids, q (Lq, H), d (n, Ld, H), d_mask (n, Ld))`` ready for ``maxsim``."""
+    """Per query, padded: ``(qid, pids, q (Lq, H), d (n, Ld, H), d_mask (n, Ld))`` for ``maxsim`` and the
+    LITE scorer (whose MLPs need the fixed grid)."""
     batches = []
     for qid, qi in enc.qrow.items():
         pids = list(candidates[qid])
@@ -72,11 +139,13 @@ def maxsim_batches(enc: EncodedSet, candidates: Mapping[str, Mapping[str, float]
     return batches
 
 
-def rerank_maxsim(batches, scorer: Callable | None = None) -> Run:
-    """Score each candidate by MaxSim of the query's and the passage's token embeddings."""
+def rerank_maxsim_padded(batches, scorer: Callable | None = None) -> Run:
+    """MaxSim over padded batches (:func:`maxsim_batches`) with ``scorer(q, d, q_mask, d_mask)``
+    (default ``fastrank.maxsim``): the padded path, kept to compare against."""
     if scorer is None:
         from fastrank import maxsim as scorer
-    return {qid: dict(zip(pids, scorer(q, d, None, d_mask).float().tolist())) for qid, pids, q, d, d_mask in batches}
+    with torch.no_grad():
+        return {qid: dict(zip(pids, scorer(q, d, None, d_mask).float().tolist())) for qid, pids, q, d, d_mask in batches}
 
 
 def rerank_lite(batches, scorer) -> Run:
@@ -91,20 +160,24 @@ def rerank_lite(batches, scorer) -> Run:
     return run
 
 
-def docs_per_second(batches, scorer: Callable, *, repeats: int = 3) -> float:
-    """Candidates scored per second by ``scorer`` over all batches (best of ``repeats`` after a warm-up)."""
-    n = sum(d.shape[0] for _, _, _, d, _ in batches)
-    cuda = any(d.is_cuda for _, _, _, d, _ in batches)
-    for _, _, q, d, m in batches[:1]:
-        scorer(q, d, None, m)
-    best = float("inf")
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _, _, q, d, m in batches:
-            scorer(q, d, None, m)
-        if cuda:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return n / best
+def docs_per_second(fns: Mapping[str, Callable[[], object]], n_docs: int, *, rounds: int = 5,
+                    cuda: bool = False) -> dict[str, float]:
+    """Candidates scored per second by each of ``fns`` (each scores all ``n_docs`` candidates once), timed
+    in interleaved rounds after a warm-up so a drifting machine slows them alike; the median round each."""
+    import statistics
+
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(rounds):
+        names = list(fns)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            with torch.no_grad():
+                fns[name]()
+            if cuda:
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t)
+    return {name: n_docs / statistics.median(v) for name, v in times.items()}

@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,9 @@ def test_index_and_retrieve_dense_finds_each_document_from_its_own_text(capsys, 
     rc, _, err = run_cli(capsys, "index", SCIFACT / "corpus.jsonl", tmp_path / "ix2", "--kind", "lsh",
                          "--model", tiny_model, "--device", "cpu")
     assert rc == 2 and "unknown index kind 'lsh'" in err
+    rc, _, err = run_cli(capsys, "retrieve", tmp_path / "ix", tmp_path / "q.tsv", tmp_path / "run.txt", "--nprobe", "2",
+                         "--device", "cpu")
+    assert rc == 2 and "--nprobe apply to token indexes" in err
 
 
 def test_rerank_dense_keeps_candidates_and_orders_by_the_encoder(capsys, tmp_path, tiny_model):
@@ -138,16 +142,55 @@ def test_rerank_lite_scores_with_the_checkpoint(capsys, tmp_path, tiny_model):
 
 def test_index_tokens_and_retrieve(capsys, tmp_path, tiny_model):
     corpus = load_beir(SCIFACT).corpus
-    rc, _, err = run_cli(capsys, "index", SCIFACT / "corpus.jsonl", tmp_path / "tix", "--tokens",
-                         "--model", tiny_model, "--device", "cpu")
-    assert rc == 0, err
     docs = list(corpus)[:3]
     (tmp_path / "q.tsv").write_text("".join(f"q{d}\t{corpus[d][:100]}\n" for d in docs))
-    rc, _, err = run_cli(capsys, "retrieve", tmp_path / "tix", tmp_path / "q.tsv", tmp_path / "run.txt", "-k", "5",
-                         "--device", "cpu")
-    assert rc == 0, err
-    run = read_run(tmp_path / "run.txt")
-    assert {q: max(r, key=r.get) for q, r in run.items()} == {f"q{d}": d for d in docs}
+    for name, build_args, search_args in [
+        ("tix", ["--token-dtype", "int8"], [[], ["--exhaustive"], ["--nprobe", "1", "--ndocs", "5"]]),
+        ("exh", ["--token-dtype", "bfloat16", "--exhaustive"], [[]]),
+    ]:
+        rc, out, err = run_cli(capsys, "index", SCIFACT / "corpus.jsonl", tmp_path / name, "--tokens", *build_args,
+                               "--model", tiny_model, "--device", "cpu")
+        assert rc == 0, err
+        # encoding and building are timed apart
+        assert re.search(r"encoded 61 documents in \d+\.\d s; built the index in \d+\.\d s", out), out
+        assert build_args[1] in out and ("exhaustive" if "--exhaustive" in build_args else "centroids") in out
+        runs = {}
+        for extra in search_args:
+            rc, _, err = run_cli(capsys, "retrieve", tmp_path / name, tmp_path / "q.tsv", tmp_path / "run.txt",
+                                 "-k", "5", "--device", "cpu", *extra)
+            assert rc == 0, err
+            runs[" ".join(extra)] = run = read_run(tmp_path / "run.txt")
+            assert all(len(r) == 5 for r in run.values())
+        for extra, run in runs.items():
+            if "--nprobe 1" in extra:  # one centroid per token and 5 candidates: exact scores, maybe not the best
+                assert all(max(run[q].values()) <= max(runs[""][q].values()) + 1e-4 for q in run)
+            else:
+                assert {q: max(r, key=r.get) for q, r in run.items()} == {f"q{d}": d for d in docs}, extra
+
+
+def test_token_index_cli_errors(capsys, tmp_path):
+    corpus, q = SCIFACT / "corpus.jsonl", tmp_path / "q.tsv"
+    rc, _, err = run_cli(capsys, "index", corpus, tmp_path / "x", "--tokens", "--kind", "hnsw")
+    assert rc == 2 and "--kind hnsw applies to dense indexes" in err
+    rc, _, err = run_cli(capsys, "index", corpus, tmp_path / "x", "--tokens", "--metric", "l2")
+    assert rc == 2 and "--metric l2 applies to dense indexes" in err
+    rc, _, err = run_cli(capsys, "index", corpus, tmp_path / "x", "--ncentroids", "64", "--token-dtype", "int8")
+    assert rc == 2 and "--token-dtype, --ncentroids apply to token indexes only: add --tokens" in err
+    rc, _, err = run_cli(capsys, "index", corpus, tmp_path / "x", "--tokens", "--exhaustive", "--ncentroids", "8")
+    assert rc == 2 and "an exhaustive token index builds no centroids" in err
+    q.write_text("q1\tsome text\n")
+    rc, _, err = run_cli(capsys, "retrieve", tmp_path / "x", q, tmp_path / "run.txt", "--token-k", "32")
+    assert rc == 2 and "--token-k is gone" in err and "--nprobe" in err
+    # An index saved by an older fastrank (format version 1) says how to rebuild it.
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "encoder.json").write_text(json.dumps({"model": "unused", "tokens": True, "max_length": 200}))
+    (old / "meta.json").write_text(json.dumps({"format": "fastrank.TokenIndex", "version": 1, "dim": 32,
+                                               "ndocs": 1, "ntokens": 1, "sha256": {}}))
+    from fastrank.index import IndexFormatError, TokenIndex
+
+    with pytest.raises(IndexFormatError, match="rebuild with `fastrank index --tokens"):
+        TokenIndex.load(old)
 
 
 def test_parser_has_the_subcommands_and_room_for_more():

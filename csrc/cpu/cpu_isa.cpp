@@ -123,10 +123,11 @@ IsaSupport detect() {
   decide(Isa::Avx2, {"avx2", "fma", "f16c"}, os_ymm, "AVX state (XCR0)");
   decide(Isa::Avx512, {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"}, os_zmm,
          "AVX-512 state (XCR0)");
-  decide(Isa::Avx512Bf16, {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"},
+  decide(Isa::Avx512Bf16, {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni"},
          os_zmm, "AVX-512 state (XCR0)");
   decide(Isa::Amx,
-         {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_tile", "amx_bf16"},
+         {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni", "amx_tile",
+          "amx_bf16"},
          os_zmm && os_tile, "AMX tile state (XCR0)");
   const int amx = static_cast<int>(Isa::Amx);
   if (s.ok[amx] && compiled(Isa::Amx)) {

@@ -121,6 +121,55 @@ void maxsim_backward(const std::string& isa, int dtype, std::uintptr_t q, std::u
              ptr<const int32_t>(argmax), dq ? ptr<float>(dq) : nullptr, dd ? ptr<float>(dd) : nullptr);
 }
 
+// Packed documents (fastrank.maxsim_packed): q is (F, 1, Lq, H) against documents f * X + x of d, which
+// own rows offsets[doc] .. offsets[doc + 1]. dims = (F, X, Lq, H). Python has validated the offsets (int64,
+// non-decreasing, 0 .. T); the kernel trusts them.
+MaxSimProblem make_packed_problem(const std::vector<int64_t>& dims, const std::vector<int64_t>& qs, int64_t tok_stride,
+                                  std::uintptr_t offsets, std::uintptr_t docs, std::uintptr_t qm,
+                                  const std::vector<int64_t>& qms, int threads) {
+  FASTRANK_CHECK(dims.size() == 4, "maxsim_packed (cpp): dims must be (F, X, Lq, H)");
+  FASTRANK_CHECK(offsets != 0, "maxsim_packed (cpp): offsets is required");
+  FASTRANK_CHECK(tok_stride >= dims[3], "maxsim_packed (cpp): the token stride must be >= H");
+  const std::vector<int64_t> none4 = {0, 0, 0, 0};
+  MaxSimProblem p = make_problem({dims[0], 1, dims[1], dims[2], 1, dims[3]}, qs, {0, 0, tok_stride}, qm, qms, 0, none4,
+                                 threads);
+  p.offsets = ptr<const int64_t>(offsets);
+  p.docs = docs ? ptr<const int64_t>(docs) : nullptr;
+  return p;
+}
+
+void maxsim_packed_forward(const std::string& isa, int dtype, std::uintptr_t q, std::uintptr_t tokens,
+                           std::uintptr_t offsets, std::uintptr_t docs, std::uintptr_t scales, const std::vector<int64_t>& dims,
+                           const std::vector<int64_t>& qs, int64_t tok_stride, std::uintptr_t qm,
+                           const std::vector<int64_t>& qms, std::uintptr_t out, std::uintptr_t argmax, int threads,
+                           bool exact_int8) {
+  MaxSimProblem p = make_packed_problem(dims, qs, tok_stride, offsets, docs, qm, qms, threads);
+  const Kernels k = kernels_for(isa);
+  const int dt = dtype == cpu::kInt8 ? dtype : checked_dtype(dtype);
+  FASTRANK_CHECK((dt == cpu::kInt8) == (scales != 0),
+                 "maxsim_packed (cpp): scales go with int8 tokens (dtype code " << cpu::kInt8 << ") and only with them");
+  FASTRANK_CHECK(dt != cpu::kInt8 || argmax == 0, "maxsim_packed (cpp): int8 tokens are scored forward only");
+  p.scales = ptr<const float>(scales);
+  p.exact_int8 = exact_int8;
+  pybind11::gil_scoped_release nogil;
+  k.forward(p, dt, reinterpret_cast<const void*>(q), reinterpret_cast<const void*>(tokens), ptr<float>(out),
+            argmax ? ptr<int32_t>(argmax) : nullptr);
+}
+
+void maxsim_packed_backward(const std::string& isa, int dtype, std::uintptr_t q, std::uintptr_t tokens,
+                            std::uintptr_t offsets, std::uintptr_t docs, const std::vector<int64_t>& dims,
+                            const std::vector<int64_t>& qs, int64_t tok_stride, std::uintptr_t grad, std::uintptr_t argmax,
+                            std::uintptr_t dq, std::uintptr_t dtokens, int threads) {
+  FASTRANK_CHECK(docs == 0 || dtokens == 0, "maxsim_packed (cpp): no token gradient when scoring a subset (docs)");
+  const std::vector<int64_t> none4 = {0, 0, 0, 0};
+  const MaxSimProblem p = make_packed_problem(dims, qs, tok_stride, offsets, docs, 0, none4, threads);
+  const Kernels k = kernels_for(isa);
+  const int dt = checked_dtype(dtype);
+  pybind11::gil_scoped_release nogil;
+  k.backward(p, dt, reinterpret_cast<const void*>(q), reinterpret_cast<const void*>(tokens), ptr<const float>(grad),
+             ptr<const int32_t>(argmax), dq ? ptr<float>(dq) : nullptr, dtokens ? ptr<float>(dtokens) : nullptr);
+}
+
 void register_maxsim(pybind11::module_& m) {
   using pybind11::arg;
   m.def("maxsim_forward", &maxsim_forward,
@@ -133,6 +182,17 @@ void register_maxsim(pybind11::module_& m) {
         "MaxSim backward on CPU through the saved argmax; dq float32 (F,Y,Lq,H), dd float32 (F,X,Ld,H), either 0.",
         arg("isa"), arg("dtype"), arg("q"), arg("d"), arg("dims"), arg("q_strides"), arg("d_strides"), arg("grad"),
         arg("argmax"), arg("dq"), arg("dd"), arg("threads"));
+  m.def("maxsim_packed_forward", &maxsim_packed_forward,
+        "Packed MaxSim forward on CPU: dims=(F,X,Lq,H), q strides (F,Y,tok), tokens (T,H) with token stride, int64 "
+        "offsets (N+1), docs int64 (F*X) indices into the N documents or 0 (all, in order), scales float32 (T) for int8 tokens (dtype code 4, q float32) or 0; q_mask uint8 with strides "
+        "(F,Y,X,tok) or 0; out float32 (F*X); argmax int32 (F*X, Lq) relative to each document's first row, or 0. exact_int8=False lets a VNNI path quantize q per token.",
+        arg("isa"), arg("dtype"), arg("q"), arg("tokens"), arg("offsets"), arg("docs"), arg("scales"), arg("dims"), arg("q_strides"),
+        arg("tok_stride"), arg("q_mask"), arg("q_mask_strides"), arg("out"), arg("argmax"), arg("threads"),
+        arg("exact_int8") = true);
+  m.def("maxsim_packed_backward", &maxsim_packed_backward,
+        "Packed MaxSim backward on CPU: dq float32 (F,Lq,H), dtokens float32 (T,H) (every row written), either 0.",
+        arg("isa"), arg("dtype"), arg("q"), arg("tokens"), arg("offsets"), arg("docs"), arg("dims"), arg("q_strides"),
+        arg("tok_stride"), arg("grad"), arg("argmax"), arg("dq"), arg("dtokens"), arg("threads"));
 }
 
 }  // namespace

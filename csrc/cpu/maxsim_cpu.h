@@ -18,10 +18,24 @@ struct MaxSimProblem {
   const uint8_t* dm;  // nullptr: every doc token valid
   Strides4 dms;
   int threads;        // OpenMP threads for this call (torch.get_num_threads() on the Python side)
+  // Packed documents (maxsim_packed): when set, the pair (f, y, x) scores document f * X + x, the rows
+  // offsets[doc] .. offsets[doc + 1] of d (token stride ds.tok; ds.a / ds.b and Ld are unused), and the
+  // argmax / dd rows are relative to / laid out like those rows. Validated by the caller.
+  const int64_t* offsets = nullptr;
+  // Optional with offsets: the pair scores document docs[f * X + x] instead (a subset of a packed corpus,
+  // scored in place; forward and dq only, since dd assumes each row belongs to exactly one pair).
+  const int64_t* docs = nullptr;
+  // int8 documents: one float32 scale per row of d (indexed like the rows), the similarity is scale * <q, d>.
+  const float* scales = nullptr;
+  // int8 documents: false lets paths with VNNI quantize the query per token (four times the multiply-adds
+  // of an FMA); true scores the float query against the widened rows on every path (the reference's math).
+  bool exact_int8 = true;
 };
 
 // Element codes, as fastrank/_ext.py DTYPE_CODES.
 constexpr int kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2;
+// Packed forward only: q float32, d int8 with MaxSimProblem::scales.
+constexpr int kInt8 = 4;
 
 // The instruction-set paths, lowest first. Names are what FASTRANK_CPU_ISA and fastrank.cpu_isa use.
 enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3, Amx = 4 };

@@ -1,5 +1,6 @@
 """Indexes for first-stage retrieval: :class:`DenseIndex` (one vector per document, FAISS) and
-:class:`TokenIndex` (token vectors for late interaction, re-ranked exactly with ``fastrank.maxsim``).
+:class:`TokenIndex` (packed token vectors for late interaction: centroid candidates, scored exactly with
+``fastrank.maxsim_packed``).
 
 Importing this package needs neither faiss nor transformers; FAISS is imported when an index needs it.
 """

@@ -1,0 +1,278 @@
+"""Triton kernels for packed variable-length MaxSim (see :mod:`fastrank.ops.maxsim_packed` for the spec).
+
+    tokens (T, H) holds N documents back to back; document i owns rows offsets[i]:offsets[i+1].
+    score[i]  = sum_{l valid} max_{j in doc i} s(l, j),   s(l, j) = <q_{f(i),l}, tokens_j>  (times scales[j]
+                for int8 tokens); an empty document scores 0.
+    dq[f, l]  = sum_{i : f(i) = f} grad[i] * tokens[offsets[i] + argmax[i, l]]
+    dt[r]     = grad[i] * sum_l [offsets[i] + argmax[i, l] = r] q[f(i), l]      (r in document i)
+
+f(i) = 0 when one query is shared by every document (Fq = 1), f(i) = i for one query per document (Fq = N):
+the launchers express both with a query stride of 0 or q.stride(0), so the kernels never branch on it.
+
+The kernels follow the padded ones in :mod:`fastrank.ops.maxsim` (one program per document, S built a
+tile at a time and split over H, NaNs counted so they reach the score, ties to the earliest row); what
+changes is that a document's rows are found through ``offsets`` instead of a fixed Ld, so no padded row
+is ever loaded or scored. Row offsets are int64: T * H can exceed 2^31.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastrank.ops.maxsim import KERNEL_DTYPES, MAX_LQ, _loop_split
+from fastrank.ops.pairs import inner_contiguous
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton is optional: the C++ and reference backends cover CPU.
+    triton = None
+
+# --------------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _packed_fwd_kernel(
+        Q, T, OFFS, SC, QM, OUT, ARG,
+        Lq, H,
+        sq_f, sq_l, st_t, sqm_f, sqm_l,
+        HAS_QM: tl.constexpr, INT8: tl.constexpr, STORE_ARG: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_LQ: tl.constexpr, BLOCK_LD: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        # One program per document; sq_f / sqm_f are 0 when the query is shared, so f = doc either way.
+        doc = tl.program_id(0).to(tl.int64)
+        start = tl.load(OFFS + doc)
+        end = tl.load(OFFS + doc + 1)
+        offs_l = tl.arange(0, BLOCK_LQ)
+        offs_h = tl.arange(0, BLOCK_H)
+        row_in = offs_l < Lq
+        q_base = Q + doc * sq_f
+
+        best = tl.full([BLOCK_LQ], float("-inf"), tl.float32)
+        best_j = tl.full([BLOCK_LQ], -1, tl.int32)
+        saw_nan = tl.zeros([BLOCK_LQ], tl.int32)
+        # Every tile of this loop holds at least one of the document's rows, so no empty-tile test.
+        for j0 in range(start, end, BLOCK_LD):
+            offs_j = j0 + tl.arange(0, BLOCK_LD)
+            col_in = offs_j < end
+            s = tl.zeros([BLOCK_LQ, BLOCK_LD], tl.float32)
+            for h0 in range(0, H, BLOCK_H):
+                h = h0 + offs_h
+                h_in = h[None, :] < H
+                qt = tl.load(q_base + offs_l[:, None] * sq_l + h[None, :], mask=row_in[:, None] & h_in, other=0.0)
+                tile = tl.load(T + offs_j[:, None] * st_t + h[None, :], mask=col_in[:, None] & h_in, other=0)
+                if INT8:
+                    # int8 codes are exact in float32; q may be any float dtype, the product is float32.
+                    qt = qt.to(tl.float32)
+                    tile = tile.to(tl.float32)
+                s = tl.dot(qt, tl.trans(tile), s, input_precision=PRECISION)
+            if INT8:
+                # scale_j * <q, code_j> rather than <q, scale_j * code_j>: one multiply per S entry instead
+                # of one per loaded element; the two differ only by float32 rounding.
+                sc = tl.load(SC + offs_j, mask=col_in, other=0.0)
+                s = s * sc[None, :]
+            # tl.max does not propagate NaN on every target (and the interpreter's argmax raises on an
+            # all-NaN row): count the NaNs of the document's rows so they reach the score, then take
+            # max and argmax over the rest. Rows past the document are counted out: q * 0 there can be
+            # NaN (inf * 0) where the real rows give inf.
+            nan = s != s  # noqa: PLR0124 (the NaN test every target compiles)
+            saw_nan += tl.sum((nan & col_in[None, :]).to(tl.int32), axis=1)
+            s = tl.where(nan | ~col_in[None, :], float("-inf"), s)
+            blk_best = tl.max(s, axis=1)
+            blk_j = tl.argmax(s, axis=1, tie_break_left=True).to(tl.int32) + (j0 - start).to(tl.int32)
+            # Strict > keeps the earliest row on ties, like torch.max; best_j < 0 takes the first tile even
+            # when every similarity is -inf, so such a row still routes its gradient to row 0 as torch does.
+            take = (blk_best > best) | (best_j < 0)
+            best = tl.where(take, blk_best, best)
+            best_j = tl.where(take, blk_j, best_j)
+
+        row_ok = row_in & (end > start)
+        if HAS_QM:
+            qm = tl.load(QM + doc * sqm_f + offs_l * sqm_l, mask=row_in, other=0)
+            row_ok = row_ok & (qm != 0)
+        best = tl.where(saw_nan > 0, float("nan"), best)
+        tl.store(OUT + doc, tl.sum(tl.where(row_ok, best, 0.0), axis=0))
+        if STORE_ARG:
+            tl.store(ARG + doc * Lq + offs_l, tl.where(row_ok, best_j, -1), mask=row_in)
+
+    @triton.jit
+    def _packed_bwd_dq_kernel(
+        T, OFFS, G, ARG, DQ,
+        X, Lq, H, x_chunk, st_t,
+        ATOMIC: tl.constexpr, BLOCK_LQ: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        # Program (query f, H block, document chunk); query f owns documents f * X .. f * X + X - 1
+        # (X = N for a shared query, X = 1 for one query per document). A gather, no matmul.
+        item = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        x_start = tl.program_id(2) * x_chunk
+        offs_l = tl.arange(0, BLOCK_LQ)
+        row_in = offs_l < Lq
+        acc = tl.zeros([BLOCK_LQ, BLOCK_H], tl.float32)
+        for x in range(x_start, tl.minimum(x_start + x_chunk, X)):
+            doc = item * X + x
+            j = tl.load(ARG + doc * Lq + offs_l, mask=row_in, other=-1)
+            g = tl.load(G + doc)
+            start = tl.load(OFFS + doc)
+            rows = tl.load(
+                T + (start + j[:, None].to(tl.int64)) * st_t + h[None, :],
+                mask=(j[:, None] >= 0) & (h[None, :] < H), other=0.0,
+            )
+            acc += g * rows.to(tl.float32)
+        ptrs = DQ + (item * Lq + offs_l[:, None]) * H + h[None, :]
+        mask = row_in[:, None] & (h[None, :] < H)
+        if ATOMIC:
+            tl.atomic_add(ptrs, acc, mask=mask)
+        else:
+            tl.store(ptrs, acc, mask=mask)
+
+    @triton.jit
+    def _packed_bwd_dt_kernel(
+        Q, G, ARG, OFFS, DT,
+        Lq, H,
+        sq_f, sq_l,
+        PRECISION: tl.constexpr, BLOCK_LQ: tl.constexpr, BLOCK_LD: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        # Program (document, H block), walking the document's rows a tile at a time. The scatter of
+        # g * q_l to row argmax_l is a matmul of a one-hot (BLOCK_LD x Lq) routing matrix with q, so it runs
+        # on tensor cores; each row belongs to one document, so each output element has one writer and
+        # no atomics are needed. The q tile is loaded once per program and reused for every row tile.
+        doc = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        start = tl.load(OFFS + doc)
+        end = tl.load(OFFS + doc + 1)
+        offs_l = tl.arange(0, BLOCK_LQ)
+        row_in = offs_l < Lq
+        h_in = h[None, :] < H
+        j = tl.load(ARG + doc * Lq + offs_l, mask=row_in, other=-1)
+        g = tl.load(G + doc)
+        qt = tl.load(Q + doc * sq_f + offs_l[:, None] * sq_l + h[None, :], mask=row_in[:, None] & h_in, other=0.0)
+        for j0 in range(start, end, BLOCK_LD):
+            rel = (j0 - start).to(tl.int32) + tl.arange(0, BLOCK_LD)
+            route = (rel[:, None] == j[None, :]).to(qt.dtype)
+            acc = g * tl.dot(route, qt, input_precision=PRECISION)
+            offs_j = j0 + tl.arange(0, BLOCK_LD)
+            tl.store(DT + offs_j[:, None] * H + h[None, :], acc, mask=(offs_j[:, None] < end) & h_in)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------------
+def _require_triton() -> None:
+    if triton is None:
+        raise RuntimeError("fastrank.ops.maxsim_packed_triton: triton is not importable; pip install triton "
+                           "(or use the cpp or reference backend of fastrank.maxsim_packed)")
+
+
+def _pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(n)))
+
+
+def _check_lq(lq: int) -> None:
+    if lq > MAX_LQ:
+        raise ValueError(f"maxsim_packed (triton): Lq={lq} exceeds the {MAX_LQ}-token query tile")
+
+
+def _query_strides(q: Tensor) -> tuple[int, int]:
+    """(stride between documents' queries, stride between query tokens): 0 for a shared query, so the
+    kernels index q with the document number whatever Fq is."""
+    return (0 if q.shape[0] == 1 else q.stride(0)), q.stride(1)
+
+
+def packed_forward(q: Tensor, tokens: Tensor, offsets: Tensor, q_mask: Tensor | None,
+                   scales: Tensor | None, save_argmax: bool) -> tuple[Tensor, Tensor]:
+    """Scores (N,) float32 and, when ``save_argmax``, int32 argmax (N, Lq) relative to each document's first
+    row (-1 for masked query tokens and empty documents); else an empty (0,) int32 tensor.
+
+    q: (Fq, Lq, H), Fq in {1, N}; tokens: (T, H) of q's dtype, or int8 with float32 ``scales`` (T,);
+    offsets: validated int64 (N + 1,); q_mask: bool (Fq, Lq) or None."""
+    _require_triton()
+    q, tokens = inner_contiguous(q), inner_contiguous(tokens)
+    n = offsets.numel() - 1
+    fq, lq, h = q.shape
+    _check_lq(lq)
+    int8 = scales is not None
+    if int8 and tokens.dtype != torch.int8:
+        raise TypeError(f"maxsim_packed (triton): scales go with int8 tokens, got tokens {tokens.dtype}")
+    if q.dtype not in KERNEL_DTYPES or (not int8 and tokens.dtype != q.dtype):
+        raise TypeError(f"maxsim_packed (triton): q and tokens must be one of {KERNEL_DTYPES} (or int8 tokens "
+                        f"with scales), got q {q.dtype} and tokens {tokens.dtype}")
+    if fq not in (1, n):
+        raise ValueError(f"maxsim_packed (triton): q must hold 1 or N={n} queries, got {fq}")
+    out = torch.empty((n,), device=q.device, dtype=torch.float32)
+    arg = torch.empty((n, lq) if save_argmax else (0,), device=q.device, dtype=torch.int32)
+    if n == 0:
+        return out, arg
+    sq_f, sq_l = _query_strides(q)
+    if q_mask is not None:
+        sqm_f, sqm_l = (0 if q_mask.shape[0] == 1 else q_mask.stride(0)), q_mask.stride(1)
+    else:
+        sqm_f = sqm_l = 0
+    float32_math = q.dtype == torch.float32 or int8
+    block_lq = _pow2(lq, 16, MAX_LQ)
+    # The S tile (BLOCK_LQ x BLOCK_LD float32) and both operand tiles must fit in registers; halve the doc
+    # tile when the query tile is full. Most documents are 180-200 rows: 64 wastes at most a third of one tile.
+    block_ld = 64 if block_lq <= 32 else 32
+    # float32 operands (including int8 widened in-kernel) take twice the bytes of 16-bit ones per element.
+    block_h = _pow2(h, 16, 64 if float32_math else 128)
+    _packed_fwd_kernel[(n,)](
+        q, tokens, offsets, scales if int8 else out, q_mask if q_mask is not None else out, out, arg,
+        lq, h,
+        sq_f, sq_l, tokens.stride(0), sqm_f, sqm_l,
+        HAS_QM=q_mask is not None, INT8=int8, STORE_ARG=save_argmax,
+        # float32 keeps float32 products (TF32 would cost ~1e-3 relative error); 16-bit ignores it.
+        PRECISION="ieee" if float32_math else "tf32",
+        BLOCK_LQ=block_lq, BLOCK_LD=block_ld, BLOCK_H=block_h,
+        num_warps=4,
+    )
+    return out, arg
+
+
+def packed_backward(q: Tensor, tokens: Tensor, offsets: Tensor, grad: Tensor, argmax: Tensor,
+                    need_dq: bool, need_dt: bool, deterministic: bool) -> tuple[Tensor | None, Tensor | None]:
+    """(dq (Fq, Lq, H) in q's dtype or None, dtokens (T, H) in tokens' dtype or None), following the argmax
+    route of :func:`packed_forward`. Accumulates in float32. With a shared query and
+    ``deterministic=False`` the sum over documents may be split into chunks added with float atomics."""
+    _require_triton()
+    if tokens.dtype == torch.int8:
+        raise TypeError("maxsim_packed (triton): int8 tokens are scored forward only (no backward)")
+    q, tokens = inner_contiguous(q), inner_contiguous(tokens)
+    n = offsets.numel() - 1
+    fq, lq, h = q.shape
+    _check_lq(lq)
+    grad = grad.contiguous().float()
+    argmax = argmax.contiguous()
+    block_lq = _pow2(lq, 16, MAX_LQ)
+    dq = dt = None
+    if need_dq:
+        docs_per_query = n if fq == 1 else 1
+        block_h = _pow2(h, 16, 64)
+        h_blocks = triton.cdiv(h, block_h)
+        # Only a shared query reduces over documents; one query per document has a single writer per row.
+        split = _loop_split(fq * h_blocks, docs_per_query, deterministic, q.device)
+        chunk = max(1, triton.cdiv(docs_per_query, split))
+        alloc = torch.zeros if (split > 1 or n == 0) else torch.empty
+        dq = alloc((fq, lq, h), device=q.device, dtype=torch.float32)
+        if n > 0 and dq.numel() > 0:
+            _packed_bwd_dq_kernel[(fq, h_blocks, triton.cdiv(docs_per_query, chunk))](
+                tokens, offsets, grad, argmax, dq,
+                docs_per_query, lq, h, chunk, tokens.stride(0),
+                ATOMIC=split > 1, BLOCK_LQ=block_lq, BLOCK_H=block_h, num_warps=4,
+            )
+        dq = dq.to(q.dtype)
+    if need_dt:
+        # Every row belongs to exactly one document (offsets partition 0..T), so every row is written.
+        dt = torch.empty(tokens.shape, device=tokens.device, dtype=torch.float32)
+        if n > 0 and dt.numel() > 0:
+            sq_f, sq_l = _query_strides(q)
+            block_ld, block_h = 64, _pow2(h, 16, 64)
+            _packed_bwd_dt_kernel[(n, triton.cdiv(h, block_h))](
+                q, grad, argmax, offsets, dt,
+                lq, h, sq_f, sq_l,
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                BLOCK_LQ=block_lq, BLOCK_LD=block_ld, BLOCK_H=block_h, num_warps=4,
+            )
+        dt = dt.to(tokens.dtype)
+    return dq, dt
