@@ -411,11 +411,13 @@ class DenseIndex:
         return self
 
 
-_REQUIRED = {"fastrank.DenseIndex": ("dim", "kind", "metric", "params", "ntotal", "data_file", "sha256"),
-             "fastrank.TokenIndex": ("dim", "ndocs", "ntokens", "sha256")}
+_REQUIRED = ("dim", "kind", "metric", "params", "ntotal", "data_file", "sha256")
 
 
-def _read_meta(path: Path, fmt: str) -> dict:
+def _read_meta(path: Path, fmt: str, required=_REQUIRED, version: int = FORMAT_VERSION,
+               old_version_hint: str = "") -> dict:
+    """``path/meta.json`` of a saved index of format ``fmt`` and ``version``, with the ``required`` keys; an
+    older version's error ends with ``old_version_hint`` (how to rebuild), a newer one's says so."""
     if not path.is_dir():
         raise IndexFormatError(f"{path}: no saved index here (not a directory)")
     meta_file = path / "meta.json"
@@ -428,9 +430,13 @@ def _read_meta(path: Path, fmt: str) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != fmt:
         raise IndexFormatError(f"{meta_file}: format is {meta.get('format') if isinstance(meta, dict) else None!r}, "
                                f"expected {fmt!r}")
-    if meta.get("version") != FORMAT_VERSION:
-        raise IndexFormatError(f"{meta_file}: format version {meta.get('version')!r}, this fastrank reads {FORMAT_VERSION}")
-    missing = [key for key in _REQUIRED[fmt] if key not in meta]
+    found = meta.get("version")
+    if found != version:
+        older = isinstance(found, int) and found < version
+        raise IndexFormatError(
+            f"{meta_file}: {fmt} format version {found!r}, this fastrank reads version {version}"
+            + ((f"; {old_version_hint}" if old_version_hint else "") if older else "; it was written by a newer fastrank"))
+    missing = [key for key in required if key not in meta]
     if missing:
         raise IndexFormatError(f"{meta_file}: missing {', '.join(missing)}")
     return meta

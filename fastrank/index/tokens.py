@@ -41,6 +41,8 @@ import torch
 
 from fastrank.encoders import TokenEmbeddings
 from fastrank.index.dense import IndexFormatError, _sha256, _verify
+from fastrank.index.dense import _read_meta as _read_index_meta
+from fastrank.ops.maxsim_packed import segment_rows
 
 FORMAT = "fastrank.TokenIndex"
 # Version 1 held a per-token ANN (a DenseIndex in ann/) and float16 tokens; version 2 is centroid stage 1,
@@ -101,18 +103,6 @@ def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
-
-
-def _segment_rows(offsets: torch.Tensor, docs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The token rows of documents ``docs`` back to back, and their new offsets (len(docs) + 1,)."""
-    starts = offsets[docs]
-    lengths = offsets[docs + 1] - starts
-    new_offsets = torch.zeros(docs.numel() + 1, dtype=torch.int64, device=offsets.device)
-    torch.cumsum(lengths, 0, out=new_offsets[1:])
-    total = int(new_offsets[-1])
-    rows = torch.arange(total, device=offsets.device) + torch.repeat_interleave(starts - new_offsets[:-1], lengths,
-                                                                                output_size=total)
-    return rows, new_offsets
 
 
 def _similarity_dtype(device: torch.device) -> torch.dtype:
@@ -456,7 +446,7 @@ class TokenIndex:
         top_s, top_c = (qv @ self._centroids.T).topk(min(nprobe + 1, self.ncentroids), dim=1)
         gain = (top_s[:, :nprobe] - top_s[:, -1:]).reshape(-1)
         probe_c = top_c[:, :nprobe].reshape(-1)
-        entries, entry_offsets = _segment_rows(self._ivf_offsets, probe_c)  # every probed list, back to back
+        entries, entry_offsets = segment_rows(self._ivf_offsets, probe_c)  # every probed list, back to back
         probe = torch.repeat_interleave(torch.arange(probe_c.numel(), device=dev), entry_offsets.diff(),
                                         output_size=entries.numel())
         tok = probe // nprobe
@@ -613,28 +603,9 @@ _REQUIRED = ("dim", "documents", "tokens", "token_dtype", "stage1", "ncentroids"
 
 
 def _read_meta(path: Path) -> dict:
-    if not path.is_dir():
-        raise IndexFormatError(f"{path}: no saved index here (not a directory)")
-    meta_file = path / "meta.json"
-    if not meta_file.is_file():
-        raise IndexFormatError(f"{path}: missing meta.json; not a saved fastrank index")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise IndexFormatError(f"{meta_file}: not valid JSON ({exc.msg})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise IndexFormatError(f"{meta_file}: format is {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                               f"expected {FORMAT!r}")
-    version = meta.get("version")
-    if version != FORMAT_VERSION:
-        old = isinstance(version, int) and version < FORMAT_VERSION
-        raise IndexFormatError(
-            f"{meta_file}: TokenIndex format version {version!r}, this fastrank reads version {FORMAT_VERSION}"
-            + ("; the old layout (a per-token ANN over float16 tokens) cannot be converted: " + REBUILD_HINT
-               if old else "; it was written by a newer fastrank"))
-    missing = [key for key in _REQUIRED if key not in meta]
-    if missing:
-        raise IndexFormatError(f"{meta_file}: missing {', '.join(missing)}")
+    meta = _read_index_meta(path, FORMAT, _REQUIRED, FORMAT_VERSION,
+                           "the old layout (a per-token ANN over float16 tokens) cannot be converted: " + REBUILD_HINT)
     if meta["token_dtype"] not in TOKEN_DTYPES or meta["stage1"] not in STAGE1:
-        raise IndexFormatError(f"{meta_file}: unknown token_dtype {meta['token_dtype']!r} or stage1 {meta['stage1']!r}")
+        raise IndexFormatError(f"{path / 'meta.json'}: unknown token_dtype {meta['token_dtype']!r} or stage1 "
+                               f"{meta['stage1']!r}")
     return meta

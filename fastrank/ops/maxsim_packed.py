@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from fastrank import _ext, cpu_isa, dispatch
-from fastrank.ops.maxsim import KERNEL_DTYPES, MAX_LQ, _cpu_slower
+from fastrank.ops.maxsim import _cpu_slower, _kernel_reasons
 from fastrank.ops.pairs import inner_contiguous
 
 INT8_CODE = 4  # csrc/cpu/maxsim_cpu.h kInt8: q float32, tokens int8 with per-token float32 scales
@@ -158,16 +158,23 @@ def _grid(q: Tensor, n: int, q_mask: Optional[Tensor]):
     return F, X, qs, qms
 
 
-def gather_docs(tokens: Tensor, offsets: Tensor, docs: Tensor, scales: Optional[Tensor] = None):
-    """The documents ``docs`` as their own packed ``(tokens, offsets, scales)``: a copy of their rows only
-    (differentiable in ``tokens``)."""
-    lengths = (offsets[1:] - offsets[:-1])[docs]
+def segment_rows(offsets: Tensor, docs: Tensor) -> tuple[Tensor, Tensor]:
+    """The row indices of segments ``docs`` of a CSR ``offsets`` back to back, and their own offsets
+    (len(docs) + 1,)."""
+    starts = offsets[docs]
+    lengths = offsets[docs + 1] - starts
     new_offsets = torch.zeros(docs.numel() + 1, dtype=torch.int64, device=offsets.device)
     torch.cumsum(lengths, 0, out=new_offsets[1:])
     total = int(new_offsets[-1])
-    # row r of the copy comes from offsets[docs[k]] + (r - new_offsets[k]) for the k whose range holds r
-    owner = torch.repeat_interleave(torch.arange(docs.numel(), device=offsets.device), lengths, output_size=total)
-    rows = offsets[:-1][docs][owner] + torch.arange(total, device=offsets.device) - new_offsets[:-1][owner]
+    # row r of segment k is starts[k] + (r - new_offsets[k])
+    shift = torch.repeat_interleave(starts - new_offsets[:-1], lengths, output_size=total)
+    return torch.arange(total, device=offsets.device) + shift, new_offsets
+
+
+def gather_docs(tokens: Tensor, offsets: Tensor, docs: Tensor, scales: Optional[Tensor] = None):
+    """The documents ``docs`` as their own packed ``(tokens, offsets, scales)``: a copy of their rows only
+    (differentiable in ``tokens``)."""
+    rows, new_offsets = segment_rows(offsets, docs)
     return tokens[rows], new_offsets, (scales[rows] if scales is not None else None)
 
 
@@ -210,8 +217,11 @@ def _cpp_backward(q, tokens, offsets, grad, argmax, need_dq: bool, need_dt: bool
     n = offsets.numel() - 1
     grad = grad.contiguous().float()
     argmax = argmax.contiguous()
-    dq = torch.zeros(q.shape, dtype=torch.float32) if need_dq else None
-    dt = torch.zeros(tokens.shape, dtype=torch.float32) if need_dt else None
+    # The kernel writes every row of dq and of dtokens (each row belongs to one document); with no
+    # document it runs not at all and the gradients are zero.
+    alloc = torch.empty if n > 0 else torch.zeros
+    dq = alloc(q.shape, dtype=torch.float32) if need_dq else None
+    dt = alloc(tokens.shape, dtype=torch.float32) if need_dt else None
     if n > 0 and (need_dq or need_dt):
         F, X, qs, _ = _grid(q, n, None)
         ext.maxsim_packed_backward(
@@ -240,18 +250,8 @@ _FORWARD = {"cpp": _cpp_forward, "triton": _triton_forward, "triton_interpret": 
 _BACKWARD = {"cpp": _cpp_backward, "triton": _triton_backward, "triton_interpret": _triton_backward}
 
 
-def _reasons(*, dtype, lq: int, int8: bool = False, interpreter: bool = False, device_types=frozenset(), **_) -> list[str]:
-    reasons = []
-    allowed = (torch.float32,) if interpreter else KERNEL_DTYPES
-    if dtype not in allowed:
-        reasons.append(f"dtype {dtype} not supported (supports {', '.join(str(t) for t in allowed)})")
-    if lq > MAX_LQ:
-        reasons.append(f"Lq={lq} exceeds the {MAX_LQ}-token query tile")
-    return reasons
-
-
 def _cpp_reasons(*, device_types, **ctx) -> list[str]:
-    reasons = _reasons(**ctx)
+    reasons = _kernel_reasons(**ctx)
     ext = _ext.load()
     if ext is not None and not hasattr(ext, "maxsim_packed_forward"):
         reasons.append(f"the installed fastrank._C predates maxsim_packed; {_ext.REBUILD_HINT}")
@@ -269,13 +269,9 @@ def _cpp_describe(*, isa: str = "", int8: bool = False, dtype=None, exact_int8: 
     return f"C++ CPU packed kernel, ISA path {isa}: {what}"
 
 
-def _triton_reasons(**ctx) -> list[str]:
-    return _reasons(**ctx)
-
-
-dispatch.register("maxsim_packed", "triton", reasons=_triton_reasons,
+dispatch.register("maxsim_packed", "triton", reasons=_kernel_reasons,
                   describe=lambda **_: "Triton packed kernels")(_FORWARD["triton"])
-dispatch.register("maxsim_packed", "triton_interpret", reasons=lambda **ctx: _reasons(interpreter=True, **ctx),
+dispatch.register("maxsim_packed", "triton_interpret", reasons=lambda **ctx: _kernel_reasons(interpreter=True, **ctx),
                   slower=lambda **_: ["the Triton interpreter checks the GPU kernels on CPU; it never outruns eager"],
                   describe=lambda **_: "Triton packed kernels under the interpreter")(_FORWARD["triton_interpret"])
 dispatch.register("maxsim_packed", "cpp", reasons=_cpp_reasons, slower=_cpu_slower, describe=_cpp_describe)(_cpp_forward)
