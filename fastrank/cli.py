@@ -206,7 +206,8 @@ def add_rerank(sub) -> None:
                         "lite: a trained LiteScorer (--lite) over token embeddings")
     p.add_argument("--lite", metavar="CHECKPOINT",
                    help="with --scorer lite: a LiteScorer state_dict saved with torch.save")
-    p.add_argument("--depth", type=int, help="re-rank only each query's top DEPTH candidates")
+    p.add_argument("--depth", type=int, help="re-rank only each query's top DEPTH candidates; the rest follow "
+                                             "them in the output, in the input run's order")
     p.add_argument("--token-dtype", choices=("float32", "float16", "bfloat16", "int8"), default=None,
                    help="maxsim: dtype the passages' token embeddings are held and scored in (default float32 on "
                         "CPU, float16 on CUDA; int8 is quantized per token)")
@@ -219,8 +220,8 @@ def cmd_rerank(args) -> int:
     import torch
 
     from fastrank.data import read_corpus, read_queries, read_run, write_run
-    from fastrank.rerank import (encode_for_rerank, maxsim_batches, pack_candidates, rerank_dense, rerank_lite,
-                                 rerank_maxsim)
+    from fastrank.rerank import (append_below, encode_for_rerank, maxsim_batches, pack_candidates, rerank_dense,
+                                 rerank_lite, rerank_maxsim, split_depth)
 
     if (args.scorer == "lite") != (args.lite is not None):
         raise ValueError("--scorer lite and --lite CHECKPOINT go together")
@@ -230,8 +231,9 @@ def cmd_rerank(args) -> int:
 
         lite = LiteScorer.from_state_dict(torch.load(args.lite, map_location="cpu", weights_only=True))
     candidates = read_run(args.run)
-    if args.depth:
-        candidates = {q: dict(sorted(c.items(), key=lambda kv: -kv[1])[:args.depth]) for q, c in candidates.items()}
+    tail = {}
+    if args.depth is not None:  # validated before any model loads
+        candidates, tail = split_depth(candidates, args.depth)
     queries = {q: t for q, t in read_queries(args.queries).items() if q in candidates}
     enc = _encoder(args)
     dense = args.scorer == "dense"
@@ -245,8 +247,12 @@ def cmd_rerank(args) -> int:
         else:
             run = rerank_maxsim(pack_candidates(encoded, candidates, device=enc.device,
                                                 token_dtype=args.token_dtype or dtype))
+    reranked = sum(map(len, run.values()))
+    run = append_below(run, {q: c for q, c in tail.items() if q in run})
     write_run(run, args.out, tag=args.tag or f"fastrank-{args.scorer}")
-    print(f"re-ranked {sum(map(len, run.values()))} candidates for {len(run)} queries into {args.out}")
+    kept = sum(map(len, run.values())) - reranked
+    print(f"re-ranked {reranked} candidates for {len(run)} queries into {args.out}"
+          + (f" (and kept {kept} beyond --depth {args.depth} below them, in first-stage order)" if kept else ""))
     return 0
 
 

@@ -54,6 +54,33 @@ def encode_for_rerank(encoder: Encoder, queries: Mapping[str, str], passages: Ma
     return EncodedSet(q, p, {x: i for i, x in enumerate(qids)}, {x: i for i, x in enumerate(pids)})
 
 
+def split_depth(candidates: Mapping[str, Mapping[str, float]], depth: int) -> tuple[Run, Run]:
+    """Each query's top ``depth`` candidates by first-stage score (to re-rank) and the rest (kept as they
+    are, below them: :func:`append_below`)."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be a positive integer, got {depth!r}")
+    head, tail = {}, {}
+    for q, c in candidates.items():
+        ranked = sorted(c.items(), key=lambda kv: -kv[1])
+        head[q], tail[q] = dict(ranked[:depth]), dict(ranked[depth:])
+    return head, tail
+
+
+def append_below(run: Run, tail: Mapping[str, Mapping[str, float]]) -> Run:
+    """``run`` with each query's ``tail`` candidates ranked after its re-ranked ones, in their first-stage
+    order (as TREC re-ranking runs do): a re-ranker that only sees the top of a list must not drop the rest,
+    which would lower recall and AP."""
+    out: Run = {}
+    for q in run.keys() | tail.keys():
+        scored = dict(run.get(q, {}))
+        rest = sorted(tail.get(q, {}).items(), key=lambda kv: -kv[1])
+        floor = min(scored.values(), default=0.0)
+        for i, (pid, _) in enumerate(rest):
+            scored.setdefault(pid, floor - 1.0 - i)
+        out[q] = scored
+    return out
+
+
 def rerank_dense(enc: EncodedSet, candidates: Mapping[str, Mapping[str, float]]) -> Run:
     """Score each candidate by the inner product of the query's and the passage's pooled embeddings."""
     run: Run = {}

@@ -89,3 +89,49 @@ def test_cli_rerank_in_int8_keeps_the_candidates_and_nearly_the_order(capsys, tm
         assert runs["int8"][qid].keys() == scores.keys()
         for pid, s in scores.items():
             assert runs["int8"][qid][pid] == pytest.approx(s, rel=2e-2, abs=5e-2)
+
+
+def test_depth_keeps_the_candidates_beyond_it_below_the_reranked_ones():
+    from fastrank.rerank import append_below, split_depth
+
+    cands = {"q1": {"a": 9.0, "b": 8.0, "c": 7.0, "d": 6.0, "e": 5.0}, "q2": {"x": 1.0}}
+    head, tail = split_depth(cands, 2)
+    assert head == {"q1": {"a": 9.0, "b": 8.0}, "q2": {"x": 1.0}}
+    assert tail == {"q1": {"c": 7.0, "d": 6.0, "e": 5.0}, "q2": {}}
+    run = append_below({"q1": {"a": -3.0, "b": 0.5}, "q2": {"x": 2.0}}, tail)
+    order = sorted(run["q1"], key=lambda p: -run["q1"][p])
+    assert order == ["b", "a", "c", "d", "e"]  # re-ranked first, then the tail in first-stage order
+    assert run["q2"] == {"x": 2.0}
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="depth must be a positive integer"):
+            split_depth(cands, bad)
+
+
+def test_cli_rerank_depth_keeps_every_candidate_and_refuses_a_bad_depth(capsys, tmp_path):
+    pytest.importorskip("transformers")
+    from pathlib import Path
+
+    from fastrank.cli import main
+    from fastrank.data import load_beir, load_trec_dl, read_run
+    from tiny_bert import make_tiny_bert
+
+    data = Path(__file__).parent / "data"
+    dl19 = data / "dl19-slice"
+    model = str(make_tiny_bert(tmp_path / "tiny", list(load_beir(data / "scifact-slice").corpus.values())
+                               + list(load_trec_dl(dl19).passages.values())))
+    base = [dl19 / "slice.candidates.tsv", dl19 / "queries.tsv", dl19 / "slice.passages.jsonl"]
+    out = tmp_path / "depth2.txt"
+    assert main([str(a) for a in ["rerank", *base, out, "--model", model, "--device", "cpu", "--depth", "2"]]) == 0
+    first = read_run(dl19 / "slice.candidates.tsv")
+    run = read_run(out)
+    assert run.keys() == first.keys()
+    for q, c in first.items():
+        assert run[q].keys() == c.keys()  # nothing dropped
+        by_first = sorted(c, key=lambda p: -c[p])
+        by_run = sorted(run[q], key=lambda p: -run[q][p])
+        assert set(by_run[:2]) == set(by_first[:2]) and by_run[2:] == by_first[2:]
+    for bad in ("0", "-3"):
+        bad_out = tmp_path / f"bad{bad}.txt"
+        assert main([str(a) for a in ["rerank", *base, bad_out, "--model", model, "--depth", bad]]) == 2
+        assert "depth must be a positive integer" in capsys.readouterr().err
+        assert not bad_out.exists()
