@@ -101,12 +101,14 @@ if triton is not None:
 
     @triton.jit
     def _maxsim_bwd_dq_kernel(
-        D, G, ARG, DQ,
+        D, G, ARG, DQ, OFFS,
         Y, X, Lq, H, x_chunk,
         sd_f, sd_x, sd_t,
-        ATOMIC: tl.constexpr, BLOCK_LQ: tl.constexpr, BLOCK_H: tl.constexpr,
+        PACKED: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_LQ: tl.constexpr, BLOCK_H: tl.constexpr,
     ):
         # dq[f,y,i,h] = sum_x g[f,y,x] * d[f,x,argmax[f,y,x,i],h]; program (item, h block, x chunk).
+        # PACKED (maxsim_packed, Y = 1): pair f * X + x is a document whose rows start at OFFS[pair] and
+        # whose argmax is relative to that row; sd_f and sd_x are unused.
         item = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         x_start = tl.program_id(2) * x_chunk
@@ -118,8 +120,12 @@ if triton is not None:
             pair = item * X + x
             j = tl.load(ARG + pair * Lq + offs_i, mask=row_in, other=-1)
             g = tl.load(G + pair)
+            if PACKED:
+                row0 = D + tl.load(OFFS + pair) * sd_t
+            else:
+                row0 = D + f * sd_f + x * sd_x
             rows = tl.load(
-                D + f * sd_f + x * sd_x + j[:, None].to(tl.int64) * sd_t + h[None, :],
+                row0 + j[:, None].to(tl.int64) * sd_t + h[None, :],
                 mask=(j[:, None] >= 0) & (h[None, :] < H), other=0.0,
             )
             acc += g * rows.to(tl.float32)
@@ -247,8 +253,8 @@ def _triton_backward(q, d, grad, argmax, need_dq: bool, need_dd: bool, determini
         chunk = triton.cdiv(X, split)
         dq = (torch.zeros if split > 1 else torch.empty)((F, Y, Lq, H), device=q.device, dtype=torch.float32)
         _maxsim_bwd_dq_kernel[(F * Y, triton.cdiv(H, block_h), triton.cdiv(X, chunk))](
-            d, grad, argmax, dq, Y, X, Lq, H, chunk, d.stride(0), d.stride(1), d.stride(2),
-            ATOMIC=split > 1, BLOCK_LQ=block_lq, BLOCK_H=block_h, num_warps=4,
+            d, grad, argmax, dq, argmax, Y, X, Lq, H, chunk, d.stride(0), d.stride(1), d.stride(2),
+            PACKED=False, ATOMIC=split > 1, BLOCK_LQ=block_lq, BLOCK_H=block_h, num_warps=4,
         )
         dq = dq.to(q.dtype)
     if need_dd:

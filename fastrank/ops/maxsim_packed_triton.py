@@ -32,6 +32,7 @@ except ImportError:  # Triton is optional: the C++ and reference backends cover 
 # Triton kernels
 # --------------------------------------------------------------------------------------------------------
 if triton is not None:
+    from fastrank.ops.maxsim import _maxsim_bwd_dq_kernel  # dq is the padded gather, rows found by offsets
 
     @triton.jit
     def _packed_fwd_kernel(
@@ -96,37 +97,6 @@ if triton is not None:
         tl.store(OUT + doc, tl.sum(tl.where(row_ok, best, 0.0), axis=0))
         if STORE_ARG:
             tl.store(ARG + doc * Lq + offs_l, tl.where(row_ok, best_j, -1), mask=row_in)
-
-    @triton.jit
-    def _packed_bwd_dq_kernel(
-        T, OFFS, G, ARG, DQ,
-        X, Lq, H, x_chunk, st_t,
-        ATOMIC: tl.constexpr, BLOCK_LQ: tl.constexpr, BLOCK_H: tl.constexpr,
-    ):
-        # Program (query f, H block, document chunk); query f owns documents f * X .. f * X + X - 1
-        # (X = N for a shared query, X = 1 for one query per document). A gather, no matmul.
-        item = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        x_start = tl.program_id(2) * x_chunk
-        offs_l = tl.arange(0, BLOCK_LQ)
-        row_in = offs_l < Lq
-        acc = tl.zeros([BLOCK_LQ, BLOCK_H], tl.float32)
-        for x in range(x_start, tl.minimum(x_start + x_chunk, X)):
-            doc = item * X + x
-            j = tl.load(ARG + doc * Lq + offs_l, mask=row_in, other=-1)
-            g = tl.load(G + doc)
-            start = tl.load(OFFS + doc)
-            rows = tl.load(
-                T + (start + j[:, None].to(tl.int64)) * st_t + h[None, :],
-                mask=(j[:, None] >= 0) & (h[None, :] < H), other=0.0,
-            )
-            acc += g * rows.to(tl.float32)
-        ptrs = DQ + (item * Lq + offs_l[:, None]) * H + h[None, :]
-        mask = row_in[:, None] & (h[None, :] < H)
-        if ATOMIC:
-            tl.atomic_add(ptrs, acc, mask=mask)
-        else:
-            tl.store(ptrs, acc, mask=mask)
 
     @triton.jit
     def _packed_bwd_dt_kernel(
@@ -256,10 +226,12 @@ def packed_backward(q: Tensor, tokens: Tensor, offsets: Tensor, grad: Tensor, ar
         alloc = torch.zeros if (split > 1 or n == 0) else torch.empty
         dq = alloc((fq, lq, h), device=q.device, dtype=torch.float32)
         if n > 0 and dq.numel() > 0:
-            _packed_bwd_dq_kernel[(fq, h_blocks, triton.cdiv(docs_per_query, chunk))](
-                tokens, offsets, grad, argmax, dq,
-                docs_per_query, lq, h, chunk, tokens.stride(0),
-                ATOMIC=split > 1, BLOCK_LQ=block_lq, BLOCK_H=block_h, num_warps=4,
+            # The padded kernel's gather, its rows found through offsets (query f owns documents
+            # f * X .. f * X + X - 1: X = N for a shared query, 1 for one query per document).
+            _maxsim_bwd_dq_kernel[(fq, h_blocks, triton.cdiv(docs_per_query, chunk))](
+                tokens, grad, argmax, dq, offsets,
+                1, docs_per_query, lq, h, chunk, 0, 0, tokens.stride(0),
+                PACKED=True, ATOMIC=split > 1, BLOCK_LQ=block_lq, BLOCK_H=block_h, num_warps=4,
             )
         dq = dq.to(q.dtype)
     if need_dt:
