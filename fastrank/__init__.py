@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 # needs none of them; a missing one is reported when the object that needs it is created.
 _LAZY = {
     "DenseIndex": "fastrank.index", "TokenIndex": "fastrank.index", "IndexFormatError": "fastrank.index",
-    "Encoder": "fastrank.encoders", "TokenEmbeddings": "fastrank.encoders",
+    "Encoder": "fastrank.encoders", "TokenEmbeddings": "fastrank.encoders", "CrossEncoder": "fastrank.encoders",
     "evaluate": "fastrank.evaluate", "data": "fastrank.data",
 }
 

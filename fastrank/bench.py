@@ -325,6 +325,21 @@ def time_call(fn: Callable[[], object], device: str, min_seconds: float = 0.3, m
     return statistics.median(times)
 
 
+def print_report(res: dict, format_report, json_path: str | None) -> int:
+    """Stamp ``res`` with the command that made it, print it as ``format_report`` lays it out, and write it
+    as JSON to ``json_path`` when given: the ending every ``fastrank bench`` subcommand shares."""
+    import json
+    import shlex
+    import sys
+
+    res["command"] = shlex.join(["fastrank", *sys.argv[1:]])
+    print(format_report(res))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
 def time_interleaved(fns: dict, device: str, min_seconds: float = 0.3, min_rounds: int = 5,
                      sample_seconds: float = 0.01) -> dict:
     """Median seconds per call of each of ``fns`` (name -> callable, already warmed up), timed in rounds
@@ -582,9 +597,10 @@ def add_cli(subparsers) -> None:
                    help="measure as on a CPU whose best path is this one: rerun in a fresh process with "
                         "FASTRANK_CPU_ISA and torch's BLAS (MKL, oneDNN, ATen) limited to the same instructions")
     p.set_defaults(func=_cli_maxsim)
-    from fastrank import bench_packed
+    from fastrank import bench_packed, bench_rerank
 
     bench_packed.add_cli(ops)
+    bench_rerank.add_cli(ops)
 
 
 def _cli_providers(args, device: str) -> list[str]:

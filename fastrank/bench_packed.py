@@ -17,8 +17,6 @@ Scores are checked against the padded path (and int8 against its dequantized ref
 """
 from __future__ import annotations
 
-import json
-import shlex
 import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -211,9 +209,6 @@ def _cli(args) -> int:
     if not dims or min(dims) < 1:
         raise SystemExit(f"--dims: expected positive integers, got {args.dims!r}")
     res = run(dims, data=args.data, model=args.model, min_seconds=args.seconds)
-    res["command"] = shlex.join(["fastrank", *sys.argv[1:]])
-    print(format_report(res))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
-    return 0
+    from fastrank.bench import print_report
+
+    return print_report(res, format_report, args.json)

@@ -15,14 +15,20 @@ ENCODER_FILE = "encoder.json"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="local transformers model directory (default: packaged all-MiniLM-L6-v2)")
+    p.add_argument("--model", help="local transformers model directory, or a directory written by `fastrank train` "
+                                   "(default: packaged all-MiniLM-L6-v2)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default 64)")
 
 
 def _encoder(args, **kw):
+    """The encoder ``--model`` names; a ``fastrank train`` directory brings its own (with the MaxSim projection
+    its head learned), so its tokens match what the head was trained on."""
     from fastrank.encoders import Encoder
+    from fastrank.trained import is_trained, load_trained
 
+    if is_trained(args.model):
+        return load_trained(args.model).encoder(device=args.device, batch_size=args.batch_size)
     return Encoder(args.model, device=args.device, batch_size=args.batch_size, **kw)
 
 
@@ -135,7 +141,10 @@ def cmd_index(args) -> int:
         kind += ", dense"
     built = time.perf_counter()
     out = index.save(args.out)
-    (out / ENCODER_FILE).write_text(json.dumps({"model": str(enc.path), "tokens": args.tokens,
+    from fastrank.trained import is_trained
+
+    model = str(Path(args.model).resolve()) if is_trained(args.model) else str(enc.path)
+    (out / ENCODER_FILE).write_text(json.dumps({"model": model, "tokens": args.tokens,
                                                  "max_length": max_length, "pooling": enc.pooling}))
     print(f"encoded {len(index)} documents in {encoded - t0:.1f} s; built the index in {built - encoded:.1f} s; "
           f"saved in {time.perf_counter() - built:.1f} s")
@@ -201,11 +210,13 @@ def add_rerank(sub) -> None:
     p.add_argument("queries", help="qid<TAB>text TSV or BEIR queries.jsonl")
     p.add_argument("corpus", help="jsonl with the candidates' texts ({_id, title?, text})")
     p.add_argument("out", help="TREC run file to write")
-    p.add_argument("--scorer", default="maxsim", choices=("dense", "maxsim", "lite"),
+    p.add_argument("--scorer", default="maxsim", choices=("dense", "maxsim", "lite", "cross"),
                    help="dense: pooled embeddings; maxsim: fused MaxSim over token embeddings (default); "
-                        "lite: a trained LiteScorer (--lite) over token embeddings")
+                        "lite: a trained LiteScorer (--lite) over token embeddings; cross: a cross-encoder reading "
+                        "query and passage together (--model: a local sequence-classification checkpoint directory)")
     p.add_argument("--lite", metavar="CHECKPOINT",
-                   help="with --scorer lite: a LiteScorer state_dict saved with torch.save")
+                   help="with --scorer lite: a LiteScorer state_dict saved with torch.save (not needed when --model "
+                        "is a directory trained with `fastrank train --scorer lite`: its head is used)")
     p.add_argument("--depth", type=int, help="re-rank only each query's top DEPTH candidates; the rest follow "
                                              "them in the output, in the input run's order")
     p.add_argument("--token-dtype", choices=("float32", "float16", "bfloat16", "int8"), default=None,
@@ -217,19 +228,29 @@ def add_rerank(sub) -> None:
 
 
 def cmd_rerank(args) -> int:
+    if args.scorer == "cross":
+        return _rerank_cross(args)
     import torch
 
     from fastrank.data import read_corpus, read_queries, read_run, write_run
     from fastrank.rerank import (append_below, encode_for_rerank, maxsim_batches, pack_candidates, rerank_dense,
                                  rerank_lite, rerank_maxsim, split_depth)
 
-    if (args.scorer == "lite") != (args.lite is not None):
-        raise ValueError("--scorer lite and --lite CHECKPOINT go together")
+    from fastrank.trained import is_trained, load_trained
+
+    trained = load_trained(args.model) if is_trained(args.model) else None
     lite = None
     if args.lite is not None:
+        if args.scorer != "lite":
+            raise ValueError("--lite CHECKPOINT goes with --scorer lite")
         from fastrank.nn import LiteScorer
 
         lite = LiteScorer.from_state_dict(torch.load(args.lite, map_location="cpu", weights_only=True))
+    elif args.scorer == "lite":
+        if trained is None or trained.lite is None:
+            raise ValueError("--scorer lite needs a LITE head: --model DIR trained with `fastrank train --scorer lite`, "
+                             "or --lite CHECKPOINT")
+        lite = trained.lite
     candidates = read_run(args.run)
     tail = {}
     if args.depth is not None:  # validated before any model loads
@@ -256,6 +277,34 @@ def cmd_rerank(args) -> int:
     return 0
 
 
+def _rerank_cross(args) -> int:
+    """``rerank --scorer cross``: no encoder pass, each (query, passage) pair through the cross-encoder."""
+    from fastrank.data import read_corpus, read_queries, read_run, write_run
+    from fastrank.encoders import CrossEncoder
+    from fastrank.rerank import append_below, split_depth
+
+    # Checked before anything loads: there is no default cross-encoder to fall back on.
+    if args.model is None:
+        raise ValueError("--scorer cross needs --model DIR, a local cross-encoder (sequence-classification) directory")
+    for flag, value in (("--lite", args.lite), ("--token-dtype", args.token_dtype)):
+        if value is not None:
+            raise ValueError(f"{flag} does not apply to --scorer cross")
+    candidates = read_run(args.run)
+    tail = {}
+    if args.depth is not None:
+        candidates, tail = split_depth(candidates, args.depth)
+    queries = {q: t for q, t in read_queries(args.queries).items() if q in candidates}
+    cross = CrossEncoder(args.model, device=args.device, batch_size=args.batch_size)
+    run = cross.rerank(queries, read_corpus(args.corpus), {q: candidates[q] for q in queries})
+    reranked = sum(map(len, run.values()))
+    run = append_below(run, {q: c for q, c in tail.items() if q in run})
+    write_run(run, args.out, tag=args.tag or "fastrank-cross")
+    kept = sum(map(len, run.values())) - reranked
+    print(f"re-ranked {reranked} candidates for {len(run)} queries into {args.out} with the cross-encoder {cross.path}"
+          + (f" (and kept {kept} beyond --depth {args.depth} below them, in first-stage order)" if kept else ""))
+    return 0
+
+
 # -- demo --------------------------------------------------------------------------------------------
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="re-rank TREC DL'19 BM25 top-100 (embedded) with dense and fused MaxSim",
@@ -278,13 +327,19 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def add_train(sub) -> None:
+    from fastrank.train.cli import add_cli
+
+    add_cli(sub)
+
+
 def add_bench(sub) -> None:
     from fastrank.bench import add_cli
 
     add_cli(sub)
 
 
-SUBCOMMANDS = [add_index, add_retrieve, add_rerank, add_evaluate, add_demo, add_bench]
+SUBCOMMANDS = [add_index, add_retrieve, add_rerank, add_evaluate, add_demo, add_train, add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,13 +7,16 @@ from a hub (``local_files_only``). The default model is all-MiniLM-L6-v2 shipped
 Token embeddings are ragged: :class:`TokenEmbeddings` keeps every text's valid tokens back to back with
 offsets, so a corpus costs its real token count rather than N x max_length, and :meth:`TokenEmbeddings.padded`
 builds the ``(n, L, H)`` + mask batch that ``fastrank.maxsim`` takes.
+
+:class:`CrossEncoder` reads query and passage together (BERT_Cat) and gives one score per pair: the slow,
+strong re-ranker and distillation teacher the bi-encoders are measured against.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -39,6 +42,28 @@ def _transformers():
     except ImportError as exc:
         raise ImportError("fastrank.encoders needs transformers: pip install 'fastrank[retrieval]'") from exc
     return transformers
+
+
+def _model_dir(model: str | os.PathLike) -> Path:
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model: {path} is not a local transformers model directory (no config.json)")
+    return path
+
+
+def _device_and_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
+    """CUDA when available unless ``device`` says otherwise; float16 there, float32 on CPU, unless ``dtype``."""
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device, dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+
+
+def _text_list(texts: Sequence[str], name: str) -> list[str]:
+    if isinstance(texts, str):
+        raise TypeError(f"{name} must be a sequence of strings, not one string")
+    texts = list(texts)
+    if not all(isinstance(t, str) for t in texts):
+        raise TypeError(f"{name} must all be strings")
+    return texts
 
 
 @dataclass
@@ -116,13 +141,9 @@ class Encoder:
             raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        path = Path(model) if model is not None else default_model_path()
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model: {path} is not a local transformers model directory (no config.json)")
+        path = _model_dir(model if model is not None else default_model_path())
         transformers = _transformers()
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.device, self.dtype = _device_and_dtype(device, dtype)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         self.model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True)
         self.model.to(device=self.device, dtype=self.dtype).eval()
@@ -157,13 +178,9 @@ class Encoder:
     def encode(self, texts: Sequence[str], *, dense: bool = True, tokens: bool = False,
                max_length: int | None = None, batch_size: int | None = None, progress: bool | str = True) -> Encoded:
         """Encode ``texts`` once, returning the dense and/or token embeddings asked for (float32, on CPU)."""
-        if isinstance(texts, str):
-            raise TypeError("texts must be a sequence of strings, not one string")
-        texts = list(texts)
+        texts = _text_list(texts, "texts")
         if not dense and not tokens:
             raise ValueError("ask for dense=True and/or tokens=True")
-        if not all(isinstance(t, str) for t in texts):
-            raise TypeError("texts must all be strings")
         from tqdm.auto import tqdm
 
         max_length = max_length or self.max_length
@@ -228,3 +245,126 @@ class Encoder:
         kw.setdefault("max_length", DOC_MAX_LENGTH)
         return self.encode(texts, dense=False, tokens=True, **kw).tokens
 
+
+
+class CrossEncoder:
+    """BERT_Cat: ``[CLS] query [SEP] passage [SEP]`` through a transformer and its sequence-classification
+    head, one relevance logit per pair (the seeds' teacher and strongest re-ranker).
+
+    Args:
+        model: a local sequence-classification checkpoint directory (config, weights, tokenizer), e.g. a
+            ``*ForSequenceClassification`` model saved with ``save_pretrained``. One label: its logit is the
+            score. Two labels (not relevant, relevant): ``logit[1] - logit[0]``, the log-odds of relevance,
+            which orders pairs as the softmax probability does without saturating to ties at the top.
+        device, dtype: as :class:`Encoder` (CUDA and float16 when available).
+        batch_size: pairs per forward pass.
+        max_length: tokens per pair, special tokens included; a longer pair loses tokens from the longer of
+            its two texts first (the passage, nearly always), so the query survives whole.
+    """
+
+    def __init__(self, model: str | os.PathLike, *, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, batch_size: int = 32, max_length: int = 256):
+        if model is None:
+            raise ValueError("model: a local cross-encoder directory is required (none is packaged with fastrank)")
+        self._configure(device, dtype, batch_size, max_length)
+        path = _model_dir(model)
+        transformers = _transformers()
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        archs = config.architectures or []
+        if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
+            raise ValueError(f"model: {path} is not a sequence-classification checkpoint (its config names "
+                             f"{', '.join(archs)}); a cross-encoder needs a *ForSequenceClassification model")
+        try:
+            net, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+                str(path), local_files_only=True, output_loading_info=True)
+        except ValueError as exc:  # a model type with no sequence-classification class
+            raise ValueError(f"model: {path} does not load as a sequence-classification model ({exc})") from None
+        if info["missing_keys"]:
+            # transformers fills missing weights with random ones: scores from them would be noise.
+            missing = sorted(info["missing_keys"])
+            raise ValueError(f"model: {path} is not a trained sequence-classification checkpoint: its weights lack "
+                             f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+        self._attach(path, net, trained=True)
+
+    @classmethod
+    def untrained(cls, model: str | os.PathLike | None = None, *, seed: int = 0,
+                  device: str | torch.device | None = None, dtype: torch.dtype | None = None, batch_size: int = 32,
+                  max_length: int = 256) -> "CrossEncoder":
+        """The cross-encoder architecture over a plain encoder's weights (``model``; default all-MiniLM-L6-v2)
+        with a freshly initialised one-logit head. It runs exactly as fast as a trained one of that
+        architecture and its scores mean nothing (``trained`` is False): for timing only."""
+        self = cls.__new__(cls)
+        self._configure(device, dtype, batch_size, max_length)
+        path = _model_dir(model if model is not None else default_model_path())
+        transformers = _transformers()
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, num_labels=1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = transformers.AutoModelForSequenceClassification.from_config(config)
+        # The encoder's weights go into the body by hand: from_pretrained would print a report of the head's
+        # missing weights, which here are missing on purpose.
+        base = transformers.AutoModel.from_pretrained(str(path), local_files_only=True)
+        getattr(net, net.base_model_prefix).load_state_dict(base.state_dict())
+        self._attach(path, net, trained=False)
+        return self
+
+    def _configure(self, device, dtype, batch_size: int, max_length: int) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 3:
+            raise ValueError(f"max_length must be an integer >= 3 (room for [CLS] and two [SEP]), got {max_length!r}")
+        self.device, self.dtype = _device_and_dtype(device, dtype)
+        self.batch_size, self.max_length = batch_size, max_length
+
+    def _attach(self, path: Path, net, trained: bool) -> None:
+        num_labels = int(net.config.num_labels)
+        if num_labels not in (1, 2):
+            raise ValueError(f"model: {path} has {num_labels} labels; a relevance score needs 1 (a logit) or 2 "
+                             "(not relevant, relevant)")
+        self.tokenizer = _transformers().AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self.model = net.to(device=self.device, dtype=self.dtype).eval()
+        self.path, self.num_labels, self.trained = path, num_labels, trained
+
+    @torch.inference_mode()
+    def score(self, queries: Sequence[str], passages: Sequence[str], progress: bool | str = True) -> torch.Tensor:
+        """Relevance of ``passages[i]`` to ``queries[i]`` for every i: float32 ``(N,)`` on CPU."""
+        queries, passages = _text_list(queries, "queries"), _text_list(passages, "passages")
+        if len(queries) != len(passages):
+            raise ValueError(f"queries and passages must pair up: got {len(queries)} queries and {len(passages)} passages")
+        from tqdm.auto import tqdm
+
+        n = len(queries)
+        # Longest first, in length-sorted batches, as Encoder.encode: little padding, and an out-of-memory at once.
+        order = sorted(range(n), key=lambda i: len(queries[i]) + len(passages[i]), reverse=True)
+        out = torch.empty(n, dtype=torch.float32)
+        desc = progress if isinstance(progress, str) else "cross-encoding"
+        bar = tqdm(total=n, desc=desc, unit="pair", disable=not progress or n == 0)
+        for start in range(0, n, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            batch = self.tokenizer([queries[i] for i in idx], [passages[i] for i in idx], padding=True,
+                                   truncation="longest_first", max_length=self.max_length,
+                                   return_tensors="pt").to(self.device)
+            logits = self.model(**batch).logits.float()
+            out[idx] = (logits[:, 0] if self.num_labels == 1 else logits[:, 1] - logits[:, 0]).cpu()
+            bar.update(len(idx))
+        bar.close()
+        return out
+
+    def rerank(self, queries: Mapping[str, str], passages: Mapping[str, str],
+               candidates: Mapping[str, Mapping[str, float]], progress: bool | str = True) -> dict[str, dict[str, float]]:
+        """Each query's candidates scored by the cross-encoder: ``{qid: {pid: score}}`` for every query with
+        candidates (their first-stage scores are ignored). All pairs go through :meth:`score` together, so
+        batches are length-sorted across queries."""
+        qids = [q for q, c in candidates.items() if c]
+        no_text = [q for q in qids if q not in queries]
+        if no_text:
+            raise ValueError(f"queries: {len(no_text)} queries with candidates have no text, e.g. {no_text[:3]}")
+        pairs = [(q, p) for q in qids for p in candidates[q]]
+        missing = sorted({p for _, p in pairs if p not in passages})
+        if missing:
+            raise ValueError(f"passages: {len(missing)} candidate documents have no text, e.g. {missing[:3]}")
+        scores = self.score([queries[q] for q, _ in pairs], [passages[p] for _, p in pairs], progress=progress)
+        run: dict[str, dict[str, float]] = {q: {} for q in qids}
+        for (q, p), s in zip(pairs, scores.tolist()):
+            run[q][p] = s
+        return run

@@ -1,5 +1,6 @@
 """A tiny BERT (2 layers, hidden 32) with a word-level vocabulary built from the test texts, written
-to a local directory: what the encoder and CLI tests load instead of a downloaded model."""
+to a local directory: what the encoder and CLI tests load instead of a downloaded model; and the same
+with a one-logit sequence-classification head, for the cross-encoder tests."""
 from __future__ import annotations
 
 import inspect
@@ -11,9 +12,9 @@ from typing import Iterable
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def make_tiny_bert(path: Path, texts: Iterable[str] = (), hidden: int = 32, seed: int = 0) -> Path:
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+def _write_tokenizer(path: Path, texts: Iterable[str]) -> int:
+    """A word-level BertTokenizerFast over ``texts`` saved in ``path``; returns the vocabulary size."""
+    from transformers import BertTokenizerFast
 
     words = sorted({w for t in texts for w in re.findall(r"\w+", t.lower())})
     chars = list(string.ascii_lowercase + string.digits + string.punctuation)
@@ -25,8 +26,34 @@ def make_tiny_bert(path: Path, texts: Iterable[str] = (), hidden: int = 32, seed
     params = inspect.signature(BertTokenizerFast.__init__).parameters
     source = {"vocab": {w: i for i, w in enumerate(vocab)}} if "vocab" in params else {"vocab_file": str(path / "vocab.txt")}
     BertTokenizerFast(**source, do_lower_case=True).save_pretrained(str(path))
+    return len(vocab)
+
+
+def _save_tiny(model_class, path: Path, texts: Iterable[str], hidden: int, seed: int, **config) -> Path:
+    import torch
+    from transformers import BertConfig
+
+    vocab_size = _write_tokenizer(path, texts)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=2 * hidden, max_position_embeddings=256)
-    BertModel(config).eval().save_pretrained(str(path))
+    config = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=2 * hidden, max_position_embeddings=256, **config)
+    model_class(config).eval().save_pretrained(str(path))
     return path
+
+
+def make_tiny_bert(path: Path, texts: Iterable[str] = (), hidden: int = 32, seed: int = 0) -> Path:
+    from transformers import BertModel
+
+    return _save_tiny(BertModel, path, texts, hidden, seed)
+
+
+def make_tiny_cross_encoder(path: Path, texts: Iterable[str] = (), hidden: int = 32, seed: int = 0,
+                            num_labels: int = 1) -> Path:
+    """A BertForSequenceClassification with ``num_labels`` labels (random weights, its head included), the
+    tokenizer of :func:`make_tiny_bert`."""
+    from transformers import BertForSequenceClassification
+
+    # BERT's initializer_range (0.02) gives every pair nearly the same logit; 0.5 spreads them over a few
+    # units, so a test that compares scores can tell pairs apart.
+    return _save_tiny(BertForSequenceClassification, path, texts, hidden, seed, num_labels=num_labels,
+                      initializer_range=0.5)
