@@ -207,6 +207,11 @@ def test_resume_continues_exactly(beir_train, tmp_path):
     assert [h["dev_ndcg10"] for h in straight.history] == [h["dev_ndcg10"] for h in resumed.history]
 
 
+def test_too_few_queries_for_one_step_is_an_error(beir_train, tmp_path):
+    with pytest.raises(ValueError, match="fewer than one optimizer step needs"):
+        train(cfg(beir_train, tmp_path / "few", scorer="maxsim", proj_dim=8, steps=1, batch_size=8, accumulate=5))
+
+
 def test_gradient_accumulation_equals_one_bigger_batch(beir_train, tmp_path):
     kw = dict(scorer="maxsim", proj_dim=8, steps=2, keep="last", warmup=0.0, loss=("ce",))
     train(cfg(beir_train, tmp_path / "acc", batch_size=4, accumulate=2, **kw))

@@ -271,7 +271,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
         head.init_pca(corpus_f.tokens.vectors[rows])
     encoder = None
     if not cfg.freeze_encoder:
-        encoder = copy.deepcopy(base.model).float().train()
+        encoder = base.model.float().train()  # the base encoder itself: a copy would hold its weights twice
         for p in encoder.parameters():
             p.requires_grad_(True)
     student = Student(head, encoder, base.tokenizer).to(device)
@@ -280,7 +280,11 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
         model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
 
     micro_per_epoch = math.ceil(len(data.train_qids) / cfg.batch_size)
-    steps_per_epoch = max(1, micro_per_epoch // (world.size * cfg.accumulate))
+    if micro_per_epoch < world.size * cfg.accumulate:
+        raise ValueError(f"{len(data.train_qids)} training queries make {micro_per_epoch} micro-batches of batch_size "
+                         f"{cfg.batch_size}, fewer than one optimizer step needs ({world.size} ranks x accumulate "
+                         f"{cfg.accumulate}): lower batch_size or accumulate")
+    steps_per_epoch = micro_per_epoch // (world.size * cfg.accumulate)
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup * total_steps)
     params = [p for p in student.parameters() if p.requires_grad]
