@@ -54,7 +54,8 @@ def _head(scorer: str, h: int, lq: int, ld: int, device):
     return make_head(scorer, h, proj_dim=128 if scorer == "maxsim" else None, lq=lq, ld=ld).to(device)
 
 
-def step_fn(scorer: str, backend: str | None, loss: tuple[str, ...], inputs, device="cpu"):
+def step_fn(scorer: str, backend: str | None, loss: tuple[str, ...], inputs, device="cpu",
+            amp: torch.dtype | None = None):
     """A closure running one scorer + loss forward and backward (gradients to the head and the states).
     ``maxsim-op`` is the MaxSim operator and loss alone, on 128-d normalised tokens."""
     q, qm, d, dm, t = inputs
@@ -69,13 +70,16 @@ def step_fn(scorer: str, backend: str | None, loss: tuple[str, ...], inputs, dev
     def step():
         head.zero_grad(set_to_none=True)
         q.grad = d.grad = None
-        group_loss(cfg, head, q, qm, d, dm, t, _World(), backend).backward()
+        with torch.autocast(torch.device(device).type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            loss_value = group_loss(cfg, head, q, qm, d, dm, t, _World(), backend)
+        loss_value.backward()
     return step
 
 
-def _peak_in_this_process(scorer: str, backend: str | None, loss, b: int, k: int, device: str) -> int:
+def _peak_in_this_process(scorer: str, backend: str | None, loss, b: int, k: int, device: str,
+                          amp: str | None = None) -> int:
     inputs = make_inputs(b, k, device=device)
-    fn = step_fn(scorer, backend, loss, inputs, device)
+    fn = step_fn(scorer, backend, loss, inputs, device, getattr(torch, amp) if amp else None)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -99,30 +103,33 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def peak_memory(scorer: str, variant: str, loss, b: int, k: int, device: str = "cpu") -> int:
+def peak_memory(scorer: str, variant: str, loss, b: int, k: int, device: str = "cpu",
+                amp: torch.dtype | None = None) -> int:
     """Bytes the step adds at its peak, measured in a fresh process."""
     code = ("import sys, json; from fastrank.train.bench import _peak_in_this_process as p; "
-            f"print(json.dumps(p({scorer!r}, {BACKENDS[variant]!r}, {tuple(loss)!r}, {b}, {k}, {device!r})))")
+            f"print(json.dumps(p({scorer!r}, {BACKENDS[variant]!r}, {tuple(loss)!r}, {b}, {k}, {device!r}, "
+            f"{str(amp).replace('torch.', '') if amp else None!r})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def run(scorers=("maxsim-op", "maxsim", "lite"), losses=(("ce",), ("margin_mse",)), b: int = 32, k: int = 8, device: str = "cpu",
-        rounds: int = 7) -> list[dict]:
+        rounds: int = 7, amp: torch.dtype | None = None) -> list[dict]:
     from fastrank.machine import machine_info
 
     rows = []
     inputs = make_inputs(b, k, device=device)
     for scorer in scorers:
         for loss in losses:
-            fns = {v: step_fn(scorer, backend, loss, inputs, device) for v, backend in BACKENDS.items()}
+            fns = {v: step_fn(scorer, backend, loss, inputs, device, amp) for v, backend in BACKENDS.items()}
             for fn in fns.values():  # warm-up
                 fn()
             secs = time_interleaved(fns, device, min_rounds=rounds)
             for variant in BACKENDS:
                 rows.append({"scorer": scorer, "loss": "+".join(loss), "variant": variant, "B": b, "K": k,
+                             "amp": str(amp).replace("torch.", "") if amp else None,
                              "ms_per_step": secs[variant] * 1e3, "speedup_vs_eager": secs["eager"] / secs[variant],
-                             "peak_mem_bytes": peak_memory(scorer, variant, loss, b, k, device),
+                             "peak_mem_bytes": peak_memory(scorer, variant, loss, b, k, device, amp),
                              "machine": machine_info(device)})
     return rows
 
@@ -171,7 +178,7 @@ def format_rows(rows: list[dict]) -> str:
     lines = [f"training step, scorer + loss forward and backward, B={rows[0]['B']} x K={rows[0]['K']}, "
              f"queries 20-32 / documents 120-200 tokens, H=384; {m['cpu']}, {m['cpu_signature']}, "
              f"ISA path {m['isa']} ({m['threads']} threads); peak = the step's rise of peak RSS (VmHWM) in a fresh "
-             "process", "",
+             "process" + (f"; under torch.autocast({rows[0]['amp']})" if rows[0].get("amp") else ""), "",
              "| scorer | loss | variant | ms/step | vs eager | peak MB |", "|---|---|---|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['scorer']} | {r['loss']} | {r['variant']} | {r['ms_per_step']:.1f} | "
@@ -188,11 +195,13 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", choices=("bf16", "fp16"), help="time the steps under torch.autocast in this dtype")
     p.add_argument("--whole", action="store_true",
                    help="also time whole fine-tuning steps with all-MiniLM-L6-v2 (slow on a CPU: minutes)")
     p.add_argument("--json")
     args = p.parse_args(argv)
-    rows = run(tuple(args.scorer), b=args.batch, k=args.k, device=args.device, rounds=args.rounds)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    rows = run(tuple(args.scorer), b=args.batch, k=args.k, device=args.device, rounds=args.rounds, amp=amp)
     print(format_rows(rows))
     whole = []
     if args.whole:
