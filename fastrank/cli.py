@@ -188,7 +188,11 @@ def cmd_retrieve(args) -> int:
     queries = read_queries(args.queries)
     if args.qrels:
         judged = read_qrels(args.qrels)
-        queries = {q: t for q, t in queries.items() if q in judged}
+        kept = {q: t for q, t in queries.items() if q in judged}
+        if not kept:
+            raise ValueError(f"--qrels {args.qrels}: none of the {len(queries)} queries in {args.queries} is judged "
+                             f"there (queries e.g. {sorted(queries)[:3]}, qrels e.g. {sorted(judged)[:3]})")
+        queries = kept
     enc = _encoder(args, pooling=info.get("pooling", "mean"))
     qids, texts = list(queries), list(queries.values())
     if info["tokens"]:
@@ -227,12 +231,30 @@ def add_rerank(sub) -> None:
     p.set_defaults(func=cmd_rerank)
 
 
+def _queries_of(candidates: dict, queries_path: str, run_path: str) -> dict:
+    """The texts of the run's queries. Queries without text cannot be re-ranked: a warning counts them and
+    their candidates (they are left out of the output), and an error says so when no query has text."""
+    from fastrank.data import read_queries
+
+    texts = read_queries(queries_path)
+    missing = [q for q in candidates if q not in texts]
+    if len(missing) == len(candidates):
+        raise ValueError(f"none of the {len(candidates)} queries in {run_path} has a text in {queries_path} "
+                         f"(run e.g. {sorted(candidates)[:3]}, queries e.g. {sorted(texts)[:3]})")
+    if missing:
+        dropped = sum(len(candidates[q]) for q in missing)
+        print(f"fastrank rerank: warning: {len(missing)} of {len(candidates)} queries in {run_path} have no text in "
+              f"{queries_path} (e.g. {sorted(missing)[:3]}); their {dropped} candidates are left out of the output",
+              file=sys.stderr)
+    return {q: texts[q] for q in candidates if q in texts}
+
+
 def cmd_rerank(args) -> int:
     if args.scorer == "cross":
         return _rerank_cross(args)
     import torch
 
-    from fastrank.data import read_corpus, read_queries, read_run, write_run
+    from fastrank.data import read_corpus, read_run, write_run
     from fastrank.rerank import (append_below, encode_for_rerank, maxsim_batches, pack_candidates, rerank_dense,
                                  rerank_lite, rerank_maxsim, split_depth)
 
@@ -255,7 +277,7 @@ def cmd_rerank(args) -> int:
     tail = {}
     if args.depth is not None:  # validated before any model loads
         candidates, tail = split_depth(candidates, args.depth)
-    queries = {q: t for q, t in read_queries(args.queries).items() if q in candidates}
+    queries = _queries_of(candidates, args.queries, args.run)
     enc = _encoder(args)
     dense = args.scorer == "dense"
     encoded = encode_for_rerank(enc, queries, read_corpus(args.corpus), candidates, dense=dense, tokens=not dense)
@@ -279,7 +301,7 @@ def cmd_rerank(args) -> int:
 
 def _rerank_cross(args) -> int:
     """``rerank --scorer cross``: no encoder pass, each (query, passage) pair through the cross-encoder."""
-    from fastrank.data import read_corpus, read_queries, read_run, write_run
+    from fastrank.data import read_corpus, read_run, write_run
     from fastrank.encoders import CrossEncoder
     from fastrank.rerank import append_below, split_depth
 
@@ -293,7 +315,7 @@ def _rerank_cross(args) -> int:
     tail = {}
     if args.depth is not None:
         candidates, tail = split_depth(candidates, args.depth)
-    queries = {q: t for q, t in read_queries(args.queries).items() if q in candidates}
+    queries = _queries_of(candidates, args.queries, args.run)
     cross = CrossEncoder(args.model, device=args.device, batch_size=args.batch_size)
     run = cross.rerank(queries, read_corpus(args.corpus), {q: candidates[q] for q in queries})
     reranked = sum(map(len, run.values()))

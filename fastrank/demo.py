@@ -25,9 +25,13 @@ def run_demo(data: str | Path | None = None, model: str | Path | None = None, *,
     """Returns ``{"data", "queries", "passages", "metrics": {system: {measure: value}}, "speed": {...}}``."""
     rset = load_trec_dl(data)
     if max_queries is not None:
+        if isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < 1:
+            raise ValueError(f"max_queries must be a positive integer, got {max_queries!r}")
         keep = list(rset.queries)[:max_queries]
         rset.queries = {q: rset.queries[q] for q in keep}
         rset.candidates = {q: rset.candidates[q] for q in keep}
+        # evaluate counts a judged query missing from a run as 0: the qrels must shrink with the queries
+        rset.qrels = {q: rset.qrels[q] for q in keep}
     encoder = Encoder(model, device=device, batch_size=batch_size)
     enc = encode_for_rerank(encoder, rset.queries, rset.passages, rset.candidates, progress=progress)
     compute = torch.float16 if encoder.device.type == "cuda" else torch.float32
