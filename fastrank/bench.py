@@ -470,13 +470,13 @@ def run_maxsim(cases: list[MaxSimCase], device: str, providers=None, progress: b
 
     With ``ceilings`` (the run's up-front measurement, for the header), the sgemm, bf16 GEMM and read rates
     are re-measured in each case's interleaved rounds and the rows' fractions use those."""
-    from tqdm.auto import tqdm
+    from fastrank.progress import progress_bar
 
     providers = default_providers(device) if providers is None else list(providers)
     default_isa = default_path(device) if default_isa is None else default_isa
     probes = machine.ceiling_probes(device) if ceilings else {}
     rows = []
-    for case in tqdm(cases, desc="maxsim bench", disable=not progress):
+    for case in progress_bar(cases, desc="maxsim bench", enabled=progress):
         inputs = case.make(device)
         work = case_work(case, inputs)
         reference = provider_fn("reference", case, inputs)()

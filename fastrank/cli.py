@@ -3,15 +3,26 @@
 Each subcommand is an ``add_<name>(subparsers)`` that registers its parser and sets ``func``; adding one
 (``bench``) is a new ``add_*`` function and one line in :data:`SUBCOMMANDS`. The CLI composes the library
 and holds no retrieval logic of its own.
+
+Every command checks all of its options, and reads its small inputs, before a model loads: a typo costs a
+second, not the minutes of encoding before it. A refusal is one line on stderr naming the option or file
+and what was expected, with exit code 2 (argparse's own convention); outputs are written to a temporary
+file or directory and renamed into place, so a failed command leaves no partial output behind.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 
+# Written beside a saved index (and checksummed in its meta.json): the model, pooling and lengths its
+# vectors came from, so that `fastrank retrieve` encodes queries the same way.
 ENCODER_FILE = "encoder.json"
+ENCODER_FORMAT = "fastrank.encoder"
+REBUILD = "rebuild the index with `fastrank index`"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -19,6 +30,43 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                                    "(default: packaged all-MiniLM-L6-v2)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default 64)")
+
+
+def _check_positive(args, *flags: str) -> None:
+    for flag in flags:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
+
+
+def _check_model_args(args) -> None:
+    """``--device``, ``--batch-size`` and ``--model``, before anything loads."""
+    from fastrank.encoders import check_device
+    from fastrank.trained import is_trained
+
+    check_device(args.device, "--device")
+    _check_positive(args, "--batch-size")
+    if args.model is not None and not is_trained(args.model) and not (Path(args.model) / "config.json").is_file():
+        raise FileNotFoundError(f"--model {args.model}: not a local transformers model directory (no config.json) "
+                                "nor a directory written by `fastrank train`")
+
+
+def _model_dims(model) -> tuple[int, int]:
+    """(dense dim, token dim) of ``model`` from its config (and a trained head), without loading weights."""
+    from fastrank.encoders import model_hidden_size
+    from fastrank.trained import is_trained, load_trained
+
+    if is_trained(model):
+        trained = load_trained(model)
+        hidden = model_hidden_size(trained.encoder_path)
+        return hidden, hidden if trained.projection is None else int(trained.projection.shape[0])
+    hidden = model_hidden_size(model)
+    return hidden, hidden
+
+
+def _check_out_file(path: str, name: str = "OUT") -> None:
+    if Path(path).is_dir():
+        raise ValueError(f"{name} {path}: is a directory; expected the path of a file to write")
 
 
 def _encoder(args, **kw):
@@ -51,7 +99,7 @@ def cmd_evaluate(args) -> int:
     from fastrank.evaluate import evaluate, format_table
 
     if args.json and len(args.run) != 1:
-        raise SystemExit("fastrank evaluate: --json takes exactly one run")
+        raise ValueError("--json takes exactly one run")
     qrels = read_qrels(args.qrels)
     results = {Path(r).name: evaluate(qrels, read_run(r), args.measures, rel=args.rel) for r in args.run}
     if args.json:
@@ -79,7 +127,7 @@ def add_index(sub) -> None:
                                    "the token vectors generate candidates, which are scored exactly.")
     p.add_argument("corpus", help="BEIR corpus.jsonl or passage jsonl ({_id, title?, text})")
     p.add_argument("out", help="directory to write the index to")
-    p.add_argument("--kind", help="dense index only: flat, ivf_flat, ivf_pq or hnsw (default flat)")
+    p.add_argument("--kind", metavar="{flat,ivf_flat,ivf_pq,hnsw}", help="dense index only (default flat)")
     p.add_argument("--metric", choices=("ip", "l2"), help="dense index only (default ip; MaxSim is inner product)")
     p.add_argument("--tokens", action="store_true", help="index token embeddings for MaxSim (TokenIndex)")
     p.add_argument("--max-length", type=int, help="max tokens per document (default 256 dense, 200 tokens)")
@@ -98,9 +146,9 @@ def add_index(sub) -> None:
 def cmd_index(args) -> int:
     import time
 
-    from fastrank.data import read_corpus
-    from fastrank.encoders import DOC_MAX_LENGTH
-    from fastrank.index import DenseIndex, TokenIndex
+    from fastrank.data import atomic_output, read_corpus
+    from fastrank.encoders import DOC_MAX_LENGTH, check_device
+    from fastrank.index import KINDS, DenseIndex, TokenIndex
     from fastrank.index.tokens import DEFAULT_NPROBE
 
     token_only = [flag for flag, value in (("--token-dtype", args.token_dtype), ("--ncentroids", args.ncentroids),
@@ -116,7 +164,31 @@ def cmd_index(args) -> int:
             raise ValueError("--ncentroids and --exhaustive: an exhaustive token index builds no centroids")
     elif token_only:
         raise ValueError(f"{', '.join(token_only)} apply to token indexes only: add --tokens")
+    elif args.kind is not None and args.kind not in KINDS:
+        raise ValueError(f"--kind: unknown index kind {args.kind!r}; expected one of {', '.join(KINDS)}")
+    _check_positive(args, "--max-length", "--ncentroids", "--nprobe", "--ndocs")
+    _check_model_args(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"OUT {out}: exists and is not a directory; expected a directory to write the index to")
+    if out.is_dir() and any(out.iterdir()) and not (out / "meta.json").is_file():
+        raise ValueError(f"OUT {out}: a directory that holds other files than a fastrank index; refusing to replace "
+                         "it (pick a new or empty directory)")
     corpus = read_corpus(args.corpus)
+    dense_dim, token_dim = _model_dims(args.model)
+    device = check_device(args.device, "--device")
+    # Built empty before the encoder loads, so that their own checks run first.
+    if args.tokens:
+        index = TokenIndex(token_dim, token_dtype=args.token_dtype or "int8",
+                           stage1="exhaustive" if args.exhaustive else "centroids", ncentroids=args.ncentroids,
+                           nprobe=DEFAULT_NPROBE if args.nprobe is None else args.nprobe, ndocs=args.ndocs,
+                           seed=args.seed, device=device)
+    else:
+        index = DenseIndex(dense_dim, args.kind or "flat", args.metric or "ip", device=device, seed=args.seed)
+        nlist, least = index.training_points(len(corpus))
+        if len(corpus) < least:
+            raise ValueError(f"--kind {index.kind}: {args.corpus} has {len(corpus)} documents, too few to train it "
+                             f"(at least {least}); use --kind flat or hnsw")
     enc = _encoder(args)
     ids, texts = list(corpus), list(corpus.values())
     t0 = time.perf_counter()
@@ -124,10 +196,6 @@ def cmd_index(args) -> int:
         max_length = args.max_length or DOC_MAX_LENGTH
         tok = enc.encode(texts, dense=False, tokens=True, max_length=max_length, progress="corpus").tokens
         encoded = time.perf_counter()
-        index = TokenIndex(enc.token_dim, token_dtype=args.token_dtype or "int8",
-                           stage1="exhaustive" if args.exhaustive else "centroids", ncentroids=args.ncentroids,
-                           nprobe=DEFAULT_NPROBE if args.nprobe is None else args.nprobe, ndocs=args.ndocs,
-                           seed=args.seed, device=enc.device)
         index.add(tok, ids).build()
         kind = f"tokens, {index.token_dtype}, " + ("exhaustive" if args.exhaustive else
                                                     f"{index.ncentroids} centroids")
@@ -135,21 +203,50 @@ def cmd_index(args) -> int:
         max_length = args.max_length or enc.max_length
         vectors = enc.encode(texts, max_length=max_length, progress="corpus").dense
         encoded = time.perf_counter()
-        kind = args.kind or "flat"
-        index = DenseIndex(vectors.shape[1], kind, args.metric or "ip", device=enc.device, seed=args.seed)
         index.add(vectors, ids)
-        kind += ", dense"
+        kind = f"{index.kind}, dense"
     built = time.perf_counter()
-    out = index.save(args.out)
-    from fastrank.trained import is_trained
-
-    model = str(Path(args.model).resolve()) if is_trained(args.model) else str(enc.path)
-    (out / ENCODER_FILE).write_text(json.dumps({"model": model, "tokens": args.tokens,
-                                                 "max_length": max_length, "pooling": enc.pooling}))
+    # The model is stored relative to the index, so a project folder holding both can move as a whole; the
+    # packaged default is stored as null (whatever path it has on the machine that reads the index).
+    model = None if args.model is None else os.path.relpath(Path(args.model).resolve(), out.resolve())
+    info = {"format": ENCODER_FORMAT, "model": model, "model_name": Path(args.model or enc.path).name,
+            "tokens": args.tokens, "max_length": max_length, "pooling": enc.pooling}
+    with atomic_output(out, directory=True) as tmp:
+        index.save(tmp, attach={ENCODER_FILE: json.dumps(info, indent=1)})
     print(f"encoded {len(index)} documents in {encoded - t0:.1f} s; built the index in {built - encoded:.1f} s; "
           f"saved in {time.perf_counter() - built:.1f} s")
     print(f"indexed {len(index)} documents ({kind}) into {out}")
     return 0
+
+
+def _read_index_info(index_dir: Path) -> dict:
+    """The index's ``encoder.json``, checked against its checksum in meta.json, with ``model`` resolved (None:
+    the packaged default). An index saved before encoder.json was checksummed has none to check and an
+    absolute model path; it still reads."""
+    from fastrank.index.storage import IndexFormatError, read_meta, sha256_file
+
+    info_file = index_dir / ENCODER_FILE
+    meta = read_meta(index_dir, None)
+    if not info_file.is_file():
+        raise FileNotFoundError(f"INDEX {index_dir}: no {ENCODER_FILE}; {REBUILD}")
+    expected = meta.get("sha256", {}).get(ENCODER_FILE)
+    if expected is not None and sha256_file(info_file) != expected:
+        raise IndexFormatError(f"{info_file}: checksum does not match meta.json (edited, corrupt or from another "
+                               f"index); {REBUILD}")
+    try:
+        info = json.loads(info_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IndexFormatError(f"{info_file}: not valid JSON ({getattr(exc, 'msg', exc)}); {REBUILD}") from None
+    fields = {"model": (str, type(None)), "tokens": bool, "max_length": int, "pooling": str}
+    if not isinstance(info, dict) or "model" not in info or any(
+            not isinstance(info.get(k, "mean" if k == "pooling" else None), t) for k, t in fields.items()):
+        raise IndexFormatError(f"{info_file}: expected an object with model (a path or null), tokens (true/false), "
+                               f"max_length (an integer) and pooling; {REBUILD}")
+    model = info["model"]
+    info["model"] = None if model is None else os.path.normpath(index_dir / model)
+    info["stored_model"] = model
+    info["dim"] = meta.get("dim")
+    return info
 
 
 # -- retrieve ----------------------------------------------------------------------------------------
@@ -174,17 +271,25 @@ def cmd_retrieve(args) -> int:
     if args.token_k is not None:
         raise ValueError("--token-k is gone: token indexes now find candidates through centroids; "
                          "use --nprobe (centroids per query token) and --ndocs (candidates scored exactly)")
+    _check_positive(args, "-k", "--nprobe", "--ndocs")
+    _check_out_file(args.out)
     index_dir = Path(args.index)
-    info_file = index_dir / ENCODER_FILE
-    if not info_file.is_file():
-        raise SystemExit(f"fastrank retrieve: {index_dir} has no {ENCODER_FILE}; build it with `fastrank index`")
-    info = json.loads(info_file.read_text())
+    info = _read_index_info(index_dir)
     token_args = [f for f, v in (("--nprobe", args.nprobe), ("--ndocs", args.ndocs),
                                  ("--exhaustive", args.exhaustive or None)) if v is not None]
     if token_args and not info["tokens"]:
         raise ValueError(f"{', '.join(token_args)} apply to token indexes; {index_dir} is a dense index")
     if args.model is None:
+        if info["model"] is not None and not Path(info["model"]).is_dir():
+            raise FileNotFoundError(f"INDEX {index_dir}: built with the model {info['stored_model']} (from here "
+                                    f"{info['model']}), which is not there; pass --model DIR")
         args.model = info["model"]
+    _check_model_args(args)
+    dims = _model_dims(args.model)
+    dim = dims[1] if info["tokens"] else dims[0]
+    if info["dim"] is not None and dim != info["dim"]:
+        raise ValueError(f"--model {args.model or 'default'}: gives {dim}-dim vectors, the index {index_dir} holds "
+                         f"{info['dim']}-dim ones; use the model it was built with ({info['stored_model']})")
     queries = read_queries(args.queries)
     if args.qrels:
         judged = read_qrels(args.qrels)
@@ -249,38 +354,85 @@ def _queries_of(candidates: dict, queries_path: str, run_path: str) -> dict:
     return {q: texts[q] for q in candidates if q in texts}
 
 
+def _check_rerank_args(args) -> None:
+    from fastrank.data import check_tag
+
+    _check_positive(args, "--depth")
+    _check_out_file(args.out)
+    if args.tag is not None:
+        check_tag(args.tag, "--tag")
+    _check_model_args(args)
+
+
+def _load_lite(path: str):
+    """A LiteScorer from a ``torch.save``d state_dict; anything else is one ValueError naming ``--lite``."""
+    import torch
+
+    from fastrank.nn import LiteScorer
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--lite {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"holds a {type(state).__name__}, not a state_dict")
+        return LiteScorer.from_state_dict(state)
+    except Exception as exc:  # torch.load raises whatever its unpickler or zip reader hit
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"--lite {path}: not a LiteScorer checkpoint (a state_dict saved with "
+                         f"torch.save(scorer.state_dict())): {reason}") from None
+
+
+def _corpus_of(candidates: dict, queries: dict, corpus_path: str, run_path: str) -> dict:
+    """The corpus, refused before a model loads when a candidate to re-rank has no text in it."""
+    from fastrank.data import read_corpus
+
+    corpus = read_corpus(corpus_path)
+    missing = sorted({p for q in queries for p in candidates[q] if p not in corpus})
+    if missing:
+        raise ValueError(f"{corpus_path}: {len(missing)} candidate documents of {run_path} have no text there, "
+                         f"e.g. {missing[:3]}")
+    return corpus
+
+
 def cmd_rerank(args) -> int:
     if args.scorer == "cross":
         return _rerank_cross(args)
     import torch
 
-    from fastrank.data import read_corpus, read_run, write_run
+    from fastrank.data import read_run, write_run
     from fastrank.rerank import (append_below, encode_for_rerank, maxsim_batches, pack_candidates, rerank_dense,
                                  rerank_lite, rerank_maxsim, split_depth)
 
     from fastrank.trained import is_trained, load_trained
 
+    _check_rerank_args(args)
     trained = load_trained(args.model) if is_trained(args.model) else None
     lite = None
     if args.lite is not None:
         if args.scorer != "lite":
             raise ValueError("--lite CHECKPOINT goes with --scorer lite")
-        from fastrank.nn import LiteScorer
-
-        lite = LiteScorer.from_state_dict(torch.load(args.lite, map_location="cpu", weights_only=True))
+        lite = _load_lite(args.lite)
     elif args.scorer == "lite":
         if trained is None or trained.lite is None:
             raise ValueError("--scorer lite needs a LITE head: --model DIR trained with `fastrank train --scorer lite`, "
                              "or --lite CHECKPOINT")
         lite = trained.lite
+    if lite is not None and lite.proj is not None:
+        token_dim = _model_dims(args.model)[1]
+        if lite.proj.in_features != token_dim:
+            where = f"--lite {args.lite}" if args.lite is not None else f"--model {args.model}"
+            raise ValueError(f"{where}: its projection takes {lite.proj.in_features}-dim tokens, --model "
+                             f"{args.model or 'default'} gives {token_dim}-dim ones")
     candidates = read_run(args.run)
     tail = {}
     if args.depth is not None:  # validated before any model loads
         candidates, tail = split_depth(candidates, args.depth)
     queries = _queries_of(candidates, args.queries, args.run)
+    corpus = _corpus_of(candidates, queries, args.corpus, args.run)
     enc = _encoder(args)
     dense = args.scorer == "dense"
-    encoded = encode_for_rerank(enc, queries, read_corpus(args.corpus), candidates, dense=dense, tokens=not dense)
+    encoded = encode_for_rerank(enc, queries, corpus, candidates, dense=dense, tokens=not dense)
     if dense:
         run = rerank_dense(encoded, candidates)
     else:
@@ -301,7 +453,7 @@ def cmd_rerank(args) -> int:
 
 def _rerank_cross(args) -> int:
     """``rerank --scorer cross``: no encoder pass, each (query, passage) pair through the cross-encoder."""
-    from fastrank.data import read_corpus, read_run, write_run
+    from fastrank.data import read_run, write_run
     from fastrank.encoders import CrossEncoder
     from fastrank.rerank import append_below, split_depth
 
@@ -311,13 +463,15 @@ def _rerank_cross(args) -> int:
     for flag, value in (("--lite", args.lite), ("--token-dtype", args.token_dtype)):
         if value is not None:
             raise ValueError(f"{flag} does not apply to --scorer cross")
+    _check_rerank_args(args)
     candidates = read_run(args.run)
     tail = {}
     if args.depth is not None:
         candidates, tail = split_depth(candidates, args.depth)
     queries = _queries_of(candidates, args.queries, args.run)
+    corpus = _corpus_of(candidates, queries, args.corpus, args.run)
     cross = CrossEncoder(args.model, device=args.device, batch_size=args.batch_size)
-    run = cross.rerank(queries, read_corpus(args.corpus), {q: candidates[q] for q in queries})
+    run = cross.rerank(queries, corpus, {q: candidates[q] for q in queries})
     reranked = sum(map(len, run.values()))
     run = append_below(run, {q: c for q, c in tail.items() if q in run})
     write_run(run, args.out, tag=args.tag or "fastrank-cross")
@@ -343,6 +497,8 @@ def add_demo(sub) -> None:
 def cmd_demo(args) -> int:
     from fastrank.demo import format_demo, run_demo
 
+    _check_model_args(args)
+    _check_positive(args, "--max-queries")
     result = run_demo(args.data, args.model, device=args.device, batch_size=args.batch_size,
                       max_queries=args.max_queries, speed=not args.no_speed)
     print(json.dumps(result, indent=1) if args.json else format_demo(result))
@@ -365,21 +521,47 @@ SUBCOMMANDS = [add_index, add_retrieve, add_rerank, add_evaluate, add_demo, add_
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fastrank import __version__
+
     parser = argparse.ArgumentParser(prog="fastrank", description="Fused kernels for neural re-ranking.")
+    parser.add_argument("--version", action="version", version=f"fastrank {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    from fastrank.progress import is_terminal
+
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (FileNotFoundError, ValueError, ImportError, RuntimeError) as exc:
-        # Bad input or a missing optional dependency: one line naming the problem, not a traceback.
-        print(f"fastrank {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    if not is_terminal():
+        # transformers' and huggingface_hub's own bars (loading weights) would flood a log as fastrank's would;
+        # they read this when transformers is imported, and a user's own setting wins.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    package = str(Path(__file__).resolve().parent)
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            # fastrank's own warnings (repeated lines in an input, a sparse IVF training set) read as the
+            # command's; anyone else's keep Python's format.
+            if str(Path(filename).resolve()).startswith(package):
+                print(f"fastrank {args.command}: warning: {_one_line(message)}", file=sys.stderr)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        try:
+            return args.func(args)
+        except (OSError, ValueError, ImportError, RuntimeError) as exc:
+            # Bad input or a missing optional dependency: one line naming the problem, not a traceback.
+            print(f"fastrank {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -78,8 +78,22 @@ def selected() -> str:
     env = os.environ.get(ENV_VAR) or None
     if env is not None:
         return _validate(env.strip().lower(), f"{ENV_VAR}=")
+    return _best()
+
+
+_BEST: str | None = None
+
+
+def _best() -> str:
+    # Cached: the kernels ask on every call, and what the machine and build support does not change.
+    global _BEST
+    if _BEST is not None:
+        return _BEST
     paths = available()
-    return paths[0] if paths else "scalar"
+    best = paths[0] if paths else "scalar"
+    if _SUPPORT is not None:  # the extension answered; without it, ask again next time
+        _BEST = best
+    return best
 
 
 @contextlib.contextmanager

@@ -11,7 +11,10 @@ ids, the shape ir-measures and pytrec_eval take directly:
 - corpus: ``{docid: text}`` from BEIR ``corpus.jsonl`` / passage jsonl (``{"_id", "title"?, "text"}``),
   with the title prepended as BEIR's dense baselines do.
 
-A malformed line is an error naming the file and line, never a silently dropped judgment.
+A malformed line is an error naming the file and line, never a silently dropped judgment. So is an id
+given twice with different content (a query's text, a document's text, a judgment's grade, a run's
+score): a dict would keep one and drop the other without a word. A line that repeats an earlier one
+exactly loses nothing; it is kept once, and one warning per file counts them.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import gzip
 import io
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -77,18 +81,49 @@ def _rows(path: PathLike, short: int, long: int, expected: str) -> Iterator[tupl
         yield lineno, fields
 
 
+class _Unique:
+    """Collects ``key -> value`` from a file, refusing a key given again with another value and counting
+    exact repeats (reported by :meth:`done` in one warning)."""
+
+    def __init__(self, path: PathLike, what: str, field: str):
+        self.path, self.what, self.field = path, what, field
+        self.first: dict = {}
+        self.repeats = 0
+
+    def add(self, target: dict, key: str, value, lineno: int, qid: str | None = None) -> None:
+        """``target[key] = value`` (``target`` being query ``qid``'s dict in qrels and runs)."""
+        if key in target:
+            if target[key] != value:
+                shown = key if qid is None else f"{qid} {key}"
+                raise DataFormatError(f"{self.path}:{lineno}: duplicate {self.what} {shown!r} (first at line "
+                                      f"{self.first[qid, key]}) with a different {self.field}: {target[key]!r} then "
+                                      f"{value!r}")
+            self.repeats += 1
+            return
+        self.first[qid, key] = lineno
+        target[key] = value
+
+    def done(self) -> None:
+        if self.repeats:
+            warnings.warn(f"{self.path}: {self.repeats} repeated {self.what} line(s) with the same {self.field} "
+                          "as an earlier line; each is kept once", UserWarning, stacklevel=3)
+
+
 def read_qrels(path: PathLike) -> Qrels:
     """TREC qrels (``qid iter docid grade``, whitespace separated) or BEIR qrels TSV with a header."""
     qrels: Qrels = {}
+    unique = _Unique(path, "judgment", "grade")
     for lineno, fields in _rows(path, 3, 4, "'qid iter docid grade' (TREC) or 'qid docid grade' (BEIR)"):
         if len(fields) == 3:
             qid, docid, grade = fields
         else:
             qid, _, docid, grade = fields
         try:
-            qrels.setdefault(qid, {})[docid] = int(float(grade))
+            value = int(float(grade))
         except ValueError:
             raise DataFormatError(f"{path}:{lineno}: relevance grade {grade!r} is not a number") from None
+        unique.add(qrels.setdefault(qid, {}), docid, value, lineno, qid)
+    unique.done()
     if not qrels:
         raise DataFormatError(f"{path}: no judgments found")
     return qrels
@@ -100,15 +135,19 @@ def read_run(path: PathLike) -> Run:
     Scores are kept as given; trec_eval (and so ir-measures) ranks by score, not by the rank column.
     """
     run: Run = {}
-    for lineno, fields in _rows(path, 4, 6, "a TREC run line 'qid Q0 docid rank score tag' or a candidate line 'qid pid rank score'"):
+    unique = _Unique(path, "ranked document", "score")
+    expected = "a TREC run line 'qid Q0 docid rank score tag' or a candidate line 'qid pid rank score'"
+    for lineno, fields in _rows(path, 4, 6, expected):
         if len(fields) == 6:
             qid, _, docid, _, score, _ = fields
         else:
             qid, docid, _, score = fields
         try:
-            run.setdefault(qid, {})[docid] = float(score)
+            value = float(score)
         except ValueError:
             raise DataFormatError(f"{path}:{lineno}: score {score!r} is not a number") from None
+        unique.add(run.setdefault(qid, {}), docid, value, lineno, qid)
+    unique.done()
     if not run:
         raise DataFormatError(f"{path}: no ranked documents found")
     return run
@@ -121,16 +160,65 @@ def write_run(run: Mapping[str, Mapping[str, float]], path: PathLike, tag: str =
               depth: int | None = None) -> None:
     """Write a TREC run, each query's documents by descending score (ties by docid, descending, as
     trec_eval breaks them), keeping the top ``depth`` per query when given."""
-    if any(c.isspace() for c in tag) or not tag:
-        raise ValueError(f"tag must be one non-empty word, got {tag!r}")
+    check_tag(tag)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    opener = gzip.open(path, "wt", encoding="utf-8") if path.suffix == ".gz" else open(path, "w", encoding="utf-8")
-    with opener as f:
-        for qid in sorted(run, key=_natural_key):
-            ranked = sorted(run[qid].items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
-            for rank, (docid, score) in enumerate(ranked[:depth] if depth else ranked, 1):
-                f.write(f"{qid} Q0 {docid} {rank} {float(score):.6f} {tag}\n")
+    with atomic_output(path) as tmp, open(tmp, "wb") as raw:
+        # GzipFile records `path`'s name in the header, not the temporary file's.
+        binary = gzip.GzipFile(path.name, "wb", fileobj=raw) if path.suffix == ".gz" else raw
+        with binary, io.TextIOWrapper(binary, encoding="utf-8") as f:
+            for qid in sorted(run, key=_natural_key):
+                ranked = sorted(run[qid].items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
+                for rank, (docid, score) in enumerate(ranked[:depth] if depth else ranked, 1):
+                    f.write(f"{qid} Q0 {docid} {rank} {float(score):.6f} {tag}\n")
+
+
+class atomic_output:
+    """``with atomic_output(path) as tmp:`` write ``tmp`` (a new file or directory beside ``path``); on success
+    it replaces ``path`` in one rename, on failure it is removed and ``path`` keeps what it held. A reader
+    never sees half a file, and a failed command leaves no partial output behind."""
+
+    def __init__(self, path: PathLike, directory: bool = False):
+        self.path, self.directory = Path(path), directory
+
+    def __enter__(self) -> Path:
+        if self.path.exists() and self.path.is_dir() != self.directory:
+            raise ValueError(f"{self.path} exists and is {'not ' if self.directory else ''}a directory")
+        # Created here rather than by tempfile, whose files are private (0600): the output gets the
+        # permissions any new file would.
+        for _ in range(100):
+            self.tmp = self.path.parent / f".{self.path.name}.partial-{os.getpid()}-{os.urandom(4).hex()}"
+            try:
+                self.tmp.mkdir() if self.directory else self.tmp.open("x").close()
+                return self.tmp
+            except FileExistsError:
+                continue
+        raise FileExistsError(f"{self.path}: cannot create a temporary file beside it")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        import shutil
+
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True) if self.directory else self.tmp.unlink(missing_ok=True)
+            return
+        if not self.directory:
+            os.replace(self.tmp, self.path)
+            return
+        # A directory cannot be renamed over a non-empty one: the old one steps aside first.
+        old = None
+        if self.path.exists():
+            old = self.tmp.with_name(self.tmp.name.replace(".partial-", ".old-"))
+            os.replace(self.path, old)
+        os.replace(self.tmp, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+
+def check_tag(tag: str, name: str = "tag") -> None:
+    """A run's tag is its sixth column: one non-empty word."""
+    if not isinstance(tag, str) or not tag or any(c.isspace() for c in tag):
+        raise ValueError(f"{name} must be one non-empty word, got {tag!r}")
 
 
 def _natural_key(qid: str):
@@ -140,20 +228,26 @@ def _natural_key(qid: str):
 def read_queries(path: PathLike) -> dict[str, str]:
     """``qid<TAB>text`` TSV, or BEIR ``queries.jsonl`` (``{"_id", "text"}``)."""
     path = Path(path)
-    if ".jsonl" in path.suffixes:
-        return {docid: rec["text"] for docid, rec in _jsonl_records(path, need_text=True)}
     queries: dict[str, str] = {}
-    for lineno, line in _lines(path):
-        qid, sep, text = line.partition("\t")
-        if not sep:
-            raise DataFormatError(f"{path}:{lineno}: expected 'qid<TAB>query text', got {line!r}")
-        queries[qid] = text
+    unique = _Unique(path, "query id", "text")
+    if ".jsonl" in path.suffixes:
+        for lineno, qid, rec in _jsonl_records(path, need_text=True):
+            unique.add(queries, qid, rec["text"], lineno)
+    else:
+        for lineno, line in _lines(path):
+            qid, sep, text = line.partition("\t")
+            if not sep:
+                raise DataFormatError(f"{path}:{lineno}: expected 'qid<TAB>query text', got {line!r}")
+            unique.add(queries, qid, text, lineno)
+    unique.done()
     if not queries:
         raise DataFormatError(f"{path}: no queries found")
     return queries
 
 
-def _jsonl_records(path: PathLike, need_text: bool) -> Iterator[tuple[str, dict]]:
+def _jsonl_records(path: PathLike, need_text: bool) -> Iterator[tuple[int, str, dict]]:
+    """``(lineno, id, record)`` per line; ``_id`` a non-empty string or an integer, ``text`` and ``title``
+    strings (a missing or null title is no title)."""
     for lineno, line in _lines(path):
         try:
             rec = json.loads(line)
@@ -161,15 +255,26 @@ def _jsonl_records(path: PathLike, need_text: bool) -> Iterator[tuple[str, dict]
             raise DataFormatError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
         if not isinstance(rec, dict) or "_id" not in rec or (need_text and "text" not in rec):
             raise DataFormatError(f'{path}:{lineno}: expected an object with "_id" and "text"')
-        yield str(rec["_id"]), rec
+        docid = rec["_id"]
+        if isinstance(docid, bool) or not isinstance(docid, (str, int)) or docid == "":
+            raise DataFormatError(f'{path}:{lineno}: "_id" must be a non-empty string or an integer, got {docid!r}')
+        for field in ("text", "title"):
+            value = rec.get(field)
+            if (field in rec or need_text and field == "text") and not isinstance(value, str) \
+                    and not (field == "title" and value is None):
+                raise DataFormatError(f'{path}:{lineno}: "{field}" must be a string, got '
+                                      f'{"null" if value is None else type(value).__name__}')
+        yield lineno, str(docid), rec
 
 
 def read_corpus(path: PathLike) -> dict[str, str]:
     """BEIR ``corpus.jsonl`` or a passage jsonl: ``{docid: "title text"}`` (title omitted when empty)."""
-    corpus = {}
-    for docid, rec in _jsonl_records(path, need_text=True):
+    corpus: dict[str, str] = {}
+    unique = _Unique(path, "document id", "text")
+    for lineno, docid, rec in _jsonl_records(path, need_text=True):
         title = (rec.get("title") or "").strip()
-        corpus[docid] = f"{title} {rec['text']}" if title else rec["text"]
+        unique.add(corpus, docid, f"{title} {rec['text']}" if title else rec["text"], lineno)
+    unique.done()
     if not corpus:
         raise DataFormatError(f"{path}: no documents found")
     return corpus

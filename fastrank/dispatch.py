@@ -7,15 +7,18 @@ call; the first with no reason runs it. An implementation may also say where it 
 reference on this machine (a scalar CPU path, a call that would leave cores idle): automatic dispatch
 then passes it over, so a fused path is never slower than eager, while a caller who forces it still gets
 it. A caller forces a backend with ``backend=`` or the environment variable ``FASTRANK_BACKEND``; a forced
-backend that cannot run raises an error listing the reasons. :func:`explain` says what runs and why.
+backend that cannot run raises an error listing the reasons. The environment variable is process-wide, so it
+forces only the ops that have that backend: an op without it (LITE has no C++ path) ignores the variable,
+warns once, and dispatches automatically. :func:`explain` says what runs and why.
 
-Ops register implementations with :func:`register`; nothing outside this module inspects devices to pick
-a code path.
+Ops register implementations with :func:`register` (one per backend, or one per device type of a backend,
+looked up with :func:`kernels`); nothing outside this module inspects devices to pick a code path.
 """
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -124,13 +127,40 @@ def environment_reasons(backend: str, devices: Iterable[str]) -> list[str]:
     return reasons
 
 
-def requested_backend(backend: str | None) -> str | None:
-    """The caller's choice, else the environment's, validated."""
+def requested_backend(backend: str | None, op: str | None = None) -> str | None:
+    """The caller's choice, else the environment's, validated. With ``op``, the environment's choice counts
+    only when ``op`` has an implementation on that backend (see :func:`env_override`)."""
     choice = backend if backend is not None else (os.environ.get(ENV_VAR) or None)
     if choice is not None and choice not in BACKENDS:
         source = "backend=" if backend is not None else f"${ENV_VAR}="
         raise ValueError(f"{source}{choice!r} is not a backend; expected one of {BACKENDS}")
+    if backend is None and choice is not None and op is not None and choice not in _REGISTRY.get(op, {}):
+        return None
     return choice
+
+
+_ENV_IGNORED_WARNED: set[str] = set()
+
+
+def env_override(op: str) -> str:
+    """What ``FASTRANK_BACKEND`` does to ``op``: "" when unset, else a sentence saying whether it forces
+    the backend or is ignored because ``op`` has no implementation there."""
+    choice = os.environ.get(ENV_VAR) or None
+    if choice is None:
+        return ""
+    if choice in _REGISTRY.get(op, {}):
+        return f"${ENV_VAR}={choice} forces the {choice} backend"
+    return (f"${ENV_VAR}={choice} ignored: {op!r} has no {choice} implementation (it has "
+            f"{', '.join(_REGISTRY.get(op, {})) or 'none'}), so it dispatches automatically")
+
+
+def _warn_env_ignored(op: str) -> None:
+    # The variable is set for a whole process (a benchmark, a CI job): an op it cannot apply to still
+    # runs, and says so once rather than on every call.
+    if op in _ENV_IGNORED_WARNED or torch.compiler.is_compiling():
+        return
+    _ENV_IGNORED_WARNED.add(op)
+    warnings.warn(f"fastrank.{op}: {env_override(op)}", RuntimeWarning, stacklevel=3)
 
 
 SLOWER = "slower than eager here: "
@@ -139,7 +169,7 @@ SLOWER = "slower than eager here: "
 def reasons_for(op: str, backend: str, tensors: Sequence[torch.Tensor | None], **ctx) -> list[str]:
     """Why automatic dispatch would not run this call on ``backend``: what it cannot do, and where it would
     be slower than eager (those prefixed with :data:`SLOWER`)."""
-    return _reasons(op, backend, frozenset(_devices(tensors)), tuple(sorted(ctx.items())))
+    return _reasons(op, backend, frozenset(_devices(tensors)), tuple((name, ctx[name]) for name in sorted(ctx)))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -161,6 +191,7 @@ def reset() -> None:
     """Forget cached availability (after installing Triton or rebuilding the extension in-process)."""
     global _TRITON_STATE
     _reasons.cache_clear()
+    _choose_cached.cache_clear()
     _TRITON_STATE = None
 
 
@@ -170,12 +201,25 @@ def choose(op: str, tensors: Sequence[torch.Tensor | None], backend: str | None 
     ``ctx`` (hashable values) is passed to each implementation's ``reasons`` along with ``device_types``:
     the shapes, dtypes and flags the op cares about.
     """
-    forced = requested_backend(backend)
-    devices = frozenset(_devices(tensors))
-    key = tuple(sorted(ctx.items()))
-    # Under torch.compile the choice is made once, at trace time: call the function itself, since
-    # Dynamo does not trace through lru_cache wrappers (it warns and bypasses them).
-    lookup = _reasons.__wrapped__ if torch.compiler.is_compiling() else _reasons
+    env = os.environ.get(ENV_VAR) or None
+    devices = frozenset(t.device.type for t in tensors if t is not None)
+    # Sorted by name only: under torch.compile with dynamic shapes a value may be a SymInt, which Dynamo
+    # cannot order (and names are unique, so values never need comparing).
+    key = tuple((name, ctx[name]) for name in sorted(ctx))
+    if torch.compiler.is_compiling():
+        # The choice is made once, at trace time, uncached: Dynamo does not trace through lru_cache
+        # wrappers (it warns and bypasses them).
+        return _choose(op, backend, env, devices, key, _reasons.__wrapped__)
+    # Cached per call signature: a fused loss at a training-sized batch takes a few microseconds, so the
+    # walk over backends (and its string building) must not run on every call.
+    return _choose_cached(op, backend, env, devices, key)
+
+
+def _choose(op: str, backend: str | None, env: str | None, devices: frozenset, key: tuple,
+            lookup: Callable[..., list[str]]) -> Implementation:
+    forced = requested_backend(backend, op)
+    if forced is None and backend is None and env:
+        _warn_env_ignored(op)
     if forced is not None:
         reasons = lookup(op, forced, devices, key, False)
         if reasons:
@@ -192,16 +236,39 @@ def choose(op: str, tensors: Sequence[torch.Tensor | None], backend: str | None 
     raise BackendUnavailableError(f"fastrank.{op}: no backend can run this call:\n  - " + "\n  - ".join(collected))
 
 
+@functools.lru_cache(maxsize=4096)
+def _choose_cached(op: str, backend: str | None, env: str | None, devices: frozenset, key: tuple) -> Implementation:
+    # `env` is part of the key so that changing FASTRANK_BACKEND mid-process takes effect; errors are raised,
+    # never cached.
+    return _choose(op, backend, env, devices, key, _reasons)
+
+
+def kernels(op: str, backend: str, tensor: torch.Tensor):
+    """What ``op`` registered for ``backend``, for ``tensor``'s device type where it registered one per
+    device type (a dict: the C++ extension's CPU and CUDA entry points), so ops need not branch on devices."""
+    fn = _REGISTRY[op][backend].fn
+    if isinstance(fn, dict):
+        if tensor.device.type not in fn:
+            raise BackendUnavailableError(f"fastrank.{op}: backend {backend!r} has no kernel for {tensor.device.type} tensors")
+        return fn[tensor.device.type]
+    return fn
+
+
 class Explanation(dict):
     """backend -> reasons it would not run the call (empty: it can), plus what runs: ``chosen`` (the
-    backend automatic dispatch picks), ``kernel`` (the kernel or CPU ISA path it runs) and ``str()`` of it
-    as a readable summary."""
+    backend a call without ``backend=`` runs: the one ``FASTRANK_BACKEND`` forces, else the one automatic
+    dispatch picks; None when nothing can run it), ``kernel`` (the kernel or CPU ISA path it runs),
+    ``override`` (what ``FASTRANK_BACKEND`` does to this op, "" when unset) and ``str()`` of it as a
+    readable summary."""
 
     chosen: str | None
     kernel: str
+    override: str = ""
 
     def __str__(self) -> str:
         lines = [f"runs: {self.chosen or 'nothing'}" + (f" ({self.kernel})" if self.kernel else "")]
+        if self.override:
+            lines.append(f"  {self.override}")
         for name, reasons in self.items():
             lines.append(f"  {name}: " + ("can run" if not reasons else "; ".join(reasons)))
         return "\n".join(lines)
@@ -217,7 +284,15 @@ def explain(op: str, tensors: Sequence[torch.Tensor | None], **ctx) -> Explanati
     if not ctx and op in _CONTEXT:
         ctx = _CONTEXT[op](*tensors)
     out = Explanation({name: reasons_for(op, name, tensors, **ctx) for name in BACKENDS})
-    out.chosen = next((name for name, reasons in out.items() if not reasons), None)
+    out.override = env_override(op)
+    forced = requested_backend(None, op)
+    if forced is not None:
+        # A forced backend runs even where it is slower than eager; one that cannot run makes the call raise.
+        key = tuple((name, ctx[name]) for name in sorted(ctx))
+        can_run = not _reasons(op, forced, frozenset(_devices(tensors)), key, False)
+        out.chosen = forced if can_run else None
+    else:
+        out.chosen = next((name for name, reasons in out.items() if not reasons), None)
     impl = _REGISTRY.get(op, {}).get(out.chosen) if out.chosen else None
     out.kernel = impl.describe(device_types=_devices(tensors), **ctx) if impl is not None else ""
     return out

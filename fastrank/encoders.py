@@ -20,6 +20,8 @@ from typing import Mapping, Sequence
 
 import torch
 
+from fastrank.progress import progress_bar
+
 QUERY_MAX_LENGTH = 32
 DOC_MAX_LENGTH = 200
 
@@ -51,9 +53,40 @@ def _model_dir(model: str | os.PathLike) -> Path:
     return path
 
 
+def check_device(device: str | torch.device | None, name: str = "device") -> torch.device:
+    """``device`` as a ``torch.device`` (None: CUDA when available, else CPU), refusing with a ValueError
+    naming ``name`` a device this torch cannot use, before any model is loaded onto it."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    label = f"{name} {device}" if name.startswith("-") else f"{name} {str(device)!r}"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{label}: expected cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{label}: this torch ({torch.__version__}) cannot use CUDA (a CPU-only build, or no GPU "
+                             "or driver here); use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{label}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def model_hidden_size(model: str | os.PathLike | None = None) -> int:
+    """The hidden size of a local model directory (default all-MiniLM-L6-v2), read from its config alone:
+    what options can be checked against before the weights load."""
+    path = _model_dir(model if model is not None else default_model_path())
+    try:
+        return int(_transformers().AutoConfig.from_pretrained(str(path), local_files_only=True).hidden_size)
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"model: {path}/config.json does not give a hidden size ({exc})") from None
+
+
 def _device_and_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
     """CUDA when available unless ``device`` says otherwise; float16 there, float32 on CPU, unless ``dtype``."""
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(device)
     return device, dtype or (torch.float16 if device.type == "cuda" else torch.float32)
 
 
@@ -141,9 +174,9 @@ class Encoder:
             raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device, self.dtype = _device_and_dtype(device, dtype)
         path = _model_dir(model if model is not None else default_model_path())
         transformers = _transformers()
-        self.device, self.dtype = _device_and_dtype(device, dtype)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         self.model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True)
         self.model.to(device=self.device, dtype=self.dtype).eval()
@@ -181,8 +214,6 @@ class Encoder:
         texts = _text_list(texts, "texts")
         if not dense and not tokens:
             raise ValueError("ask for dense=True and/or tokens=True")
-        from tqdm.auto import tqdm
-
         max_length = max_length or self.max_length
         batch_size = batch_size or self.batch_size
         # Longest first, in length-sorted batches: far less padding, and an out-of-memory shows up at once.
@@ -192,7 +223,7 @@ class Encoder:
         tok_lens = torch.zeros(len(texts), dtype=torch.int64)
         tok_pos: list[int] = []
         desc = progress if isinstance(progress, str) else "encoding"
-        bar = tqdm(total=len(texts), desc=desc, unit="text", disable=not progress or len(texts) == 0)
+        bar = progress_bar(total=len(texts), desc=desc, unit="text", enabled=bool(progress) and len(texts) > 0)
         for start in range(0, len(texts), batch_size):
             idx = order[start:start + batch_size]
             batch = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
@@ -331,14 +362,12 @@ class CrossEncoder:
         queries, passages = _text_list(queries, "queries"), _text_list(passages, "passages")
         if len(queries) != len(passages):
             raise ValueError(f"queries and passages must pair up: got {len(queries)} queries and {len(passages)} passages")
-        from tqdm.auto import tqdm
-
         n = len(queries)
         # Longest first, in length-sorted batches, as Encoder.encode: little padding, and an out-of-memory at once.
         order = sorted(range(n), key=lambda i: len(queries[i]) + len(passages[i]), reverse=True)
         out = torch.empty(n, dtype=torch.float32)
         desc = progress if isinstance(progress, str) else "cross-encoding"
-        bar = tqdm(total=n, desc=desc, unit="pair", disable=not progress or n == 0)
+        bar = progress_bar(total=n, desc=desc, unit="pair", enabled=bool(progress) and n > 0)
         for start in range(0, n, self.batch_size):
             idx = order[start:start + self.batch_size]
             batch = self.tokenizer([queries[i] for i in idx], [passages[i] for i in idx], padding=True,

@@ -1,6 +1,7 @@
 """Drop-in nn.Modules. Thin: they hold parameters in a checkpoint-compatible layout and call the ops."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 from torch import Tensor, nn
@@ -36,6 +37,12 @@ class LiteScorer(nn.Module):
         embed_dim: Optional[int] = None,
     ):
         super().__init__()
+        sizes = dict(lq=lq, ld=ld, row_hidden=row_hidden, col_hidden=col_hidden, proj_dim=proj_dim, embed_dim=embed_dim)
+        for name, size in sizes.items():
+            if size is None and name in ("proj_dim", "embed_dim"):
+                continue
+            if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+                raise ValueError(f"LiteScorer: {name} must be a positive int, got {size!r}")
         if activation != "relu":
             raise ValueError(f"LiteScorer: activation={activation!r} is not supported; the paper's LITE uses 'relu'")
         if proj_dim is not None and embed_dim is None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fastrank.index.dense import _sha256
+from fastrank.index.storage import sha256_file
 
 MANIFEST = "fastrank_model.json"
 FORMAT, VERSION = "fastrank-model", 1
@@ -72,7 +72,7 @@ def save_trained(out: str | os.PathLike, *, scorer: str, model, tokenizer, head_
     torch.save({k: v.detach().cpu() for k, v in head_state.items()}, out / HEAD_FILE)
     manifest = {"format": FORMAT, "version": VERSION, "scorer": scorer, "pooling": pooling,
                 "query_max_length": query_max_length, "doc_max_length": doc_max_length,
-                "encoder": ENCODER_DIR, "head": HEAD_FILE, "head_sha256": _sha256(out / HEAD_FILE),
+                "encoder": ENCODER_DIR, "head": HEAD_FILE, "head_sha256": sha256_file(out / HEAD_FILE),
                 "base_model": base_model, "training": training}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return out
@@ -97,7 +97,7 @@ def load_trained(path: str | os.PathLike) -> TrainedModel:
     head_file = path / HEAD_FILE
     if not head_file.is_file() or not (path / ENCODER_DIR / "config.json").is_file():
         raise TrainedModelError(f"{path}: {HEAD_FILE} or {ENCODER_DIR}/config.json is missing")
-    if _sha256(head_file) != manifest["head_sha256"]:
+    if sha256_file(head_file) != manifest["head_sha256"]:
         raise TrainedModelError(f"{head_file}: checksum differs from the manifest's (the file was changed or truncated)")
     state = torch.load(head_file, map_location="cpu", weights_only=True)
     projection = lite = None

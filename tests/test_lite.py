@@ -9,6 +9,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -68,12 +69,38 @@ def _case(form, lq, ld, h, *, seed, masks=True):
     return q, d, q_mask, d_mask
 
 
-def _check(q, d, q_mask, d_mask, scorer, backend):
+def _float32_runs(q, d, q_mask, d_mask, scorer, upstream, perturbed: int) -> list[list[torch.Tensor]]:
+    """lite_ref in float32 (score, then the gradients of q, d and every parameter) on the inputs as given and
+    on ``perturbed`` copies whose inputs and weights are each moved by up to one float32 rounding (relative
+    2^-24). Their spread is the float32 noise of this very problem, however ill-conditioned it is."""
+    g = torch.Generator().manual_seed(13)
+
+    def jitter(t):
+        return t * (1 + (2 * torch.rand(t.shape, generator=g) - 1) * 2.0 ** -24)
+
+    runs = []
+    for k in range(1 + perturbed):
+        s32 = scorer if k == 0 else copy.deepcopy(scorer)
+        if k:
+            with torch.no_grad():
+                for p in s32.parameters():
+                    p.copy_(jitter(p))
+        q32 = (q if k == 0 else jitter(q)).detach().clone().requires_grad_()
+        d32 = (d if k == 0 else jitter(d)).detach().clone().requires_grad_()
+        out = lite_ref(q32, d32, q_mask, d_mask, scorer=s32)
+        runs.append([out] + list(torch.autograd.grad(out, [q32, d32, *s32.parameters()], upstream)))
+    return runs
+
+
+def _check(q, d, q_mask, d_mask, scorer, backend, *, perturbed_runs=0, k=2.0):
     """Forward and gradients for q, d and every parameter (non-unit upstream gradient) vs float64 lite_ref.
 
     Tolerance (flash-attention's rule): the kernel's largest error against the float64 truth is within a
-    tight bound, or at most twice the float32 reference's own error, which is what a float32 computation
-    of an ill-conditioned case (a LayerNorm over a few surviving ReLU units) can be held to."""
+    tight bound, or at most k times the float32 reference's own error, which is what a float32 computation
+    of an ill-conditioned case (a LayerNorm over a few surviving ReLU units) can be held to. That error is
+    the largest over the float32 reference and ``perturbed_runs`` copies of it at rounding distance
+    (:func:`_float32_runs`): one run is a single draw of the rounding noise, which can by chance be far
+    below the kernel's (different summation order, folded LayerNorm), so randomly drawn problems take a few."""
     q = q.detach().requires_grad_()
     d = d.detach().requires_grad_()
     out = lite_score(q, d, q_mask, d_mask, scorer=scorer, backend=backend)
@@ -81,26 +108,23 @@ def _check(q, d, q_mask, d_mask, scorer, backend):
     q64 = q.detach().double().requires_grad_()
     d64 = d.detach().double().requires_grad_()
     ref = lite_ref(q64, d64, q_mask, d_mask, scorer=scorer64)
-    q32 = q.detach().clone().requires_grad_()
-    d32 = d.detach().clone().requires_grad_()
-    ref32 = lite_ref(q32, d32, q_mask, d_mask, scorer=scorer)
     assert out.dtype == torch.float32 and out.shape == ref.shape
     grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7)) + 0.5
-    names = [n for n, _ in scorer.named_parameters()]
-    got = torch.autograd.grad(out, [q, d, *scorer.parameters()], grad)
-    want = torch.autograd.grad(ref, [q64, d64, *scorer64.parameters()], grad.double())
-    base = torch.autograd.grad(ref32, [q32, d32, *scorer.parameters()], grad)
-    checks = [("score", out, ref, ref32, FWD_TOL)] + [
-        (f"gradient of {name}", a, b, c, GRAD_TOL) for name, a, b, c in zip(["q", "d"] + names, got, want, base)
-    ]
-    for what, a, b, c, tol in checks:
+    names = ["score", "gradient of q", "gradient of d"] + [f"gradient of {n}" for n, _ in scorer.named_parameters()]
+    got = [out] + list(torch.autograd.grad(out, [q, d, *scorer.parameters()], grad))
+    want = [ref] + list(torch.autograd.grad(ref, [q64, d64, *scorer64.parameters()], grad.double()))
+    runs = _float32_runs(q, d, q_mask, d_mask, scorer, grad, perturbed_runs)
+    for i, (what, a, b) in enumerate(zip(names, got, want)):
         assert a.shape == b.shape, what
         if b.numel() == 0:
             continue
+        tol = FWD_TOL if i == 0 else GRAD_TOL
         scale = b.abs().max().item()
         err = (a.double() - b).abs().max().item()
-        allowed = max(tol["atol"] + tol["rtol"] * scale, 2 * (c.double() - b).abs().max().item())
-        assert err <= allowed, f"{what}: max error {err:.3g} > {allowed:.3g} (max |truth| {scale:.3g})"
+        float32_err = max((run[i].double() - b).abs().max().item() for run in runs)
+        allowed = max(tol["atol"] + tol["rtol"] * scale, k * float32_err)
+        assert err <= allowed, (f"{what}: max error {err:.3g} > {allowed:.3g} (max |truth| {scale:.3g}, "
+                                f"float32 reference's error {float32_err:.3g})")
     return out
 
 
@@ -233,6 +257,33 @@ def test_parameter_gradients_sum_over_many_pairs():
     _check(torch.randn(40, 6, 16, generator=g), torch.randn(11, 16, generator=g), None, None, scorer, "triton_interpret")
 
 
+LAYER_NORM_EPS = {"row_mlp.2": 0.3, "row_mlp.5": 0.7, "col_mlp.2": 0.2, "col_mlp.5": 0.5}
+
+
+def _with_eps(module: nn.Module, eps: dict) -> nn.Module:
+    for name, value in eps.items():
+        module.get_submodule(name).eps = value
+    return module
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+def test_each_layernorm_uses_its_own_eps(backend):
+    """Everywhere else eps is LayerNorm's default 1e-5. Here the four LayerNorms each have their own large eps,
+    every one of which moves the score: a kernel or reference that ignored eps, hard-coded 1e-5 or gave one
+    LayerNorm another's eps, in the forward or in the backward's recompute, fails against the independent
+    PlainLite (forward) and the float64 reference (gradients)."""
+    scorer = _with_eps(_scorer(seed=9), LAYER_NORM_EPS)
+    plain = _with_eps(PlainLite(**SMALL), LAYER_NORM_EPS).double()
+    plain.load_state_dict(scorer.state_dict())
+    q, d, qm, dm = _case("rerank", 7, 13, 16, seed=5)
+    want = torch.stack([plain(q.double(), d[k].double(), qm, dm[k]) for k in range(3)])
+    for name, eps in LAYER_NORM_EPS.items():  # each eps matters: 1e-5 in its place changes the score
+        other = _with_eps(copy.deepcopy(scorer), {name: 1e-5})
+        assert (lite_ref(q, d, qm, dm, scorer=other).double() - want).abs().max() > 1e-3, name
+    out = _check(q, d, qm, dm, scorer, backend)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Property tests over random shapes (few examples: the interpreter is slow)
 # ---------------------------------------------------------------------------------------------------------
@@ -264,8 +315,12 @@ def _problems(draw):
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_problems())
 def test_property_triton_interpret(problem):
+    """Random problems include ill-conditioned ones (a LayerNorm over one or two surviving ReLU units, where
+    a gradient is mostly rounding noise), so the float32 noise is measured over 5 runs and the kernel may be
+    8 times it. Over 500 drawn problems the kernel's error stayed within 1.6 times that noise, while the
+    former bound, twice a single run's error, failed 6 of them (a single draw can fall far below the kernel's)."""
     inputs, scorer = problem
-    _check(*inputs, scorer, "triton_interpret")
+    _check(*inputs, scorer, "triton_interpret", perturbed_runs=4, k=8.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -297,12 +352,36 @@ def test_float64_and_mixed_weight_dtypes_run_on_the_reference():
             lite_score(q, d, scorer=scorer, backend="triton_interpret")
 
 
-def test_scorer_wider_than_the_kernel_tile_runs_on_the_reference():
-    scorer = _scorer(seed=2, lq=70, ld=5, row_hidden=6, col_hidden=4)
-    q, d = torch.randn(3, 8), torch.randn(2, 5, 8)
-    torch.testing.assert_close(lite_score(q, d, scorer=scorer), lite_ref(q, d, scorer=scorer))
+@pytest.mark.parametrize("sizes,tokens,too_wide", [
+    (dict(lq=70, ld=5, row_hidden=6, col_hidden=4), (67, 5), "lq=70 exceeds the kernel's 64-row tile"),
+    (dict(lq=6, ld=260, row_hidden=8, col_hidden=8), (5, 258), "ld=260 exceeds the kernel's 256-column tile"),
+])
+def test_scorer_wider_than_the_kernel_tile_runs_on_the_reference(sizes, tokens, too_wide):
+    """Automatic dispatch passes the kernels over (with a warning: tests/test_hostile_lite.py) and scores on
+    the reference, checked against the independent PlainLite, forward and gradients, with more real tokens
+    than the tile holds (a path that dropped rows or columns beyond it would fail)."""
+    scorer = _scorer(seed=2, **sizes)
+    plain = PlainLite(**sizes).double()
+    plain.load_state_dict(scorer.state_dict())
+    g = torch.Generator().manual_seed(4)
+    lq, ld = tokens
+    q = torch.randn(lq, 8, generator=g, requires_grad=True)
+    d = torch.randn(2, ld, 8, generator=g)
+    dm = torch.rand(2, ld, generator=g) < 0.8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = lite_score(q, d, None, dm, scorer=scorer)
+    q64 = q.detach().double().requires_grad_()
+    want = torch.stack([plain(q64, d[k].double(), torch.ones(lq, dtype=torch.bool), dm[k]) for k in range(2)])
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+    upstream = torch.tensor([0.7, 1.3])
+    got = torch.autograd.grad(out, [q, *scorer.parameters()], upstream)
+    truth = torch.autograd.grad(want, [q64, *plain.parameters()], upstream.double())
+    for name, a, b in zip(["q"] + [n for n, _ in scorer.named_parameters()], got, truth):
+        err, scale = (a.double() - b).abs().max().item(), b.abs().max().item()
+        assert err <= GRAD_TOL["atol"] + GRAD_TOL["rtol"] * scale, f"gradient of {name}: error {err:.3g}, max |truth| {scale:.3g}"
     if KERNEL_BACKENDS:
-        with pytest.raises(BackendUnavailableError, match="lq=70 exceeds the kernel's 64-row tile"):
+        with pytest.raises(BackendUnavailableError, match=too_wide):
             lite_score(q, d, scorer=scorer, backend="triton_interpret")
 
 
@@ -398,7 +477,7 @@ def _bad_inputs():
         (dict(q=torch.randn(9, 8), d=d), ValueError, r"q has Lq=9 tokens, more than the scorer's lq=8"),
         (dict(q=q, d=torch.randn(3, 17, 8)), ValueError, r"d has Ld=17 tokens, more than the scorer's ld=16"),
         (dict(q=q, d=d.bfloat16()), TypeError, r"same dtype, got q torch.float32 and d torch.bfloat16"),
-        (dict(q=q.long(), d=d.long()), TypeError, r"q must be float32, float16 or bfloat16, got torch.int64"),
+        (dict(q=q.long(), d=d.long()), TypeError, r"q must be float32, float16, bfloat16 or float64, got torch.int64"),
         (dict(q=q, d=d.to("meta")), ValueError, r"one device, got q on cpu, d on meta"),
         (dict(q=q.to("meta"), d=d.to("meta")), ValueError, r"one device, got q on meta, d on meta, scorer on cpu"),
         (dict(q=q, d=d, q_mask=torch.ones(4)), TypeError, r"q_mask must be a bool tensor, got torch.float32"),

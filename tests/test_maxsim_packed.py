@@ -273,7 +273,8 @@ def _bad_inputs():
     off = torch.tensor([0, 3, 10])
     qi, scales = quantize_tokens(tokens)
     return [
-        (dict(offsets=torch.tensor([0, 5, 3, 10])), ValueError, r"offsets must be non-decreasing, got offsets\[1\] = 5 > offsets\[2\] = 3"),
+        (dict(offsets=torch.tensor([0, 5, 3, 10])), ValueError,
+         r"offsets must be non-decreasing, got offsets\[1\] = 5 > offsets\[2\] = 3"),
         (dict(offsets=torch.tensor([0, 3, 11])), ValueError, r"offsets\[-1\] must equal the number of token rows \(10\), got 11"),
         (dict(offsets=torch.tensor([0, 3, 9])), ValueError, r"offsets\[-1\] must equal the number of token rows \(10\), got 9"),
         (dict(offsets=torch.tensor([1, 3, 10])), ValueError, r"offsets\[0\] must be 0, got 1"),

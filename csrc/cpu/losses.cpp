@@ -56,11 +56,64 @@ inline double row_call(const RowKernels& k, int kind, int64_t K, const double* s
                        double param, double* g, double* work, bool* term) {
   return k.distill_f64(kind, K, s, t, cls, param, g, work, term);
 }
-inline float inbatch_call(const RowKernels& k, int64_t M, const float* row, int64_t y, float inv_tau, float* g) {
-  return k.inbatch_f32(M, row, y, inv_tau, g);
+inline float inbatch_call(const RowKernels& k, int64_t M, const float* row, int64_t y, float tau, float* g) {
+  return k.inbatch_f32(M, row, y, tau, g);
 }
-inline double inbatch_call(const RowKernels& k, int64_t M, const double* row, int64_t y, double inv_tau, double* g) {
-  return k.inbatch_f64(M, row, y, inv_tau, g);
+inline double inbatch_call(const RowKernels& k, int64_t M, const double* row, int64_t y, double tau, double* g) {
+  return k.inbatch_f64(M, row, y, tau, g);
+}
+
+// A temperature in the accumulation type: one below float32's range would round to 0 and make 0/0; the
+// smallest positive float gives the same (overflowing) result for every logit difference that is not 0.
+template <typename A>
+A temperature(double tau) {
+  return std::max(static_cast<A>(tau), std::numeric_limits<A>::denorm_min());
+}
+
+const char* const kLossNames[] = {"mse", "margin_mse", "m3se", "softmax_ce", "kl_div", "rankdistil_b"};
+
+// The first valid candidate whose infinite teacher score the loss reads (-1: none), for a row that has one.
+// The rule, mirrored by fastrank/ops/losses.py (_check_teacher) for the reference: mse reads every valid
+// score, margin_mse those of rows with a pair, rankdistil_b the positives', m3se the positives' and t_j*'s
+// (j* picked as in the row kernel) of rows with a term, softmax_ce / kl_div every score, where -inf is a
+// zero probability and only +inf is refused, unless the whole row is -inf (*all_neg_inf: no distribution).
+template <typename A>
+int64_t infinite_teacher_read(int kind, int64_t K, const A* t, const uint8_t* cls, bool* all_neg_inf) {
+  *all_neg_inf = false;
+  int64_t n_pos = 0, n_neg = 0, first_valid = -1, star = -1;
+  for (int64_t k = 0; k < K; ++k) {
+    n_pos += cls[k] == POS;
+    n_neg += cls[k] == NEG;
+    if (cls[k] != MASKED && first_valid < 0) first_valid = k;
+    if (cls[k] == NEG && (star < 0 || t[k] > t[star])) star = k;
+  }
+  bool any_finite_or_pos_inf = false;
+  for (int64_t k = 0; k < K; ++k) {
+    if (cls[k] == MASKED) continue;
+    const bool inf = std::isinf(t[k]);
+    switch (kind) {
+      case MSE:
+        if (inf) return k;
+        break;
+      case MARGIN_MSE:
+        if (inf && n_pos > 0 && n_neg > 0) return k;
+        break;
+      case RANKDISTIL_B:
+        if (inf && cls[k] == POS) return k;
+        break;
+      case M3SE:
+        if (inf && n_neg > 0 && n_pos > 0 && (cls[k] == POS || k == star)) return k;
+        break;
+      default:  // SOFTMAX_CE, KL_DIV
+        if (inf && t[k] > 0) return k;
+        any_finite_or_pos_inf |= !inf;
+    }
+  }
+  if ((kind == SOFTMAX_CE || kind == KL_DIV) && first_valid >= 0 && !any_finite_or_pos_inf) {
+    *all_neg_inf = true;
+    return first_valid;
+  }
+  return -1;
 }
 
 
@@ -104,7 +157,8 @@ void distill_cpu(const RowKernels& rows, int kind, int reduction, int64_t B, int
   const uint8_t* mp = ptr<const uint8_t>(mask.ptr);
   std::vector<A> row_loss(B);
   std::vector<uint8_t> has_term(B);
-  int64_t bad_row = -1, bad_col = -1;
+  int64_t bad_row = -1, bad_col = -1, inf_row = -1, inf_col = -1;
+  bool inf_whole_row = false;
   // Training-sized problems (B*K up to ~10^5) finish in tens of microseconds on one core, less than an
   // OpenMP fork/join costs on a busy machine, so only larger ones are split across threads.
 #pragma omp parallel if (B * K >= kParallelMin)
@@ -124,7 +178,7 @@ void distill_cpu(const RowKernels& rows, int kind, int reduction, int64_t B, int
       const in_t* t_in = tp + b * t_sb;
       const uint8_t* p_in = pp == nullptr ? nullptr : pp + b * p_sb;
       const uint8_t* m_in = mp == nullptr ? nullptr : mp + b * m_sb;
-      bool teacher_nan = false;
+      bool teacher_nan = false, teacher_inf = false;
       for (int64_t k = 0; k < K; ++k) {
         const bool valid = m_in == nullptr || m_in[k * m_sk] != 0;
         const bool positive = p_in == nullptr ? k == 0 : p_in[k * p_sk] != 0;
@@ -134,6 +188,7 @@ void distill_cpu(const RowKernels& rows, int kind, int reduction, int64_t B, int
         s_row[k] = valid ? sv : A(0);
         t_row[k] = valid ? tv : A(0);
         teacher_nan |= valid && std::isnan(tv);
+        teacher_inf |= valid && std::isinf(tv);
       }
       if (teacher_nan) {
         int64_t col = 0;
@@ -144,10 +199,27 @@ void distill_cpu(const RowKernels& rows, int kind, int reduction, int64_t B, int
       bool term = false;
       row_loss[b] = row_call(rows, kind, K, s_row, t_row, cls, param, grad + b * K, work.data(), &term);
       has_term[b] = term;
+      if (teacher_inf) {
+        bool whole_row = false;
+        const int64_t col = infinite_teacher_read(kind, K, t_row, cls, &whole_row);
+        if (col >= 0) {
+#pragma omp critical(fastrank_losses_inf)
+          if (inf_row < 0 || b < inf_row) { inf_row = b; inf_col = col; inf_whole_row = whole_row; }
+        }
+      }
     }
   }
   FASTRANK_CHECK(bad_row < 0, "t (teacher scores) contains NaN at a valid candidate, first at [" << bad_row << ", "
                                   << bad_col << "]; clean or mask the teacher scores");
+  FASTRANK_CHECK(inf_row < 0 || !inf_whole_row, "t (teacher scores) is -inf at every valid candidate of row "
+                                                     << inf_row << ", so softmax(t/tau) is undefined; mask the row");
+  if (inf_row >= 0) {
+    // Read back from the caller's tensor: the row buffers were thread-local.
+    const A v = L::template load<A>(tp + inf_row * t.stride_b + inf_col * t.stride_k);
+    FASTRANK_CHECK(false, "t (teacher scores) contains " << (v > 0 ? "inf" : "-inf") << " at a valid candidate that "
+                              << kLossNames[kind] << " uses, first at [" << inf_row << ", " << inf_col
+                              << "]; mask the candidate or give it a finite score");
+  }
   finish_reduction<A>(reduction, B, row_loss.data(), has_term.data(), loss, scale);
 }
 
@@ -159,7 +231,6 @@ void inbatch_ce_cpu(const RowKernels& rows, int reduction, int64_t B, int64_t M,
   std::vector<A> row_loss(B);
   std::vector<uint8_t> has_term(B);
   int64_t bad_row = -1, bad_target = 0;
-  const A inv_tau = A(1) / tau;
 #pragma omp parallel if (B * M >= kParallelMin)
   {
     std::vector<A> row(M);
@@ -178,8 +249,8 @@ void inbatch_ce_cpu(const RowKernels& rows, int reduction, int64_t B, int64_t M,
         }
         continue;
       }
-      for (int64_t k = 0; k < M; ++k) row[k] = L::template load<A>(xp + b * x.stride_b + k * x.stride_k) * inv_tau;
-      row_loss[b] = inbatch_call(rows, M, row.data(), y, inv_tau, g);
+      for (int64_t k = 0; k < M; ++k) row[k] = L::template load<A>(xp + b * x.stride_b + k * x.stride_k);
+      row_loss[b] = inbatch_call(rows, M, row.data(), y, tau, g);
     }
   }
   FASTRANK_CHECK(bad_row < 0, "target[" << bad_row << "] = " << bad_target << " is out of range for scores with M = "
@@ -197,15 +268,18 @@ void distill_forward_cpu(const RowKernels& rows, int kind, int reduction, int64_
   check_common(reduction, B, K, "s");
   FASTRANK_CHECK(kind >= MSE && kind <= RANKDISTIL_B, "unknown loss kind " << kind);
   FASTRANK_CHECK(s.ptr != 0 && t.ptr != 0, "s and t must be given");
+  const bool is_tau = kind == SOFTMAX_CE || kind == KL_DIV;
+  const float param_f = is_tau ? temperature<float>(param) : static_cast<float>(param);
+  if (is_tau) param = temperature<double>(param);
   switch (to_dtype(dtype)) {
     case DType::Float32:
-      return distill_cpu<F32, float>(rows, kind, reduction, B, K, static_cast<float>(param), s, t, pos, mask,
+      return distill_cpu<F32, float>(rows, kind, reduction, B, K, param_f, s, t, pos, mask,
                                      ptr<float>(loss), ptr<float>(grad), ptr<float>(scale));
     case DType::Float16:
-      return distill_cpu<F16, float>(rows, kind, reduction, B, K, static_cast<float>(param), s, t, pos, mask,
+      return distill_cpu<F16, float>(rows, kind, reduction, B, K, param_f, s, t, pos, mask,
                                      ptr<float>(loss), ptr<float>(grad), ptr<float>(scale));
     case DType::BFloat16:
-      return distill_cpu<BF16, float>(rows, kind, reduction, B, K, static_cast<float>(param), s, t, pos, mask,
+      return distill_cpu<BF16, float>(rows, kind, reduction, B, K, param_f, s, t, pos, mask,
                                       ptr<float>(loss), ptr<float>(grad), ptr<float>(scale));
     case DType::Float64:
       // float64 stays float64 end to end so that gradcheck can test the kernel itself.
@@ -220,16 +294,16 @@ void inbatch_ce_forward_cpu(const RowKernels& rows, int reduction, int64_t B, in
   check_common(reduction, B, M, "scores");
   switch (to_dtype(dtype)) {
     case DType::Float32:
-      return inbatch_ce_cpu<F32, float>(rows, reduction, B, M, static_cast<float>(tau), x, target, target_stride,
+      return inbatch_ce_cpu<F32, float>(rows, reduction, B, M, temperature<float>(tau), x, target, target_stride,
                                         target_is_int64, ptr<float>(loss), ptr<float>(grad), ptr<float>(scale));
     case DType::Float16:
-      return inbatch_ce_cpu<F16, float>(rows, reduction, B, M, static_cast<float>(tau), x, target, target_stride,
+      return inbatch_ce_cpu<F16, float>(rows, reduction, B, M, temperature<float>(tau), x, target, target_stride,
                                         target_is_int64, ptr<float>(loss), ptr<float>(grad), ptr<float>(scale));
     case DType::BFloat16:
-      return inbatch_ce_cpu<BF16, float>(rows, reduction, B, M, static_cast<float>(tau), x, target, target_stride,
+      return inbatch_ce_cpu<BF16, float>(rows, reduction, B, M, temperature<float>(tau), x, target, target_stride,
                                          target_is_int64, ptr<float>(loss), ptr<float>(grad), ptr<float>(scale));
     case DType::Float64:
-      return inbatch_ce_cpu<F64, double>(rows, reduction, B, M, tau, x, target, target_stride, target_is_int64,
+      return inbatch_ce_cpu<F64, double>(rows, reduction, B, M, temperature<double>(tau), x, target, target_stride, target_is_int64,
                                          ptr<double>(loss), ptr<double>(grad), ptr<double>(scale));
   }
 }

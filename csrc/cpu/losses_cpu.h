@@ -17,9 +17,9 @@ using DistillRowF32 = float (*)(int kind, int64_t K, const float* s, const float
                                 float* g, float* work, bool* has_term);
 using DistillRowF64 = double (*)(int kind, int64_t K, const double* s, const double* t, const uint8_t* cls,
                                  double param, double* g, double* work, bool* has_term);
-// One row of in-batch softmax cross-entropy: row holds x/tau (M values), y the target column; writes g.
-using InbatchRowF32 = float (*)(int64_t M, const float* row, int64_t y, float inv_tau, float* g);
-using InbatchRowF64 = double (*)(int64_t M, const double* row, int64_t y, double inv_tau, double* g);
+// One row of in-batch softmax cross-entropy: row holds the M scores (unscaled), y the target column; writes g.
+using InbatchRowF32 = float (*)(int64_t M, const float* row, int64_t y, float tau, float* g);
+using InbatchRowF64 = double (*)(int64_t M, const double* row, int64_t y, double tau, double* g);
 
 struct RowKernels {
   DistillRowF32 distill_f32;

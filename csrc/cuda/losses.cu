@@ -5,7 +5,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <sstream>
 #include <stdexcept>
 
@@ -19,7 +21,8 @@ namespace {
 // Must match csrc/cpu/losses.cpp and fastrank/ops/losses.py.
 enum Kind : int { MSE = 0, MARGIN_MSE = 1, M3SE = 2, SOFTMAX_CE = 3, KL_DIV = 4, RANKDISTIL_B = 5 };
 enum Reduction : int { NONE = 0, SUM = 1, MEAN = 2 };
-enum Error : int { NO_ERROR = 0, TEACHER_NAN = 1, TARGET_RANGE = 2 };
+// Bit flags, so that a NaN (reported first, as on the CPU) is never hidden by a later infinity.
+enum Error : int { NO_ERROR = 0, TEACHER_NAN = 1, TARGET_RANGE = 2, TEACHER_INF = 4, TEACHER_ALL_NEG_INF = 8 };
 
 constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 4;
@@ -30,7 +33,7 @@ struct Workspace {
   unsigned int* done;  // blocks finished
   int* error;          // Error
   int* error_row;      // 1 + the largest offending row
-  int* error_value;    // the offending target, for inbatch_ce
+  int* error_value;    // the offending target, for inbatch_ce; 1 + the largest row of an infinite teacher
   double* row_loss;    // [B]
   int* has_term;       // [B]
 };
@@ -67,6 +70,13 @@ template <typename A> __device__ inline A warp_max(A v) {
 }
 
 template <typename A> __device__ inline A hinge(A x) { return x < A(0) ? A(0) : x; }
+
+// x / tau, as x * (1/tau) where that is finite (see Temperature in csrc/cpu/losses_rows.inc).
+template <typename A> struct Temperature {
+  A tau, inv_tau;
+  bool divide;
+  __device__ A operator()(A x) const { return divide ? x / tau : x * inv_tau; }
+};
 template <typename A> __device__ inline A neg_inf() { return -static_cast<A>(INFINITY); }
 
 struct Rows {
@@ -137,19 +147,44 @@ __global__ void __launch_bounds__(kThreads) distill_kernel(int kind, int reducti
     auto Tt = [&](int64_t k) { return load<A>(t + k * r.t_sk); };
 
     int n_pos = 0, n_neg = 0;
-    bool teacher_nan = false;
+    bool teacher_nan = false, teacher_inf = false;
     for (int64_t k = lane; k < K; k += kWarp) {
       const int c = cls(k);
       n_pos += c == 1;
       n_neg += c == 2;
       if (c != 0 && isnan(Tt(k))) teacher_nan = true;
+      if (c != 0 && isinf(Tt(k))) teacher_inf = true;
       g[k] = A(0);
     }
     n_pos = warp_sum(n_pos);
     n_neg = warp_sum(n_neg);
     if (teacher_nan) {
-      atomicExch(w.error, TEACHER_NAN);
+      atomicOr(w.error, TEACHER_NAN);
       atomicMax(w.error_row, static_cast<int>(b + 1));
+    }
+    // Rare: lane 0 applies the CPU driver's rule (infinite_teacher_read in csrc/cpu/losses.cpp) serially.
+    if (__any_sync(kFull, teacher_inf) && lane == 0) {
+      long long star = -1;
+      bool read = false, finite_or_pos_inf = false;
+      for (int64_t k = 0; k < K; ++k)
+        if (cls(k) == 2 && (star < 0 || Tt(k) > Tt(star))) star = k;
+      for (int64_t k = 0; k < K && !read; ++k) {
+        const int c = cls(k);
+        if (c == 0) continue;
+        const bool inf = isinf(Tt(k));
+        switch (kind) {
+          case MSE: read = inf; break;
+          case MARGIN_MSE: read = inf && n_pos > 0 && n_neg > 0; break;
+          case RANKDISTIL_B: read = inf && c == 1; break;
+          case M3SE: read = inf && n_pos > 0 && n_neg > 0 && (c == 1 || k == star); break;
+          default: read = inf && Tt(k) > A(0); finite_or_pos_inf |= !inf;
+        }
+      }
+      const bool whole_row = (kind == SOFTMAX_CE || kind == KL_DIV) && !read && !finite_or_pos_inf;
+      if (read || whole_row) {
+        atomicOr(w.error, whole_row ? TEACHER_ALL_NEG_INF : TEACHER_INF);
+        atomicMax(w.error_value, static_cast<int>(b + 1));
+      }
     }
     __syncwarp();
     A row = 0;
@@ -240,11 +275,15 @@ __global__ void __launch_bounds__(kThreads) distill_kernel(int kind, int reducti
       case KL_DIV: {
         has_term = n_pos + n_neg > 0;
         if (!has_term) break;
+        // Logit differences from the raw scores, then scaled: S*inv_tau - max would be contracted into an FMA
+        // that leaves the maximum's own term at exp(-rounding error), and the normaliser at 0 for
+        // |s|/tau around 2^30 (see softmax_row in csrc/cpu/losses_rows.inc).
         const A inv_tau = A(1) / param;
+        const Temperature<A> temp{param, inv_tau, !isfinite(inv_tau)};
         A max_s = neg_inf<A>(), max_t = neg_inf<A>();
         for (int64_t k = lane; k < K; k += kWarp) {
           if (cls(k) == 0) continue;
-          const A xs = S(k) * inv_tau, xt = Tt(k) * inv_tau;
+          const A xs = S(k), xt = Tt(k);
           max_s = xs > max_s ? xs : max_s;
           max_t = xt > max_t ? xt : max_t;
         }
@@ -253,20 +292,19 @@ __global__ void __launch_bounds__(kThreads) distill_kernel(int kind, int reducti
         A z_s = 0, z_t = 0;
         for (int64_t k = lane; k < K; k += kWarp) {
           if (cls(k) == 0) continue;
-          z_s += exp(S(k) * inv_tau - max_s);
-          z_t += exp(Tt(k) * inv_tau - max_t);
+          z_s += exp(temp(S(k) - max_s));
+          z_t += exp(temp(Tt(k) - max_t));
         }
         z_s = warp_sum(z_s);
         z_t = warp_sum(z_t);
         const A log_z_s = log(z_s), log_z_t = log(z_t);
         for (int64_t k = lane; k < K; k += kWarp) {
           if (cls(k) == 0) continue;
-          const A xs = S(k) * inv_tau;
-          const A shifted_t = Tt(k) * inv_tau - max_t;
+          const A shifted_t = temp(Tt(k) - max_t);
           const A p = exp(shifted_t) / z_t;
-          g[k] = (exp(xs - max_s) / z_s - p) * inv_tau;
+          g[k] = temp(exp(temp(S(k) - max_s)) / z_s - p);
           if (p > 0) {
-            row += p * ((max_s - xs) + log_z_s);
+            row += p * (temp(max_s - S(k)) + log_z_s);
             if (kind == KL_DIV) row += p * (shifted_t - log_z_t);
           }
         }
@@ -305,20 +343,21 @@ __global__ void __launch_bounds__(kThreads) inbatch_ce_kernel(int reduction, int
       }
     } else {
       const A inv_tau = A(1) / tau;
+      const Temperature<A> temp{tau, inv_tau, !isfinite(inv_tau)};
       A mx = neg_inf<A>();
       for (int64_t k = lane; k < M; k += kWarp) {
-        const A v = load<A>(row_x + k * x_sk) * inv_tau;
+        const A v = load<A>(row_x + k * x_sk);
         mx = v > mx ? v : mx;
       }
       mx = warp_max(mx);
       A z = 0;
-      for (int64_t k = lane; k < M; k += kWarp) z += exp(load<A>(row_x + k * x_sk) * inv_tau - mx);
+      for (int64_t k = lane; k < M; k += kWarp) z += exp(temp(load<A>(row_x + k * x_sk) - mx));
       z = warp_sum(z);
       for (int64_t k = lane; k < M; k += kWarp) {
-        const A q = exp(load<A>(row_x + k * x_sk) * inv_tau - mx) / z;
-        g[k] = (q - (k == y ? A(1) : A(0))) * inv_tau;
+        const A q = exp(temp(load<A>(row_x + k * x_sk) - mx)) / z;
+        g[k] = temp(q - (k == y ? A(1) : A(0)));
       }
-      row = (mx - load<A>(row_x + y * x_sk) * inv_tau) + log(z);
+      row = temp(mx - load<A>(row_x + y * x_sk)) + log(z);
     }
     if (lane == 0) {
       w.row_loss[b] = static_cast<double>(row);
@@ -346,7 +385,10 @@ unsigned int blocks_for(int64_t B) { return static_cast<unsigned int>((B + kWarp
 template <typename T, typename A>
 void launch_distill(int kind, int reduction, int64_t B, int64_t K, double param, const Rows& r, std::uintptr_t loss,
                     std::uintptr_t grad, std::uintptr_t scale, const Workspace& w, cudaStream_t stream) {
-  distill_kernel<T, A><<<blocks_for(B), kThreads, 0, stream>>>(kind, reduction, B, K, static_cast<A>(param), r,
+  // A temperature below A's range would round to 0 (see temperature() in csrc/cpu/losses.cpp).
+  const A p = kind == SOFTMAX_CE || kind == KL_DIV ? std::max(static_cast<A>(param), std::numeric_limits<A>::denorm_min())
+                                                   : static_cast<A>(param);
+  distill_kernel<T, A><<<blocks_for(B), kThreads, 0, stream>>>(kind, reduction, B, K, p, r,
                                                                ptr<A>(loss), ptr<A>(grad), ptr<A>(scale), w);
 }
 
@@ -355,7 +397,7 @@ void launch_inbatch(int reduction, int64_t B, int64_t M, double tau, std::uintpt
                     std::uintptr_t target, int64_t target_stride, bool target_is_int64, std::uintptr_t loss,
                     std::uintptr_t grad, std::uintptr_t scale, const Workspace& w, cudaStream_t stream) {
   inbatch_ce_kernel<T, A><<<blocks_for(B), kThreads, 0, stream>>>(
-      reduction, B, M, static_cast<A>(tau), ptr<const T>(x), x_sb, x_sk, reinterpret_cast<const void*>(target),
+      reduction, B, M, std::max(static_cast<A>(tau), std::numeric_limits<A>::denorm_min()), ptr<const T>(x), x_sb, x_sk, reinterpret_cast<const void*>(target),
       target_stride, target_is_int64, ptr<A>(loss), ptr<A>(grad), ptr<A>(scale), w);
 }
 
@@ -380,8 +422,14 @@ void distill_forward(int kind, int reduction, int64_t B, int64_t K, int dtype, d
   check_launch("distillation loss");
   int host[4];
   read_errors(w, stream, host);
-  FASTRANK_CHECK(host[1] != TEACHER_NAN, "t (teacher scores) contains NaN at a valid candidate (row "
-                                             << host[2] - 1 << "); clean or mask the teacher scores");
+  FASTRANK_CHECK(!(host[1] & TEACHER_NAN), "t (teacher scores) contains NaN at a valid candidate (row "
+                                               << host[2] - 1 << "); clean or mask the teacher scores");
+  static const char* const names[] = {"mse", "margin_mse", "m3se", "softmax_ce", "kl_div", "rankdistil_b"};
+  FASTRANK_CHECK(!(host[1] & TEACHER_INF), "t (teacher scores) contains an infinite score at a valid candidate that "
+                                               << names[kind] << " uses (row " << host[3] - 1
+                                               << "); mask the candidate or give it a finite score");
+  FASTRANK_CHECK(!(host[1] & TEACHER_ALL_NEG_INF), "t (teacher scores) is -inf at every valid candidate of row "
+                                                       << host[3] - 1 << ", so softmax(t/tau) is undefined; mask the row");
 }
 
 void inbatch_ce_forward(int reduction, int64_t B, int64_t M, int dtype, double tau, std::uintptr_t x, int64_t x_sb,

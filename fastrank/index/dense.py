@@ -3,7 +3,8 @@
 Documents keep their external ids (strings or ints) in a side array; FAISS sees positions 0..N-1, which
 every index kind supports (HNSW has no ``add_with_ids``) and which makes a saved index self-describing.
 
-Where it runs, decided once in :func:`choose_backend`:
+Where it runs, decided once per index in :func:`choose_backend` (the one place: :mod:`fastrank.dispatch`
+picks a kernel per call from the tensors, while an index is bound to one FAISS build for its lifetime):
 - ``faiss``: faiss-cpu (or the CPU half of a faiss-gpu build);
 - ``faiss_gpu``: the FAISS GPU index when the build has GPUs and the kind has a GPU version (not HNSW);
 - ``torch``: exact (flat) search as a matmul on the tensors' device, for CUDA without FAISS GPU, or
@@ -13,24 +14,27 @@ Scores are "higher is better" for every metric: inner product as is, L2 as the n
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from fastrank.index.storage import (IndexFormatError, check_unique_ids, read_meta, sha256_file, verify_files,
+                                    write_attached)
+from fastrank.progress import progress_bar
+
 KINDS = ("flat", "ivf_flat", "ivf_pq", "hnsw")
 METRICS = ("ip", "l2")
 BACKENDS = ("faiss", "faiss_gpu", "torch")
 FORMAT_VERSION = 1
-
-
-class IndexFormatError(ValueError):
-    """A saved index is missing, corrupt, or does not match its metadata."""
+# FAISS trains k-means well with this many points per centroid and prints a warning for each k-means run
+# (one per PQ sub-quantizer: 48 for a 384-dim IVF-PQ) below it.
+FAISS_POINTS_PER_CENTROID = 39
 
 
 def _faiss():
@@ -115,14 +119,6 @@ def _to_numpy(x) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class DenseIndex:
     """A FAISS index over one vector per document, with external ids and save/load.
 
@@ -158,6 +154,7 @@ class DenseIndex:
         self.device = torch.device(device)
         self.backend = choose_backend(kind, self.device, backend)
         self._ids: list = []
+        self._ids_seen: set = set()  # the ids as a set, for refusing duplicates in add
         self._table: np.ndarray | None = None
         self._faiss_index = None  # CPU FAISS index: what is trained, added to and saved
         self._gpu_index = None  # its GPU copy, rebuilt lazily after adds
@@ -210,20 +207,45 @@ class DenseIndex:
     def ids(self) -> list:
         return list(self._ids)
 
+    def training_points(self, n: int) -> tuple[int, int]:
+        """``(nlist, least)`` for training on ``n`` vectors: the IVF lists that would be used and the fewest
+        vectors that can train them (0 for flat and HNSW, which need no training)."""
+        if self.kind in ("flat", "hnsw"):
+            return 0, 0
+        nlist = self.params["nlist"] or max(1, min(int(4 * math.sqrt(n)), n // FAISS_POINTS_PER_CENTROID))
+        # FAISS needs a point per list, and 2**pq_bits points to train each PQ codebook.
+        return nlist, max(nlist, 2 ** self.params["pq_bits"]) if self.kind == "ivf_pq" else nlist
+
+    def check_trainable(self, n: int, name: str = "vectors") -> None:
+        """Refuse ``n`` vectors too few to train this index, before anything is encoded or trained."""
+        nlist, least = self.training_points(n)
+        if n < least:
+            raise ValueError(f"{name}: {n} training points are too few for a {self.kind} index with nlist={nlist} "
+                             f"(need at least {least}); lower nlist/pq_bits or use kind='flat'")
+
     def train(self, vectors) -> "DenseIndex":
         """Train IVF centroids (and PQ codebooks) on ``vectors`` (N, dim); a no-op for flat and HNSW."""
         x = _as_matrix(vectors, "vectors", self.dim)
         if self._trained:
             return self
         n = x.shape[0]
-        nlist = self.params["nlist"] or max(1, min(int(4 * math.sqrt(n)), n // 39))
-        # FAISS needs a point per list, and 2**pq_bits points to train each PQ codebook.
-        min_points = max(nlist, 2 ** self.params["pq_bits"]) if self.kind == "ivf_pq" else nlist
-        if n < min_points:
-            raise ValueError(f"vectors: {n} training points are too few for a {self.kind} index with nlist={nlist} "
-                             f"(need at least {min_points}); lower nlist/pq_bits or use kind='flat'")
-        self._faiss_index = self._new_faiss_index(nlist)
-        self._faiss_index.train(_to_numpy(x))
+        self.check_trainable(n)
+        nlist, _ = self.training_points(n)
+        index = self._new_faiss_index(nlist)
+        # Below FAISS's points per centroid it trains anyway and prints one warning per k-means run; one
+        # warning that says what to do replaces them.
+        sparse = [f"{k} {what}" for k, what in ((nlist, "IVF lists"),
+                                                (2 ** self.params["pq_bits"] if self.kind == "ivf_pq" else 0,
+                                                 "PQ codebook entries")) if n < k * FAISS_POINTS_PER_CENTROID]
+        if sparse:
+            index.cp.min_points_per_centroid = 1
+            if self.kind == "ivf_pq":
+                index.pq.cp.min_points_per_centroid = 1
+            warnings.warn(f"{self.kind}: training {' and '.join(sparse)} on {n} vectors, fewer than the "
+                          f"{FAISS_POINTS_PER_CENTROID} per centroid FAISS asks for; recall may suffer (more vectors, "
+                          "a lower nlist or pq_bits, or kind='flat' or 'hnsw')", UserWarning, stacklevel=3)
+        index.train(_to_numpy(x))
+        self._faiss_index = index
         self.params["nlist"] = nlist
         self._trained = True
         return self
@@ -244,6 +266,7 @@ class DenseIndex:
                    (ids.tolist() if isinstance(ids, (np.ndarray, torch.Tensor)) else list(ids))]
             if len(ids) != n:
                 raise ValueError(f"ids has {len(ids)} entries for {n} vectors")
+        check_unique_ids(ids, self._id_set())
         if not self._trained:
             self.train(x)
         if self.backend == "torch":
@@ -251,14 +274,18 @@ class DenseIndex:
                 x.detach().to(self.device, torch.float32)
             self._vectors = t if self._vectors is None else torch.cat([self._vectors, t])
         else:
-            from tqdm.auto import tqdm
-
-            for s in tqdm(range(0, n, batch_size), desc=f"adding to {self.kind}", unit="batch",
-                          disable=not progress or n <= batch_size):
+            for s in progress_bar(range(0, n, batch_size), desc=f"adding to {self.kind}", unit="batch",
+                                  enabled=progress and n > batch_size):
                 self._faiss_index.add(_to_numpy(x[s:s + batch_size]))
             self._gpu_index = None
         self._ids.extend(ids)
+        self._ids_seen.update(ids)
         return self
+
+    def _id_set(self) -> set:
+        if len(self._ids_seen) != len(self._ids):
+            self._ids_seen = set(self._ids)
+        return self._ids_seen
 
     # -- search ---------------------------------------------------------------------------------------
     def _searcher(self):
@@ -285,13 +312,11 @@ class DenseIndex:
                 np.negative(scores, out=scores)
             scores[pos < 0] = -np.inf  # HNSW / IVF can come back short of k
             return scores, pos
-        from tqdm.auto import tqdm
-
         scores = np.full((nq, k), -np.inf, dtype=np.float32)
         pos = np.full((nq, k), -1, dtype=np.int64)
         kk = min(k, len(self))
-        for s in tqdm(range(0, nq, batch_size), desc=f"searching {self.kind}", unit="batch",
-                      disable=not progress or nq <= batch_size):
+        for s in progress_bar(range(0, nq, batch_size), desc=f"searching {self.kind}", unit="batch",
+                              enabled=progress and nq > batch_size):
             chunk = q[s:s + batch_size]
             if self.backend == "torch":
                 qt = torch.as_tensor(chunk) if not isinstance(chunk, torch.Tensor) else chunk
@@ -349,9 +374,10 @@ class DenseIndex:
                 "metric": self.metric, "params": self.params, "ntotal": len(self),
                 "id_type": "int" if all(isinstance(i, int) for i in self._ids) else "str"}
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, *, attach: dict[str, str] | None = None) -> Path:
         """Write the index to directory ``path``: vectors (``index.faiss`` or ``vectors.npy``), ``ids.json``
-        and ``meta.json`` with checksums that :meth:`load` verifies."""
+        and ``meta.json`` with checksums that :meth:`load` verifies. ``attach`` (file name -> text) adds
+        files of the caller's (the CLI's ``encoder.json``), checksummed and verified with the rest."""
         if len(self) == 0:
             raise ValueError("the index is empty: nothing to save")
         path = Path(path)
@@ -364,7 +390,8 @@ class DenseIndex:
             _faiss().write_index(self._faiss_index, str(data))
         ids = path / "ids.json"
         ids.write_text(json.dumps(self._ids))
-        meta = self._meta() | {"data_file": data.name, "sha256": {data.name: _sha256(data), ids.name: _sha256(ids)}}
+        sums = {data.name: sha256_file(data), ids.name: sha256_file(ids)} | write_attached(path, attach)
+        meta = self._meta() | {"data_file": data.name, "sha256": sums}
         (path / "meta.json").write_text(json.dumps(meta, indent=1))
         return path
 
@@ -374,15 +401,19 @@ class DenseIndex:
         """Read an index written by :meth:`save`; a missing, corrupt or mismatched file is an
         :class:`IndexFormatError` naming it."""
         path = Path(path)
-        meta = _read_meta(path, "fastrank.DenseIndex")
+        meta = read_meta(path, "fastrank.DenseIndex", _REQUIRED, FORMAT_VERSION)
         data, ids_file = path / meta["data_file"], path / "ids.json"
-        _verify(path, meta, (data, ids_file))
+        verify_files(path, meta, (data, ids_file))
         try:
             ids = json.loads(ids_file.read_text())
         except json.JSONDecodeError as exc:
             raise IndexFormatError(f"{ids_file}: not valid JSON ({exc.msg})") from None
-        if len(ids) != meta["ntotal"]:
+        if not isinstance(ids, list) or len(ids) != meta["ntotal"]:
             raise IndexFormatError(f"{ids_file}: {len(ids)} ids but meta.json says ntotal={meta['ntotal']}")
+        try:
+            check_unique_ids(ids, set())
+        except (ValueError, TypeError) as exc:
+            raise IndexFormatError(f"{ids_file}: {exc}") from None
         p = meta["params"]
         saved_torch = data.suffix == ".npy"
         self = cls(meta["dim"], meta["kind"], meta["metric"], nlist=p["nlist"], nprobe=p["nprobe"], pq_m=p["pq_m"],
@@ -412,40 +443,3 @@ class DenseIndex:
 
 
 _REQUIRED = ("dim", "kind", "metric", "params", "ntotal", "data_file", "sha256")
-
-
-def _read_meta(path: Path, fmt: str, required=_REQUIRED, version: int = FORMAT_VERSION,
-               old_version_hint: str = "") -> dict:
-    """``path/meta.json`` of a saved index of format ``fmt`` and ``version``, with the ``required`` keys; an
-    older version's error ends with ``old_version_hint`` (how to rebuild), a newer one's says so."""
-    if not path.is_dir():
-        raise IndexFormatError(f"{path}: no saved index here (not a directory)")
-    meta_file = path / "meta.json"
-    if not meta_file.is_file():
-        raise IndexFormatError(f"{path}: missing meta.json; not a saved fastrank index")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise IndexFormatError(f"{meta_file}: not valid JSON ({exc.msg})") from None
-    if not isinstance(meta, dict) or meta.get("format") != fmt:
-        raise IndexFormatError(f"{meta_file}: format is {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                               f"expected {fmt!r}")
-    found = meta.get("version")
-    if found != version:
-        older = isinstance(found, int) and found < version
-        raise IndexFormatError(
-            f"{meta_file}: {fmt} format version {found!r}, this fastrank reads version {version}"
-            + ((f"; {old_version_hint}" if old_version_hint else "") if older else "; it was written by a newer fastrank"))
-    missing = [key for key in required if key not in meta]
-    if missing:
-        raise IndexFormatError(f"{meta_file}: missing {', '.join(missing)}")
-    return meta
-
-
-def _verify(path: Path, meta: dict, files) -> None:
-    for f in files:
-        if not f.is_file():
-            raise IndexFormatError(f"{path}: missing {f.name}")
-        expected = meta.get("sha256", {}).get(f.name)
-        if expected != _sha256(f):
-            raise IndexFormatError(f"{f}: checksum does not match meta.json (file corrupt or from another index)")

@@ -40,9 +40,10 @@ import numpy as np
 import torch
 
 from fastrank.encoders import TokenEmbeddings
-from fastrank.index.dense import IndexFormatError, _sha256, _verify
-from fastrank.index.dense import _read_meta as _read_index_meta
+from fastrank.index.storage import (IndexFormatError, check_unique_ids, read_meta, sha256_file, verify_files,
+                                    write_attached)
 from fastrank.ops.maxsim_packed import segment_rows
+from fastrank.progress import progress_bar
 
 FORMAT = "fastrank.TokenIndex"
 # Version 1 held a per-token ANN (a DenseIndex in ann/) and float16 tokens; version 2 is centroid stage 1,
@@ -137,12 +138,10 @@ def spherical_kmeans(x: torch.Tensor, k: int, *, iters: int, generator: torch.Ge
     (:func:`nearest_centroid`) and moves each centroid to the normalised sum of its rows. A centroid left
     without rows restarts on a random row, so all ``k`` lists stay in use. (FAISS's ``Kmeans(spherical=True)``
     computes the same iterations; its float32 step ran 7x slower on the 2-core machine this was tuned on.)"""
-    from tqdm.auto import tqdm
-
     n = x.shape[0]
     x = x.float()
     centroids = torch.nn.functional.normalize(x[torch.randperm(n, generator=generator)[:k].to(x.device)], dim=1)
-    for _ in tqdm(range(iters), desc=f"k-means ({k} centroids, {n} tokens)", unit="iter", disable=not progress):
+    for _ in progress_bar(range(iters), desc=f"k-means ({k} centroids, {n} tokens)", unit="iter", enabled=progress):
         codes = nearest_centroid(x, centroids).long()
         sums = torch.zeros_like(centroids).index_add_(0, codes, x)
         counts = torch.bincount(codes, minlength=k)
@@ -199,6 +198,7 @@ class TokenIndex:
         self._scales = torch.empty(0, dtype=torch.float32, device=self.device) if token_dtype == "int8" else None
         self._offsets = torch.zeros(1, dtype=torch.int64, device=self.device)
         self._ids: list = []
+        self._ids_seen: set = set()  # the ids as a set, for refusing duplicates in add
         self._id_array: np.ndarray | None = None
         self._centroids: torch.Tensor | None = None  # (C, dim) float32, unit norm
         self._codes = torch.empty(0, dtype=torch.int32, device=self.device)  # centroid of each assigned token
@@ -266,6 +266,9 @@ class TokenIndex:
                (ids.tolist() if isinstance(ids, (np.ndarray, torch.Tensor)) else list(ids))]
         if len(ids) != n:
             raise ValueError(f"ids has {len(ids)} entries for {n} documents")
+        if len(self._ids_seen) != len(self._ids):
+            self._ids_seen = set(self._ids)
+        check_unique_ids(ids, self._ids_seen)
         vectors = tok.vectors.detach()
         if vectors.numel() and not bool(torch.isfinite(vectors).all()):
             raise ValueError("tokens contain NaN or inf")
@@ -285,6 +288,7 @@ class TokenIndex:
             self._tokens = new if first_new == 0 else torch.cat([self._tokens, new])
         self._offsets = torch.cat([self._offsets, tok.offsets[1:].to(self.device) + self._offsets[-1]])
         self._ids.extend(ids)
+        self._ids_seen.update(ids)
         self._id_array = None
         self._ivf_docs = self._ivf_offsets = None  # lists are rebuilt lazily, once after a run of adds
         if self._centroids is not None:
@@ -327,12 +331,10 @@ class TokenIndex:
     def _assign(self, start: int, stop: int, progress: bool) -> torch.Tensor:
         """Nearest centroid (largest inner product) of token rows ``start:stop``, int32. Scales are positive,
         so an int8 token's nearest centroid needs no dequantisation."""
-        from tqdm.auto import tqdm
-
         codes = torch.empty(stop - start, dtype=torch.int32, device=self.device)
         step = 1 << 18
-        for s in tqdm(range(start, stop, step), desc="assigning tokens to centroids", unit="chunk",
-                      disable=not progress or stop - start <= step):
+        for s in progress_bar(range(start, stop, step), desc="assigning tokens to centroids", unit="chunk",
+                              enabled=progress and stop - start > step):
             e = min(s + step, stop)
             codes[s - start:e - start] = nearest_centroid(self._tokens[s:e], self._centroids)
         return codes
@@ -374,8 +376,6 @@ class TokenIndex:
         Returns ``(scores (Q, k) float32 numpy, ids (Q, k) object array)``; ``None`` ids and ``-inf`` scores
         pad a query with fewer than ``k`` candidates (or a corpus of fewer than ``k`` documents).
         """
-        from tqdm.auto import tqdm
-
         q = _as_token_embeddings(queries, "queries")
         k = _positive_int(k, "k")
         nprobe = self.nprobe if nprobe is None else _positive_int(nprobe, "nprobe")
@@ -399,8 +399,8 @@ class TokenIndex:
         ids = np.full((nq, k), None, dtype=object)
         q_offsets = q.offsets.tolist()
         q_vectors = q.vectors.detach().to(self.device, torch.float32)
-        bar = tqdm(total=nq, desc="MaxSim search" + (" (exhaustive)" if exhaustive else ""), unit="query",
-                   disable=not progress or nq < 8)
+        bar = progress_bar(total=nq, desc="MaxSim search" + (" (exhaustive)" if exhaustive else ""), unit="query",
+                           enabled=progress and nq >= 8)
         for b0 in range(0, nq, batch_size):
             b1 = min(b0 + batch_size, nq)
             if not exhaustive:
@@ -515,12 +515,13 @@ class TokenIndex:
                 for qid, row_ids, row_s in zip(qids, ids, scores)}
 
     # -- persistence ------------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike, *, progress: bool = True) -> Path:
+    def save(self, path: str | os.PathLike, *, progress: bool = True, attach: dict[str, str] | None = None) -> Path:
         """Write directory ``path`` (building stage 1 first if needed): ``tokens.npy`` in the storage dtype
         (bfloat16 as its int16 bit pattern: numpy has no bfloat16), ``scales.npy`` (int8 only),
         ``offsets.npy``, ``centroids.npy`` and ``codes.npy`` (centroid stage 1 only), ``ids.json``, and
         ``meta.json`` with the parameters and a checksum of every file. Inverted lists are rebuilt from the
-        codes at load time (a single sort), so they are not stored twice."""
+        codes at load time (a single sort), so they are not stored twice. ``attach`` (file name -> text) adds
+        files of the caller's (the CLI's ``encoder.json``), checksummed and verified with the rest."""
         if len(self) == 0:
             raise ValueError("the index is empty: nothing to save")
         self.build(progress=progress)
@@ -541,7 +542,7 @@ class TokenIndex:
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "dim": self.dim, "documents": len(self),
                 "tokens": self.num_tokens, "token_dtype": self.token_dtype, "stage1": self.stage1,
                 "ncentroids": self.ncentroids, "nprobe": self.nprobe, "ndocs": self.ndocs, "seed": self.seed,
-                "sha256": {name: _sha256(path / name) for name in names}}
+                "sha256": {name: sha256_file(path / name) for name in names} | write_attached(path, attach)}
         (path / "meta.json").write_text(json.dumps(meta, indent=1))
         return path
 
@@ -554,7 +555,7 @@ class TokenIndex:
         names = ["tokens.npy", "offsets.npy", "ids.json"]
         names += ["scales.npy"] if meta["token_dtype"] == "int8" else []
         names += ["centroids.npy", "codes.npy"] if meta["stage1"] == "centroids" else []
-        _verify(path, meta, [path / name for name in names])
+        verify_files(path, meta, [path / name for name in names])
         try:
             self = cls(meta["dim"], token_dtype=meta["token_dtype"], stage1=meta["stage1"],
                        ncentroids=meta["ncentroids"], nprobe=meta["nprobe"], ndocs=meta["ndocs"], seed=meta["seed"],
@@ -580,6 +581,10 @@ class TokenIndex:
             raise IndexFormatError(f"{path / 'ids.json'}: not valid JSON ({exc.msg})") from None
         if not isinstance(ids, list) or len(ids) != n:
             raise IndexFormatError(f"{path / 'ids.json'}: {len(ids)} ids but meta.json says {n} documents")
+        try:
+            check_unique_ids(ids, set())
+        except (ValueError, TypeError) as exc:
+            raise IndexFormatError(f"{path / 'ids.json'}: {exc}") from None
         offsets = arrays["offsets.npy"]
         if int(offsets[0]) != 0 or int(offsets[-1]) != t or bool((offsets[1:] < offsets[:-1]).any()):
             raise IndexFormatError(f"{path / 'offsets.npy'}: not non-decreasing offsets from 0 to {t}")
@@ -603,7 +608,7 @@ _REQUIRED = ("dim", "documents", "tokens", "token_dtype", "stage1", "ncentroids"
 
 
 def _read_meta(path: Path) -> dict:
-    meta = _read_index_meta(path, FORMAT, _REQUIRED, FORMAT_VERSION,
+    meta = read_meta(path, FORMAT, _REQUIRED, FORMAT_VERSION,
                            "the old layout (a per-token ANN over float16 tokens) cannot be converted: " + REBUILD_HINT)
     if meta["token_dtype"] not in TOKEN_DTYPES or meta["stage1"] not in STAGE1:
         raise IndexFormatError(f"{path / 'meta.json'}: unknown token_dtype {meta['token_dtype']!r} or stage1 "

@@ -31,6 +31,7 @@ Broadcasting follows :func:`fastrank.maxsim`: kernels see the canonical (F, Y, X
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -38,7 +39,9 @@ import torch.nn.functional as F_
 from torch import Tensor
 
 from fastrank import dispatch
-from fastrank.ops.pairs import broadcast_shapes as _broadcast, canonicalize as _canonicalize, inner_contiguous as _inner_contiguous
+from fastrank.ops.pairs import DOUBLE_BACKWARD_ERROR, QUERY_TILE, check_pair_inputs, dot_precision, dtype_reasons, pow2
+from fastrank.ops.pairs import canonicalize as _canonicalize
+from fastrank.ops.pairs import inner_contiguous as _inner_contiguous
 
 try:
     import triton
@@ -47,9 +50,8 @@ except ImportError:  # Triton is optional: the reference backend covers CPU.
     triton = None
 
 # Register budget of one program: a (lq, ld) tile of S plus a same-size accumulator.
-MAX_LQ = 64
+MAX_LQ = QUERY_TILE
 MAX_LD = 256
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # --------------------------------------------------------------------------------------------------------
 # Triton kernels: shared pieces (similarity tile, streamed hidden layer and its backward), forward, backward
@@ -66,6 +68,7 @@ if triton is not None:
     ):
         # S = q d^T of one (f, y, x) pair, split over H so that H = 768 needs no 768-wide register tile,
         # zero at padded and masked positions. Also returns which rows and columns are real, unmasked tokens.
+        # Masked tokens are never loaded: padding may hold anything (inf, NaN), and 0 * inf would be NaN.
         f = pair // (Y * X)
         y = (pair // X) % Y
         x = pair % X
@@ -87,11 +90,16 @@ if triton is not None:
         s = tl.zeros([BLOCK_LQ, BLOCK_LD], tl.float32)
         for h0 in range(0, H, BLOCK_H):
             h = h0 + offs_h
-            qt = tl.load(q_base + offs_i[:, None] * sq_t + h[None, :], mask=q_in[:, None] & (h[None, :] < H), other=0.0)
-            dt = tl.load(d_base + offs_j[:, None] * sd_t + h[None, :], mask=d_in[:, None] & (h[None, :] < H), other=0.0)
+            qt = tl.load(q_base + offs_i[:, None] * sq_t + h[None, :], mask=row_ok[:, None] & (h[None, :] < H), other=0.0)
+            dt = tl.load(d_base + offs_j[:, None] * sd_t + h[None, :], mask=col_ok[:, None] & (h[None, :] < H), other=0.0)
             s = tl.dot(qt, tl.trans(dt), s, input_precision=PRECISION)
-        s = tl.where(row_ok[:, None] & col_ok[None, :], s, 0.0)
         return s, row_ok, col_ok
+
+    @triton.jit
+    def _relu_passes(x):
+        # Where ReLU lets x through: x > 0, and NaN too, as torch.relu does, so that a NaN in a real token
+        # reaches the score as it does in the reference instead of being zeroed here.
+        return (x > 0) | (x != x)
 
     @triton.jit
     def _hidden_forward(
@@ -112,7 +120,7 @@ if triton is not None:
             w_in = tl.load(W_IN + k[:, None] * n_feat + offs_f[None, :], mask=k_in[:, None] & in_f[None, :], other=0.0)
             b_in = tl.load(B_IN + k, mask=k_in, other=0.0).to(tl.float32)
             hid = tl.dot(x_w, tl.trans(w_in), input_precision=PRECISION) + b_in[None, :]
-            hid = tl.where(k_in[None, :] & (hid > 0), hid, 0.0)
+            hid = tl.where(k_in[None, :] & _relu_passes(hid), hid, 0.0)
             n = tl.minimum(n_hidden - k0, BLOCK_HID).to(tl.float32)
             c_mean = tl.sum(hid, axis=1) / n
             dev = tl.where(k_in[None, :], hid - c_mean[:, None], 0.0)
@@ -132,7 +140,7 @@ if triton is not None:
     @triton.jit
     def _relu_layernorm(z, G, BE, offs_f, in_f, n_feat, eps):
         # y = LN(ReLU(z)) over the n_feat features of each row. Returns y, xhat, rstd and where ReLU passed.
-        live = in_f[None, :] & (z > 0)
+        live = in_f[None, :] & _relu_passes(z)
         h = tl.where(live, z, 0.0)
         mu = tl.sum(h, axis=1) / n_feat
         hc = tl.where(in_f[None, :], h - mu[:, None], 0.0)
@@ -170,7 +178,7 @@ if triton is not None:
             w_in = tl.load(W_IN + k[:, None] * n_feat + offs_f[None, :], mask=k_in[:, None] & in_f[None, :], other=0.0)
             b_in = tl.load(B_IN + k, mask=k_in, other=0.0).to(tl.float32)
             pre = tl.dot(x_w, tl.trans(w_in), input_precision=PRECISION) + b_in[None, :]
-            hid = tl.where(k_in[None, :] & (pre > 0), pre, 0.0)
+            hid = tl.where(k_in[None, :] & _relu_passes(pre), pre, 0.0)
             xhat = tl.where(k_in[None, :], (hid - mean[:, None]) * rstd[:, None], 0.0)
             w_out = tl.load(W_OUT + offs_f[:, None] * n_hidden + k[None, :], mask=in_f[:, None] & k_in[None, :], other=0.0)
             g = tl.load(G + k, mask=k_in, other=0.0).to(tl.float32)
@@ -184,7 +192,7 @@ if triton is not None:
             w_in = tl.load(W_IN + k[:, None] * n_feat + offs_f[None, :], mask=k_in[:, None] & in_f[None, :], other=0.0)
             b_in = tl.load(B_IN + k, mask=k_in, other=0.0).to(tl.float32)
             pre = tl.dot(x_w, tl.trans(w_in), input_precision=PRECISION) + b_in[None, :]
-            hid = tl.where(k_in[None, :] & (pre > 0), pre, 0.0)
+            hid = tl.where(k_in[None, :] & _relu_passes(pre), pre, 0.0)
             xhat = tl.where(k_in[None, :], (hid - mean[:, None]) * rstd[:, None], 0.0)
             w_out = tl.load(W_OUT + offs_f[:, None] * n_hidden + k[None, :], mask=in_f[:, None] & k_in[None, :], other=0.0)
             g = tl.load(G + k, mask=k_in, other=0.0).to(tl.float32)
@@ -196,7 +204,7 @@ if triton is not None:
             tl.atomic_add(DG + k, tl.sum(dn * xhat, axis=0), mask=k_in)
             tl.atomic_add(DBE + k, tl.sum(dn, axis=0), mask=k_in)
             dhid = rstd[:, None] * (dn * g[None, :] - (s1 / n_hidden)[:, None] - xhat * (s2 / n_hidden)[:, None])
-            da = tl.where(in_rows[:, None] & k_in[None, :] & (pre > 0), dhid, 0.0)
+            da = tl.where(in_rows[:, None] & k_in[None, :] & _relu_passes(pre), dhid, 0.0)
             dw_in = tl.dot(tl.trans(da), x, input_precision=PRECISION)  # (BLOCK_HID, BLOCK_F)
             tl.atomic_add(DW_IN + k[:, None] * n_feat + offs_f[None, :], dw_in, mask=k_in[:, None] & in_f[None, :])
             tl.atomic_add(DB_IN + k, tl.sum(da, axis=0), mask=k_in)
@@ -337,15 +345,6 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------------------
 # Launcher. Canonical tensors: q (F, Y, Lq, H), d (F, X, Ld, H), masks (F, Y, X, L) or None.
 # --------------------------------------------------------------------------------------------------------
-def _precision(t: Tensor) -> str:
-    # float32 keeps float32 products: TF32 would cost ~1e-3 relative error through two wide layers.
-    return "ieee" if t.dtype == torch.float32 else "tf32"
-
-
-def _pow2(n: int, lo: int) -> int:
-    return max(lo, triton.next_power_of_2(n))
-
-
 def _fold(weight: Tensor, gamma: Tensor, beta: Tensor, bias: Tensor, dtype: torch.dtype):
     """(W diag(gamma), W diag(gamma) 1, bias + W beta): the LayerNorm before ``weight`` folded into it.
     u is summed from the rounded W diag(gamma), so that r (Wg h) - r m u is exactly Wg (h - m) r."""
@@ -376,8 +375,8 @@ def _triton_forward(q, d, q_mask, d_mask, params, lq: int, ld: int, eps) -> Tens
         q.stride(0), q.stride(1), q.stride(2), d.stride(0), d.stride(1), d.stride(2),
         *qms, *dms,
         *[float(e) for e in eps],
-        HAS_QM=q_mask is not None, HAS_DM=d_mask is not None, PRECISION=_precision(q),
-        BLOCK_LQ=_pow2(lq, 16), BLOCK_LD=_pow2(ld, 16), BLOCK_H=_pow2(min(H, 64), 16),
+        HAS_QM=q_mask is not None, HAS_DM=d_mask is not None, PRECISION=dot_precision(q),
+        BLOCK_LQ=pow2(lq, 16), BLOCK_LD=pow2(ld, 16), BLOCK_H=pow2(min(H, 64), 16),
         BLOCK_R=32, BLOCK_C=32,
         num_warps=8,
     )
@@ -409,35 +408,88 @@ def _triton_backward(grad, q, d, q_mask, d_mask, params, lq: int, ld: int, eps) 
         q.stride(0), q.stride(1), q.stride(2), d.stride(0), d.stride(1), d.stride(2),
         *qms, *dms,
         *[float(e) for e in eps],
-        HAS_QM=q_mask is not None, HAS_DM=d_mask is not None, PRECISION=_precision(q),
-        BLOCK_LQ=_pow2(lq, 16), BLOCK_LD=_pow2(ld, 16), BLOCK_H=_pow2(min(H, 64), 16),
+        HAS_QM=q_mask is not None, HAS_DM=d_mask is not None, PRECISION=dot_precision(q),
+        BLOCK_LQ=pow2(lq, 16), BLOCK_LD=pow2(ld, 16), BLOCK_H=pow2(min(H, 64), 16),
         BLOCK_R=32, BLOCK_C=32,
         num_warps=8,
     )
-    dq = torch.einsum("fyxij,fxjh->fyih", ds, d.float()).to(q.dtype)
-    dd = torch.einsum("fyxij,fyih->fxjh", ds, q.float()).to(d.dtype)
+    # dS is 0 at masked tokens, but a masked token may hold inf or NaN and 0 * inf is NaN: the host matmuls
+    # take q and d with their masked tokens zeroed.
+    d_dq, d_sub = _masked_tokens_zeroed(d, d_mask, pair_axis=1)
+    q_dd, q_sub = _masked_tokens_zeroed(q, q_mask, pair_axis=2)
+    dq = torch.einsum(f"fyxij,{d_sub}->fyih", ds, d_dq.float()).to(q.dtype)
+    dd = torch.einsum(f"fyxij,{q_sub}->fxjh", ds, q_dd.float()).to(d.dtype)
     dbo = grad.sum().reshape(bo.shape)
     grads = acc + [dbo]
     return [dq.contiguous(), dd.contiguous()] + [gr.to(p.dtype) for gr, p in zip(grads, params)]
 
 
+def _masked_tokens_zeroed(t: Tensor, mask: Optional[Tensor], pair_axis: int) -> tuple[Tensor, str]:
+    """``t`` (q as (F, Y, Lq, H) or d as (F, X, Ld, H)) with the tokens its canonical mask (F, Y, X, L)
+    turns off set to 0, and the einsum subscripts of the result. ``pair_axis`` is the mask axis that ``t``
+    does not have (X for q, Y for d). A mask constant along it zeroes ``t`` in place of a copy of the same
+    size; a mask that varies along it (a per-pair mask) needs a per-pair copy, (F, Y, X, L, H), made only
+    when ``t`` holds a non-finite value, the one case where the zeroing changes the product."""
+    plain = "fyih" if pair_axis == 2 else "fxjh"
+    if mask is None:
+        return t, plain
+    if mask.shape[pair_axis] == 1 or mask.stride(pair_axis) == 0:
+        keep = mask.select(pair_axis, 0).unsqueeze(-1)
+        return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device)), plain
+    if bool(torch.isfinite(t).all()):
+        return t, plain
+    per_pair = torch.where(mask.unsqueeze(-1), t.unsqueeze(pair_axis), torch.zeros((), dtype=t.dtype, device=t.device))
+    return per_pair, "fyxih" if pair_axis == 2 else "fyxjh"
+
+
 def _kernel_reasons(*, dtype: torch.dtype, weight_dtype: torch.dtype, lq: int, ld: int,
                     interpreter: bool = False, **_) -> list[str]:
-    reasons = []
-    allowed = (torch.float32,) if interpreter else KERNEL_DTYPES
-    if dtype not in allowed:
-        reasons.append(f"dtype {dtype} not supported (supports {', '.join(str(t) for t in allowed)})")
+    reasons = dtype_reasons(dtype, interpreter)
     if weight_dtype != dtype:
         reasons.append(f"the scorer's weights are {weight_dtype} but the inputs are {dtype}; the kernel needs one dtype")
+    return reasons + list(_size_reasons(lq, ld).values())
+
+
+def _size_reasons(lq: int, ld: int) -> dict[str, str]:
+    reasons = {}
     if lq > MAX_LQ:
-        reasons.append(f"lq={lq} exceeds the kernel's {MAX_LQ}-row tile")
+        reasons["lq"] = f"lq={lq} exceeds the kernel's {MAX_LQ}-row tile"
     if ld > MAX_LD:
-        reasons.append(f"ld={ld} exceeds the kernel's {MAX_LD}-column tile")
+        reasons["ld"] = f"ld={ld} exceeds the kernel's {MAX_LD}-column tile"
     return reasons
 
 
+_SIZE_FALLBACK_WARNED: set[str] = set()
+
+
+def _warn_size_fallback(tensors, lq: int, ld: int, **ctx) -> None:
+    # A scorer wider than the tile runs every call on the reference: with the kernels otherwise usable, that
+    # is a silent slowdown, so say it once per process for each limit (lq, ld) rather than on every call.
+    sizes = _size_reasons(lq, ld)
+    if not sizes.keys() - _SIZE_FALLBACK_WARNED or torch.compiler.is_compiling():
+        return
+    for kernel in ("triton", "triton_interpret"):
+        reasons = dispatch.reasons_for("lite", kernel, tensors, lq=lq, ld=ld, **ctx)
+        if reasons and set(reasons) <= set(sizes.values()):
+            break
+    else:
+        return  # no kernel could run this call anyway (no GPU, dtype): the size costs nothing
+    for limit, reason in sizes.items():
+        if limit in _SIZE_FALLBACK_WARNED:
+            continue
+        _SIZE_FALLBACK_WARNED.add(limit)
+        warnings.warn(
+            f"fastrank.lite_score: the scorer's {reason}, so lite_score runs on the eager reference "
+            f"({kernel} is passed over); on a GPU that is about 3.5x slower than the kernel and holds every hidden "
+            f"layer in memory. A scorer with lq <= {MAX_LQ} and ld <= {MAX_LD} runs fused. Warned once per process.",
+            RuntimeWarning, stacklevel=3,
+        )
+
+
 dispatch.register("lite", "triton", reasons=_kernel_reasons)(_triton_forward)
-dispatch.register("lite", "triton_interpret", reasons=lambda **ctx: _kernel_reasons(interpreter=True, **ctx))(_triton_forward)
+dispatch.register("lite", "triton_interpret", reasons=lambda **ctx: _kernel_reasons(interpreter=True, **ctx),
+                  slower=lambda **_: ["the Triton interpreter checks the GPU kernels on CPU; it never outruns eager"])(
+    _triton_forward)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -488,12 +540,21 @@ def _backward(ctx, grad_scores):
 _lite_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    # Registered so that backward(create_graph=True) still works (first order under a graph-recording
+    # backward) and only differentiating the gradient again fails, saying what to use instead of torch's
+    # generic "no autograd formula was registered".
+    raise RuntimeError(DOUBLE_BACKWARD_ERROR.format(
+        op="fastrank.lite_score", ref="fastrank.lite_ref",
+        why="the LITE kernels' backward recomputes the forward on chip and has no derivative of its own"))
+
+
+_lite_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------------
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
 def _scorer_params(scorer) -> tuple[list[Tensor], int, int, list[float]]:
     """The 18 tensors of a LiteScorer-layout module, in the order the ops take them, with lq, ld and the
     four LayerNorm epsilons. Checks the layout so that a wrong module fails here, not in a kernel."""
@@ -508,16 +569,23 @@ def _scorer_params(scorer) -> tuple[list[Tensor], int, int, list[float]]:
     for seq_name, seq in (("row_mlp", row), ("col_mlp", col)):
         kinds = [type(m).__name__ for m in seq]
         if kinds != ["Linear", "ReLU", "LayerNorm", "Linear", "ReLU", "LayerNorm"]:
-            raise TypeError(f"lite_score: scorer.{seq_name} must be (Linear, ReLU, LayerNorm, Linear, ReLU, LayerNorm), got {kinds}")
+            raise TypeError(
+                f"lite_score: scorer.{seq_name} must be (Linear, ReLU, LayerNorm, Linear, ReLU, LayerNorm), got {kinds}"
+            )
         if seq[2].weight is None or seq[5].weight is None or seq[0].bias is None or seq[3].bias is None:
             raise TypeError(f"lite_score: scorer.{seq_name} needs biases and affine LayerNorms")
     ld, r1 = row[0].in_features, row[0].out_features
     lq, c = col[0].in_features, col[0].out_features
+    for name, size in (("ld (row_mlp[0].in_features)", ld), ("the row hidden width (row_mlp[0].out_features)", r1),
+                       ("lq (col_mlp[0].in_features)", lq), ("the column hidden width (col_mlp[0].out_features)", c)):
+        if size < 1:
+            raise ValueError(f"lite_score: the scorer's {name} is {size}; every width must be at least 1")
     expect = {"row_mlp[3]": (row[3], r1, ld), "col_mlp[3]": (col[3], c, lq), "out": (out, lq * ld, 1)}
     for name, (lin, fan_in, fan_out) in expect.items():
         if (lin.in_features, lin.out_features) != (fan_in, fan_out) or lin.bias is None:
             raise TypeError(f"lite_score: scorer.{name} must be Linear({fan_in}, {fan_out}) with bias")
-    for name, norm, width in (("row_mlp[2]", row[2], r1), ("row_mlp[5]", row[5], ld), ("col_mlp[2]", col[2], c), ("col_mlp[5]", col[5], lq)):
+    norms = (("row_mlp[2]", row[2], r1), ("row_mlp[5]", row[5], ld), ("col_mlp[2]", col[2], c), ("col_mlp[5]", col[5], lq))
+    for name, norm, width in norms:
         if tuple(norm.normalized_shape) != (width,):
             raise TypeError(f"lite_score: scorer.{name} must be LayerNorm({width}), got {tuple(norm.normalized_shape)}")
     params = [
@@ -531,11 +599,14 @@ def _scorer_params(scorer) -> tuple[list[Tensor], int, int, list[float]]:
     return params, lq, ld, eps
 
 
-def _project(scorer, q: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
-    """Small LITE: Linear(H -> d') then L2 normalisation of every token, when the scorer has ``proj``."""
+def _project(scorer, q: Tensor, d: Tensor, q_mask: Optional[Tensor], d_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Small LITE: Linear(H -> d') then L2 normalisation of every token, when the scorer has ``proj``.
+    Masked tokens are zeroed first: an inf in one would make its projection NaN, and the backward of the
+    normalisation would carry that NaN into proj's gradients even though the token's gradient is 0."""
     proj = getattr(scorer, "proj", None)
     if proj is None:
         return q, d
+    q, d = _zero_masked_tokens(q, q_mask), _zero_masked_tokens(d, d_mask)
     for name, t in (("q", q), ("d", d)):
         if t.shape[-1] != proj.in_features:
             raise ValueError(
@@ -547,50 +618,8 @@ def _project(scorer, q: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _check_inputs(q, d, q_mask, d_mask, lq: int, ld: int, scorer_device: torch.device) -> torch.Size:
-    for name, t in (("q", q), ("d", d)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"lite_score: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() < 2:
-            raise ValueError(f"lite_score: {name} must have shape (..., L{name}, H), got {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"lite_score: {name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if q.dtype != d.dtype:
-        raise TypeError(f"lite_score: q and d must have the same dtype, got q {q.dtype} and d {d.dtype}")
-    if q.shape[-1] != d.shape[-1]:
-        raise ValueError(
-            f"lite_score: q and d must share the embedding dim H, got q {tuple(q.shape)} (H={q.shape[-1]}) "
-            f"and d {tuple(d.shape)} (H={d.shape[-1]})"
-        )
-    if q.shape[-2] > lq:
-        raise ValueError(f"lite_score: q has Lq={q.shape[-2]} tokens, more than the scorer's lq={lq}; truncate the query")
-    if d.shape[-2] > ld:
-        raise ValueError(f"lite_score: d has Ld={d.shape[-2]} tokens, more than the scorer's ld={ld}; truncate the document")
-    for name, m, owner, length in (("q_mask", q_mask, "q", q.shape[-2]), ("d_mask", d_mask, "d", d.shape[-2])):
-        if m is None:
-            continue
-        if not isinstance(m, Tensor):
-            raise TypeError(f"lite_score: {name} must be a bool tensor or None, got {type(m).__name__}")
-        if m.dtype != torch.bool:
-            raise TypeError(f"lite_score: {name} must be a bool tensor, got {m.dtype}")
-        if m.dim() < 1 or m.shape[-1] != length:
-            raise ValueError(
-                f"lite_score: {name} must have shape (..., {length}) to match {owner}'s {length} tokens, got {tuple(m.shape)}"
-            )
-    devices = {name: t.device for name, t in (("q", q), ("d", d), ("q_mask", q_mask), ("d_mask", d_mask)) if t is not None}
-    devices["scorer"] = scorer_device
-    if len(set(devices.values())) > 1:
-        raise ValueError("lite_score: all tensors must be on one device, got " + ", ".join(f"{k} on {v}" for k, v in devices.items()))
-    shapes = {"q": q.shape[:-2], "d": d.shape[:-2]}
-    if q_mask is not None:
-        shapes["q_mask"] = q_mask.shape[:-1]
-    if d_mask is not None:
-        shapes["d_mask"] = d_mask.shape[:-1]
-    batch = _broadcast(shapes.values())
-    if batch is None:
-        raise ValueError(
-            "lite_score: the leading (batch) dims do not broadcast: " + ", ".join(f"{k} {tuple(v)}" for k, v in shapes.items())
-        )
-    return batch
+    return check_pair_inputs("lite_score", q, d, q_mask, d_mask, extra_devices={"scorer": scorer_device},
+                             limits=(lq, ld))
 
 
 def lite_score(
@@ -611,23 +640,31 @@ def lite_score(
             q (B, 1, Lq, H) with d (B, K, Ld, H) gives (B, K); q (B, 1, Lq, H) with d (1, B, Ld, H) gives
             (B, B). The broadcast operand is never copied.
         q_mask: optional bool (..., Lq); False zeroes that row of S (as padding does).
-        d_mask: optional bool (..., Ld); False zeroes that column of S.
+        d_mask: optional bool (..., Ld); False zeroes that column of S. A masked token's values are never
+            used, so padding may hold anything, inf and NaN included: the score and every gradient are those
+            of the same inputs with the token zeroed, and the token's own gradient is 0. A NaN in an unmasked
+            token propagates to its scores.
         scorer: a :class:`fastrank.LiteScorer`, or any module with its layout (``row_mlp``, ``col_mlp``,
             ``out``, optional ``proj``). Its parameters get gradients.
         backend: force one of :data:`fastrank.BACKENDS` (default: the first that can run, also settable
-            with ``FASTRANK_BACKEND``).
+            with ``FASTRANK_BACKEND``). The kernels hold a scorer of lq <= 64 and ld <= 256; a wider one
+            runs on the reference, with a warning (once per process) when automatic dispatch falls back.
 
     Returns:
         float32 scores of the broadcast batch shape (float64 for float64 inputs, which run on the
         reference). Accumulation is float32 whatever the input dtype.
+
+    Gradients are first order on the kernels: double backward (``create_graph=True`` and then a gradient
+    of a gradient, as a gradient penalty needs) raises a RuntimeError saying so. :func:`lite_ref`, or
+    ``backend="reference"``, is plain PyTorch and differentiates to any order.
     """
     params, lq, ld, eps = _scorer_params(scorer)
     batch = _check_inputs(q, d, q_mask, d_mask, lq, ld, params[0].device)
-    q, d = _project(scorer, q, d)
-    impl = dispatch.choose(
-        "lite", (q, d, q_mask, d_mask), backend,
-        dtype=q.dtype, weight_dtype=params[0].dtype, lq=lq, ld=ld,
-    )
+    q, d = _project(scorer, q, d, q_mask, d_mask)
+    ctx = dict(dtype=q.dtype, weight_dtype=params[0].dtype, lq=lq, ld=ld)
+    impl = dispatch.choose("lite", (q, d, q_mask, d_mask), backend, **ctx)
+    if impl.backend == "reference" and (lq > MAX_LQ or ld > MAX_LD) and dispatch.requested_backend(backend, "lite") is None:
+        _warn_size_fallback((q, d, q_mask, d_mask), **ctx)
     if impl.backend == "reference" or math.prod(batch) == 0 or q.shape[-2] == 0 or d.shape[-2] == 0 or q.shape[-1] == 0:
         return _lite_math(q, d, q_mask, d_mask, params, lq, ld, eps)
     c = _canonicalize(q, d, q_mask, d_mask, batch)
@@ -642,15 +679,24 @@ def lite_score(
 dispatch.register("lite", "reference")(lambda *args, **kwargs: _lite_math(*args, **kwargs))
 
 
+def _zero_masked_tokens(t: Tensor, mask: Optional[Tensor]) -> Tensor:
+    # Broadcasts t to the mask's batch shape when the mask has more batch dims; paths that must not copy
+    # the broadcast operand (the kernels) skip masked tokens in their own loads instead.
+    return t if mask is None else torch.where(mask.unsqueeze(-1), t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
 def _lite_math(q: Tensor, d: Tensor, q_mask, d_mask, params, lq: int, ld: int, eps) -> Tensor:
     """The computation of :func:`lite_ref` on explicit parameters (also what the backward recomputes)."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     (W1, b1, g1, be1, W2, b2, g2, be2, V1, cb1, g3, be3, V2, cb2, g4, be4, wo, bo) = (p.to(compute) for p in params)
-    s = torch.matmul(q.to(compute), d.to(compute).transpose(-1, -2))  # (..., Lq, Ld)
+    # Masked tokens may hold anything (inf, NaN): select, never multiply by the mask (0 * inf is NaN), and
+    # zero them before the matmul too, so that its backward (dS d, dS^T q) never meets them either.
+    q, d = _zero_masked_tokens(q.to(compute), q_mask), _zero_masked_tokens(d.to(compute), d_mask)
+    s = torch.matmul(q, d.transpose(-1, -2))  # (..., Lq, Ld)
     if q_mask is not None:
-        s = s * q_mask.unsqueeze(-1)
+        s = torch.where(q_mask.unsqueeze(-1), s, 0.0)
     if d_mask is not None:
-        s = s * d_mask.unsqueeze(-2)
+        s = torch.where(d_mask.unsqueeze(-2), s, 0.0)
     s = F_.pad(s, (0, ld - s.shape[-1], 0, lq - s.shape[-2]))  # (..., lq, ld), zeros where there is no token
     r = F_.layer_norm(F_.relu(F_.linear(s, W1, b1)), (W1.shape[0],), g1, be1, eps[0])
     r = F_.layer_norm(F_.relu(F_.linear(r, W2, b2)), (ld,), g2, be2, eps[1])
@@ -669,5 +715,5 @@ def lite_ref(q: Tensor, d: Tensor, q_mask: Optional[Tensor] = None, d_mask: Opti
     """
     params, lq, ld, eps = _scorer_params(scorer)
     _check_inputs(q, d, q_mask, d_mask, lq, ld, params[0].device)
-    q, d = _project(scorer, q, d)
+    q, d = _project(scorer, q, d, q_mask, d_mask)
     return _lite_math(q, d, q_mask, d_mask, params, lq, ld, eps)

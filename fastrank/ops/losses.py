@@ -20,7 +20,24 @@ candidate, margin_mse a valid positive and a valid negative, m3se a valid negati
 averages over the queries that have a term; the others contribute 0 loss and 0 gradient.
 
 The kernels compute the loss and dL/ds in one pass (float32 for float32/16/bf16 inputs, float64 for float64)
-and keep only dL/ds for backward, which scales it by the upstream gradient.
+and keep only dL/ds for backward, which scales it by the upstream gradient; so there is no double backward
+(``create_graph=True`` raises a RuntimeError that names the ``*_ref`` to use instead).
+
+Non-finite scores at valid candidates (masked ones are padding and may hold anything), alike in every backend:
+
+- a NaN teacher score raises ValueError naming ``t`` and the first position;
+- an infinite teacher score the loss reads raises ValueError (which one, where): mse reads every teacher
+  score, margin_mse those of queries with a pair, rankdistil_b the positives', m3se the positives' and
+  ``t_j*`` of queries with a positive and a negative. One it never reads (rankdistil_b's negatives, m3se's
+  negatives below ``j*``) may be -inf or inf. In softmax_ce and kl_div, -inf is a candidate of probability 0
+  (no loss, no gradient from the teacher side); +inf, or -inf at every valid candidate of a query, raises;
+- a NaN or infinite student score propagates: the queries whose loss reads it get a NaN or infinite loss
+  (as in torch's own losses), while one it cannot change (-inf below a hinge, or where the teacher gives
+  probability 0) leaves the loss finite.
+
+float32 softmax_ce, kl_div and inbatch_ce form every logit difference from the raw scores before dividing by
+``tau``, so scores of any magnitude and any ``tau > 0`` give the float64 answer rounded, or an infinity where
+that overflows float32, never NaN.
 """
 from __future__ import annotations
 
@@ -64,44 +81,74 @@ def _outputs(x: Tensor, reduction: int) -> tuple[Tensor, Tensor, Tensor]:
     return loss, x.new_empty(tuple(x.shape), dtype=acc), x.new_empty((), dtype=acc)
 
 
+def _launch_distill_cpu(s: Tensor, t: Tensor, positives: Optional[Tensor], mask: Optional[Tensor], kind: int,
+                        reduction: int, param: float) -> tuple[Tensor, Tensor, Tensor]:
+    loss, grad, scale = _outputs(s, reduction)
+    _ext.require().distill_forward(
+        kind, reduction, s.shape[0], s.shape[1], _ext.DTYPE_CODES[s.dtype], param, *_matrix_args(s),
+        *_matrix_args(t), *_matrix_args(positives), *_matrix_args(mask), loss.data_ptr(), grad.data_ptr(),
+        scale.data_ptr(), cpu_isa.selected())
+    return loss, grad, scale
+
+
+def _launch_distill_cuda(s: Tensor, t: Tensor, positives: Optional[Tensor], mask: Optional[Tensor], kind: int,
+                         reduction: int, param: float) -> tuple[Tensor, Tensor, Tensor]:
+    loss, grad, scale = _outputs(s, reduction)
+    workspace = torch.zeros(_workspace_bytes(s.shape[0]), dtype=torch.uint8, device=s.device)
+    _ext.require().distill_forward_cuda(
+        kind, reduction, s.shape[0], s.shape[1], _ext.DTYPE_CODES[s.dtype], param, *_matrix_args(s),
+        *_matrix_args(t), *_matrix_args(positives), *_matrix_args(mask), loss.data_ptr(), grad.data_ptr(),
+        scale.data_ptr(), workspace.data_ptr(), _ext.cuda_stream(s))
+    return loss, grad, scale
+
+
+def _launch_inbatch_ce_cpu(scores: Tensor, target: Tensor, reduction: int, tau: float) -> tuple[Tensor, Tensor, Tensor]:
+    loss, grad, scale = _outputs(scores, reduction)
+    _ext.require().inbatch_ce_forward(
+        reduction, scores.shape[0], scores.shape[1], _ext.DTYPE_CODES[scores.dtype], tau, *_matrix_args(scores),
+        target.data_ptr(), target.stride(0), target.dtype == torch.int64, loss.data_ptr(), grad.data_ptr(),
+        scale.data_ptr(), cpu_isa.selected())
+    return loss, grad, scale
+
+
+def _launch_inbatch_ce_cuda(scores: Tensor, target: Tensor, reduction: int, tau: float) -> tuple[Tensor, Tensor, Tensor]:
+    loss, grad, scale = _outputs(scores, reduction)
+    workspace = torch.zeros(_workspace_bytes(scores.shape[0]), dtype=torch.uint8, device=scores.device)
+    _ext.require().inbatch_ce_forward_cuda(
+        reduction, scores.shape[0], scores.shape[1], _ext.DTYPE_CODES[scores.dtype], tau, *_matrix_args(scores),
+        target.data_ptr(), target.stride(0), target.dtype == torch.int64, loss.data_ptr(), grad.data_ptr(),
+        scale.data_ptr(), workspace.data_ptr(), _ext.cuda_stream(scores))
+    return loss, grad, scale
+
+
+# The "cpp" backend serves both devices, one launcher each. The custom ops below register them with
+# torch.library per device type (torch's dispatcher picks); eager calls, which skip the custom ops, pick from
+# this table. Device types other than these never get here: the "cpp" backend's reasons refuse them.
+_DISTILL_LAUNCHERS = {"cpu": _launch_distill_cpu, "cuda": _launch_distill_cuda}
+_INBATCH_CE_LAUNCHERS = {"cpu": _launch_inbatch_ce_cpu, "cuda": _launch_inbatch_ce_cuda}
+
+
 def _launch_distill(s: Tensor, t: Tensor, positives: Optional[Tensor], mask: Optional[Tensor], kind: int,
                     reduction: int, param: float) -> tuple[Tensor, Tensor, Tensor]:
-    C = _ext.require()
-    loss, grad, scale = _outputs(s, reduction)
-    args = (kind, reduction, s.shape[0], s.shape[1], _ext.dtype_code(s), param, *_matrix_args(s),
-            *_matrix_args(t), *_matrix_args(positives), *_matrix_args(mask), loss.data_ptr(), grad.data_ptr(),
-            scale.data_ptr())
-    # The "cpp" backend serves both devices; the extension exports one host function per device.
-    if s.device.type == "cuda":
-        workspace = torch.zeros(_workspace_bytes(s.shape[0]), dtype=torch.uint8, device=s.device)
-        C.distill_forward_cuda(*args, workspace.data_ptr(), _ext.cuda_stream(s))
-    else:
-        C.distill_forward(*args, cpu_isa.selected())
-    return loss, grad, scale
+    """Raw pointers and strides in, (loss, dL/ds, backward scale) out; inputs are never written."""
+    return _DISTILL_LAUNCHERS[s.device.type](s, t, positives, mask, kind, reduction, param)
 
 
 def _launch_inbatch_ce(scores: Tensor, target: Tensor, reduction: int, tau: float) -> tuple[Tensor, Tensor, Tensor]:
-    C = _ext.require()
-    loss, grad, scale = _outputs(scores, reduction)
-    args = (reduction, scores.shape[0], scores.shape[1], _ext.dtype_code(scores), tau, *_matrix_args(scores),
-            target.data_ptr(), target.stride(0), target.dtype == torch.int64, loss.data_ptr(), grad.data_ptr(),
-            scale.data_ptr())
-    if scores.device.type == "cuda":
-        workspace = torch.zeros(_workspace_bytes(scores.shape[0]), dtype=torch.uint8, device=scores.device)
-        C.inbatch_ce_forward_cuda(*args, workspace.data_ptr(), _ext.cuda_stream(scores))
-    else:
-        C.inbatch_ce_forward(*args, cpu_isa.selected())
-    return loss, grad, scale
+    return _INBATCH_CE_LAUNCHERS[scores.device.type](scores, target, reduction, tau)
 
 
 # --------------------------------------------------------------------------------------------------------
 # Custom ops: opaque to torch.compile, with shapes from the fake kernels and gradients from the saved dL/ds.
 # --------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastrank::distill_loss", mutates_args=())
+@torch.library.custom_op("fastrank::distill_loss", mutates_args=(), device_types="cpu")
 def distill_loss_op(s: Tensor, t: Tensor, positives: Optional[Tensor], mask: Optional[Tensor], kind: int,
                     reduction: int, param: float) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, dL/ds, scale): loss is (B,) for reduction "none" else (); dL/ds is (B, K) and unscaled."""
-    return _launch_distill(s, t, positives, mask, kind, reduction, param)
+    return _launch_distill_cpu(s, t, positives, mask, kind, reduction, param)
+
+
+distill_loss_op.register_kernel("cuda")(_launch_distill_cuda)
 
 
 @distill_loss_op.register_fake
@@ -109,10 +156,13 @@ def _(s, t, positives, mask, kind, reduction, param):
     return _outputs(s, reduction)
 
 
-@torch.library.custom_op("fastrank::inbatch_ce", mutates_args=())
+@torch.library.custom_op("fastrank::inbatch_ce", mutates_args=(), device_types="cpu")
 def inbatch_ce_op(scores: Tensor, target: Tensor, reduction: int, tau: float) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, dL/dscores, scale), as :func:`distill_loss_op`."""
-    return _launch_inbatch_ce(scores, target, reduction, tau)
+    return _launch_inbatch_ce_cpu(scores, target, reduction, tau)
+
+
+inbatch_ce_op.register_kernel("cuda")(_launch_inbatch_ce_cuda)
 
 
 @inbatch_ce_op.register_fake
@@ -123,8 +173,13 @@ def _(scores, target, reduction, tau):
 def _scaled_grad(grad: Tensor, scale: Tensor, grad_loss: Tensor, per_query: bool, dtype: torch.dtype) -> Tensor:
     """Backward of every fused loss: the saved dL/dx times the upstream gradient."""
     # "none": one upstream value per query; otherwise one scalar, and "mean" folds 1/#queries into scale.
+    # Each torch op costs microseconds of Python dispatch, as much as the kernel at B=128 K=20: no cast
+    # that would be a no-op.
     weight = grad_loss.unsqueeze(-1) if per_query else grad_loss * scale
-    return (grad * weight.to(grad.dtype)).to(dtype)
+    if weight.dtype != grad.dtype:
+        weight = weight.to(grad.dtype)
+    out = grad * weight
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 def _autograd_for(reduction_index: int, n_inputs: int):
@@ -148,6 +203,13 @@ _setup, _backward = _autograd_for(reduction_index=2, n_inputs=4)
 inbatch_ce_op.register_autograd(_backward, setup_context=_setup)
 
 
+def _double_backward_error(name: str) -> RuntimeError:
+    return RuntimeError(
+        f"fastrank.losses.{name}: double backward (create_graph=True) is not supported: the fused kernel keeps "
+        f"dL/ds only, not the second derivative. Use fastrank.losses.{name}_ref, the eager reference, where "
+        f"higher-order gradients are needed (or backend=\"reference\")")
+
+
 class _EagerFusedLoss(torch.autograd.Function):
     """The same forward and backward as the custom ops, for eager calls.
 
@@ -157,17 +219,20 @@ class _EagerFusedLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, launch, per_query: bool) -> Tensor:
+    def forward(ctx, x: Tensor, launch, per_query: bool, name: str) -> Tensor:
         loss, grad, scale = launch()
         ctx.save_for_backward(grad, scale)
-        ctx.per_query, ctx.input_dtype = per_query, x.dtype
+        ctx.per_query, ctx.input_dtype, ctx.name = per_query, x.dtype, name
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the saved dL/dx is a constant: no second derivative
     def backward(ctx, grad_loss):
+        # Grad mode is on in backward only under create_graph=True: raise there, naming the way out, rather
+        # than hand back a gradient whose own derivative would silently miss the Hessian term.
+        if torch.is_grad_enabled():
+            raise _double_backward_error(ctx.name)
         grad, scale = ctx.saved_tensors
-        return _scaled_grad(grad, scale, grad_loss, ctx.per_query, ctx.input_dtype), None, None
+        return _scaled_grad(grad, scale, grad_loss, ctx.per_query, ctx.input_dtype), None, None, None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -229,13 +294,43 @@ def _check_distill(name, s, t, positives, mask, reduction, param_name, param) ->
         raise ValueError(f"fastrank.losses.{name}: gamma0 must be finite, got {param!r}")
 
 
-def _check_teacher_not_nan(name: str, t: Tensor, mask: Optional[Tensor]) -> None:
-    """The kernels make the same check; the reference backend needs it here."""
-    bad = torch.isnan(t) if mask is None else torch.isnan(t) & mask
+def _check_teacher(name: str, t: Tensor, positives: Optional[Tensor], mask: Optional[Tensor]) -> None:
+    """The teacher-score rule of the module docstring, for the reference backend; the kernels apply the same
+    rule (csrc/cpu/losses.cpp: infinite_teacher_read) and raise the same messages."""
+    valid = torch.ones_like(t, dtype=torch.bool) if mask is None else mask
+    bad = torch.isnan(t) & valid
     if bool(bad.any()):
         row, col = (int(i) for i in bad.nonzero()[0])
         raise ValueError(f"fastrank: t (teacher scores) contains NaN at a valid candidate, first at [{row}, {col}]; "
                          f"clean or mask the teacher scores")
+    inf = torch.isinf(t) & valid
+    if not bool(inf.any()):
+        return
+    _, t_, valid, pos, neg = _prepare(t, t, positives, mask)
+    whole_row = torch.zeros_like(valid)
+    if name == "mse":
+        read = valid
+    elif name == "margin_mse":
+        read = valid & (pos.any(-1, keepdim=True) & neg.any(-1, keepdim=True))
+    elif name == "rankdistil_b":
+        read = pos
+    elif name == "m3se":
+        star = torch.zeros_like(valid).scatter_(-1, _m3se_star(t_, neg), True) & neg
+        read = (pos | star) & pos.any(-1, keepdim=True) & neg.any(-1, keepdim=True)
+    else:  # softmax_ce, kl_div: -inf is a zero probability, unless the whole row is -inf
+        read = valid & (t_ > 0)
+        all_neg_inf = valid.any(-1) & ~(valid & (t_ != -math.inf)).any(-1)
+        first_valid = torch.zeros_like(valid).scatter_(-1, valid.byte().argmax(-1, keepdim=True), True)
+        whole_row = first_valid & all_neg_inf[:, None]
+    bad = (inf & read) | whole_row
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        if bool(whole_row[row, col]):
+            raise ValueError(f"fastrank: t (teacher scores) is -inf at every valid candidate of row {row}, so "
+                             f"softmax(t/tau) is undefined; mask the row")
+        sign = "inf" if t_[row, col] > 0 else "-inf"
+        raise ValueError(f"fastrank: t (teacher scores) contains {sign} at a valid candidate that {name} uses, first "
+                         f"at [{row}, {col}]; mask the candidate or give it a finite score")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -250,17 +345,17 @@ def _register_distill(name: str) -> None:
 
     @dispatch.register(name, "cpp", reasons=_cpp_reasons)
     def _cpp(s, t, positives, mask, reduction, param):
-        t, code, param = t.detach(), REDUCTIONS[reduction], float(param)
+        code, param = REDUCTIONS[reduction], float(param)
         if torch.compiler.is_compiling():
-            loss = distill_loss_op(s, t, positives, mask, kind, code, param)[0]
-        else:
+            loss = distill_loss_op(s, t.detach(), positives, mask, kind, code, param)[0]
+        else:  # t is no input of the Function, so no gradient reaches it; no detach needed
             launch = lambda: _launch_distill(s, t, positives, mask, kind, code, param)  # noqa: E731
-            loss = _EagerFusedLoss.apply(s, launch, code == REDUCTIONS["none"])
-        return loss.to(s.dtype)
+            loss = _EagerFusedLoss.apply(s, launch, code == 0, name)
+        return loss if loss.dtype == s.dtype else loss.to(s.dtype)
 
     @dispatch.register(name, "reference")
     def _reference(s, t, positives, mask, reduction, param):
-        _check_teacher_not_nan(name, t, mask)
+        _check_teacher(name, t, positives, mask)
         reference, param_name = _REFERENCES[name]
         extra = {param_name: param} if param_name else {}
         return reference(s, t, positives, mask, reduction, **extra)
@@ -272,9 +367,9 @@ def _inbatch_ce_cpp(scores, target, reduction, tau):
     if torch.compiler.is_compiling():
         loss = inbatch_ce_op(scores, target, code, tau)[0]
     else:
-        loss = _EagerFusedLoss.apply(scores, lambda: _launch_inbatch_ce(scores, target, code, tau),
-                                     code == REDUCTIONS["none"])
-    return loss.to(scores.dtype)
+        loss = _EagerFusedLoss.apply(scores, lambda: _launch_inbatch_ce(scores, target, code, tau), code == 0,
+                                     "inbatch_ce")
+    return loss if loss.dtype == scores.dtype else loss.to(scores.dtype)
 
 
 @dispatch.register("inbatch_ce", "reference")
@@ -300,14 +395,16 @@ _ARGS_DOC = """
     Args:
         s: (B, K) student scores, float32/float16/bfloat16/float64; the gradient flows to it.
         t: (B, K) teacher scores, same dtype and device as ``s``; no gradient flows to it. A NaN at a valid
-            candidate raises ValueError (a NaN in ``s`` propagates to the loss instead).
+            candidate, or an infinity the loss reads, raises ValueError; a NaN or infinity in ``s`` propagates
+            to the loss instead (see :mod:`fastrank.ops.losses`).
         positives: (B, K) bool, which candidates are positives; default: column 0 positive, the rest negative.
         mask: (B, K) bool, which candidates are valid (ragged K); default: all.
         reduction: "mean" (over queries that have a term), "sum", or "none" for a (B,) tensor.
         backend: force a backend ("cpp", "reference"); default: :mod:`fastrank.dispatch` decides.
 
     Returns:
-        The loss in ``s.dtype``: a scalar, or (B,) for ``reduction="none"``.
+        The loss in ``s.dtype``: a scalar, or (B,) for ``reduction="none"``. Differentiable once: double
+        backward (``create_graph=True``) raises RuntimeError; use the ``*_ref`` function for that.
 """
 
 
@@ -365,6 +462,9 @@ def inbatch_ce(scores: Tensor, target: Tensor, tau: float = 1.0, reduction: str 
         tau: temperature > 0.
         reduction: "mean" (over rows not ignored), "sum" or "none" for a (B,) tensor.
         backend: force a backend ("cpp", "reference").
+
+    Differentiable once: double backward (``create_graph=True``) raises RuntimeError; use
+    :func:`inbatch_ce_ref` for that.
     """
     name = "inbatch_ce"
     _check_scores(name, "scores", scores)
@@ -386,7 +486,9 @@ def inbatch_ce(scores: Tensor, target: Tensor, tau: float = 1.0, reduction: str 
 
 # --------------------------------------------------------------------------------------------------------
 # References: the equations in plain PyTorch. They upcast to float32 (float64 stays) and cast back.
-# Masked entries are replaced before any arithmetic, so padding (even inf or NaN) never reaches a gradient.
+# Masked entries are replaced before any arithmetic, and every term is selected (torch.where) before it is
+# squared or exponentiated, never after: an unselected term's infinite derivative would otherwise meet the
+# select's zero as 0 * inf = NaN in backward, so padding and unused scores (even inf) never reach a gradient.
 # --------------------------------------------------------------------------------------------------------
 def _prepare(s: Tensor, t: Tensor, positives: Optional[Tensor], mask: Optional[Tensor]):
     acc = _accumulator(s.dtype)
@@ -419,18 +521,24 @@ def mse_ref(s, t, positives=None, mask=None, reduction="mean"):
 
 def margin_mse_ref(s, t, positives=None, mask=None, reduction="mean"):
     s_, t_, _, pos, neg = _prepare(s, t, positives, mask)
-    diff = (t_[:, :, None] - t_[:, None, :]) - (s_[:, :, None] - s_[:, None, :])  # [b, i, j]
+    d_pos, d_neg = torch.where(pos, t_ - s_, 0.0), torch.where(neg, t_ - s_, 0.0)
     pairs = pos[:, :, None] & neg[:, None, :]
-    per_query = torch.where(pairs, diff ** 2, 0.0).sum((1, 2))
+    per_query = torch.where(pairs, d_pos[:, :, None] - d_neg[:, None, :], 0.0).pow(2).sum((1, 2))  # [b, i, j]
     return _reduce(per_query, pairs.any(-1).any(-1), reduction, s.dtype)
+
+
+def _m3se_star(t_: Tensor, neg: Tensor) -> Tensor:
+    """(B, 1) index of j*: the first negative of highest teacher score, a negative even when all are -inf."""
+    best = torch.where(neg, t_, -math.inf).amax(-1, keepdim=True)
+    return (neg & (t_ == best)).byte().argmax(-1, keepdim=True)  # argmax returns the first maximum
 
 
 def m3se_ref(s, t, positives=None, mask=None, reduction="mean"):
     s_, t_, _, pos, neg = _prepare(s, t, positives, mask)
-    star = torch.where(neg, t_, -math.inf).argmax(-1, keepdim=True)  # argmax returns the first maximum
+    star = _m3se_star(t_, neg)
     s_star, t_star = s_.gather(-1, star), t_.gather(-1, star)
-    margin = torch.where(pos, ((t_ - t_star) - (s_ - s_star)) ** 2, 0.0).sum(-1)
-    hinge = torch.where(neg, torch.clamp(s_ - s_star, min=0) ** 2, 0.0).sum(-1)
+    margin = torch.where(pos, (t_ - t_star) - (s_ - s_star), 0.0).pow(2).sum(-1)
+    hinge = torch.where(neg, torch.clamp(s_ - s_star, min=0), 0.0).pow(2).sum(-1)
     return _reduce(margin + hinge, neg.any(-1), reduction, s.dtype)
 
 
@@ -442,7 +550,8 @@ def _softmax_ce_parts(s, t, positives, mask, tau):
     log_p = torch.log_softmax(torch.where(live, t_ / tau, -math.inf), -1)
     log_q = torch.log_softmax(torch.where(live, s_ / tau, -math.inf), -1)
     p = log_p.exp()
-    cross = -torch.where(valid, p * torch.where(valid, log_q, 0.0), 0.0).sum(-1)
+    # Only candidates with p > 0 enter the sum: a -inf student score where the teacher gives 0 is no loss.
+    cross = -(p * torch.where(valid & (p > 0), log_q, 0.0)).sum(-1)
     entropy = -torch.where(valid & (p > 0), p * torch.where(valid, log_p, 0.0), 0.0).sum(-1)
     return cross, entropy, has_term.squeeze(-1)
 
@@ -459,7 +568,7 @@ def kl_div_ref(s, t, positives=None, mask=None, reduction="mean", tau=1.0):
 
 def rankdistil_b_ref(s, t, positives=None, mask=None, reduction="mean", gamma0=0.0):
     s_, t_, valid, pos, neg = _prepare(s, t, positives, mask)
-    per_query = (torch.where(pos, (t_ - s_) ** 2, 0.0) + torch.where(neg, torch.clamp(s_ - gamma0, min=0) ** 2, 0.0))
+    per_query = torch.where(pos, t_ - s_, 0.0).pow(2) + torch.where(neg, torch.clamp(s_ - gamma0, min=0), 0.0).pow(2)
     return _reduce(per_query.sum(-1), valid.any(-1), reduction, s.dtype)
 
 

@@ -14,9 +14,15 @@ never copied. Re-ranking is (1, 1, N), grouped training (B, 1, K), in-batch all-
 Backward follows the argmax route: the forward stores, per pair and query token, the index of the
 maximising doc token (-1 for padded query tokens and empty docs); the gradient of q_i is g * d_argmax
 and the gradient of d_j collects g * q_i from every query token whose argmax is j.
+
+Long queries. Both kernels hold the query in one tile of at most QUERY_TILE tokens. MaxSim is separable over
+query tokens (the score is a sum of per-token maxima), so a longer query is scored in chunks of QUERY_TILE
+tokens whose scores add; the argmax of each chunk is its slice of the full argmax, the chunks' dq are
+slices of dq and their dd add (:func:`forward_by_query_chunks`, :func:`backward_by_query_chunks`).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -25,7 +31,8 @@ import torch
 from torch import Tensor
 
 from fastrank import _ext, cpu_isa, dispatch
-from fastrank.ops.pairs import broadcast_shapes, canonicalize, inner_contiguous
+from fastrank.ops.pairs import (DOUBLE_BACKWARD_ERROR, QUERY_TILE, canonicalize, check_pair_inputs,
+                                dot_precision, dtype_reasons, inner_contiguous, pow2)
 
 try:
     import triton
@@ -33,8 +40,6 @@ try:
 except ImportError:  # Triton is optional: the C++ and reference backends cover CPU.
     triton = None
 
-MAX_LQ = 64  # the query tile of both kernels; longer queries run on the reference
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # --------------------------------------------------------------------------------------------------------
 # Triton kernels
@@ -192,30 +197,56 @@ def _forward_outputs(q: Tensor, d: Tensor, save_argmax: bool) -> tuple[Tensor, T
     return out, q.new_empty((F, Y, X, Lq) if save_argmax else (0,), dtype=torch.int32)
 
 
-def _pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(n)))
+def forward_by_query_chunks(run: Callable, q: Tensor, q_mask: Optional[Tensor], save_argmax: bool):
+    """``run(q_chunk, q_mask_chunk) -> (float32 scores, int32 argmax (..., chunk) or empty)`` over chunks of at
+    most QUERY_TILE query tokens (dim -2 of q, -1 of q_mask): the scores add, the argmaxes concatenate."""
+    lq = q.shape[-2]
+    if lq <= QUERY_TILE:
+        return run(q, q_mask)
+    total, args = None, []
+    for i in range(0, lq, QUERY_TILE):
+        chunk = slice(i, min(i + QUERY_TILE, lq))
+        out, arg = run(q[..., chunk, :], None if q_mask is None else q_mask[..., chunk])
+        total = out if total is None else total.add_(out)
+        args.append(arg)
+    return total, (torch.cat(args, dim=-1) if save_argmax else args[0])
 
 
-def _precision(t: Tensor) -> str:
-    # float32 inputs keep float32 products (TF32 would cost ~1e-3 relative error in scores).
-    return "ieee" if t.dtype == torch.float32 else "tf32"
+def backward_by_query_chunks(run: Callable, q: Tensor, argmax: Tensor, need_dq: bool):
+    """``run(q_chunk, argmax_chunk) -> (float32 dq chunk or None, float32 dd or None)`` over the chunks of
+    :func:`forward_by_query_chunks`: dq is the chunks' dq side by side, dd their sum (in float32, before
+    the one rounding to the input dtype)."""
+    lq = q.shape[-2]
+    if lq <= QUERY_TILE:
+        return run(q, argmax.contiguous())
+    dqs, dd = [], None
+    for i in range(0, lq, QUERY_TILE):
+        chunk = slice(i, min(i + QUERY_TILE, lq))
+        dq_c, dd_c = run(q[..., chunk, :], argmax[..., chunk].contiguous())
+        dqs.append(dq_c)
+        dd = dd_c if dd is None else dd.add_(dd_c)
+    return (torch.cat(dqs, dim=-2) if need_dq else None), dd
 
 
 def _triton_forward(q, d, q_mask, d_mask, save_argmax: bool):
     q, d = inner_contiguous(q), inner_contiguous(d)
+    return forward_by_query_chunks(lambda qc, mc: _triton_forward_tile(qc, d, mc, d_mask, save_argmax), q, q_mask, save_argmax)
+
+
+def _triton_forward_tile(q, d, q_mask, d_mask, save_argmax: bool):
     F, Y, X, Lq, Ld, H = _dims(q, d)
     out, arg = _forward_outputs(q, d, save_argmax)
     qm, qms = _mask_args(q_mask)
     dm, dms = _mask_args(d_mask)
-    block_lq = _pow2(Lq, 16, MAX_LQ)
+    block_lq = pow2(Lq, 16, QUERY_TILE)
     block_ld = 64 if block_lq <= 32 else 32
-    block_h = _pow2(H, 16, 64 if q.dtype == torch.float32 else 128)
+    block_h = pow2(H, 16, 64 if q.dtype == torch.float32 else 128)
     _maxsim_fwd_kernel[(F * Y * X,)](
         q, d, qm if qm is not None else out, dm if dm is not None else out, out, arg,
         Y, X, Lq, Ld, H,
         q.stride(0), q.stride(1), q.stride(2), d.stride(0), d.stride(1), d.stride(2),
         *qms, *dms,
-        HAS_QM=qm is not None, HAS_DM=dm is not None, STORE_ARG=save_argmax, PRECISION=_precision(q),
+        HAS_QM=qm is not None, HAS_DM=dm is not None, STORE_ARG=save_argmax, PRECISION=dot_precision(q),
         BLOCK_LQ=block_lq, BLOCK_LD=block_ld, BLOCK_H=block_h,
         num_warps=4,
     )
@@ -242,12 +273,18 @@ def _loop_split(programs: int, loop_len: int, deterministic: bool, device: torch
 
 def _triton_backward(q, d, grad, argmax, need_dq: bool, need_dd: bool, deterministic: bool):
     q, d = inner_contiguous(q), inner_contiguous(d)
-    F, Y, X, Lq, Ld, H = _dims(q, d)
     grad = grad.contiguous().float()
-    block_lq = _pow2(Lq, 16, MAX_LQ)
+    dq, dd = backward_by_query_chunks(
+        lambda qc, ac: _triton_backward_tile(qc, d, grad, ac, need_dq, need_dd, deterministic), q, argmax, need_dq)
+    return (dq.to(q.dtype) if need_dq else None), (dd.to(d.dtype) if need_dd else None)
+
+
+def _triton_backward_tile(q, d, grad, argmax, need_dq: bool, need_dd: bool, deterministic: bool):
+    F, Y, X, Lq, Ld, H = _dims(q, d)
+    block_lq = pow2(Lq, 16, QUERY_TILE)
     dq = dd = None
     if need_dq:
-        block_h = _pow2(H, 16, 64)
+        block_h = pow2(H, 16, 64)
         programs = F * Y * triton.cdiv(H, block_h)
         split = _loop_split(programs, X, deterministic, q.device)
         chunk = triton.cdiv(X, split)
@@ -256,60 +293,68 @@ def _triton_backward(q, d, grad, argmax, need_dq: bool, need_dd: bool, determini
             d, grad, argmax, dq, argmax, Y, X, Lq, H, chunk, d.stride(0), d.stride(1), d.stride(2),
             PACKED=False, ATOMIC=split > 1, BLOCK_LQ=block_lq, BLOCK_H=block_h, num_warps=4,
         )
-        dq = dq.to(q.dtype)
     if need_dd:
-        block_ld, block_h = 64, _pow2(H, 16, 64)
+        block_ld, block_h = 64, pow2(H, 16, 64)
         programs = F * X * triton.cdiv(Ld, block_ld) * triton.cdiv(H, block_h)
         split = _loop_split(programs, Y, deterministic, q.device)
         chunk = triton.cdiv(Y, split)
         dd = (torch.zeros if split > 1 else torch.empty)((F, X, Ld, H), device=q.device, dtype=torch.float32)
         _maxsim_bwd_dd_kernel[(F * X, triton.cdiv(Ld, block_ld) * triton.cdiv(H, block_h), triton.cdiv(Y, chunk))](
             q, grad, argmax, dd, Y, X, Lq, Ld, H, chunk, q.stride(0), q.stride(1), q.stride(2),
-            ATOMIC=split > 1, PRECISION=_precision(q),
+            ATOMIC=split > 1, PRECISION=dot_precision(q),
             BLOCK_LQ=block_lq, BLOCK_LD=block_ld, BLOCK_H=block_h, num_warps=4,
         )
-        dd = dd.to(d.dtype)
     return dq, dd
 
 
-def _cpp_forward(q, d, q_mask, d_mask, save_argmax: bool):
+# The extension's CPU and CUDA entry points take the same arguments but the last: the CPU ISA path and
+# thread count, or the CUDA stream. Which one a call takes is dispatch's choice (dispatch.kernels).
+def _cpu_entry(name: str) -> Callable:
+    return lambda ext, t, args: getattr(ext, name)(cpu_isa.selected(), *args, torch.get_num_threads())
+
+
+def _cuda_entry(name: str) -> Callable:
+    return lambda ext, t, args: getattr(ext, name + "_cuda")(*args, _ext.cuda_stream(t))
+
+
+def _cpp_forward(entry: Callable, q, d, q_mask, d_mask, save_argmax: bool):
     ext = _ext.require()
     q, d = inner_contiguous(q), inner_contiguous(d)
-    F, Y, X, Lq, Ld, H = _dims(q, d)
-    out, arg = _forward_outputs(q, d, save_argmax)
-    qm, qms = _mask_args(q_mask)
-    dm, dms = _mask_args(d_mask)
-    args = (
-        _ext.dtype_code(q), q.data_ptr(), d.data_ptr(), [F, Y, X, Lq, Ld, H],
-        [q.stride(0), q.stride(1), q.stride(2)], [d.stride(0), d.stride(1), d.stride(2)],
-        qm.data_ptr() if qm is not None else 0, qms, dm.data_ptr() if dm is not None else 0, dms,
-        out.data_ptr(), arg.data_ptr() if save_argmax else 0,
-    )
-    if q.is_cuda:
-        ext.maxsim_forward_cuda(*args, _ext.cuda_stream(q))
-    else:
-        ext.maxsim_forward(cpu_isa.selected(), *args, torch.get_num_threads())
-    return out, arg
+
+    def tile(qc, mc):
+        F, Y, X, Lq, Ld, H = _dims(qc, d)
+        out, arg = _forward_outputs(qc, d, save_argmax)
+        qm, qms = _mask_args(mc)
+        dm, dms = _mask_args(d_mask)
+        entry(ext, qc, (
+            _ext.dtype_code(qc), qc.data_ptr(), d.data_ptr(), [F, Y, X, Lq, Ld, H],
+            [qc.stride(0), qc.stride(1), qc.stride(2)], [d.stride(0), d.stride(1), d.stride(2)],
+            qm.data_ptr() if qm is not None else 0, qms, dm.data_ptr() if dm is not None else 0, dms,
+            out.data_ptr(), arg.data_ptr() if save_argmax else 0,
+        ))
+        return out, arg
+
+    return forward_by_query_chunks(tile, q, q_mask, save_argmax)
 
 
-def _cpp_backward(q, d, grad, argmax, need_dq: bool, need_dd: bool, deterministic: bool):
+def _cpp_backward(entry: Callable, q, d, grad, argmax, need_dq: bool, need_dd: bool, deterministic: bool):
     # Deterministic whatever `deterministic` says: each output element has one writer (CPU and CUDA).
     ext = _ext.require()
     q, d = inner_contiguous(q), inner_contiguous(d)
-    F, Y, X, Lq, Ld, H = _dims(q, d)
     grad = grad.contiguous().float()
-    argmax = argmax.contiguous()
-    dq = torch.empty((F, Y, Lq, H), device=q.device, dtype=torch.float32) if need_dq else None
-    dd = torch.empty((F, X, Ld, H), device=q.device, dtype=torch.float32) if need_dd else None
-    args = (
-        _ext.dtype_code(q), q.data_ptr(), d.data_ptr(), [F, Y, X, Lq, Ld, H],
-        [q.stride(0), q.stride(1), q.stride(2)], [d.stride(0), d.stride(1), d.stride(2)],
-        grad.data_ptr(), argmax.data_ptr(), dq.data_ptr() if need_dq else 0, dd.data_ptr() if need_dd else 0,
-    )
-    if q.is_cuda:
-        ext.maxsim_backward_cuda(*args, _ext.cuda_stream(q))
-    else:
-        ext.maxsim_backward(cpu_isa.selected(), *args, torch.get_num_threads())
+
+    def tile(qc, ac):
+        F, Y, X, Lq, Ld, H = _dims(qc, d)
+        dq = torch.empty((F, Y, Lq, H), device=qc.device, dtype=torch.float32) if need_dq else None
+        dd = torch.empty((F, X, Ld, H), device=qc.device, dtype=torch.float32) if need_dd else None
+        entry(ext, qc, (
+            _ext.dtype_code(qc), qc.data_ptr(), d.data_ptr(), [F, Y, X, Lq, Ld, H],
+            [qc.stride(0), qc.stride(1), qc.stride(2)], [d.stride(0), d.stride(1), d.stride(2)],
+            grad.data_ptr(), ac.data_ptr(), dq.data_ptr() if need_dq else 0, dd.data_ptr() if need_dd else 0,
+        ))
+        return dq, dd
+
+    dq, dd = backward_by_query_chunks(tile, q, argmax, need_dq)
     return (dq.to(q.dtype) if need_dq else None), (dd.to(d.dtype) if need_dd else None)
 
 
@@ -319,14 +364,9 @@ class _Kernels:
     backward: Callable
 
 
-def _kernel_reasons(*, dtype: torch.dtype, lq: int, interpreter: bool = False, **_) -> list[str]:
-    reasons = []
-    allowed = (torch.float32,) if interpreter else KERNEL_DTYPES
-    if dtype not in allowed:
-        reasons.append(f"dtype {dtype} not supported (supports {', '.join(str(t) for t in allowed)})")
-    if lq > MAX_LQ:
-        reasons.append(f"Lq={lq} exceeds the {MAX_LQ}-token query tile")
-    return reasons
+def _kernel_reasons(*, dtype: torch.dtype, interpreter: bool = False, **_) -> list[str]:
+    # No limit on Lq: longer queries than the tile run in chunks (forward_by_query_chunks).
+    return dtype_reasons(dtype, interpreter)
 
 
 # Where the CPU kernel loses to eager PyTorch, measured through this same entry point on the CPUs we ran
@@ -361,13 +401,21 @@ def _cpp_describe(*, device_types, dtype: torch.dtype, isa: str = "", **_) -> st
 
 
 _TRITON = _Kernels(_triton_forward, _triton_backward)
-_CPP = _Kernels(_cpp_forward, _cpp_backward)
+# The C++ backend's kernels per device type: dispatch.kernels picks the entry for the call's tensors.
+_CPP = {
+    device: _Kernels(functools.partial(_cpp_forward, entry("maxsim_forward")),
+                     functools.partial(_cpp_backward, entry("maxsim_backward")))
+    for device, entry in (("cpu", _cpu_entry), ("cuda", _cuda_entry))
+}
 dispatch.register("maxsim", "triton", reasons=_kernel_reasons, describe=lambda **_: "Triton kernels")(_TRITON)
 dispatch.register("maxsim", "triton_interpret", reasons=lambda **ctx: _kernel_reasons(interpreter=True, **ctx),
                   slower=lambda **_: ["the Triton interpreter checks the GPU kernels on CPU; it never outruns eager"],
                   describe=lambda **_: "Triton kernels under the interpreter")(_TRITON)
 dispatch.register("maxsim", "cpp", reasons=_kernel_reasons, slower=_cpu_slower, describe=_cpp_describe)(_CPP)
-_KERNELS = {"triton": _TRITON, "triton_interpret": _TRITON, "cpp": _CPP}
+
+
+def _kernels(backend: str, t: Tensor) -> _Kernels:
+    return dispatch.kernels("maxsim", backend, t)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -378,7 +426,7 @@ def _maxsim_forward_op(
     q: Tensor, d: Tensor, q_mask: Optional[Tensor], d_mask: Optional[Tensor], backend: str,
     save_argmax: bool, deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
-    return _KERNELS[backend].forward(q, d, q_mask, d_mask, save_argmax)
+    return _kernels(backend, q).forward(q, d, q_mask, d_mask, save_argmax)
 
 
 @_maxsim_forward_op.register_fake
@@ -390,7 +438,7 @@ def _(q, d, q_mask, d_mask, backend, save_argmax, deterministic):
 def _maxsim_backward_op(
     q: Tensor, d: Tensor, grad: Tensor, argmax: Tensor, backend: str, deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
-    dq, dd = _KERNELS[backend].backward(q, d, grad, argmax, True, True, deterministic)
+    dq, dd = _kernels(backend, q).backward(q, d, grad, argmax, True, True, deterministic)
     return dq, dd
 
 
@@ -413,54 +461,24 @@ def _backward(ctx, grad_scores, _grad_argmax):
 
 _maxsim_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
+# The kernels' backward routes the gradient through the forward's argmax and has no derivative of its own.
+NO_SECOND_DERIVATIVE = "the kernels' backward routes the gradient through the forward's argmax and has no derivative of its own"
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(DOUBLE_BACKWARD_ERROR.format(op="fastrank.maxsim", why=NO_SECOND_DERIVATIVE, ref="fastrank.maxsim_ref"))
+
+
+# Registered so that backward(create_graph=True) works (a first-order step under a graph-recording
+# backward) and only differentiating the gradient again fails, with a message saying what to use instead.
+_maxsim_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
 
 # --------------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------------
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
 def _check_inputs(q, d, q_mask, d_mask) -> torch.Size:
-    for name, t in (("q", q), ("d", d)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"maxsim: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() < 2:
-            raise ValueError(f"maxsim: {name} must have shape (..., L{name}, H), got {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"maxsim: {name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if q.dtype != d.dtype:
-        raise TypeError(f"maxsim: q and d must have the same dtype, got q {q.dtype} and d {d.dtype}")
-    if q.shape[-1] != d.shape[-1]:
-        raise ValueError(
-            f"maxsim: q and d must share the embedding dim H, got q {tuple(q.shape)} (H={q.shape[-1]}) "
-            f"and d {tuple(d.shape)} (H={d.shape[-1]})"
-        )
-    for name, m, owner, length in (("q_mask", q_mask, "q", q.shape[-2]), ("d_mask", d_mask, "d", d.shape[-2])):
-        if m is None:
-            continue
-        if not isinstance(m, Tensor):
-            raise TypeError(f"maxsim: {name} must be a bool tensor or None, got {type(m).__name__}")
-        if m.dtype != torch.bool:
-            raise TypeError(f"maxsim: {name} must be a bool tensor, got {m.dtype}")
-        if m.dim() < 1 or m.shape[-1] != length:
-            raise ValueError(
-                f"maxsim: {name} must have shape (..., {length}) to match {owner}'s {length} tokens, got {tuple(m.shape)}"
-            )
-    devices = {name: t.device for name, t in (("q", q), ("d", d), ("q_mask", q_mask), ("d_mask", d_mask)) if t is not None}
-    if len(set(devices.values())) > 1:
-        raise ValueError("maxsim: all tensors must be on one device, got " + ", ".join(f"{k} on {v}" for k, v in devices.items()))
-    shapes = {"q": q.shape[:-2], "d": d.shape[:-2]}
-    if q_mask is not None:
-        shapes["q_mask"] = q_mask.shape[:-1]
-    if d_mask is not None:
-        shapes["d_mask"] = d_mask.shape[:-1]
-    batch = broadcast_shapes(shapes.values())
-    if batch is None:
-        raise ValueError(
-            "maxsim: the leading (batch) dims do not broadcast: "
-            + ", ".join(f"{k} {tuple(v)}" for k, v in shapes.items())
-        )
-    return batch
+    return check_pair_inputs("maxsim", q, d, q_mask, d_mask)
 
 
 def maxsim(
@@ -491,6 +509,22 @@ def maxsim(
     Returns:
         float32 scores of the broadcast batch shape (float64 for float64 inputs, which run on the
         reference). Accumulation is float32 whatever the input dtype. NaN in the inputs propagates.
+
+    Queries of any length run on the kernels: beyond 64 tokens (``QUERY_TILE``) in chunks of 64 whose scores add.
+
+    Subnormals. On the CPU ISA paths ``amx`` and ``avx512bf16`` (:mod:`fastrank.cpu_isa`), bfloat16
+    inputs are multiplied by ``tdpbf16ps`` / ``vdpbf16ps``, which treat subnormal inputs (``|x| < 2**-126``)
+    as zero and flush subnormal products and sums to zero, whatever the MXCSR says. Each similarity
+    ``<q_i, d_j>`` then differs from its float32 value by at most ``2**-126 * (||q_i||_1 + ||d_j||_1 + 2H)``
+    (a dropped input is below ``2**-126`` times its partner; each of the 2H flushed products and partial
+    sums is below ``2**-126``), and a score by the sum over valid query tokens ``i`` of the largest such
+    bound over the document's valid tokens ``j`` (a max moves by at most the largest change of its
+    arguments). The difference is visible only where subnormal entries meet entries near ``2**100`` or
+    the whole score is below about ``2**-100``. Other paths and dtypes keep subnormals.
+
+    Double backward (a gradient of the gradient, as in gradient penalties) is not supported on the
+    kernels: ``backward(create_graph=True)`` works, differentiating its result raises a RuntimeError.
+    Use :func:`maxsim_ref` (or ``backend="reference"``) where second derivatives are needed.
     """
     batch = _check_inputs(q, d, q_mask, d_mask)
     lq, h = q.shape[-2], q.shape[-1]
@@ -506,15 +540,15 @@ def maxsim(
     if save_argmax or torch.compiler.is_compiling():
         scores, _ = _maxsim_forward_op(c.q, c.d, c.q_mask, c.d_mask, impl.backend, save_argmax, deterministic)
     else:  # inference: no graph to record, so skip the custom-op machinery (tens of microseconds a call)
-        scores, _ = impl.fn.forward(c.q, c.d, c.q_mask, c.d_mask, False)
+        scores, _ = _kernels(impl.backend, c.q).forward(c.q, c.d, c.q_mask, c.d_mask, False)
     return c.restore(scores)
 
 
 def dispatch_context(q: Tensor, d: Tensor, batch) -> dict:
-    """What the backends' reasons look at: dtype, Lq, the CPU ISA path, the work as log2 of the
+    """What the backends' reasons look at: dtype, the CPU ISA path, the work as log2 of the
     multiply-adds (a coarse key, so the cached choice is shared by calls of similar size) and whether there
     are fewer pairs than threads."""
-    ctx = {"dtype": q.dtype, "lq": q.shape[-2]}
+    ctx = {"dtype": q.dtype}
     if q.device.type == "cpu":
         ctx["isa"] = cpu_isa.selected()
     if torch.compiler.is_compiling():

@@ -26,8 +26,9 @@ import torch
 from torch import Tensor
 
 from fastrank import _ext, cpu_isa, dispatch
-from fastrank.ops.maxsim import _cpu_slower, _kernel_reasons
-from fastrank.ops.pairs import inner_contiguous
+from fastrank.ops.maxsim import (NO_SECOND_DERIVATIVE, _cpu_slower, _kernel_reasons, backward_by_query_chunks,
+                                 forward_by_query_chunks)
+from fastrank.ops.pairs import DOUBLE_BACKWARD_ERROR, FLOAT_DTYPES, FLOAT_NAMES, inner_contiguous
 
 INT8_CODE = 4  # csrc/cpu/maxsim_cpu.h kInt8: q float32, tokens int8 with per-token float32 scales
 
@@ -35,7 +36,6 @@ INT8_CODE = 4  # csrc/cpu/maxsim_cpu.h kInt8: q float32, tokens int8 with per-to
 # --------------------------------------------------------------------------------------------------------
 # Checks
 # --------------------------------------------------------------------------------------------------------
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # Offsets already validated, by object: id -> (weak reference, version counter, rows they were checked
@@ -103,8 +103,8 @@ def _check_inputs(q, tokens, offsets, q_mask, scales, docs=None) -> int:
             raise TypeError(f"maxsim_packed: {name} must be a torch.Tensor, got {type(t).__name__}")
     if q.dim() not in (2, 3):
         raise ValueError(f"maxsim_packed: q must have shape (Lq, H) or (N, Lq, H), got {tuple(q.shape)}")
-    if q.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"maxsim_packed: q must be float32, float16 or bfloat16, got {q.dtype}")
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"maxsim_packed: q must be {FLOAT_NAMES}, got {q.dtype}")
     if tokens.dim() != 2:
         raise ValueError(f"maxsim_packed: tokens must have shape (T, H), got {tuple(tokens.shape)}")
     if scales is None:
@@ -192,23 +192,27 @@ def _cpp_forward(q, tokens, offsets, q_mask, scales, save_argmax: bool, docs: Op
     ext = _ext.require()
     q, tokens = inner_contiguous(q), inner_contiguous(tokens)
     n = offsets.numel() - 1 if docs is None else docs.numel()
-    out, arg = _forward_outputs(q, n, save_argmax)
     if n == 0:
-        return out, arg
+        return _forward_outputs(q, n, save_argmax)
     if scales is not None:
         q = q.float()
         code = INT8_CODE
     else:
         code = _ext.dtype_code(q)
-    F, X, qs, qms = _grid(q, n, q_mask)
-    ext.maxsim_packed_forward(
-        cpu_isa.selected(), code, q.data_ptr(), tokens.data_ptr(), offsets.data_ptr(),
-        docs.data_ptr() if docs is not None else 0, scales.data_ptr() if scales is not None else 0,
-        [F, X, q.shape[1], tokens.shape[1]], qs, tokens.stride(0),
-        q_mask.data_ptr() if q_mask is not None else 0, qms, out.data_ptr(), arg.data_ptr() if save_argmax else 0,
-        torch.get_num_threads(), exact_int8,
-    )
-    return out, arg
+
+    def tile(qc, mc):
+        out, arg = _forward_outputs(qc, n, save_argmax)
+        F, X, qs, qms = _grid(qc, n, mc)
+        ext.maxsim_packed_forward(
+            cpu_isa.selected(), code, qc.data_ptr(), tokens.data_ptr(), offsets.data_ptr(),
+            docs.data_ptr() if docs is not None else 0, scales.data_ptr() if scales is not None else 0,
+            [F, X, qc.shape[1], tokens.shape[1]], qs, tokens.stride(0),
+            mc.data_ptr() if mc is not None else 0, qms, out.data_ptr(), arg.data_ptr() if save_argmax else 0,
+            torch.get_num_threads(), exact_int8,
+        )
+        return out, arg
+
+    return forward_by_query_chunks(tile, q, q_mask, save_argmax)
 
 
 def _cpp_backward(q, tokens, offsets, grad, argmax, need_dq: bool, need_dt: bool, deterministic: bool):
@@ -220,15 +224,20 @@ def _cpp_backward(q, tokens, offsets, grad, argmax, need_dq: bool, need_dt: bool
     # The kernel writes every row of dq and of dtokens (each row belongs to one document); with no
     # document it runs not at all and the gradients are zero.
     alloc = torch.empty if n > 0 else torch.zeros
-    dq = alloc(q.shape, dtype=torch.float32) if need_dq else None
-    dt = alloc(tokens.shape, dtype=torch.float32) if need_dt else None
-    if n > 0 and (need_dq or need_dt):
-        F, X, qs, _ = _grid(q, n, None)
-        ext.maxsim_packed_backward(
-            cpu_isa.selected(), _ext.dtype_code(q), q.data_ptr(), tokens.data_ptr(), offsets.data_ptr(), 0,
-            [F, X, q.shape[1], tokens.shape[1]], qs, tokens.stride(0), grad.data_ptr(), argmax.data_ptr(),
-            dq.data_ptr() if need_dq else 0, dt.data_ptr() if need_dt else 0, torch.get_num_threads(),
-        )
+
+    def tile(qc, ac):
+        dq = alloc(qc.shape, dtype=torch.float32) if need_dq else None
+        dt = alloc(tokens.shape, dtype=torch.float32) if need_dt else None
+        if n > 0 and (need_dq or need_dt):
+            F, X, qs, _ = _grid(qc, n, None)
+            ext.maxsim_packed_backward(
+                cpu_isa.selected(), _ext.dtype_code(qc), qc.data_ptr(), tokens.data_ptr(), offsets.data_ptr(), 0,
+                [F, X, qc.shape[1], tokens.shape[1]], qs, tokens.stride(0), grad.data_ptr(), ac.data_ptr(),
+                dq.data_ptr() if need_dq else 0, dt.data_ptr() if need_dt else 0, torch.get_num_threads(),
+            )
+        return dq, dt
+
+    dq, dt = backward_by_query_chunks(tile, q, argmax, need_dq)
     return (dq.to(q.dtype) if need_dq else None), (dt.to(tokens.dtype) if need_dt else None)
 
 
@@ -325,12 +334,21 @@ def _backward(ctx, grad_scores, _grad_argmax):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(DOUBLE_BACKWARD_ERROR.format(op="fastrank.maxsim_packed", why=NO_SECOND_DERIVATIVE,
+                                                    ref="fastrank.maxsim_packed_ref"))
+
+
+# As for maxsim: backward(create_graph=True) works; differentiating the gradient again is a clear error.
+_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------------
 def dispatch_context(q: Tensor, tokens: Tensor, n: int, scales: Optional[Tensor], exact_int8: bool = False) -> dict:
     ctx = {"dtype": torch.float32 if scales is not None and q.dtype != torch.float64 else q.dtype,
-           "lq": q.shape[-2], "int8": scales is not None}
+           "int8": scales is not None}
     if scales is not None:
         ctx["exact_int8"] = exact_int8
     if q.device.type == "cpu":
@@ -378,6 +396,11 @@ def maxsim_packed(q: Tensor, tokens: Tensor, offsets: Tensor, *, q_mask: Optiona
 
     Returns:
         float32 scores (N,) (float64 for float64 inputs). NaN in the inputs propagates.
+
+    Queries of any length run on the kernels (in chunks of 64 tokens beyond 64). bfloat16 on the ``amx``
+    and ``avx512bf16`` CPU paths flushes subnormals, within the bound :func:`fastrank.maxsim` states.
+    Double backward is not supported on the kernels (a RuntimeError when the gradient is differentiated
+    again); use :func:`maxsim_packed_ref` for second derivatives.
     """
     n = _check_inputs(q, tokens, offsets, q_mask, scales, docs)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or tokens.requires_grad)

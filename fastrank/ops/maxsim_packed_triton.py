@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastrank.ops.maxsim import KERNEL_DTYPES, MAX_LQ, _loop_split
+from fastrank.ops.maxsim import _loop_split, backward_by_query_chunks, forward_by_query_chunks
+from fastrank.ops.pairs import KERNEL_DTYPES, QUERY_TILE, pow2
 from fastrank.ops.pairs import inner_contiguous
 
 try:
@@ -136,15 +137,6 @@ def _require_triton() -> None:
                            "(or use the cpp or reference backend of fastrank.maxsim_packed)")
 
 
-def _pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(n)))
-
-
-def _check_lq(lq: int) -> None:
-    if lq > MAX_LQ:
-        raise ValueError(f"maxsim_packed (triton): Lq={lq} exceeds the {MAX_LQ}-token query tile")
-
-
 def _query_strides(q: Tensor) -> tuple[int, int]:
     """(stride between documents' queries, stride between query tokens): 0 for a shared query, so the
     kernels index q with the document number whatever Fq is."""
@@ -161,8 +153,7 @@ def packed_forward(q: Tensor, tokens: Tensor, offsets: Tensor, q_mask: Tensor | 
     _require_triton()
     q, tokens = inner_contiguous(q), inner_contiguous(tokens)
     n = offsets.numel() - 1
-    fq, lq, h = q.shape
-    _check_lq(lq)
+    fq = q.shape[0]
     int8 = scales is not None
     if int8 and tokens.dtype != torch.int8:
         raise TypeError(f"maxsim_packed (triton): scales go with int8 tokens, got tokens {tokens.dtype}")
@@ -171,6 +162,16 @@ def packed_forward(q: Tensor, tokens: Tensor, offsets: Tensor, q_mask: Tensor | 
                         f"with scales), got q {q.dtype} and tokens {tokens.dtype}")
     if fq not in (1, n):
         raise ValueError(f"maxsim_packed (triton): q must hold 1 or N={n} queries, got {fq}")
+    # Queries longer than the QUERY_TILE-token tile run in chunks whose scores add (MaxSim is separable).
+    return forward_by_query_chunks(lambda qc, mc: _forward_tile(qc, tokens, offsets, mc, scales, save_argmax),
+                                   q, q_mask, save_argmax)
+
+
+def _forward_tile(q: Tensor, tokens: Tensor, offsets: Tensor, q_mask: Tensor | None, scales: Tensor | None,
+                  save_argmax: bool) -> tuple[Tensor, Tensor]:
+    n = offsets.numel() - 1
+    _, lq, h = q.shape
+    int8 = scales is not None
     out = torch.empty((n,), device=q.device, dtype=torch.float32)
     arg = torch.empty((n, lq) if save_argmax else (0,), device=q.device, dtype=torch.int32)
     if n == 0:
@@ -181,12 +182,12 @@ def packed_forward(q: Tensor, tokens: Tensor, offsets: Tensor, q_mask: Tensor | 
     else:
         sqm_f = sqm_l = 0
     float32_math = q.dtype == torch.float32 or int8
-    block_lq = _pow2(lq, 16, MAX_LQ)
+    block_lq = pow2(lq, 16, QUERY_TILE)
     # The S tile (BLOCK_LQ x BLOCK_LD float32) and both operand tiles must fit in registers; halve the doc
     # tile when the query tile is full. Most documents are 180-200 rows: 64 wastes at most a third of one tile.
     block_ld = 64 if block_lq <= 32 else 32
     # float32 operands (including int8 widened in-kernel) take twice the bytes of 16-bit ones per element.
-    block_h = _pow2(h, 16, 64 if float32_math else 128)
+    block_h = pow2(h, 16, 64 if float32_math else 128)
     _packed_fwd_kernel[(n,)](
         q, tokens, offsets, scales if int8 else out, q_mask if q_mask is not None else out, out, arg,
         lq, h,
@@ -209,16 +210,22 @@ def packed_backward(q: Tensor, tokens: Tensor, offsets: Tensor, grad: Tensor, ar
     if tokens.dtype == torch.int8:
         raise TypeError("maxsim_packed (triton): int8 tokens are scored forward only (no backward)")
     q, tokens = inner_contiguous(q), inner_contiguous(tokens)
+    grad = grad.contiguous().float()
+    dq, dt = backward_by_query_chunks(
+        lambda qc, ac: _backward_tile(qc, tokens, offsets, grad, ac, need_dq, need_dt, deterministic), q, argmax, need_dq)
+    return (dq.to(q.dtype) if need_dq else None), (dt.to(tokens.dtype) if need_dt else None)
+
+
+def _backward_tile(q: Tensor, tokens: Tensor, offsets: Tensor, grad: Tensor, argmax: Tensor,
+                   need_dq: bool, need_dt: bool, deterministic: bool) -> tuple[Tensor | None, Tensor | None]:
+    """float32 (dq, dtokens) of one query chunk of at most QUERY_TILE tokens."""
     n = offsets.numel() - 1
     fq, lq, h = q.shape
-    _check_lq(lq)
-    grad = grad.contiguous().float()
-    argmax = argmax.contiguous()
-    block_lq = _pow2(lq, 16, MAX_LQ)
+    block_lq = pow2(lq, 16, QUERY_TILE)
     dq = dt = None
     if need_dq:
         docs_per_query = n if fq == 1 else 1
-        block_h = _pow2(h, 16, 64)
+        block_h = pow2(h, 16, 64)
         h_blocks = triton.cdiv(h, block_h)
         # Only a shared query reduces over documents; one query per document has a single writer per row.
         split = _loop_split(fq * h_blocks, docs_per_query, deterministic, q.device)
@@ -233,18 +240,16 @@ def packed_backward(q: Tensor, tokens: Tensor, offsets: Tensor, grad: Tensor, ar
                 1, docs_per_query, lq, h, chunk, 0, 0, tokens.stride(0),
                 PACKED=True, ATOMIC=split > 1, BLOCK_LQ=block_lq, BLOCK_H=block_h, num_warps=4,
             )
-        dq = dq.to(q.dtype)
     if need_dt:
         # Every row belongs to exactly one document (offsets partition 0..T), so every row is written.
         dt = torch.empty(tokens.shape, device=tokens.device, dtype=torch.float32)
         if n > 0 and dt.numel() > 0:
             sq_f, sq_l = _query_strides(q)
-            block_ld, block_h = 64, _pow2(h, 16, 64)
+            block_ld, block_h = 64, pow2(h, 16, 64)
             _packed_bwd_dt_kernel[(n, triton.cdiv(h, block_h))](
                 q, grad, argmax, offsets, dt,
                 lq, h, sq_f, sq_l,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 BLOCK_LQ=block_lq, BLOCK_LD=block_ld, BLOCK_H=block_h, num_warps=4,
             )
-        dt = dt.to(tokens.dtype)
     return dq, dt

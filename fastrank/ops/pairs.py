@@ -97,3 +97,91 @@ def broadcast_shapes(shapes) -> Optional[torch.Size]:
                     return None
                 out[i] = size
     return torch.Size(out)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Plumbing shared by the pair ops (maxsim, maxsim_packed, lite): dtypes, tile sizes, argument checks.
+# --------------------------------------------------------------------------------------------------------
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # accepted (float64: reference)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # run by the Triton kernels
+QUERY_TILE = 64  # query tokens one Triton program holds (MaxSim's C++ kernel too)
+FLOAT_NAMES = "float32, float16, bfloat16 or float64"
+
+DOUBLE_BACKWARD_ERROR = (
+    "{op}: double backward (the gradient of a gradient, e.g. a gradient penalty) is not supported: {why}. Use "
+    "the reference, {ref}, whose autograd supports it, or backend='reference'."
+)
+
+
+def pow2(n: int, lo: int, hi: int | None = None) -> int:
+    """The power-of-two block covering ``n``, clamped to [lo, hi] (Triton tiles are powers of two)."""
+    p = 1 << max(0, int(n) - 1).bit_length()
+    return max(lo, p if hi is None else min(hi, p))
+
+
+def dot_precision(t: Tensor) -> str:
+    """``tl.dot``'s input_precision for ``t``'s dtype: float32 inputs keep float32 products (TF32 would cost
+    ~1e-3 relative error in scores, more through LITE's two wide layers); 16-bit inputs multiply exactly."""
+    return "ieee" if t.dtype == torch.float32 else "tf32"
+
+
+def dtype_reasons(dtype: torch.dtype, interpreter: bool = False) -> list[str]:
+    """Why the Triton kernels (or, with ``interpreter``, the interpreter: float32 only) cannot take ``dtype``."""
+    allowed = (torch.float32,) if interpreter else KERNEL_DTYPES
+    if dtype in allowed:
+        return []
+    return [f"dtype {dtype} not supported (supports {', '.join(str(t) for t in allowed)})"]
+
+
+def check_pair_inputs(op: str, q, d, q_mask, d_mask, extra_devices: Optional[dict] = None,
+                      limits: Optional[tuple[int, int]] = None) -> torch.Size:
+    """Validate a pair op's q (..., Lq, H), d (..., Ld, H) and bool masks (..., L), every error naming the
+    argument; returns the broadcast batch shape. ``extra_devices`` (name -> device) must match too (a
+    scorer's weights); ``limits`` = (lq, ld) caps the token counts (LITE's fixed grid)."""
+    for name, t in (("q", q), ("d", d)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() < 2:
+            raise ValueError(f"{op}: {name} must have shape (..., L{name}, H), got {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} must be {FLOAT_NAMES}, got {t.dtype}")
+    if q.dtype != d.dtype:
+        raise TypeError(f"{op}: q and d must have the same dtype, got q {q.dtype} and d {d.dtype}")
+    if q.shape[-1] != d.shape[-1]:
+        raise ValueError(
+            f"{op}: q and d must share the embedding dim H, got q {tuple(q.shape)} (H={q.shape[-1]}) "
+            f"and d {tuple(d.shape)} (H={d.shape[-1]})"
+        )
+    if limits is not None:
+        lq, ld = limits
+        if q.shape[-2] > lq:
+            raise ValueError(f"{op}: q has Lq={q.shape[-2]} tokens, more than the scorer's lq={lq}; truncate the query")
+        if d.shape[-2] > ld:
+            raise ValueError(f"{op}: d has Ld={d.shape[-2]} tokens, more than the scorer's ld={ld}; truncate the document")
+    for name, m, owner, length in (("q_mask", q_mask, "q", q.shape[-2]), ("d_mask", d_mask, "d", d.shape[-2])):
+        if m is None:
+            continue
+        if not isinstance(m, Tensor):
+            raise TypeError(f"{op}: {name} must be a bool tensor or None, got {type(m).__name__}")
+        if m.dtype != torch.bool:
+            raise TypeError(f"{op}: {name} must be a bool tensor, got {m.dtype}")
+        if m.dim() < 1 or m.shape[-1] != length:
+            raise ValueError(
+                f"{op}: {name} must have shape (..., {length}) to match {owner}'s {length} tokens, got {tuple(m.shape)}"
+            )
+    devices = {name: t.device for name, t in (("q", q), ("d", d), ("q_mask", q_mask), ("d_mask", d_mask)) if t is not None}
+    devices.update(extra_devices or {})
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"{k} on {v}" for k, v in devices.items())
+        raise ValueError(f"{op}: all tensors must be on one device, got {where}")
+    shapes = {"q": q.shape[:-2], "d": d.shape[:-2]}
+    if q_mask is not None:
+        shapes["q_mask"] = q_mask.shape[:-1]
+    if d_mask is not None:
+        shapes["d_mask"] = d_mask.shape[:-1]
+    batch = broadcast_shapes(shapes.values())
+    if batch is None:
+        raise ValueError(
+            f"{op}: the leading (batch) dims do not broadcast: " + ", ".join(f"{k} {tuple(v)}" for k, v in shapes.items())
+        )
+    return batch

@@ -246,7 +246,7 @@ def dev_ndcg10(student: Student, frozen, data: TrainData, dev_run, cfg: TrainCon
 def train(config: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
     """Train ``config`` and write its model directory to ``config.out``; ``stop_after`` ends this run after
     that many optimizer steps (with a checkpoint), to be continued with ``resume=True``."""
-    from tqdm.auto import tqdm
+    from fastrank.progress import progress_bar
 
     cfg = config.check()
     t_start = time.perf_counter()
@@ -338,8 +338,8 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
         torch.save(state, out / (CHECKPOINT + ".tmp"))
         (out / (CHECKPOINT + ".tmp")).replace(out / CHECKPOINT)
 
-    bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.scorer}", unit="step",
-               disable=not cfg.progress or world.rank != 0)
+    bar = progress_bar(total=total_steps, initial=step, desc=f"train {cfg.scorer}", unit="step",
+                       enabled=cfg.progress and world.rank == 0)
     ran = 0
     t_docs, n_docs, running = time.perf_counter(), 0, None
     model.train()
