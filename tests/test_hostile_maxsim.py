@@ -270,7 +270,7 @@ import fastrank.ops.maxsim_packed_triton as mpt
 
 TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
          torch.int64: "i64", torch.bool: "i1", torch.int8: "i8"}
-found = {}
+found, loops = {}, {}
 
 def ttir(kernel, args, kwargs):
     names = kernel.arg_names
@@ -299,6 +299,9 @@ class Compile:
     def __getitem__(self, grid):
         def run(*args, **kwargs):
             ir = ttir(self.kernel, args, kwargs)
+            loops[self.key] = [l.strip() for l in ir.splitlines() if "scf.for " in l]
+            if self.key == "_maxsim_bwd_dq_kernel":
+                return  # no dot: only its loop is read
             dots = [l for l in ir.splitlines() if "tt.dot " in l]
             found[self.key] = [len(dots), sum("inputPrecision = tf32" in l for l in dots),
                                "_argmax_combine_tie_break_left" in ir, "_argmax_combine_tie_break_fast" in ir]
@@ -308,17 +311,18 @@ class Compile:
 q, d = torch.randn(1, 1, 7, 32), torch.randn(1, 2, 9, 32)
 Compile(ms._maxsim_fwd_kernel, "control_tf32")[(1,)](*[q, d, q, q, q, q] + [1] * 19, HAS_QM=False, HAS_DM=False,
     STORE_ARG=True, PRECISION="tf32", BLOCK_LQ=16, BLOCK_LD=64, BLOCK_H=32)
-for name in ("_maxsim_fwd_kernel", "_maxsim_bwd_dd_kernel"):
+for name in ("_maxsim_fwd_kernel", "_maxsim_bwd_dq_kernel", "_maxsim_bwd_dd_kernel"):
     setattr(ms, name, Compile(getattr(ms, name), name))
 for name in ("_packed_fwd_kernel", "_packed_bwd_dt_kernel"):
     setattr(mpt, name, Compile(getattr(mpt, name), name))
 ms._triton_forward(q, d, None, None, True)
-ms._triton_backward(q, d, torch.ones(1, 1, 2), torch.zeros(1, 1, 2, 7, dtype=torch.int32), False, True, True)
+ms._triton_backward(q, d, torch.ones(1, 1, 2), torch.zeros(1, 1, 2, 7, dtype=torch.int32), True, True, True)
 tokens, offsets = torch.randn(20, 32), torch.tensor([0, 9, 20])
 mpt.packed_forward(q[0], tokens, offsets, None, None, True)
 mpt.packed_backward(q[0], tokens, offsets, torch.ones(2), torch.zeros(2, 7, dtype=torch.int32), False, True, True)
 mpt._packed_fwd_kernel.key = "_packed_fwd_kernel_int8"
 mpt.packed_forward(q[0], tokens.to(torch.int8), offsets, None, torch.rand(20), False)
+print(json.dumps(loops))
 print(json.dumps(found))
 """
 
@@ -335,6 +339,11 @@ def test_float32_kernels_compile_to_ieee_dots_for_sm90():
         pytest.skip("this Triton cannot compile for a CUDA target here")
     assert run.returncode == 0, run.stderr[-3000:]
     found = json.loads(run.stdout.strip().splitlines()[-1])
+    loops = json.loads(run.stdout.strip().splitlines()[-2])
+    # Issue 13: the backward kernels' document (dq) and query (dd) loops index d and q by x * stride and
+    # y * stride, which pass 2^31 on real batches: the loop counters must be 64-bit.
+    for name in ("_maxsim_bwd_dq_kernel", "_maxsim_bwd_dd_kernel"):
+        assert loops[name] and all(line.endswith(": i64 {") for line in loops[name]), (name, loops[name])
     assert found.pop("control_tf32")[1] >= 1
     assert set(found) == {"_maxsim_fwd_kernel", "_maxsim_bwd_dd_kernel", "_packed_fwd_kernel",
                           "_packed_bwd_dt_kernel", "_packed_fwd_kernel_int8"}

@@ -116,7 +116,8 @@ if triton is not None:
         # whose argmax is relative to that row; sd_f and sd_x are unused.
         item = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        x_start = tl.program_id(2) * x_chunk
+        # int64 from here: x * sd_x passes 2^31 beyond ~14k documents per query at H = 768.
+        x_start = tl.program_id(2).to(tl.int64) * x_chunk
         f = item // Y
         offs_i = tl.arange(0, BLOCK_LQ)
         row_in = offs_i < Lq
@@ -155,7 +156,8 @@ if triton is not None:
         h_blocks = tl.cdiv(H, BLOCK_H)
         offs_j = (tl.program_id(1) // h_blocks) * BLOCK_LD + tl.arange(0, BLOCK_LD)
         h = (tl.program_id(1) % h_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
-        y_start = tl.program_id(2) * y_chunk
+        # int64 from here: y * sq_y passes 2^31 for a large enough batch of long queries.
+        y_start = tl.program_id(2).to(tl.int64) * y_chunk
         f = item // X
         x = item % X
         offs_i = tl.arange(0, BLOCK_LQ)
