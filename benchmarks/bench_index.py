@@ -22,51 +22,27 @@ import torch
 
 faiss = pytest.importorskip("faiss")
 
+from fastrank.bench_index import DIM, K, clustered, params, raw_faiss  # noqa: E402
 from fastrank.index import DenseIndex  # noqa: E402
 
-DIM, K, MIN_ROUNDS, TIMED_S = 384, 100, 5, 3.0
+MIN_ROUNDS, TIMED_S = 5, 3.0
 CUDA = torch.cuda.is_available()
 _n = os.environ.get("FASTRANK_BENCH_INDEX_N", "")
 FULL = _n == "full"
 N = (1_000_000 if CUDA else 200_000) if FULL else int(_n) if _n else 20_000
 NQ = 1000 if FULL else 300
-# Same parameters for both providers: nlist ~ 4 sqrt(N), 48 x 8-bit PQ codes (48 bytes a vector, 32x smaller).
-NLIST = max(64, int(4 * np.sqrt(N)) // 64 * 64)
-PARAMS = {"flat": {}, "ivf_pq": dict(nlist=NLIST, nprobe=32, pq_m=48, pq_bits=8),
-          "hnsw": dict(hnsw_m=32, ef_construction=40 if not FULL else 128, ef_search=128)}
+# Same parameters for both providers (fastrank.bench_index.params, as `fastrank bench index` uses).
+PARAMS = {kind: params(kind, N, full=FULL) for kind in ("flat", "ivf_pq", "hnsw")}
 MAX_OVERHEAD = 0.05
 
 
 @pytest.fixture(scope="module")
 def data():
-    rng = np.random.default_rng(0)
-    centers = rng.standard_normal((1000, DIM)).astype(np.float32)
-    x = centers[rng.integers(0, 1000, N)] + 0.5 * rng.standard_normal((N, DIM)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    q = x[rng.integers(0, N, NQ)] + 0.3 * rng.standard_normal((NQ, DIM)).astype(np.float32)
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    x, q = clustered(N, NQ, DIM)
     exact = faiss.IndexFlatIP(DIM)
     exact.add(x)
     truth = exact.search(q, K)[1]
-    return x, np.ascontiguousarray(q), truth
-
-
-def raw_faiss(kind: str, x: np.ndarray):
-    """The FAISS calls fastrank makes for this kind, written out directly."""
-    p = PARAMS[kind]
-    if kind == "flat":
-        index = faiss.IndexFlatIP(DIM)
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(DIM, p["hnsw_m"], faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction, index.hnsw.efSearch = p["ef_construction"], p["ef_search"]
-    else:
-        quantizer = faiss.IndexFlatIP(DIM)
-        index = faiss.IndexIVFPQ(quantizer, DIM, p["nlist"], p["pq_m"], p["pq_bits"], faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = index.pq.cp.seed = 0
-        index.nprobe = p["nprobe"]
-        index.train(x)
-    index.add(x)
-    return index
+    return x, q, truth
 
 
 def timed(fn):
@@ -82,7 +58,7 @@ def test_dense_index_search(benchmark, data, kind):
     # Torch (CUDA) or FAISS, whichever fastrank picks, against FAISS on CPU; on CUDA without faiss-gpu the
     # raw-FAISS comparison is a CPU one and the overhead figure is not meaningful.
     ix, build_fastrank = timed(lambda: DenseIndex(DIM, kind, **PARAMS[kind]).add(x, progress=False))
-    raw, build_faiss = timed(lambda: raw_faiss(kind, x))
+    raw, build_faiss = timed(lambda: raw_faiss(kind, x, PARAMS[kind]))
 
     same = ix.faiss_index
     ids_fastrank = ix.search(q, K, progress=False)[1]

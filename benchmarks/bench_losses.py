@@ -3,7 +3,8 @@
     pytest benchmarks/bench_losses.py                    # CPU, or the GPU when there is one
     FASTRANK_BENCH_DEVICE=cpu pytest benchmarks/bench_losses.py
 
-One benchmark group per loss and shape, providers side by side. Before timing, every provider's loss and
+One benchmark group per loss and shape, providers side by side; the inputs, providers and check are
+fastrank.bench_losses's (the code `fastrank bench losses` runs). Before timing, every provider's loss and
 gradient are checked against the float64 reference. The fastrank benchmark also times the eager reference
 itself, interleaved with fastrank in the same process, and stores the ratio in ``extra_info`` (with the ratio
 to torch.compile when that provider ran earlier in the session), so figures are never typed in by hand.
@@ -22,13 +23,9 @@ import pytest
 import torch
 
 from fastrank import losses
+from fastrank.bench_losses import DISTILL, GRID, HEADLINE, INBATCH, check, loss_fn, make_inputs, reference, step
 
-DISTILL = ["mse", "margin_mse", "m3se", "softmax_ce", "kl_div", "rankdistil_b"]
-GRID = [(b, k) for b in (32, 128, 512) for k in (2, 20, 128)]
 CPU_FULL_GRID = {"margin_mse", "softmax_ce"}
-HEADLINE = (128, 20)
-INBATCH = (128, 2560)
-PAIRWISE = {"margin_mse", "m3se"}
 
 _medians: dict[tuple[str, str], float] = {}  # (group, provider) -> median seconds, filled as the session runs
 
@@ -59,41 +56,16 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _inputs(name: str, batch: int, k: int):
-    gen = torch.Generator().manual_seed(batch * 1000 + k)
-    # dual-encoder cosines times a temperature of 20; column 0 is the positive (the default)
-    s = ((torch.rand(batch, k, generator=gen) * 2 - 1) * 20).to(DEVICE)
-    t = ((torch.rand(batch, k, generator=gen) * 2 - 1) * 20).to(DEVICE)
-    return s, t
-
-
-def _provider(provider: str, name: str):
-    ref = getattr(losses, name + "_ref")
-    if provider == "compile":
-        torch._dynamo.reset()
-        return torch.compile(ref, dynamic=False)
-    return ref if provider == "eager" else getattr(losses, name)
-
-
 def _step(fn, s, t):
-    def run():
-        x = s.requires_grad_(True)
-        loss = fn(x, t)
-        (grad,) = torch.autograd.grad(loss, x)
+    """fastrank.bench_losses.step, synchronised so that a timed GPU call includes its kernels."""
+    run = step(fn, s, t)
+
+    def synced():
+        out = run()
         _sync()
-        return loss, grad
+        return out
 
-    return run
-
-
-def _check(step, name, s, t):
-    loss, grad = step()
-    ref = getattr(losses, name + "_ref")
-    x = s.detach().double().requires_grad_(True)
-    loss64 = ref(x, t.double())
-    (grad64,) = torch.autograd.grad(loss64, x)
-    torch.testing.assert_close(loss.double(), loss64, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(grad.double(), grad64, rtol=1e-4, atol=1e-4 * max(1.0, grad64.abs().max().item()))
+    return synced
 
 
 def _median_seconds(fn, seconds: float = 0.15, blocks: int = 7) -> list[float]:
@@ -147,15 +119,15 @@ def _record(benchmark, group, provider, step, batch, extra):
 
 
 def _run_distill(benchmark, provider, name, batch, k):
-    s, t = _inputs(name, batch, k)
-    step = _step(_provider(provider, name), s, t)
-    _check(step, name, s, t)  # also compiles, outside the timed region
+    s, t = make_inputs(batch, k, DEVICE)
+    run = _step(loss_fn(provider, name), s, t)
+    check(run(), reference(name, s, t)())  # also compiles, outside the timed region
     group = f"{name} B={batch} K={k}"
     extra = {"loss": name, "B": batch, "K": k}
-    median = _record(benchmark, group, provider, step, batch, extra)
+    median = _record(benchmark, group, provider, run, batch, extra)
     if provider == "fastrank":
-        eager = _step(getattr(losses, name + "_ref"), s, t)
-        benchmark.extra_info["speedup_vs_eager"] = _paired_ratio(eager, step)
+        eager = _step(loss_fn("eager", name), s, t)
+        benchmark.extra_info["speedup_vs_eager"] = _paired_ratio(eager, run)
         if (group, "compile") in _medians:
             benchmark.extra_info["speedup_vs_compile"] = _medians[(group, "compile")] / median
 

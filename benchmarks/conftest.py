@@ -4,6 +4,8 @@ and torch.compile rows report their speedup over eager measured in the same run;
 import pytest
 import torch
 
+from fastrank.bench_suite import peak_memory  # noqa: F401 -- the benchmark files import it from here
+
 _SESSION: dict = {}  # what pytest_benchmark_update_machine_info adds to the saved JSON
 
 
@@ -92,19 +94,6 @@ def time_provider(benchmark, fn, device: str, max_rounds: int = 100):
     # A call of half a second or more is warm after the check and the probe: no extra warm-up round.
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=0 if per_call >= 0.5 else 1, iterations=1)
     return timed, (None if benchmark.stats is None else benchmark.stats.stats.median)
-
-
-def peak_memory(fn, device: str):
-    """Peak bytes allocated on the GPU while ``fn`` runs, above what was allocated before (None on CPU:
-    torch's CPU allocator keeps no statistics)."""
-    if not device.startswith("cuda"):
-        return None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
 
 
 def record(benchmark, session_timings, group: str, provider: str, extra: dict) -> None:

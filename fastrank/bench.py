@@ -13,10 +13,13 @@ Providers (each checked against :func:`fastrank.maxsim_ref` before it is timed):
 - ``maxsim-cpu``: the PyPI peer, float32 re-ranking only, when it is installed.
 
 Every figure is measured in the same process, on the same inputs, next to the machine's own ceilings
-(:mod:`fastrank.machine`); ratios are computed from those measurements, never stored.
+(:mod:`fastrank.machine`); ratios are computed from those measurements, never stored. ``--out DIR`` runs
+these cases and the scaling sweeps through :mod:`fastrank.bench_all` (the machinery of `fastrank bench all`)
+and writes report.md, results.json and figures.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.util
 import statistics
@@ -68,19 +71,13 @@ class MaxSimCase:
 
     def make(self, device: str, seed: int = 0):
         """Unit-norm random embeddings (as ColBERT's), docs of random length in [ld/2, ld] behind d_mask."""
-        g = torch.Generator().manual_seed(seed)
         if self.form == "rerank":
             q_shape, d_shape = (self.lq, self.h), (self.docs, self.ld, self.h)
         elif self.form == "grouped":
             q_shape, d_shape = (self.queries, 1, self.lq, self.h), (self.queries, self.docs, self.ld, self.h)
         else:
             q_shape, d_shape = (self.queries, 1, self.lq, self.h), (1, self.queries, self.ld, self.h)
-        q = torch.nn.functional.normalize(torch.randn(q_shape, generator=g), dim=-1)
-        d = torch.nn.functional.normalize(torch.randn(d_shape, generator=g), dim=-1)
-        lengths = torch.randint(max(1, self.ld // 2), self.ld + 1, d_shape[:-2], generator=g)
-        d_mask = torch.arange(self.ld) < lengths.unsqueeze(-1)
-        q, d = q.to(device=device, dtype=self.dtype), d.to(device=device, dtype=self.dtype)
-        return q, d, None, d_mask.to(device)
+        return random_tokens(q_shape, d_shape, device, self.dtype, seed)
 
     def bytes_read(self) -> int:
         """Bytes a fused kernel must read once: q, d and the mask (effective-bandwidth numerator)."""
@@ -92,6 +89,19 @@ class MaxSimCase:
     def similarity_bytes(self) -> int:
         """The float32 (pairs, Lq, Ld) matrix the eager reference materialises."""
         return self.pairs * self.lq * self.ld * 4
+
+
+def random_tokens(q_shape: tuple, d_shape: tuple, device: str, dtype: torch.dtype, seed: int = 0):
+    """(q, d, None, d_mask): unit-norm random token embeddings of these shapes; every document valid for a
+    random length in [Ld/2, Ld] (Ld = d_shape[-2]), the rest behind d_mask. Shared by every benchmark that
+    scores tokens (MaxSim here, LITE in fastrank.bench_lite)."""
+    g = torch.Generator().manual_seed(seed)
+    ld = d_shape[-2]
+    q = torch.nn.functional.normalize(torch.randn(q_shape, generator=g), dim=-1)
+    d = torch.nn.functional.normalize(torch.randn(d_shape, generator=g), dim=-1)
+    lengths = torch.randint(max(1, ld // 2), ld + 1, d_shape[:-2], generator=g)
+    d_mask = torch.arange(ld) < lengths.unsqueeze(-1)
+    return q.to(device=device, dtype=dtype), d.to(device=device, dtype=dtype), None, d_mask.to(device)
 
 
 def cpu_cases() -> list[MaxSimCase]:
@@ -596,11 +606,41 @@ def add_cli(subparsers) -> None:
     p.add_argument("--emulate", choices=sorted(EMULATE_ENV), default=None,
                    help="measure as on a CPU whose best path is this one: rerun in a fresh process with "
                         "FASTRANK_CPU_ISA and torch's BLAS (MKL, oneDNN, ATen) limited to the same instructions")
+    p.add_argument("--out", metavar="DIR",
+                   help="run the cases and the scaling sweeps (docs, Ld, H) through `fastrank bench all`'s machinery "
+                        "and write report.md, results.json and PNG figures there")
+    p.add_argument("--dtype", default=None,
+                   help="comma-separated dtypes to keep (float32, bfloat16, float16; default: every case's)")
+    p.add_argument("--compile", action="store_true", help="with --out: also time torch.compile on CPU")
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: toy shapes, with --out
     p.set_defaults(func=_cli_maxsim)
-    from fastrank import bench_packed, bench_rerank
+    from fastrank import bench_all, bench_packed, bench_rerank
 
     bench_packed.add_cli(ops)
     bench_rerank.add_cli(ops)
+    bench_all.add_cli(ops)
+    add_kernels_cli(ops)
+
+
+KERNELS_MISSING = ("fastrank bench kernels needs fastrank.kernel_report (the compiled-kernel report for a GPU target), "
+                   "which this installation lacks")
+
+
+def add_kernels_cli(ops) -> None:
+    """`bench kernels` comes from fastrank.kernel_report; without it the subcommand still exists and says why
+    it cannot run, rather than argparse calling it an unknown choice."""
+    try:
+        from fastrank import kernel_report
+    except ImportError as exc:
+        p = ops.add_parser("kernels", help="compiled Triton kernels for a GPU target (unavailable: "
+                                           "fastrank.kernel_report is missing)")
+        p.set_defaults(func=lambda args, exc=exc: _kernels_missing(exc))
+        return
+    kernel_report.add_cli(ops)
+
+
+def _kernels_missing(exc: ImportError) -> int:
+    raise ImportError(f"{KERNELS_MISSING} ({exc})")
 
 
 def _cli_providers(args, device: str) -> list[str]:
@@ -676,9 +716,23 @@ def _cli_maxsim(args) -> int:
 
     if args.emulate:
         return _cli_emulate(args)
+    if args.out:
+        from fastrank import bench_all
+
+        if args.providers or args.isa or args.cases or args.json:
+            raise SystemExit("--out runs every provider on the cases and the sweeps; it takes none of --providers, "
+                             "--isa, --cases, --json (the JSON goes to DIR/results.json)")
+        settings = bench_all.settings_from(args)
+        return bench_all.report(bench_all.run_sections(["maxsim"], settings, bench_all.command_line(args),
+                                                       ceiling_seconds=args.ceiling_seconds), args.out, None)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     providers = _cli_providers(args, device)
     cases = select_cases(cuda_cases() if device.startswith("cuda") else cpu_cases(), args.quick, args.cases)
+    if args.dtype:
+        from fastrank.bench_all import _dtypes
+
+        keep = _dtypes(args.dtype)
+        cases = [c for c in cases if c.dtype_name in keep]
     if not cases:
         raise SystemExit(f"--cases {args.cases!r} matches no case")
     info = machine.machine_info(device)

@@ -83,14 +83,19 @@ def source_commit() -> str | None:
     return out.stdout.strip() + ("+uncommitted changes" if dirty else "")
 
 
-def maxsim_cpu_version() -> str | None:
-    """Version of the PyPI peer ``maxsim-cpu`` when it is installed."""
-    try:
-        from importlib.metadata import PackageNotFoundError, version
+def package_version(name: str) -> str | None:
+    """An installed distribution's version, read from its metadata (the package is not imported)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-        return version("maxsim-cpu")
+    try:
+        return version(name)
     except PackageNotFoundError:
         return None
+
+
+def maxsim_cpu_version() -> str | None:
+    """Version of the PyPI peer ``maxsim-cpu`` when it is installed."""
+    return package_version("maxsim-cpu")
 
 
 def machine_info(device: str = "cpu") -> dict:
@@ -108,6 +113,7 @@ def machine_info(device: str = "cpu") -> dict:
         "isa_paths": isa_paths(),
         "isa_flags": [f for f in ISA_FLAGS if f in flags],
         "maxsim_cpu": maxsim_cpu_version(),
+        "triton": package_version("triton"),
         "commit": source_commit(),
     }
     if device.startswith("cuda"):
@@ -156,18 +162,18 @@ def measure_ceilings(device: str = "cpu", seconds: float = 2.5, *, gemm_n: int =
     a16, b16 = a.bfloat16(), b.bfloat16()
     out16 = out.bfloat16()
     bf16 = time_call(lambda: torch.matmul(a16, b16, out=out16), device, min_seconds=share, max_reps=50)
-    del a, b, out, a16, b16, out16
+    a = b = out = a16 = b16 = out16 = None  # frees the buffers before the copy is timed
 
     # torch.full touches every page, so first-touch page faults stay out of the timed calls.
     src = torch.full((copy_mb * 2 ** 20 // 4,), 1.0, device=device)
     dst = torch.full_like(src, 2.0)
     copy = time_call(lambda: dst.copy_(src), device, min_seconds=share, max_reps=50)
     copy_bytes = 2 * src.numel() * 4
-    del src, dst
+    src = dst = None
     x = torch.full((read_mb * 2 ** 20 // 4,), 1.0, device=device)
     read = time_call(lambda: x.sum(), device, min_seconds=share, max_reps=50)
     read_bytes = x.numel() * 4
-    del x
+    x = None
     return {
         "sgemm_gflops": gemm_flop / sgemm / 1e9,
         "bf16_gemm_gflops": gemm_flop / bf16 / 1e9,
