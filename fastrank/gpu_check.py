@@ -9,7 +9,9 @@ does), and on a CUDA machine ``python -m fastrank.gpu_check --out DIR`` measures
 - MaxSim forward+backward, grouped 32x20 and in-batch 128x128: time and peak memory against eager.
 - LITE forward 1x1,000 and forward+backward over 128 pairs, against the eager reference.
 - The fused losses forward+backward at B=128 K=20 against eager and torch.compile.
-- Registers, spills and shared memory of every Triton kernel compiled during the run.
+- Registers, spills and shared memory of every Triton kernel compiled during the run, in the rows of
+  :mod:`fastrank.kernel_report`, so they compare line by line with the static table
+  (benchmarks/results/kernels_sm90.md, compiled for sm_90 without a GPU).
 
 Every provider is checked against the reference before it is timed; a provider that cannot run says why in
 its row instead of stopping the run. Each section prints its rows as it finishes, so a run cut short still
@@ -186,18 +188,27 @@ def measure(device: str = "cuda", quick: bool = False, compile: bool = True) -> 
 
 
 def kernel_resources() -> list[dict]:
-    """Registers, spilled bytes and shared memory of every Triton kernel compiled in this process."""
+    """Every Triton kernel compiled and loaded in this process, as rows of :mod:`fastrank.kernel_report` (the
+    static sm_80/sm_90 table's format, read here from the driver: n_regs, n_spills), so that the run's
+    kernels and the static table compare row by row. Empty where nothing was compiled (CPU, interpreter)."""
+    try:
+        from triton.runtime.jit import KernelInterface
+    except ImportError:
+        return []
+
+    from fastrank import kernel_report
     from fastrank.ops import lite as lite_ops, maxsim as maxsim_ops, maxsim_packed_triton as packed_ops
 
-    out = []
-    for module in (maxsim_ops, lite_ops, packed_ops):
-        for name in dir(module):
-            kernel = getattr(module, name)
-            for cache in getattr(kernel, "device_caches", {}).values():
+    out, seen = [], set()
+    for module in (maxsim_ops, packed_ops, lite_ops):
+        for name, kernel in vars(module).items():
+            if not isinstance(kernel, KernelInterface):
+                continue
+            for cache in getattr(kernel_report._jit_of(kernel), "device_caches", {}).values():
                 for compiled in cache[0].values():
-                    out.append(dict(kernel=name, registers=getattr(compiled, "n_regs", None),
-                                    spill_bytes=getattr(compiled, "n_spills", None),
-                                    shared_bytes=getattr(compiled.metadata, "shared", None)))
+                    if id(compiled) not in seen and hasattr(compiled, "src"):
+                        seen.add(id(compiled))
+                        out.append(kernel_report.runtime_row(name, module.__name__, kernel, compiled))
     return out
 
 
@@ -211,9 +222,11 @@ def write_markdown(res: dict, path: Path) -> None:
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in res["rows"]]
     if res["kernels"]:
-        lines += ["", "| kernel | registers | spill bytes | shared bytes |", "|---|---:|---:|---:|"]
-        lines += [f"| {k['kernel']} | {k['registers']} | {k['spill_bytes']} | {k['shared_bytes']} |"
-                  for k in res["kernels"]]
+        from fastrank.kernel_report import TABLE_HEAD, format_row
+
+        # The static table's columns (benchmarks/results/kernels_sm90.md), row for row.
+        lines += ["", "Kernels this run compiled (registers and spilled bytes from the driver):", "", TABLE_HEAD]
+        lines += [format_row(k) for k in res["kernels"]]
     path.write_text("\n".join(lines) + "\n")
 
 

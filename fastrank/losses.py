@@ -3,6 +3,10 @@
 The functions and their references come from :mod:`fastrank.ops.losses` (the math and the kernels live
 there); this module adds thin ``nn.Module`` wrappers that hold the options, for training code that expects
 a loss object.
+
+On CUDA no loss waits for the GPU: an invalid teacher score (or inbatch_ce target) gives its query a NaN loss
+and gradient instead of a ValueError, unless ``set_validation(True)`` is on (one synchronisation a call, the
+CPU's exact error). On CPU the error is always raised. See :mod:`fastrank.ops.losses`.
 """
 from __future__ import annotations
 
@@ -23,14 +27,17 @@ from fastrank.ops.losses import (
     mse_ref,
     rankdistil_b,
     rankdistil_b_ref,
+    set_validation,
     softmax_ce,
     softmax_ce_ref,
+    validation_enabled,
 )
 
 __all__ = [
     "mse", "margin_mse", "m3se", "softmax_ce", "kl_div", "rankdistil_b", "inbatch_ce",
     "mse_ref", "margin_mse_ref", "m3se_ref", "softmax_ce_ref", "kl_div_ref", "rankdistil_b_ref", "inbatch_ce_ref",
     "MSELoss", "MarginMSELoss", "M3SELoss", "SoftmaxCELoss", "KLDivLoss", "RankDistilBLoss", "InBatchCELoss",
+    "set_validation", "validation_enabled",
 ]
 
 

@@ -30,7 +30,7 @@ stage extension 60 env PYTHONPATH="$PWD" $PY -c "import fastrank._C as C; print(
 stage tests 240 env PYTHONPATH="$PWD" $PY -m pytest -q -ra -p no:cacheprovider --durations=15 \
   --junitxml="$OUT_DIR/junit.xml" tests/test_maxsim.py tests/test_maxsim_packed.py tests/test_maxsim_packed_triton.py \
   tests/test_lite.py tests/test_losses.py tests/test_hostile_maxsim.py tests/test_hostile_lite.py tests/test_hostile_losses.py \
-  tests/test_dispatch.py
+  tests/test_dispatch.py tests/test_cuda_offsets.py
 stage measure 240 env PYTHONPATH="$PWD" $PY -m fastrank.gpu_check --out "$OUT_DIR"
 if [ -f "$OUT_DIR/gpu_check.md" ]; then
   device=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))" 2>/dev/null || echo gpu)

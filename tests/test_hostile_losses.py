@@ -3,8 +3,9 @@ double backward, and exp_fast's accuracy (so that a cheaper polynomial in csrc/c
 
 The rules under test are those in the docstring of fastrank/ops/losses.py: a NaN teacher score at a valid
 candidate, or an infinite one where the loss reads it, is a ValueError naming ``t`` and the first position,
-from every backend alike; a -inf teacher score the loss never reads (and -inf in softmax_ce / kl_div, a
-zero probability) is allowed; a non-finite student score propagates to its query's loss alike in every backend.
+from every backend alike (on CUDA under set_validation(True); without it, a NaN loss and gradient row); a -inf
+teacher score the loss never reads (and -inf in softmax_ce / kl_div, a zero probability) is allowed; a
+non-finite student score propagates to its query's loss alike in every backend.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def isa_paths():
 def loss_and_grad(fn, s, *args, **kw):
     s = s.detach().clone().requires_grad_(True)
     loss = fn(s, *args, **kw)
-    weight = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    weight = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).reshape(loss.shape)
     (grad,) = torch.autograd.grad(loss, s, weight)
     return loss.detach(), grad
 
@@ -221,6 +222,36 @@ def test_infinite_teacher_is_an_error_where_read_and_harmless_elsewhere(case):
     for loss, grad in results:
         assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", READ_TEACHER, ids=lambda c: f"{c[0]}-{c[1]}{c[2]}-{c[3]}")
+def test_cuda_infinite_teacher_nan_row_where_read_cpu_error_when_validating(case):
+    """On CUDA (no synchronisation by default) an infinite teacher score the loss reads gives its query a NaN
+    loss and gradient row, the other queries exact; with set_validation(True) the CPU's message. One the
+    loss never reads changes nothing: finite, and equal to the CPU."""
+    name, row, col, value, message = case
+    s, t, positives = base_case()
+    t[row, col] = value
+    fn = getattr(losses, name)
+    loss, grad = loss_and_grad(fn, s.cuda(), t.cuda(), positives.cuda(), None, "none")
+    loss, grad = loss.cpu(), grad.cpu()
+    if message is None:
+        want = loss_and_grad(fn, s, t, positives, None, "none")
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+        torch.testing.assert_close((loss, grad), want, rtol=1e-12, atol=1e-12)
+        with losses.set_validation(True):
+            fn(s.cuda(), t.cuda(), positives.cuda())
+        return
+    keep = torch.ones(3, 5, dtype=torch.bool)
+    keep[row] = False
+    want_loss, want_grad = loss_and_grad(fn, s, t, positives, keep, "none")
+    assert math.isnan(loss[row]) and torch.isnan(grad[row]).all()
+    torch.testing.assert_close(loss[keep.any(-1)], want_loss[keep.any(-1)], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad[keep.any(-1)], want_grad[keep.any(-1)], rtol=1e-12, atol=1e-12)
+    with losses.set_validation(True):
+        with pytest.raises(ValueError, match=r"^fastrank: t \(teacher scores\) contains " + message):
+            fn(s.cuda(), t.cuda(), positives.cuda(), None, "none")
 
 
 @pytest.mark.parametrize("name", ["softmax_ce", "kl_div"])

@@ -5,6 +5,7 @@ atomics)."""
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -258,19 +259,22 @@ def test_deterministic_never_launches_atomics(monkeypatch):
 
 
 # Run outside the interpreter: Triton's front end builds fastrank's kernels for an sm_90 target (no GPU
-# needed) from the arguments the launchers pass, and each tt.dot's input precision is read from the IR.
+# needed) from the arguments the launchers pass (every config of an autotuned kernel), each tt.dot's input
+# precision is read from the IR, and the IR itself is returned for the offset check below.
 _COMPILE_FOR_SM90 = r"""
 import json, torch, triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
+from triton.runtime.autotuner import Autotuner
 from triton._C.libtriton import ir
 import fastrank.ops.maxsim as ms
 import fastrank.ops.maxsim_packed_triton as mpt
 
 TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
          torch.int64: "i64", torch.bool: "i1", torch.int8: "i8"}
-found, loops = {}, {}
+found, loops, irs = {}, {}, {}
 
 def ttir(kernel, args, kwargs):
     names = kernel.arg_names
@@ -298,55 +302,141 @@ class Compile:
         self.kernel, self.key = kernel, key
     def __getitem__(self, grid):
         def run(*args, **kwargs):
-            ir = ttir(self.kernel, args, kwargs)
-            loops[self.key] = [l.strip() for l in ir.splitlines() if "scf.for " in l]
-            if self.key == "_maxsim_bwd_dq_kernel":
-                return  # no dot: only its loop is read
-            dots = [l for l in ir.splitlines() if "tt.dot " in l]
-            found[self.key] = [len(dots), sum("inputPrecision = tf32" in l for l in dots),
-                               "_argmax_combine_tie_break_left" in ir, "_argmax_combine_tie_break_fast" in ir]
+            if isinstance(self.kernel, Autotuner):  # every config the autotuner may pick
+                variants = [(self.kernel.fn, dict(kwargs, **c.kwargs), f"{self.key} config {i}")
+                            for i, c in enumerate(self.kernel.configs)]
+            else:
+                variants = [(self.kernel, kwargs, self.key)]
+            for fn, kw, key in variants:
+                ir = ttir(fn, args, kw)
+                irs[key] = ir
+                loops[key] = [l.strip() for l in ir.splitlines() if "scf.for " in l]
+                if self.key != "_maxsim_bwd_dq_kernel":  # no dot in the gather
+                    dots = [l for l in ir.splitlines() if "tt.dot " in l]
+                    found[key] = [len(dots), sum("inputPrecision = tf32" in l for l in dots),
+                                  "_argmax_combine_tie_break_left" in ir, "_argmax_combine_tie_break_fast" in ir]
         return run
 
-# positive control: the text this test looks for appears when the kernel is asked for TF32
+# Controls for the offset check: one kernel indexing with int32 products of the program id and of a
+# loop counter, and the same kernel in int64.
+@triton.jit
+def narrow(X, stride, n):
+    pid = tl.program_id(0)
+    for i in range(0, n):
+        tl.store(X + pid * stride + i * stride, 1.0)
+
+@triton.jit
+def wide(X, stride, n):
+    pid = tl.program_id(0).to(tl.int64)
+    for i in range(pid * 0, n):
+        tl.store(X + pid * stride + i * stride, 1.0)
+
 q, d = torch.randn(1, 1, 7, 32), torch.randn(1, 2, 9, 32)
-Compile(ms._maxsim_fwd_kernel, "control_tf32")[(1,)](*[q, d, q, q, q, q] + [1] * 19, HAS_QM=False, HAS_DM=False,
-    STORE_ARG=True, PRECISION="tf32", BLOCK_LQ=16, BLOCK_LD=64, BLOCK_H=32)
+Compile(narrow, "control_int32")[(1,)](q, 1, 1)
+Compile(wide, "control_int64")[(1,)](q, 1, 1)
+# positive control: the text this test looks for appears when the kernel is asked for TF32
+Compile(ms._maxsim_fwd_kernel.fn, "control_tf32")[(1,)](*[q, d, q, q, q, q] + [1] * 22, HAS_QM=False, HAS_DM=False,
+    STORE_ARG=True, PRECISION="tf32", BLOCK_LQ=16, BLOCK_H=32, SPLIT_H=False, MASK_BLOCK=16, BLOCK_LD=64, DOCS=2)
 for name in ("_maxsim_fwd_kernel", "_maxsim_bwd_dq_kernel", "_maxsim_bwd_dd_kernel"):
     setattr(ms, name, Compile(getattr(ms, name), name))
-for name in ("_packed_fwd_kernel", "_packed_bwd_dt_kernel"):
+for name in ("_packed_fwd_kernel", "_packed_bwd_dt_kernel", "_maxsim_bwd_dq_kernel"):
     setattr(mpt, name, Compile(getattr(mpt, name), name))
-ms._triton_forward(q, d, None, None, True)
+ms._triton_forward(q, d, None, torch.ones(1, 1, 2, 9, dtype=torch.bool), True)
 ms._triton_backward(q, d, torch.ones(1, 1, 2), torch.zeros(1, 1, 2, 7, dtype=torch.int32), True, True, True)
 tokens, offsets = torch.randn(20, 32), torch.tensor([0, 9, 20])
-mpt.packed_forward(q[0], tokens, offsets, None, None, True)
-mpt.packed_backward(q[0], tokens, offsets, torch.ones(2), torch.zeros(2, 7, dtype=torch.int32), False, True, True)
+mpt.packed_backward(q[0], tokens, offsets, torch.ones(2), torch.zeros(2, 7, dtype=torch.int32), True, True, True)
+for qs, key in ((q[0], "_packed_fwd_kernel"), (q[0].expand(2, 7, 32), "_packed_fwd_kernel_per_doc")):
+    mpt._packed_fwd_kernel.key = key
+    mpt.packed_forward(qs, tokens, offsets, None, None, True)
 mpt._packed_fwd_kernel.key = "_packed_fwd_kernel_int8"
 mpt.packed_forward(q[0], tokens.to(torch.int8), offsets, None, torch.rand(20), False)
+# H wider than one block: the H-split paths
+qw, dw, tw = torch.randn(1, 1, 7, 200), torch.randn(1, 2, 9, 200), torch.randn(20, 200)
+ms._maxsim_fwd_kernel.key = "_maxsim_fwd_kernel_split_h"
+ms._triton_forward(qw, dw, None, None, True)
+mpt._packed_fwd_kernel.key = "_packed_fwd_kernel_split_h"
+mpt.packed_forward(qw[0], tw, offsets, None, None, True)
+print(json.dumps(irs))
 print(json.dumps(loops))
 print(json.dumps(found))
 """
 
 
+def _ssa_names(text: str) -> set[str]:
+    return {n.split("#")[0] for n in re.findall(r"%[\w.#]+", text)}
+
+
+def narrow_offsets(ttir: str) -> list[str]:
+    """The tt.addptr ops of ``ttir`` whose offset derives from tt.get_program_id or a loop counter and is not
+    int64. Derivation is followed through every op of a function (loads included: an index read through
+    such a pointer is data-dependent, and is held to the same rule); a scf.for taints its induction
+    variable, and conservatively its loop-carried values and results."""
+    found = []
+    for func in re.split(r"\btt\.func\b", ttir)[1:]:
+        lines = [line.split(" loc(")[0] for line in func.splitlines()]
+        tainted: set[str] = set()
+        changed = True
+        while changed:
+            changed = False
+            for code in lines:
+                if "=" not in code:
+                    continue
+                lhs, rhs = code.split("=", 1)
+                if "scf.for " in code:
+                    new = set(re.findall(r"scf\.for (%[\w.]+) = ", code))
+                    if "iter_args" in code:
+                        new |= set(re.findall(r"(%[\w.]+) = %", code.split("iter_args", 1)[1]))
+                    if lhs.strip().startswith("%"):
+                        new |= _ssa_names(lhs)
+                elif lhs.strip().startswith("%") and ("tt.get_program_id" in rhs or _ssa_names(rhs) & tainted):
+                    new = _ssa_names(lhs)
+                else:
+                    continue
+                if not new <= tainted:
+                    tainted |= new
+                    changed = True
+        for code in lines:
+            m = re.search(r"tt\.addptr (%[\w.#]+), (%[\w.#]+) : (.*)$", code)
+            if m and m.group(2).split("#")[0] in tainted and not re.search(r"\bi64\b|xi64>", m.group(3).rsplit(",", 1)[1]):
+                found.append(code.strip())
+    return found
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-def test_float32_kernels_compile_to_ieee_dots_for_sm90():
+def test_float32_kernels_compile_to_ieee_dots_for_sm90(tmp_path):
     """The interpreter ignores input_precision and tie_break_left (its argmax always takes the leftmost), so
     those mutants survive every value test on CPU: read the flags where they matter, in the Triton IR for a
     Hopper GPU. float32 (and int8 widened to float32) inputs must keep IEEE float32 products in every dot,
-    and the forward kernels' in-block argmax must break ties to the left, as torch.max does."""
+    and the forward kernels' in-block argmax must break ties to the left, as torch.max does. Every config
+    of the autotuned kernels is compiled.
+
+    Issue 13, the offset arithmetic: in every MaxSim and packed kernel, each pointer offset built from a
+    program id or a loop counter is int64 (x * sd_x passes 2^31 at H = 768 beyond ~14k documents per
+    query; int32 would wrap silently). Checked on the IR, with an int32 control the check must catch."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True, timeout=300)
+    script = tmp_path / "compile_sm90.py"  # a file: triton.jit reads the control kernels' source
+    script.write_text(_COMPILE_FOR_SM90)
+    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     if run.returncode != 0 and "GPUTarget" in run.stderr and "ImportError" in run.stderr:
         pytest.skip("this Triton cannot compile for a CUDA target here")
     assert run.returncode == 0, run.stderr[-3000:]
-    found = json.loads(run.stdout.strip().splitlines()[-1])
-    loops = json.loads(run.stdout.strip().splitlines()[-2])
-    # Issue 13: the backward kernels' document (dq) and query (dd) loops index d and q by x * stride and
-    # y * stride, which pass 2^31 on real batches: the loop counters must be 64-bit.
+    irs, loops, found = (json.loads(line) for line in run.stdout.strip().splitlines()[-3:])
+    # the offset check: it catches the int32 control, passes its int64 twin, then every kernel passes
+    assert len(narrow_offsets(irs.pop("control_int32"))) == 2
+    assert narrow_offsets(irs.pop("control_int64")) == []
+    irs.pop("control_tf32")
+    kernels = {key.split(" config")[0] for key in irs}
+    assert kernels == {"_maxsim_fwd_kernel", "_maxsim_fwd_kernel_split_h", "_maxsim_bwd_dq_kernel", "_maxsim_bwd_dd_kernel",
+                       "_packed_fwd_kernel", "_packed_fwd_kernel_per_doc", "_packed_fwd_kernel_int8",
+                       "_packed_fwd_kernel_split_h", "_packed_bwd_dt_kernel"}, kernels
+    for key, text in irs.items():
+        assert narrow_offsets(text) == [], (key, narrow_offsets(text))
+    # The backward kernels' document (dq) and query (dd) loop counters themselves are 64-bit.
     for name in ("_maxsim_bwd_dq_kernel", "_maxsim_bwd_dd_kernel"):
         assert loops[name] and all(line.endswith(": i64 {") for line in loops[name]), (name, loops[name])
     assert found.pop("control_tf32")[1] >= 1
-    assert set(found) == {"_maxsim_fwd_kernel", "_maxsim_bwd_dd_kernel", "_packed_fwd_kernel",
-                          "_packed_bwd_dt_kernel", "_packed_fwd_kernel_int8"}
+    found.pop("control_int32"), found.pop("control_int64")
+    assert {key.split(" config")[0] for key in found} == kernels - {"_maxsim_bwd_dq_kernel"}
     for name, (dots, tf32, left, fast) in found.items():
         assert dots >= 1 and tf32 == 0, f"{name}: {tf32} of {dots} dots use TF32 on float32 inputs"
         if "fwd" in name:

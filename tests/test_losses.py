@@ -556,10 +556,8 @@ def test_cuda_matches_reference(name, K, dtype):
                                  torch.Generator().manual_seed(1))
         close(loss.cpu().double(), loss_ref, rtol)
         close(grad.cpu().double(), grad_ref, rtol)
-    bad = t.clone()
-    bad[5, 1] = math.nan
-    with pytest.raises(ValueError, match="teacher"):
-        fn(s.cuda(), bad.cuda())
+    # Invalid teacher scores: the NaN-row contract and set_validation are tested below
+    # (test_cuda_invalid_teacher_gives_a_nan_row_or_the_cpu_error).
 
 
 @cuda
@@ -573,3 +571,246 @@ def test_cuda_inbatch_ce():
                              None, "mean", torch.Generator().manual_seed(1))
     close(loss.cpu().double(), loss_ref, 1e-5)
     close(grad.cpu().double(), grad_ref, 1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Issue 13: no stream synchronisation on CUDA; invalid values give NaN rows, set_validation the CPU's error
+# --------------------------------------------------------------------------------------------------------
+def test_set_validation_is_a_function_and_a_context_manager():
+    assert losses.validation_enabled() is False  # the default: no call waits for the GPU
+    with losses.set_validation(True):
+        assert losses.validation_enabled() is True
+        with losses.set_validation(False):
+            assert losses.validation_enabled() is False
+        assert losses.validation_enabled() is True
+    assert losses.validation_enabled() is False
+    try:
+        losses.set_validation(True)
+        assert losses.validation_enabled() is True
+    finally:
+        losses.set_validation(False)
+    with pytest.raises(TypeError, match=r"set_validation: enabled must be a bool, got int"):
+        losses.set_validation(1)
+    assert losses.validation_enabled() is False
+
+
+@pytest.mark.parametrize("validate", [False, True])
+def test_cpu_raises_whatever_the_validation_setting(validate):
+    gen = torch.Generator().manual_seed(21)
+    s, t = make_scores(4, 6, "normal", gen), make_scores(4, 6, "normal", gen)
+    t[2, 3] = math.nan
+    with losses.set_validation(validate):
+        with pytest.raises(ValueError, match=r"^fastrank: t \(teacher scores\) contains NaN at a valid candidate, "
+                                             r"first at \[2, 3\]"):
+            losses.mse(s, t)
+        with pytest.raises(ValueError, match=r"^fastrank: target\[1\] = 6 is out of range for scores with M = 6"):
+            losses.inbatch_ce(s, torch.tensor([0, 6, 1, -1]))
+
+
+def test_workspace_layout_matches_the_cuda_source():
+    # The synchronous check reads the kernel's error flags as the int32 at byte 4 of the workspace.
+    from pathlib import Path
+    csrc = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+    assert "w.error = reinterpret_cast<int*>(p + 4);" in (csrc / "losses.cu").read_text()
+    assert "return 16 + 12 * B;" in (csrc / "losses_cuda.h").read_text()
+    assert [ops._workspace_bytes(b) for b in (1, 128)] == [28, 1552]
+
+
+class _FakeCudaExt:
+    """Stands in for the CUDA entries on CPU tensors: records the call and sets the workspace's error flag
+    (byte 4) when ``flag`` is nonzero, as the kernel does for an invalid value."""
+
+    def __init__(self, flag):
+        self.flag, self.calls = flag, 0
+
+    def _launch(self, workspace_ptr):
+        import ctypes
+        self.calls += 1
+        if self.flag:
+            ctypes.memset(workspace_ptr + 4, self.flag, 1)
+
+    def distill_forward_cuda(self, *args):
+        self._launch(args[21])
+
+    def inbatch_ce_forward_cuda(self, *args):
+        self._launch(args[14])
+
+
+@pytest.mark.parametrize("flag", [0, 1])
+def test_cuda_launchers_read_the_flag_only_when_validating(monkeypatch, flag):
+    """The CUDA launchers' host logic, on CPU tensors with a stand-in extension: without validation they never
+    read the flag back (no synchronisation) even when it is set; with it they raise the CPU's exact message
+    when the flag is set, and nothing when it is not."""
+    gen = torch.Generator().manual_seed(22)
+    s, t = make_scores(3, 5, "normal", gen, torch.float32), make_scores(3, 5, "normal", gen, torch.float32)
+    t[1, 2] = math.nan
+    scores, target = s.clone(), torch.tensor([0, 9, 1])
+    fake = _FakeCudaExt(flag)
+    monkeypatch.setattr(fastrank._ext, "require", lambda: fake)
+    ops._launch_distill_cuda(s, t, None, None, ops.LOSS_KINDS["m3se"], ops.REDUCTIONS["none"], 0.0)
+    ops._launch_inbatch_ce_cuda(scores, target, ops.REDUCTIONS["mean"], 1.0)
+    assert fake.calls == 2
+    with losses.set_validation(True):
+        if flag:
+            with pytest.raises(ValueError, match=r"^fastrank: t \(teacher scores\) contains NaN at a valid "
+                                                 r"candidate, first at \[1, 2\]; clean or mask"):
+                ops._launch_distill_cuda(s, t, None, None, ops.LOSS_KINDS["m3se"], ops.REDUCTIONS["none"], 0.0)
+            with pytest.raises(ValueError, match=r"^fastrank: target\[1\] = 9 is out of range for scores with M = 5"):
+                ops._launch_inbatch_ce_cuda(scores, target, ops.REDUCTIONS["mean"], 1.0)
+            # A flag the host check cannot explain is reported, never ignored.
+            with pytest.raises(RuntimeError, match=r"flagged invalid input \(error bits 0x1\) that the host check "
+                                                   r"did not find"):
+                ops._launch_inbatch_ce_cuda(scores, torch.tensor([0, 1, 2]), ops.REDUCTIONS["mean"], 1.0)
+        else:
+            ops._launch_distill_cuda(s, t, None, None, ops.LOSS_KINDS["m3se"], ops.REDUCTIONS["none"], 0.0)
+            ops._launch_inbatch_ce_cuda(scores, target, ops.REDUCTIONS["mean"], 1.0)
+    assert fake.calls == (5 if flag else 4)
+
+
+def _cuda_case(name, gen):
+    s, t = make_scores(6, 9, "cosine20", gen, torch.float32), make_scores(6, 9, "cosine20", gen, torch.float32)
+    positives, _ = make_flags(6, 9, "several", None, gen)
+    positives[:, 0], positives[:, 1] = True, False  # every row has a positive and a negative
+    return s, t, positives
+
+
+@cuda
+@pytest.mark.parametrize("name", DISTILL + ["inbatch_ce"])
+def test_cuda_losses_do_not_synchronise(name):
+    """Forward and backward queue their work and return: a GPU busy for about a second ahead of them is still
+    busy afterwards (a cudaStreamSynchronize inside the extension would have waited for it), and torch's sync
+    debug mode sees no synchronising torch call."""
+    s, t, positives = (x.cuda() for x in _cuda_case(name, torch.Generator().manual_seed(31)))
+    target = torch.tensor([0, 3, -1, 8, 2, 5], device="cuda")
+
+    def step():
+        x = s.detach().clone().requires_grad_(True)
+        if name == "inbatch_ce":
+            loss = losses.inbatch_ce(x, target, 0.5)
+        else:
+            loss = getattr(losses, name)(x, t, positives)
+        loss.backward()
+        return x.grad
+
+    step()  # first call: dispatch decisions, allocator warm-up
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU cycles queued ahead of the loss
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        grad = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert not torch.cuda.current_stream().query(), "the loss waited for the GPU"
+    torch.cuda.synchronize()
+    assert torch.isfinite(grad).all()
+
+
+@cuda
+@pytest.mark.parametrize("name", DISTILL)
+def test_cuda_validation_synchronises_once_and_changes_no_result(name):
+    s, t, positives = (x.cuda() for x in _cuda_case(name, torch.Generator().manual_seed(32)))
+    loss, grad = run(getattr(losses, name), s, t, positives, None, "none", torch.Generator().manual_seed(1))
+    with losses.set_validation(True):
+        loss_v, grad_v = run(getattr(losses, name), s, t, positives, None, "none", torch.Generator().manual_seed(1))
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with pytest.raises(RuntimeError, match="synchroniz"):  # the flag's read-back is a sync
+                getattr(losses, name)(s, t, positives)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    assert torch.equal(loss, loss_v) and torch.equal(grad, grad_v)
+
+
+# (loss, what to break): a value at [row, col] of t
+CUDA_INVALID = [("mse", math.nan), ("margin_mse", math.inf), ("m3se", -math.inf), ("softmax_ce", math.inf),
+                ("kl_div", math.nan), ("rankdistil_b", -math.inf)]
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("name,value", CUDA_INVALID)
+def test_cuda_invalid_teacher_gives_a_nan_row_or_the_cpu_error(name, value, dtype):
+    s, t, positives = _cuda_case(name, torch.Generator().manual_seed(33))
+    s, t = s.to(dtype), t.to(dtype)
+    row, col = 4, 0  # column 0 is a positive: every loss reads it
+    t[row, col] = value
+    fn = getattr(losses, name)
+    with pytest.raises(ValueError) as cpu_error:
+        fn(s, t, positives)
+    sc, tc, pc = s.cuda(), t.cuda(), positives.cuda()
+    # Default: no error; that query's loss and its whole gradient row are NaN, the others are exact.
+    loss, grad = run(fn, sc, tc, pc, None, "none", torch.Generator().manual_seed(1))
+    keep = torch.ones(6, 9, dtype=torch.bool)
+    keep[row] = False
+    loss_ok, grad_ok = run(fn, s, t, positives, keep, "none", torch.Generator().manual_seed(1))
+    others = [r for r in range(6) if r != row]
+    assert math.isnan(loss[row]) and torch.isnan(grad[row]).all()
+    rtol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    close(loss[others].cpu().double(), loss_ok[others].double(), rtol)
+    close(grad[others].cpu().double(), grad_ok[others].double(), rtol)
+    for reduction in ("mean", "sum"):
+        assert math.isnan(fn(sc, tc, pc, None, reduction))
+    # Validating: the CPU's exact error.
+    with losses.set_validation(True):
+        with pytest.raises(ValueError) as cuda_error:
+            fn(sc, tc, pc)
+    assert str(cuda_error.value) == str(cpu_error.value)
+
+
+@cuda
+def test_cuda_whole_row_minus_inf_teacher_gives_a_nan_row_or_the_cpu_error():
+    s, t, positives = _cuda_case("softmax_ce", torch.Generator().manual_seed(34))
+    t[2] = -math.inf
+    with pytest.raises(ValueError) as cpu_error:
+        losses.softmax_ce(s, t)
+    loss = losses.softmax_ce(s.cuda(), t.cuda(), None, None, "none")
+    assert math.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3, 4, 5]]).all()
+    with losses.set_validation(True), pytest.raises(ValueError) as cuda_error:
+        losses.softmax_ce(s.cuda(), t.cuda())
+    assert str(cuda_error.value) == str(cpu_error.value)
+    assert "is -inf at every valid candidate of row 2" in str(cuda_error.value)
+
+
+@cuda
+@pytest.mark.parametrize("target_dtype", [torch.int64, torch.int32])
+def test_cuda_inbatch_target_out_of_range_gives_a_nan_row_or_the_cpu_error(target_dtype):
+    gen = torch.Generator().manual_seed(35)
+    scores = make_scores(5, 7, "cosine20", gen, torch.float32)
+    target = torch.tensor([0, 2**31 - 1 if target_dtype == torch.int32 else 2**40, 6, -1, 7], dtype=target_dtype)
+    with pytest.raises(ValueError) as cpu_error:
+        losses.inbatch_ce(scores, target)
+    x = scores.cuda().requires_grad_(True)
+    loss = losses.inbatch_ce(x, target.cuda(), reduction="none")
+    loss.backward(torch.ones_like(loss))
+    assert math.isnan(loss[1]) and math.isnan(loss[4]) and torch.isnan(x.grad[[1, 4]]).all()
+    assert loss[3] == 0 and (x.grad[3] == 0).all()  # an ignored row
+    good = torch.tensor([0, 2])
+    close(loss[good].cpu().double(), losses.inbatch_ce_ref(scores[good].double(), target[good], reduction="none"), 1e-5)
+    with losses.set_validation(True), pytest.raises(ValueError) as cuda_error:
+        losses.inbatch_ce(scores.cuda(), target.cuda())
+    assert str(cuda_error.value) == str(cpu_error.value)  # the first bad row and its full target value
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("name", ["margin_mse", "inbatch_ce"])
+def test_cuda_loss_on_a_gpu_that_is_not_current(name):
+    s, t, positives = _cuda_case(name, torch.Generator().manual_seed(36))
+    target = torch.tensor([0, 3, -1, 8, 2, 5])
+
+    def call(device):
+        x = s.to(device).requires_grad_(True)
+        if name == "inbatch_ce":
+            loss = losses.inbatch_ce(x, target.to(device), 0.5, "none")
+        else:
+            loss = losses.margin_mse(x, t.to(device), positives.to(device), None, "none")
+        loss.backward(torch.linspace(0.5, 1.5, 6, device=device))
+        return loss.detach().cpu(), x.grad.cpu()
+
+    with torch.cuda.device(0):
+        got = call("cuda:1")
+        torch.cuda.synchronize(1)
+    want = call("cpu")
+    close(got[0].double(), want[0].double(), 1e-5)
+    close(got[1].double(), want[1].double(), 1e-5)

@@ -383,6 +383,76 @@ def test_import_touches_no_cuda_and_needs_no_triton_or_extension():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Issue 13: every autotuning config of the forward, the valid-length bound, grid limits
+# ---------------------------------------------------------------------------------------------------------
+def _config_count() -> int:
+    import fastrank.ops.maxsim as maxsim_ops
+
+    return len(maxsim_ops.FORWARD_CONFIGS) if HAS_TRITON else 1
+
+
+@pytest.mark.skipif("triton_interpret" not in CPU_BACKENDS, reason="needs triton and TRITON_INTERPRET=1")
+@pytest.mark.parametrize("config", range(_config_count()))
+def test_every_forward_config_matches_reference(config, monkeypatch):
+    """The interpreter launches one config of the autotuned forward (INTERPRETER_CONFIG); each config the
+    autotuner may pick on a GPU runs here against the reference: document counts that DOCS does not divide,
+    documents longer than two tiles of the largest BLOCK_LD, H within one block (q held) and split over
+    blocks, and doc masks whose last valid token sits on either side of a tile boundary (the loop stops at
+    the last valid token), with holes and a fully padded document."""
+    import fastrank.ops.maxsim as maxsim_ops
+
+    monkeypatch.setattr(maxsim_ops, "INTERPRETER_CONFIG", config)
+    g = torch.Generator().manual_seed(config)
+    for lead_q, lead_d, h in (((), (7,), 48), ((2, 1), (2, 3), 80)):
+        q = torch.randn(*lead_q, 7, h, generator=g)
+        d = torch.randn(*lead_d, 300, h, generator=g)
+        qm = torch.rand(*lead_q, 7, generator=g) < 0.8
+        qm[..., 0] = True
+        dm = torch.rand(*lead_d, 300, generator=g) < 0.7
+        rows = dm.view(-1, 300)
+        rows[1] = False  # fully padded
+        for k, last in zip(range(2, rows.shape[0]), (0, 63, 64, 127, 128)):
+            rows[k, last + 1:] = False  # trailing padding ending at a tile boundary or just past one
+            rows[k, last] = True
+        _check(q, d, qm, dm, "triton_interpret")
+
+
+def test_autotuning_keeps_only_configs_that_compiled_without_spills():
+    """The configs the autotuner may pick per query tile and H path: the ones whose sm_90 build ptxas
+    reported without spills (issue 13; the interpreter runs every config regardless)."""
+    pytest.importorskip("triton")
+    import fastrank.ops.maxsim as maxsim_ops
+
+    configs = maxsim_ops.FORWARD_CONFIGS
+
+    def kept(block_lq, split_h):
+        return [(c.kwargs["BLOCK_LD"], c.kwargs["DOCS"])
+                for c in maxsim_ops._prune_forward_configs(configs, {}, BLOCK_LQ=block_lq, SPLIT_H=split_h)]
+
+    everything = [(c.kwargs["BLOCK_LD"], c.kwargs["DOCS"]) for c in configs]
+    assert kept(16, False) == kept(32, False) == kept(16, True) == everything
+    assert kept(64, False) == [(32, 4), (32, 1), (32, 8)]
+    assert kept(32, True) == [(32, 1)]
+    assert kept(64, True) == [(32, 4), (32, 8)]
+
+
+def test_grid_limits_are_clear_errors():
+    """CUDA caps grids at 2^31 - 1 programs along x and 65535 along y and z: past that the launchers raise
+    naming the axis and the way out, instead of a launch failure."""
+    pytest.importorskip("triton")
+    import fastrank.ops.maxsim as maxsim_ops
+
+    assert maxsim_ops.check_grid((2**31 - 1, 65535, 65535), "maxsim") == (2**31 - 1, 65535, 65535)
+    for grid, axis in (((2**31,), "x"), ((1, 65536), "y"), ((1, 1, 65536), "z")):
+        with pytest.raises(ValueError, match=rf"maxsim: .* grid axis {axis}, more than CUDA's .*smaller batches"):
+            maxsim_ops.check_grid(grid, "maxsim")
+    # through the launcher, before any output is allocated: 2^31 documents as a broadcast view of one
+    q, d = torch.randn(3, 8), torch.randn(1, 1, 5, 8).expand(2**31, 1, 5, 8)
+    with pytest.raises(ValueError, match="grid axis x"):
+        maxsim_ops._triton_forward(q[None, None], d.reshape(1, 2**31, 5, 8), None, None, False)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # GPU (runs where CUDA is present)
 # ---------------------------------------------------------------------------------------------------------
 def _gpu_backends():
@@ -423,3 +493,47 @@ def test_gpu_long_reduction_loops_and_determinism(backend):
 def test_default_backend_on_cuda_is_a_kernel():
     q, d = torch.randn(4, 8, device="cuda"), torch.randn(3, 5, 8, device="cuda")
     assert dispatch.choose("maxsim", (q, d), None, dtype=q.dtype, lq=4).backend in ("triton", "cpp")
+
+
+@pytest.mark.skipif(not CUDA or not HAS_TRITON or INTERPRET, reason="needs CUDA and compiled Triton")
+def test_gpu_offsets_past_2_31_elements():
+    """Issue 13: 14,000 documents of 200 tokens at H = 768 (bf16) hold 2.15e9 > 2^31 elements, so the last
+    documents sit past every int32 offset. Their scores and gradients must match the reference run on them
+    alone (the upstream gradient is zero elsewhere, so dq comes from them alone too)."""
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs a GPU with 40 GiB")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, ld, h = 14_000, 200, 768
+    assert n * ld * h > 2**31
+    q = torch.randn(32, h, device="cuda", generator=g, dtype=torch.bfloat16)
+    d = torch.randn(n, ld, h, device="cuda", generator=g, dtype=torch.bfloat16)
+    dm = torch.rand(n, ld, device="cuda", generator=g) < 0.9
+    q.requires_grad_()
+    d.requires_grad_()
+    out = maxsim(q, d, None, dm, backend="triton")
+    tail = slice(n - 3, n)
+    upstream = torch.zeros(n, device="cuda")
+    upstream[tail] = torch.randn(3, device="cuda", generator=g) + 0.5
+    dq, dd = torch.autograd.grad(out, (q, d), upstream)
+    q64 = q.detach().double().requires_grad_()
+    d64 = d.detach()[tail].double().requires_grad_()
+    ref = maxsim_ref(q64, d64, None, dm[tail])
+    torch.testing.assert_close(out[tail].double(), ref, rtol=FWD_TOL[torch.bfloat16][0], atol=FWD_TOL[torch.bfloat16][1])
+    rq, rd = torch.autograd.grad(ref, (q64, d64), upstream[tail].double())
+    rtol, atol = GRAD_TOL[torch.bfloat16]
+    torch.testing.assert_close(dq.double(), rq, rtol=rtol, atol=atol)
+    torch.testing.assert_close(dd[tail].double(), rd, rtol=rtol, atol=atol)
+    assert not dd[: n - 3].any()
+    # the packed kernels on the same rows
+    from fastrank import maxsim_packed, maxsim_packed_ref
+
+    tokens = d.detach().reshape(n * ld, h).requires_grad_()
+    offsets = torch.arange(0, n * ld + 1, ld, device="cuda")
+    out = maxsim_packed(q, tokens, offsets, backend="triton")
+    dq, dt = torch.autograd.grad(out, (q, tokens), upstream)
+    t64 = tokens.detach()[(n - 3) * ld:].double().requires_grad_()
+    ref = maxsim_packed_ref(q64, t64, torch.arange(0, 3 * ld + 1, ld, device="cuda"))
+    torch.testing.assert_close(out[tail].double(), ref, rtol=FWD_TOL[torch.bfloat16][0], atol=FWD_TOL[torch.bfloat16][1])
+    rq, rt = torch.autograd.grad(ref, (q64, t64), upstream[tail].double())
+    torch.testing.assert_close(dq.double(), rq, rtol=rtol, atol=atol)
+    torch.testing.assert_close(dt[(n - 3) * ld:].double(), rt, rtol=rtol, atol=atol)

@@ -132,6 +132,36 @@ def test_kernels_match_reference(lq, h, shared, masked):
     _check_direct(*_case(LENGTHS, lq, h, shared=shared, masked=masked, seed=lq * 1000 + h * 10 + 2 * shared + masked))
 
 
+def _config_count() -> int:
+    if not RUNS:
+        return 1
+    from fastrank.ops.maxsim import FORWARD_CONFIGS
+
+    return len(FORWARD_CONFIGS)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter launches one config at a time; a GPU autotunes")
+@pytest.mark.parametrize("config", range(_config_count()))
+def test_every_forward_config_matches_reference(config, monkeypatch):
+    """Each config of the autotuned packed forward (issue 13) against the reference: a shared query (held
+    across a program's documents) and one query per document, H within one block and split over blocks,
+    document counts that DOCS does not divide, empty documents and documents past two 128-row tiles."""
+    import fastrank.ops.maxsim as maxsim_ops
+
+    monkeypatch.setattr(maxsim_ops, "INTERPRETER_CONFIG", config)
+    for shared, h in ((True, 48), (False, 48), (True, 80), (False, 80)):
+        _check_direct(*_case([0, 3, 260, 0, 64, 129, 1], 7, h, shared=shared, masked=True, seed=config * 10 + h))
+
+
+def test_grid_limit_is_a_clear_error():
+    """More documents than CUDA's 2^31 - 1 programs is an error naming the limit, raised before any output is
+    allocated (the offsets here are a broadcast view: nothing of that size exists)."""
+    q, tokens = torch.randn(1, 3, 8, device=DEVICE), torch.randn(0, 8, device=DEVICE)
+    offsets = torch.zeros(1, dtype=torch.int64, device=DEVICE).expand(2**31 + 1)
+    with pytest.raises(ValueError, match=r"maxsim_packed: .*grid axis x, more than CUDA's"):
+        packed_forward(q, tokens, offsets, None, None, False)
+
+
 @pytest.mark.parametrize("shared", [True, False], ids=["shared_q", "per_doc_q"])
 def test_full_query_tile(shared):
     # Lq = 64 fills the query tile, which halves the forward's doc tile to 32 rows.

@@ -354,7 +354,9 @@ void register_losses(pybind11::module_& m) {
         cuda::distill_forward(kind, reduction, B, K, dtype, param, s, s_sb, s_sk, t, t_sb, t_sk, pos, pos_sb,
                               pos_sk, mask, mask_sb, mask_sk, loss, grad, scale, workspace, stream);
       },
-      "CUDA version of distill_forward; workspace: zeroed int32[4] + float[B] (see losses_cuda.h).",
+      "CUDA version of distill_forward, queued on `stream` without waiting for it; workspace: zeroed "
+      "losses_workspace_bytes(B) bytes (see losses_cuda.h). Invalid teacher scores give NaN rows and set the "
+      "workspace's error flag instead of raising.",
       py::arg("kind"), py::arg("reduction"), py::arg("B"), py::arg("K"), py::arg("dtype"), py::arg("param"),
       py::arg("s"), py::arg("s_sb"), py::arg("s_sk"), py::arg("t"), py::arg("t_sb"), py::arg("t_sk"),
       py::arg("pos"), py::arg("pos_sb"), py::arg("pos_sk"), py::arg("mask"), py::arg("mask_sb"),
@@ -370,7 +372,8 @@ void register_losses(pybind11::module_& m) {
         cuda::inbatch_ce_forward(reduction, B, M, dtype, tau, x, x_sb, x_sk, target, target_stride,
                                  target_is_int64, loss, grad, scale, workspace, stream);
       },
-      "CUDA version of inbatch_ce_forward.", py::arg("reduction"), py::arg("B"), py::arg("M"), py::arg("dtype"),
+      "CUDA version of inbatch_ce_forward, queued without waiting; a target >= M gives a NaN row and sets the "
+      "workspace's error flag.", py::arg("reduction"), py::arg("B"), py::arg("M"), py::arg("dtype"),
       py::arg("tau"), py::arg("x"), py::arg("x_sb"), py::arg("x_sk"), py::arg("target"), py::arg("target_stride"),
       py::arg("target_is_int64"), py::arg("loss"), py::arg("grad"), py::arg("scale"), py::arg("workspace"),
       py::arg("stream"));

@@ -1,6 +1,16 @@
 // Fused distillation losses on CUDA: one warp per query computes the loss and dL/ds in one pass (the math is
 // in the header comment of csrc/cpu/losses.cpp), and the last block to finish reduces the per-query losses in
 // a fixed order, so "sum" and "mean" are deterministic and the whole loss is one launch.
+//
+// Invalid values (a NaN teacher score at a valid candidate, an infinite one the loss reads, a row whose teacher
+// is -inf everywhere, an in-batch target >= M) make the offending query's loss and its whole gradient row
+// NaN, and set a flag in the workspace; the host never waits for the kernel. Why not PyTorch's answer to the
+// same problem (CUDA_KERNEL_ASSERT, as in index_select, or torch._assert_async): a device-side assert makes
+// the CUDA context unusable for the rest of the process and reports no argument or position, so a training
+// run that meets one bad teacher score dies with "device-side assert triggered". A NaN loss is what torch's
+// own losses give for NaN inputs, it leaves the process usable, and fastrank.losses.set_validation(True) turns
+// the flag into the CPU's exact ValueError at the cost of one stream synchronisation a call (see
+// fastrank/ops/losses.py). The flags are sticky within a call's workspace only: each call gets a fresh one.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -13,27 +23,33 @@
 
 #include "common.h"
 #include "cuda/losses_cuda.h"
+#include "index_math.h"
 
 namespace fastrank {
 namespace cuda {
 namespace {
 
+namespace im = ::fastrank::index_math;
+
 // Must match csrc/cpu/losses.cpp and fastrank/ops/losses.py.
 enum Kind : int { MSE = 0, MARGIN_MSE = 1, M3SE = 2, SOFTMAX_CE = 3, KL_DIV = 4, RANKDISTIL_B = 5 };
 enum Reduction : int { NONE = 0, SUM = 1, MEAN = 2 };
-// Bit flags, so that a NaN (reported first, as on the CPU) is never hidden by a later infinity.
+// Bit flags OR-ed into Workspace::error: which kinds of invalid value the call met. The host only needs to
+// know "any" (it then finds the first position and raises, as the CPU does); the bits say which for a message
+// of last resort.
 enum Error : int { NO_ERROR = 0, TEACHER_NAN = 1, TARGET_RANGE = 2, TEACHER_INF = 4, TEACHER_ALL_NEG_INF = 8 };
 
 constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 4;
 constexpr int kThreads = kWarp * kWarpsPerBlock;
 constexpr unsigned kFull = 0xffffffffu;
+constexpr int kDistillMinBlocks = 4;
 
+// Layout (losses_workspace_bytes in losses_cuda.h): done (4 bytes), error (4), 8 reserved, row_loss[B]
+// (8-byte aligned), has_term[B].
 struct Workspace {
   unsigned int* done;  // blocks finished
-  int* error;          // Error
-  int* error_row;      // 1 + the largest offending row
-  int* error_value;    // the offending target, for inbatch_ce; 1 + the largest row of an infinite teacher
+  int* error;          // Error bits
   double* row_loss;    // [B]
   int* has_term;       // [B]
 };
@@ -43,8 +59,6 @@ __host__ __device__ inline Workspace workspace_at(std::uintptr_t base, int64_t B
   Workspace w;
   w.done = reinterpret_cast<unsigned int*>(p);
   w.error = reinterpret_cast<int*>(p + 4);
-  w.error_row = reinterpret_cast<int*>(p + 8);
-  w.error_value = reinterpret_cast<int*>(p + 12);
   w.row_loss = reinterpret_cast<double*>(p + 16);
   w.has_term = reinterpret_cast<int*>(p + 16 + 8 * B);
   return w;
@@ -78,6 +92,7 @@ template <typename A> struct Temperature {
   __device__ A operator()(A x) const { return divide ? x / tau : x * inv_tau; }
 };
 template <typename A> __device__ inline A neg_inf() { return -static_cast<A>(INFINITY); }
+template <typename A> __device__ inline A quiet_nan() { return static_cast<A>(NAN); }
 
 struct Rows {
   const void* s;
@@ -128,19 +143,23 @@ __device__ void reduce_if_last(int reduction, int64_t B, Workspace w, A* loss, A
   }
 }
 
+// The second launch bound (4 blocks, 16 warps a multiprocessor) caps registers at 128, which the kernel fits:
+// with the first alone ptxas aimed at more resident blocks and spilled (up to 216 bytes of local loads a
+// thread for float64 on sm_80), and at B = 128 the whole grid is 32 blocks anyway.
 template <typename T, typename A>
-__global__ void __launch_bounds__(kThreads) distill_kernel(int kind, int reduction, int64_t B, int64_t K, A param,
-                                                           Rows r, A* loss, A* grad, A* scale, Workspace w) {
+__global__ void __launch_bounds__(kThreads, kDistillMinBlocks)
+    distill_kernel(int kind, int reduction, int64_t B, int64_t K, A param, Rows r, A* loss, A* grad, A* scale,
+                   Workspace w) {
   const int lane = threadIdx.x % kWarp;
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  const int64_t b = im::unit_index(blockIdx.x, kWarpsPerBlock, threadIdx.x / kWarp);
   if (b < B) {
-    const T* s = static_cast<const T*>(r.s) + b * r.s_sb;
-    const T* t = static_cast<const T*>(r.t) + b * r.t_sb;
-    A* g = grad + b * K;
+    const T* s = static_cast<const T*>(r.s) + im::offset2(b, r.s_sb, 0, 0);
+    const T* t = static_cast<const T*>(r.t) + im::offset2(b, r.t_sb, 0, 0);
+    A* g = grad + im::flat(b, K, 0);
     // 0 masked, 1 positive, 2 negative
     auto cls = [&](int64_t k) -> int {
-      if (r.mask != nullptr && r.mask[b * r.mask_sb + k * r.mask_sk] == 0) return 0;
-      const bool positive = r.pos == nullptr ? k == 0 : r.pos[b * r.pos_sb + k * r.pos_sk] != 0;
+      if (r.mask != nullptr && r.mask[im::offset2(b, r.mask_sb, k, r.mask_sk)] == 0) return 0;
+      const bool positive = r.pos == nullptr ? k == 0 : r.pos[im::offset2(b, r.pos_sb, k, r.pos_sk)] != 0;
       return positive ? 1 : 2;
     };
     auto S = [&](int64_t k) { return load<A>(s + k * r.s_sk); };
@@ -158,11 +177,10 @@ __global__ void __launch_bounds__(kThreads) distill_kernel(int kind, int reducti
     }
     n_pos = warp_sum(n_pos);
     n_neg = warp_sum(n_neg);
-    if (teacher_nan) {
-      atomicOr(w.error, TEACHER_NAN);
-      atomicMax(w.error_row, static_cast<int>(b + 1));
-    }
+    bool invalid = __any_sync(kFull, teacher_nan);
+    if (invalid && lane == 0) atomicOr(w.error, TEACHER_NAN);
     // Rare: lane 0 applies the CPU driver's rule (infinite_teacher_read in csrc/cpu/losses.cpp) serially.
+    bool inf_invalid = false;
     if (__any_sync(kFull, teacher_inf) && lane == 0) {
       long long star = -1;
       bool read = false, finite_or_pos_inf = false;
@@ -183,10 +201,10 @@ __global__ void __launch_bounds__(kThreads) distill_kernel(int kind, int reducti
       const bool whole_row = (kind == SOFTMAX_CE || kind == KL_DIV) && !read && !finite_or_pos_inf;
       if (read || whole_row) {
         atomicOr(w.error, whole_row ? TEACHER_ALL_NEG_INF : TEACHER_INF);
-        atomicMax(w.error_value, static_cast<int>(b + 1));
+        inf_invalid = true;
       }
     }
-    __syncwarp();
+    invalid = invalid || __shfl_sync(kFull, inf_invalid, 0);
     A row = 0;
     bool has_term = false;
     switch (kind) {
@@ -312,6 +330,13 @@ __global__ void __launch_bounds__(kThreads) distill_kernel(int kind, int reducti
         break;
       }
     }
+    if (invalid) {
+      // After lane 0's g[star] update above; every valid candidate of the row, whether the loss read it or not.
+      __syncwarp();
+      for (int64_t k = lane; k < K; k += kWarp)
+        if (cls(k) != 0) g[k] = quiet_nan<A>();
+      row = quiet_nan<A>();
+    }
     if (lane == 0) {
       w.row_loss[b] = static_cast<double>(row);
       w.has_term[b] = has_term;
@@ -327,20 +352,19 @@ __global__ void __launch_bounds__(kThreads) inbatch_ce_kernel(int reduction, int
                                                               int64_t target_stride, bool target_is_int64, A* loss,
                                                               A* grad, A* scale, Workspace w) {
   const int lane = threadIdx.x % kWarp;
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  const int64_t b = im::unit_index(blockIdx.x, kWarpsPerBlock, threadIdx.x / kWarp);
   if (b < B) {
-    const int64_t y = target_is_int64 ? static_cast<const int64_t*>(target)[b * target_stride]
-                                      : static_cast<const int32_t*>(target)[b * target_stride];
-    A* g = grad + b * M;
-    const T* row_x = x + b * x_sb;
+    const int64_t at = im::offset2(b, target_stride, 0, 0);
+    const int64_t y = target_is_int64 ? static_cast<const int64_t*>(target)[at] : static_cast<const int32_t*>(target)[at];
+    A* g = grad + im::flat(b, M, 0);
+    const T* row_x = x + im::offset2(b, x_sb, 0, 0);
     A row = 0;
     if (y < 0 || y >= M) {
-      for (int64_t k = lane; k < M; k += kWarp) g[k] = A(0);
-      if (y >= M && lane == 0) {
-        atomicExch(w.error, TARGET_RANGE);
-        atomicMax(w.error_row, static_cast<int>(b + 1));
-        atomicExch(w.error_value, static_cast<int>(y));
-      }
+      // An ignored row (y < 0) has no loss and no gradient; an out-of-range target poisons its row.
+      const A fill = y < 0 ? A(0) : quiet_nan<A>();
+      for (int64_t k = lane; k < M; k += kWarp) g[k] = fill;
+      row = fill;
+      if (y >= M && lane == 0) atomicOr(w.error, TARGET_RANGE);
     } else {
       const A inv_tau = A(1) / tau;
       const Temperature<A> temp{tau, inv_tau, !isfinite(inv_tau)};
@@ -373,14 +397,8 @@ void check_launch(const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string("fastrank: ") + what + " launch failed: " + cudaGetErrorString(err));
 }
 
-// Reads the error flags back; the one synchronisation of a call.
-void read_errors(const Workspace& w, cudaStream_t stream, int host[4]) {
-  cudaError_t err = cudaMemcpyAsync(host, w.done, 16, cudaMemcpyDeviceToHost, stream);
-  if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
-  if (err != cudaSuccess) throw std::runtime_error(std::string("fastrank: losses: ") + cudaGetErrorString(err));
-}
-
-unsigned int blocks_for(int64_t B) { return static_cast<unsigned int>((B + kWarpsPerBlock - 1) / kWarpsPerBlock); }
+// One warp per query: the grid's x dimension, checked against CUDA's limit (B up to about 8.6e9 rows).
+unsigned int blocks_for(int64_t B, const char* what) { return im::grid_x(im::blocks_for(B, kWarpsPerBlock), what); }
 
 template <typename T, typename A>
 void launch_distill(int kind, int reduction, int64_t B, int64_t K, double param, const Rows& r, std::uintptr_t loss,
@@ -388,15 +406,17 @@ void launch_distill(int kind, int reduction, int64_t B, int64_t K, double param,
   // A temperature below A's range would round to 0 (see temperature() in csrc/cpu/losses.cpp).
   const A p = kind == SOFTMAX_CE || kind == KL_DIV ? std::max(static_cast<A>(param), std::numeric_limits<A>::denorm_min())
                                                    : static_cast<A>(param);
-  distill_kernel<T, A><<<blocks_for(B), kThreads, 0, stream>>>(kind, reduction, B, K, p, r,
-                                                               ptr<A>(loss), ptr<A>(grad), ptr<A>(scale), w);
+  const unsigned int blocks = blocks_for(B, "the distillation loss over s's rows");
+  distill_kernel<T, A><<<blocks, kThreads, 0, stream>>>(kind, reduction, B, K, p, r, ptr<A>(loss), ptr<A>(grad),
+                                                        ptr<A>(scale), w);
 }
 
 template <typename T, typename A>
 void launch_inbatch(int reduction, int64_t B, int64_t M, double tau, std::uintptr_t x, int64_t x_sb, int64_t x_sk,
                     std::uintptr_t target, int64_t target_stride, bool target_is_int64, std::uintptr_t loss,
                     std::uintptr_t grad, std::uintptr_t scale, const Workspace& w, cudaStream_t stream) {
-  inbatch_ce_kernel<T, A><<<blocks_for(B), kThreads, 0, stream>>>(
+  const unsigned int blocks = blocks_for(B, "inbatch_ce over scores' rows");
+  inbatch_ce_kernel<T, A><<<blocks, kThreads, 0, stream>>>(
       reduction, B, M, std::max(static_cast<A>(tau), std::numeric_limits<A>::denorm_min()), ptr<const T>(x), x_sb, x_sk, reinterpret_cast<const void*>(target),
       target_stride, target_is_int64, ptr<A>(loss), ptr<A>(grad), ptr<A>(scale), w);
 }
@@ -408,7 +428,6 @@ void distill_forward(int kind, int reduction, int64_t B, int64_t K, int dtype, d
                      int64_t pos_sb, int64_t pos_sk, std::uintptr_t mask, int64_t mask_sb, int64_t mask_sk,
                      std::uintptr_t loss, std::uintptr_t grad, std::uintptr_t scale, std::uintptr_t workspace,
                      std::uintptr_t stream_handle) {
-  FASTRANK_CHECK(B < (int64_t(1) << 31) - 1, "s has too many rows for the CUDA kernel (" << B << ")");
   const Rows r{reinterpret_cast<const void*>(s), s_sb, s_sk, reinterpret_cast<const void*>(t), t_sb, t_sk,
                ptr<const uint8_t>(pos), pos_sb, pos_sk, ptr<const uint8_t>(mask), mask_sb, mask_sk};
   const Workspace w = workspace_at(workspace, B);
@@ -420,23 +439,12 @@ void distill_forward(int kind, int reduction, int64_t B, int64_t K, int dtype, d
     case DType::Float64: launch_distill<double, double>(kind, reduction, B, K, param, r, loss, grad, scale, w, stream); break;
   }
   check_launch("distillation loss");
-  int host[4];
-  read_errors(w, stream, host);
-  FASTRANK_CHECK(!(host[1] & TEACHER_NAN), "t (teacher scores) contains NaN at a valid candidate (row "
-                                               << host[2] - 1 << "); clean or mask the teacher scores");
-  static const char* const names[] = {"mse", "margin_mse", "m3se", "softmax_ce", "kl_div", "rankdistil_b"};
-  FASTRANK_CHECK(!(host[1] & TEACHER_INF), "t (teacher scores) contains an infinite score at a valid candidate that "
-                                               << names[kind] << " uses (row " << host[3] - 1
-                                               << "); mask the candidate or give it a finite score");
-  FASTRANK_CHECK(!(host[1] & TEACHER_ALL_NEG_INF), "t (teacher scores) is -inf at every valid candidate of row "
-                                                       << host[3] - 1 << ", so softmax(t/tau) is undefined; mask the row");
 }
 
 void inbatch_ce_forward(int reduction, int64_t B, int64_t M, int dtype, double tau, std::uintptr_t x, int64_t x_sb,
                         int64_t x_sk, std::uintptr_t target, int64_t target_stride, bool target_is_int64,
                         std::uintptr_t loss, std::uintptr_t grad, std::uintptr_t scale, std::uintptr_t workspace,
                         std::uintptr_t stream_handle) {
-  FASTRANK_CHECK(B < (int64_t(1) << 31) - 1, "scores has too many rows for the CUDA kernel (" << B << ")");
   const Workspace w = workspace_at(workspace, B);
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   switch (to_dtype(dtype)) {
@@ -446,11 +454,6 @@ void inbatch_ce_forward(int reduction, int64_t B, int64_t M, int dtype, double t
     case DType::Float64: launch_inbatch<double, double>(reduction, B, M, tau, x, x_sb, x_sk, target, target_stride, target_is_int64, loss, grad, scale, w, stream); break;
   }
   check_launch("in-batch cross-entropy");
-  int host[4];
-  read_errors(w, stream, host);
-  FASTRANK_CHECK(host[1] != TARGET_RANGE, "target[" << host[2] - 1 << "] = " << host[3]
-                                              << " is out of range for scores with M = " << M
-                                              << " columns (expected 0 <= target < M, or a negative value to ignore the row)");
 }
 
 }  // namespace cuda

@@ -2,6 +2,8 @@
 // tile of 32 doc tokens are staged in shared memory 64 embedding dims at a time; each of the 256 threads
 // owns one query token and 8 doc tokens of the tile, keeps their similarities in registers, and folds
 // them into a running (max, argmax). The similarity matrix never reaches global memory.
+// Every index product goes through csrc/index_math.h in int64 (d alone passes 2^31 elements at 100k
+// documents x 180 tokens x 128 dims), and every grid size is checked against CUDA's limit before launch.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -10,11 +12,15 @@
 #include <stdexcept>
 #include <string>
 
+#include "common.h"
 #include "cuda/maxsim_cuda.h"
+#include "index_math.h"
 
 namespace fastrank {
 namespace cuda {
 namespace {
+
+namespace im = ::fastrank::index_math;
 
 constexpr int kThreads = 256;
 constexpr int kMaxLq = 64;
@@ -29,6 +35,12 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162f
 
 __device__ __forceinline__ bool is_valid(const uint8_t* m, int64_t off) { return m == nullptr || m[off] != 0; }
 
+// A mask's offset at (f, y, x, token); strides of 0 broadcast.
+__device__ __forceinline__ int64_t mask_at(int64_t f, int64_t sf, int64_t y, int64_t sy, int64_t x, int64_t sx,
+                                           int64_t tok, int64_t st) {
+  return im::offset4(f, sf, y, sy, x, sx, tok, st);
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) forward_kernel(MaxSimArgs a, float* out, int32_t* argmax) {
   __shared__ float qs[kMaxLq][kTileH + 1];
@@ -38,9 +50,10 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(MaxSimArgs a, float* 
   __shared__ int any_valid;
 
   const int64_t pair = blockIdx.x;
-  const int64_t f = pair / (a.Y * a.X), y = (pair / a.X) % a.Y, x = pair % a.X;
-  const T* q = static_cast<const T*>(a.q) + f * a.q_f + y * a.q_y;
-  const T* d = static_cast<const T*>(a.d) + f * a.d_f + x * a.d_x;
+  const im::Coords3 c3 = im::unflatten3(pair, a.Y, a.X);
+  const int64_t f = c3.a, y = c3.b, x = c3.c;
+  const T* q = static_cast<const T*>(a.q) + im::offset2(f, a.q_f, y, a.q_y);
+  const T* d = static_cast<const T*>(a.d) + im::offset2(f, a.d_f, x, a.d_x);
   const int t = threadIdx.x;
   const int i = t / kGroups;      // this thread's query token
   const int g = t % kGroups;      // which 8 doc tokens of the tile it owns
@@ -54,7 +67,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(MaxSimArgs a, float* 
     __syncthreads();
     if (t < kTileJ) {
       const int64_t j = j0 + t;
-      const bool v = j < a.Ld && is_valid(a.d_mask, f * a.dm_f + y * a.dm_y + x * a.dm_x + j * a.dm_tok);
+      const bool v = j < a.Ld && is_valid(a.d_mask, mask_at(f, a.dm_f, y, a.dm_y, x, a.dm_x, j, a.dm_tok));
       dvalid[t] = v;
       if (v) any_valid = 1;
     }
@@ -65,11 +78,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(MaxSimArgs a, float* 
       __syncthreads();
       for (int e = t; e < kMaxLq * kTileH; e += kThreads) {
         const int r = e / kTileH, c = e % kTileH;
-        qs[r][c] = (r < a.Lq && h0 + c < a.H) ? to_float(q[r * a.q_tok + h0 + c]) : 0.f;
+        qs[r][c] = (r < a.Lq && h0 + c < a.H) ? to_float(q[im::offset2(r, a.q_tok, h0 + c, 1)]) : 0.f;
       }
       for (int e = t; e < kTileJ * kTileH; e += kThreads) {
         const int r = e / kTileH, c = e % kTileH;
-        ds[r][c] = (j0 + r < a.Ld && h0 + c < a.H) ? to_float(d[(j0 + r) * a.d_tok + h0 + c]) : 0.f;
+        ds[r][c] = (j0 + r < a.Ld && h0 + c < a.H) ? to_float(d[im::offset2(j0 + r, a.d_tok, h0 + c, 1)]) : 0.f;
       }
       __syncthreads();
 #pragma unroll 8
@@ -105,9 +118,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(MaxSimArgs a, float* 
   }
   __syncthreads();
   const bool row_ok = i < a.Lq && any_valid &&
-                      is_valid(a.q_mask, f * a.qm_f + y * a.qm_y + x * a.qm_x + i * a.qm_tok);
+                      is_valid(a.q_mask, mask_at(f, a.qm_f, y, a.qm_y, x, a.qm_x, i, a.qm_tok));
   float contrib = (g == 0 && row_ok) ? (nan_seen ? NAN : best) : 0.f;
-  if (argmax != nullptr && g == 0 && i < a.Lq) argmax[pair * a.Lq + i] = row_ok ? best_j : -1;
+  if (argmax != nullptr && g == 0 && i < a.Lq) argmax[im::flat(pair, a.Lq, i)] = row_ok ? best_j : -1;
   for (int off = 16; off > 0; off >>= 1) contrib += __shfl_down_sync(0xffffffffu, contrib, off);
   if ((t & 31) == 0) partial[t / 32] = contrib;
   __syncthreads();
@@ -123,16 +136,17 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(MaxSimArgs a, float* 
 template <typename T>
 __global__ void backward_dq_kernel(MaxSimArgs a, const float* grad, const int32_t* argmax, float* dq) {
   const int64_t row = blockIdx.x;
-  const int64_t f = row / (a.Y * a.Lq), y = (row / a.Lq) % a.Y, i = row % a.Lq;
+  const im::Coords3 c3 = im::unflatten3(row, a.Y, a.Lq);
+  const int64_t f = c3.a, y = c3.b, i = c3.c;
   const T* d = static_cast<const T*>(a.d);
   for (int64_t h = threadIdx.x; h < a.H; h += blockDim.x) {
     float acc = 0.f;
     for (int64_t x = 0; x < a.X; ++x) {
-      const int64_t pair = (f * a.Y + y) * a.X + x;
-      const int32_t j = argmax[pair * a.Lq + i];
-      if (j >= 0) acc += grad[pair] * to_float(d[f * a.d_f + x * a.d_x + j * a.d_tok + h]);
+      const int64_t pair = im::flat(im::flat(f, a.Y, y), a.X, x);
+      const int32_t j = argmax[im::flat(pair, a.Lq, i)];
+      if (j >= 0) acc += grad[pair] * to_float(d[im::offset4(f, a.d_f, x, a.d_x, j, a.d_tok, h, 1)]);
     }
-    dq[row * a.H + h] = acc;
+    dq[im::flat(row, a.H, h)] = acc;
   }
 }
 
@@ -142,15 +156,15 @@ __global__ void backward_dd_kernel(MaxSimArgs a, const float* grad, const int32_
   const int64_t item = blockIdx.x;
   const int64_t f = item / a.X, x = item % a.X;
   const T* q = static_cast<const T*>(a.q);
-  float* base = dd + item * a.Ld * a.H;
+  float* base = dd + im::flat(item, a.Ld * a.H, 0);
   for (int64_t h = threadIdx.x; h < a.H; h += blockDim.x) {
-    for (int64_t j = 0; j < a.Ld; ++j) base[j * a.H + h] = 0.f;
+    for (int64_t j = 0; j < a.Ld; ++j) base[im::flat(j, a.H, h)] = 0.f;
     for (int64_t y = 0; y < a.Y; ++y) {
-      const int64_t pair = (f * a.Y + y) * a.X + x;
+      const int64_t pair = im::flat(im::flat(f, a.Y, y), a.X, x);
       const float gp = grad[pair];
       for (int64_t i = 0; i < a.Lq; ++i) {
-        const int32_t j = argmax[pair * a.Lq + i];
-        if (j >= 0) base[j * a.H + h] += gp * to_float(q[f * a.q_f + y * a.q_y + i * a.q_tok + h]);
+        const int32_t j = argmax[im::flat(pair, a.Lq, i)];
+        if (j >= 0) base[im::flat(j, a.H, h)] += gp * to_float(q[im::offset4(f, a.q_f, y, a.q_y, i, a.q_tok, h, 1)]);
       }
     }
   }
@@ -171,30 +185,43 @@ void by_dtype(int dtype, Fn&& fn) {
   throw std::invalid_argument("fastrank: maxsim (cuda): unsupported dtype code " + std::to_string(dtype));
 }
 
+void check_sizes(const MaxSimArgs& a) {
+  FASTRANK_CHECK(a.F >= 0 && a.Y >= 0 && a.X >= 0 && a.Lq >= 0 && a.Ld >= 0 && a.H >= 0,
+                 "maxsim (cuda): sizes must be >= 0, got F=" << a.F << " Y=" << a.Y << " X=" << a.X << " Lq=" << a.Lq
+                                                             << " Ld=" << a.Ld << " H=" << a.H);
+  // argmax holds doc-token indices in int32.
+  FASTRANK_CHECK(a.Ld <= im::kMaxGridX, "maxsim (cuda): d has Ld=" << a.Ld << " tokens, more than the int32 argmax holds");
+}
+
 }  // namespace
 
 void maxsim_forward(const MaxSimArgs& a, float* out, int32_t* argmax, std::uintptr_t stream) {
-  if (a.Lq < 1 || a.Lq > kMaxLq) throw std::invalid_argument("fastrank: maxsim (cuda): Lq must be in [1, 64]");
+  check_sizes(a);
+  FASTRANK_CHECK(a.Lq >= 1 && a.Lq <= kMaxLq, "maxsim (cuda): Lq must be in [1, " << kMaxLq << "], got " << a.Lq);
   const int64_t pairs = a.F * a.Y * a.X;
   if (pairs == 0) return;
+  const unsigned int blocks = im::grid_x(pairs, "maxsim (cuda) forward, one block per (query, document) pair,");
   auto s = reinterpret_cast<cudaStream_t>(stream);
   by_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    forward_kernel<T><<<static_cast<unsigned>(pairs), kThreads, 0, s>>>(a, out, argmax);
+    forward_kernel<T><<<blocks, kThreads, 0, s>>>(a, out, argmax);
   });
   check_launch("maxsim forward kernel launch");
 }
 
 void maxsim_backward(const MaxSimArgs& a, const float* grad, const int32_t* argmax, float* dq, float* dd,
                      std::uintptr_t stream) {
+  check_sizes(a);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const int threads = a.H >= 256 ? 256 : 128;
+  const bool run_dq = dq != nullptr && a.F * a.Y * a.Lq > 0, run_dd = dd != nullptr && a.F * a.X > 0;
+  // Both checked before either launches, so that a refused call leaves no half-written gradient.
+  const unsigned int dq_blocks = run_dq ? im::grid_x(a.F * a.Y * a.Lq, "maxsim (cuda) backward, one block per query token,") : 0;
+  const unsigned int dd_blocks = run_dd ? im::grid_x(a.F * a.X, "maxsim (cuda) backward, one block per document,") : 0;
   by_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (dq != nullptr && a.F * a.Y * a.Lq > 0)
-      backward_dq_kernel<T><<<static_cast<unsigned>(a.F * a.Y * a.Lq), threads, 0, s>>>(a, grad, argmax, dq);
-    if (dd != nullptr && a.F * a.X > 0)
-      backward_dd_kernel<T><<<static_cast<unsigned>(a.F * a.X), threads, 0, s>>>(a, grad, argmax, dd);
+    if (run_dq) backward_dq_kernel<T><<<dq_blocks, threads, 0, s>>>(a, grad, argmax, dq);
+    if (run_dd) backward_dd_kernel<T><<<dd_blocks, threads, 0, s>>>(a, grad, argmax, dd);
   });
   check_launch("maxsim backward kernel launch");
 }

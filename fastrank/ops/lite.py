@@ -1,5 +1,6 @@
-"""Separable LITE (learnable late interaction, arXiv 2406.17968), fused: the similarity matrix S, the
-2400-wide hidden layer and every intermediate activation stay on chip.
+"""Separable LITE (learnable late interaction, arXiv 2406.17968), fused: the 2400-wide and 360-wide hidden
+layers never reach memory, and S and the row MLP's output only pass through a small per-pair scratch tile
+(read back from L1/L2, see "Registers" below); no (pairs x lq x R1) activation is ever materialised.
 
 For one query-doc pair, with S = q d^T zero-padded to (lq, ld) (padded and masked positions are 0; LITE is
 position-sensitive, so a padded row still goes through the MLPs):
@@ -19,11 +20,27 @@ applies r, m, u and c once at the end. The same fold serves the column MLP's 360
 Read top to bottom: the Triton forward and backward kernels, their launchers, the torch.library custom
 ops with their autograd, the public :func:`lite_score`, and :func:`lite_ref`, the reference that is the spec.
 
-Backward (Triton, one program per pair): recompute rather than store. The program recomputes S and the
-LayerNorm statistics, goes back through the output, LN4, the column MLP, LN2 and the row MLP, streaming
-each wide hidden layer in chunks (three passes: statistics, the two sums the LayerNorm backward needs,
-gradients). Only dS (pairs x Lq x Ld) reaches memory, for dq = dS d and dd = dS^T q on the host; the
-parameter gradients are summed over pairs with float32 atomics (not bitwise reproducible run to run).
+Registers (issue 13: the kernels spilled at 255 registers): a program holds one (lq, ld) tile at a time
+plus the current chunk. Neither MLP's input is kept in registers as a dot operand (a 32 x 256 operand is
+held whole by every warp); each program writes it to a scratch tile of its own, (lq, ld) per pair, and the
+dots read it back in (rows x BLOCK_K) slices per hidden chunk (``_dot_streamed``), from L1/L2. Chunks are
+narrow on a GPU (GPU_BLOCKS): each load's tile and its 64-bit pointers are live at once. Scratch offsets
+are an int64 scalar per pair plus int32 within the tile. Launches run in chunks of pairs so that the
+scratch stays within SCRATCH_BYTES.
+
+Backward (Triton per pair, then GEMMs over all pairs), without atomics. The per-pair kernel recomputes S and
+the LayerNorm statistics, goes back through the output, LN4, the column MLP, LN2 and the row MLP, streaming
+each wide hidden layer in chunks (three passes: statistics, the two sums the LayerNorm backward needs, dx),
+and writes dS plus, for the parameter gradients, each MLP's input and output gradient (S and dz2 of the
+row MLP, R and dz4 of the column MLP), T, and its per-pair sums for LN2 and LN4. The weight gradients are
+then sums over every (pair, row) of products such as dz^T LN(h) and da^T x: ``_mlp_weight_grads`` forms
+them with four GEMMs over the chunk's rows, recomputing the hidden layer in float32 on the host (torch),
+so that nothing is added into memory per element per pair: no atomics, and no sum whose order depends
+on thread timing.
+dq = dS d and dd = dS^T q are host einsums.
+
+Offsets: everything indexed by the pair (q, d, the masks, dS, the scratch) is computed in int64 from the
+program id; the rest (weights, up to R1 x ld; tile positions) stays far below 2^31.
 
 Broadcasting follows :func:`fastrank.maxsim`: kernels see the canonical (F, Y, X) pair grid, q as
 (F, Y, Lq, H) and d as (F, X, Ld, H), so a query shared by many docs is never copied.
@@ -39,7 +56,8 @@ import torch.nn.functional as F_
 from torch import Tensor
 
 from fastrank import dispatch
-from fastrank.ops.pairs import DOUBLE_BACKWARD_ERROR, QUERY_TILE, check_pair_inputs, dot_precision, dtype_reasons, pow2
+from fastrank.ops.pairs import DOUBLE_BACKWARD_ERROR, QUERY_TILE, check_pair_inputs, device_guard, dot_precision
+from fastrank.ops.pairs import dtype_reasons, pow2
 from fastrank.ops.pairs import canonicalize as _canonicalize
 from fastrank.ops.pairs import inner_contiguous as _inner_contiguous
 
@@ -52,6 +70,18 @@ except ImportError:  # Triton is optional: the reference backend covers CPU.
 # Register budget of one program: a (lq, ld) tile of S plus a same-size accumulator.
 MAX_LQ = QUERY_TILE
 MAX_LD = 256
+# Chunk widths of the compiled kernels: the hidden units per chunk (R, C), the slice of the row (K) and
+# column (KC) MLP's input per dot, the embedding slice of S (H). Each load's tile and its 64-bit pointers
+# are live at once: at the former 32-64 wide chunks the kernels spilled past 255 registers (issue 13); these
+# are the narrowest that ptxas -v reported best for sm_90 (tests/test_lite.py holds the spill budgets). The
+# interpreter (CPU tensors) runs the same code with wider chunks, which it executes several times faster.
+# float32 dots run on FMA units rather than tensor cores, so their forward takes the narrow chunks too.
+GPU_BLOCKS = {
+    "fwd": dict(BLOCK_R=16, BLOCK_C=16, BLOCK_K=32, BLOCK_KC=32, BLOCK_H=32),
+    "fwd_fp32": dict(BLOCK_R=16, BLOCK_C=16, BLOCK_K=16, BLOCK_KC=16, BLOCK_H=16),
+    "bwd": dict(BLOCK_R=16, BLOCK_C=16, BLOCK_K=16, BLOCK_KC=16, BLOCK_H=16),
+}
+INTERPRETER_BLOCKS = dict(BLOCK_R=32, BLOCK_C=32, BLOCK_K=64, BLOCK_KC=64, BLOCK_H=64)
 
 # --------------------------------------------------------------------------------------------------------
 # Triton kernels: shared pieces (similarity tile, streamed hidden layer and its backward), forward, backward
@@ -102,14 +132,34 @@ if triton is not None:
         return (x > 0) | (x != x)
 
     @triton.jit
+    def _dot_streamed(acc, X, x_sr, x_sc, in_rows, W, w_sk, w_sf, k, k_in, n_feat,
+                      BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+        # acc + x W[k, :]^T for x (rows, n_feat) in memory at X (strides x_sr, x_sc) and W addressed as
+        # W + k * w_sk + f * w_sf, in BLOCK_K-wide slices of the feature axis. Holding x whole in registers
+        # as a dot operand costs rows x n_feat values per warp (64 KB of 16-bit values for a 32 x 256 tile,
+        # twice that in float32): the spills of issue 13. A slice is read per hidden chunk instead, from
+        # the program's own scratch tile, which stays in L1/L2.
+        offs_r = tl.arange(0, BLOCK_ROWS)
+        offs_kk = tl.arange(0, BLOCK_K)
+        for f0 in range(0, n_feat, BLOCK_K):
+            f = f0 + offs_kk
+            f_in = f < n_feat
+            x = tl.load(X + offs_r[:, None] * x_sr + f[None, :] * x_sc, mask=in_rows[:, None] & f_in[None, :], other=0.0)
+            w = tl.load(W + k[:, None] * w_sk + f[None, :] * w_sf, mask=k_in[:, None] & f_in[None, :], other=0.0)
+            acc = tl.dot(x.to(w.dtype), tl.trans(w), acc, input_precision=PRECISION)
+        return acc
+
+    @triton.jit
     def _hidden_forward(
-        x_w, W_IN, B_IN, W_OUTG, U, CC, n_hidden, n_feat, eps, offs_f, in_f,
-        BLOCK_ROWS: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_HID: tl.constexpr, PRECISION: tl.constexpr,
+        X, x_sr, x_sc, in_rows, W_IN, B_IN, W_OUTG, U, CC, n_hidden, n_feat, eps, offs_f, in_f,
+        BLOCK_ROWS: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HID: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
-        # z = W_out LN(ReLU(W_in x + b_in)) + b_out for every row of x_w (BLOCK_ROWS x BLOCK_F), with the
-        # LayerNorm folded into W_out (module docstring): the hidden layer streams BLOCK_HID units at a time,
-        # keeping only W_outg h and the running (mean, M2) of h, merged chunk by chunk with Chan's formula
-        # (no E[h^2] - E[h]^2 cancellation). Returns z and the hidden layer's (mean, rstd).
+        # z = W_out LN(ReLU(W_in x + b_in)) + b_out for every row of x (BLOCK_ROWS x n_feat, in memory at X,
+        # see _dot_streamed), with the LayerNorm folded into W_out (module docstring): the hidden layer
+        # streams BLOCK_HID units at a time, keeping only W_outg h and the running (mean, M2) of h, merged
+        # chunk by chunk with Chan's formula (no E[h^2] - E[h]^2 cancellation). Returns z and the hidden
+        # layer's (mean, rstd).
         offs_k = tl.arange(0, BLOCK_HID)
         mean = tl.zeros([BLOCK_ROWS], tl.float32)
         m2 = tl.zeros([BLOCK_ROWS], tl.float32)
@@ -117,9 +167,10 @@ if triton is not None:
         for k0 in range(0, n_hidden, BLOCK_HID):
             k = k0 + offs_k
             k_in = k < n_hidden
-            w_in = tl.load(W_IN + k[:, None] * n_feat + offs_f[None, :], mask=k_in[:, None] & in_f[None, :], other=0.0)
             b_in = tl.load(B_IN + k, mask=k_in, other=0.0).to(tl.float32)
-            hid = tl.dot(x_w, tl.trans(w_in), input_precision=PRECISION) + b_in[None, :]
+            hid = tl.zeros([BLOCK_ROWS, BLOCK_HID], tl.float32)
+            hid = _dot_streamed(hid, X, x_sr, x_sc, in_rows, W_IN, n_feat, 1, k, k_in, n_feat,
+                                BLOCK_ROWS, BLOCK_K, PRECISION) + b_in[None, :]
             hid = tl.where(k_in[None, :] & _relu_passes(hid), hid, 0.0)
             n = tl.minimum(n_hidden - k0, BLOCK_HID).to(tl.float32)
             c_mean = tl.sum(hid, axis=1) / n
@@ -161,72 +212,69 @@ if triton is not None:
 
     @triton.jit
     def _hidden_backward(
-        x_w, x, dz, mean, rstd, W_IN, B_IN, W_OUT, G, BE, DW_IN, DB_IN, DW_OUT, DG, DBE,
-        n_hidden, n_feat, offs_f, in_f, in_rows,
-        BLOCK_ROWS: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_HID: tl.constexpr, PRECISION: tl.constexpr,
+        X, x_sr, x_sc, DZ, dz_sr, dz_sc, in_rows, mean, rstd, W_IN, B_IN, W_OUTG, n_hidden, n_feat, offs_f, in_f,
+        BLOCK_ROWS: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HID: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
-        # Backward of z = W_out LN(ReLU(W_in x + b_in)) + b_out given dz, recomputing the hidden layer in
-        # two streamed passes: sum(dxhat) and sum(dxhat xhat) first (the LayerNorm backward needs both
-        # before any chunk's gradient), then the gradients. Parameter gradients are summed over pairs with
-        # atomics. Returns dx.
+        # dx of z = W_out LN(ReLU(W_in x + b_in)) + b_out given dz (x and dz in memory, see _dot_streamed),
+        # recomputing the hidden layer in two streamed passes: sum(dxhat) and sum(dxhat xhat) first (the
+        # LayerNorm backward needs both before any chunk's dx), then dx. dxhat = (dz W_out) g = dz W_outg,
+        # with the folded weight the forward streams. The weight gradients are not formed here (see
+        # _mlp_weight_grads).
         offs_k = tl.arange(0, BLOCK_HID)
         s1 = tl.zeros([BLOCK_ROWS], tl.float32)
         s2 = tl.zeros([BLOCK_ROWS], tl.float32)
         for k0 in range(0, n_hidden, BLOCK_HID):
             k = k0 + offs_k
             k_in = k < n_hidden
-            w_in = tl.load(W_IN + k[:, None] * n_feat + offs_f[None, :], mask=k_in[:, None] & in_f[None, :], other=0.0)
             b_in = tl.load(B_IN + k, mask=k_in, other=0.0).to(tl.float32)
-            pre = tl.dot(x_w, tl.trans(w_in), input_precision=PRECISION) + b_in[None, :]
+            pre = tl.zeros([BLOCK_ROWS, BLOCK_HID], tl.float32)
+            pre = _dot_streamed(pre, X, x_sr, x_sc, in_rows, W_IN, n_feat, 1, k, k_in, n_feat,
+                                BLOCK_ROWS, BLOCK_K, PRECISION) + b_in[None, :]
             hid = tl.where(k_in[None, :] & _relu_passes(pre), pre, 0.0)
             xhat = tl.where(k_in[None, :], (hid - mean[:, None]) * rstd[:, None], 0.0)
-            w_out = tl.load(W_OUT + offs_f[:, None] * n_hidden + k[None, :], mask=in_f[:, None] & k_in[None, :], other=0.0)
-            g = tl.load(G + k, mask=k_in, other=0.0).to(tl.float32)
-            dxh = tl.dot(dz.to(w_out.dtype), w_out, input_precision=PRECISION) * g[None, :]
+            dxh = tl.zeros([BLOCK_ROWS, BLOCK_HID], tl.float32)
+            dxh = _dot_streamed(dxh, DZ, dz_sr, dz_sc, in_rows, W_OUTG, 1, n_hidden, k, k_in, n_feat,
+                                BLOCK_ROWS, BLOCK_K, PRECISION)
             s1 += tl.sum(dxh, axis=1)
             s2 += tl.sum(dxh * xhat, axis=1)
         dx = tl.zeros([BLOCK_ROWS, BLOCK_F], tl.float32)
         for k0 in range(0, n_hidden, BLOCK_HID):
             k = k0 + offs_k
             k_in = k < n_hidden
-            w_in = tl.load(W_IN + k[:, None] * n_feat + offs_f[None, :], mask=k_in[:, None] & in_f[None, :], other=0.0)
             b_in = tl.load(B_IN + k, mask=k_in, other=0.0).to(tl.float32)
-            pre = tl.dot(x_w, tl.trans(w_in), input_precision=PRECISION) + b_in[None, :]
-            hid = tl.where(k_in[None, :] & _relu_passes(pre), pre, 0.0)
-            xhat = tl.where(k_in[None, :], (hid - mean[:, None]) * rstd[:, None], 0.0)
-            w_out = tl.load(W_OUT + offs_f[:, None] * n_hidden + k[None, :], mask=in_f[:, None] & k_in[None, :], other=0.0)
-            g = tl.load(G + k, mask=k_in, other=0.0).to(tl.float32)
-            be = tl.load(BE + k, mask=k_in, other=0.0).to(tl.float32)
-            dn = tl.dot(dz.to(w_out.dtype), w_out, input_precision=PRECISION)  # (BLOCK_ROWS, BLOCK_HID)
-            normed = tl.where(in_rows[:, None] & k_in[None, :], xhat * g[None, :] + be[None, :], 0.0)
-            dw_out = tl.dot(tl.trans(dz), normed, input_precision=PRECISION)  # (BLOCK_F, BLOCK_HID)
-            tl.atomic_add(DW_OUT + offs_f[:, None] * n_hidden + k[None, :], dw_out, mask=in_f[:, None] & k_in[None, :])
-            tl.atomic_add(DG + k, tl.sum(dn * xhat, axis=0), mask=k_in)
-            tl.atomic_add(DBE + k, tl.sum(dn, axis=0), mask=k_in)
-            dhid = rstd[:, None] * (dn * g[None, :] - (s1 / n_hidden)[:, None] - xhat * (s2 / n_hidden)[:, None])
-            da = tl.where(in_rows[:, None] & k_in[None, :] & _relu_passes(pre), dhid, 0.0)
-            dw_in = tl.dot(tl.trans(da), x, input_precision=PRECISION)  # (BLOCK_HID, BLOCK_F)
-            tl.atomic_add(DW_IN + k[:, None] * n_feat + offs_f[None, :], dw_in, mask=k_in[:, None] & in_f[None, :])
-            tl.atomic_add(DB_IN + k, tl.sum(da, axis=0), mask=k_in)
+            pre = tl.zeros([BLOCK_ROWS, BLOCK_HID], tl.float32)
+            pre = _dot_streamed(pre, X, x_sr, x_sc, in_rows, W_IN, n_feat, 1, k, k_in, n_feat,
+                                BLOCK_ROWS, BLOCK_K, PRECISION) + b_in[None, :]
+            live = k_in[None, :] & _relu_passes(pre)
+            xhat = (tl.where(live, pre, 0.0) - mean[:, None]) * rstd[:, None]
+            dxh = tl.zeros([BLOCK_ROWS, BLOCK_HID], tl.float32)
+            dxh = _dot_streamed(dxh, DZ, dz_sr, dz_sc, in_rows, W_OUTG, 1, n_hidden, k, k_in, n_feat,
+                                BLOCK_ROWS, BLOCK_K, PRECISION)
+            dhid = rstd[:, None] * (dxh - (s1 / n_hidden)[:, None] - xhat * (s2 / n_hidden)[:, None])
+            da = tl.where(in_rows[:, None] & live, dhid, 0.0)
+            w_in = tl.load(W_IN + k[:, None] * n_feat + offs_f[None, :], mask=k_in[:, None] & in_f[None, :], other=0.0)
             dx = tl.dot(da.to(w_in.dtype), w_in, dx, input_precision=PRECISION)
         return dx
 
     @triton.jit
     def _lite_fwd_kernel(
-        Q, D, QM, DM, OUT,
+        Q, D, QM, DM, OUT, SCR_S, SCR_ROWS,
         W1, B1, W2G, U1, C1, G2, BE2,
         V1, CB1, V2G, U3, C3, G4, BE4, WO, BO,
-        Y, X, Lq, Ld, H, LQ, LD, R1, C,
+        PAIR0, Y, X, Lq, Ld, H, LQ, LD, R1, C,
         sq_f, sq_y, sq_t, sd_f, sd_x, sd_t,
         sqm_f, sqm_y, sqm_x, sqm_t, sdm_f, sdm_y, sdm_x, sdm_t,
         eps1, eps2, eps3, eps4,
         HAS_QM: tl.constexpr, HAS_DM: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_LQ: tl.constexpr, BLOCK_LD: tl.constexpr, BLOCK_H: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KC: tl.constexpr,
     ):
-        # One program per (f, y, x) pair. Rows i < LQ and columns j < LD are the model's padded grid;
-        # i < Lq and j < Ld are the real tokens.
-        pair = tl.program_id(0).to(tl.int64)
+        # One program per (f, y, x) pair of the chunk starting at PAIR0. Rows i < LQ and columns j < LD are
+        # the model's padded grid; i < Lq and j < Ld are the real tokens. Each MLP's input goes through the
+        # program's scratch tile (SCR_S, SCR_ROWS: (LQ, LD) per pair of the chunk), read back in slices.
+        local = tl.program_id(0).to(tl.int64)
+        pair = PAIR0 + local
         s, row_ok, col_ok = _similarity(
             Q, D, QM, DM, pair, Y, X, Lq, Ld, H,
             sq_f, sq_y, sq_t, sd_f, sd_x, sd_t,
@@ -237,19 +285,24 @@ if triton is not None:
         offs_j = tl.arange(0, BLOCK_LD)
         in_i = offs_i < LQ
         in_j = offs_j < LD
+        grid_ij = in_i[:, None] & in_j[None, :]
+        tile = local * LQ * LD  # this pair's scratch tiles, row-major (LQ, LD)
+        tl.store(SCR_S + tile + offs_i[:, None] * LD + offs_j[None, :], s, mask=grid_ij)
+        tl.debug_barrier()  # the tile's other slices were stored by other threads of the program
 
         # Row MLP over the doc axis of each of the BLOCK_LQ rows.
         z2, mean1, rstd1 = _hidden_forward(
-            s.to(W1.dtype.element_ty), W1, B1, W2G, U1, C1, R1, LD, eps1, offs_j, in_j,
-            BLOCK_LQ, BLOCK_LD, BLOCK_R, PRECISION,
+            SCR_S + tile, LD, 1, in_i, W1, B1, W2G, U1, C1, R1, LD, eps1, offs_j, in_j,
+            BLOCK_LQ, BLOCK_LD, BLOCK_K, BLOCK_R, PRECISION,
         )
-        rows, xhat2, rstd2, live2 = _relu_layernorm(z2, G2, BE2, offs_j, in_j, LD, eps2)
-        rows = tl.where(in_i[:, None] & in_j[None, :], rows, 0.0)
+        rows, _, _, _ = _relu_layernorm(z2, G2, BE2, offs_j, in_j, LD, eps2)
+        tl.store(SCR_ROWS + tile + offs_i[:, None] * LD + offs_j[None, :], rows, mask=grid_ij)
+        tl.debug_barrier()
 
-        # Column MLP on the transposed tile: each of the BLOCK_LD rows of rt is one column of the pair.
-        rt = tl.trans(rows).to(V1.dtype.element_ty)  # (BLOCK_LD, BLOCK_LQ)
+        # Column MLP over the query axis: row j of its input is column j of rows (strides 1 and LD).
         z4, mean3, rstd3 = _hidden_forward(
-            rt, V1, CB1, V2G, U3, C3, C, LQ, eps3, offs_i, in_i, BLOCK_LD, BLOCK_LQ, BLOCK_C, PRECISION,
+            SCR_ROWS + tile, 1, LD, in_j, V1, CB1, V2G, U3, C3, C, LQ, eps3, offs_i, in_i,
+            BLOCK_LD, BLOCK_LQ, BLOCK_KC, BLOCK_C, PRECISION,
         )
         t, xhat4, rstd4, live4 = _relu_layernorm(z4, G4, BE4, offs_i, in_i, LQ, eps4)  # T transposed
 
@@ -261,23 +314,25 @@ if triton is not None:
 
     @triton.jit
     def _lite_bwd_kernel(
-        Q, D, QM, DM, G, DS,
-        W1, B1, G1, BE1, W2, W2G, U1, C1, G2, BE2,
-        V1, CB1, G3, BE3, V2, V2G, U3, C3, G4, BE4, WO,
-        DW1, DB1, DG1, DBE1, DW2, DB2, DG2, DBE2,
-        DV1, DCB1, DG3, DBE3, DV2, DCB2, DG4, DBE4, DWO,
-        Y, X, Lq, Ld, H, LQ, LD, R1, C,
+        Q, D, QM, DM, G, DS, S_OUT, Z2_OUT, ROWS_OUT, DZ2_OUT, DZ4_OUT, T_OUT, VEC_LD, VEC_LQ,
+        W1, B1, W2G, U1, C1, G2, BE2,
+        V1, CB1, V2G, U3, C3, G4, BE4, WO,
+        PAIR0, Y, X, Lq, Ld, H, LQ, LD, R1, C,
         sq_f, sq_y, sq_t, sd_f, sd_x, sd_t,
         sqm_f, sqm_y, sqm_x, sqm_t, sdm_f, sdm_y, sdm_x, sdm_t,
         eps1, eps2, eps3, eps4,
         HAS_QM: tl.constexpr, HAS_DM: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_LQ: tl.constexpr, BLOCK_LD: tl.constexpr, BLOCK_H: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KC: tl.constexpr,
     ):
-        # One program per pair: recompute the forward (statistics only), then back through the output,
-        # LN4, the column MLP, LN2 and the row MLP. dS goes to memory (dq, dd are matmuls with it on the
-        # host); parameter gradients are summed over pairs with float atomics.
-        pair = tl.program_id(0).to(tl.int64)
+        # One program per pair of the chunk starting at PAIR0: recompute the forward (statistics only), then
+        # back through the output, LN4, the column MLP, LN2 and the row MLP to dS. What the parameter
+        # gradients need leaves the program as plain stores into this chunk's scratch (no atomics): each MLP's
+        # input and output gradient as (LQ, LD) tiles, T, and the per-pair sums of LN2 and LN4. The MLPs read
+        # their inputs and output gradients back from those tiles in slices (_dot_streamed), and LN2 is
+        # recomputed from z2 after the column MLP rather than held in registers through it.
+        local = tl.program_id(0).to(tl.int64)
+        pair = PAIR0 + local
         s, row_ok, col_ok = _similarity(
             Q, D, QM, DM, pair, Y, X, Lq, Ld, H,
             sq_f, sq_y, sq_t, sd_f, sd_x, sd_t,
@@ -288,58 +343,68 @@ if triton is not None:
         offs_j = tl.arange(0, BLOCK_LD)
         in_i = offs_i < LQ
         in_j = offs_j < LD
+        grid_ij = in_i[:, None] & in_j[None, :]
+        tile = local * LQ * LD  # this pair's scratch tiles, row-major (LQ, LD)
+        tile_ij = tile + offs_i[:, None] * LD + offs_j[None, :]  # scratch offset of [i, j]
+        tile_ji = tile + offs_i[None, :] * LD + offs_j[:, None]  # the same, for a transposed tile
+        both = in_j[:, None] & in_i[None, :]
+        tl.store(S_OUT + tile_ij, s, mask=grid_ij)
+        tl.debug_barrier()  # the tiles' other slices are stored by other threads of the program
 
         # ---- forward recompute ----
-        s_w = s.to(W1.dtype.element_ty)
         z2, mean1, rstd1 = _hidden_forward(
-            s_w, W1, B1, W2G, U1, C1, R1, LD, eps1, offs_j, in_j, BLOCK_LQ, BLOCK_LD, BLOCK_R, PRECISION,
+            S_OUT + tile, LD, 1, in_i, W1, B1, W2G, U1, C1, R1, LD, eps1, offs_j, in_j,
+            BLOCK_LQ, BLOCK_LD, BLOCK_K, BLOCK_R, PRECISION,
         )
-        rows, xhat2, rstd2, live2 = _relu_layernorm(z2, G2, BE2, offs_j, in_j, LD, eps2)
-        rows = tl.where(in_i[:, None] & in_j[None, :], rows, 0.0)
-        rt = tl.trans(rows)  # (BLOCK_LD, BLOCK_LQ), float32
-        rt_w = rt.to(V1.dtype.element_ty)
-        z4, mean3, rstd3 = _hidden_forward(
-            rt_w, V1, CB1, V2G, U3, C3, C, LQ, eps3, offs_i, in_i, BLOCK_LD, BLOCK_LQ, BLOCK_C, PRECISION,
+        tl.store(Z2_OUT + tile_ij, z2, mask=grid_ij)
+        rows, _, _, _ = _relu_layernorm(z2, G2, BE2, offs_j, in_j, LD, eps2)
+        rows = tl.where(grid_ij, rows, 0.0)
+        tl.store(ROWS_OUT + tile_ij, rows, mask=grid_ij)
+        tl.debug_barrier()
+        z4, mean3, rstd3 = _hidden_forward(  # row j of the column MLP's input is column j of rows
+            ROWS_OUT + tile, 1, LD, in_j, V1, CB1, V2G, U3, C3, C, LQ, eps3, offs_i, in_i,
+            BLOCK_LD, BLOCK_LQ, BLOCK_KC, BLOCK_C, PRECISION,
         )
         t, xhat4, rstd4, live4 = _relu_layernorm(z4, G4, BE4, offs_i, in_i, LQ, eps4)
-        both = in_j[:, None] & in_i[None, :]
-        t = tl.where(both, t, 0.0)
+        tl.store(T_OUT + tile_ji, t, mask=both)
 
         # ---- output and LN4 (over the query axis of each column) ----
         g = tl.load(G + pair)
-        wo_ptrs = offs_i[None, :] * LD + offs_j[:, None]
-        wo = tl.load(WO + wo_ptrs, mask=both, other=0.0).to(tl.float32)
-        tl.atomic_add(DWO + wo_ptrs, g * t, mask=both)
+        wo = tl.load(WO + offs_i[None, :] * LD + offs_j[:, None], mask=both, other=0.0).to(tl.float32)
         dout = g * wo  # dscore/dT, (BLOCK_LD, BLOCK_LQ), zero outside the model's grid
-        tl.atomic_add(DG4 + offs_i, tl.sum(dout * xhat4, axis=0), mask=in_i)
-        tl.atomic_add(DBE4 + offs_i, tl.sum(dout, axis=0), mask=in_i)
+        tl.store(VEC_LQ + local * 2 * LQ + offs_i, tl.sum(dout * xhat4, axis=0), mask=in_i)
+        tl.store(VEC_LQ + (local * 2 + 1) * LQ + offs_i, tl.sum(dout, axis=0), mask=in_i)
         dz4 = _relu_layernorm_backward(dout, xhat4, rstd4, live4, G4, offs_i, in_i, LQ)
         dz4 = tl.where(in_j[:, None], dz4, 0.0)  # d/d(V2 n3 + cb2), (BLOCK_LD, BLOCK_LQ)
-        tl.atomic_add(DCB2 + offs_i, tl.sum(dz4, axis=0), mask=in_i)
+        tl.store(DZ4_OUT + tile_ji, dz4, mask=both)
+        tl.debug_barrier()
 
         # ---- column MLP ----
         drt = _hidden_backward(
-            rt_w, rt, dz4, mean3, rstd3, V1, CB1, V2, G3, BE3, DV1, DCB1, DV2, DG3, DBE3,
-            C, LQ, offs_i, in_i, in_j, BLOCK_LD, BLOCK_LQ, BLOCK_C, PRECISION,
+            ROWS_OUT + tile, 1, LD, DZ4_OUT + tile, 1, LD, in_j, mean3, rstd3, V1, CB1, V2G, C, LQ, offs_i, in_i,
+            BLOCK_LD, BLOCK_LQ, BLOCK_KC, BLOCK_C, PRECISION,
         )
 
         # ---- LN2 (over the doc axis of each row) ----
-        dr = tl.where(in_i[:, None] & in_j[None, :], tl.trans(drt), 0.0)  # (BLOCK_LQ, BLOCK_LD)
-        tl.atomic_add(DG2 + offs_j, tl.sum(dr * xhat2, axis=0), mask=in_j)
-        tl.atomic_add(DBE2 + offs_j, tl.sum(dr, axis=0), mask=in_j)
+        dr = tl.where(grid_ij, tl.trans(drt), 0.0)  # (BLOCK_LQ, BLOCK_LD)
+        z2 = tl.load(Z2_OUT + tile_ij, mask=grid_ij, other=0.0)  # rows past LQ: 0 (their dz2 is masked)
+        _, xhat2, rstd2, live2 = _relu_layernorm(z2, G2, BE2, offs_j, in_j, LD, eps2)
+        tl.store(VEC_LD + local * 2 * LD + offs_j, tl.sum(dr * xhat2, axis=0), mask=in_j)
+        tl.store(VEC_LD + (local * 2 + 1) * LD + offs_j, tl.sum(dr, axis=0), mask=in_j)
         dz2 = _relu_layernorm_backward(dr, xhat2, rstd2, live2, G2, offs_j, in_j, LD)
         dz2 = tl.where(in_i[:, None], dz2, 0.0)  # d/d(W2 n1 + b2), (BLOCK_LQ, BLOCK_LD)
-        tl.atomic_add(DB2 + offs_j, tl.sum(dz2, axis=0), mask=in_j)
+        tl.store(DZ2_OUT + tile_ij, dz2, mask=grid_ij)
+        tl.debug_barrier()
 
         # ---- row MLP, then dS ----
         ds = _hidden_backward(
-            s_w, s, dz2, mean1, rstd1, W1, B1, W2, G1, BE1, DW1, DB1, DW2, DG1, DBE1,
-            R1, LD, offs_j, in_j, in_i, BLOCK_LQ, BLOCK_LD, BLOCK_R, PRECISION,
+            S_OUT + tile, LD, 1, DZ2_OUT + tile, LD, 1, in_i, mean1, rstd1, W1, B1, W2G, R1, LD, offs_j, in_j,
+            BLOCK_LQ, BLOCK_LD, BLOCK_K, BLOCK_R, PRECISION,
         )
         ds = tl.where(row_ok[:, None] & col_ok[None, :], ds, 0.0)
         q_in = offs_i < Lq
         d_in = offs_j < Ld
-        tl.store(DS + (pair * Lq + offs_i[:, None]) * Ld + offs_j[None, :], ds, mask=q_in[:, None] & d_in[None, :])
+        tl.store(DS + pair * Lq * Ld + offs_i[:, None] * Ld + offs_j[None, :], ds, mask=q_in[:, None] & d_in[None, :])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -354,6 +419,16 @@ def _fold(weight: Tensor, gamma: Tensor, beta: Tensor, bias: Tensor, dtype: torc
     return wg, u, c
 
 
+def _blocks(kernel: str, dtype: torch.dtype, on_gpu: bool, lq: int, ld: int, h: int) -> dict:
+    """The launch's constexpr block sizes for ``kernel`` ("fwd", "bwd") on ``dtype`` inputs, and num_warps."""
+    if kernel == "fwd" and dtype == torch.float32:
+        kernel = "fwd_fp32"
+    blocks = GPU_BLOCKS[kernel] if on_gpu else INTERPRETER_BLOCKS
+    return dict(BLOCK_LQ=pow2(lq, 16), BLOCK_LD=pow2(ld, 16), BLOCK_H=pow2(min(h, blocks["BLOCK_H"]), 16),
+                BLOCK_R=blocks["BLOCK_R"], BLOCK_C=blocks["BLOCK_C"], BLOCK_K=min(pow2(ld, 16), blocks["BLOCK_K"]),
+                BLOCK_KC=min(pow2(lq, 16), blocks["BLOCK_KC"]), num_warps=8)
+
+
 def _triton_forward(q, d, q_mask, d_mask, params, lq: int, ld: int, eps) -> Tensor:
     q, d = _inner_contiguous(q), _inner_contiguous(d)
     W1, b1, g1, be1, W2, b2, g2, be2, V1, cb1, g3, be3, V2, cb2, g4, be4, wo, bo = (p.detach() for p in params)
@@ -363,28 +438,73 @@ def _triton_forward(q, d, q_mask, d_mask, params, lq: int, ld: int, eps) -> Tens
     Fd, Y, Lq, H = q.shape
     X, Ld = d.shape[1], d.shape[2]
     R1, C = W1.shape[0], V1.shape[0]
+    n_pairs = Fd * Y * X
     out = torch.empty((Fd, Y, X), device=q.device, dtype=torch.float32)
     qms = list(q_mask.stride()) if q_mask is not None else [0, 0, 0, 0]
     dms = list(d_mask.stride()) if d_mask is not None else [0, 0, 0, 0]
-    _lite_fwd_kernel[(Fd * Y * X,)](
-        q, d, q_mask if q_mask is not None else out, d_mask if d_mask is not None else out, out,
-        W1.contiguous(), b1.contiguous(), W2g, u1, c1, g2.contiguous(), be2.contiguous(),
-        V1.contiguous(), cb1.contiguous(), V2g, u3, c3, g4.contiguous(), be4.contiguous(),
-        wo.contiguous(), bo.contiguous(),
-        Y, X, Lq, Ld, H, lq, ld, R1, C,
-        q.stride(0), q.stride(1), q.stride(2), d.stride(0), d.stride(1), d.stride(2),
-        *qms, *dms,
-        *[float(e) for e in eps],
-        HAS_QM=q_mask is not None, HAS_DM=d_mask is not None, PRECISION=dot_precision(q),
-        BLOCK_LQ=pow2(lq, 16), BLOCK_LD=pow2(ld, 16), BLOCK_H=pow2(min(H, 64), 16),
-        BLOCK_R=32, BLOCK_C=32,
-        num_warps=8,
-    )
+    # The MLPs' inputs, per pair, in the weights' dtype (the dots' operand dtype): the kernel reads them back
+    # in slices. Chunks of pairs bound that scratch however many pairs there are.
+    chunk = max(1, min(n_pairs, SCRATCH_BYTES // (2 * lq * ld * dtype.itemsize)))
+    scratch = torch.empty((2, chunk, lq, ld), device=q.device, dtype=dtype)
+    for pair0 in range(0, n_pairs, chunk):
+        with device_guard(q):
+            _lite_fwd_kernel[(min(chunk, n_pairs - pair0),)](
+                q, d, q_mask if q_mask is not None else out, d_mask if d_mask is not None else out, out,
+                scratch[0], scratch[1],
+                W1.contiguous(), b1.contiguous(), W2g, u1, c1, g2.contiguous(), be2.contiguous(),
+                V1.contiguous(), cb1.contiguous(), V2g, u3, c3, g4.contiguous(), be4.contiguous(),
+                wo.contiguous(), bo.contiguous(),
+                pair0, Y, X, Lq, Ld, H, lq, ld, R1, C,
+                q.stride(0), q.stride(1), q.stride(2), d.stride(0), d.stride(1), d.stride(2),
+                *qms, *dms,
+                *[float(e) for e in eps],
+                HAS_QM=q_mask is not None, HAS_DM=d_mask is not None, PRECISION=dot_precision(q),
+                **_blocks("fwd", q.dtype, q.is_cuda, lq, ld, H),
+            )
     return out
 
 
+# Scratch of one backward chunk: the kernel's per-pair tiles plus the host's hidden layers (below), in bytes.
+SCRATCH_BYTES = 256 << 20
+
+
+def _scratch_bytes_per_pair(lq: int, ld: int, r1: int, c: int) -> int:
+    """The backward's scratch for one pair: the kernel's six (lq, ld) float32 tiles and the ~6 live float32
+    copies of each hidden layer that _mlp_weight_grads makes (lq rows of width r1, ld rows of width c)."""
+    return 4 * (6 * lq * ld + 6 * lq * r1 + 6 * ld * c)
+
+
+def _pairs_per_chunk(lq: int, ld: int, r1: int, c: int) -> int:
+    """Pairs per backward chunk, so that a chunk's scratch stays within SCRATCH_BYTES."""
+    return max(1, SCRATCH_BYTES // _scratch_bytes_per_pair(lq, ld, r1, c))
+
+
+def _mlp_weight_grads(x: Tensor, dz: Tensor, w_in: Tensor, b_in: Tensor, gamma: Tensor, beta: Tensor,
+                      w_out: Tensor, eps: float) -> list[Tensor]:
+    """Gradients of (W_in, b_in, gamma, beta, W_out, b_out) of z = W_out LN(ReLU(W_in x + b_in)) + b_out,
+    summed over the rows of x (n, fan_in) given dz (n, fan_out): four GEMMs over every row of every pair
+    of the chunk, with the hidden layer recomputed in float32. x is rounded to the weights' dtype first, as
+    the kernel's dots see it, so that ReLU passes the same units the kernel's recompute does."""
+    wf, bf, gf, bef, wof = (t.float() for t in (w_in, b_in, gamma, beta, w_out))
+    x = x.to(w_in.dtype).float()
+    pre = torch.addmm(bf, x, wf.t())
+    live = (pre > 0) | torch.isnan(pre)  # ReLU passes NaN, as the kernel's _relu_passes does
+    hid = torch.where(live, pre, 0.0)
+    var, mean = torch.var_mean(hid, dim=1, unbiased=False, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    xhat = (hid - mean) * rstd
+    dw_out = dz.t() @ torch.addcmul(bef, xhat, gf)  # dz^T LN(h)
+    dn = dz @ wof
+    dgamma, dbeta = (dn * xhat).sum(0), dn.sum(0)
+    dxh = dn * gf
+    da = rstd * (dxh - dxh.mean(1, keepdim=True) - xhat * (dxh * xhat).mean(1, keepdim=True))
+    da = torch.where(live, da, 0.0)
+    return [da.t() @ x, da.sum(0), dgamma, dbeta, dw_out, dz.sum(0)]
+
+
 def _triton_backward(grad, q, d, q_mask, d_mask, params, lq: int, ld: int, eps) -> list[Tensor]:
-    """Gradients for q, d and the 18 parameters. dS (pairs, Lq, Ld) is the one per-pair tensor in memory."""
+    """Gradients for q, d and the 18 parameters. dS (pairs, Lq, Ld) goes to memory for dq and dd; the
+    parameter gradients are GEMMs over the kernel's per-pair scratch, chunk by chunk (module docstring)."""
     q, d = _inner_contiguous(q), _inner_contiguous(d)
     W1, b1, g1, be1, W2, b2, g2, be2, V1, cb1, g3, be3, V2, cb2, g4, be4, wo, bo = (p.detach().contiguous() for p in params)
     dtype = W1.dtype
@@ -393,26 +513,40 @@ def _triton_backward(grad, q, d, q_mask, d_mask, params, lq: int, ld: int, eps) 
     Fd, Y, Lq, H = q.shape
     X, Ld = d.shape[1], d.shape[2]
     R1, C = W1.shape[0], V1.shape[0]
+    n_pairs = Fd * Y * X
     grad = grad.detach().float().contiguous()
     ds = torch.empty((Fd, Y, X, Lq, Ld), device=q.device, dtype=torch.float32)
-    # float32 accumulators for the parameter gradients, in the order of `params` (the output bias apart)
-    acc = [torch.zeros(p.shape, device=q.device, dtype=torch.float32) for p in params[:-1]]
     qms = list(q_mask.stride()) if q_mask is not None else [0, 0, 0, 0]
     dms = list(d_mask.stride()) if d_mask is not None else [0, 0, 0, 0]
-    _lite_bwd_kernel[(Fd * Y * X,)](
-        q, d, q_mask if q_mask is not None else ds, d_mask if d_mask is not None else ds, grad, ds,
-        W1, b1, g1, be1, W2, W2g, u1, c1, g2, be2,
-        V1, cb1, g3, be3, V2, V2g, u3, c3, g4, be4, wo,
-        *acc,
-        Y, X, Lq, Ld, H, lq, ld, R1, C,
-        q.stride(0), q.stride(1), q.stride(2), d.stride(0), d.stride(1), d.stride(2),
-        *qms, *dms,
-        *[float(e) for e in eps],
-        HAS_QM=q_mask is not None, HAS_DM=d_mask is not None, PRECISION=dot_precision(q),
-        BLOCK_LQ=pow2(lq, 16), BLOCK_LD=pow2(ld, 16), BLOCK_H=pow2(min(H, 64), 16),
-        BLOCK_R=32, BLOCK_C=32,
-        num_warps=8,
-    )
+    chunk = max(1, min(n_pairs, _pairs_per_chunk(lq, ld, R1, C)))
+    tiles = torch.empty((6, chunk, lq, ld), device=q.device, dtype=torch.float32)
+    vec_ld = torch.empty((chunk, 2, ld), device=q.device, dtype=torch.float32)
+    vec_lq = torch.empty((chunk, 2, lq), device=q.device, dtype=torch.float32)
+    totals = None  # the parameter gradients of the chunks so far, summed, in the order of `grads` below
+    for pair0 in range(0, n_pairs, chunk):
+        n = min(chunk, n_pairs - pair0)
+        s_t, z2_t, rows_t, dz2_t, dz4_t, t_t = (tile[:n] for tile in tiles)
+        with device_guard(q):
+            _lite_bwd_kernel[(n,)](
+                q, d, q_mask if q_mask is not None else ds, d_mask if d_mask is not None else ds, grad, ds,
+                s_t, z2_t, rows_t, dz2_t, dz4_t, t_t, vec_ld, vec_lq,
+                W1, b1, W2g, u1, c1, g2, be2,
+                V1, cb1, V2g, u3, c3, g4, be4, wo,
+                pair0, Y, X, Lq, Ld, H, lq, ld, R1, C,
+                q.stride(0), q.stride(1), q.stride(2), d.stride(0), d.stride(1), d.stride(2),
+                *qms, *dms,
+                *[float(e) for e in eps],
+                HAS_QM=q_mask is not None, HAS_DM=d_mask is not None, PRECISION=dot_precision(q),
+                **_blocks("bwd", q.dtype, q.is_cuda, lq, ld, H),
+            )
+        row = _mlp_weight_grads(s_t.reshape(-1, ld), dz2_t.reshape(-1, ld), W1, b1, g1, be1, W2, eps[0])
+        col = _mlp_weight_grads(rows_t.transpose(1, 2).reshape(-1, lq), dz4_t.transpose(1, 2).reshape(-1, lq),
+                                V1, cb1, g3, be3, V2, eps[2])
+        dg2, dbe2 = vec_ld[:n, 0].sum(0), vec_ld[:n, 1].sum(0)  # apart: returned views of one tensor would alias
+        dg4, dbe4 = vec_lq[:n, 0].sum(0), vec_lq[:n, 1].sum(0)
+        dwo = torch.einsum("p,pij->ij", grad.reshape(-1)[pair0:pair0 + n], t_t)
+        part = row[:6] + [dg2, dbe2] + col[:6] + [dg4, dbe4, dwo]
+        totals = part if totals is None else [a + b for a, b in zip(totals, part)]
     # dS is 0 at masked tokens, but a masked token may hold inf or NaN and 0 * inf is NaN: the host matmuls
     # take q and d with their masked tokens zeroed.
     d_dq, d_sub = _masked_tokens_zeroed(d, d_mask, pair_axis=1)
@@ -420,8 +554,8 @@ def _triton_backward(grad, q, d, q_mask, d_mask, params, lq: int, ld: int, eps) 
     dq = torch.einsum(f"fyxij,{d_sub}->fyih", ds, d_dq.float()).to(q.dtype)
     dd = torch.einsum(f"fyxij,{q_sub}->fxjh", ds, q_dd.float()).to(d.dtype)
     dbo = grad.sum().reshape(bo.shape)
-    grads = acc + [dbo]
-    return [dq.contiguous(), dd.contiguous()] + [gr.to(p.dtype) for gr, p in zip(grads, params)]
+    grads = totals + [dbo]
+    return [dq.contiguous(), dd.contiguous()] + [gr.to(p.dtype).reshape(p.shape) for gr, p in zip(grads, params)]
 
 
 def _masked_tokens_zeroed(t: Tensor, mask: Optional[Tensor], pair_axis: int) -> tuple[Tensor, str]:

@@ -23,7 +23,8 @@ The kernels compute the loss and dL/ds in one pass (float32 for float32/16/bf16 
 and keep only dL/ds for backward, which scales it by the upstream gradient; so there is no double backward
 (``create_graph=True`` raises a RuntimeError that names the ``*_ref`` to use instead).
 
-Non-finite scores at valid candidates (masked ones are padding and may hold anything), alike in every backend:
+Non-finite scores at valid candidates (masked ones are padding and may hold anything), alike in every backend
+(but see "On CUDA" below for when the error is raised):
 
 - a NaN teacher score raises ValueError naming ``t`` and the first position;
 - an infinite teacher score the loss reads raises ValueError (which one, where): mse reads every teacher
@@ -34,6 +35,19 @@ Non-finite scores at valid candidates (masked ones are padding and may hold anyt
 - a NaN or infinite student score propagates: the queries whose loss reads it get a NaN or infinite loss
   (as in torch's own losses), while one it cannot change (-inf below a hinge, or where the teacher gives
   probability 0) leaves the loss finite.
+
+On CUDA the fused kernels never wait for the GPU: checking the teacher scores on the host would need a stream
+synchronisation on every call, which stalls the Python thread until the GPU has caught up with everything
+queued before the loss (and forbids CUDA graph capture). The
+kernels detect the same conditions (and inbatch_ce's target >= M) on the device instead, and give each
+offending query a NaN loss and a NaN gradient at all of its valid candidates, so nothing is silently wrong:
+a "sum" or "mean" loss is NaN, and so is the gradient of the rows concerned. ``set_validation(True)`` (a
+function and a context manager, like ``torch.set_grad_enabled``) restores the check: each CUDA call then
+synchronises once to read the kernel's error flag and, when it is set, raises the CPU's exact ValueError.
+Use it while debugging data, or in tests. The CPU kernels and the reference backend always raise (their
+check costs nothing extra), whatever the setting. Why not a device-side assert, PyTorch's answer for index
+errors (``CUDA_KERNEL_ASSERT``, ``torch._assert_async``): it leaves the CUDA context unusable for the rest of
+the process and names no argument or position.
 
 float32 softmax_ce, kl_div and inbatch_ce form every logit difference from the raw scores before dividing by
 ``tau``, so scores of any magnitude and any ``tau > 0`` give the float64 answer rounded, or an infinity where
@@ -48,9 +62,11 @@ import torch
 from torch import Tensor
 
 from fastrank import _ext, cpu_isa, dispatch
+from fastrank.ops.pairs import device_guard
 
 # Must match the Kind and Reduction enums in csrc/cpu/losses.cpp and csrc/cuda/losses.cu.
 LOSS_KINDS = {"mse": 0, "margin_mse": 1, "m3se": 2, "softmax_ce": 3, "kl_div": 4, "rankdistil_b": 5}
+_KIND_NAMES = {code: name for name, code in LOSS_KINDS.items()}
 REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
 _NEEDS_PAIR = ("margin_mse", "m3se")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -63,6 +79,51 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
 def _workspace_bytes(batch: int) -> int:
     # Must match csrc/cuda/losses_cuda.h: losses_workspace_bytes.
     return 16 + 12 * batch
+
+
+_validation = False
+
+
+class set_validation:
+    """Whether the fused losses on CUDA check their inputs synchronously (default: no; see the module docstring).
+
+    ``set_validation(True)`` turns the check on for the process; ``with set_validation(True): ...`` for a block,
+    restoring the previous setting on exit. With it on, each CUDA call synchronises its stream once and raises
+    the CPU's exact ValueError for a NaN teacher score at a valid candidate, an infinite one the loss reads, a
+    row whose teacher is -inf everywhere (softmax_ce, kl_div) or an inbatch_ce target >= M; with it off, those
+    queries get a NaN loss and gradient instead and no call waits for the GPU. CPU calls always raise.
+    The setting is global (not per thread), like ``torch.backends`` flags.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        global _validation
+        if not isinstance(enabled, bool):
+            raise TypeError(f"fastrank.losses.set_validation: enabled must be a bool, got {type(enabled).__name__}")
+        self._previous = _validation
+        _validation = enabled
+
+    def __enter__(self) -> "set_validation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _validation
+        _validation = self._previous
+
+
+def validation_enabled() -> bool:
+    """Whether :class:`set_validation` is on."""
+    return _validation
+
+
+def _raise_if_flagged(workspace: Tensor, check) -> None:
+    """The synchronous check: read the kernel's error flags (int32 at byte 4 of the workspace, one stream
+    synchronisation) and, when one is set, let ``check`` find the first offending position and raise the
+    message the CPU kernels give."""
+    flags = int(workspace[4:8].view(torch.int32).item())
+    if flags:
+        check()
+        raise RuntimeError(f"fastrank.losses: the CUDA kernel flagged invalid input (error bits {flags:#x}) that the "
+                           f"host check did not find; please report this with the inputs")
 
 
 def _matrix_args(x: Optional[Tensor]) -> tuple[int, int, int]:
@@ -93,12 +154,16 @@ def _launch_distill_cpu(s: Tensor, t: Tensor, positives: Optional[Tensor], mask:
 
 def _launch_distill_cuda(s: Tensor, t: Tensor, positives: Optional[Tensor], mask: Optional[Tensor], kind: int,
                          reduction: int, param: float) -> tuple[Tensor, Tensor, Tensor]:
-    loss, grad, scale = _outputs(s, reduction)
-    workspace = torch.zeros(_workspace_bytes(s.shape[0]), dtype=torch.uint8, device=s.device)
-    _ext.require().distill_forward_cuda(
-        kind, reduction, s.shape[0], s.shape[1], _ext.DTYPE_CODES[s.dtype], param, *_matrix_args(s),
-        *_matrix_args(t), *_matrix_args(positives), *_matrix_args(mask), loss.data_ptr(), grad.data_ptr(),
-        scale.data_ptr(), workspace.data_ptr(), _ext.cuda_stream(s))
+    # The extension launches on the current device; s's stream is passed in, so s's GPU must be current.
+    with device_guard(s):
+        loss, grad, scale = _outputs(s, reduction)
+        workspace = torch.zeros(_workspace_bytes(s.shape[0]), dtype=torch.uint8, device=s.device)
+        _ext.require().distill_forward_cuda(
+            kind, reduction, s.shape[0], s.shape[1], _ext.DTYPE_CODES[s.dtype], param, *_matrix_args(s),
+            *_matrix_args(t), *_matrix_args(positives), *_matrix_args(mask), loss.data_ptr(), grad.data_ptr(),
+            scale.data_ptr(), workspace.data_ptr(), _ext.cuda_stream(s))
+        if _validation:
+            _raise_if_flagged(workspace, lambda: _check_teacher(_KIND_NAMES[kind], t, positives, mask))
     return loss, grad, scale
 
 
@@ -112,12 +177,15 @@ def _launch_inbatch_ce_cpu(scores: Tensor, target: Tensor, reduction: int, tau: 
 
 
 def _launch_inbatch_ce_cuda(scores: Tensor, target: Tensor, reduction: int, tau: float) -> tuple[Tensor, Tensor, Tensor]:
-    loss, grad, scale = _outputs(scores, reduction)
-    workspace = torch.zeros(_workspace_bytes(scores.shape[0]), dtype=torch.uint8, device=scores.device)
-    _ext.require().inbatch_ce_forward_cuda(
-        reduction, scores.shape[0], scores.shape[1], _ext.DTYPE_CODES[scores.dtype], tau, *_matrix_args(scores),
-        target.data_ptr(), target.stride(0), target.dtype == torch.int64, loss.data_ptr(), grad.data_ptr(),
-        scale.data_ptr(), workspace.data_ptr(), _ext.cuda_stream(scores))
+    with device_guard(scores):
+        loss, grad, scale = _outputs(scores, reduction)
+        workspace = torch.zeros(_workspace_bytes(scores.shape[0]), dtype=torch.uint8, device=scores.device)
+        _ext.require().inbatch_ce_forward_cuda(
+            reduction, scores.shape[0], scores.shape[1], _ext.DTYPE_CODES[scores.dtype], tau, *_matrix_args(scores),
+            target.data_ptr(), target.stride(0), target.dtype == torch.int64, loss.data_ptr(), grad.data_ptr(),
+            scale.data_ptr(), workspace.data_ptr(), _ext.cuda_stream(scores))
+        if _validation:
+            _raise_if_flagged(workspace, lambda: _check_target(scores, target))
     return loss, grad, scale
 
 
@@ -131,11 +199,14 @@ _INBATCH_CE_LAUNCHERS = {"cpu": _launch_inbatch_ce_cpu, "cuda": _launch_inbatch_
 def _launch_distill(s: Tensor, t: Tensor, positives: Optional[Tensor], mask: Optional[Tensor], kind: int,
                     reduction: int, param: float) -> tuple[Tensor, Tensor, Tensor]:
     """Raw pointers and strides in, (loss, dL/ds, backward scale) out; inputs are never written."""
-    return _DISTILL_LAUNCHERS[s.device.type](s, t, positives, mask, kind, reduction, param)
+    # Named first: tests/test_device_guard.py reads `table[key](...)` as a Triton launch `kernel[grid](...)`.
+    launch = _DISTILL_LAUNCHERS[s.device.type]
+    return launch(s, t, positives, mask, kind, reduction, param)
 
 
 def _launch_inbatch_ce(scores: Tensor, target: Tensor, reduction: int, tau: float) -> tuple[Tensor, Tensor, Tensor]:
-    return _INBATCH_CE_LAUNCHERS[scores.device.type](scores, target, reduction, tau)
+    launch = _INBATCH_CE_LAUNCHERS[scores.device.type]
+    return launch(scores, target, reduction, tau)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -372,13 +443,18 @@ def _inbatch_ce_cpp(scores, target, reduction, tau):
     return loss if loss.dtype == scores.dtype else loss.to(scores.dtype)
 
 
-@dispatch.register("inbatch_ce", "reference")
-def _inbatch_ce_reference(scores, target, reduction, tau):
+def _check_target(scores: Tensor, target: Tensor) -> None:
+    """inbatch_ce's target rule, with the CPU kernel's message (csrc/cpu/losses.cpp)."""
     bad = target >= scores.shape[1]
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
         raise ValueError(f"fastrank: target[{row}] = {int(target[row])} is out of range for scores with M = "
                          f"{scores.shape[1]} columns (expected 0 <= target < M, or a negative value to ignore the row)")
+
+
+@dispatch.register("inbatch_ce", "reference")
+def _inbatch_ce_reference(scores, target, reduction, tau):
+    _check_target(scores, target)
     return inbatch_ce_ref(scores, target, tau=tau, reduction=reduction)
 
 
@@ -395,8 +471,9 @@ _ARGS_DOC = """
     Args:
         s: (B, K) student scores, float32/float16/bfloat16/float64; the gradient flows to it.
         t: (B, K) teacher scores, same dtype and device as ``s``; no gradient flows to it. A NaN at a valid
-            candidate, or an infinity the loss reads, raises ValueError; a NaN or infinity in ``s`` propagates
-            to the loss instead (see :mod:`fastrank.ops.losses`).
+            candidate, or an infinity the loss reads, raises ValueError (on CUDA only under
+            ``set_validation(True)``; otherwise that query's loss and gradient are NaN); a NaN or infinity in
+            ``s`` propagates to the loss instead (see :mod:`fastrank.ops.losses`).
         positives: (B, K) bool, which candidates are positives; default: column 0 positive, the rest negative.
         mask: (B, K) bool, which candidates are valid (ragged K); default: all.
         reduction: "mean" (over queries that have a term), "sum", or "none" for a (B,) tensor.
@@ -458,7 +535,8 @@ def inbatch_ce(scores: Tensor, target: Tensor, tau: float = 1.0, reduction: str 
     Args:
         scores: (B, M) float32/float16/bfloat16/float64, e.g. each query against every document in the batch.
         target: (B,) int64 or int32 column of the positive; a negative value ignores the row (0 loss, 0
-            gradient, not counted by "mean"); a value >= M raises ValueError.
+            gradient, not counted by "mean"); a value >= M raises ValueError (on CUDA only under
+            ``set_validation(True)``; otherwise that row's loss and gradient are NaN).
         tau: temperature > 0.
         reduction: "mean" (over rows not ignored), "sum" or "none" for a (B,) tensor.
         backend: force a backend ("cpp", "reference").

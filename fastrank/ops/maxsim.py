@@ -15,6 +15,12 @@ Backward follows the argmax route: the forward stores, per pair and query token,
 maximising doc token (-1 for padded query tokens and empty docs); the gradient of q_i is g * d_argmax
 and the gradient of d_j collects g * q_i from every query token whose argmax is j.
 
+GPU tuning (issue 13). The forward scores several documents of one query per program with q held across
+them, pipelines its doc-tile loop and is autotuned per bucket of sizes (FORWARD_CONFIGS); the interpreter,
+which runs programs one by one on the CPU, launches one config (INTERPRETER_CONFIG). Every offset built from
+a program id or a loop counter is int64 (the sm_90 IR is checked by tests/test_hostile_maxsim.py), grids
+are checked against CUDA's limits (check_grid), and every launch runs under ``device_guard``.
+
 Long queries. Both kernels hold the query in one tile of at most QUERY_TILE tokens. MaxSim is separable over
 query tokens (the score is a sum of per-token maxima), so a longer query is scored in chunks of QUERY_TILE
 tokens whose scores add; the argmax of each chunk is its slice of the full argmax, the chunks' dq are
@@ -32,7 +38,7 @@ from torch import Tensor
 
 from fastrank import _ext, cpu_isa, dispatch
 from fastrank.ops.pairs import (DOUBLE_BACKWARD_ERROR, QUERY_TILE, canonicalize, check_pair_inputs,
-                                dot_precision, dtype_reasons, inner_contiguous, pow2)
+                                device_guard, dot_precision, dtype_reasons, inner_contiguous, pow2)
 
 try:
     import triton
@@ -46,47 +52,114 @@ except ImportError:  # Triton is optional: the C++ and reference backends cover 
 # --------------------------------------------------------------------------------------------------------
 if triton is not None:
 
+    # Tuning (issue 13). A (query, document) pair at the seeds' sizes (Lq 32, Ld 200, H 128) is three or
+    # four doc tiles: a program per pair spends much of its time starting up and reloading q. So a program
+    # scores DOCS documents of one query (q is read once and, when H fits one BLOCK_H, held across them),
+    # the doc-tile loop is software-pipelined (num_stages), and the autotuner picks the tile, DOCS and
+    # stages per bucket of (Lq, Ld, H, dtype, pair count): DOCS trades parallelism for reuse, so the
+    # 1 x 1,000 re-rank wants fewer docs per program than the 1 x 100,000 scan.
+    FORWARD_CONFIGS = [
+        triton.Config({"BLOCK_LD": 64, "DOCS": 4}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_LD": 64, "DOCS": 1}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_LD": 64, "DOCS": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_LD": 32, "DOCS": 4}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_LD": 32, "DOCS": 1}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_LD": 32, "DOCS": 8}, num_warps=4, num_stages=3),
+    ]
+
+    def _prune_forward_configs(configs, named_args, **kwargs):
+        # The S tile (BLOCK_LQ x BLOCK_LD float32, with its argmax and NaN bookkeeping) must stay in the
+        # registers: ptxas (sm_90) spills past 32 x 64 at 4 warps (a 128-token doc tile spilled, 8 warps
+        # too), so a full 64-token query tile takes 32-token doc tiles, and so does the H-split path,
+        # whose q and doc slices live beside S. On that path ptxas's choices are not monotone in DOCS
+        # (fastrank.kernel_report, every dtype and int8 tokens): with a 32-token query tile only one
+        # document per program is spill-free (bf16, fp16 and int8 spilled 8-40 bytes at DOCS 4 and 8),
+        # with a 64-token tile only several are (DOCS 1 spilled ~160 bytes). The interpreter ignores this.
+        if kwargs["SPLIT_H"] and kwargs["BLOCK_LQ"] >= 32:
+            several = kwargs["BLOCK_LQ"] > 32
+            return [c for c in configs if c.kwargs["BLOCK_LD"] == 32 and (c.kwargs["DOCS"] > 1) == several]
+        limit = 1024 if kwargs["SPLIT_H"] else 2048
+        return [c for c in configs if kwargs["BLOCK_LQ"] * c.kwargs["BLOCK_LD"] <= limit]
+
+    @triton.autotune(configs=FORWARD_CONFIGS, key=["LQ_BUCKET", "LD_BUCKET", "H", "PAIRS_BUCKET"],
+                     prune_configs_by={"early_config_prune": _prune_forward_configs})
     @triton.jit
     def _maxsim_fwd_kernel(
         Q, D, QM, DM, OUT, ARG,
         Y, X, Lq, Ld, H,
         sq_f, sq_y, sq_t, sd_f, sd_x, sd_t,
         sqm_f, sqm_y, sqm_x, sqm_t, sdm_f, sdm_y, sdm_x, sdm_t,
+        LQ_BUCKET, LD_BUCKET, PAIRS_BUCKET,
         HAS_QM: tl.constexpr, HAS_DM: tl.constexpr, STORE_ARG: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_LQ: tl.constexpr, BLOCK_LD: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK_LQ: tl.constexpr, BLOCK_H: tl.constexpr, SPLIT_H: tl.constexpr, MASK_BLOCK: tl.constexpr,
+        BLOCK_LD: tl.constexpr, DOCS: tl.constexpr,
     ):
-        # One program per (f, y, x) pair. S is built BLOCK_LD doc tokens at a time, split over H so that a
-        # 768-wide embedding never needs a 768-wide register tile; only the running row max survives.
-        pair = tl.program_id(0).to(tl.int64)
-        f = pair // (Y * X)
-        y = (pair // X) % Y
-        x = pair % X
+        # Program (f, y, block of DOCS documents x). S is built BLOCK_LD doc tokens at a time; only the
+        # running row max survives. Every offset built from the program id or a loop counter is int64:
+        # x * sd_x passes 2^31 at H = 768 beyond ~14k documents per query.
+        pid = tl.program_id(0).to(tl.int64)
+        x_blocks = tl.cdiv(X, DOCS)
+        fy = pid // x_blocks
+        x_first = (pid % x_blocks) * DOCS
+        f = fy // Y
+        y = fy % Y
         offs_i = tl.arange(0, BLOCK_LQ)
         offs_h = tl.arange(0, BLOCK_H)
+        offs_t = tl.arange(0, BLOCK_LD)
         row_in = offs_i < Lq
-        q_base = Q + f * sq_f + y * sq_y
-        d_base = D + f * sd_f + x * sd_x
-
-        best = tl.full([BLOCK_LQ], float("-inf"), tl.float32)
-        best_j = tl.full([BLOCK_LQ], -1, tl.int32)
-        saw_nan = tl.zeros([BLOCK_LQ], tl.int32)
-        n_valid = tl.zeros([BLOCK_LD], tl.int32)
-        for j0 in range(0, Ld, BLOCK_LD):
-            offs_j = j0 + tl.arange(0, BLOCK_LD)
-            col_in = offs_j < Ld
-            valid = col_in
+        q_ptrs = Q + f * sq_f + y * sq_y + offs_i[:, None] * sq_t + offs_h[None, :]
+        if not SPLIT_H:
+            # q is read once per program: the same registers (or shared memory) serve every tile of
+            # every document of the program.
+            q_tile = tl.load(q_ptrs, mask=row_in[:, None] & (offs_h[None, :] < H), other=0.0)
+        for x in range(x_first, tl.minimum(x_first + DOCS, X)):
+            d_ptrs = D + f * sd_f + x * sd_x + offs_t[:, None] * sd_t + offs_h[None, :]
+            dm_row = DM + f * sdm_f + y * sdm_y + x * sdm_x
+            dm_ptrs = dm_row + offs_t * sdm_t
+            # The doc's valid-length bound: padding usually ends a document, so the tile loop stops at its
+            # last valid token instead of testing every tile (a reduction and a branch per tile). One
+            # pass over Ld mask bytes, against Ld * H embedding elements read by the loop.
+            end = Ld
             if HAS_DM:
-                dm = tl.load(DM + f * sdm_f + y * sdm_y + x * sdm_x + offs_j * sdm_t, mask=col_in, other=0)
-                valid = valid & (dm != 0)
-            n_valid += valid.to(tl.int32)
-            if tl.sum(valid.to(tl.int32), axis=0) > 0:  # padding usually ends a doc: skip empty blocks
-                s = tl.zeros([BLOCK_LQ, BLOCK_LD], tl.float32)
-                for h0 in range(0, H, BLOCK_H):
-                    h = h0 + offs_h
-                    qt = tl.load(q_base + offs_i[:, None] * sq_t + h[None, :], mask=row_in[:, None] & (h[None, :] < H), other=0.0)
-                    dt = tl.load(d_base + offs_j[:, None] * sd_t + h[None, :], mask=col_in[:, None] & (h[None, :] < H), other=0.0)
-                    s = tl.dot(qt, tl.trans(dt), s, input_precision=PRECISION)
-                s = tl.where(valid[None, :], s, float("-inf"))
+                last = tl.full([MASK_BLOCK], -1, tl.int32)
+                m_ptrs = dm_row + tl.arange(0, MASK_BLOCK) * sdm_t
+                for m0 in range(0, Ld, MASK_BLOCK):
+                    offs_m = m0 + tl.arange(0, MASK_BLOCK)
+                    dm = tl.load(m_ptrs, mask=offs_m < Ld, other=0)
+                    last = tl.maximum(last, tl.where(dm != 0, offs_m, -1))
+                    m_ptrs += MASK_BLOCK * sdm_t
+                end = tl.max(last, axis=0) + 1
+            best = tl.full([BLOCK_LQ], float("-inf"), tl.float32)
+            best_j = tl.full([BLOCK_LQ], -1, tl.int32)
+            saw_nan = tl.zeros([BLOCK_LQ], tl.int32)
+            # Software-pipelined with the config's num_stages: the loads of the next tiles are in flight
+            # while this one is multiplied.
+            for j0 in tl.range(0, end, BLOCK_LD):
+                offs_j = j0 + offs_t
+                col_in = offs_j < end
+                if not SPLIT_H:
+                    dt = tl.load(d_ptrs, mask=col_in[:, None] & (offs_h[None, :] < H), other=0.0)
+                    s = tl.dot(q_tile, tl.trans(dt), input_precision=PRECISION)
+                else:
+                    # H = 768 needs no 768-wide register tile: the dot is split over H.
+                    s = tl.zeros([BLOCK_LQ, BLOCK_LD], tl.float32)
+                    q_h, d_h = q_ptrs, d_ptrs
+                    # Not pipelined (num_stages=1): buffering the slices in registers spilled on sm_90.
+                    for h0 in tl.range(0, H, BLOCK_H, num_stages=1):
+                        h_in = (h0 + offs_h)[None, :] < H
+                        qt = tl.load(q_h, mask=row_in[:, None] & h_in, other=0.0)
+                        dt = tl.load(d_h, mask=col_in[:, None] & h_in, other=0.0)
+                        s = tl.dot(qt, tl.trans(dt), s, input_precision=PRECISION)
+                        q_h += BLOCK_H
+                        d_h += BLOCK_H
+                # Pointers advance by a tile (no offset is rebuilt from the loop counter in int32).
+                d_ptrs += BLOCK_LD * sd_t
+                if HAS_DM:
+                    # Holes in the mask: padded tokens never win (a select on the tile, no branch).
+                    dm = tl.load(dm_ptrs, mask=col_in, other=0)
+                    col_in = col_in & (dm != 0)
+                    dm_ptrs += BLOCK_LD * sdm_t
+                s = tl.where(col_in[None, :], s, float("-inf"))
                 # tl.max does not propagate NaN on every target; count NaNs so they reach the score.
                 saw_nan += tl.sum((s != s).to(tl.int32), axis=1)
                 blk_best = tl.max(s, axis=1)
@@ -95,14 +168,15 @@ if triton is not None:
                 best = tl.where(take, blk_best, best)
                 best_j = tl.where(take, blk_j, best_j)
 
-        row_ok = row_in & (tl.sum(n_valid, axis=0) > 0)
-        if HAS_QM:
-            qm = tl.load(QM + f * sqm_f + y * sqm_y + x * sqm_x + offs_i * sqm_t, mask=row_in, other=0)
-            row_ok = row_ok & (qm != 0)
-        best = tl.where(saw_nan > 0, float("nan"), best)
-        tl.store(OUT + pair, tl.sum(tl.where(row_ok, best, 0.0), axis=0))
-        if STORE_ARG:
-            tl.store(ARG + pair * Lq + offs_i, tl.where(row_ok, best_j, -1), mask=row_in)
+            row_ok = row_in & (end > 0)
+            if HAS_QM:
+                qm_x = tl.load(QM + f * sqm_f + y * sqm_y + x * sqm_x + offs_i * sqm_t, mask=row_in, other=0)
+                row_ok = row_ok & (qm_x != 0)
+            best = tl.where(saw_nan > 0, float("nan"), best)
+            pair = fy * X + x
+            tl.store(OUT + pair, tl.sum(tl.where(row_ok, best, 0.0), axis=0))
+            if STORE_ARG:
+                tl.store(ARG + pair * Lq + offs_i, tl.where(row_ok, best_j, -1), mask=row_in)
 
     @triton.jit
     def _maxsim_bwd_dq_kernel(
@@ -114,15 +188,17 @@ if triton is not None:
         # dq[f,y,i,h] = sum_x g[f,y,x] * d[f,x,argmax[f,y,x,i],h]; program (item, h block, x chunk).
         # PACKED (maxsim_packed, Y = 1): pair f * X + x is a document whose rows start at OFFS[pair] and
         # whose argmax is relative to that row; sd_f and sd_x are unused.
+        # Offsets from program ids and loop counters are int64: x * sd_x passes 2^31 beyond ~14k documents
+        # per query at H = 768 (the rest are int64 so that one rule covers every kernel; a test checks it).
         item = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        # int64 from here: x * sd_x passes 2^31 beyond ~14k documents per query at H = 768.
+        h = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
         x_start = tl.program_id(2).to(tl.int64) * x_chunk
         f = item // Y
         offs_i = tl.arange(0, BLOCK_LQ)
         row_in = offs_i < Lq
         acc = tl.zeros([BLOCK_LQ, BLOCK_H], tl.float32)
-        for x in range(x_start, tl.minimum(x_start + x_chunk, X)):
+        # Pipelined (num_stages): the gathers of the next documents are in flight while this one adds up.
+        for x in tl.range(x_start, tl.minimum(x_start + x_chunk, X)):
             pair = item * X + x
             j = tl.load(ARG + pair * Lq + offs_i, mask=row_in, other=-1)
             g = tl.load(G + pair)
@@ -152,24 +228,26 @@ if triton is not None:
     ):
         # dd[f,x,j,h] = sum_y g[f,y,x] * sum_i [argmax[f,y,x,i] = j] q[f,y,i,h]: the scatter is a matmul
         # of a one-hot (BLOCK_LD x Lq) routing matrix with q, so it runs on tensor cores with no atomics.
+        # Offsets from program ids and loop counters are int64: y * sq_y passes 2^31 for a large enough
+        # batch of long queries.
         item = tl.program_id(0).to(tl.int64)
         h_blocks = tl.cdiv(H, BLOCK_H)
-        offs_j = (tl.program_id(1) // h_blocks) * BLOCK_LD + tl.arange(0, BLOCK_LD)
-        h = (tl.program_id(1) % h_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
-        # int64 from here: y * sq_y passes 2^31 for a large enough batch of long queries.
+        tile = tl.program_id(1).to(tl.int64)
+        offs_j = (tile // h_blocks) * BLOCK_LD + tl.arange(0, BLOCK_LD)
+        h = (tile % h_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
         y_start = tl.program_id(2).to(tl.int64) * y_chunk
         f = item // X
         x = item % X
         offs_i = tl.arange(0, BLOCK_LQ)
         row_in = offs_i < Lq
         acc = tl.zeros([BLOCK_LD, BLOCK_H], tl.float32)
-        for y in range(y_start, tl.minimum(y_start + y_chunk, Y)):
+        for y in tl.range(y_start, tl.minimum(y_start + y_chunk, Y)):
             pair = (f * Y + y) * X + x
             j = tl.load(ARG + pair * Lq + offs_i, mask=row_in, other=-1)
             g = tl.load(G + pair)
             qt = tl.load(Q + f * sq_f + y * sq_y + offs_i[:, None] * sq_t + h[None, :],
                          mask=row_in[:, None] & (h[None, :] < H), other=0.0)
-            route = (offs_j[:, None] == j[None, :]).to(qt.dtype)
+            route = (offs_j.to(tl.int32)[:, None] == j[None, :]).to(qt.dtype)  # j < Ld: int32 compares
             acc += g * tl.dot(route, qt, input_precision=PRECISION)
         ptrs = DD + (item * Ld + offs_j[:, None]) * H + h[None, :]
         mask = (offs_j[:, None] < Ld) & (h[None, :] < H)
@@ -177,6 +255,10 @@ if triton is not None:
             tl.atomic_add(ptrs, acc, mask=mask)
         else:
             tl.store(ptrs, acc, mask=mask)
+
+
+    # Read once, from the kernel as built: launch interception (tests, reports) may replace the module's name.
+    _INTERPRETED = type(_maxsim_fwd_kernel.fn).__name__ == "InterpretedFunction"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -235,23 +317,70 @@ def _triton_forward(q, d, q_mask, d_mask, save_argmax: bool):
     return forward_by_query_chunks(lambda qc, mc: _triton_forward_tile(qc, d, mc, d_mask, save_argmax), q, q_mask, save_argmax)
 
 
+def _interpreting() -> bool:
+    """Whether the kernels were built for Triton's interpreter (TRITON_INTERPRET set when they were defined)."""
+    return _INTERPRETED
+
+
+# Which entry of an autotuned kernel's configs the interpreter launches. The interpreter runs one program
+# after another on the CPU and would run every config on every new key: it launches this one alone (tests
+# set it to walk every config).
+INTERPRETER_CONFIG = 0
+
+
+def interpreter_meta(kernel) -> dict:
+    """The meta-parameters of config INTERPRETER_CONFIG of an autotuned ``kernel``, to launch its ``.fn``."""
+    config = kernel.configs[INTERPRETER_CONFIG]
+    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+# CUDA caps a grid at 2^31 - 1 programs along x and 65535 along y and z: launchers put the dimension that
+# grows with the batch on x and check the others, so a huge call is a clear error, not a failed launch.
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def check_grid(grid: tuple[int, ...], what: str) -> tuple[int, ...]:
+    for axis, (size, limit) in enumerate(zip(grid, GRID_LIMITS)):
+        if size > limit:
+            raise ValueError(f"{what}: the launch needs {size} programs along grid axis {'xyz'[axis]}, more than "
+                             f"CUDA's {limit}; split the call into smaller batches")
+    return grid
+
+
+def _bucket(n: int) -> int:
+    """An autotuning key for a size: its power of two, so calls of similar size share a tuned config."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 def _triton_forward_tile(q, d, q_mask, d_mask, save_argmax: bool):
     F, Y, X, Lq, Ld, H = _dims(q, d)
+    # Checked for DOCS = 1, the largest grid any config launches, before anything is allocated.
+    check_grid((F * Y * X,), "maxsim")
     out, arg = _forward_outputs(q, d, save_argmax)
     qm, qms = _mask_args(q_mask)
     dm, dms = _mask_args(d_mask)
     block_lq = pow2(Lq, 16, QUERY_TILE)
-    block_ld = 64 if block_lq <= 32 else 32
     block_h = pow2(H, 16, 64 if q.dtype == torch.float32 else 128)
-    _maxsim_fwd_kernel[(F * Y * X,)](
-        q, d, qm if qm is not None else out, dm if dm is not None else out, out, arg,
-        Y, X, Lq, Ld, H,
-        q.stride(0), q.stride(1), q.stride(2), d.stride(0), d.stride(1), d.stride(2),
-        *qms, *dms,
-        HAS_QM=qm is not None, HAS_DM=dm is not None, STORE_ARG=save_argmax, PRECISION=dot_precision(q),
-        BLOCK_LQ=block_lq, BLOCK_LD=block_ld, BLOCK_H=block_h,
-        num_warps=4,
-    )
+    if H > block_h:
+        # Split over H (H = 768): 64-wide slices keep the q and doc slices in registers beside S; 128-wide
+        # ones spilled on sm_90 (ptxas -v).
+        block_h = 64
+
+    def grid(meta):
+        return (F * Y * triton.cdiv(X, meta["DOCS"]),)
+
+    args = (q, d, qm if qm is not None else out, dm if dm is not None else out, out, arg,
+            Y, X, Lq, Ld, H,
+            q.stride(0), q.stride(1), q.stride(2), d.stride(0), d.stride(1), d.stride(2),
+            *qms, *dms,
+            block_lq, _bucket(Ld), _bucket(F * Y * X))
+    meta = dict(HAS_QM=qm is not None, HAS_DM=dm is not None, STORE_ARG=save_argmax, PRECISION=dot_precision(q),
+                BLOCK_LQ=block_lq, BLOCK_H=block_h, SPLIT_H=H > block_h, MASK_BLOCK=pow2(Ld, 16, 1024))
+    with device_guard(q):
+        if _interpreting():
+            _maxsim_fwd_kernel.fn[grid](*args, **meta, **interpreter_meta(_maxsim_fwd_kernel))
+        else:
+            _maxsim_fwd_kernel[grid](*args, **meta)
     return out, arg
 
 
@@ -291,21 +420,28 @@ def _triton_backward_tile(q, d, grad, argmax, need_dq: bool, need_dd: bool, dete
         split = _loop_split(programs, X, deterministic, q.device)
         chunk = triton.cdiv(X, split)
         dq = (torch.zeros if split > 1 else torch.empty)((F, Y, Lq, H), device=q.device, dtype=torch.float32)
-        _maxsim_bwd_dq_kernel[(F * Y, triton.cdiv(H, block_h), triton.cdiv(X, chunk))](
-            d, grad, argmax, dq, argmax, Y, X, Lq, H, chunk, d.stride(0), d.stride(1), d.stride(2),
-            PACKED=False, ATOMIC=split > 1, BLOCK_LQ=block_lq, BLOCK_H=block_h, num_warps=4,
-        )
+        grid = check_grid((F * Y, triton.cdiv(H, block_h), triton.cdiv(X, chunk)), "maxsim backward (dq)")
+        with device_guard(q):
+            _maxsim_bwd_dq_kernel[grid](
+                d, grad, argmax, dq, argmax, Y, X, Lq, H, chunk, d.stride(0), d.stride(1), d.stride(2),
+                PACKED=False, ATOMIC=split > 1, BLOCK_LQ=block_lq, BLOCK_H=block_h, num_warps=4, num_stages=3,
+            )
     if need_dd:
-        block_ld, block_h = 64, pow2(H, 16, 64)
+        # A full 64-token query tile halves the doc tile: the accumulator, the routing matrix and the q
+        # tile then stay in registers (ptxas spilled at 64 x 64 x 64 on sm_90).
+        block_ld, block_h = (64 if block_lq <= 32 else 32), pow2(H, 16, 64)
         programs = F * X * triton.cdiv(Ld, block_ld) * triton.cdiv(H, block_h)
         split = _loop_split(programs, Y, deterministic, q.device)
         chunk = triton.cdiv(Y, split)
         dd = (torch.zeros if split > 1 else torch.empty)((F, X, Ld, H), device=q.device, dtype=torch.float32)
-        _maxsim_bwd_dd_kernel[(F * X, triton.cdiv(Ld, block_ld) * triton.cdiv(H, block_h), triton.cdiv(Y, chunk))](
-            q, grad, argmax, dd, Y, X, Lq, Ld, H, chunk, q.stride(0), q.stride(1), q.stride(2),
-            ATOMIC=split > 1, PRECISION=dot_precision(q),
-            BLOCK_LQ=block_lq, BLOCK_LD=block_ld, BLOCK_H=block_h, num_warps=4,
-        )
+        grid = check_grid((F * X, triton.cdiv(Ld, block_ld) * triton.cdiv(H, block_h), triton.cdiv(Y, chunk)),
+                          "maxsim backward (dd)")
+        with device_guard(q):
+            _maxsim_bwd_dd_kernel[grid](
+                q, grad, argmax, dd, Y, X, Lq, Ld, H, chunk, q.stride(0), q.stride(1), q.stride(2),
+                ATOMIC=split > 1, PRECISION=dot_precision(q),
+                BLOCK_LQ=block_lq, BLOCK_LD=block_ld, BLOCK_H=block_h, num_warps=4, num_stages=3,
+            )
     return dq, dd
 
 
@@ -316,7 +452,11 @@ def _cpu_entry(name: str) -> Callable:
 
 
 def _cuda_entry(name: str) -> Callable:
-    return lambda ext, t, args: getattr(ext, name + "_cuda")(*args, _ext.cuda_stream(t))
+    def launch(ext, t, args):
+        with device_guard(t):  # the stream and the launch are the tensors' GPU's
+            return getattr(ext, name + "_cuda")(*args, _ext.cuda_stream(t))
+
+    return launch
 
 
 def _cpp_forward(entry: Callable, q, d, q_mask, d_mask, save_argmax: bool):

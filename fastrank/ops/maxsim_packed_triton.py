@@ -9,19 +9,21 @@
 f(i) = 0 when one query is shared by every document (Fq = 1), f(i) = i for one query per document (Fq = N):
 the launchers express both with a query stride of 0 or q.stride(0), so the kernels never branch on it.
 
-The kernels follow the padded ones in :mod:`fastrank.ops.maxsim` (one program per document, S built a
-tile at a time and split over H, NaNs counted so they reach the score, ties to the earliest row); what
+The kernels follow the padded ones in :mod:`fastrank.ops.maxsim` (the forward autotuned over the same
+configs: DOCS documents a program, a shared query held across them, S built a pipelined tile at a time
+and split over H when H is wide, NaNs counted so they reach the score, ties to the earliest row); what
 changes is that a document's rows are found through ``offsets`` instead of a fixed Ld, so no padded row
-is ever loaded or scored. Row offsets are int64: T * H can exceed 2^31.
+is ever loaded or scored. Every offset built from a program id or a loop counter is int64: T * H can
+exceed 2^31 (tests/test_hostile_maxsim.py checks the IR).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from fastrank.ops.maxsim import _loop_split, backward_by_query_chunks, forward_by_query_chunks
-from fastrank.ops.pairs import KERNEL_DTYPES, QUERY_TILE, pow2
-from fastrank.ops.pairs import inner_contiguous
+from fastrank.ops.maxsim import (_bucket, _interpreting, _loop_split, backward_by_query_chunks, check_grid,
+                                 forward_by_query_chunks, interpreter_meta)
+from fastrank.ops.pairs import KERNEL_DTYPES, QUERY_TILE, device_guard, inner_contiguous, pow2
 
 try:
     import triton
@@ -33,71 +35,102 @@ except ImportError:  # Triton is optional: the C++ and reference backends cover 
 # Triton kernels
 # --------------------------------------------------------------------------------------------------------
 if triton is not None:
-    from fastrank.ops.maxsim import _maxsim_bwd_dq_kernel  # dq is the padded gather, rows found by offsets
+    # dq is the padded gather, rows found by offsets; the forward shares the padded one's tuning configs.
+    from fastrank.ops.maxsim import FORWARD_CONFIGS, _maxsim_bwd_dq_kernel, _prune_forward_configs
 
+    # Tuned like the padded forward (see FORWARD_CONFIGS there): DOCS documents a program, q held across
+    # them when it is shared and fits one BLOCK_H, the row-tile loop pipelined, autotuned per bucket.
+    @triton.autotune(configs=FORWARD_CONFIGS, key=["LQ_BUCKET", "LD_BUCKET", "H", "PAIRS_BUCKET"],
+                     prune_configs_by={"early_config_prune": _prune_forward_configs})
     @triton.jit
     def _packed_fwd_kernel(
         Q, T, OFFS, SC, QM, OUT, ARG,
-        Lq, H,
+        N, Lq, H,
         sq_f, sq_l, st_t, sqm_f, sqm_l,
+        LQ_BUCKET, LD_BUCKET, PAIRS_BUCKET,
         HAS_QM: tl.constexpr, INT8: tl.constexpr, STORE_ARG: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_LQ: tl.constexpr, BLOCK_LD: tl.constexpr, BLOCK_H: tl.constexpr,
+        SHARED_Q: tl.constexpr, SPLIT_H: tl.constexpr, BLOCK_LQ: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK_LD: tl.constexpr, DOCS: tl.constexpr,
     ):
-        # One program per document; sq_f / sqm_f are 0 when the query is shared, so f = doc either way.
-        doc = tl.program_id(0).to(tl.int64)
-        start = tl.load(OFFS + doc)
-        end = tl.load(OFFS + doc + 1)
+        # Program = DOCS consecutive documents; sq_f / sqm_f are 0 when the query is shared, so f = doc
+        # either way. Offsets from the program id and loop counters are int64 (rows * H passes 2^31).
+        first = tl.program_id(0).to(tl.int64) * DOCS
         offs_l = tl.arange(0, BLOCK_LQ)
         offs_h = tl.arange(0, BLOCK_H)
+        offs_t = tl.arange(0, BLOCK_LD)
         row_in = offs_l < Lq
-        q_base = Q + doc * sq_f
-
-        best = tl.full([BLOCK_LQ], float("-inf"), tl.float32)
-        best_j = tl.full([BLOCK_LQ], -1, tl.int32)
-        saw_nan = tl.zeros([BLOCK_LQ], tl.int32)
-        # Every tile of this loop holds at least one of the document's rows, so no empty-tile test.
-        for j0 in range(start, end, BLOCK_LD):
-            offs_j = j0 + tl.arange(0, BLOCK_LD)
-            col_in = offs_j < end
-            s = tl.zeros([BLOCK_LQ, BLOCK_LD], tl.float32)
-            for h0 in range(0, H, BLOCK_H):
-                h = h0 + offs_h
-                h_in = h[None, :] < H
-                qt = tl.load(q_base + offs_l[:, None] * sq_l + h[None, :], mask=row_in[:, None] & h_in, other=0.0)
-                tile = tl.load(T + offs_j[:, None] * st_t + h[None, :], mask=col_in[:, None] & h_in, other=0)
-                if INT8:
-                    # int8 codes are exact in float32; q may be any float dtype, the product is float32.
-                    qt = qt.to(tl.float32)
-                    tile = tile.to(tl.float32)
-                s = tl.dot(qt, tl.trans(tile), s, input_precision=PRECISION)
+        h_in = offs_h[None, :] < H
+        if SHARED_Q and not SPLIT_H:
+            # One query for every document: read once per program, held across its documents.
+            q_tile = tl.load(Q + offs_l[:, None] * sq_l + offs_h[None, :], mask=row_in[:, None] & h_in, other=0.0)
             if INT8:
-                # scale_j * <q, code_j> rather than <q, scale_j * code_j>: one multiply per S entry instead
-                # of one per loaded element; the two differ only by float32 rounding.
-                sc = tl.load(SC + offs_j, mask=col_in, other=0.0)
-                s = s * sc[None, :]
-            # tl.max does not propagate NaN on every target (and the interpreter's argmax raises on an
-            # all-NaN row): count the NaNs of the document's rows so they reach the score, then take
-            # max and argmax over the rest. Rows past the document are counted out: q * 0 there can be
-            # NaN (inf * 0) where the real rows give inf.
-            nan = s != s  # noqa: PLR0124 (the NaN test every target compiles)
-            saw_nan += tl.sum((nan & col_in[None, :]).to(tl.int32), axis=1)
-            s = tl.where(nan | ~col_in[None, :], float("-inf"), s)
-            blk_best = tl.max(s, axis=1)
-            blk_j = tl.argmax(s, axis=1, tie_break_left=True).to(tl.int32) + (j0 - start).to(tl.int32)
-            # Strict > keeps the earliest row on ties, like torch.max; best_j < 0 takes the first tile even
-            # when every similarity is -inf, so such a row still routes its gradient to row 0 as torch does.
-            take = (blk_best > best) | (best_j < 0)
-            best = tl.where(take, blk_best, best)
-            best_j = tl.where(take, blk_j, best_j)
+                q_tile = q_tile.to(tl.float32)
+        for doc in range(first, tl.minimum(first + DOCS, N)):
+            start = tl.load(OFFS + doc)
+            end = tl.load(OFFS + doc + 1)
+            q_ptrs = Q + doc * sq_f + offs_l[:, None] * sq_l + offs_h[None, :]
+            if not SHARED_Q and not SPLIT_H:
+                q_tile = tl.load(q_ptrs, mask=row_in[:, None] & h_in, other=0.0)
+                if INT8:
+                    q_tile = q_tile.to(tl.float32)
+            t_ptrs = T + (start + offs_t)[:, None] * st_t + offs_h[None, :]
+            best = tl.full([BLOCK_LQ], float("-inf"), tl.float32)
+            best_j = tl.full([BLOCK_LQ], -1, tl.int32)
+            saw_nan = tl.zeros([BLOCK_LQ], tl.int32)
+            # Every tile of this loop holds at least one of the document's rows, so no empty-tile test;
+            # pipelined with the config's num_stages.
+            for j0 in tl.range(start, end, BLOCK_LD):
+                offs_j = j0 + offs_t
+                col_in = offs_j < end
+                if not SPLIT_H:
+                    tile = tl.load(t_ptrs, mask=col_in[:, None] & h_in, other=0)
+                    if INT8:
+                        # int8 codes are exact in float32; q may be any float dtype, the product is float32.
+                        tile = tile.to(tl.float32)
+                    s = tl.dot(q_tile, tl.trans(tile), input_precision=PRECISION)
+                else:
+                    s = tl.zeros([BLOCK_LQ, BLOCK_LD], tl.float32)
+                    q_h, t_h = q_ptrs, t_ptrs
+                    for h0 in tl.range(0, H, BLOCK_H, num_stages=1):  # not pipelined: see the padded kernel
+                        hh = (h0 + offs_h)[None, :] < H
+                        qt = tl.load(q_h, mask=row_in[:, None] & hh, other=0.0)
+                        tile = tl.load(t_h, mask=col_in[:, None] & hh, other=0)
+                        if INT8:
+                            qt = qt.to(tl.float32)
+                            tile = tile.to(tl.float32)
+                        s = tl.dot(qt, tl.trans(tile), s, input_precision=PRECISION)
+                        q_h += BLOCK_H
+                        t_h += BLOCK_H
+                t_ptrs += BLOCK_LD * st_t
+                if INT8:
+                    # scale_j * <q, code_j> rather than <q, scale_j * code_j>: one multiply per S entry instead
+                    # of one per loaded element; the two differ only by float32 rounding.
+                    sc = tl.load(SC + offs_j, mask=col_in, other=0.0)
+                    s = s * sc[None, :]
+                # tl.max does not propagate NaN on every target (and the interpreter's argmax raises on an
+                # all-NaN row): count the NaNs of the document's rows so they reach the score, then take
+                # max and argmax over the rest. Rows past the document are counted out: q * 0 there can be
+                # NaN (inf * 0) where the real rows give inf.
+                nan = s != s  # noqa: PLR0124 (the NaN test every target compiles)
+                saw_nan += tl.sum((nan & col_in[None, :]).to(tl.int32), axis=1)
+                s = tl.where(nan | ~col_in[None, :], float("-inf"), s)
+                blk_best = tl.max(s, axis=1)
+                blk_j = tl.argmax(s, axis=1, tie_break_left=True).to(tl.int32) + (j0 - start).to(tl.int32)
+                # Strict > keeps the earliest row on ties, like torch.max; best_j < 0 takes the first tile
+                # even when every similarity is -inf, so such a row still routes its gradient to row 0 as
+                # torch does.
+                take = (blk_best > best) | (best_j < 0)
+                best = tl.where(take, blk_best, best)
+                best_j = tl.where(take, blk_j, best_j)
 
-        row_ok = row_in & (end > start)
-        if HAS_QM:
-            qm = tl.load(QM + doc * sqm_f + offs_l * sqm_l, mask=row_in, other=0)
-            row_ok = row_ok & (qm != 0)
-        best = tl.where(saw_nan > 0, float("nan"), best)
-        tl.store(OUT + doc, tl.sum(tl.where(row_ok, best, 0.0), axis=0))
-        if STORE_ARG:
-            tl.store(ARG + doc * Lq + offs_l, tl.where(row_ok, best_j, -1), mask=row_in)
+            row_ok = row_in & (end > start)
+            if HAS_QM:
+                qm = tl.load(QM + doc * sqm_f + offs_l * sqm_l, mask=row_in, other=0)
+                row_ok = row_ok & (qm != 0)
+            best = tl.where(saw_nan > 0, float("nan"), best)
+            tl.store(OUT + doc, tl.sum(tl.where(row_ok, best, 0.0), axis=0))
+            if STORE_ARG:
+                tl.store(ARG + doc * Lq + offs_l, tl.where(row_ok, best_j, -1), mask=row_in)
 
     @triton.jit
     def _packed_bwd_dt_kernel(
@@ -111,7 +144,7 @@ if triton is not None:
         # on tensor cores; each row belongs to one document, so each output element has one writer and
         # no atomics are needed. The q tile is loaded once per program and reused for every row tile.
         doc = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        h = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
         start = tl.load(OFFS + doc)
         end = tl.load(OFFS + doc + 1)
         offs_l = tl.arange(0, BLOCK_LQ)
@@ -120,7 +153,7 @@ if triton is not None:
         j = tl.load(ARG + doc * Lq + offs_l, mask=row_in, other=-1)
         g = tl.load(G + doc)
         qt = tl.load(Q + doc * sq_f + offs_l[:, None] * sq_l + h[None, :], mask=row_in[:, None] & h_in, other=0.0)
-        for j0 in range(start, end, BLOCK_LD):
+        for j0 in tl.range(start, end, BLOCK_LD):  # pipelined: stores of one tile overlap the next
             rel = (j0 - start).to(tl.int32) + tl.arange(0, BLOCK_LD)
             route = (rel[:, None] == j[None, :]).to(qt.dtype)
             acc = g * tl.dot(route, qt, input_precision=PRECISION)
@@ -172,6 +205,7 @@ def _forward_tile(q: Tensor, tokens: Tensor, offsets: Tensor, q_mask: Tensor | N
     n = offsets.numel() - 1
     _, lq, h = q.shape
     int8 = scales is not None
+    check_grid((n,), "maxsim_packed")  # DOCS = 1: the largest grid any config launches
     out = torch.empty((n,), device=q.device, dtype=torch.float32)
     arg = torch.empty((n, lq) if save_argmax else (0,), device=q.device, dtype=torch.int32)
     if n == 0:
@@ -183,21 +217,28 @@ def _forward_tile(q: Tensor, tokens: Tensor, offsets: Tensor, q_mask: Tensor | N
         sqm_f = sqm_l = 0
     float32_math = q.dtype == torch.float32 or int8
     block_lq = pow2(lq, 16, QUERY_TILE)
-    # The S tile (BLOCK_LQ x BLOCK_LD float32) and both operand tiles must fit in registers; halve the doc
-    # tile when the query tile is full. Most documents are 180-200 rows: 64 wastes at most a third of one tile.
-    block_ld = 64 if block_lq <= 32 else 32
     # float32 operands (including int8 widened in-kernel) take twice the bytes of 16-bit ones per element.
     block_h = pow2(h, 16, 64 if float32_math else 128)
-    _packed_fwd_kernel[(n,)](
-        q, tokens, offsets, scales if int8 else out, q_mask if q_mask is not None else out, out, arg,
-        lq, h,
-        sq_f, sq_l, tokens.stride(0), sqm_f, sqm_l,
-        HAS_QM=q_mask is not None, INT8=int8, STORE_ARG=save_argmax,
-        # float32 keeps float32 products (TF32 would cost ~1e-3 relative error); 16-bit ignores it.
-        PRECISION="ieee" if float32_math else "tf32",
-        BLOCK_LQ=block_lq, BLOCK_LD=block_ld, BLOCK_H=block_h,
-        num_warps=4,
-    )
+    if h > block_h:
+        block_h = 64  # split over H: 128-wide slices spilled on sm_90 (see the padded launcher)
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["DOCS"]),)
+
+    args = (q, tokens, offsets, scales if int8 else out, q_mask if q_mask is not None else out, out, arg,
+            n, lq, h,
+            sq_f, sq_l, tokens.stride(0), sqm_f, sqm_l,
+            # The mean document length stands for Ld in the tuning key (read from the shapes, no sync).
+            block_lq, _bucket(tokens.shape[0] // n), _bucket(n))
+    meta = dict(HAS_QM=q_mask is not None, INT8=int8, STORE_ARG=save_argmax,
+                # float32 keeps float32 products (TF32 would cost ~1e-3 relative error); 16-bit ignores it.
+                PRECISION="ieee" if float32_math else "tf32",
+                SHARED_Q=q.shape[0] == 1, SPLIT_H=h > block_h, BLOCK_LQ=block_lq, BLOCK_H=block_h)
+    with device_guard(q):
+        if _interpreting():
+            _packed_fwd_kernel.fn[grid](*args, **meta, **interpreter_meta(_packed_fwd_kernel))
+        else:
+            _packed_fwd_kernel[grid](*args, **meta)
     return out, arg
 
 
@@ -235,21 +276,25 @@ def _backward_tile(q: Tensor, tokens: Tensor, offsets: Tensor, grad: Tensor, arg
         if n > 0 and dq.numel() > 0:
             # The padded kernel's gather, its rows found through offsets (query f owns documents
             # f * X .. f * X + X - 1: X = N for a shared query, 1 for one query per document).
-            _maxsim_bwd_dq_kernel[(fq, h_blocks, triton.cdiv(docs_per_query, chunk))](
-                tokens, grad, argmax, dq, offsets,
-                1, docs_per_query, lq, h, chunk, 0, 0, tokens.stride(0),
-                PACKED=True, ATOMIC=split > 1, BLOCK_LQ=block_lq, BLOCK_H=block_h, num_warps=4,
-            )
+            grid = check_grid((fq, h_blocks, triton.cdiv(docs_per_query, chunk)), "maxsim_packed backward (dq)")
+            with device_guard(q):
+                _maxsim_bwd_dq_kernel[grid](
+                    tokens, grad, argmax, dq, offsets,
+                    1, docs_per_query, lq, h, chunk, 0, 0, tokens.stride(0),
+                    PACKED=True, ATOMIC=split > 1, BLOCK_LQ=block_lq, BLOCK_H=block_h, num_warps=4, num_stages=3,
+                )
     if need_dt:
         # Every row belongs to exactly one document (offsets partition 0..T), so every row is written.
         dt = torch.empty(tokens.shape, device=tokens.device, dtype=torch.float32)
         if n > 0 and dt.numel() > 0:
             sq_f, sq_l = _query_strides(q)
             block_ld, block_h = 64, pow2(h, 16, 64)
-            _packed_bwd_dt_kernel[(n, triton.cdiv(h, block_h))](
-                q, grad, argmax, offsets, dt,
-                lq, h, sq_f, sq_l,
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                BLOCK_LQ=block_lq, BLOCK_LD=block_ld, BLOCK_H=block_h, num_warps=4,
-            )
+            grid = check_grid((n, triton.cdiv(h, block_h)), "maxsim_packed backward (dtokens)")
+            with device_guard(q):
+                _packed_bwd_dt_kernel[grid](
+                    q, grad, argmax, offsets, dt,
+                    lq, h, sq_f, sq_l,
+                    PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                    BLOCK_LQ=block_lq, BLOCK_LD=block_ld, BLOCK_H=block_h, num_warps=4, num_stages=3,
+                )
     return dq, dt

@@ -8,12 +8,22 @@ training (B, 1, K), in-batch all-pairs (1, B, B).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+
+
+def device_guard(t: Tensor):
+    """Make ``t``'s GPU current for the launches inside: Triton and the extension launch on the current
+    device's stream, so a tensor on a GPU that is not the current one would otherwise be read through the
+    wrong context. A no-op off CUDA. Every kernel launch in fastrank.ops sits inside one (a test checks)."""
+    if t.device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 def inner_contiguous(t: Tensor) -> Tensor:
