@@ -335,18 +335,28 @@ def time_call(fn: Callable[[], object], device: str, min_seconds: float = 0.3, m
     return statistics.median(times)
 
 
-def print_report(res: dict, format_report, json_path: str | None) -> int:
+def print_report(res: dict, format_report, json_path: str | None, out: str | None = None,
+                 command: str | None = None) -> int:
     """Stamp ``res`` with the command that made it, print it as ``format_report`` lays it out, and write it
-    as JSON to ``json_path`` when given: the ending every ``fastrank bench`` subcommand shares."""
+    as JSON to ``json_path`` when given, and as ``out``/report.md plus ``out``/results.json when ``out`` is
+    given: the ending every ``fastrank bench`` subcommand shares."""
     import json
     import shlex
     import sys
+    from pathlib import Path
 
-    res["command"] = shlex.join(["fastrank", *sys.argv[1:]])
-    print(format_report(res))
+    res["command"] = command or shlex.join(["fastrank", *sys.argv[1:]])
+    text = format_report(res)
+    print(text)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(res, f, indent=1)
+    if out:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "report.md").write_text(f"Command: `{res['command']}`\n\n{text}\n")
+        (folder / "results.json").write_text(json.dumps(res, indent=1))
+        print(f"wrote {folder / 'report.md'}", file=sys.stderr)
     return 0
 
 

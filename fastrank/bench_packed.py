@@ -196,19 +196,46 @@ def format_report(res: dict) -> str:
 def add_cli(ops) -> None:
     p = ops.add_parser("packed", help="MaxSim re-ranking of DL19 top-100 with real token lengths: packed "
                                       "(float32, bfloat16, float16, int8) against padded and eager")
-    p.add_argument("--dims", default="384,128", help="comma-separated embedding widths H (default 384,128)")
+    p.add_argument("--dims", default=None, help="comma-separated embedding widths H (default 384,128; 128 with --quick)")
     p.add_argument("--data", help="a TREC DL folder (default: the embedded DL 2019 set)")
     p.add_argument("--model", help="tokenizer directory (default: the packaged all-MiniLM-L6-v2)")
     p.add_argument("--seconds", type=float, default=1.0, help="minimum timed seconds per provider (default 1)")
+    p.add_argument("--quick", action="store_true", help="H = 128 only, 0.3 s per provider")
+    p.add_argument("--device", default="cpu", help="cpu (the workload is timed on CPU tensors; `fastrank bench maxsim "
+                                                   "--device cuda` covers the GPU kernels)")
+    p.add_argument("--dtype", default=None, help="comma-separated subset of float32,bfloat16,float16,int8 to keep in "
+                                                 "the report (default: all; eager and padded rows always stay)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--out", metavar="DIR", help="also write report.md and results.json there")
     p.set_defaults(func=_cli)
 
 
-def _cli(args) -> int:
-    dims = [int(x) for x in args.dims.split(",") if x.strip()]
-    if not dims or min(dims) < 1:
-        raise SystemExit(f"--dims: expected positive integers, got {args.dims!r}")
-    res = run(dims, data=args.data, model=args.model, min_seconds=args.seconds)
-    from fastrank.bench import print_report
+_PACKED_DTYPES = ("float32", "bfloat16", "float16", "int8")
 
-    return print_report(res, format_report, args.json)
+
+def _cli(args) -> int:
+    if args.device != "cpu":
+        raise SystemExit(f"--device {args.device}: bench packed times the DL19 workload on CPU tensors only; "
+                         "`fastrank bench maxsim --device cuda` times the GPU kernels")
+    dims_text = args.dims or ("128" if args.quick else "384,128")
+    try:
+        dims = [int(x) for x in dims_text.split(",") if x.strip()]
+    except ValueError:
+        dims = []
+    if not dims or min(dims) < 1:
+        raise SystemExit(f"--dims: expected positive integers, got {dims_text!r}")
+    keep = None
+    if args.dtype:
+        keep = [d.strip() for d in args.dtype.split(",") if d.strip()]
+        if not keep or any(d not in _PACKED_DTYPES for d in keep):
+            raise SystemExit(f"--dtype: expected a comma-separated subset of {','.join(_PACKED_DTYPES)}, got {args.dtype!r}")
+    res = run(dims, data=args.data, model=args.model, min_seconds=0.3 if args.quick else args.seconds)
+    if keep:
+        for case in res["cases"]:
+            # the baselines (eager, padded) are what every ratio is to: they stay
+            case["rows"] = [r for r in case["rows"] if not r["provider"].startswith("packed")
+                            or any(r["provider"].split()[1] == d for d in keep)]
+    from fastrank.bench import print_report
+    from fastrank.bench_all import command_line
+
+    return print_report(res, format_report, args.json, args.out, command_line(args))

@@ -169,14 +169,22 @@ def add_cli(ops) -> None:
     p.add_argument("--max-queries", type=int, help="only the first N queries (a quick look)")
     p.add_argument("--rounds", type=int, default=3,
                    help="timed rounds after a warm-up; each row's docs/s is its median round (default 3)")
+    p.add_argument("--quick", action="store_true", help="a quick look: the first 10 queries, one timed round "
+                                                           "(unless --max-queries or --rounds say otherwise)")
     p.add_argument("--json", metavar="FILE", help="also write the rows, machine and command as JSON")
+    p.add_argument("--out", metavar="DIR", help="also write report.md and results.json there")
     p.set_defaults(func=_cli)
 
 
 def _cli(args) -> int:
+    max_queries, rounds = args.max_queries, args.rounds
+    if args.quick:
+        max_queries = max_queries or 10
+        rounds = 1 if rounds == 3 else rounds
     res = run_bench(args.data, args.model, cross=args.cross, lite_model=args.lite_model, device=args.device,
-                    batch_size=args.batch_size, max_queries=args.max_queries, rounds=args.rounds)
+                    batch_size=args.batch_size, max_queries=max_queries, rounds=rounds)
     res.pop("runs")
     from fastrank.bench import print_report
+    from fastrank.bench_all import command_line
 
-    return print_report(res, format_report, args.json)
+    return print_report(res, format_report, args.json, args.out, command_line(args))

@@ -245,3 +245,42 @@ def test_without_matplotlib_tables_only_and_one_line(tiny_result, tmp_path, monk
     assert bench_all.report(res, str(tmp_path / "cli"), None) == 0
     err = capsys.readouterr().err
     assert err.count(bench_report.NO_MATPLOTLIB) == 1
+
+
+def test_packed_and_rerank_take_the_shared_options(monkeypatch, capsys, tmp_path):
+    """`bench packed` and `bench rerank` take --quick and --out like the other subcommands (packed also
+    --dtype and --device), with their own real-data workloads: checked here with the workloads stubbed."""
+    from fastrank import bench_packed, bench_rerank
+
+    for argv, pattern in ((["bench", "packed", "--device", "cuda"], "--device cuda: bench packed times"),
+                          (["bench", "packed", "--dtype", "int4"], "--dtype: expected a comma-separated subset"),
+                          (["bench", "packed", "--dims", "x"], "--dims: expected positive integers")):
+        with pytest.raises(SystemExit, match=pattern):
+            main(argv)
+    calls = []
+
+    def fake_packed(dims, **kwargs):
+        calls.append((tuple(dims), kwargs["min_seconds"]))
+        rows = [{"provider": p} for p in ("eager (padded)", "padded", "packed float32", "packed int8", "packed int8 exact")]
+        return {"cases": [{"H": dims[0], "rows": rows}]}
+
+    monkeypatch.setattr(bench_packed, "run", fake_packed)
+    monkeypatch.setattr(bench_packed, "format_report",
+                        lambda res: "providers: " + ",".join(r["provider"] for r in res["cases"][0]["rows"]))
+    assert main(["bench", "packed", "--quick", "--dtype", "int8", "--out", str(tmp_path / "p")]) == 0
+    assert calls == [((128,), 0.3)]
+    report = (tmp_path / "p" / "report.md").read_text()
+    assert "providers: eager (padded),padded,packed int8,packed int8 exact" in report and "--quick" in report
+    assert json.loads((tmp_path / "p" / "results.json").read_text())["cases"][0]["H"] == 128
+
+    seen = {}
+
+    def fake_rerank(data, model, **kwargs):
+        seen.update(kwargs)
+        return {"runs": {}, "rows": []}
+
+    monkeypatch.setattr(bench_rerank, "run_bench", fake_rerank)
+    monkeypatch.setattr(bench_rerank, "format_report", lambda res: "rerank table")
+    assert main(["bench", "rerank", "--quick", "--out", str(tmp_path / "r")]) == 0
+    assert (seen["max_queries"], seen["rounds"]) == (10, 1)
+    assert "rerank table" in (tmp_path / "r" / "report.md").read_text()
