@@ -211,9 +211,13 @@ def test_underfilled_big_calls_and_the_scalar_path_go_to_eager_unless_forced():
         torch.testing.assert_close(maxsim(q, d, d_mask=dm), maxsim_ref(q, d, None, dm), rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(maxsim(q, d, d_mask=dm, backend="cpp"), maxsim_ref(q, d, None, dm),
                                    rtol=1e-5, atol=1e-4)
-        small = torch.randn(1, 200, 128)  # a small pair is still the kernel's
+        # a pair below the underfilled bound is still the kernel's (2^20 multiply-adds: not a tiny call)...
+        small = torch.randn(1, 256, 128)
         if cpu_isa.selected() != "scalar":
             assert dispatch.explain("maxsim", (q[:, :128], small)).chosen == "cpp"
+        # ...and a tiny one (2^19.6) goes to eager for its per-call cost, not for idle cores
+        tiny = dispatch.explain("maxsim", (q[:, :128], small[:, :200]))
+        assert tiny.chosen == "reference" and not any("fewer (query, doc) pairs" in r for r in tiny["cpp"])
         torch.set_num_threads(1)
         assert dispatch.explain("maxsim", (q, d, None, dm)).chosen == ("cpp" if cpu_isa.selected() != "scalar"
                                                                         else "reference")

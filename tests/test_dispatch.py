@@ -60,3 +60,56 @@ def test_env_backend_still_forces_ops_that_have_it(monkeypatch, fresh_warnings):
         maxsim(q, d)
     assert dispatch.explain("maxsim", (q, d)).chosen is None
 
+
+
+def test_small_cpu_maxsim_calls_take_the_eager_math_and_say_why():
+    """Below about 2^20 multiply-adds the kernel path's fixed per-call cost is more than the eager math
+    (measured, see _TINY_WORK_LOG2): automatic dispatch takes the reference there, explain says why, and a
+    call just past the bound goes to the kernel (unless this CPU's path is scalar, slower at every size)."""
+    from fastrank import _ext
+    import fastrank.ops.maxsim as ms
+
+    if _ext.load() is None:
+        pytest.skip("needs the compiled extension")
+    small_q, small_d = torch.randn(4, 1, 8, 32), torch.randn(4, 3, 24, 32)  # 2^16.2 multiply-adds
+    ex = dispatch.explain("maxsim", (small_q, small_d))
+    assert ex.chosen == "reference" and any("a small call (about 2^16" in r for r in ex["cpp"]), ex
+    big_q, big_d = torch.randn(8, 1, 32, 64), torch.randn(8, 4, 64, 64)  # 2^22 multiply-adds, 8 pairs
+    assert 2 ** ms._TINY_WORK_LOG2 <= 8 * 4 * 32 * 64 * 64
+    assert dispatch.explain("maxsim", (big_q, big_d)).chosen == "cpp" or selected_isa() == "scalar"
+    # the small call still gives the kernels' answer, gradients included
+    q, d = small_q.clone().requires_grad_(), small_d.clone().requires_grad_()
+    maxsim(q, d).sum().backward()
+    q2, d2 = small_q.clone().requires_grad_(), small_d.clone().requires_grad_()
+    maxsim_ref(q2, d2).sum().backward()
+    torch.testing.assert_close((q.grad, d.grad), (q2.grad, d2.grad))
+
+
+def test_eager_backward_computes_only_the_gradients_asked_for(monkeypatch):
+    """Eager training calls run the kernels through an autograd.Function (not the custom op's per-call
+    wrapper) whose backward skips dq or dd when q or d needs no gradient."""
+    from fastrank import _ext
+    import fastrank.ops.maxsim as ms
+
+    if _ext.load() is None:
+        pytest.skip("needs the compiled extension")
+    seen = []
+    kernels = ms._CPP["cpu"]
+    original = kernels.backward
+
+    def spy(q, d, grad, argmax, need_dq, need_dd, deterministic):
+        seen.append((need_dq, need_dd))
+        return original(q, d, grad, argmax, need_dq, need_dd, deterministic)
+
+    monkeypatch.setitem(ms._CPP, "cpu", ms._Kernels(kernels.forward, spy))
+    q, d = torch.randn(2, 1, 5, 16), torch.randn(2, 3, 7, 16)
+    for q_grad, d_grad in ((True, False), (False, True), (True, True)):
+        qq, dd = q.clone().requires_grad_(q_grad), d.clone().requires_grad_(d_grad)
+        maxsim(qq, dd, backend="cpp").sum().backward()
+        rq, rd = q.clone().requires_grad_(q_grad), d.clone().requires_grad_(d_grad)
+        maxsim_ref(rq, rd).sum().backward()
+        for got, want in ((qq.grad, rq.grad), (dd.grad, rd.grad)):
+            assert (got is None) == (want is None)
+            if want is not None:
+                torch.testing.assert_close(got, want)
+    assert seen == [(True, False), (False, True), (True, True)]

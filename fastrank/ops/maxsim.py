@@ -515,9 +515,13 @@ def _kernel_reasons(*, dtype: torch.dtype, interpreter: bool = False, **_) -> li
 # (benchmarks/results/maxsim_cpu_xeon_amx.md, including the AVX2 and AVX-512 classes emulated there): the
 # scalar path (no AVX2) loses to torch's vectorised BLAS, and a call with fewer (query, doc) pairs than
 # threads leaves cores idle (the kernel parallelises over pairs), which loses to eager's multi-threaded
-# GEMM once the one pair is big (from about 2^22 multiply-adds: one 200-token doc at H = 768). Small calls
-# otherwise go to the kernel: through maxsim() the eager form pays the same checks and is slower.
+# GEMM once the one pair is big (from about 2^22 multiply-adds: one 200-token doc at H = 768). Below about
+# 2^20 multiply-adds in all, the kernel path's per-call cost (the pair-grid views, output allocations and
+# the launch: some 50 us on the Xeon VM) is more than the eager math costs whole: measured through maxsim()
+# on the Xeon (AMX) VM, 2 threads, float32, forward+backward and no_grad (0.70-0.94x at 2^11-2^19.5,
+# 1.06-1.55x from 2^20.6 on; see the issue 13 note): those calls take the eager math.
 _UNDERFILLED_WORK_LOG2 = 22
+_TINY_WORK_LOG2 = 20
 
 
 def _cpu_slower(*, device_types, work: int = 64, isa: str = "", underfilled: bool = False, **_) -> list[str]:
@@ -529,6 +533,14 @@ def _cpu_slower(*, device_types, work: int = 64, isa: str = "", underfilled: boo
         return [f"fewer (query, doc) pairs than threads at about 2^{work} multiply-adds: the kernel would leave "
                 "cores idle, eager's GEMM uses them all"]
     return []
+
+
+def _maxsim_cpu_slower(*, device_types, work: int = 64, **ctx) -> list[str]:
+    reasons = _cpu_slower(device_types=device_types, work=work, **ctx)
+    if device_types == {"cpu"} and work < _TINY_WORK_LOG2:
+        reasons.append(f"a small call (about 2^{work} multiply-adds, below 2^{_TINY_WORK_LOG2}): the kernel path's "
+                       "fixed per-call cost is more than the eager math costs")
+    return reasons
 
 
 def _cpp_describe(*, device_types, dtype: torch.dtype, isa: str = "", **_) -> str:
@@ -553,7 +565,7 @@ dispatch.register("maxsim", "triton", reasons=_kernel_reasons, describe=lambda *
 dispatch.register("maxsim", "triton_interpret", reasons=lambda **ctx: _kernel_reasons(interpreter=True, **ctx),
                   slower=lambda **_: ["the Triton interpreter checks the GPU kernels on CPU; it never outruns eager"],
                   describe=lambda **_: "Triton kernels under the interpreter")(_TRITON)
-dispatch.register("maxsim", "cpp", reasons=_kernel_reasons, slower=_cpu_slower, describe=_cpp_describe)(_CPP)
+dispatch.register("maxsim", "cpp", reasons=_kernel_reasons, slower=_maxsim_cpu_slower, describe=_cpp_describe)(_CPP)
 
 
 def _kernels(backend: str, t: Tensor) -> _Kernels:
@@ -614,6 +626,35 @@ def _no_double_backward(ctx, *grads):
 # Registered so that backward(create_graph=True) works (a first-order step under a graph-recording
 # backward) and only differentiating the gradient again fails, with a message saying what to use instead.
 _maxsim_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+class _EagerMaxSim(torch.autograd.Function):
+    """The custom ops' forward and backward for eager calls that record a graph.
+
+    The custom op's autograd wrapper costs a few hundred microseconds per forward+backward on CPU (its
+    schema checks, fake-tensor plumbing and the engine's custom-op nodes), more than the kernels themselves on
+    small batches, so eager code calls the kernels through this Function; only traced code (torch.compile)
+    goes through the custom ops, which it needs for fake shapes. It also skips dq or dd when only one of
+    q and d needs a gradient."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, d: Tensor, q_mask, d_mask, backend: str, deterministic: bool) -> Tensor:
+        scores, argmax = _kernels(backend, q).forward(q, d, q_mask, d_mask, True)
+        ctx.save_for_backward(q, d, argmax)
+        ctx.backend, ctx.deterministic = backend, deterministic
+        return scores
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        q, d, argmax = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # backward(create_graph=True): the custom op records a node whose own backward raises the
+            # double-backward error, as on the traced path.
+            dq, dd = _maxsim_backward_op(q, d, grad, argmax, ctx.backend, ctx.deterministic)
+            return dq, dd, None, None, None, None
+        need_dq, need_dd = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dq, dd = _kernels(ctx.backend, q).backward(q, d, grad, argmax, need_dq, need_dd, ctx.deterministic)
+        return dq, dd, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -679,8 +720,10 @@ def maxsim(
         return _maxsim_eager(q, d, q_mask, d_mask)
     c = canonicalize(q, d, q_mask, d_mask, batch)
     save_argmax = needs_grad
-    if save_argmax or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         scores, _ = _maxsim_forward_op(c.q, c.d, c.q_mask, c.d_mask, impl.backend, save_argmax, deterministic)
+    elif save_argmax:
+        scores = _EagerMaxSim.apply(c.q, c.d, c.q_mask, c.d_mask, impl.backend, deterministic)
     else:  # inference: no graph to record, so skip the custom-op machinery (tens of microseconds a call)
         scores, _ = _kernels(impl.backend, c.q).forward(c.q, c.d, c.q_mask, c.d_mask, False)
     return c.restore(scores)
