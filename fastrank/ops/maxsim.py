@@ -518,8 +518,9 @@ def _kernel_reasons(*, dtype: torch.dtype, interpreter: bool = False, **_) -> li
 # GEMM once the one pair is big (from about 2^22 multiply-adds: one 200-token doc at H = 768). Below about
 # 2^20 multiply-adds in all, the kernel path's per-call cost (the pair-grid views, output allocations and
 # the launch: some 50 us on the Xeon VM) is more than the eager math costs whole: measured through maxsim()
-# on the Xeon (AMX) VM, 2 threads, float32, forward+backward and no_grad (0.70-0.94x at 2^11-2^19.5,
-# 1.06-1.55x from 2^20.6 on; see the issue 13 note): those calls take the eager math.
+# on the Xeon (AMX) VM, 2 threads, float32, forward+backward and no_grad (0.70-0.94x at 2^11-2^19.5;
+# from 2^20.6 on 1.36-2.6x forward+backward, 0.99-1.55x no_grad but for 1 query x 10 documents at 0.84-0.98x,
+# near break-even): those calls take the eager math.
 _UNDERFILLED_WORK_LOG2 = 22
 _TINY_WORK_LOG2 = 20
 
