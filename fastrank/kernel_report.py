@@ -177,6 +177,37 @@ def ptxas_report(ptx: str, arch: int, enable_fp_fusion: bool = True, log: str | 
 # --------------------------------------------------------------------------------------------------------
 # Which variants the launchers launch: record every kernel launch
 # --------------------------------------------------------------------------------------------------------
+def front_end_ir(kernel, args: tuple, kwargs: dict, arch: int = 90) -> str:
+    """The Triton front end's IR (TTIR) of ``kernel`` (a @triton.jit function) for a CUDA target, typed from
+    one launch's arguments as Triton types them (tensors by dtype, floats fp32, ints i32 when they fit and
+    i64 otherwise; the keyword arguments that name kernel parameters are constexprs). Dot precision,
+    tie-breaking, atomics and offset widths are fixed at this stage, so tests read them here: no GPU, and no
+    ptxas run, which would cost seconds per kernel. Run with TRITON_INTERPRET unset."""
+    import torch
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+
+    types = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
+             torch.int64: "i64", torch.bool: "i1", torch.int8: "i8"}
+    names = kernel.arg_names
+    sig = {n: ("*" + types[a.dtype] if isinstance(a, torch.Tensor) else "fp32" if isinstance(a, float)
+               else "i32" if -2**31 <= a < 2**31 else "i64") for n, a in zip(names, args)}
+    consts = {}
+    for n, v in kwargs.items():
+        if n in names:
+            sig[n] = "constexpr"
+            consts[(names.index(n),)] = v
+    src, target = ASTSource(fn=kernel, signature=sig, constexprs=consts), GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    options = backend.parse_options(src.parse_options())
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    return str(src.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(), context))
+
+
 def _triton_classes():
     from triton.runtime.autotuner import Autotuner, Heuristics
     from triton.runtime.jit import JITFunction, KernelInterface

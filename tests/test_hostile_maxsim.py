@@ -263,39 +263,13 @@ def test_deterministic_never_launches_atomics(monkeypatch):
 # precision is read from the IR, and the IR itself is returned for the offset check below.
 _COMPILE_FOR_SM90 = r"""
 import json, torch, triton
+from fastrank.kernel_report import front_end_ir as ttir
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.compiler.compiler import make_backend
 from triton.runtime.autotuner import Autotuner
-from triton._C.libtriton import ir
 import fastrank.ops.maxsim as ms
 import fastrank.ops.maxsim_packed_triton as mpt
 
-TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
-         torch.int64: "i64", torch.bool: "i1", torch.int8: "i8"}
 found, loops, irs = {}, {}, {}
-
-def ttir(kernel, args, kwargs):
-    names = kernel.arg_names
-    # Python ints as Triton types them at launch: i32 when they fit
-    sig = {n: ("*" + TYPES[a.dtype] if isinstance(a, torch.Tensor) else "i32" if -2**31 <= a < 2**31 else "i64")
-           for n, a in zip(names, args)}
-    consts = {}
-    for n, v in kwargs.items():
-        if n in names:
-            sig[n] = "constexpr"
-            consts[(names.index(n),)] = v
-    # The first stage of triton.compile only (the front end's TTIR): the dots' precision is fixed there,
-    # and the later stages (through ptxas) would cost seconds per kernel.
-    src, target = ASTSource(fn=kernel, signature=sig, constexprs=consts), GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
-    options = backend.parse_options(src.parse_options())
-    context = ir.context()
-    ir.load_dialects(context)
-    backend.load_dialects(context)
-    module = src.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(), context)
-    return str(module)
 
 class Compile:
     def __init__(self, kernel, key):

@@ -611,33 +611,13 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
 # launchers pass; the TTIR is read for atomics. A tiny kernel that does add atomically is the positive control.
 _LITE_TTIR = r"""
 import json, torch, triton
+from fastrank.kernel_report import front_end_ir as ttir
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.compiler.compiler import make_backend
-from triton._C.libtriton import ir
 from fastrank import LiteScorer
 from fastrank.ops import lite
 from fastrank.ops.pairs import canonicalize
 
-TYPES = {torch.float32: "fp32", torch.bool: "i1"}
 
-def ttir(kernel, args, kwargs):
-    names = kernel.arg_names
-    sig = {n: ("*" + TYPES[a.dtype] if isinstance(a, torch.Tensor) else "fp32" if isinstance(a, float) else "i32")
-           for n, a in zip(names, args)}
-    consts = {}
-    for n, v in kwargs.items():
-        if n in names:
-            sig[n] = "constexpr"
-            consts[(names.index(n),)] = v
-    src, target = ASTSource(fn=kernel, signature=sig, constexprs=consts), GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
-    options = backend.parse_options(src.parse_options())
-    context = ir.context()
-    ir.load_dialects(context)
-    backend.load_dialects(context)
-    return str(src.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(), context))
 
 found = {}
 
