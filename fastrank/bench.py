@@ -71,12 +71,7 @@ class MaxSimCase:
 
     def make(self, device: str, seed: int = 0):
         """Unit-norm random embeddings (as ColBERT's), docs of random length in [ld/2, ld] behind d_mask."""
-        if self.form == "rerank":
-            q_shape, d_shape = (self.lq, self.h), (self.docs, self.ld, self.h)
-        elif self.form == "grouped":
-            q_shape, d_shape = (self.queries, 1, self.lq, self.h), (self.queries, self.docs, self.ld, self.h)
-        else:
-            q_shape, d_shape = (self.queries, 1, self.lq, self.h), (1, self.queries, self.ld, self.h)
+        q_shape, d_shape = pair_shapes(self.form, self.queries, self.docs, self.lq, self.ld, self.h)
         return random_tokens(q_shape, d_shape, device, self.dtype, seed)
 
     def bytes_read(self) -> int:
@@ -103,6 +98,15 @@ def random_tokens(q_shape: tuple, d_shape: tuple, device: str, dtype: torch.dtyp
     d_mask = torch.arange(ld) < lengths.unsqueeze(-1)
     return q.to(device=device, dtype=dtype), d.to(device=device, dtype=dtype), None, d_mask.to(device)
 
+
+def pair_shapes(form: str, queries: int, docs: int, lq: int, ld: int, h: int) -> tuple[tuple, tuple]:
+    """q and d shapes of a benchmark form: "rerank" (one query, docs documents), "grouped" (queries x docs
+    candidates each) or "allpairs" (every query against every query's document)."""
+    if form == "rerank":
+        return (lq, h), (docs, ld, h)
+    if form == "grouped":
+        return (queries, 1, lq, h), (queries, docs, ld, h)
+    return (queries, 1, lq, h), (1, queries, ld, h)
 
 def cpu_cases() -> list[MaxSimCase]:
     bf16, fp16 = torch.bfloat16, torch.float16

@@ -54,12 +54,10 @@ class LiteCase:
 
     def make(self, device: str, seed: int = 0):
         """Unit-norm random tokens; full queries, docs of random length in [ld/2, ld] behind d_mask."""
-        from fastrank.bench import random_tokens
+        from fastrank.bench import pair_shapes, random_tokens
 
-        if self.form == "rerank":
-            q_shape, d_shape = (self.lq, self.h), (self.docs, self.ld, self.h)
-        else:
-            q_shape, d_shape = (self.queries, 1, self.lq, self.h), (self.queries, self.docs, self.ld, self.h)
+        form = "rerank" if self.form == "rerank" else "grouped"  # LITE's "train" form is grouped pairs
+        q_shape, d_shape = pair_shapes(form, self.queries, self.docs, self.lq, self.ld, self.h)
         return random_tokens(q_shape, d_shape, device, self.dtype, seed)
 
     def scorer(self, device: str) -> LiteScorer:
