@@ -20,13 +20,14 @@ applies r, m, u and c once at the end. The same fold serves the column MLP's 360
 Read top to bottom: the Triton forward and backward kernels, their launchers, the torch.library custom
 ops with their autograd, the public :func:`lite_score`, and :func:`lite_ref`, the reference that is the spec.
 
-Registers (issue 13: the kernels spilled at 255 registers): a program holds one (lq, ld) tile at a time
-plus the current chunk. Neither MLP's input is kept in registers as a dot operand (a 32 x 256 operand is
-held whole by every warp); each program writes it to a scratch tile of its own, (lq, ld) per pair, and the
-dots read it back in (rows x BLOCK_K) slices per hidden chunk (``_dot_streamed``), from L1/L2. Chunks are
-narrow on a GPU (GPU_BLOCKS): each load's tile and its 64-bit pointers are live at once. Scratch offsets
-are an int64 scalar per pair plus int32 within the tile. Launches run in chunks of pairs so that the
-scratch stays within SCRATCH_BYTES.
+Registers (issue 13: the kernels spilled at 255 registers): neither MLP's input is kept in registers as a
+dot operand (a 32 x 256 operand is held whole by every warp); each program writes it to a scratch tile of
+its own, (lq, ld) per pair, and the dots read it back in (rows x BLOCK_K) slices per hidden chunk
+(``_dot_streamed``), from L1/L2. The row MLP runs a block of rows at a time and the column MLP a block of
+columns (GPU_BLOCKS' ROWS, COLS), so that a step holds one block's accumulator rather than the whole tile.
+Chunks are narrow on a GPU: each load's tile and its 64-bit pointers are live at once. Scratch offsets are an
+int64 scalar per pair plus int32 within the tile. Launches run in chunks of pairs so that the scratch stays
+within SCRATCH_BYTES. Every variant compiles for sm_90 without spills (tests/test_lite.py).
 
 Backward (Triton per pair, then GEMMs over all pairs), without atomics. The per-pair kernel recomputes S and
 the LayerNorm statistics, goes back through the output, LN4, the column MLP, LN2 and the row MLP, streaming
@@ -56,7 +57,7 @@ import torch.nn.functional as F_
 from torch import Tensor
 
 from fastrank import dispatch
-from fastrank.ops.pairs import DOUBLE_BACKWARD_ERROR, QUERY_TILE, check_pair_inputs, device_guard, dot_precision
+from fastrank.ops.pairs import DOUBLE_BACKWARD_ERROR, QUERY_TILE, check_pair_inputs, cuda_arch, device_guard, dot_precision
 from fastrank.ops.pairs import dtype_reasons, pow2
 from fastrank.ops.pairs import canonicalize as _canonicalize
 from fastrank.ops.pairs import inner_contiguous as _inner_contiguous
@@ -71,22 +72,36 @@ except ImportError:  # Triton is optional: the reference backend covers CPU.
 MAX_LQ = QUERY_TILE
 MAX_LD = 256
 # Chunk widths of the compiled kernels: the hidden units per chunk (R, C), the slice of the row (K) and
-# column (KC) MLP's input per dot, the embedding slice of S (H). Each load's tile and its 64-bit pointers
-# are live at once: at the former 32-64 wide chunks the kernels spilled past 255 registers (issue 13); these
-# are the narrowest that ptxas -v reported best for sm_90 (tests/test_lite.py holds the spill budgets). The
-# interpreter (CPU tensors) runs the same code with wider chunks, which it executes several times faster.
-# float32 dots run on FMA units rather than tensor cores, so their forward takes the narrow chunks too.
+# column (KC) MLP's input per dot, the embedding slice of S (H); and ROWS and COLS, the rows of the row MLP
+# and the columns of the column MLP one step holds (a step's accumulator is ROWS x ld or COLS x lq; every
+# row and column is independent of the others, so blocks cost no recompute). These are what ptxas -v
+# reported spill-free for sm_90 (issue 13: at whole 32 x 256 tiles and 32-64 wide chunks the kernels spilled
+# past 255 registers). float32 dots run on FMA units, not tensor cores: an FMA dot's operands are held K
+# wide per thread, so float32 takes K = 8 (tl.dot's least for 32-bit operands), S's H slice included. The
+# interpreter (CPU tensors) runs the same code with whole tiles and wider chunks, several times faster there.
 GPU_BLOCKS = {
-    "fwd": dict(BLOCK_R=16, BLOCK_C=16, BLOCK_K=32, BLOCK_KC=32, BLOCK_H=32),
-    "fwd_fp32": dict(BLOCK_R=16, BLOCK_C=16, BLOCK_K=16, BLOCK_KC=16, BLOCK_H=16),
-    "bwd": dict(BLOCK_R=16, BLOCK_C=16, BLOCK_K=16, BLOCK_KC=16, BLOCK_H=16),
+    "fwd": dict(BLOCK_R=16, BLOCK_C=16, BLOCK_K=32, BLOCK_KC=32, BLOCK_H=32, ROWS=MAX_LQ, COLS=MAX_LD),
+    "fwd_fp32": dict(BLOCK_R=8, BLOCK_C=8, BLOCK_K=8, BLOCK_KC=8, BLOCK_H=8, ROWS=16, COLS=64),
+    "bwd": dict(BLOCK_R=16, BLOCK_C=16, BLOCK_K=16, BLOCK_KC=16, BLOCK_H=16, ROWS=16, COLS=64),
+    "bwd_fp32": dict(BLOCK_R=8, BLOCK_C=8, BLOCK_K=8, BLOCK_KC=8, BLOCK_H=8, ROWS=16, COLS=32),
 }
-INTERPRETER_BLOCKS = dict(BLOCK_R=32, BLOCK_C=32, BLOCK_K=64, BLOCK_KC=64, BLOCK_H=64)
+# Ampere and Ada (sm_8x) have the same 255-register limit, but there ptxas spilled the bfloat16 forward at
+# whole tiles (128 B) and the backward at 64 columns (24 B): these blocks replace GPU_BLOCKS' before sm_90.
+GPU_BLOCKS_BEFORE_SM90 = {"fwd": dict(ROWS=16, COLS=128), "bwd": dict(COLS=16)}
+INTERPRETER_BLOCKS = dict(BLOCK_R=32, BLOCK_C=32, BLOCK_K=64, BLOCK_KC=64, BLOCK_H=64, ROWS=MAX_LQ, COLS=MAX_LD)
 
 # --------------------------------------------------------------------------------------------------------
 # Triton kernels: shared pieces (similarity tile, streamed hidden layer and its backward), forward, backward
 # --------------------------------------------------------------------------------------------------------
 if triton is not None:
+
+    @triton.jit
+    def _tokens_ok(M, base, offs, n_real, stride, HAS_MASK: tl.constexpr):
+        # Which of the positions offs are real (offs < n_real), unmasked tokens of one side of a pair.
+        ok = offs < n_real
+        if HAS_MASK:
+            ok = ok & (tl.load(M + base + offs * stride, mask=ok, other=0) != 0)
+        return ok
 
     @triton.jit
     def _similarity(
@@ -105,16 +120,8 @@ if triton is not None:
         offs_i = tl.arange(0, BLOCK_LQ)
         offs_j = tl.arange(0, BLOCK_LD)
         offs_h = tl.arange(0, BLOCK_H)
-        q_in = offs_i < Lq
-        d_in = offs_j < Ld
-        row_ok = q_in
-        col_ok = d_in
-        if HAS_QM:
-            qm = tl.load(QM + f * sqm_f + y * sqm_y + x * sqm_x + offs_i * sqm_t, mask=q_in, other=0)
-            row_ok = row_ok & (qm != 0)
-        if HAS_DM:
-            dm = tl.load(DM + f * sdm_f + y * sdm_y + x * sdm_x + offs_j * sdm_t, mask=d_in, other=0)
-            col_ok = col_ok & (dm != 0)
+        row_ok = _tokens_ok(QM, f * sqm_f + y * sqm_y + x * sqm_x, offs_i, Lq, sqm_t, HAS_QM)
+        col_ok = _tokens_ok(DM, f * sdm_f + y * sdm_y + x * sdm_x, offs_j, Ld, sdm_t, HAS_DM)
         q_base = Q + f * sq_f + y * sq_y
         d_base = D + f * sd_f + x * sd_x
         s = tl.zeros([BLOCK_LQ, BLOCK_LD], tl.float32)
@@ -258,6 +265,30 @@ if triton is not None:
         return dx
 
     @triton.jit
+    def _row_mlp_forward(
+        X, OUT_Z, OUT_ROWS, r0, LQ, LD, W1, B1, W2G, U1, C1, G2, BE2, R1, eps1, eps2,
+        BLOCK_ROWS: tl.constexpr, BLOCK_LD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        STORE_Z: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # Rows r0 .. r0 + BLOCK_ROWS of the row MLP, LN2 included: reads S from X, stores LN2's output (and,
+        # for the backward, z2) into the (LQ, LD) tiles at OUT_ROWS (OUT_Z). Returns LN1's (mean, rstd).
+        offs_r = r0 + tl.arange(0, BLOCK_ROWS)
+        offs_j = tl.arange(0, BLOCK_LD)
+        in_r = offs_r < LQ
+        in_j = offs_j < LD
+        z2, mean1, rstd1 = _hidden_forward(
+            X + r0 * LD, LD, 1, in_r, W1, B1, W2G, U1, C1, R1, LD, eps1, offs_j, in_j,
+            BLOCK_ROWS, BLOCK_LD, BLOCK_K, BLOCK_R, PRECISION,
+        )
+        at = offs_r[:, None] * LD + offs_j[None, :]
+        here = in_r[:, None] & in_j[None, :]
+        if STORE_Z:
+            tl.store(OUT_Z + at, z2, mask=here)
+        rows = _relu_layernorm(z2, G2, BE2, offs_j, in_j, LD, eps2)[0]
+        tl.store(OUT_ROWS + at, rows, mask=here)
+        return mean1, rstd1
+
+    @triton.jit
     def _lite_fwd_kernel(
         Q, D, QM, DM, OUT, SCR_S, SCR_ROWS,
         W1, B1, W2G, U1, C1, G2, BE2,
@@ -269,52 +300,53 @@ if triton is not None:
         HAS_QM: tl.constexpr, HAS_DM: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_LQ: tl.constexpr, BLOCK_LD: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KC: tl.constexpr,
+        BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
     ):
         # One program per (f, y, x) pair of the chunk starting at PAIR0. Rows i < LQ and columns j < LD are
         # the model's padded grid; i < Lq and j < Ld are the real tokens. Each MLP's input goes through the
-        # program's scratch tile (SCR_S, SCR_ROWS: (LQ, LD) per pair of the chunk), read back in slices.
+        # program's scratch tile (SCR_S, SCR_ROWS: (LQ, LD) per pair of the chunk), read back in slices. The
+        # row MLP runs BLOCK_ROWS rows at a time and the column MLP BLOCK_COLS columns at a time: each row
+        # (column) is independent of the others, so a block's accumulator is all a step holds.
         local = tl.program_id(0).to(tl.int64)
         pair = PAIR0 + local
-        s, row_ok, col_ok = _similarity(
+        s = _similarity(
             Q, D, QM, DM, pair, Y, X, Lq, Ld, H,
             sq_f, sq_y, sq_t, sd_f, sd_x, sd_t,
             sqm_f, sqm_y, sqm_x, sqm_t, sdm_f, sdm_y, sdm_x, sdm_t,
             HAS_QM, HAS_DM, PRECISION, BLOCK_LQ, BLOCK_LD, BLOCK_H,
-        )
+        )[0]
         offs_i = tl.arange(0, BLOCK_LQ)
         offs_j = tl.arange(0, BLOCK_LD)
         in_i = offs_i < LQ
-        in_j = offs_j < LD
-        grid_ij = in_i[:, None] & in_j[None, :]
         tile = local * LQ * LD  # this pair's scratch tiles, row-major (LQ, LD)
-        tl.store(SCR_S + tile + offs_i[:, None] * LD + offs_j[None, :], s, mask=grid_ij)
+        tl.store(SCR_S + tile + offs_i[:, None] * LD + offs_j[None, :], s, mask=in_i[:, None] & (offs_j[None, :] < LD))
         tl.debug_barrier()  # the tile's other slices were stored by other threads of the program
 
-        # Row MLP over the doc axis of each of the BLOCK_LQ rows.
-        z2, mean1, rstd1 = _hidden_forward(
-            SCR_S + tile, LD, 1, in_i, W1, B1, W2G, U1, C1, R1, LD, eps1, offs_j, in_j,
-            BLOCK_LQ, BLOCK_LD, BLOCK_K, BLOCK_R, PRECISION,
-        )
-        rows, _, _, _ = _relu_layernorm(z2, G2, BE2, offs_j, in_j, LD, eps2)
-        tl.store(SCR_ROWS + tile + offs_i[:, None] * LD + offs_j[None, :], rows, mask=grid_ij)
+        for r0 in range(0, LQ, BLOCK_ROWS):  # the row MLP over the doc axis
+            _row_mlp_forward(SCR_S + tile, SCR_ROWS + tile, SCR_ROWS + tile, r0, LQ, LD, W1, B1, W2G, U1, C1, G2, BE2,
+                             R1, eps1, eps2, BLOCK_ROWS, BLOCK_LD, BLOCK_K, BLOCK_R, False, PRECISION)
         tl.debug_barrier()
 
-        # Column MLP over the query axis: row j of its input is column j of rows (strides 1 and LD).
-        z4, mean3, rstd3 = _hidden_forward(
-            SCR_ROWS + tile, 1, LD, in_j, V1, CB1, V2G, U3, C3, C, LQ, eps3, offs_i, in_i,
-            BLOCK_LD, BLOCK_LQ, BLOCK_KC, BLOCK_C, PRECISION,
-        )
-        t, xhat4, rstd4, live4 = _relu_layernorm(z4, G4, BE4, offs_i, in_i, LQ, eps4)  # T transposed
-
-        # score = sum_{i,j} w_out[i * LD + j] T[i, j] + b_out
-        both = in_j[:, None] & in_i[None, :]
-        wo = tl.load(WO + offs_i[None, :] * LD + offs_j[:, None], mask=both, other=0.0).to(tl.float32)
-        score = tl.sum(tl.sum(tl.where(both, t * wo, 0.0), axis=1), axis=0)
+        # Column MLP over the query axis: row j of its input is column j of rows (strides 1 and LD); T comes
+        # out transposed, (columns, LQ), and score = sum_{i,j} w_out[i * LD + j] T[i, j] + b_out.
+        offs_c = tl.arange(0, BLOCK_COLS)
+        score = 0.0
+        for c0 in range(0, LD, BLOCK_COLS):
+            cols = c0 + offs_c
+            in_c = cols < LD
+            z4 = _hidden_forward(
+                SCR_ROWS + tile + c0, 1, LD, in_c, V1, CB1, V2G, U3, C3, C, LQ, eps3, offs_i, in_i,
+                BLOCK_COLS, BLOCK_LQ, BLOCK_KC, BLOCK_C, PRECISION,
+            )[0]
+            t = _relu_layernorm(z4, G4, BE4, offs_i, in_i, LQ, eps4)[0]
+            both = in_c[:, None] & in_i[None, :]
+            wo = tl.load(WO + offs_i[None, :] * LD + cols[:, None], mask=both, other=0.0).to(tl.float32)
+            score += tl.sum(tl.sum(tl.where(both, t * wo, 0.0), axis=1), axis=0)
         tl.store(OUT + pair, score + tl.load(BO).to(tl.float32))
 
     @triton.jit
     def _lite_bwd_kernel(
-        Q, D, QM, DM, G, DS, S_OUT, Z2_OUT, ROWS_OUT, DZ2_OUT, DZ4_OUT, T_OUT, VEC_LD, VEC_LQ,
+        Q, D, QM, DM, G, DS, S_OUT, Z2_OUT, ROWS_OUT, DZ2_OUT, DZ4_OUT, T_OUT, DR, STATS, VEC_LD, VEC_LQ,
         W1, B1, W2G, U1, C1, G2, BE2,
         V1, CB1, V2G, U3, C3, G4, BE4, WO,
         PAIR0, Y, X, Lq, Ld, H, LQ, LD, R1, C,
@@ -324,87 +356,108 @@ if triton is not None:
         HAS_QM: tl.constexpr, HAS_DM: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_LQ: tl.constexpr, BLOCK_LD: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KC: tl.constexpr,
+        BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
     ):
-        # One program per pair of the chunk starting at PAIR0: recompute the forward (statistics only), then
-        # back through the output, LN4, the column MLP, LN2 and the row MLP to dS. What the parameter
-        # gradients need leaves the program as plain stores into this chunk's scratch (no atomics): each MLP's
-        # input and output gradient as (LQ, LD) tiles, T, and the per-pair sums of LN2 and LN4. The MLPs read
-        # their inputs and output gradients back from those tiles in slices (_dot_streamed), and LN2 is
-        # recomputed from z2 after the column MLP rather than held in registers through it.
+        # One program per pair of the chunk starting at PAIR0: recompute the forward, then go back through
+        # the output, LN4, the column MLP, LN2 and the row MLP to dS. What the parameter gradients need leaves
+        # the program as plain stores into this chunk's scratch (no atomics): each MLP's input and output
+        # gradient as (LQ, LD) tiles, T, and the per-pair sums of LN2 and LN4. Like the forward, the row
+        # steps take BLOCK_ROWS rows and the column steps BLOCK_COLS columns; what crosses from one axis to
+        # the other (LN2's output, dR, LN1's statistics) goes through the scratch (DR: dR; STATS: LN1's mean
+        # and rstd per row), and the MLPs read their inputs back in slices (_dot_streamed).
         local = tl.program_id(0).to(tl.int64)
         pair = PAIR0 + local
-        s, row_ok, col_ok = _similarity(
+        s = _similarity(
             Q, D, QM, DM, pair, Y, X, Lq, Ld, H,
             sq_f, sq_y, sq_t, sd_f, sd_x, sd_t,
             sqm_f, sqm_y, sqm_x, sqm_t, sdm_f, sdm_y, sdm_x, sdm_t,
             HAS_QM, HAS_DM, PRECISION, BLOCK_LQ, BLOCK_LD, BLOCK_H,
-        )
+        )[0]
         offs_i = tl.arange(0, BLOCK_LQ)
         offs_j = tl.arange(0, BLOCK_LD)
         in_i = offs_i < LQ
         in_j = offs_j < LD
-        grid_ij = in_i[:, None] & in_j[None, :]
         tile = local * LQ * LD  # this pair's scratch tiles, row-major (LQ, LD)
-        tile_ij = tile + offs_i[:, None] * LD + offs_j[None, :]  # scratch offset of [i, j]
-        tile_ji = tile + offs_i[None, :] * LD + offs_j[:, None]  # the same, for a transposed tile
-        both = in_j[:, None] & in_i[None, :]
-        tl.store(S_OUT + tile_ij, s, mask=grid_ij)
+        tl.store(S_OUT + tile + offs_i[:, None] * LD + offs_j[None, :], s, mask=in_i[:, None] & in_j[None, :])
+        stats = STATS + local * 2 * LQ  # LN1's mean, then rstd, of each row
         tl.debug_barrier()  # the tiles' other slices are stored by other threads of the program
 
-        # ---- forward recompute ----
-        z2, mean1, rstd1 = _hidden_forward(
-            S_OUT + tile, LD, 1, in_i, W1, B1, W2G, U1, C1, R1, LD, eps1, offs_j, in_j,
-            BLOCK_LQ, BLOCK_LD, BLOCK_K, BLOCK_R, PRECISION,
-        )
-        tl.store(Z2_OUT + tile_ij, z2, mask=grid_ij)
-        rows, _, _, _ = _relu_layernorm(z2, G2, BE2, offs_j, in_j, LD, eps2)
-        rows = tl.where(grid_ij, rows, 0.0)
-        tl.store(ROWS_OUT + tile_ij, rows, mask=grid_ij)
+        # ---- forward recompute of the row MLP: z2, LN2's output and LN1's statistics ----
+        offs_r = tl.arange(0, BLOCK_ROWS)
+        for r0 in range(0, LQ, BLOCK_ROWS):
+            mean1, rstd1 = _row_mlp_forward(S_OUT + tile, Z2_OUT + tile, ROWS_OUT + tile, r0, LQ, LD, W1, B1, W2G,
+                                            U1, C1, G2, BE2, R1, eps1, eps2, BLOCK_ROWS, BLOCK_LD, BLOCK_K, BLOCK_R,
+                                            True, PRECISION)
+            tl.store(stats + r0 + offs_r, mean1, mask=r0 + offs_r < LQ)
+            tl.store(stats + LQ + r0 + offs_r, rstd1, mask=r0 + offs_r < LQ)
         tl.debug_barrier()
-        z4, mean3, rstd3 = _hidden_forward(  # row j of the column MLP's input is column j of rows
-            ROWS_OUT + tile, 1, LD, in_j, V1, CB1, V2G, U3, C3, C, LQ, eps3, offs_i, in_i,
-            BLOCK_LD, BLOCK_LQ, BLOCK_KC, BLOCK_C, PRECISION,
-        )
-        t, xhat4, rstd4, live4 = _relu_layernorm(z4, G4, BE4, offs_i, in_i, LQ, eps4)
-        tl.store(T_OUT + tile_ji, t, mask=both)
 
-        # ---- output and LN4 (over the query axis of each column) ----
+        # ---- per block of columns: the column MLP's forward, the output and LN4, the column MLP's backward ----
         g = tl.load(G + pair)
-        wo = tl.load(WO + offs_i[None, :] * LD + offs_j[:, None], mask=both, other=0.0).to(tl.float32)
-        dout = g * wo  # dscore/dT, (BLOCK_LD, BLOCK_LQ), zero outside the model's grid
-        tl.store(VEC_LQ + local * 2 * LQ + offs_i, tl.sum(dout * xhat4, axis=0), mask=in_i)
-        tl.store(VEC_LQ + (local * 2 + 1) * LQ + offs_i, tl.sum(dout, axis=0), mask=in_i)
-        dz4 = _relu_layernorm_backward(dout, xhat4, rstd4, live4, G4, offs_i, in_i, LQ)
-        dz4 = tl.where(in_j[:, None], dz4, 0.0)  # d/d(V2 n3 + cb2), (BLOCK_LD, BLOCK_LQ)
-        tl.store(DZ4_OUT + tile_ji, dz4, mask=both)
+        offs_c = tl.arange(0, BLOCK_COLS)
+        dxhat4_sum = tl.zeros([BLOCK_LQ], tl.float32)  # LN4's per-pair sums for its gamma and beta
+        dout_sum = tl.zeros([BLOCK_LQ], tl.float32)
+        for c0 in range(0, LD, BLOCK_COLS):
+            cols = c0 + offs_c
+            in_c = cols < LD
+            both = in_c[:, None] & in_i[None, :]
+            tile_ci = tile + offs_i[None, :] * LD + cols[:, None]  # scratch offset of [i, j], transposed
+            z4, mean3, rstd3 = _hidden_forward(  # row j of the column MLP's input is column j of rows
+                ROWS_OUT + tile + c0, 1, LD, in_c, V1, CB1, V2G, U3, C3, C, LQ, eps3, offs_i, in_i,
+                BLOCK_COLS, BLOCK_LQ, BLOCK_KC, BLOCK_C, PRECISION,
+            )
+            t, xhat4, rstd4, live4 = _relu_layernorm(z4, G4, BE4, offs_i, in_i, LQ, eps4)
+            tl.store(T_OUT + tile_ci, t, mask=both)
+            wo = tl.load(WO + offs_i[None, :] * LD + cols[:, None], mask=both, other=0.0).to(tl.float32)
+            dout = g * wo  # dscore/dT, (BLOCK_COLS, BLOCK_LQ), zero outside the model's grid
+            dxhat4_sum += tl.sum(dout * xhat4, axis=0)
+            dout_sum += tl.sum(dout, axis=0)
+            dz4 = _relu_layernorm_backward(dout, xhat4, rstd4, live4, G4, offs_i, in_i, LQ)
+            dz4 = tl.where(in_c[:, None], dz4, 0.0)  # d/d(V2 n3 + cb2)
+            tl.store(DZ4_OUT + tile_ci, dz4, mask=both)
+            tl.debug_barrier()
+            drt = _hidden_backward(
+                ROWS_OUT + tile + c0, 1, LD, DZ4_OUT + tile + c0, 1, LD, in_c, mean3, rstd3, V1, CB1, V2G, C, LQ,
+                offs_i, in_i, BLOCK_COLS, BLOCK_LQ, BLOCK_KC, BLOCK_C, PRECISION,
+            )
+            tl.store(DR + tile_ci, drt, mask=both)
+        tl.store(VEC_LQ + local * 2 * LQ + offs_i, dxhat4_sum, mask=in_i)
+        tl.store(VEC_LQ + (local * 2 + 1) * LQ + offs_i, dout_sum, mask=in_i)
         tl.debug_barrier()
 
-        # ---- column MLP ----
-        drt = _hidden_backward(
-            ROWS_OUT + tile, 1, LD, DZ4_OUT + tile, 1, LD, in_j, mean3, rstd3, V1, CB1, V2G, C, LQ, offs_i, in_i,
-            BLOCK_LD, BLOCK_LQ, BLOCK_KC, BLOCK_C, PRECISION,
-        )
-
-        # ---- LN2 (over the doc axis of each row) ----
-        dr = tl.where(grid_ij, tl.trans(drt), 0.0)  # (BLOCK_LQ, BLOCK_LD)
-        z2 = tl.load(Z2_OUT + tile_ij, mask=grid_ij, other=0.0)  # rows past LQ: 0 (their dz2 is masked)
-        _, xhat2, rstd2, live2 = _relu_layernorm(z2, G2, BE2, offs_j, in_j, LD, eps2)
-        tl.store(VEC_LD + local * 2 * LD + offs_j, tl.sum(dr * xhat2, axis=0), mask=in_j)
-        tl.store(VEC_LD + (local * 2 + 1) * LD + offs_j, tl.sum(dr, axis=0), mask=in_j)
-        dz2 = _relu_layernorm_backward(dr, xhat2, rstd2, live2, G2, offs_j, in_j, LD)
-        dz2 = tl.where(in_i[:, None], dz2, 0.0)  # d/d(W2 n1 + b2), (BLOCK_LQ, BLOCK_LD)
-        tl.store(DZ2_OUT + tile_ij, dz2, mask=grid_ij)
-        tl.debug_barrier()
-
-        # ---- row MLP, then dS ----
-        ds = _hidden_backward(
-            S_OUT + tile, LD, 1, DZ2_OUT + tile, LD, 1, in_i, mean1, rstd1, W1, B1, W2G, R1, LD, offs_j, in_j,
-            BLOCK_LQ, BLOCK_LD, BLOCK_K, BLOCK_R, PRECISION,
-        )
-        ds = tl.where(row_ok[:, None] & col_ok[None, :], ds, 0.0)
-        q_in = offs_i < Lq
-        d_in = offs_j < Ld
-        tl.store(DS + pair * Lq * Ld + offs_i[:, None] * Ld + offs_j[None, :], ds, mask=q_in[:, None] & d_in[None, :])
+        # ---- per block of rows: LN2 (over the doc axis of each row), the row MLP's backward, dS ----
+        dxhat2_sum = tl.zeros([BLOCK_LD], tl.float32)  # LN2's per-pair sums
+        dr_sum = tl.zeros([BLOCK_LD], tl.float32)
+        for r0 in range(0, LQ, BLOCK_ROWS):
+            rows = r0 + offs_r
+            in_r = rows < LQ
+            here = in_r[:, None] & in_j[None, :]
+            tile_rj = tile + rows[:, None] * LD + offs_j[None, :]
+            dr = tl.load(DR + tile_rj, mask=here, other=0.0)
+            z2 = tl.load(Z2_OUT + tile_rj, mask=here, other=0.0)  # rows past LQ: 0 (their dz2 is masked)
+            ln2 = _relu_layernorm(z2, G2, BE2, offs_j, in_j, LD, eps2)
+            xhat2, rstd2, live2 = ln2[1], ln2[2], ln2[3]
+            dxhat2_sum += tl.sum(dr * xhat2, axis=0)
+            dr_sum += tl.sum(dr, axis=0)
+            dz2 = _relu_layernorm_backward(dr, xhat2, rstd2, live2, G2, offs_j, in_j, LD)
+            dz2 = tl.where(in_r[:, None], dz2, 0.0)  # d/d(W2 n1 + b2)
+            tl.store(DZ2_OUT + tile_rj, dz2, mask=here)
+            tl.debug_barrier()
+            mean1 = tl.load(stats + rows, mask=in_r, other=0.0)
+            rstd1 = tl.load(stats + LQ + rows, mask=in_r, other=0.0)
+            ds = _hidden_backward(
+                S_OUT + tile + r0 * LD, LD, 1, DZ2_OUT + tile + r0 * LD, LD, 1, in_r, mean1, rstd1, W1, B1, W2G, R1, LD,
+                offs_j, in_j, BLOCK_ROWS, BLOCK_LD, BLOCK_K, BLOCK_R, PRECISION,
+            )
+            # dS is 0 at padded and masked tokens; the masks are read again here rather than held throughout.
+            f, y, x = pair // (Y * X), (pair // X) % Y, pair % X
+            rows_ok = _tokens_ok(QM, f * sqm_f + y * sqm_y + x * sqm_x, rows, Lq, sqm_t, HAS_QM)
+            cols_ok = _tokens_ok(DM, f * sdm_f + y * sdm_y + x * sdm_x, offs_j, Ld, sdm_t, HAS_DM)
+            ds = tl.where(rows_ok[:, None] & cols_ok[None, :], ds, 0.0)
+            tl.store(DS + pair * Lq * Ld + rows[:, None] * Ld + offs_j[None, :], ds,
+                     mask=(rows[:, None] < Lq) & (offs_j[None, :] < Ld))
+        tl.store(VEC_LD + local * 2 * LD + offs_j, dxhat2_sum, mask=in_j)
+        tl.store(VEC_LD + (local * 2 + 1) * LD + offs_j, dr_sum, mask=in_j)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -419,14 +472,21 @@ def _fold(weight: Tensor, gamma: Tensor, beta: Tensor, bias: Tensor, dtype: torc
     return wg, u, c
 
 
-def _blocks(kernel: str, dtype: torch.dtype, on_gpu: bool, lq: int, ld: int, h: int) -> dict:
-    """The launch's constexpr block sizes for ``kernel`` ("fwd", "bwd") on ``dtype`` inputs, and num_warps."""
-    if kernel == "fwd" and dtype == torch.float32:
-        kernel = "fwd_fp32"
-    blocks = GPU_BLOCKS[kernel] if on_gpu else INTERPRETER_BLOCKS
-    return dict(BLOCK_LQ=pow2(lq, 16), BLOCK_LD=pow2(ld, 16), BLOCK_H=pow2(min(h, blocks["BLOCK_H"]), 16),
+def _blocks(kernel: str, dtype: torch.dtype, arch: Optional[int], lq: int, ld: int, h: int) -> dict:
+    """The launch's constexpr block sizes for ``kernel`` ("fwd", "bwd") on ``dtype`` inputs, and num_warps, on
+    a GPU of compute capability ``arch`` (10 * major + minor), or on the interpreter (``arch`` None)."""
+    if arch is None:
+        blocks = INTERPRETER_BLOCKS
+    else:
+        blocks = GPU_BLOCKS[kernel + ("_fp32" if dtype == torch.float32 else "")]
+        if arch < 90 and dtype != torch.float32:
+            blocks = {**blocks, **GPU_BLOCKS_BEFORE_SM90[kernel]}
+    # tl.dot's smallest K: 8 for 32-bit operands, 16 for 16-bit ones.
+    min_k = 8 if dtype == torch.float32 else 16
+    return dict(BLOCK_LQ=pow2(lq, 16), BLOCK_LD=pow2(ld, 16), BLOCK_H=pow2(min(h, blocks["BLOCK_H"]), min_k),
                 BLOCK_R=blocks["BLOCK_R"], BLOCK_C=blocks["BLOCK_C"], BLOCK_K=min(pow2(ld, 16), blocks["BLOCK_K"]),
-                BLOCK_KC=min(pow2(lq, 16), blocks["BLOCK_KC"]), num_warps=8)
+                BLOCK_KC=min(pow2(lq, 16), blocks["BLOCK_KC"]), BLOCK_ROWS=min(pow2(lq, 16), blocks["ROWS"]),
+                BLOCK_COLS=min(pow2(ld, 16), blocks["COLS"]), num_warps=8)
 
 
 def _triton_forward(q, d, q_mask, d_mask, params, lq: int, ld: int, eps) -> Tensor:
@@ -459,7 +519,7 @@ def _triton_forward(q, d, q_mask, d_mask, params, lq: int, ld: int, eps) -> Tens
                 *qms, *dms,
                 *[float(e) for e in eps],
                 HAS_QM=q_mask is not None, HAS_DM=d_mask is not None, PRECISION=dot_precision(q),
-                **_blocks("fwd", q.dtype, q.is_cuda, lq, ld, H),
+                **_blocks("fwd", q.dtype, cuda_arch(q), lq, ld, H),
             )
     return out
 
@@ -468,10 +528,14 @@ def _triton_forward(q, d, q_mask, d_mask, params, lq: int, ld: int, eps) -> Tens
 SCRATCH_BYTES = 256 << 20
 
 
+BWD_TILES = 7  # the backward kernel's (lq, ld) float32 scratch tiles per pair: S, z2, R, dz2, dz4, T, dR
+
+
 def _scratch_bytes_per_pair(lq: int, ld: int, r1: int, c: int) -> int:
-    """The backward's scratch for one pair: the kernel's six (lq, ld) float32 tiles and the ~6 live float32
-    copies of each hidden layer that _mlp_weight_grads makes (lq rows of width r1, ld rows of width c)."""
-    return 4 * (6 * lq * ld + 6 * lq * r1 + 6 * ld * c)
+    """The backward's scratch for one pair: the kernel's (lq, ld) float32 tiles and per-row statistics, and
+    the ~6 live float32 copies of each hidden layer that _mlp_weight_grads makes (lq rows of width r1, ld
+    rows of width c)."""
+    return 4 * (BWD_TILES * lq * ld + 2 * lq + 6 * lq * r1 + 6 * ld * c)
 
 
 def _pairs_per_chunk(lq: int, ld: int, r1: int, c: int) -> int:
@@ -519,17 +583,18 @@ def _triton_backward(grad, q, d, q_mask, d_mask, params, lq: int, ld: int, eps) 
     qms = list(q_mask.stride()) if q_mask is not None else [0, 0, 0, 0]
     dms = list(d_mask.stride()) if d_mask is not None else [0, 0, 0, 0]
     chunk = max(1, min(n_pairs, _pairs_per_chunk(lq, ld, R1, C)))
-    tiles = torch.empty((6, chunk, lq, ld), device=q.device, dtype=torch.float32)
+    tiles = torch.empty((BWD_TILES, chunk, lq, ld), device=q.device, dtype=torch.float32)
+    stats = torch.empty((chunk, 2, lq), device=q.device, dtype=torch.float32)
     vec_ld = torch.empty((chunk, 2, ld), device=q.device, dtype=torch.float32)
     vec_lq = torch.empty((chunk, 2, lq), device=q.device, dtype=torch.float32)
     totals = None  # the parameter gradients of the chunks so far, summed, in the order of `grads` below
     for pair0 in range(0, n_pairs, chunk):
         n = min(chunk, n_pairs - pair0)
-        s_t, z2_t, rows_t, dz2_t, dz4_t, t_t = (tile[:n] for tile in tiles)
+        s_t, z2_t, rows_t, dz2_t, dz4_t, t_t, dr_t = (tile[:n] for tile in tiles)
         with device_guard(q):
             _lite_bwd_kernel[(n,)](
                 q, d, q_mask if q_mask is not None else ds, d_mask if d_mask is not None else ds, grad, ds,
-                s_t, z2_t, rows_t, dz2_t, dz4_t, t_t, vec_ld, vec_lq,
+                s_t, z2_t, rows_t, dz2_t, dz4_t, t_t, dr_t, stats, vec_ld, vec_lq,
                 W1, b1, W2g, u1, c1, g2, be2,
                 V1, cb1, V2g, u3, c3, g4, be4, wo,
                 pair0, Y, X, Lq, Ld, H, lq, ld, R1, C,
@@ -537,7 +602,7 @@ def _triton_backward(grad, q, d, q_mask, d_mask, params, lq: int, ld: int, eps) 
                 *qms, *dms,
                 *[float(e) for e in eps],
                 HAS_QM=q_mask is not None, HAS_DM=d_mask is not None, PRECISION=dot_precision(q),
-                **_blocks("bwd", q.dtype, q.is_cuda, lq, ld, H),
+                **_blocks("bwd", q.dtype, cuda_arch(q), lq, ld, H),
             )
         row = _mlp_weight_grads(s_t.reshape(-1, ld), dz2_t.reshape(-1, ld), W1, b1, g1, be1, W2, eps[0])
         col = _mlp_weight_grads(rows_t.transpose(1, 2).reshape(-1, lq), dz4_t.transpose(1, 2).reshape(-1, lq),

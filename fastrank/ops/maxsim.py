@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from fastrank import _ext, cpu_isa, dispatch
-from fastrank.ops.pairs import (DOUBLE_BACKWARD_ERROR, QUERY_TILE, canonicalize, check_pair_inputs,
+from fastrank.ops.pairs import (DOUBLE_BACKWARD_ERROR, QUERY_TILE, canonicalize, check_pair_inputs, cuda_arch,
                                 device_guard, dot_precision, dtype_reasons, inner_contiguous, pow2)
 
 try:
@@ -112,9 +112,16 @@ if triton is not None:
             # q is read once per program: the same registers (or shared memory) serve every tile of
             # every document of the program.
             q_tile = tl.load(q_ptrs, mask=row_in[:, None] & (offs_h[None, :] < H), other=0.0)
+        else:
+            # The H-split loop reads doc slices at a scalar pointer to the tile's first row plus these
+            # int32 in-tile offsets, not through a per-thread 64-bit pointer tensor carried across the
+            # tile loop: ptxas (sm_90) spilled such long-lived per-thread values (fastrank.kernel_report).
+            d_off = offs_t[:, None] * sd_t + offs_h[None, :]
         for x in range(x_first, tl.minimum(x_first + DOCS, X)):
             d_ptrs = D + f * sd_f + x * sd_x + offs_t[:, None] * sd_t + offs_h[None, :]
+            d_tile = D + f * sd_f + x * sd_x  # the H-split path's scalar tile pointer
             dm_row = DM + f * sdm_f + y * sdm_y + x * sdm_x
+            qm_row = QM + f * sqm_f + y * sqm_y + x * sqm_x  # the epilogue holds one scalar, not f, y and x
             dm_ptrs = dm_row + offs_t * sdm_t
             # The doc's valid-length bound: padding usually ends a document, so the tile loop stops at its
             # last valid token instead of testing every tile (a reduction and a branch per tile). One
@@ -143,17 +150,18 @@ if triton is not None:
                 else:
                     # H = 768 needs no 768-wide register tile: the dot is split over H.
                     s = tl.zeros([BLOCK_LQ, BLOCK_LD], tl.float32)
-                    q_h, d_h = q_ptrs, d_ptrs
+                    q_h, d_h = q_ptrs, d_tile
                     # Not pipelined (num_stages=1): buffering the slices in registers spilled on sm_90.
                     for h0 in tl.range(0, H, BLOCK_H, num_stages=1):
                         h_in = (h0 + offs_h)[None, :] < H
                         qt = tl.load(q_h, mask=row_in[:, None] & h_in, other=0.0)
-                        dt = tl.load(d_h, mask=col_in[:, None] & h_in, other=0.0)
+                        dt = tl.load(d_h + d_off, mask=col_in[:, None] & h_in, other=0.0)
                         s = tl.dot(qt, tl.trans(dt), s, input_precision=PRECISION)
                         q_h += BLOCK_H
                         d_h += BLOCK_H
                 # Pointers advance by a tile (no offset is rebuilt from the loop counter in int32).
                 d_ptrs += BLOCK_LD * sd_t
+                d_tile += BLOCK_LD * sd_t
                 if HAS_DM:
                     # Holes in the mask: padded tokens never win (a select on the tile, no branch).
                     dm = tl.load(dm_ptrs, mask=col_in, other=0)
@@ -170,10 +178,15 @@ if triton is not None:
 
             row_ok = row_in & (end > 0)
             if HAS_QM:
-                qm_x = tl.load(QM + f * sqm_f + y * sqm_y + x * sqm_x + offs_i * sqm_t, mask=row_in, other=0)
+                qm_x = tl.load(qm_row + offs_i * sqm_t, mask=row_in, other=0)
                 row_ok = row_ok & (qm_x != 0)
             best = tl.where(saw_nan > 0, float("nan"), best)
-            pair = fy * X + x
+            if DOCS == 1 and SPLIT_H:
+                # One document per program: the pair is the program id, so fy and x are not held across
+                # the tile loop for this store (ptxas spilled them on the H-split path, sm_90).
+                pair = pid
+            else:
+                pair = fy * X + x
             tl.store(OUT + pair, tl.sum(tl.where(row_ok, best, 0.0), axis=0))
             if STORE_ARG:
                 tl.store(ARG + pair * Lq + offs_i, tl.where(row_ok, best_j, -1), mask=row_in)
@@ -347,6 +360,15 @@ def check_grid(grid: tuple[int, ...], what: str) -> tuple[int, ...]:
     return grid
 
 
+def h_block_cap(float32_math: bool, arch: Optional[int]) -> int:
+    """The widest H slice of the forward's H-split path and of the dd / dtokens backward. float32 dots run
+    on FMA units, whose operands each thread holds whole along H: on sm_80, 64-wide float32 slices spilled
+    (forward up to 344 B at a 64-token query tile; dd and dtokens 8-9 KB, ptxas keeping 32 registers) and
+    32-wide ones fit, while on sm_90 the 64-wide ones are spill-free and 32-wide ones spilled 8-24 B in the
+    forward (fastrank.kernel_report, both archs). 16-bit slices are 64 wide everywhere."""
+    return 32 if float32_math and arch is not None and arch < 90 else 64
+
+
 def _bucket(n: int) -> int:
     """An autotuning key for a size: its power of two, so calls of similar size share a tuned config."""
     return 1 << max(0, int(n) - 1).bit_length()
@@ -364,7 +386,7 @@ def _triton_forward_tile(q, d, q_mask, d_mask, save_argmax: bool):
     if H > block_h:
         # Split over H (H = 768): 64-wide slices keep the q and doc slices in registers beside S; 128-wide
         # ones spilled on sm_90 (ptxas -v).
-        block_h = 64
+        block_h = h_block_cap(q.dtype == torch.float32, cuda_arch(q))
 
     def grid(meta):
         return (F * Y * triton.cdiv(X, meta["DOCS"]),)
@@ -429,7 +451,8 @@ def _triton_backward_tile(q, d, grad, argmax, need_dq: bool, need_dd: bool, dete
     if need_dd:
         # A full 64-token query tile halves the doc tile: the accumulator, the routing matrix and the q
         # tile then stay in registers (ptxas spilled at 64 x 64 x 64 on sm_90).
-        block_ld, block_h = (64 if block_lq <= 32 else 32), pow2(H, 16, 64)
+        block_ld = 64 if block_lq <= 32 else 32
+        block_h = pow2(H, 16, h_block_cap(q.dtype == torch.float32, cuda_arch(q)))
         programs = F * X * triton.cdiv(Ld, block_ld) * triton.cdiv(H, block_h)
         split = _loop_split(programs, Y, deterministic, q.device)
         chunk = triton.cdiv(Y, split)

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from fastrank.ops.maxsim import (_bucket, _interpreting, _loop_split, backward_by_query_chunks, check_grid,
-                                 forward_by_query_chunks, interpreter_meta)
-from fastrank.ops.pairs import KERNEL_DTYPES, QUERY_TILE, device_guard, inner_contiguous, pow2
+                                 forward_by_query_chunks, interpreter_meta, h_block_cap)
+from fastrank.ops.pairs import KERNEL_DTYPES, QUERY_TILE, cuda_arch, device_guard, inner_contiguous, pow2
 
 try:
     import triton
@@ -74,6 +74,12 @@ if triton is not None:
                 if INT8:
                     q_tile = q_tile.to(tl.float32)
             t_ptrs = T + (start + offs_t)[:, None] * st_t + offs_h[None, :]
+            if SPLIT_H:
+                # The H-split loop reads q and token slices at scalar pointers plus these int32 in-tile
+                # offsets, not through per-thread 64-bit pointer tensors carried across the row-tile loop:
+                # ptxas (sm_90) spilled such long-lived per-thread values (fastrank.kernel_report, int8).
+                q_off = offs_l[:, None] * sq_l + offs_h[None, :]
+                t_off = offs_t[:, None] * st_t + offs_h[None, :]
             best = tl.full([BLOCK_LQ], float("-inf"), tl.float32)
             best_j = tl.full([BLOCK_LQ], -1, tl.int32)
             saw_nan = tl.zeros([BLOCK_LQ], tl.int32)
@@ -81,20 +87,25 @@ if triton is not None:
             # pipelined with the config's num_stages.
             for j0 in tl.range(start, end, BLOCK_LD):
                 offs_j = j0 + offs_t
-                col_in = offs_j < end
+                j_rel = (j0 - start).to(tl.int32)  # the tile's first row within the document
                 if not SPLIT_H:
+                    col_in = offs_j < end
                     tile = tl.load(t_ptrs, mask=col_in[:, None] & h_in, other=0)
                     if INT8:
                         # int8 codes are exact in float32; q may be any float dtype, the product is float32.
                         tile = tile.to(tl.float32)
                     s = tl.dot(q_tile, tl.trans(tile), input_precision=PRECISION)
                 else:
+                    # The same bound as offs_j < end, in int32 (at most BLOCK_LD rows remain): no 64-bit
+                    # per-row index is held across the H loop.
+                    col_in = offs_t < tl.minimum(end - j0, BLOCK_LD).to(tl.int32)
                     s = tl.zeros([BLOCK_LQ, BLOCK_LD], tl.float32)
-                    q_h, t_h = q_ptrs, t_ptrs
+                    q_h = Q + doc * sq_f
+                    t_h = T + j0 * st_t
                     for h0 in tl.range(0, H, BLOCK_H, num_stages=1):  # not pipelined: see the padded kernel
                         hh = (h0 + offs_h)[None, :] < H
-                        qt = tl.load(q_h, mask=row_in[:, None] & hh, other=0.0)
-                        tile = tl.load(t_h, mask=col_in[:, None] & hh, other=0)
+                        qt = tl.load(q_h + q_off, mask=row_in[:, None] & hh, other=0.0)
+                        tile = tl.load(t_h + t_off, mask=col_in[:, None] & hh, other=0)
                         if INT8:
                             qt = qt.to(tl.float32)
                             tile = tile.to(tl.float32)
@@ -105,7 +116,9 @@ if triton is not None:
                 if INT8:
                     # scale_j * <q, code_j> rather than <q, scale_j * code_j>: one multiply per S entry instead
                     # of one per loaded element; the two differ only by float32 rounding.
-                    sc = tl.load(SC + offs_j, mask=col_in, other=0.0)
+                    # Indexed from the document's first row (a scalar) by int32 rows, like j_rel: a per-thread
+                    # 64-bit SC + offs_j base lived across the H loop and was spilled.
+                    sc = tl.load(SC + start + (j_rel + offs_t).to(tl.int64), mask=col_in, other=0.0)
                     s = s * sc[None, :]
                 # tl.max does not propagate NaN on every target (and the interpreter's argmax raises on an
                 # all-NaN row): count the NaNs of the document's rows so they reach the score, then take
@@ -115,7 +128,7 @@ if triton is not None:
                 saw_nan += tl.sum((nan & col_in[None, :]).to(tl.int32), axis=1)
                 s = tl.where(nan | ~col_in[None, :], float("-inf"), s)
                 blk_best = tl.max(s, axis=1)
-                blk_j = tl.argmax(s, axis=1, tie_break_left=True).to(tl.int32) + (j0 - start).to(tl.int32)
+                blk_j = tl.argmax(s, axis=1, tie_break_left=True).to(tl.int32) + j_rel
                 # Strict > keeps the earliest row on ties, like torch.max; best_j < 0 takes the first tile
                 # even when every similarity is -inf, so such a row still routes its gradient to row 0 as
                 # torch does.
@@ -220,7 +233,7 @@ def _forward_tile(q: Tensor, tokens: Tensor, offsets: Tensor, q_mask: Tensor | N
     # float32 operands (including int8 widened in-kernel) take twice the bytes of 16-bit ones per element.
     block_h = pow2(h, 16, 64 if float32_math else 128)
     if h > block_h:
-        block_h = 64  # split over H: 128-wide slices spilled on sm_90 (see the padded launcher)
+        block_h = h_block_cap(float32_math, cuda_arch(q))  # split over H: see the padded launcher
 
     def grid(meta):
         return (triton.cdiv(n, meta["DOCS"]),)
@@ -288,7 +301,9 @@ def _backward_tile(q: Tensor, tokens: Tensor, offsets: Tensor, grad: Tensor, arg
         dt = torch.empty(tokens.shape, device=tokens.device, dtype=torch.float32)
         if n > 0 and dt.numel() > 0:
             sq_f, sq_l = _query_strides(q)
-            block_ld, block_h = 64, pow2(h, 16, 64)
+            # As the padded dd launcher: a 64-token query tile halves the row tile, float32 on sm_8x the H slice.
+            block_ld = 64 if block_lq <= 32 else 32
+            block_h = pow2(h, 16, h_block_cap(q.dtype == torch.float32, cuda_arch(q)))
             grid = check_grid((n, triton.cdiv(h, block_h)), "maxsim_packed backward (dtokens)")
             with device_guard(q):
                 _packed_bwd_dt_kernel[grid](

@@ -26,6 +26,16 @@ def device_guard(t: Tensor):
     return torch.cuda.device(t.device)
 
 
+def cuda_arch(t: Tensor) -> Optional[int]:
+    """The compute capability of ``t``'s GPU as 10 * major + minor (80, 89, 90); None off CUDA (the Triton
+    interpreter). Launchers that pick block sizes per architecture ask it here, so that the static checks
+    (fastrank.kernel_report) can stand in an architecture for CPU tensors in one place."""
+    if t.device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return 10 * major + minor
+
+
 def inner_contiguous(t: Tensor) -> Tensor:
     """Kernels index the embedding dim with stride 1; copy only when it is not."""
     return t if t.stride(-1) == 1 else t.contiguous()
