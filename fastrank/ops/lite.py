@@ -218,6 +218,14 @@ if triton is not None:
         return tl.where(live, dh, 0.0)
 
     @triton.jit
+    def _relu_layernorm_backward_and_sums(dy, xhat, rstd, live, G, offs_f, in_f, n_feat, in_rows):
+        # dz of LN(ReLU(z)) for the rows in_rows (0 elsewhere), and this block's share of the per-pair sums
+        # its gamma and beta gradients need: sum over the rows of dy xhat and of dy.
+        gamma_part, beta_part = tl.sum(dy * xhat, axis=0), tl.sum(dy, axis=0)
+        dz = _relu_layernorm_backward(dy, xhat, rstd, live, G, offs_f, in_f, n_feat)
+        return tl.where(in_rows[:, None], dz, 0.0), gamma_part, beta_part
+
+    @triton.jit
     def _hidden_backward(
         X, x_sr, x_sc, DZ, dz_sr, dz_sc, in_rows, mean, rstd, W_IN, B_IN, W_OUTG, n_hidden, n_feat, offs_f, in_f,
         BLOCK_ROWS: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HID: tl.constexpr,
@@ -410,10 +418,11 @@ if triton is not None:
             tl.store(T_OUT + tile_ci, t, mask=both)
             wo = tl.load(WO + offs_i[None, :] * LD + cols[:, None], mask=both, other=0.0).to(tl.float32)
             dout = g * wo  # dscore/dT, (BLOCK_COLS, BLOCK_LQ), zero outside the model's grid
-            dxhat4_sum += tl.sum(dout * xhat4, axis=0)
-            dout_sum += tl.sum(dout, axis=0)
-            dz4 = _relu_layernorm_backward(dout, xhat4, rstd4, live4, G4, offs_i, in_i, LQ)
-            dz4 = tl.where(in_c[:, None], dz4, 0.0)  # d/d(V2 n3 + cb2)
+            # dz4 = d/d(V2 n3 + cb2)
+            dz4, dxhat4_part, dout_part = _relu_layernorm_backward_and_sums(dout, xhat4, rstd4, live4, G4, offs_i,
+                                                                             in_i, LQ, in_c)
+            dxhat4_sum += dxhat4_part
+            dout_sum += dout_part
             tl.store(DZ4_OUT + tile_ci, dz4, mask=both)
             tl.debug_barrier()
             drt = _hidden_backward(
@@ -436,11 +445,11 @@ if triton is not None:
             dr = tl.load(DR + tile_rj, mask=here, other=0.0)
             z2 = tl.load(Z2_OUT + tile_rj, mask=here, other=0.0)  # rows past LQ: 0 (their dz2 is masked)
             ln2 = _relu_layernorm(z2, G2, BE2, offs_j, in_j, LD, eps2)
-            xhat2, rstd2, live2 = ln2[1], ln2[2], ln2[3]
-            dxhat2_sum += tl.sum(dr * xhat2, axis=0)
-            dr_sum += tl.sum(dr, axis=0)
-            dz2 = _relu_layernorm_backward(dr, xhat2, rstd2, live2, G2, offs_j, in_j, LD)
-            dz2 = tl.where(in_r[:, None], dz2, 0.0)  # d/d(W2 n1 + b2)
+            # dz2 = d/d(W2 n1 + b2)
+            dz2, dxhat2_part, dr_part = _relu_layernorm_backward_and_sums(dr, ln2[1], ln2[2], ln2[3], G2, offs_j, in_j,
+                                                                          LD, in_r)
+            dxhat2_sum += dxhat2_part
+            dr_sum += dr_part
             tl.store(DZ2_OUT + tile_rj, dz2, mask=here)
             tl.debug_barrier()
             mean1 = tl.load(stats + rows, mask=in_r, other=0.0)
