@@ -85,6 +85,26 @@ def test_small_cpu_maxsim_calls_take_the_eager_math_and_say_why():
     torch.testing.assert_close((q.grad, d.grad), (q2.grad, d2.grad))
 
 
+def test_float32_inference_of_one_query_over_unmasked_documents_takes_eager():
+    """There eager is one sgemm (d as (N * Ld, H) times q^T) with S in cache, which the CPU kernel does not beat
+    (measured 0.89-1.01x, see _maxsim_cpu_slower): automatic dispatch takes the eager math and says why. A
+    document mask, a second query, a gradient or bfloat16 inputs send the same sizes to the kernel."""
+    from fastrank import _ext
+
+    if _ext.load() is None or selected_isa() == "scalar":
+        pytest.skip("needs the compiled extension on a vector ISA path")
+    g = torch.Generator().manual_seed(0)
+    q, d = torch.randn(32, 64, generator=g), torch.randn(8, 180, 64, generator=g)  # 2^21.5 multiply-adds
+    ex = dispatch.explain("maxsim", (q, d))
+    assert ex.chosen == "reference" and any("one query over unmasked documents" in r for r in ex["cpp"]), ex
+    dm = torch.rand(8, 180, generator=g) < 0.8
+    assert dispatch.explain("maxsim", (q, d, None, dm)).chosen == "cpp"
+    assert dispatch.explain("maxsim", (torch.randn(2, 1, 32, 64, generator=g), d)).chosen == "cpp"
+    assert dispatch.explain("maxsim", (q.bfloat16(), d.bfloat16())).chosen == "cpp"
+    assert dispatch.explain("maxsim", (q.clone().requires_grad_(), d)).chosen == "cpp"
+    torch.testing.assert_close(maxsim(q, d), maxsim_ref(q, d))
+
+
 def test_eager_backward_computes_only_the_gradients_asked_for(monkeypatch):
     """Eager training calls run the kernels through an autograd.Function (not the custom op's per-call
     wrapper) whose backward skips dq or dd when q or d needs no gradient."""

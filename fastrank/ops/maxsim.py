@@ -543,7 +543,11 @@ def _kernel_reasons(*, dtype: torch.dtype, interpreter: bool = False, **_) -> li
 # the launch: some 50 us on the Xeon VM) is more than the eager math costs whole: measured through maxsim()
 # on the Xeon (AMX) VM, 2 threads, float32, forward+backward and no_grad (0.70-0.94x at 2^11-2^19.5;
 # from 2^20.6 on 1.36-2.6x forward+backward, 0.99-1.55x no_grad but for 1 query x 10 documents at 0.84-0.98x,
-# near break-even): those calls take the eager math.
+# near break-even): those calls take the eager math. And float32 inference of one query over unmasked
+# documents is one sgemm in eager (d as (N * Ld, H) times q^T), run at the machine's GEMM rate with S in
+# cache: the fused kernel does not beat it (measured through maxsim() on the Xeon (AMX) VM, 2 threads,
+# H = 128, 1 x 40 to 1 x 400 documents: 0.89-1.01x), so those calls take it too. With a document mask, more
+# than one query, gradients or 16-bit inputs the kernel wins (1.15-7.7x float32, 3.6-18x bfloat16).
 _UNDERFILLED_WORK_LOG2 = 22
 _TINY_WORK_LOG2 = 20
 
@@ -559,11 +563,14 @@ def _cpu_slower(*, device_types, work: int = 64, isa: str = "", underfilled: boo
     return []
 
 
-def _maxsim_cpu_slower(*, device_types, work: int = 64, **ctx) -> list[str]:
+def _maxsim_cpu_slower(*, device_types, work: int = 64, one_gemm: bool = False, **ctx) -> list[str]:
     reasons = _cpu_slower(device_types=device_types, work=work, **ctx)
     if device_types == {"cpu"} and work < _TINY_WORK_LOG2:
         reasons.append(f"a small call (about 2^{work} multiply-adds, below 2^{_TINY_WORK_LOG2}): the kernel path's "
                        "fixed per-call cost is more than the eager math costs")
+    if device_types == {"cpu"} and one_gemm and ctx.get("dtype") == torch.float32:
+        reasons.append("float32 inference of one query over unmasked documents: eager runs it as one sgemm at the "
+                       "machine's GEMM rate with S in cache, which the fused kernel does not beat")
     return reasons
 
 
@@ -736,7 +743,7 @@ def maxsim(
     batch = _check_inputs(q, d, q_mask, d_mask)
     lq, h = q.shape[-2], q.shape[-1]
     ld = d.shape[-2]
-    impl = dispatch.choose("maxsim", (q, d, q_mask, d_mask), backend, **dispatch_context(q, d, batch))
+    impl = dispatch.choose("maxsim", (q, d, q_mask, d_mask), backend, **dispatch_context(q, d, batch, d_mask))
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or d.requires_grad)
     if impl.backend == "reference" or math.prod(batch) == 0 or lq == 0 or ld == 0 or h == 0:
         if needs_grad or torch.compiler.is_compiling():
@@ -753,10 +760,11 @@ def maxsim(
     return c.restore(scores)
 
 
-def dispatch_context(q: Tensor, d: Tensor, batch) -> dict:
+def dispatch_context(q: Tensor, d: Tensor, batch, d_mask: Optional[Tensor] = None) -> dict:
     """What the backends' reasons look at: dtype, the CPU ISA path, the work as log2 of the
-    multiply-adds (a coarse key, so the cached choice is shared by calls of similar size) and whether there
-    are fewer pairs than threads."""
+    multiply-adds (a coarse key, so the cached choice is shared by calls of similar size), whether there
+    are fewer pairs than threads, and whether eager would be one GEMM (one query, unmasked documents, no
+    gradient)."""
     ctx = {"dtype": q.dtype}
     if q.device.type == "cpu":
         ctx["isa"] = cpu_isa.selected()
@@ -766,6 +774,8 @@ def dispatch_context(q: Tensor, d: Tensor, batch) -> dict:
         pairs = math.prod(batch)
         ctx["work"] = max(0, int(pairs * q.shape[-2] * d.shape[-2] * q.shape[-1]).bit_length() - 1)
         ctx["underfilled"] = pairs < torch.get_num_threads()
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or d.requires_grad)
+        ctx["one_gemm"] = math.prod(q.shape[:-2]) == 1 and d_mask is None and not needs_grad
     return ctx
 
 
@@ -797,7 +807,7 @@ dispatch.register("maxsim", "reference", describe=lambda **_: "eager PyTorch (ma
 
 
 def _explain_context(q: Tensor, d: Tensor, q_mask: Optional[Tensor] = None, d_mask: Optional[Tensor] = None) -> dict:
-    return dispatch_context(q, d, _check_inputs(q, d, q_mask, d_mask))
+    return dispatch_context(q, d, _check_inputs(q, d, q_mask, d_mask), d_mask)
 
 
 dispatch.register_context("maxsim", _explain_context)
