@@ -211,10 +211,11 @@ def test_underfilled_big_calls_and_the_scalar_path_go_to_eager_unless_forced():
         torch.testing.assert_close(maxsim(q, d, d_mask=dm), maxsim_ref(q, d, None, dm), rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(maxsim(q, d, d_mask=dm, backend="cpp"), maxsim_ref(q, d, None, dm),
                                    rtol=1e-5, atol=1e-4)
-        # a pair below the underfilled bound is still the kernel's (2^20 multiply-adds: not a tiny call)...
+        # a pair below the underfilled bound is still the kernel's (2^20 multiply-adds: not a tiny call; its doc
+        # mask keeps it off the unmasked one-query rule, which this test is not about)...
         small = torch.randn(1, 256, 128)
         if cpu_isa.selected() != "scalar":
-            assert dispatch.explain("maxsim", (q[:, :128], small)).chosen == "cpp"
+            assert dispatch.explain("maxsim", (q[:, :128], small, None, torch.ones(1, 256, dtype=torch.bool))).chosen == "cpp"
         # ...and a tiny one (2^19.6) goes to eager for its per-call cost, not for idle cores
         tiny = dispatch.explain("maxsim", (q[:, :128], small[:, :200]))
         assert tiny.chosen == "reference" and not any("fewer (query, doc) pairs" in r for r in tiny["cpp"])

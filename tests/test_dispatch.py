@@ -87,8 +87,11 @@ def test_small_cpu_maxsim_calls_take_the_eager_math_and_say_why():
 
 def test_float32_inference_of_one_query_over_unmasked_documents_takes_eager():
     """There eager is one sgemm (d as (N * Ld, H) times q^T) with S in cache, which the CPU kernel does not beat
-    (measured 0.89-1.01x, see _maxsim_cpu_slower): automatic dispatch takes the eager math and says why. A
-    document mask, a second query, a gradient or bfloat16 inputs send the same sizes to the kernel."""
+    while S is small (measured 0.67-1.01x up to 8.8 MiB of S, see _maxsim_cpu_slower): automatic dispatch takes
+    the eager math and says why. A document mask, a second query, a gradient, bfloat16 inputs, or an S past
+    _ONE_GEMM_MAX_S_BYTES (the kernel 1.1-2x there) send the call to the kernel."""
+    import fastrank.ops.maxsim as ms
+
     from fastrank import _ext
 
     if _ext.load() is None or selected_isa() == "scalar":
@@ -102,6 +105,9 @@ def test_float32_inference_of_one_query_over_unmasked_documents_takes_eager():
     assert dispatch.explain("maxsim", (torch.randn(2, 1, 32, 64, generator=g), d)).chosen == "cpp"
     assert dispatch.explain("maxsim", (q.bfloat16(), d.bfloat16())).chosen == "cpp"
     assert dispatch.explain("maxsim", (q.clone().requires_grad_(), d)).chosen == "cpp"
+    docs = ms._ONE_GEMM_MAX_S_BYTES // (4 * 32 * 180) + 1  # S just past the bound
+    assert dispatch.explain("maxsim", (q, torch.empty(docs, 180, 64))).chosen == "cpp"
+    assert dispatch.explain("maxsim", (q, torch.empty(docs - 2, 180, 64))).chosen == "reference"
     torch.testing.assert_close(maxsim(q, d), maxsim_ref(q, d))
 
 

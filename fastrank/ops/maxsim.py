@@ -545,10 +545,13 @@ def _kernel_reasons(*, dtype: torch.dtype, interpreter: bool = False, **_) -> li
 # from 2^20.6 on 1.36-2.6x forward+backward, 0.99-1.55x no_grad but for 1 query x 10 documents at 0.84-0.98x,
 # near break-even): those calls take the eager math. And float32 inference of one query over unmasked
 # documents is one sgemm in eager (d as (N * Ld, H) times q^T), run at the machine's GEMM rate with S in
-# cache: the fused kernel does not beat it (measured through maxsim() on the Xeon (AMX) VM, 2 threads,
-# H = 128, 1 x 40 to 1 x 400 documents: 0.89-1.01x), so those calls take it too. With a document mask, more
-# than one query, gradients or 16-bit inputs the kernel wins (1.15-7.7x float32, 3.6-18x bfloat16).
+# cache: the fused kernel does not beat it while S is small (measured through maxsim() on the Xeon (AMX) VM,
+# 2 threads, H = 128: 0.67-1.01x from 1 x 4 to 1 x 400 documents, S up to 8.8 MiB; 0.94-1.11x at 1 x 500, S
+# 11 MiB, near break-even; 1.20-1.35x from 1 x 650 to 1 x 1,000, S 14-22 MiB; 2.0x at 1 x 3,000 and
+# 1 x 10,000, where S goes to memory), so those calls take it below _ONE_GEMM_MAX_S_BYTES of S. With a document mask, more than one query, gradients or 16-bit
+# inputs the kernel wins at every size measured (1.15-7.7x float32, 3.6-18x bfloat16).
 _UNDERFILLED_WORK_LOG2 = 22
+_ONE_GEMM_MAX_S_BYTES = 12 << 20
 _TINY_WORK_LOG2 = 20
 
 
@@ -569,8 +572,9 @@ def _maxsim_cpu_slower(*, device_types, work: int = 64, one_gemm: bool = False, 
         reasons.append(f"a small call (about 2^{work} multiply-adds, below 2^{_TINY_WORK_LOG2}): the kernel path's "
                        "fixed per-call cost is more than the eager math costs")
     if device_types == {"cpu"} and one_gemm and ctx.get("dtype") == torch.float32:
-        reasons.append("float32 inference of one query over unmasked documents: eager runs it as one sgemm at the "
-                       "machine's GEMM rate with S in cache, which the fused kernel does not beat")
+        reasons.append("float32 inference of one query over unmasked documents with S below "
+                       f"{_ONE_GEMM_MAX_S_BYTES >> 20} MiB: eager runs it as one sgemm at the machine's GEMM rate "
+                       "with S in cache, which the fused kernel does not beat")
     return reasons
 
 
@@ -775,7 +779,9 @@ def dispatch_context(q: Tensor, d: Tensor, batch, d_mask: Optional[Tensor] = Non
         ctx["work"] = max(0, int(pairs * q.shape[-2] * d.shape[-2] * q.shape[-1]).bit_length() - 1)
         ctx["underfilled"] = pairs < torch.get_num_threads()
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or d.requires_grad)
-        ctx["one_gemm"] = math.prod(q.shape[:-2]) == 1 and d_mask is None and not needs_grad
+        s_bytes = 4 * pairs * q.shape[-2] * d.shape[-2]  # the float32 S eager would write
+        ctx["one_gemm"] = (math.prod(q.shape[:-2]) == 1 and d_mask is None and not needs_grad
+                           and s_bytes < _ONE_GEMM_MAX_S_BYTES)
     return ctx
 
 
