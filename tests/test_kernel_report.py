@@ -202,8 +202,10 @@ def test_arch_specific_blocks_are_listed_per_arch():
     """Launchers that choose blocks per architecture ask pairs.cuda_arch, which the listing stands in for its
     arch: float32 MaxSim takes 32-wide H slices on sm_80 where sm_90 takes 64 (h_block_cap), and LITE's
     bf16 forward takes row and column blocks on sm_80 where sm_90 takes whole tiles."""
+    listed = {arch: kr.list_variants(arch, kernels=["_maxsim_fwd_kernel", "_lite_fwd_kernel"]) for arch in (90, 80)}
+
     def blocks(arch, kernel, dtype, key):
-        return {v["values"][key] for v in kr.list_variants(arch, kernels=[kernel]) if v["dtype"] == dtype
+        return {v["values"][key] for v in listed[arch] if v["kernel"] == kernel and v["dtype"] == dtype
                 and v["values"].get("SPLIT_H", True)}
 
     assert blocks(90, "_maxsim_fwd_kernel", "fp32", "BLOCK_H") == {64}
