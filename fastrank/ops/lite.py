@@ -112,7 +112,7 @@ if triton is not None:
         BLOCK_LQ: tl.constexpr, BLOCK_LD: tl.constexpr, BLOCK_H: tl.constexpr,
     ):
         # S = q d^T of one (f, y, x) pair, split over H so that H = 768 needs no 768-wide register tile,
-        # zero at padded and masked positions. Also returns which rows and columns are real, unmasked tokens.
+        # zero at padded and masked positions.
         # Masked tokens are never loaded: padding may hold anything (inf, NaN), and 0 * inf would be NaN.
         f = pair // (Y * X)
         y = (pair // X) % Y
@@ -130,7 +130,7 @@ if triton is not None:
             qt = tl.load(q_base + offs_i[:, None] * sq_t + h[None, :], mask=row_ok[:, None] & (h[None, :] < H), other=0.0)
             dt = tl.load(d_base + offs_j[:, None] * sd_t + h[None, :], mask=col_ok[:, None] & (h[None, :] < H), other=0.0)
             s = tl.dot(qt, tl.trans(dt), s, input_precision=PRECISION)
-        return s, row_ok, col_ok
+        return s
 
     @triton.jit
     def _relu_passes(x):
@@ -322,7 +322,7 @@ if triton is not None:
             sq_f, sq_y, sq_t, sd_f, sd_x, sd_t,
             sqm_f, sqm_y, sqm_x, sqm_t, sdm_f, sdm_y, sdm_x, sdm_t,
             HAS_QM, HAS_DM, PRECISION, BLOCK_LQ, BLOCK_LD, BLOCK_H,
-        )[0]
+        )
         offs_i = tl.arange(0, BLOCK_LQ)
         offs_j = tl.arange(0, BLOCK_LD)
         in_i = offs_i < LQ
@@ -380,7 +380,7 @@ if triton is not None:
             sq_f, sq_y, sq_t, sd_f, sd_x, sd_t,
             sqm_f, sqm_y, sqm_x, sqm_t, sdm_f, sdm_y, sdm_x, sdm_t,
             HAS_QM, HAS_DM, PRECISION, BLOCK_LQ, BLOCK_LD, BLOCK_H,
-        )[0]
+        )
         offs_i = tl.arange(0, BLOCK_LQ)
         offs_j = tl.arange(0, BLOCK_LD)
         in_i = offs_i < LQ
