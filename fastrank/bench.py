@@ -664,7 +664,7 @@ def _cli_providers(args, device: str) -> list[str]:
         isas = [i.strip() for i in args.isa.split(",") if i.strip()]
         bad = [i for i in isas if i not in available_isas]
         if bad:
-            raise SystemExit(
+            raise ValueError(
                 f"--isa: {','.join(bad)} cannot run here; this CPU and build offer {','.join(available_isas)} "
                 f"(CPU flags: {' '.join(machine.machine_info()['isa_flags']) or 'none'})")
     if not args.providers:
@@ -673,7 +673,7 @@ def _cli_providers(args, device: str) -> list[str]:
     known = set(PROVIDERS) | {ISA_PREFIX + i for i in available_isas}
     unknown = [p for p in providers if p not in known]
     if unknown:
-        raise SystemExit(f"--providers: unknown {unknown}; expected a subset of {','.join(sorted(known))}")
+        raise ValueError(f"--providers: unknown {unknown}; expected a subset of {','.join(sorted(known))}")
     if isas is not None:
         providers = [p for p in providers if not p.startswith(ISA_PREFIX) or p[len(ISA_PREFIX):] in isas]
     return providers
@@ -698,7 +698,7 @@ def _cli_emulate(args) -> int:
     import sys
 
     if args.emulate not in machine.isa_paths():
-        raise SystemExit(f"--emulate {args.emulate}: this CPU cannot run that path itself "
+        raise ValueError(f"--emulate {args.emulate}: this CPU cannot run that path itself "
                          f"(it offers {','.join(machine.isa_paths())})")
     argv, skip = [], False
     for a in sys.argv[1:]:
@@ -734,11 +734,14 @@ def _cli_maxsim(args) -> int:
         from fastrank import bench_all
 
         if args.providers or args.isa or args.cases or args.json:
-            raise SystemExit("--out runs every provider on the cases and the sweeps; it takes none of --providers, "
+            raise ValueError("--out runs every provider on the cases and the sweeps; it takes none of --providers, "
                              "--isa, --cases, --json (the JSON goes to DIR/results.json)")
         settings = bench_all.settings_from(args)
         return bench_all.report(bench_all.run_sections(["maxsim"], settings, bench_all.command_line(args),
                                                        ceiling_seconds=args.ceiling_seconds), args.out, None)
+    if args.compile:
+        raise ValueError("--compile goes with --out (the sweeps); without --out, time torch.compile with "
+                         "--providers compile")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     providers = _cli_providers(args, device)
     cases = select_cases(cuda_cases() if device.startswith("cuda") else cpu_cases(), args.quick, args.cases)
@@ -748,7 +751,8 @@ def _cli_maxsim(args) -> int:
         keep = _dtypes(args.dtype)
         cases = [c for c in cases if c.dtype_name in keep]
     if not cases:
-        raise SystemExit(f"--cases {args.cases!r} matches no case")
+        chosen = [f"{flag} {value}" for flag, value in (("--cases", args.cases), ("--dtype", args.dtype)) if value]
+        raise ValueError(f"{' with '.join(chosen + ['--quick'] * args.quick)}: no case matches")
     info = machine.machine_info(device)
     ceilings = machine.measure_ceilings(device, seconds=args.ceiling_seconds)
     rows = run_maxsim(cases, device, providers, ceilings=ceilings, default_isa=default_path(device))

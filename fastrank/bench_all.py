@@ -220,7 +220,7 @@ def _dtypes(text: Optional[str]) -> Optional[tuple[str, ...]]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     bad = [n for n in names if n not in DTYPE_NAMES]
     if bad or not names:
-        raise SystemExit(f"--dtype: expected a comma-separated subset of {','.join(DTYPE_NAMES)}, got {text!r}")
+        raise ValueError(f"--dtype: expected a comma-separated subset of {','.join(DTYPE_NAMES)}, got {text!r}")
     return names
 
 
@@ -243,7 +243,7 @@ def add_common(p, *, json_flag: bool = True) -> None:
 def settings_from(args) -> Settings:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA device here")
+        raise ValueError("--device cuda: torch sees no CUDA device here")
     return Settings(device=device, quick=args.quick, tiny=args.tiny, dtypes=_dtypes(args.dtype),
                     compile=args.compile, min_seconds=0.0 if args.tiny else (0.2 if args.quick else 0.3))
 
@@ -291,12 +291,12 @@ def _cli_all(args) -> int:
         names = [n.strip() for n in args.sections.split(",") if n.strip()]
         bad = [n for n in names if n not in SECTION_NAMES]
         if bad or not names:
-            raise SystemExit(f"--sections: expected a comma-separated subset of {','.join(SECTION_NAMES)}, "
+            raise ValueError(f"--sections: expected a comma-separated subset of {','.join(SECTION_NAMES)}, "
                              f"got {args.sections!r}")
     extra = [n.strip() for n in args.include.split(",") if n.strip()]
     bad = [n for n in extra if n not in EXTRA_SECTIONS]
     if bad:
-        raise SystemExit(f"--include: expected a comma-separated subset of {','.join(EXTRA_SECTIONS)}, got {args.include!r}")
+        raise ValueError(f"--include: expected a comma-separated subset of {','.join(EXTRA_SECTIONS)}, got {args.include!r}")
     settings = settings_from(args)
     if settings.device.startswith("cuda") and "kernels" not in extra:
         extra.append("kernels")

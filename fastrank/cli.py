@@ -69,6 +69,50 @@ def _check_out_file(path: str, name: str = "OUT") -> None:
         raise ValueError(f"{name} {path}: is a directory; expected the path of a file to write")
 
 
+# Arguments that name a file or directory a command writes ("-" being stdout), with the name an error gives
+# them; `bench`'s OUT is an option.
+OUTPUT_ARGS = {"out": "OUT", "json": "--json", "cache_dir": "--cache-dir"}
+PARENTS_RULE = ("Every command creates the missing parent directories of the files and directories it writes "
+                "(as mkdir -p does) before it starts.")
+
+
+def _make_output_parents(args) -> None:
+    """:data:`PARENTS_RULE`, for every command alike, before any of its work: a parent path that runs into a
+    file is refused here rather than after the encoding it would have thrown away."""
+    for dest, name in OUTPUT_ARGS.items():
+        value = getattr(args, dest, None)
+        if not isinstance(value, str) or value in ("", "-"):
+            continue
+        if dest == "out" and args.command == "bench":
+            name = "--out"
+        parent = Path(value).absolute().parent
+        existing = next(p for p in (parent, *parent.parents) if p.exists())
+        if not existing.is_dir():
+            raise ValueError(f"{name} {value}: {existing} is a file, not a directory; expected a path whose parent "
+                             "is a directory or can be created")
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OSError(f"{name} {value}: cannot create its parent directory {parent} ({exc.strerror})") from None
+
+
+def _model_max_positions(model) -> int | None:
+    from fastrank.encoders import model_max_positions
+    from fastrank.trained import is_trained, load_trained
+
+    return model_max_positions(load_trained(model).encoder_path if is_trained(model) else model)
+
+
+def _check_max_length(max_length: int | None, model, name: str = "--max-length") -> None:
+    """Past the model's position embeddings the forward pass fails with a shape error, after the model loads."""
+    if max_length is None:
+        return
+    limit = _model_max_positions(model)
+    if limit is not None and max_length > limit:
+        raise ValueError(f"{name} {max_length}: the model {model or '(default all-MiniLM-L6-v2)'} takes at most "
+                         f"{limit} tokens per text; use at most {limit}")
+
+
 def _encoder(args, **kw):
     """The encoder ``--model`` names; a ``fastrank train`` directory brings its own (with the MaxSim projection
     its head learned), so its tokens match what the head was trained on."""
@@ -88,8 +132,9 @@ def add_evaluate(sub) -> None:
     p.add_argument("run", nargs="+", help="one or more runs; each is a row of the table")
     p.add_argument("--measures", nargs="+", metavar="M",
                    help="ir-measures names, e.g. nDCG@10 'RR(rel=2)@10' R@100 (default: nDCG@10 RR@10 R@100 AP)")
-    p.add_argument("--rel", type=int, default=1,
-                   help="minimum grade counted relevant by RR, R and AP in the default measures (TREC DL: 2)")
+    p.add_argument("--rel", type=int,
+                   help="minimum grade counted relevant by RR, R and AP in the default measures (TREC DL: 2; "
+                        "default 1); with --measures, write it into the measure: 'RR(rel=2)@10'")
     p.add_argument("--json", action="store_true", help="print one JSON object {measure: value} (one run only)")
     p.set_defaults(func=cmd_evaluate)
 
@@ -100,8 +145,12 @@ def cmd_evaluate(args) -> int:
 
     if args.json and len(args.run) != 1:
         raise ValueError("--json takes exactly one run")
+    if args.rel is not None and args.measures:
+        raise ValueError(f"--rel {args.rel} and --measures: --rel sets the default measures' threshold only; write it "
+                         f"into the measure instead, e.g. 'RR(rel={args.rel})@10'")
     qrels = read_qrels(args.qrels)
-    results = {Path(r).name: evaluate(qrels, read_run(r), args.measures, rel=args.rel) for r in args.run}
+    rel = 1 if args.rel is None else args.rel
+    results = {Path(r).name: evaluate(qrels, read_run(r), args.measures, rel=rel) for r in args.run}
     if args.json:
         print(json.dumps(next(iter(results.values()))))
     else:
@@ -131,7 +180,8 @@ def add_index(sub) -> None:
     p.add_argument("--metric", choices=("ip", "l2"), help="dense index only (default ip; MaxSim is inner product)")
     p.add_argument("--tokens", action="store_true", help="index token embeddings for MaxSim (TokenIndex)")
     p.add_argument("--max-length", type=int, help="max tokens per document (default 256 dense, 200 tokens)")
-    p.add_argument("--seed", type=int, default=0, help="seed for IVF / PQ / k-means training")
+    p.add_argument("--seed", type=int, help="seed for IVF / PQ training and the token index's k-means (default 0; "
+                                            "flat, hnsw and exhaustive token indexes train nothing)")
     g = p.add_argument_group("token index (--tokens) storage")
     g.add_argument("--token-dtype", choices=("float16", "bfloat16", "int8"),
                    help="how token vectors are stored and scored (default int8: half float16's size, the same "
@@ -143,12 +193,23 @@ def add_index(sub) -> None:
     p.set_defaults(func=cmd_index)
 
 
+def _check_seed_is_used(args) -> None:
+    if args.seed is None:
+        return
+    if args.tokens and args.exhaustive:
+        raise ValueError("--seed and --exhaustive: an exhaustive token index builds no centroids, so nothing is seeded")
+    if not args.tokens and (args.kind or "flat") in ("flat", "hnsw"):
+        raise ValueError(f"--seed and --kind {args.kind or 'flat'}: a {args.kind or 'flat'} index trains nothing, so "
+                         "nothing is seeded (the seed applies to ivf_flat and ivf_pq)")
+
+
 def cmd_index(args) -> int:
     import time
 
-    from fastrank.data import atomic_output, read_corpus
+    from fastrank.data import read_corpus
     from fastrank.encoders import DOC_MAX_LENGTH, check_device
     from fastrank.index import KINDS, DenseIndex, TokenIndex
+    from fastrank.index.storage import check_index_dir, check_not_inside
     from fastrank.index.tokens import DEFAULT_NPROBE
 
     token_only = [flag for flag, value in (("--token-dtype", args.token_dtype), ("--ncentroids", args.ncentroids),
@@ -160,20 +221,23 @@ def cmd_index(args) -> int:
             if value is not None and value != {"--kind": "flat", "--metric": "ip"}[flag]:
                 raise ValueError(f"{flag} {value} applies to dense indexes; a token index scores MaxSim (inner "
                                  "product) over centroid candidates (--ncentroids, --nprobe, --ndocs) or --exhaustive")
-        if args.exhaustive and args.ncentroids is not None:
-            raise ValueError("--ncentroids and --exhaustive: an exhaustive token index builds no centroids")
+        centroid_args = [flag for flag, value in (("--ncentroids", args.ncentroids), ("--nprobe", args.nprobe),
+                                                  ("--ndocs", args.ndocs)) if value is not None]
+        if args.exhaustive and centroid_args:
+            raise ValueError(f"{', '.join(centroid_args)} and --exhaustive: an exhaustive token index builds no "
+                             "centroids and scores every document")
     elif token_only:
         raise ValueError(f"{', '.join(token_only)} apply to token indexes only: add --tokens")
     elif args.kind is not None and args.kind not in KINDS:
         raise ValueError(f"--kind: unknown index kind {args.kind!r}; expected one of {', '.join(KINDS)}")
     _check_positive(args, "--max-length", "--ncentroids", "--nprobe", "--ndocs")
     _check_model_args(args)
+    _check_max_length(args.max_length, args.model)
+    _check_seed_is_used(args)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"OUT {out}: exists and is not a directory; expected a directory to write the index to")
-    if out.is_dir() and any(out.iterdir()) and not (out / "meta.json").is_file():
-        raise ValueError(f"OUT {out}: a directory that holds other files than a fastrank index; refusing to replace "
-                         "it (pick a new or empty directory)")
+    # OUT is absent, empty or an index fastrank saved; replacing it removes only that index's files.
+    check_not_inside(out, {"CORPUS": args.corpus})
+    check_index_dir(out, label="OUT")
     corpus = read_corpus(args.corpus)
     dense_dim, token_dim = _model_dims(args.model)
     device = check_device(args.device, "--device")
@@ -182,13 +246,14 @@ def cmd_index(args) -> int:
         index = TokenIndex(token_dim, token_dtype=args.token_dtype or "int8",
                            stage1="exhaustive" if args.exhaustive else "centroids", ncentroids=args.ncentroids,
                            nprobe=DEFAULT_NPROBE if args.nprobe is None else args.nprobe, ndocs=args.ndocs,
-                           seed=args.seed, device=device)
+                           seed=args.seed or 0, device=device)
     else:
-        index = DenseIndex(dense_dim, args.kind or "flat", args.metric or "ip", device=device, seed=args.seed)
+        index = DenseIndex(dense_dim, args.kind or "flat", args.metric or "ip", device=device, seed=args.seed or 0)
         nlist, least = index.training_points(len(corpus))
         if len(corpus) < least:
             raise ValueError(f"--kind {index.kind}: {args.corpus} has {len(corpus)} documents, too few to train it "
                              f"(at least {least}); use --kind flat or hnsw")
+    check_index_dir(out, [*index.saved_files(), ENCODER_FILE], label="OUT")
     enc = _encoder(args)
     ids, texts = list(corpus), list(corpus.values())
     t0 = time.perf_counter()
@@ -211,8 +276,7 @@ def cmd_index(args) -> int:
     model = None if args.model is None else os.path.relpath(Path(args.model).resolve(), out.resolve())
     info = {"format": ENCODER_FORMAT, "model": model, "model_name": Path(args.model or enc.path).name,
             "tokens": args.tokens, "max_length": max_length, "pooling": enc.pooling}
-    with atomic_output(out, directory=True) as tmp:
-        index.save(tmp, attach={ENCODER_FILE: json.dumps(info, indent=1)})
+    index.save(out, attach={ENCODER_FILE: json.dumps(info, indent=1)})
     print(f"encoded {len(index)} documents in {encoded - t0:.1f} s; built the index in {built - encoded:.1f} s; "
           f"saved in {time.perf_counter() - built:.1f} s")
     print(f"indexed {len(index)} documents ({kind}) into {out}")
@@ -246,6 +310,7 @@ def _read_index_info(index_dir: Path) -> dict:
     info["model"] = None if model is None else os.path.normpath(index_dir / model)
     info["stored_model"] = model
     info["dim"] = meta.get("dim")
+    info["stage1"] = meta.get("stage1")
     return info
 
 
@@ -265,7 +330,7 @@ def add_retrieve(sub) -> None:
 
 
 def cmd_retrieve(args) -> int:
-    from fastrank.data import read_qrels, read_queries, write_run
+    from fastrank.data import check_tag, read_qrels, read_queries, write_run
     from fastrank.index import DenseIndex, TokenIndex
 
     if args.token_k is not None:
@@ -273,12 +338,20 @@ def cmd_retrieve(args) -> int:
                          "use --nprobe (centroids per query token) and --ndocs (candidates scored exactly)")
     _check_positive(args, "-k", "--nprobe", "--ndocs")
     _check_out_file(args.out)
+    check_tag(args.tag, "--tag")
+    centroid_args = [f for f, v in (("--nprobe", args.nprobe), ("--ndocs", args.ndocs)) if v is not None]
+    if args.exhaustive and centroid_args:
+        raise ValueError(f"{', '.join(centroid_args)} and --exhaustive: an exhaustive search scores every document "
+                         "and probes no centroids")
     index_dir = Path(args.index)
     info = _read_index_info(index_dir)
     token_args = [f for f, v in (("--nprobe", args.nprobe), ("--ndocs", args.ndocs),
                                  ("--exhaustive", args.exhaustive or None)) if v is not None]
     if token_args and not info["tokens"]:
         raise ValueError(f"{', '.join(token_args)} apply to token indexes; {index_dir} is a dense index")
+    if centroid_args and info["stage1"] == "exhaustive":
+        raise ValueError(f"{', '.join(centroid_args)}: the token index {index_dir} was built --exhaustive; it has no "
+                         "centroids and every search scores every document")
     if args.model is None:
         if info["model"] is not None and not Path(info["model"]).is_dir():
             raise FileNotFoundError(f"INDEX {index_dir}: built with the model {info['stored_model']} (from here "
@@ -290,6 +363,8 @@ def cmd_retrieve(args) -> int:
     if info["dim"] is not None and dim != info["dim"]:
         raise ValueError(f"--model {args.model or 'default'}: gives {dim}-dim vectors, the index {index_dir} holds "
                          f"{info['dim']}-dim ones; use the model it was built with ({info['stored_model']})")
+    if not info["tokens"]:  # queries are encoded to the documents' length
+        _check_max_length(info["max_length"], args.model, f"INDEX {index_dir}: max_length")
     queries = read_queries(args.queries)
     if args.qrels:
         judged = read_qrels(args.qrels)
@@ -407,6 +482,9 @@ def cmd_rerank(args) -> int:
     from fastrank.trained import is_trained, load_trained
 
     _check_rerank_args(args)
+    if args.token_dtype is not None and args.scorer != "maxsim":
+        raise ValueError(f"--token-dtype applies to --scorer maxsim (the packed token embeddings), not --scorer "
+                         f"{args.scorer}")
     trained = load_trained(args.model) if is_trained(args.model) else None
     lite = None
     if args.lite is not None:
@@ -523,7 +601,8 @@ SUBCOMMANDS = [add_index, add_retrieve, add_rerank, add_evaluate, add_demo, add_
 def build_parser() -> argparse.ArgumentParser:
     from fastrank import __version__
 
-    parser = argparse.ArgumentParser(prog="fastrank", description="Fused kernels for neural re-ranking.")
+    parser = argparse.ArgumentParser(prog="fastrank", description="Fused kernels for neural re-ranking.",
+                                     epilog=PARENTS_RULE)
     parser.add_argument("--version", action="version", version=f"fastrank {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
@@ -557,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
 
         warnings.showwarning = show
         try:
+            _make_output_parents(args)
             return args.func(args)
         except (OSError, ValueError, ImportError, RuntimeError) as exc:
             # Bad input or a missing optional dependency: one line naming the problem, not a traceback.

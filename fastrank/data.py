@@ -11,7 +11,9 @@ ids, the shape ir-measures and pytrec_eval take directly:
 - corpus: ``{docid: text}`` from BEIR ``corpus.jsonl`` / passage jsonl (``{"_id", "title"?, "text"}``),
   with the title prepended as BEIR's dense baselines do.
 
-A malformed line is an error naming the file and line, never a silently dropped judgment. So is an id
+Files are UTF-8; a byte-order mark is dropped, never made part of the first id. A malformed line is an error
+naming the file and line, never a silently dropped judgment: so is a byte that is not UTF-8, and a relevance
+grade that is not an integer trec_eval's C int holds (a fraction is never truncated). So is an id
 given twice with different content (a query's text, a document's text, a judgment's grade, a run's
 score): a dict would keep one and drop the other without a word. A line that repeats an earlier one
 exactly loses nothing; it is kept once, and one warning per file counts them.
@@ -40,21 +42,47 @@ class DataFormatError(ValueError):
     """A file does not have the layout its reader expects; the message names the file and line."""
 
 
+# utf-8-sig: a byte-order mark (Windows editors and Excel write one) would otherwise become part of the first
+# id, and that query or document would silently match nothing.
+ENCODING = "utf-8-sig"
+
+# Grades are handed to trec_eval (pytrec_eval) as C ints; negative grades are legal TREC qrels (junk, -1/-2).
+GRADE_MIN, GRADE_MAX = -2**31, 2**31 - 1
+
+
+def _open_binary(path: Path) -> io.BufferedIOBase:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
 def _open_text(path: PathLike) -> io.TextIOBase:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+    return io.TextIOWrapper(_open_binary(path), encoding=ENCODING)
 
 
 def _lines(path: PathLike) -> Iterator[tuple[int, str]]:
     with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\n").rstrip("\r")
-            if line.strip():
-                yield lineno, line
+        try:
+            for lineno, line in enumerate(f, 1):
+                line = line.rstrip("\n").rstrip("\r")
+                if line.strip():
+                    yield lineno, line
+        except UnicodeDecodeError as exc:
+            raise _undecodable(Path(path), exc) from None
+
+
+def _undecodable(path: Path, exc: UnicodeDecodeError) -> DataFormatError:
+    """The decoder reports a position within its read-ahead buffer, not the file: the file is scanned again
+    line by line to name the line (and column) that is not UTF-8."""
+    with _open_binary(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")  # a BOM is valid UTF-8, and columns stay byte columns of the file
+            except UnicodeDecodeError as bad:
+                return DataFormatError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[bad.start]:02x} at column "
+                                       f"{bad.start + 1}); save the file as UTF-8")
+    return DataFormatError(f"{path}: not valid UTF-8 ({exc.reason})")
 
 
 def _is_header(fields: list[str], numeric_col: int) -> bool:
@@ -118,15 +146,30 @@ def read_qrels(path: PathLike) -> Qrels:
             qid, docid, grade = fields
         else:
             qid, _, docid, grade = fields
-        try:
-            value = int(float(grade))
-        except ValueError:
-            raise DataFormatError(f"{path}:{lineno}: relevance grade {grade!r} is not a number") from None
-        unique.add(qrels.setdefault(qid, {}), docid, value, lineno, qid)
+        unique.add(qrels.setdefault(qid, {}), docid, _grade(grade, f"{path}:{lineno}"), lineno, qid)
     unique.done()
     if not qrels:
         raise DataFormatError(f"{path}: no judgments found")
     return qrels
+
+
+def _grade(text: str, where: str) -> int:
+    """A relevance grade: an integer (``2``, ``-1``, or ``2.0``) that fits trec_eval's C int. A fraction is
+    refused rather than truncated, which would silently change the judgment."""
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            number = float(text)
+        except ValueError:
+            raise DataFormatError(f"{where}: relevance grade {text!r} is not a number") from None
+        if not number.is_integer():
+            raise DataFormatError(f"{where}: relevance grade {text!r} is not an integer") from None
+        value = int(number)
+    if not GRADE_MIN <= value <= GRADE_MAX:
+        raise DataFormatError(f"{where}: relevance grade {text!r} is out of range (expected an integer from "
+                              f"{GRADE_MIN} to {GRADE_MAX})")
+    return value
 
 
 def read_run(path: PathLike) -> Run:

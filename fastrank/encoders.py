@@ -13,6 +13,7 @@ strong re-ranker and distillation teacher the bi-encoders are measured against.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,29 @@ def model_hidden_size(model: str | os.PathLike | None = None) -> int:
         return int(_transformers().AutoConfig.from_pretrained(str(path), local_files_only=True).hidden_size)
     except (OSError, ValueError, AttributeError) as exc:
         raise ValueError(f"model: {path}/config.json does not give a hidden size ({exc})") from None
+
+
+def model_max_positions(model: str | os.PathLike | None = None) -> int | None:
+    """The most tokens a local model directory (default all-MiniLM-L6-v2) takes per text, read without its
+    weights: the config's ``max_position_embeddings``, lowered to the tokenizer's ``model_max_length`` where
+    that is smaller (RoBERTa's 514 positions hold 512 tokens). None when neither says."""
+    path = _model_dir(model if model is not None else default_model_path())
+    try:
+        config = _transformers().AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"model: {path}/config.json cannot be read ({exc})") from None
+    limits = [getattr(config, "max_position_embeddings", None), _tokenizer_max_length(path)]
+    limits = [n for n in limits if isinstance(n, int) and not isinstance(n, bool) and 0 < n]
+    return min(limits) if limits else None
+
+
+def _tokenizer_max_length(path: Path) -> int | None:
+    # transformers writes a huge sentinel (int(1e30)) when the tokenizer has no limit of its own.
+    try:
+        value = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8")).get("model_max_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value < 10**9 else None
 
 
 def _device_and_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:

@@ -32,6 +32,13 @@ def default_measures(rel: int = 1) -> list[str]:
     return ["nDCG@10", f"RR(rel={rel})@10", f"R(rel={rel})@100", f"AP(rel={rel})"]
 
 
+def _measures(measures: Sequence[str] | None, rel: int) -> list:
+    if measures is not None and rel != 1:
+        raise ValueError(f"rel={rel} sets the default measures' threshold only; with measures given, write it into "
+                         f"the measure instead, e.g. 'RR(rel={rel})@10'")
+    return parse_measures(measures if measures is not None else default_measures(rel))
+
+
 def parse_measures(measures: Iterable[str]) -> list:
     ir_measures = _ir_measures()
     parsed = []
@@ -63,7 +70,7 @@ def evaluate(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[s
     Returns ``{measure name in ir-measures notation: value}`` in the order asked.
     """
     _check(qrels, run)
-    parsed = parse_measures(measures if measures is not None else default_measures(rel))
+    parsed = _measures(measures, rel)
     agg = _ir_measures().calc_aggregate(parsed, _int_qrels(qrels), _float_run(run))
     return {str(m): float(agg[m]) for m in parsed}
 
@@ -71,7 +78,7 @@ def evaluate(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[s
 def evaluate_per_query(qrels, run, measures: Sequence[str] | None = None, rel: int = 1) -> dict[str, dict[str, float]]:
     """``{qid: {measure: value}}`` for every judged query."""
     _check(qrels, run)
-    parsed = parse_measures(measures if measures is not None else default_measures(rel))
+    parsed = _measures(measures, rel)
     out: dict[str, dict[str, float]] = {}
     for m in _ir_measures().iter_calc(parsed, _int_qrels(qrels), _float_run(run)):
         out.setdefault(m.query_id, {})[str(m.measure)] = float(m.value)
@@ -79,7 +86,21 @@ def evaluate_per_query(qrels, run, measures: Sequence[str] | None = None, rel: i
 
 
 def _int_qrels(qrels):
-    return {str(q): {str(d): int(g) for d, g in docs.items()} for q, docs in qrels.items()}
+    return {str(q): {str(d): _grade(q, d, g) for d, g in docs.items()} for q, docs in qrels.items()}
+
+
+def _grade(qid, docid, grade) -> int:
+    """``grade`` as the C int trec_eval reads: a fraction is refused rather than truncated, and a value out of
+    range (which pytrec_eval reports as a SystemError, Python's int() of inf as an OverflowError) is refused."""
+    from numbers import Integral, Real
+
+    from fastrank.data import GRADE_MAX, GRADE_MIN
+
+    integral = isinstance(grade, Integral) or isinstance(grade, Real) and float(grade).is_integer()
+    if not integral or not GRADE_MIN <= grade <= GRADE_MAX:
+        raise ValueError(f"qrels[{qid!r}][{docid!r}]: relevance grade {grade!r} is not an integer from {GRADE_MIN} "
+                         f"to {GRADE_MAX}")
+    return int(grade)
 
 
 def _float_run(run):
