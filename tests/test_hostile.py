@@ -274,7 +274,10 @@ def test_an_index_from_before_the_checksum_still_reads(tmp_path, tiny_model, den
     shutil.copytree(dense_ix, old)
     meta = json.loads((old / "meta.json").read_text())
     meta["sha256"].pop("encoder.json")
-    (old / "meta.json").write_text(json.dumps(meta))
+    # Before the checksum meant before manifests too: format version 1, no written_by or meta_sha256.
+    for key in ("written_by", "meta_sha256"):
+        meta.pop(key)
+    (old / "meta.json").write_text(json.dumps(meta | {"version": 1}))
     (old / "encoder.json").write_text(json.dumps({"model": str(Path(tiny_model).resolve()), "tokens": False,
                                                   "max_length": 256, "pooling": "mean"}))
     (tmp_path / "q.tsv").write_text("1\tcells\n")

@@ -24,14 +24,20 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from fastrank.index.storage import (IndexFormatError, check_unique_ids, read_meta, sha256_file, verify_files,
-                                    write_attached)
+from fastrank.index.storage import (META, IndexFormatError, check_finite_rows, check_ids, check_unique_ids, is_int,
+                                    meta_field, optional_positive_int, positive_int, read_meta, save_index_dir,
+                                    verify_files, verify_meta_checksum, write_npy)
 from fastrank.progress import progress_bar
 
 KINDS = ("flat", "ivf_flat", "ivf_pq", "hnsw")
 METRICS = ("ip", "l2")
 BACKENDS = ("faiss", "faiss_gpu", "torch")
-FORMAT_VERSION = 1
+FORMAT = "fastrank.DenseIndex"
+# Version 2 made meta.json a manifest (written_by, meta_sha256; see fastrank.index.storage). Version 1 has
+# the same files and fields, so it still loads, with every field checked but no checksum of meta.json.
+FORMAT_VERSION = 2
+LEGACY_VERSION = 1
+REBUILD_HINT = "rebuild with `fastrank index CORPUS OUT` (or DenseIndex(...).add(...).save(...))"
 # FAISS trains k-means well with this many points per centroid and prints a warning for each k-means run
 # (one per PQ sub-quantizer: 48 for a 384-dim IVF-PQ) below it.
 FAISS_POINTS_PER_CENTROID = 39
@@ -259,6 +265,7 @@ class DenseIndex:
         n = x.shape[0]
         if n == 0:
             raise ValueError("vectors is empty: nothing to add")
+        check_finite_rows(x, "vectors")
         if ids is None:
             ids = list(range(len(self._ids), len(self._ids) + n))
         else:
@@ -304,6 +311,7 @@ class DenseIndex:
             raise ValueError(f"k must be a positive int, got {k!r}")
         if len(self) == 0:
             raise ValueError("the index is empty: add vectors before searching")
+        check_finite_rows(q, "queries")
         nq = q.shape[0]
         if self.backend != "torch" and nq <= batch_size and k <= len(self):
             # One FAISS call fills whole (nq, k) arrays: hand them back as they are, no copies.
@@ -370,59 +378,64 @@ class DenseIndex:
 
     # -- persistence ----------------------------------------------------------------------------------
     def _meta(self) -> dict:
-        return {"format": "fastrank.DenseIndex", "version": FORMAT_VERSION, "dim": self.dim, "kind": self.kind,
+        return {"format": FORMAT, "version": FORMAT_VERSION, "dim": self.dim, "kind": self.kind,
                 "metric": self.metric, "params": self.params, "ntotal": len(self),
                 "id_type": "int" if all(isinstance(i, int) for i in self._ids) else "str"}
+
+    def saved_files(self) -> list[str]:
+        """The files :meth:`save` writes besides ``meta.json`` and attached ones: what a directory it saves
+        into may hold only if an index saved there owns them."""
+        return ["vectors.npy" if self.backend == "torch" else "index.faiss", "ids.json"]
 
     def save(self, path: str | os.PathLike, *, attach: dict[str, str] | None = None) -> Path:
         """Write the index to directory ``path``: vectors (``index.faiss`` or ``vectors.npy``), ``ids.json``
         and ``meta.json`` with checksums that :meth:`load` verifies. ``attach`` (file name -> text) adds
-        files of the caller's (the CLI's ``encoder.json``), checksummed and verified with the rest."""
+        files of the caller's (the CLI's ``encoder.json``), checksummed and verified with the rest.
+
+        ``path`` must be absent, empty, or an index fastrank saved: that index is replaced, its files that
+        this one does not write are removed, and any other file in ``path`` is left as it is (one that this
+        save would overwrite is an error). A reader sees the old index or the new one, never a mix."""
         if len(self) == 0:
             raise ValueError("the index is empty: nothing to save")
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        data, ids = self.saved_files()
         if self.backend == "torch":
-            data = path / "vectors.npy"
-            np.save(data, self._vectors.cpu().numpy())
+            write_data = write_npy(self._vectors.cpu().numpy())
         else:
-            data = path / "index.faiss"
-            _faiss().write_index(self._faiss_index, str(data))
-        ids = path / "ids.json"
-        ids.write_text(json.dumps(self._ids))
-        sums = {data.name: sha256_file(data), ids.name: sha256_file(ids)} | write_attached(path, attach)
-        meta = self._meta() | {"data_file": data.name, "sha256": sums}
-        (path / "meta.json").write_text(json.dumps(meta, indent=1))
-        return path
+            def write_data(p: Path) -> None:
+                _faiss().write_index(self._faiss_index, str(p))
+        ids_text = json.dumps(self._ids)
+        writers = {data: write_data, ids: lambda p: p.write_text(ids_text, encoding="utf-8")}
+        return save_index_dir(path, writers, self._meta() | {"data_file": data}, attach)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
              backend: str | None = None) -> "DenseIndex":
-        """Read an index written by :meth:`save`; a missing, corrupt or mismatched file is an
-        :class:`IndexFormatError` naming it."""
+        """Read an index written by :meth:`save`; a missing, corrupt or mismatched file, or a meta.json field
+        that is edited, out of range or disagrees with the FAISS file, is an :class:`IndexFormatError` naming
+        it."""
         path = Path(path)
-        meta = read_meta(path, "fastrank.DenseIndex", _REQUIRED, FORMAT_VERSION)
+        meta = read_meta(path, FORMAT, _REQUIRED, FORMAT_VERSION, REBUILD_HINT, legacy_version=LEGACY_VERSION)
+        _check_meta_fields(path / META, meta)
         data, ids_file = path / meta["data_file"], path / "ids.json"
         verify_files(path, meta, (data, ids_file))
         try:
-            ids = json.loads(ids_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise IndexFormatError(f"{ids_file}: not valid JSON ({exc.msg})") from None
-        if not isinstance(ids, list) or len(ids) != meta["ntotal"]:
-            raise IndexFormatError(f"{ids_file}: {len(ids)} ids but meta.json says ntotal={meta['ntotal']}")
-        try:
-            check_unique_ids(ids, set())
-        except (ValueError, TypeError) as exc:
-            raise IndexFormatError(f"{ids_file}: {exc}") from None
+            ids = json.loads(ids_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise IndexFormatError(f"{ids_file}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
+        check_ids(ids_file, ids, meta["ntotal"], "ntotal", meta["id_type"])
         p = meta["params"]
-        saved_torch = data.suffix == ".npy"
-        self = cls(meta["dim"], meta["kind"], meta["metric"], nlist=p["nlist"], nprobe=p["nprobe"], pq_m=p["pq_m"],
-                   pq_bits=p["pq_bits"], hnsw_m=p["hnsw_m"], ef_construction=p["ef_construction"],
-                   ef_search=p["ef_search"], seed=p["seed"], device=device, backend=backend)
-        if saved_torch:
-            vectors = np.load(data)
-            if vectors.shape != (meta["ntotal"], meta["dim"]):
-                raise IndexFormatError(f"{data}: shape {vectors.shape}, meta.json says ({meta['ntotal']}, {meta['dim']})")
+        try:
+            self = cls(meta["dim"], meta["kind"], meta["metric"], nlist=p["nlist"], nprobe=p["nprobe"],
+                       pq_m=p["pq_m"], pq_bits=p["pq_bits"], hnsw_m=p["hnsw_m"], ef_construction=p["ef_construction"],
+                       ef_search=p["ef_search"], seed=p["seed"], device=device, backend=backend)
+        except ValueError as exc:
+            raise IndexFormatError(f"{path / META}: {exc}") from None
+        if data.suffix == ".npy":
+            vectors = np.load(data, allow_pickle=False)
+            if vectors.shape != (meta["ntotal"], meta["dim"]) or vectors.dtype != np.float32:
+                raise IndexFormatError(f"{data}: {vectors.dtype} {vectors.shape}, meta.json says float32 "
+                                       f"({meta['ntotal']}, {meta['dim']}) (fields ntotal, dim)")
+            verify_meta_checksum(path, meta)
             self.add(vectors, ids, progress=False)  # plain vectors load into whichever backend was chosen
             return self
         if self.backend == "torch":
@@ -431,9 +444,8 @@ class DenseIndex:
             index = _faiss().read_index(str(data))
         except RuntimeError as exc:
             raise IndexFormatError(f"{data}: FAISS cannot read it ({str(exc).splitlines()[0]})") from None
-        if index.d != meta["dim"] or index.ntotal != meta["ntotal"]:
-            raise IndexFormatError(f"{data}: holds {index.ntotal} vectors of dim {index.d}, meta.json says "
-                                   f"{meta['ntotal']} of dim {meta['dim']}")
+        _check_faiss_matches_meta(data, index, meta)
+        verify_meta_checksum(path, meta)
         if self.kind in ("ivf_flat", "ivf_pq"):
             _faiss().extract_index_ivf(index).nprobe = min(p["nprobe"], p["nlist"])
         if self.kind == "hnsw":
@@ -443,3 +455,54 @@ class DenseIndex:
 
 
 _REQUIRED = ("dim", "kind", "metric", "params", "ntotal", "data_file", "sha256")
+# FAISS stores these parameters as C ints.
+_INT32 = 2 ** 31
+
+
+def _faiss_param(value) -> bool:
+    return positive_int(value) and value < _INT32
+
+
+def _check_meta_fields(meta_file: Path, meta: dict) -> None:
+    """Every field of a DenseIndex's meta.json has its type and range, naming the first that does not."""
+    dim = meta_field(meta_file, meta, "dim", _faiss_param, "a positive integer below 2**31")
+    kind = meta_field(meta_file, meta, "kind", lambda v: v in KINDS, f"one of {KINDS}")
+    meta_field(meta_file, meta, "metric", lambda v: v in METRICS, f"one of {METRICS}")
+    meta_field(meta_file, meta, "ntotal", positive_int, "a positive integer")
+    meta_field(meta_file, meta, "id_type", lambda v: v in ("int", "str"), "'int' or 'str'")
+    data_files = ("vectors.npy", "index.faiss") if kind == "flat" else ("index.faiss",)
+    meta_field(meta_file, meta, "data_file", lambda v: v in data_files, f"one of {data_files} for kind {kind!r}")
+    p = meta_field(meta_file, meta, "params", lambda v: isinstance(v, dict), "an object")
+    ivf = kind in ("ivf_flat", "ivf_pq")
+    meta_field(meta_file, p, "nlist", _faiss_param if ivf else (lambda v: v is None or _faiss_param(v)),
+               "a positive integer below 2**31" + ("" if ivf else " or null"), "params.")
+    for name in ("nprobe", "hnsw_m", "ef_construction", "ef_search"):
+        meta_field(meta_file, p, name, _faiss_param, "a positive integer below 2**31", "params.")
+    meta_field(meta_file, p, "pq_m", lambda v: optional_positive_int(v) and (v is None or dim % v == 0),
+               f"null or a positive divisor of dim ({dim})", "params.")
+    meta_field(meta_file, p, "pq_bits", lambda v: positive_int(v) and v <= 24, "an integer from 1 to 24", "params.")
+    meta_field(meta_file, p, "seed", is_int, "an integer", "params.")
+
+
+def _check_faiss_matches_meta(data: Path, index, meta: dict) -> None:
+    """The FAISS file is the index meta.json describes: dimension, size, metric, kind and its structure."""
+    faiss, p = _faiss(), meta["params"]
+    kinds = {"flat": faiss.IndexFlat, "hnsw": faiss.IndexHNSW, "ivf_flat": faiss.IndexIVFFlat,
+             "ivf_pq": faiss.IndexIVFPQ}
+    found_kind = next((k for k, c in kinds.items() if isinstance(index, c)), type(index).__name__)
+    metrics = {faiss.METRIC_INNER_PRODUCT: "ip", faiss.METRIC_L2: "l2"}
+    found = {"dim": index.d, "ntotal": index.ntotal, "kind": found_kind,
+             "metric": metrics.get(index.metric_type, f"FAISS metric {index.metric_type}")}
+    if found_kind in ("ivf_flat", "ivf_pq"):
+        found["params.nlist"] = index.nlist
+    if found_kind == "ivf_pq":
+        found["params.pq_bits"] = index.pq.nbits
+        if p["pq_m"] is not None:
+            found["params.pq_m"] = index.pq.M
+    if found_kind == "hnsw":
+        found["params.hnsw_m"] = index.hnsw.nb_neighbors(1)  # levels above 0 hold M neighbours, level 0 2M
+    for field, value in found.items():
+        said = p[field.split(".")[1]] if field.startswith("params.") else meta[field]
+        if value != said:
+            raise IndexFormatError(f"{data.parent / META}: field {field} is {said!r}, but {data.name} holds "
+                                   f"{value!r}; rebuild the index if meta.json was edited")

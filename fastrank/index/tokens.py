@@ -40,15 +40,19 @@ import numpy as np
 import torch
 
 from fastrank.encoders import TokenEmbeddings
-from fastrank.index.storage import (IndexFormatError, check_unique_ids, read_meta, sha256_file, verify_files,
-                                    write_attached)
+from fastrank.index.storage import (META, IndexFormatError, check_finite_rows, check_ids, check_unique_ids, is_int,
+                                    meta_field, optional_positive_int, positive_int, read_meta, save_index_dir,
+                                    verify_files, verify_meta_checksum, write_npy)
 from fastrank.ops.maxsim_packed import segment_rows
 from fastrank.progress import progress_bar
 
 FORMAT = "fastrank.TokenIndex"
 # Version 1 held a per-token ANN (a DenseIndex in ann/) and float16 tokens; version 2 is centroid stage 1,
-# selectable token storage. The layouts share nothing, so version 1 is rebuilt, not converted.
-FORMAT_VERSION = 2
+# selectable token storage. The layouts share nothing, so version 1 is rebuilt, not converted. Version 3 made
+# meta.json a manifest (written_by, meta_sha256; see fastrank.index.storage); version 2 has the same files
+# and fields, so it still loads, with every field checked but no checksum of meta.json.
+FORMAT_VERSION = 3
+LEGACY_VERSION = 2
 REBUILD_HINT = "rebuild with `fastrank index --tokens CORPUS OUT` (or TokenIndex(...).add(...).save(...))"
 
 TOKEN_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
@@ -270,8 +274,7 @@ class TokenIndex:
             self._ids_seen = set(self._ids)
         check_unique_ids(ids, self._ids_seen)
         vectors = tok.vectors.detach()
-        if vectors.numel() and not bool(torch.isfinite(vectors).all()):
-            raise ValueError("tokens contain NaN or inf")
+        check_finite_rows(vectors, "tokens", _token_row_of(tok.offsets, "document"))
         first_new = self.num_tokens
         if self._scales is not None:
             from fastrank.ops.maxsim_packed import quantize_tokens
@@ -392,6 +395,7 @@ class TokenIndex:
         empty = torch.nonzero(q.lengths == 0)
         if empty.numel():
             raise ValueError(f"queries: query {int(empty[0, 0])} has no tokens")
+        check_finite_rows(q.vectors.detach(), "queries", _token_row_of(q.offsets, "query"))
         if not exhaustive:
             self.build(progress=progress)
         nq = len(q)
@@ -515,18 +519,26 @@ class TokenIndex:
                 for qid, row_ids, row_s in zip(qids, ids, scores)}
 
     # -- persistence ------------------------------------------------------------------------------------
+    def saved_files(self) -> list[str]:
+        """The files :meth:`save` writes besides ``meta.json`` and attached ones: what a directory it saves
+        into may hold only if an index saved there owns them."""
+        return (["tokens.npy", "offsets.npy"] + (["scales.npy"] if self.token_dtype == "int8" else [])
+                + (["centroids.npy", "codes.npy"] if self.stage1 == "centroids" else []) + ["ids.json"])
+
     def save(self, path: str | os.PathLike, *, progress: bool = True, attach: dict[str, str] | None = None) -> Path:
         """Write directory ``path`` (building stage 1 first if needed): ``tokens.npy`` in the storage dtype
         (bfloat16 as its int16 bit pattern: numpy has no bfloat16), ``scales.npy`` (int8 only),
         ``offsets.npy``, ``centroids.npy`` and ``codes.npy`` (centroid stage 1 only), ``ids.json``, and
         ``meta.json`` with the parameters and a checksum of every file. Inverted lists are rebuilt from the
         codes at load time (a single sort), so they are not stored twice. ``attach`` (file name -> text) adds
-        files of the caller's (the CLI's ``encoder.json``), checksummed and verified with the rest."""
+        files of the caller's (the CLI's ``encoder.json``), checksummed and verified with the rest.
+
+        ``path`` must be absent, empty, or an index fastrank saved: that index is replaced, its files that
+        this one does not write are removed, and any other file in ``path`` is left as it is (one that this
+        save would overwrite is an error). A reader sees the old index or the new one, never a mix."""
         if len(self) == 0:
             raise ValueError("the index is empty: nothing to save")
         self.build(progress=progress)
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         tokens = self._tokens.cpu()
         arrays = {"tokens.npy": (tokens.view(torch.int16) if tokens.dtype == torch.bfloat16 else tokens).numpy(),
                   "offsets.npy": self._offsets.cpu().numpy()}
@@ -535,16 +547,13 @@ class TokenIndex:
         if self.stage1 == "centroids":
             arrays["centroids.npy"] = self._centroids.cpu().numpy()
             arrays["codes.npy"] = self._codes.cpu().numpy()
-        for name, arr in arrays.items():
-            np.save(path / name, arr)
-        (path / "ids.json").write_text(json.dumps(self._ids))
-        names = list(arrays) + ["ids.json"]
+        ids_text = json.dumps(self._ids)
+        writers = {name: write_npy(arr) for name, arr in arrays.items()}
+        writers["ids.json"] = lambda p: p.write_text(ids_text, encoding="utf-8")
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "dim": self.dim, "documents": len(self),
                 "tokens": self.num_tokens, "token_dtype": self.token_dtype, "stage1": self.stage1,
-                "ncentroids": self.ncentroids, "nprobe": self.nprobe, "ndocs": self.ndocs, "seed": self.seed,
-                "sha256": {name: sha256_file(path / name) for name in names} | write_attached(path, attach)}
-        (path / "meta.json").write_text(json.dumps(meta, indent=1))
-        return path
+                "ncentroids": self.ncentroids, "nprobe": self.nprobe, "ndocs": self.ndocs, "seed": self.seed}
+        return save_index_dir(path, writers, meta, attach)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> "TokenIndex":
@@ -561,7 +570,7 @@ class TokenIndex:
                        ncentroids=meta["ncentroids"], nprobe=meta["nprobe"], ndocs=meta["ndocs"], seed=meta["seed"],
                        device=device)
         except ValueError as exc:
-            raise IndexFormatError(f"{path / 'meta.json'}: {exc}") from None
+            raise IndexFormatError(f"{path / META}: {exc}") from None
         n, t, h = meta["documents"], meta["tokens"], meta["dim"]
         stored = {"float16": np.float16, "bfloat16": np.int16, "int8": np.int8}[meta["token_dtype"]]
         expected = {"tokens.npy": ((t, h), stored),
@@ -576,15 +585,10 @@ class TokenIndex:
                                        f"{np.dtype(dtype)} {shape}")
             arrays[name] = torch.from_numpy(arr)
         try:
-            ids = json.loads((path / "ids.json").read_text())
-        except json.JSONDecodeError as exc:
-            raise IndexFormatError(f"{path / 'ids.json'}: not valid JSON ({exc.msg})") from None
-        if not isinstance(ids, list) or len(ids) != n:
-            raise IndexFormatError(f"{path / 'ids.json'}: {len(ids)} ids but meta.json says {n} documents")
-        try:
-            check_unique_ids(ids, set())
-        except (ValueError, TypeError) as exc:
-            raise IndexFormatError(f"{path / 'ids.json'}: {exc}") from None
+            ids = json.loads((path / "ids.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise IndexFormatError(f"{path / 'ids.json'}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
+        check_ids(path / "ids.json", ids, n, "documents")
         offsets = arrays["offsets.npy"]
         if int(offsets[0]) != 0 or int(offsets[-1]) != t or bool((offsets[1:] < offsets[:-1]).any()):
             raise IndexFormatError(f"{path / 'offsets.npy'}: not non-decreasing offsets from 0 to {t}")
@@ -601,6 +605,7 @@ class TokenIndex:
             self._centroids = arrays["centroids.npy"].to(self.device)
             self._codes = codes.to(self.device)
             self._build_lists()
+        verify_meta_checksum(path, meta)
         return self
 
 
@@ -608,9 +613,31 @@ _REQUIRED = ("dim", "documents", "tokens", "token_dtype", "stage1", "ncentroids"
 
 
 def _read_meta(path: Path) -> dict:
+    """meta.json of a token index, every field checked for type and range (naming the first that fails)."""
     meta = read_meta(path, FORMAT, _REQUIRED, FORMAT_VERSION,
-                           "the old layout (a per-token ANN over float16 tokens) cannot be converted: " + REBUILD_HINT)
-    if meta["token_dtype"] not in TOKEN_DTYPES or meta["stage1"] not in STAGE1:
-        raise IndexFormatError(f"{path / 'meta.json'}: unknown token_dtype {meta['token_dtype']!r} or stage1 "
-                               f"{meta['stage1']!r}")
+                     "the old layout (a per-token ANN over float16 tokens) cannot be converted: " + REBUILD_HINT,
+                     legacy_version=LEGACY_VERSION)
+    meta_file = path / META
+    meta_field(meta_file, meta, "dim", positive_int, "a positive integer")
+    meta_field(meta_file, meta, "documents", positive_int, "a positive integer")
+    tokens = meta_field(meta_file, meta, "tokens", lambda v: is_int(v) and v >= 0, "a non-negative integer")
+    meta_field(meta_file, meta, "token_dtype", lambda v: isinstance(v, str) and v in TOKEN_DTYPES,
+               f"one of {tuple(TOKEN_DTYPES)}")
+    stage1 = meta_field(meta_file, meta, "stage1", lambda v: v in STAGE1, f"one of {STAGE1}")
+    if stage1 == "exhaustive":
+        meta_field(meta_file, meta, "ncentroids", lambda v: v is None, "null for stage1 'exhaustive'")
+    else:
+        meta_field(meta_file, meta, "ncentroids", lambda v: positive_int(v) and v <= max(tokens, 1),
+                   f"a positive integer no larger than tokens ({tokens})")
+    meta_field(meta_file, meta, "nprobe", positive_int, "a positive integer")
+    meta_field(meta_file, meta, "ndocs", optional_positive_int, "null or a positive integer")
+    meta_field(meta_file, meta, "seed", is_int, "an integer")
     return meta
+
+
+def _token_row_of(offsets: torch.Tensor, unit: str):
+    """Describes token row ``r`` of a packed batch as the ``unit`` (document, query) it belongs to."""
+    def describe(row: int) -> str:
+        owner = int(torch.searchsorted(offsets.cpu(), torch.tensor(row), right=True)) - 1
+        return f"{unit} {owner} (token row {row})"
+    return describe
