@@ -5,57 +5,80 @@
 #include "bindings.h"
 #include "common.h"
 #include "cuda/maxsim_cuda.h"
+#include "maxsim_boundary.h"
+#include "tensor_arg.h"
 
 namespace fastrank {
 namespace {
 
-cuda::MaxSimArgs make_args(int dtype, std::uintptr_t q, std::uintptr_t d, const std::vector<int64_t>& dims,
-                           const std::vector<int64_t>& qs, const std::vector<int64_t>& ds, std::uintptr_t qm,
-                           const std::vector<int64_t>& qms, std::uintptr_t dm, const std::vector<int64_t>& dms) {
-  FASTRANK_CHECK(dims.size() == 6, "maxsim (cuda): dims must be (F, Y, X, Lq, Ld, H)");
-  FASTRANK_CHECK(qs.size() == 3 && ds.size() == 3, "maxsim (cuda): q/d strides must be (batch, batch, token)");
-  FASTRANK_CHECK(qms.size() == 4 && dms.size() == 4, "maxsim (cuda): mask strides must be (F, Y, X, token)");
-  cuda::MaxSimArgs a;
-  a.dtype = dtype;
-  a.q = reinterpret_cast<const void*>(q);
-  a.d = reinterpret_cast<const void*>(d);
-  a.F = dims[0]; a.Y = dims[1]; a.X = dims[2]; a.Lq = dims[3]; a.Ld = dims[4]; a.H = dims[5];
-  a.q_f = qs[0]; a.q_y = qs[1]; a.q_tok = qs[2];
-  a.d_f = ds[0]; a.d_x = ds[1]; a.d_tok = ds[2];
-  a.q_mask = reinterpret_cast<const uint8_t*>(qm);
-  a.qm_f = qms[0]; a.qm_y = qms[1]; a.qm_x = qms[2]; a.qm_tok = qms[3];
-  a.d_mask = reinterpret_cast<const uint8_t*>(dm);
-  a.dm_f = dms[0]; a.dm_y = dms[1]; a.dm_x = dms[2]; a.dm_tok = dms[3];
-  return a;
+namespace py = pybind11;
+constexpr const char* kWhere = "maxsim (cuda)";
+
+cuda::MaxSimArgs make_args(const PaddedArgs& a) {
+  const MaxSimProblem& p = a.p;
+  cuda::MaxSimArgs c;
+  c.dtype = a.dtype;
+  c.q = a.q;
+  c.d = a.d;
+  c.F = p.F; c.Y = p.Y; c.X = p.X; c.Lq = p.Lq; c.Ld = p.Ld; c.H = p.H;
+  c.q_f = p.qs.a; c.q_y = p.qs.b; c.q_tok = p.qs.tok;
+  c.d_f = p.ds.a; c.d_x = p.ds.b; c.d_tok = p.ds.tok;
+  c.q_mask = p.qm;
+  c.qm_f = p.qms.f; c.qm_y = p.qms.y; c.qm_x = p.qms.x; c.qm_tok = p.qms.tok;
+  c.d_mask = p.dm;
+  c.dm_f = p.dms.f; c.dm_y = p.dms.y; c.dm_x = p.dms.x; c.dm_tok = p.dms.tok;
+  return c;
 }
 
-void register_maxsim_cuda(pybind11::module_& m) {
-  namespace py = pybind11;
+void check_on(const TensorArg& t, const PaddedArgs& a) {
+  check_device(t, true, kWhere);
+  FASTRANK_CHECK(t.device_index == a.device_index, kWhere << ": " << t.name << " must be on q's GPU (cuda:"
+                                                          << a.device_index << "), got cuda:" << t.device_index);
+}
+
+void register_maxsim_cuda(py::module_& m) {
   m.def(
       "maxsim_forward_cuda",
-      [](int dtype, std::uintptr_t q, std::uintptr_t d, const std::vector<int64_t>& dims, const std::vector<int64_t>& qs,
-         const std::vector<int64_t>& ds, std::uintptr_t qm, const std::vector<int64_t>& qms, std::uintptr_t dm,
-         const std::vector<int64_t>& dms, std::uintptr_t out, std::uintptr_t argmax, std::uintptr_t stream) {
-        const auto a = make_args(dtype, q, d, dims, qs, ds, qm, qms, dm, dms);
-        cuda::maxsim_forward(a, reinterpret_cast<float*>(out), reinterpret_cast<int32_t*>(argmax), stream);
+      [](py::handle q, py::handle d, py::handle q_mask, py::handle d_mask, py::handle out_obj, py::handle argmax_obj,
+         std::uintptr_t stream) {
+        const PaddedArgs a = padded_problem(q, d, q_mask, d_mask, 1, true, kWhere);
+        const TensorArg out = tensor_arg(out_obj, "out", kWhere), arg = tensor_arg(argmax_obj, "argmax", kWhere, true);
+        check_output(out, Elem::Float32, {a.p.F, a.p.Y, a.p.X}, kWhere);
+        check_on(out, a);
+        if (arg.present) {
+          check_output(arg, Elem::Int32, {a.p.F, a.p.Y, a.p.X, a.p.Lq}, kWhere);
+          check_on(arg, a);
+        }
+        if (out.numel() == 0) return;
+        cuda::maxsim_forward(make_args(a), out.mutable_data<float>(), arg.present ? arg.mutable_data<int32_t>() : nullptr,
+                             stream);
       },
-      "MaxSim forward on CUDA: the arguments of maxsim_forward plus the stream handle.",
-      py::arg("dtype"), py::arg("q"), py::arg("d"), py::arg("dims"), py::arg("q_strides"), py::arg("d_strides"),
-      py::arg("q_mask"), py::arg("q_mask_strides"), py::arg("d_mask"), py::arg("d_mask_strides"), py::arg("out"),
-      py::arg("argmax"), py::arg("stream"));
+      "MaxSim forward on CUDA: the tensors of maxsim_forward (checked alike, on one GPU) plus the stream handle.",
+      py::arg("q"), py::arg("d"), py::arg("q_mask"), py::arg("d_mask"), py::arg("out"), py::arg("argmax"),
+      py::arg("stream"));
   m.def(
       "maxsim_backward_cuda",
-      [](int dtype, std::uintptr_t q, std::uintptr_t d, const std::vector<int64_t>& dims, const std::vector<int64_t>& qs,
-         const std::vector<int64_t>& ds, std::uintptr_t grad, std::uintptr_t argmax, std::uintptr_t dq, std::uintptr_t dd,
+      [](py::handle q, py::handle d, py::handle grad_obj, py::handle argmax_obj, py::handle dq_obj, py::handle dd_obj,
          std::uintptr_t stream) {
-        const std::vector<int64_t> none4 = {0, 0, 0, 0};
-        const auto a = make_args(dtype, q, d, dims, qs, ds, 0, none4, 0, none4);
-        cuda::maxsim_backward(a, reinterpret_cast<const float*>(grad), reinterpret_cast<const int32_t*>(argmax),
-                              reinterpret_cast<float*>(dq), reinterpret_cast<float*>(dd), stream);
+        const PaddedArgs a = padded_problem(q, d, py::none(), py::none(), 1, true, kWhere);
+        const TensorArg grad = tensor_arg(grad_obj, "grad", kWhere), arg = tensor_arg(argmax_obj, "argmax", kWhere);
+        const TensorArg dq = tensor_arg(dq_obj, "dq", kWhere, true), dd = tensor_arg(dd_obj, "dd", kWhere, true);
+        check_elem(grad, Elem::Float32, kWhere);
+        check_shape(grad, {a.p.F, a.p.Y, a.p.X}, kWhere);
+        check_contiguous(grad, kWhere);
+        check_output(arg, Elem::Int32, {a.p.F, a.p.Y, a.p.X, a.p.Lq}, kWhere);
+        if (dq.present) check_output(dq, Elem::Float32, {a.p.F, a.p.Y, a.p.Lq, a.p.H}, kWhere);
+        if (dd.present) check_output(dd, Elem::Float32, {a.p.F, a.p.X, a.p.Ld, a.p.H}, kWhere);
+        for (const TensorArg* t : {&grad, &arg, &dq, &dd})
+          if (t->present) check_on(*t, a);
+        if (grad.numel() == 0) return;
+        // argmax is on the GPU: the kernels skip a value outside its document instead of reading it.
+        cuda::maxsim_backward(make_args(a), grad.data<float>(), arg.data<int32_t>(),
+                              dq.present ? dq.mutable_data<float>() : nullptr,
+                              dd.present ? dd.mutable_data<float>() : nullptr, stream);
       },
-      "MaxSim backward on CUDA: the arguments of maxsim_backward plus the stream handle.",
-      py::arg("dtype"), py::arg("q"), py::arg("d"), py::arg("dims"), py::arg("q_strides"), py::arg("d_strides"),
-      py::arg("grad"), py::arg("argmax"), py::arg("dq"), py::arg("dd"), py::arg("stream"));
+      "MaxSim backward on CUDA: the tensors of maxsim_backward (checked alike, on one GPU) plus the stream handle.",
+      py::arg("q"), py::arg("d"), py::arg("grad"), py::arg("argmax"), py::arg("dq"), py::arg("dd"), py::arg("stream"));
 }
 
 }  // namespace

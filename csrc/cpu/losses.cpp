@@ -13,6 +13,7 @@
 #include "common.h"
 #include "cpu/cpu_isa.h"
 #include "cpu/losses_cpu.h"
+#include "tensor_arg.h"
 #ifdef FASTRANK_WITH_CUDA
 #include "cuda/losses_cuda.h"
 #endif
@@ -308,75 +309,166 @@ void inbatch_ce_forward_cpu(const RowKernels& rows, int reduction, int64_t B, in
   }
 }
 
-void register_losses(pybind11::module_& m) {
-  namespace py = pybind11;
+// ---- the boundary: every tensor read from the object itself and checked (csrc/tensor_arg.h) -------------
+
+namespace py = pybind11;
+
+struct LossOutputs {
+  std::uintptr_t loss, grad, scale;
+};
+
+// The float32 accumulators (float64 for float64 scores): loss (B,) without a reduction, () with one;
+// dL/ds (B, K) contiguous; the backward scale ().
+LossOutputs loss_outputs(const TensorArg& x, int reduction, py::handle loss_obj, py::handle grad_obj,
+                         py::handle scale_obj, const char* where) {
+  const TensorArg loss = tensor_arg(loss_obj, "loss", where), grad = tensor_arg(grad_obj, "grad", where);
+  const TensorArg scale = tensor_arg(scale_obj, "scale", where);
+  const Elem acc = x.elem == static_cast<int>(Elem::Float64) ? Elem::Float64 : Elem::Float32;
+  const int64_t B = x.size[0];
+  if (reduction == NONE) check_output(loss, acc, {B}, where);
+  else check_output(loss, acc, {}, where);
+  check_output(grad, acc, x.size, where);
+  check_output(scale, acc, {}, where);
+  for (const TensorArg* t : {&loss, &grad, &scale}) check_same_device(x, *t, where);
+  return {loss.ptr, grad.ptr, scale.ptr};
+}
+
+// A (B, K) matrix of scores: any strides, float32/16, bfloat16 or float64.
+TensorArg score_matrix(py::handle obj, const char* name, const char* where, bool cuda) {
+  const TensorArg x = tensor_arg(obj, name, where);
+  check_device(x, cuda, where);
+  check_float_elem(x, where, true);
+  FASTRANK_CHECK(x.dim() == 2, where << ": " << name << " must have shape (B, K), got " << x.shape_text());
+  return x;
+}
+
+View view_of(const TensorArg& a) { return a.present ? View{a.ptr, a.stride[0], a.stride[1]} : View{0, 0, 0}; }
+
+struct DistillArgs {
+  int64_t B, K;
+  int dtype;
+  View s, t, pos, mask;
+  LossOutputs out;
+};
+
+DistillArgs distill_args(int kind, int reduction, py::handle s_obj, py::handle t_obj, py::handle pos_obj,
+                         py::handle mask_obj, py::handle loss, py::handle grad, py::handle scale, bool cuda,
+                         const char* where) {
+  const TensorArg s = score_matrix(s_obj, "s", where, cuda);
+  const TensorArg t = tensor_arg(t_obj, "t", where);
+  check_elem(t, static_cast<Elem>(s.elem), where);
+  check_shape(t, s.size, where);
+  check_common(reduction, s.size[0], s.size[1], "s");
+  FASTRANK_CHECK(kind >= MSE && kind <= RANKDISTIL_B, where << ": unknown loss kind " << kind);
+  const TensorArg pos = tensor_arg(pos_obj, "positives", where, true), mask = tensor_arg(mask_obj, "mask", where, true);
+  for (const TensorArg* m : {&pos, &mask}) {
+    if (!m->present) continue;
+    check_mask_elem(*m, where);
+    check_shape(*m, s.size, where);
+  }
+  for (const TensorArg* x : {&t, &pos, &mask}) check_same_device(s, *x, where);
+  return {s.size[0], s.size[1], s.elem, view_of(s), view_of(t), view_of(pos), view_of(mask),
+          loss_outputs(s, reduction, loss, grad, scale, where)};
+}
+
+struct InbatchArgs {
+  int64_t B, M;
+  int dtype;
+  View x;
+  std::uintptr_t target;
+  int64_t target_stride;
+  bool target_is_int64;
+  LossOutputs out;
+};
+
+InbatchArgs inbatch_args(int reduction, py::handle x_obj, py::handle target_obj, py::handle loss, py::handle grad,
+                         py::handle scale, bool cuda, const char* where) {
+  const TensorArg x = score_matrix(x_obj, "scores", where, cuda);
+  check_common(reduction, x.size[0], x.size[1], "scores");
+  const TensorArg target = tensor_arg(target_obj, "target", where);
+  FASTRANK_CHECK(target.elem == static_cast<int>(Elem::Int64) || target.elem == static_cast<int>(Elem::Int32),
+                 where << ": target must be int64 or int32, got " << target.dtype_text);
+  check_shape(target, {x.size[0]}, where);
+  check_same_device(x, target, where);
+  return {x.size[0], x.size[1], x.elem, view_of(x), target.ptr, target.stride[0],
+          target.elem == static_cast<int>(Elem::Int64), loss_outputs(x, reduction, loss, grad, scale, where)};
+}
+
+#ifdef FASTRANK_WITH_CUDA
+std::uintptr_t cuda_workspace(py::handle obj, int64_t B, py::handle like, const char* where) {
+  const TensorArg w = tensor_arg(obj, "workspace", where);
+  check_elem(w, Elem::UInt8, where);
+  check_contiguous(w, where);
+  FASTRANK_CHECK(w.numel() >= cuda::losses_workspace_bytes(B), where << ": workspace must hold at least "
+                                                                     << cuda::losses_workspace_bytes(B) << " bytes, got " << w.numel());
+  check_same_device(tensor_arg(like, "s", where), w, where);
+  return w.ptr;
+}
+#endif
+
+void register_losses(py::module_& m) {
+  constexpr const char* kCpu = "losses (cpp)";
   m.def(
       "distill_forward",
-      [](int kind, int reduction, int64_t B, int64_t K, int dtype, double param, std::uintptr_t s, int64_t s_sb,
-         int64_t s_sk, std::uintptr_t t, int64_t t_sb, int64_t t_sk, std::uintptr_t pos, int64_t pos_sb,
-         int64_t pos_sk, std::uintptr_t mask, int64_t mask_sb, int64_t mask_sk, std::uintptr_t loss,
-         std::uintptr_t grad, std::uintptr_t scale, const std::string& isa) {
+      [](int kind, int reduction, double param, py::handle s, py::handle t, py::handle pos, py::handle mask,
+         py::handle loss, py::handle grad, py::handle scale, const std::string& isa) {
+        const DistillArgs a = distill_args(kind, reduction, s, t, pos, mask, loss, grad, scale, false, kCpu);
         const RowKernels& rows = row_kernels(isa);
         py::gil_scoped_release release;
-        distill_forward_cpu(rows, kind, reduction, B, K, dtype, param, {s, s_sb, s_sk}, {t, t_sb, t_sk},
-                            {pos, pos_sb, pos_sk}, {mask, mask_sb, mask_sk}, loss, grad, scale);
+        distill_forward_cpu(rows, kind, reduction, a.B, a.K, a.dtype, param, a.s, a.t, a.pos, a.mask, a.out.loss,
+                            a.out.grad, a.out.scale);
       },
-      "Distillation loss over (B, K) CPU scores: writes the reduced loss, dL/ds (B, K, contiguous) and the "
-      "backward scale. pos / mask pointers may be 0 (column 0 positive / all valid). isa: the CPU ISA path.",
-      py::arg("kind"), py::arg("reduction"), py::arg("B"), py::arg("K"), py::arg("dtype"), py::arg("param"),
-      py::arg("s"), py::arg("s_sb"), py::arg("s_sk"), py::arg("t"), py::arg("t_sb"), py::arg("t_sk"),
-      py::arg("pos"), py::arg("pos_sb"), py::arg("pos_sk"), py::arg("mask"), py::arg("mask_sb"),
-      py::arg("mask_sk"), py::arg("loss"), py::arg("grad"), py::arg("scale"), py::arg("isa"));
+      "Distillation loss over (B, K) CPU scores s and teacher scores t (any strides, one float dtype): writes "
+      "the reduced loss, dL/ds (B, K, contiguous) and the backward scale, float32 (float64 for float64 scores). "
+      "positives / mask: bool (B, K) or None (column 0 positive / all valid). isa: the CPU ISA path.",
+      py::arg("kind"), py::arg("reduction"), py::arg("param"), py::arg("s"), py::arg("t"), py::arg("positives"),
+      py::arg("mask"), py::arg("loss"), py::arg("grad"), py::arg("scale"), py::arg("isa"));
   m.def(
       "inbatch_ce_forward",
-      [](int reduction, int64_t B, int64_t M, int dtype, double tau, std::uintptr_t x, int64_t x_sb, int64_t x_sk,
-         std::uintptr_t target, int64_t target_stride, bool target_is_int64, std::uintptr_t loss,
-         std::uintptr_t grad, std::uintptr_t scale, const std::string& isa) {
+      [](int reduction, double tau, py::handle x, py::handle target, py::handle loss, py::handle grad,
+         py::handle scale, const std::string& isa) {
+        const InbatchArgs a = inbatch_args(reduction, x, target, loss, grad, scale, false, kCpu);
         const RowKernels& rows = row_kernels(isa);
         py::gil_scoped_release release;
-        inbatch_ce_forward_cpu(rows, reduction, B, M, dtype, tau, {x, x_sb, x_sk}, target, target_stride,
-                               target_is_int64, loss, grad, scale);
+        inbatch_ce_forward_cpu(rows, reduction, a.B, a.M, a.dtype, tau, a.x, a.target, a.target_stride,
+                               a.target_is_int64, a.out.loss, a.out.grad, a.out.scale);
       },
-      "One-hot softmax cross-entropy over (B, M) CPU scores; negative targets ignore their row.",
-      py::arg("reduction"), py::arg("B"), py::arg("M"), py::arg("dtype"), py::arg("tau"), py::arg("x"),
-      py::arg("x_sb"), py::arg("x_sk"), py::arg("target"), py::arg("target_stride"), py::arg("target_is_int64"),
-      py::arg("loss"), py::arg("grad"), py::arg("scale"), py::arg("isa"));
+      "One-hot softmax cross-entropy over (B, M) CPU scores; target int64/int32 (B,), a negative value ignores "
+      "its row, one >= M is an error.",
+      py::arg("reduction"), py::arg("tau"), py::arg("scores"), py::arg("target"), py::arg("loss"), py::arg("grad"),
+      py::arg("scale"), py::arg("isa"));
 #ifdef FASTRANK_WITH_CUDA
+  constexpr const char* kCuda = "losses (cuda)";
   m.def(
       "distill_forward_cuda",
-      [](int kind, int reduction, int64_t B, int64_t K, int dtype, double param, std::uintptr_t s, int64_t s_sb,
-         int64_t s_sk, std::uintptr_t t, int64_t t_sb, int64_t t_sk, std::uintptr_t pos, int64_t pos_sb,
-         int64_t pos_sk, std::uintptr_t mask, int64_t mask_sb, int64_t mask_sk, std::uintptr_t loss,
-         std::uintptr_t grad, std::uintptr_t scale, std::uintptr_t workspace, std::uintptr_t stream) {
-        check_common(reduction, B, K, "s");
-        FASTRANK_CHECK(kind >= MSE && kind <= RANKDISTIL_B, "unknown loss kind " << kind);
+      [](int kind, int reduction, double param, py::handle s, py::handle t, py::handle pos, py::handle mask,
+         py::handle loss, py::handle grad, py::handle scale, py::handle workspace, std::uintptr_t stream) {
+        const DistillArgs a = distill_args(kind, reduction, s, t, pos, mask, loss, grad, scale, true, kCuda);
+        const std::uintptr_t ws = cuda_workspace(workspace, a.B, s, kCuda);
         py::gil_scoped_release release;
-        cuda::distill_forward(kind, reduction, B, K, dtype, param, s, s_sb, s_sk, t, t_sb, t_sk, pos, pos_sb,
-                              pos_sk, mask, mask_sb, mask_sk, loss, grad, scale, workspace, stream);
+        cuda::distill_forward(kind, reduction, a.B, a.K, a.dtype, param, a.s.ptr, a.s.stride_b, a.s.stride_k, a.t.ptr,
+                              a.t.stride_b, a.t.stride_k, a.pos.ptr, a.pos.stride_b, a.pos.stride_k, a.mask.ptr,
+                              a.mask.stride_b, a.mask.stride_k, a.out.loss, a.out.grad, a.out.scale, ws, stream);
       },
-      "CUDA version of distill_forward, queued on `stream` without waiting for it; workspace: zeroed "
-      "losses_workspace_bytes(B) bytes (see losses_cuda.h). Invalid teacher scores give NaN rows and set the "
-      "workspace's error flag instead of raising.",
-      py::arg("kind"), py::arg("reduction"), py::arg("B"), py::arg("K"), py::arg("dtype"), py::arg("param"),
-      py::arg("s"), py::arg("s_sb"), py::arg("s_sk"), py::arg("t"), py::arg("t_sb"), py::arg("t_sk"),
-      py::arg("pos"), py::arg("pos_sb"), py::arg("pos_sk"), py::arg("mask"), py::arg("mask_sb"),
-      py::arg("mask_sk"), py::arg("loss"), py::arg("grad"), py::arg("scale"), py::arg("workspace"),
-      py::arg("stream"));
+      "CUDA version of distill_forward (tensors checked alike), queued on `stream` without waiting for it; "
+      "workspace: zeroed uint8 of losses_workspace_bytes(B) bytes (see losses_cuda.h). Invalid teacher scores "
+      "give NaN rows and set the workspace's error flag instead of raising.",
+      py::arg("kind"), py::arg("reduction"), py::arg("param"), py::arg("s"), py::arg("t"), py::arg("positives"),
+      py::arg("mask"), py::arg("loss"), py::arg("grad"), py::arg("scale"), py::arg("workspace"), py::arg("stream"));
   m.def(
       "inbatch_ce_forward_cuda",
-      [](int reduction, int64_t B, int64_t M, int dtype, double tau, std::uintptr_t x, int64_t x_sb, int64_t x_sk,
-         std::uintptr_t target, int64_t target_stride, bool target_is_int64, std::uintptr_t loss,
-         std::uintptr_t grad, std::uintptr_t scale, std::uintptr_t workspace, std::uintptr_t stream) {
-        check_common(reduction, B, M, "scores");
+      [](int reduction, double tau, py::handle x, py::handle target, py::handle loss, py::handle grad,
+         py::handle scale, py::handle workspace, std::uintptr_t stream) {
+        const InbatchArgs a = inbatch_args(reduction, x, target, loss, grad, scale, true, kCuda);
+        const std::uintptr_t ws = cuda_workspace(workspace, a.B, x, kCuda);
         py::gil_scoped_release release;
-        cuda::inbatch_ce_forward(reduction, B, M, dtype, tau, x, x_sb, x_sk, target, target_stride,
-                                 target_is_int64, loss, grad, scale, workspace, stream);
+        cuda::inbatch_ce_forward(reduction, a.B, a.M, a.dtype, tau, a.x.ptr, a.x.stride_b, a.x.stride_k, a.target,
+                                 a.target_stride, a.target_is_int64, a.out.loss, a.out.grad, a.out.scale, ws, stream);
       },
-      "CUDA version of inbatch_ce_forward, queued without waiting; a target >= M gives a NaN row and sets the "
-      "workspace's error flag.", py::arg("reduction"), py::arg("B"), py::arg("M"), py::arg("dtype"),
-      py::arg("tau"), py::arg("x"), py::arg("x_sb"), py::arg("x_sk"), py::arg("target"), py::arg("target_stride"),
-      py::arg("target_is_int64"), py::arg("loss"), py::arg("grad"), py::arg("scale"), py::arg("workspace"),
-      py::arg("stream"));
+      "CUDA version of inbatch_ce_forward (tensors checked alike), queued without waiting; a target >= M gives "
+      "a NaN row and sets the workspace's error flag.",
+      py::arg("reduction"), py::arg("tau"), py::arg("scores"), py::arg("target"), py::arg("loss"), py::arg("grad"),
+      py::arg("scale"), py::arg("workspace"), py::arg("stream"));
 #endif
 }
 

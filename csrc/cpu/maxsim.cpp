@@ -2,6 +2,7 @@
 // target; the kernels live in isa/maxsim_<isa>.cpp (one source, csrc/cpu/maxsim_kernels.inc, compiled
 // once per ISA with its own flags). Python names the path for each call (fastrank/cpu_isa.py decides
 // which: the best this CPU supports, or FASTRANK_CPU_ISA); an unsupported one is refused here too.
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -9,6 +10,8 @@
 #include "common.h"
 #include "cpu/cpu_isa.h"
 #include "cpu/maxsim_cpu.h"
+#include "maxsim_boundary.h"
+#include "tensor_arg.h"
 
 FASTRANK_DECLARE_MAXSIM_ISA(isa_scalar)
 #ifdef FASTRANK_ISA_AVX2
@@ -27,6 +30,7 @@ FASTRANK_DECLARE_MAXSIM_ISA(isa_amx)
 namespace fastrank {
 namespace {
 
+namespace py = pybind11;
 using cpu::Isa;
 using cpu::MaxSimProblem;
 
@@ -68,131 +72,212 @@ Kernels kernels_for(const std::string& name) {
   return {nullptr, nullptr};
 }
 
-MaxSimProblem make_problem(const std::vector<int64_t>& dims, const std::vector<int64_t>& qs, const std::vector<int64_t>& ds,
-                           std::uintptr_t qm, const std::vector<int64_t>& qms, std::uintptr_t dm,
-                           const std::vector<int64_t>& dms, int threads) {
-  FASTRANK_CHECK(dims.size() == 6, "maxsim (cpp): dims must be (F, Y, X, Lq, Ld, H)");
-  FASTRANK_CHECK(qs.size() == 3 && ds.size() == 3, "maxsim (cpp): q/d strides must be (batch, batch, token)");
-  FASTRANK_CHECK(qms.size() == 4 && dms.size() == 4, "maxsim (cpp): mask strides must be (F, Y, X, token)");
+constexpr const char* kPadded = "maxsim (cpp)";
+constexpr const char* kPacked = "maxsim_packed (cpp)";
+
+void maxsim_forward(const std::string& isa, py::handle q, py::handle d, py::handle q_mask, py::handle d_mask,
+                    py::handle out_obj, py::handle argmax_obj, int threads) {
+  const PaddedArgs a = padded_problem(q, d, q_mask, d_mask, threads, false, kPadded);
+  const MaxSimProblem& p = a.p;
+  const TensorArg out = tensor_arg(out_obj, "out", kPadded);
+  const TensorArg arg = tensor_arg(argmax_obj, "argmax", kPadded, true);
+  check_output(out, Elem::Float32, {p.F, p.Y, p.X}, kPadded);
+  check_device(out, false, kPadded);
+  if (arg.present) {
+    check_output(arg, Elem::Int32, {p.F, p.Y, p.X, p.Lq}, kPadded);
+    check_device(arg, false, kPadded);
+  }
+  const Kernels k = kernels_for(isa);
+  if (out.numel() == 0) return;
+  py::gil_scoped_release nogil;
+  k.forward(p, a.dtype, a.q, a.d, out.mutable_data<float>(), arg.present ? arg.mutable_data<int32_t>() : nullptr);
+}
+
+void maxsim_backward(const std::string& isa, py::handle q, py::handle d, py::handle grad_obj, py::handle argmax_obj,
+                     py::handle dq_obj, py::handle dd_obj, int threads) {
+  const PaddedArgs a = padded_problem(q, d, py::none(), py::none(), threads, false, kPadded);
+  const MaxSimProblem& p = a.p;
+  const TensorArg grad = tensor_arg(grad_obj, "grad", kPadded), arg = tensor_arg(argmax_obj, "argmax", kPadded);
+  const TensorArg dq = tensor_arg(dq_obj, "dq", kPadded, true), dd = tensor_arg(dd_obj, "dd", kPadded, true);
+  check_elem(grad, Elem::Float32, kPadded);
+  check_shape(grad, {p.F, p.Y, p.X}, kPadded);
+  check_contiguous(grad, kPadded);
+  check_output(arg, Elem::Int32, {p.F, p.Y, p.X, p.Lq}, kPadded);
+  if (dq.present) check_output(dq, Elem::Float32, {p.F, p.Y, p.Lq, p.H}, kPadded);
+  if (dd.present) check_output(dd, Elem::Float32, {p.F, p.X, p.Ld, p.H}, kPadded);
+  for (const TensorArg* t : {&grad, &arg, &dq, &dd}) check_device(*t, false, kPadded);
+  const Kernels k = kernels_for(isa);
+  if (grad.numel() == 0 || (!dq.present && !dd.present)) return;
+  check_argmax_rows(arg.data<int32_t>(), grad.numel(), p.Lq, [&](int64_t) { return p.Ld; }, kPadded);
+  py::gil_scoped_release nogil;
+  k.backward(p, a.dtype, a.q, a.d, grad.data<float>(), arg.data<int32_t>(), dq.present ? dq.mutable_data<float>() : nullptr,
+             dd.present ? dd.mutable_data<float>() : nullptr);
+}
+
+// ---- packed documents: q (Fq, Lq, H), Fq = 1 (one query for every document) or one per scored document,
+// against tokens (T, H) where document i owns rows offsets[i] .. offsets[i + 1] ---------------------------
+
+// offsets: int64 (N + 1,), 0 first, T last, non-decreasing. Read on every call (O(N), against scoring's
+// O(T Lq H)): Python's cached validation cannot see writes that bypass the version counter (a shared numpy
+// array, .data), and no offset read below may lie outside tokens.
+void check_offsets(const TensorArg& off, int64_t rows, const char* where) {
+  check_elem(off, Elem::Int64, where);
+  FASTRANK_CHECK(off.dim() == 1 && off.size[0] >= 1,
+                 where << ": offsets must have shape (N + 1,) with N >= 0, got " << off.shape_text());
+  check_contiguous(off, where);
+  const int64_t* o = off.data<int64_t>();
+  const int64_t n = off.size[0] - 1;
+  FASTRANK_CHECK(o[0] == 0, where << ": offsets[0] must be 0, got " << o[0]);
+  for (int64_t i = 0; i < n; ++i)
+    FASTRANK_CHECK(o[i + 1] >= o[i], where << ": offsets must be non-decreasing, got offsets[" << i << "] = " << o[i]
+                                           << " > offsets[" << i + 1 << "] = " << o[i + 1]);
+  FASTRANK_CHECK(o[n] == rows, where << ": offsets[-1] must equal the number of token rows (" << rows << "), got "
+                                     << o[n]);
+}
+
+void check_docs(const TensorArg& docs, int64_t n, const char* where) {
+  check_elem(docs, Elem::Int64, where);
+  FASTRANK_CHECK(docs.dim() == 1, where << ": docs must be 1-D, got " << docs.shape_text());
+  check_contiguous(docs, where);
+  const int64_t* dp = docs.data<int64_t>();
+  for (int64_t i = 0; i < docs.size[0]; ++i)
+    FASTRANK_CHECK(dp[i] >= 0 && dp[i] < n, where << ": docs[" << i << "] = " << dp[i] << " does not index the " << n
+                                                  << " documents of offsets (0 .. " << n - 1 << ")");
+}
+
+struct PackedArgs {
   MaxSimProblem p;
-  p.F = dims[0]; p.Y = dims[1]; p.X = dims[2]; p.Lq = dims[3]; p.Ld = dims[4]; p.H = dims[5];
-  FASTRANK_CHECK(p.Lq >= 1 && p.Lq <= 64, "maxsim (cpp): Lq must be in [1, 64], got " << p.Lq);
-  FASTRANK_CHECK(p.Ld >= 1 && p.H >= 1, "maxsim (cpp): Ld and H must be positive");
-  FASTRANK_CHECK(p.F >= 0 && p.Y >= 0 && p.X >= 0, "maxsim (cpp): batch dims must be non-negative");
-  FASTRANK_CHECK(threads >= 1, "maxsim (cpp): threads must be >= 1, got " << threads);
-  p.qs = {qs[0], qs[1], qs[2]};
-  p.ds = {ds[0], ds[1], ds[2]};
-  p.qm = reinterpret_cast<const uint8_t*>(qm);
-  p.qms = {qms[0], qms[1], qms[2], qms[3]};
-  p.dm = reinterpret_cast<const uint8_t*>(dm);
-  p.dms = {dms[0], dms[1], dms[2], dms[3]};
+  int dtype;  // a float code, or cpu::kInt8 for int8 tokens with scales
+  int64_t scored;
+  std::uintptr_t q, tokens;
+  std::vector<int64_t> q_size, tokens_size;
+};
+
+PackedArgs packed_problem(py::handle q_obj, py::handle tokens_obj, py::handle offsets_obj, py::handle docs_obj,
+                          py::handle scales_obj, py::handle qm_obj, int threads) {
+  const TensorArg q = tensor_arg(q_obj, "q", kPacked), tok = tensor_arg(tokens_obj, "tokens", kPacked);
+  const TensorArg off = tensor_arg(offsets_obj, "offsets", kPacked);
+  const TensorArg docs = tensor_arg(docs_obj, "docs", kPacked, true);
+  const TensorArg scales = tensor_arg(scales_obj, "scales", kPacked, true);
+  const TensorArg qm = tensor_arg(qm_obj, "q_mask", kPacked, true);
+  for (const TensorArg* t : {&q, &tok, &off, &docs, &scales, &qm}) check_device(*t, false, kPacked);
+  FASTRANK_CHECK(q.dim() == 3, kPacked << ": q must have shape (1 or N, Lq, H), got " << q.shape_text());
+  FASTRANK_CHECK(tok.dim() == 2, kPacked << ": tokens must have shape (T, H), got " << tok.shape_text());
+  const int64_t Fq = q.size[0], Lq = q.size[1], H = q.size[2], T = tok.size[0];
+  check_shape(tok, {-1, H}, kPacked);
+  check_query_length(Lq, kPacked);
+  FASTRANK_CHECK(H >= 1, kPacked << ": H must be >= 1");
+  int dtype;
+  if (scales.present) {
+    check_elem(q, Elem::Float32, kPacked);
+    check_elem(tok, Elem::Int8, kPacked);
+    check_elem(scales, Elem::Float32, kPacked);
+    check_shape(scales, {T}, kPacked);
+    check_contiguous(scales, kPacked);
+    dtype = cpu::kInt8;
+  } else {
+    check_float_elem(q, kPacked);
+    check_elem(tok, static_cast<Elem>(q.elem), kPacked);
+    dtype = q.elem;
+  }
+  check_inner_contiguous(q, kPacked);
+  check_inner_contiguous(tok, kPacked);
+  check_offsets(off, T, kPacked);
+  const int64_t n = off.size[0] - 1;
+  int64_t scored = n;
+  if (docs.present) {
+    check_docs(docs, n, kPacked);
+    scored = docs.size[0];
+  }
+  FASTRANK_CHECK(Fq == 1 || Fq == scored, kPacked << ": q must hold one query, or one per scored document ("
+                                                   << scored << "), got " << Fq);
+  MaxSimProblem p;
+  const bool shared = Fq == 1;
+  p.F = shared ? 1 : scored; p.Y = 1; p.X = shared ? scored : 1; p.Lq = Lq; p.Ld = 1; p.H = H;
+  p.qs = {shared ? 0 : q.stride[0], 0, q.stride[1]};
+  p.ds = {0, 0, tok.stride[0]};
+  p.qm = nullptr; p.qms = {0, 0, 0, 0};
+  p.dm = nullptr; p.dms = {0, 0, 0, 0};
+  if (qm.present) {
+    check_mask_elem(qm, kPacked);
+    check_shape(qm, {Fq, Lq}, kPacked);
+    p.qm = qm.data<uint8_t>();
+    p.qms = {shared ? 0 : qm.stride[0], 0, 0, qm.stride[1]};
+  }
+  check_threads(threads, kPacked);
   p.threads = threads;
-  return p;
+  p.offsets = off.data<int64_t>();
+  p.docs = docs.present ? docs.data<int64_t>() : nullptr;
+  p.scales = scales.present ? scales.data<float>() : nullptr;
+  return {p, dtype, scored, q.ptr, tok.ptr, q.size, tok.size};
 }
 
-int checked_dtype(int dtype) {
-  const DType t = to_dtype(dtype);
-  FASTRANK_CHECK(t == DType::Float32 || t == DType::Float16 || t == DType::BFloat16,
-                 "maxsim (cpp): unsupported dtype " << dtype_name(t) << " (float32, float16, bfloat16)");
-  return dtype;
-}
-
-void maxsim_forward(const std::string& isa, int dtype, std::uintptr_t q, std::uintptr_t d, const std::vector<int64_t>& dims,
-                    const std::vector<int64_t>& qs, const std::vector<int64_t>& ds, std::uintptr_t qm,
-                    const std::vector<int64_t>& qms, std::uintptr_t dm, const std::vector<int64_t>& dms,
-                    std::uintptr_t out, std::uintptr_t argmax, int threads) {
-  const MaxSimProblem p = make_problem(dims, qs, ds, qm, qms, dm, dms, threads);
-  const Kernels k = kernels_for(isa);
-  const int dt = checked_dtype(dtype);
-  pybind11::gil_scoped_release nogil;
-  k.forward(p, dt, reinterpret_cast<const void*>(q), reinterpret_cast<const void*>(d), ptr<float>(out),
-            argmax ? ptr<int32_t>(argmax) : nullptr);
-}
-
-void maxsim_backward(const std::string& isa, int dtype, std::uintptr_t q, std::uintptr_t d, const std::vector<int64_t>& dims,
-                     const std::vector<int64_t>& qs, const std::vector<int64_t>& ds, std::uintptr_t grad,
-                     std::uintptr_t argmax, std::uintptr_t dq, std::uintptr_t dd, int threads) {
-  const std::vector<int64_t> none4 = {0, 0, 0, 0};
-  const MaxSimProblem p = make_problem(dims, qs, ds, 0, none4, 0, none4, threads);
-  const Kernels k = kernels_for(isa);
-  const int dt = checked_dtype(dtype);
-  pybind11::gil_scoped_release nogil;
-  k.backward(p, dt, reinterpret_cast<const void*>(q), reinterpret_cast<const void*>(d), ptr<const float>(grad),
-             ptr<const int32_t>(argmax), dq ? ptr<float>(dq) : nullptr, dd ? ptr<float>(dd) : nullptr);
-}
-
-// Packed documents (fastrank.maxsim_packed): q is (F, 1, Lq, H) against documents f * X + x of d, which
-// own rows offsets[doc] .. offsets[doc + 1]. dims = (F, X, Lq, H). Python has validated the offsets (int64,
-// non-decreasing, 0 .. T); the kernel trusts them.
-MaxSimProblem make_packed_problem(const std::vector<int64_t>& dims, const std::vector<int64_t>& qs, int64_t tok_stride,
-                                  std::uintptr_t offsets, std::uintptr_t docs, std::uintptr_t qm,
-                                  const std::vector<int64_t>& qms, int threads) {
-  FASTRANK_CHECK(dims.size() == 4, "maxsim_packed (cpp): dims must be (F, X, Lq, H)");
-  FASTRANK_CHECK(offsets != 0, "maxsim_packed (cpp): offsets is required");
-  FASTRANK_CHECK(tok_stride >= dims[3], "maxsim_packed (cpp): the token stride must be >= H");
-  const std::vector<int64_t> none4 = {0, 0, 0, 0};
-  MaxSimProblem p = make_problem({dims[0], 1, dims[1], dims[2], 1, dims[3]}, qs, {0, 0, tok_stride}, qm, qms, 0, none4,
-                                 threads);
-  p.offsets = ptr<const int64_t>(offsets);
-  p.docs = docs ? ptr<const int64_t>(docs) : nullptr;
-  return p;
-}
-
-void maxsim_packed_forward(const std::string& isa, int dtype, std::uintptr_t q, std::uintptr_t tokens,
-                           std::uintptr_t offsets, std::uintptr_t docs, std::uintptr_t scales, const std::vector<int64_t>& dims,
-                           const std::vector<int64_t>& qs, int64_t tok_stride, std::uintptr_t qm,
-                           const std::vector<int64_t>& qms, std::uintptr_t out, std::uintptr_t argmax, int threads,
+void maxsim_packed_forward(const std::string& isa, py::handle q, py::handle tokens, py::handle offsets, py::handle docs,
+                           py::handle scales, py::handle q_mask, py::handle out_obj, py::handle argmax_obj, int threads,
                            bool exact_int8) {
-  MaxSimProblem p = make_packed_problem(dims, qs, tok_stride, offsets, docs, qm, qms, threads);
+  PackedArgs a = packed_problem(q, tokens, offsets, docs, scales, q_mask, threads);
+  const TensorArg out = tensor_arg(out_obj, "out", kPacked);
+  const TensorArg arg = tensor_arg(argmax_obj, "argmax", kPacked, true);
+  check_output(out, Elem::Float32, {a.scored}, kPacked);
+  check_device(out, false, kPacked);
+  if (arg.present) {
+    FASTRANK_CHECK(a.dtype != cpu::kInt8, kPacked << ": int8 tokens are scored forward only (no argmax)");
+    check_output(arg, Elem::Int32, {a.scored, a.p.Lq}, kPacked);
+    check_device(arg, false, kPacked);
+  }
   const Kernels k = kernels_for(isa);
-  const int dt = dtype == cpu::kInt8 ? dtype : checked_dtype(dtype);
-  FASTRANK_CHECK((dt == cpu::kInt8) == (scales != 0),
-                 "maxsim_packed (cpp): scales go with int8 tokens (dtype code " << cpu::kInt8 << ") and only with them");
-  FASTRANK_CHECK(dt != cpu::kInt8 || argmax == 0, "maxsim_packed (cpp): int8 tokens are scored forward only");
-  p.scales = ptr<const float>(scales);
-  p.exact_int8 = exact_int8;
-  pybind11::gil_scoped_release nogil;
-  k.forward(p, dt, reinterpret_cast<const void*>(q), reinterpret_cast<const void*>(tokens), ptr<float>(out),
-            argmax ? ptr<int32_t>(argmax) : nullptr);
+  if (a.scored == 0 || a.p.H == 0) return;
+  a.p.exact_int8 = exact_int8;
+  py::gil_scoped_release nogil;
+  k.forward(a.p, a.dtype, reinterpret_cast<const void*>(a.q), reinterpret_cast<const void*>(a.tokens),
+            out.mutable_data<float>(), arg.present ? arg.mutable_data<int32_t>() : nullptr);
 }
 
-void maxsim_packed_backward(const std::string& isa, int dtype, std::uintptr_t q, std::uintptr_t tokens,
-                            std::uintptr_t offsets, std::uintptr_t docs, const std::vector<int64_t>& dims,
-                            const std::vector<int64_t>& qs, int64_t tok_stride, std::uintptr_t grad, std::uintptr_t argmax,
-                            std::uintptr_t dq, std::uintptr_t dtokens, int threads) {
-  FASTRANK_CHECK(docs == 0 || dtokens == 0, "maxsim_packed (cpp): no token gradient when scoring a subset (docs)");
-  const std::vector<int64_t> none4 = {0, 0, 0, 0};
-  const MaxSimProblem p = make_packed_problem(dims, qs, tok_stride, offsets, docs, 0, none4, threads);
+void maxsim_packed_backward(const std::string& isa, py::handle q, py::handle tokens, py::handle offsets,
+                            py::handle grad_obj, py::handle argmax_obj, py::handle dq_obj, py::handle dt_obj, int threads) {
+  const PackedArgs a = packed_problem(q, tokens, offsets, py::none(), py::none(), py::none(), threads);
+  const TensorArg grad = tensor_arg(grad_obj, "grad", kPacked), arg = tensor_arg(argmax_obj, "argmax", kPacked);
+  const TensorArg dq = tensor_arg(dq_obj, "dq", kPacked, true), dt = tensor_arg(dt_obj, "dtokens", kPacked, true);
+  check_elem(grad, Elem::Float32, kPacked);
+  check_shape(grad, {a.scored}, kPacked);
+  check_contiguous(grad, kPacked);
+  check_output(arg, Elem::Int32, {a.scored, a.p.Lq}, kPacked);
+  if (dq.present) check_output(dq, Elem::Float32, a.q_size, kPacked);
+  if (dt.present) check_output(dt, Elem::Float32, a.tokens_size, kPacked);
+  for (const TensorArg* t : {&grad, &arg, &dq, &dt}) check_device(*t, false, kPacked);
   const Kernels k = kernels_for(isa);
-  const int dt = checked_dtype(dtype);
-  pybind11::gil_scoped_release nogil;
-  k.backward(p, dt, reinterpret_cast<const void*>(q), reinterpret_cast<const void*>(tokens), ptr<const float>(grad),
-             ptr<const int32_t>(argmax), dq ? ptr<float>(dq) : nullptr, dtokens ? ptr<float>(dtokens) : nullptr);
+  if (a.scored == 0 || (!dq.present && !dt.present)) return;
+  const int64_t* o = a.p.offsets;
+  check_argmax_rows(arg.data<int32_t>(), a.scored, a.p.Lq, [&](int64_t i) { return o[i + 1] - o[i]; }, kPacked);
+  py::gil_scoped_release nogil;
+  k.backward(a.p, a.dtype, reinterpret_cast<const void*>(a.q), reinterpret_cast<const void*>(a.tokens),
+             grad.data<float>(), arg.data<int32_t>(), dq.present ? dq.mutable_data<float>() : nullptr,
+             dt.present ? dt.mutable_data<float>() : nullptr);
 }
 
-void register_maxsim(pybind11::module_& m) {
-  using pybind11::arg;
+void register_maxsim(py::module_& m) {
+  using py::arg;
   m.def("maxsim_forward", &maxsim_forward,
-        "MaxSim forward on CPU with the named ISA path. dims=(F,Y,X,Lq,Ld,H); q strides (F,Y,tok), d strides "
-        "(F,X,tok), last dim contiguous; masks uint8 with strides (F,Y,X,tok) or 0; out float32 (F,Y,X); argmax "
-        "int32 (F,Y,X,Lq) or 0 (inference: not computed).",
-        arg("isa"), arg("dtype"), arg("q"), arg("d"), arg("dims"), arg("q_strides"), arg("d_strides"), arg("q_mask"),
-        arg("q_mask_strides"), arg("d_mask"), arg("d_mask_strides"), arg("out"), arg("argmax"), arg("threads"));
+        "MaxSim forward on CPU with the named ISA path: q (F,Y,Lq,H) and d (F,X,Ld,H) tensors of one float dtype "
+        "(last dim stride 1, other strides free), masks bool (F,Y,X,Lq) / (F,Y,X,Ld) or None; out float32 (F,Y,X) "
+        "and argmax int32 (F,Y,X,Lq) or None (inference), contiguous. Every tensor is checked here.",
+        arg("isa"), arg("q"), arg("d"), arg("q_mask"), arg("d_mask"), arg("out"), arg("argmax"), arg("threads"));
   m.def("maxsim_backward", &maxsim_backward,
-        "MaxSim backward on CPU through the saved argmax; dq float32 (F,Y,Lq,H), dd float32 (F,X,Ld,H), either 0.",
-        arg("isa"), arg("dtype"), arg("q"), arg("d"), arg("dims"), arg("q_strides"), arg("d_strides"), arg("grad"),
-        arg("argmax"), arg("dq"), arg("dd"), arg("threads"));
+        "MaxSim backward on CPU through the saved argmax (each value checked to be a row of its document, or -1): "
+        "grad float32 (F,Y,X); dq float32 (F,Y,Lq,H), dd float32 (F,X,Ld,H), either None.",
+        arg("isa"), arg("q"), arg("d"), arg("grad"), arg("argmax"), arg("dq"), arg("dd"), arg("threads"));
   m.def("maxsim_packed_forward", &maxsim_packed_forward,
-        "Packed MaxSim forward on CPU: dims=(F,X,Lq,H), q strides (F,Y,tok), tokens (T,H) with token stride, int64 "
-        "offsets (N+1), docs int64 (F*X) indices into the N documents or 0 (all, in order), scales float32 (T) for int8 tokens (dtype code 4, q float32) or 0; q_mask uint8 with strides "
-        "(F,Y,X,tok) or 0; out float32 (F*X); argmax int32 (F*X, Lq) relative to each document's first row, or 0. exact_int8=False lets a VNNI path quantize q per token.",
-        arg("isa"), arg("dtype"), arg("q"), arg("tokens"), arg("offsets"), arg("docs"), arg("scales"), arg("dims"), arg("q_strides"),
-        arg("tok_stride"), arg("q_mask"), arg("q_mask_strides"), arg("out"), arg("argmax"), arg("threads"),
-        arg("exact_int8") = true);
+        "Packed MaxSim forward on CPU: q (1 or N, Lq, H), tokens (T, H) (row stride free, 0 included), offsets int64 "
+        "(N+1) and docs int64 (M,) or None, both bounds-checked on every call; scales float32 (T,) with int8 "
+        "tokens (q float32) or None; q_mask bool (1 or N, Lq) or None; out float32 (M or N,), argmax int32 (M or N, Lq) "
+        "relative to each document's first row, or None. exact_int8=False lets a VNNI path quantize q per token.",
+        arg("isa"), arg("q"), arg("tokens"), arg("offsets"), arg("docs"), arg("scales"), arg("q_mask"), arg("out"),
+        arg("argmax"), arg("threads"), arg("exact_int8") = true);
   m.def("maxsim_packed_backward", &maxsim_packed_backward,
-        "Packed MaxSim backward on CPU: dq float32 (F,Lq,H), dtokens float32 (T,H) (every row written), either 0.",
-        arg("isa"), arg("dtype"), arg("q"), arg("tokens"), arg("offsets"), arg("docs"), arg("dims"), arg("q_strides"),
-        arg("tok_stride"), arg("grad"), arg("argmax"), arg("dq"), arg("dtokens"), arg("threads"));
+        "Packed MaxSim backward on CPU: grad float32 (N,), argmax from the forward (checked against the offsets); "
+        "dq float32 of q's shape, dtokens float32 (T, H) (every row written), either None.",
+        arg("isa"), arg("q"), arg("tokens"), arg("offsets"), arg("grad"), arg("argmax"), arg("dq"), arg("dtokens"),
+        arg("threads"));
 }
 
 }  // namespace

@@ -232,6 +232,31 @@ __global__ void __launch_bounds__(kThreads, kDistillMinBlocks)
         }
         const A np = static_cast<A>(n_pos), nn = static_cast<A>(n_neg);
         const A mean_p = warp_sum(sum_p) / np, mean_n = warp_sum(sum_n) / nn;
+        if (!(isfinite(mean_p) && isfinite(mean_n))) {
+          // A difference past the float range: the centred form would give inf - inf (NaN) where the
+          // definition overflows to inf, so sum the (positive, negative) pairs, as the CPU rows do. Each lane
+          // owns its candidates: a positive adds its pairs' terms, and each side its gradient.
+          A acc = 0;
+          for (int64_t k = lane; k < K; k += kWarp) {
+            const int c = cls(k);
+            if (c == 0) continue;
+            const A dk = S(k) - Tt(k);
+            A gk = 0;
+            for (int64_t j = 0; j < K; ++j) {
+              const int cj = cls(j);
+              if (c == 1 && cj == 2) {
+                const A e = dk - (S(j) - Tt(j));
+                acc += e * e;
+                gk += 2 * e;
+              } else if (c == 2 && cj == 1) {
+                gk -= 2 * ((S(j) - Tt(j)) - dk);
+              }
+            }
+            g[k] = gk;
+          }
+          row = warp_sum(acc);
+          break;
+        }
         A ss_p = 0, ss_n = 0;
         for (int64_t k = lane; k < K; k += kWarp) {
           const int c = cls(k);

@@ -144,7 +144,9 @@ __global__ void backward_dq_kernel(MaxSimArgs a, const float* grad, const int32_
     for (int64_t x = 0; x < a.X; ++x) {
       const int64_t pair = im::flat(im::flat(f, a.Y, y), a.X, x);
       const int32_t j = argmax[im::flat(pair, a.Lq, i)];
-      if (j >= 0) acc += grad[pair] * to_float(d[im::offset4(f, a.d_f, x, a.d_x, j, a.d_tok, h, 1)]);
+      // argmax lives on the GPU, where the host cannot check it without a sync: a value outside the
+      // document is skipped rather than read (only a corrupted argmax has one).
+      if (j >= 0 && j < a.Ld) acc += grad[pair] * to_float(d[im::offset4(f, a.d_f, x, a.d_x, j, a.d_tok, h, 1)]);
     }
     dq[im::flat(row, a.H, h)] = acc;
   }
@@ -164,7 +166,7 @@ __global__ void backward_dd_kernel(MaxSimArgs a, const float* grad, const int32_
       const float gp = grad[pair];
       for (int64_t i = 0; i < a.Lq; ++i) {
         const int32_t j = argmax[im::flat(pair, a.Lq, i)];
-        if (j >= 0) base[im::flat(j, a.H, h)] += gp * to_float(q[im::offset4(f, a.q_f, y, a.q_y, i, a.q_tok, h, 1)]);
+        if (j >= 0 && j < a.Ld) base[im::flat(j, a.H, h)] += gp * to_float(q[im::offset4(f, a.q_f, y, a.q_y, i, a.q_tok, h, 1)]);
       }
     }
   }

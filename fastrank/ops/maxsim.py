@@ -487,16 +487,9 @@ def _cpp_forward(entry: Callable, q, d, q_mask, d_mask, save_argmax: bool):
     q, d = inner_contiguous(q), inner_contiguous(d)
 
     def tile(qc, mc):
-        F, Y, X, Lq, Ld, H = _dims(qc, d)
         out, arg = _forward_outputs(qc, d, save_argmax)
-        qm, qms = _mask_args(mc)
-        dm, dms = _mask_args(d_mask)
-        entry(ext, qc, (
-            _ext.dtype_code(qc), qc.data_ptr(), d.data_ptr(), [F, Y, X, Lq, Ld, H],
-            [qc.stride(0), qc.stride(1), qc.stride(2)], [d.stride(0), d.stride(1), d.stride(2)],
-            qm.data_ptr() if qm is not None else 0, qms, dm.data_ptr() if dm is not None else 0, dms,
-            out.data_ptr(), arg.data_ptr() if save_argmax else 0,
-        ))
+        # The extension reads shapes, strides and dtypes from the tensors themselves and checks them.
+        entry(ext, qc, (qc, d, mc, d_mask, out, arg if save_argmax else None))
         return out, arg
 
     return forward_by_query_chunks(tile, q, q_mask, save_argmax)
@@ -512,11 +505,7 @@ def _cpp_backward(entry: Callable, q, d, grad, argmax, need_dq: bool, need_dd: b
         F, Y, X, Lq, Ld, H = _dims(qc, d)
         dq = torch.empty((F, Y, Lq, H), device=qc.device, dtype=torch.float32) if need_dq else None
         dd = torch.empty((F, X, Ld, H), device=qc.device, dtype=torch.float32) if need_dd else None
-        entry(ext, qc, (
-            _ext.dtype_code(qc), qc.data_ptr(), d.data_ptr(), [F, Y, X, Lq, Ld, H],
-            [qc.stride(0), qc.stride(1), qc.stride(2)], [d.stride(0), d.stride(1), d.stride(2)],
-            grad.data_ptr(), ac.data_ptr(), dq.data_ptr() if need_dq else 0, dd.data_ptr() if need_dd else 0,
-        ))
+        entry(ext, qc, (qc, d, grad, ac, dq, dd))
         return dq, dd
 
     dq, dd = backward_by_query_chunks(tile, q, argmax, need_dq)

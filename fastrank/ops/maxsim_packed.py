@@ -30,8 +30,6 @@ from fastrank.ops.maxsim import (NO_SECOND_DERIVATIVE, _cpu_slower, _kernel_reas
                                  forward_by_query_chunks)
 from fastrank.ops.pairs import DOUBLE_BACKWARD_ERROR, FLOAT_DTYPES, FLOAT_NAMES, inner_contiguous
 
-INT8_CODE = 4  # csrc/cpu/maxsim_cpu.h kInt8: q float32, tokens int8 with per-token float32 scales
-
 
 # --------------------------------------------------------------------------------------------------------
 # Checks
@@ -65,8 +63,10 @@ def check_offsets(offsets, num_tokens: int, where: str = "maxsim_packed") -> Ten
         ref, version, rows = seen
         if ref() is offsets and version == offsets._version and rows == num_tokens:
             return offsets
+    if offsets.device.type == "meta":  # shapes only: there are no values to check
+        return offsets
     _validate_offsets(offsets, num_tokens, where)
-    if versioned and offsets.device.type != "meta":
+    if versioned:
         if len(_VALIDATED) > 256:
             for key in [k for k, (ref, *_) in _VALIDATED.items() if ref() is None] or list(_VALIDATED)[:128]:
                 _VALIDATED.pop(key, None)
@@ -94,7 +94,7 @@ def check_docs(docs, n: int, where: str = "maxsim_packed") -> Tensor:
         raise TypeError(f"{where}: docs must be an int64 torch.Tensor of document indices or None, got {type(docs).__name__}")
     if docs.dtype != torch.int64 or docs.dim() != 1:
         raise TypeError(f"{where}: docs must be a 1-D int64 tensor, got {docs.dtype} of shape {tuple(docs.shape)}")
-    if docs.numel() and bool(((docs < 0) | (docs >= n)).any()):
+    if docs.numel() and docs.device.type != "meta" and bool(((docs < 0) | (docs >= n)).any()):
         bad = docs[(docs < 0) | (docs >= n)][0]
         raise ValueError(f"{where}: docs must index the {n} documents of offsets (0 .. {n - 1}), got {int(bad)}")
     return docs
@@ -148,20 +148,9 @@ def _check_inputs(q, tokens, offsets, q_mask, scales, docs=None) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------
-# C++ launchers (CPU). q is (Fq, Lq, H): Fq = 1 maps to the pair grid (F=1, Y=1, X=N), Fq = N to (N, 1, 1);
-# either way document f * X + x is the pair's document.
+# C++ launchers (CPU). q is (Fq, Lq, H): Fq = 1 scores one query against every document, Fq = N one query
+# per document (the extension maps either onto its pair grid).
 # --------------------------------------------------------------------------------------------------------
-def _grid(q: Tensor, n: int, q_mask: Optional[Tensor]):
-    shared = q.shape[0] == 1
-    F, X = (1, n) if shared else (n, 1)
-    qs = [0 if shared else q.stride(0), 0, q.stride(1)]
-    if q_mask is None:
-        qms = [0, 0, 0, 0]
-    else:
-        qms = [0 if shared else q_mask.stride(0), 0, 0, q_mask.stride(1)]
-    return F, X, qs, qms
-
-
 def segment_rows(offsets: Tensor, docs: Tensor) -> tuple[Tensor, Tensor]:
     """The row indices of segments ``docs`` of a CSR ``offsets`` back to back, and their own offsets
     (len(docs) + 1,)."""
@@ -194,26 +183,21 @@ VNNI_PATHS = ("avx512bf16", "amx")
 def _cpp_forward(q, tokens, offsets, q_mask, scales, save_argmax: bool, docs: Optional[Tensor] = None,
                  exact_int8: bool = False):
     ext = _ext.require()
-    q, tokens = inner_contiguous(q), inner_contiguous(tokens)
+    # Views the kernels cannot index (a strided embedding dim, strided index lists or scales) become
+    # contiguous copies here; the extension checks every tensor again and bounds-checks offsets and docs.
+    q, tokens, offsets = inner_contiguous(q), inner_contiguous(tokens), offsets.contiguous()
+    docs = docs.contiguous() if docs is not None else None
+    scales = scales.contiguous() if scales is not None else None
     n = offsets.numel() - 1 if docs is None else docs.numel()
     if n == 0:
         return _forward_outputs(q, n, save_argmax)
     if scales is not None:
         q = q.float()
-        code = INT8_CODE
-    else:
-        code = _ext.dtype_code(q)
 
     def tile(qc, mc):
         out, arg = _forward_outputs(qc, n, save_argmax)
-        F, X, qs, qms = _grid(qc, n, mc)
-        ext.maxsim_packed_forward(
-            cpu_isa.selected(), code, qc.data_ptr(), tokens.data_ptr(), offsets.data_ptr(),
-            docs.data_ptr() if docs is not None else 0, scales.data_ptr() if scales is not None else 0,
-            [F, X, qc.shape[1], tokens.shape[1]], qs, tokens.stride(0),
-            mc.data_ptr() if mc is not None else 0, qms, out.data_ptr(), arg.data_ptr() if save_argmax else 0,
-            torch.get_num_threads(), exact_int8,
-        )
+        ext.maxsim_packed_forward(cpu_isa.selected(), qc, tokens, offsets, docs, scales, mc, out,
+                                  arg if save_argmax else None, torch.get_num_threads(), exact_int8)
         return out, arg
 
     return forward_by_query_chunks(tile, q, q_mask, save_argmax)
@@ -221,7 +205,7 @@ def _cpp_forward(q, tokens, offsets, q_mask, scales, save_argmax: bool, docs: Op
 
 def _cpp_backward(q, tokens, offsets, grad, argmax, need_dq: bool, need_dt: bool, deterministic: bool):
     ext = _ext.require()
-    q, tokens = inner_contiguous(q), inner_contiguous(tokens)
+    q, tokens, offsets = inner_contiguous(q), inner_contiguous(tokens), offsets.contiguous()
     n = offsets.numel() - 1
     grad = grad.contiguous().float()
     argmax = argmax.contiguous()
@@ -233,12 +217,8 @@ def _cpp_backward(q, tokens, offsets, grad, argmax, need_dq: bool, need_dt: bool
         dq = alloc(qc.shape, dtype=torch.float32) if need_dq else None
         dt = alloc(tokens.shape, dtype=torch.float32) if need_dt else None
         if n > 0 and (need_dq or need_dt):
-            F, X, qs, _ = _grid(qc, n, None)
-            ext.maxsim_packed_backward(
-                cpu_isa.selected(), _ext.dtype_code(qc), qc.data_ptr(), tokens.data_ptr(), offsets.data_ptr(), 0,
-                [F, X, qc.shape[1], tokens.shape[1]], qs, tokens.stride(0), grad.data_ptr(), ac.data_ptr(),
-                dq.data_ptr() if need_dq else 0, dt.data_ptr() if need_dt else 0, torch.get_num_threads(),
-            )
+            ext.maxsim_packed_backward(cpu_isa.selected(), qc, tokens, offsets, grad, ac, dq, dt,
+                                       torch.get_num_threads())
         return dq, dt
 
     dq, dt = backward_by_query_chunks(tile, q, argmax, need_dq)
@@ -410,9 +390,11 @@ def maxsim_packed(q: Tensor, tokens: Tensor, offsets: Tensor, *, q_mask: Optiona
     """
     n = _check_inputs(q, tokens, offsets, q_mask, scales, docs)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or tokens.requires_grad)
-    if scales is not None and needs_grad:
-        raise ValueError("maxsim_packed: int8 tokens are scored forward only; q must not require grad "
-                         "(wrap the call in torch.no_grad())")
+    if scales is not None and torch.is_grad_enabled() and (needs_grad or scales.requires_grad):
+        raise ValueError("maxsim_packed: int8 tokens are scored forward only; neither q nor scales may require grad "
+                         "(wrap the call in torch.no_grad(), or score float tokens to train)")
+    if q.device.type == "meta":
+        return _meta_scores(q, tokens, offsets, q_mask, scales, docs, n, needs_grad)
     if q.dtype == torch.float64:
         return maxsim_packed_ref(q, tokens, offsets, q_mask=q_mask, scales=scales, docs=docs)
     tensors = (q, tokens, offsets, q_mask, scales, docs)
@@ -435,6 +417,20 @@ def maxsim_packed(q: Tensor, tokens: Tensor, offsets: Tensor, *, q_mask: Optiona
     return forward(q3, tokens, offsets, m2, scales, False)[0]
 
 
+def _meta_scores(q, tokens, offsets, q_mask, scales, docs, n: int, needs_grad: bool) -> Tensor:
+    """Meta tensors carry shapes and no values: the scores' shape and dtype (as maxsim gives on meta), through
+    the custom op's fake implementation so that autograd sees the same graph as on real tensors."""
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if not needs_grad:
+        return torch.empty((n,), dtype=dtype, device="meta")
+    if docs is not None:
+        raise ValueError("maxsim_packed: on the meta device a docs= subset is scored forward only (its rows cannot "
+                         "be gathered without offsets' values); call it under torch.no_grad()")
+    q3 = q if q.dim() == 3 else q.unsqueeze(0)
+    m2 = None if q_mask is None else (q_mask if q_mask.dim() == 2 else q_mask.unsqueeze(0))
+    return _forward_op(q3, tokens, offsets, m2, scales, "cpp", True, False, True)[0].to(dtype)
+
+
 dispatch.register("maxsim_packed", "reference", describe=lambda **_: "eager PyTorch (maxsim_packed_ref's math)")(
     lambda *args, **kwargs: maxsim_packed_ref(*args, **kwargs))
 
@@ -447,14 +443,26 @@ def quantize_tokens(tokens: Tensor) -> tuple[Tensor, Tensor]:
     if not isinstance(tokens, Tensor) or tokens.dim() != 2 or not tokens.is_floating_point():
         raise ValueError("quantize_tokens: tokens must be a floating-point tensor of shape (T, H), got "
                          + (f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else type(tokens).__name__))
-    t = tokens.detach().float()
+    if tokens.device.type == "meta":  # shapes only
+        return (torch.empty(tokens.shape, dtype=torch.int8, device="meta"),
+                torch.empty(tokens.shape[:1], dtype=torch.float32, device="meta"))
+    # float64 stays float64 until the scales are formed, so that a value beyond float32's range is named as
+    # such rather than turned into inf first.
+    t = tokens.detach().double() if tokens.dtype == torch.float64 else tokens.detach().float()
     if t.numel() and not bool(torch.isfinite(t).all()):
-        raise ValueError("quantize_tokens: tokens contain NaN or inf, which int8 cannot represent")
+        row = int((~torch.isfinite(t)).any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"quantize_tokens: tokens[{row}] contains NaN or inf, which int8 cannot represent")
     amax = t.abs().amax(dim=1) if t.shape[1] else t.new_zeros(t.shape[0])
+    too_big = amax / 127.0 > torch.finfo(torch.float32).max
+    if bool(too_big.any()):
+        row = int(too_big.nonzero()[0, 0])
+        raise ValueError(f"quantize_tokens: tokens[{row}] holds a value of magnitude {float(amax[row]):.3g}; its "
+                         f"per-token scale (max|x| / 127) would overflow float32 (values up to "
+                         f"{127 * torch.finfo(torch.float32).max:.3g} can be quantized)")
     scales = amax / 127.0
     inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
     q = torch.round(t * inv[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scales.contiguous()
+    return q, scales.float().contiguous()
 
 
 def dequantize_tokens(tokens: Tensor, scales: Tensor) -> Tensor:

@@ -1,0 +1,183 @@
+// The extension's boundary: every tensor an entry point receives is a torch.Tensor object, and its data
+// pointer, dtype, device, shape and strides are read here, from the object itself, never from integers
+// computed by the caller. The kernels then index only through what these checks allowed: a view with
+// unexpected strides, a tensor of the wrong size or type, or one on another device is a ValueError naming
+// the argument, never a read out of bounds. (torch keeps every view inside its storage, so shape and
+// strides read from the tensor bound every address the kernel forms from them.)
+//
+// The core still does not link libtorch: the attributes are read through the Python object (about 0.5 us
+// per tensor, a few microseconds per call; measured in the closing note of issue 22).
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+namespace fastrank {
+
+// Element codes the entry points accept. The first four are the float codes of common.h's DType, which
+// the kernels switch on; the rest name index and mask tensors. fastrank/_ext.py reads these from the
+// extension (ELEMENT_CODES), so Python and C++ cannot drift apart.
+enum class Elem : int { Float32 = 0, Float16 = 1, BFloat16 = 2, Float64 = 3, Int8 = 4, Int32 = 5, Int64 = 6,
+                        Bool = 7, UInt8 = 8 };
+constexpr int kElemCount = 9;
+
+inline const char* elem_name(Elem e) {
+  static const char* const names[kElemCount] = {"float32", "float16", "bfloat16", "float64", "int8",
+                                                "int32",   "int64",   "bool",     "uint8"};
+  const int i = static_cast<int>(e);
+  return i >= 0 && i < kElemCount ? names[i] : "unsupported";
+}
+
+struct TensorArg {
+  const char* name = "";
+  bool present = false;     // false: None was passed
+  std::uintptr_t ptr = 0;
+  int elem = -1;            // an Elem, or -1 for a dtype no entry point takes
+  std::string dtype_text;   // str(dtype), for messages
+  bool cuda = false;
+  int device_index = -1;    // -1 on CPU
+  std::vector<int64_t> size, stride;
+
+  int64_t dim() const { return static_cast<int64_t>(size.size()); }
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t s : size) n *= s;
+    return n;
+  }
+  template <typename T>
+  const T* data() const { return reinterpret_cast<const T*>(ptr); }
+  template <typename T>
+  T* mutable_data() const { return reinterpret_cast<T*>(ptr); }
+
+  std::string shape_text() const { return tuple_text(size); }
+  std::string stride_text() const { return tuple_text(stride); }
+
+  static std::string tuple_text(const std::vector<int64_t>& v) {
+    std::string s = "(";
+    for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+    return s + (v.size() == 1 ? ",)" : ")");
+  }
+};
+
+// Reads the tensor `obj` (or None when `optional`) passed as argument `name` of entry point `where`.
+inline TensorArg tensor_arg(pybind11::handle obj, const char* name, const char* where, bool optional = false) {
+  namespace py = pybind11;
+  TensorArg a;
+  a.name = name;
+  if (obj.is_none()) {
+    FASTRANK_CHECK(optional, where << ": " << name << " is required (a torch.Tensor), got None");
+    return a;
+  }
+  // The dtypes are compared by identity with torch's own objects, looked up once.
+  static const std::vector<py::object> dtypes = [] {
+    py::module_ torch = py::module_::import("torch");
+    return std::vector<py::object>{torch.attr("float32"), torch.attr("float16"), torch.attr("bfloat16"),
+                                   torch.attr("float64"), torch.attr("int8"),    torch.attr("int32"),
+                                   torch.attr("int64"),   torch.attr("bool"),    torch.attr("uint8")};
+  }();
+  static const py::object tensor_type = py::module_::import("torch").attr("Tensor");
+  FASTRANK_CHECK(py::isinstance(obj, tensor_type),
+                 where << ": " << name << " must be a torch.Tensor, got " << std::string(py::str(obj.get_type().attr("__name__"))));
+  a.present = true;
+  FASTRANK_CHECK(!obj.attr("is_meta").cast<bool>(),
+                 where << ": " << name << " is on the meta device, which holds no data; the kernels need real tensors");
+  a.cuda = obj.attr("is_cuda").cast<bool>();
+  FASTRANK_CHECK(a.cuda || obj.attr("is_cpu").cast<bool>(),
+                 where << ": " << name << " is on " << std::string(py::str(obj.attr("device")))
+                       << "; the extension's kernels run on cpu and cuda tensors");
+  a.device_index = a.cuda ? obj.attr("get_device")().cast<int>() : -1;
+  const py::object dtype = obj.attr("dtype");
+  for (int i = 0; i < kElemCount; ++i)
+    if (dtype.is(dtypes[i])) a.elem = i;
+  a.dtype_text = py::str(dtype);
+  a.size = obj.attr("shape").cast<std::vector<int64_t>>();
+  a.stride = obj.attr("stride")().cast<std::vector<int64_t>>();
+  FASTRANK_CHECK(a.size.size() == a.stride.size(), where << ": " << name << ": shape and strides disagree");
+  for (size_t i = 0; i < a.stride.size(); ++i)
+    FASTRANK_CHECK(a.stride[i] >= 0, where << ": " << name << " has a negative stride " << a.stride[i] << " in dim " << i);
+  // A tensor with no element may have no storage; its pointer is never read.
+  a.ptr = a.numel() > 0 ? obj.attr("data_ptr")().cast<std::uintptr_t>() : 0;
+  FASTRANK_CHECK(a.numel() == 0 || a.ptr != 0, where << ": " << name << " has elements but no data");
+  return a;
+}
+
+// ---- the checks an entry point states about each argument ------------------------------------------------
+
+inline void check_elem(const TensorArg& a, Elem e, const char* where) {
+  FASTRANK_CHECK(a.elem == static_cast<int>(e),
+                 where << ": " << a.name << " must be " << elem_name(e) << ", got " << a.dtype_text);
+}
+
+inline void check_float_elem(const TensorArg& a, const char* where, bool allow_float64 = false) {
+  const bool ok = a.elem == static_cast<int>(Elem::Float32) || a.elem == static_cast<int>(Elem::Float16) ||
+                  a.elem == static_cast<int>(Elem::BFloat16) || (allow_float64 && a.elem == static_cast<int>(Elem::Float64));
+  FASTRANK_CHECK(ok, where << ": " << a.name << " must be float32, float16 or bfloat16"
+                           << (allow_float64 ? " or float64" : "") << ", got " << a.dtype_text);
+}
+
+// A mask: bool or uint8, any nonzero byte is true.
+inline void check_mask_elem(const TensorArg& a, const char* where) {
+  FASTRANK_CHECK(a.elem == static_cast<int>(Elem::Bool) || a.elem == static_cast<int>(Elem::UInt8),
+                 where << ": " << a.name << " must be bool (or uint8), got " << a.dtype_text);
+}
+
+// `shape` entries of -1 match any size.
+inline void check_shape(const TensorArg& a, const std::vector<int64_t>& shape, const char* where) {
+  bool ok = a.dim() == static_cast<int64_t>(shape.size());
+  for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || a.size[i] == shape[i];
+  if (ok) return;
+  std::string want = "(";
+  for (size_t i = 0; i < shape.size(); ++i)
+    want += (i ? ", " : "") + (shape[i] < 0 ? std::string("*") : std::to_string(shape[i]));
+  want += shape.size() == 1 ? ",)" : ")";
+  FASTRANK_CHECK(false, where << ": " << a.name << " must have shape " << want << ", got " << a.shape_text());
+}
+
+// Row-major with no gaps: what outputs, index lists and per-row scales must be (the kernels write or read
+// them as flat arrays).
+inline bool is_contiguous(const TensorArg& a) {
+  int64_t expected = 1;
+  for (int64_t i = a.dim() - 1; i >= 0; --i) {
+    if (a.size[i] != 1 && a.stride[i] != expected) return false;
+    expected *= a.size[i];
+  }
+  return true;
+}
+
+inline void check_contiguous(const TensorArg& a, const char* where) {
+  FASTRANK_CHECK(a.numel() == 0 || is_contiguous(a), where << ": " << a.name << " must be contiguous, got shape "
+                                                           << a.shape_text() << " with strides " << a.stride_text());
+}
+
+// The innermost dim is read as a dense vector by the SIMD and tile kernels; the other strides are free
+// (zero included: an expanded tensor repeats rows, which reading handles).
+inline void check_inner_contiguous(const TensorArg& a, const char* where) {
+  FASTRANK_CHECK(a.dim() == 0 || a.size.back() <= 1 || a.stride.back() == 1,
+                 where << ": " << a.name << " must have stride 1 in its last dim, got stride " << a.stride.back());
+}
+
+inline void check_same_device(const TensorArg& a, const TensorArg& b, const char* where) {
+  if (!a.present || !b.present) return;
+  FASTRANK_CHECK(a.cuda == b.cuda && a.device_index == b.device_index,
+                 where << ": " << a.name << " and " << b.name << " must be on the same device");
+}
+
+inline void check_device(const TensorArg& a, bool cuda, const char* where) {
+  if (!a.present) return;
+  FASTRANK_CHECK(a.cuda == cuda, where << ": " << a.name << " must be a " << (cuda ? "CUDA" : "CPU") << " tensor");
+}
+
+// Outputs are written as flat arrays, every element once: of the expected type and shape, and dense (an
+// expanded output would have several elements at one address).
+inline void check_output(const TensorArg& a, Elem e, const std::vector<int64_t>& shape, const char* where) {
+  check_elem(a, e, where);
+  check_shape(a, shape, where);
+  check_contiguous(a, where);
+}
+
+}  // namespace fastrank

@@ -1,0 +1,280 @@
+"""Fuzzing every entry point of the compiled extension (issue 22): tensors with random strides, gaps,
+transposed storage and expanded rows, and hostile index values (negative, huge, decreasing). Each case must
+either match the reference computed on clean contiguous copies, or raise a ValueError that names the
+argument at fault. Run under scripts/sanitize.sh, this is also the AddressSanitizer's workload."""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastrank
+from fastrank import _ext, cpu_isa, losses, maxsim_packed, maxsim_packed_ref, maxsim_ref, quantize_tokens
+from fastrank.ops import losses as loss_ops
+
+pytestmark = pytest.mark.skipif(_ext.load() is None, reason="needs the compiled extension")
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+
+LAYOUTS = ("contiguous", "row_gaps", "column_stride", "transposed", "expanded")
+
+
+def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t``'s values in another memory layout (a view over a larger or reordered buffer)."""
+    if t.dim() == 0 or layout == "contiguous":
+        return t.clone()
+    if layout == "row_gaps":  # every row followed by unused elements
+        big = torch.full((*t.shape[:-1], t.shape[-1] + 3), 99, dtype=t.dtype)
+        big[..., : t.shape[-1]] = t
+        return big[..., : t.shape[-1]]
+    if layout == "column_stride":  # the last dim at stride 2: only a copy can give the kernels stride 1
+        big = torch.zeros((*t.shape[:-1], 2 * t.shape[-1]), dtype=t.dtype)
+        big[..., ::2] = t
+        return big[..., ::2]
+    if layout == "transposed":  # same values, storage in reversed dim order
+        return t.permute(*reversed(range(t.dim()))).contiguous().permute(*reversed(range(t.dim())))
+    if layout == "expanded":  # rows repeated through stride 0: only for tensors whose rows are all equal
+        return t[:1].expand(t.shape) if t.shape[0] else t.clone()
+    raise AssertionError(layout)
+
+
+def maybe_expanded(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The values the reference should see for ``layout``: an expanded tensor repeats its first row."""
+    return t[:1].expand(t.shape).contiguous() if layout == "expanded" and t.shape[0] else t
+
+
+@st.composite
+def packed_problems(draw, int8: bool = False):
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    n = draw(st.integers(0, 5))
+    lengths = draw(st.lists(st.integers(0, 6), min_size=n, max_size=n))
+    h, lq = draw(st.integers(1, 20)), draw(st.integers(1, 8))
+    offsets = torch.tensor([0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int64)
+    tokens = torch.randn(int(offsets[-1]), h, generator=gen)
+    q = torch.randn(lq, h, generator=gen)
+    return dict(q=q, tokens=tokens, offsets=offsets, n=n,
+                docs=draw(st.none() | st.lists(st.integers(0, max(n - 1, 0)), min_size=0, max_size=6)) if n else None,
+                layouts={name: draw(st.sampled_from(LAYOUTS)) for name in ("q", "tokens", "offsets", "docs", "scales")},
+                hostile=draw(st.sampled_from([None, "first", "decreasing", "last", "huge", "negative_doc",
+                                              "doc_past_end", "huge_doc"])))
+
+
+def hostile_indices(offsets: torch.Tensor, docs, hostile, n: int):
+    """Applies one hostile change; returns (offsets, docs, the argument that is now invalid or None)."""
+    offsets = offsets.clone()
+    docs = None if docs is None else torch.tensor(docs, dtype=torch.int64)
+    if hostile == "first":
+        offsets[0] = 1
+        return offsets, docs, "offsets"
+    if hostile == "decreasing" and n >= 2:
+        offsets[1] = int(offsets[2]) + 1
+        return offsets, docs, "offsets"
+    if hostile == "last":
+        offsets[-1] += 1
+        return offsets, docs, "offsets"
+    if hostile == "huge" and n >= 2:
+        offsets[1] = 10**12
+        return offsets, docs, "offsets"
+    if docs is not None and docs.numel():
+        bad = {"negative_doc": -1, "doc_past_end": n, "huge_doc": 10**12}.get(hostile)
+        if bad is not None:
+            docs[0] = bad
+            return offsets, docs, "docs"
+    return offsets, docs, None
+
+
+@FUZZ
+@given(packed_problems(), st.booleans())
+def test_packed_public_api_matches_the_reference_or_names_the_bad_argument(case, int8):
+    offsets, docs, bad = hostile_indices(case["offsets"], case["docs"], case["hostile"], case["n"])
+    lay = case["layouts"]
+    tokens = maybe_expanded(case["tokens"], lay["tokens"])
+    scales = None
+    if int8:
+        tokens, scales = quantize_tokens(tokens)
+    q_values = maybe_expanded(case["q"], lay["q"])
+    args = dict(q=laid_out(q_values, lay["q"]), tokens=laid_out(tokens, lay["tokens"]),
+                offsets=laid_out(offsets, "contiguous" if lay["offsets"] == "expanded" else lay["offsets"]),
+                docs=None if docs is None else laid_out(docs, "contiguous" if lay["docs"] == "expanded" else lay["docs"]),
+                scales=None if scales is None else laid_out(scales, "contiguous" if lay["scales"] == "expanded" else lay["scales"]))
+    with torch.no_grad():
+        if bad is not None:
+            with pytest.raises(ValueError, match=bad):
+                maxsim_packed(args["q"], args["tokens"], args["offsets"], docs=args["docs"], scales=args["scales"],
+                              exact_int8=True)
+            return
+        got = maxsim_packed(args["q"], args["tokens"], args["offsets"], docs=args["docs"], scales=args["scales"],
+                            exact_int8=True)
+        want = maxsim_packed_ref(q_values, tokens, offsets, docs=docs, scales=scales)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _needs_copy(t: torch.Tensor, whole: bool) -> bool:
+    """Whether the extension must refuse ``t`` as laid out: a strided last dim, or (``whole``) any gap."""
+    if t.numel() == 0:
+        return False
+    return not t.is_contiguous() if whole else (t.shape[-1] > 1 and t.stride(-1) != 1)
+
+
+@FUZZ
+@given(packed_problems())
+def test_packed_extension_reads_any_layout_it_accepts_and_refuses_the_rest(case):
+    """Direct calls to ``_C.maxsim_packed_forward`` with the raw views: the C++ boundary alone decides."""
+    ext, isa = _ext.require(), cpu_isa.selected()
+    lay = case["layouts"]
+    tokens_values = maybe_expanded(case["tokens"], lay["tokens"])
+    docs = None if case["docs"] is None else torch.tensor(case["docs"], dtype=torch.int64)
+    q = laid_out(case["q"][None], lay["q"])
+    tokens = laid_out(tokens_values, lay["tokens"])
+    offsets = laid_out(case["offsets"], "contiguous" if lay["offsets"] == "expanded" else lay["offsets"])
+    docs_in = None if docs is None else laid_out(docs, "contiguous" if lay["docs"] == "expanded" else lay["docs"])
+    scored = case["n"] if docs is None else docs.numel()
+    out = torch.full((scored,), math.nan)
+    refusals = [("q", _needs_copy(q, False)), ("tokens", _needs_copy(tokens, False)),
+                ("offsets", _needs_copy(offsets, True)), ("docs", docs_in is not None and _needs_copy(docs_in, True))]
+    expected = [name for name, refused in refusals if refused]
+    if expected:
+        with pytest.raises(ValueError, match="|".join(expected)):
+            ext.maxsim_packed_forward(isa, q, tokens, offsets, docs_in, None, None, out, None, 1)
+        return
+    ext.maxsim_packed_forward(isa, q, tokens, offsets, docs_in, None, None, out, None, 1)
+    torch.testing.assert_close(out, maxsim_packed_ref(case["q"], tokens_values, case["offsets"], docs=docs),
+                               rtol=1e-4, atol=1e-4)
+
+
+@st.composite
+def padded_problems(draw):
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    f, y, x = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    lq, ld, h = draw(st.integers(1, 9)), draw(st.integers(1, 12)), draw(st.integers(1, 20))
+    return dict(q=torch.randn(f, y, lq, h, generator=gen), d=torch.randn(f, x, ld, h, generator=gen),
+                q_mask=torch.rand(f, y, x, lq, generator=gen) > 0.3 if draw(st.booleans()) else None,
+                d_mask=torch.rand(f, y, x, ld, generator=gen) > 0.3 if draw(st.booleans()) else None,
+                layouts={k: draw(st.sampled_from(LAYOUTS[:4])) for k in ("q", "d", "q_mask", "d_mask")},
+                broadcast_q=draw(st.booleans()))
+
+
+@FUZZ
+@given(padded_problems())
+def test_padded_extension_forward_and_backward_on_any_accepted_layout(case):
+    ext, isa = _ext.require(), cpu_isa.selected()
+    lay = case["layouts"]
+    q_values = case["q"][:, :1].expand(case["q"].shape) if case["broadcast_q"] else case["q"]
+    q = q_values if case["broadcast_q"] else laid_out(q_values, lay["q"])  # stride 0 over Y when broadcast
+    d = laid_out(case["d"], lay["d"])
+    qm = None if case["q_mask"] is None else laid_out(case["q_mask"], lay["q_mask"])
+    dm = None if case["d_mask"] is None else laid_out(case["d_mask"], lay["d_mask"])
+    F, Y, Lq, H = q.shape
+    X = d.shape[1]
+    out, arg = torch.empty(F, Y, X), torch.empty(F, Y, X, Lq, dtype=torch.int32)
+    expected = [name for name, t in (("q", q), ("d", d)) if _needs_copy(t, False)]
+    if expected:
+        with pytest.raises(ValueError, match="|".join(expected)):
+            ext.maxsim_forward(isa, q, d, qm, dm, out, arg, 1)
+        return
+    ext.maxsim_forward(isa, q, d, qm, dm, out, arg, 1)
+    want = maxsim_ref(q_values[:, :, None], case["d"][:, None], case["q_mask"], case["d_mask"])
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    grad = torch.randn(F, Y, X)
+    dq, dd = torch.empty(F, Y, Lq, H), torch.empty(F, X, case["d"].shape[2], H)
+    ext.maxsim_backward(isa, q, d, grad, arg, dq, dd, 1)
+    qr = q_values.detach().clone().requires_grad_()
+    dr = case["d"].clone().requires_grad_()
+    # The kernels' gradient is the argmax's: masks select the same winners, so compare on unmasked problems.
+    if case["q_mask"] is None and case["d_mask"] is None:
+        (maxsim_ref(qr[:, :, None], dr[:, None]) * grad).sum().backward()
+        torch.testing.assert_close(dq, qr.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(dd, dr.grad, rtol=1e-4, atol=1e-4)
+
+
+@st.composite
+def loss_problems(draw):
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    b, k = draw(st.integers(1, 6)), draw(st.integers(2, 9))
+    mask = torch.rand(b, k, generator=gen) > 0.2
+    positives = torch.zeros(b, k, dtype=torch.bool)
+    positives[:, 0] = True
+    return dict(s=torch.randn(b, k, generator=gen), t=torch.randn(b, k, generator=gen), mask=mask, positives=positives,
+                name=draw(st.sampled_from(sorted(loss_ops.LOSS_KINDS))), reduction=draw(st.sampled_from(["none", "sum", "mean"])),
+                layouts={key: draw(st.sampled_from(LAYOUTS[:4])) for key in ("s", "t", "mask", "positives")},
+                hostile=draw(st.sampled_from([None, None, "nan_teacher", "inf_student"])))
+
+
+@FUZZ
+@given(loss_problems())
+def test_loss_entry_points_on_any_layout_match_the_reference(case):
+    s, t, mask, pos = case["s"], case["t"].clone(), case["mask"], case["positives"]
+    mask[:, 0] = True
+    if case["hostile"] == "nan_teacher":
+        t[0, 0] = math.nan
+    if case["hostile"] == "inf_student":
+        s = s.clone()
+        s[0, 1] = math.inf
+    lay = case["layouts"]
+    args = [laid_out(s, lay["s"]).requires_grad_(), laid_out(t, lay["t"]), laid_out(pos, lay["positives"]),
+            laid_out(mask, lay["mask"])]
+    fn, ref = getattr(losses, case["name"]), getattr(loss_ops, case["name"] + "_ref")
+    if case["hostile"] == "nan_teacher":
+        with pytest.raises(ValueError, match=r"t \(teacher scores\) contains NaN"):
+            fn(*args, reduction=case["reduction"], backend="cpp")
+        return
+    got = fn(*args, reduction=case["reduction"], backend="cpp")
+    sr = s.clone().requires_grad_()
+    want = ref(sr, t, pos, mask, case["reduction"])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, equal_nan=True)
+    if torch.isfinite(want).all():
+        seed = torch.randn(want.shape, generator=torch.Generator().manual_seed(1))
+        (got * seed).sum().backward()
+        (want * seed).sum().backward()
+        torch.testing.assert_close(args[0].grad, sr.grad, rtol=1e-4, atol=1e-4)
+
+
+@FUZZ
+@given(st.integers(1, 6), st.integers(1, 9), st.sampled_from(LAYOUTS[:4]), st.sampled_from(["int64", "int32"]),
+       st.sampled_from([None, "negative", "past_end", "huge"]))
+def test_inbatch_ce_targets_are_bounds_checked(b, m, layout, target_dtype, hostile):
+    gen = torch.Generator().manual_seed(b * 31 + m)
+    scores = laid_out(torch.randn(b, m, generator=gen), layout)
+    target = torch.randint(0, m, (b,), generator=gen, dtype=getattr(torch, target_dtype))
+    if hostile == "negative":
+        target[0] = -1  # ignores the row
+    elif hostile in ("past_end", "huge"):
+        target[0] = m if hostile == "past_end" else 2**31 - 1
+        with pytest.raises(ValueError, match=r"target\[0\] = \d+ is out of range"):
+            losses.inbatch_ce(scores, target, backend="cpp")
+        return
+    torch.testing.assert_close(losses.inbatch_ce(scores, target, backend="cpp"),
+                               loss_ops.inbatch_ce_ref(scores.contiguous(), target), rtol=1e-4, atol=1e-4)
+
+
+def test_every_entry_point_is_fuzzed():
+    """A new extension function must join this file: the list of those fuzzed above is checked against the
+    module's own."""
+    fuzzed = {"maxsim_forward", "maxsim_backward", "maxsim_packed_forward", "maxsim_packed_backward",
+              "distill_forward", "inbatch_ce_forward"}
+    # Not kernels: cpuid queries, the thread count, and the host-side index-math self-test of the CUDA code.
+    informational = {"cpu_isa_support", "cpu_flags", "num_threads", "has_cuda", "has_openmp"}
+    exported = {name for name in dir(_ext.require()) if not name.startswith("_")}
+    cuda_twins = {name for name in exported if name.endswith("_cuda")}
+    index_math = {name for name in exported if name.startswith("index_math") or name.startswith("im_")}
+    assert exported - fuzzed - informational - cuda_twins - index_math == set(), sorted(exported)
+    assert fastrank.maxsim_packed is maxsim_packed
+
+
+@FUZZ
+@given(packed_problems())
+def test_packed_backward_through_any_layout_matches_the_reference(case):
+    if case["n"] == 0 or case["tokens"].shape[0] == 0:
+        return
+    lay = case["layouts"]
+    # Repeated rows would tie: the kernels give a tie's gradient to one row, autograd's amax splits it, so
+    # expanded layouts are left to the forward tests.
+    tokens_values, q_values = case["tokens"], case["q"]
+    q = laid_out(q_values, "contiguous" if lay["q"] == "expanded" else lay["q"]).requires_grad_()
+    tokens = laid_out(tokens_values, "contiguous" if lay["tokens"] == "expanded" else lay["tokens"]).requires_grad_()
+    seed = torch.randn(case["n"], generator=torch.Generator().manual_seed(2))
+    (maxsim_packed(q, tokens, case["offsets"]) * seed).sum().backward()
+    qr, tr = q_values.clone().requires_grad_(), tokens_values.clone().requires_grad_()
+    (maxsim_packed_ref(qr, tr, case["offsets"]) * seed).sum().backward()
+    torch.testing.assert_close(q.grad, qr.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(tokens.grad, tr.grad, rtol=1e-4, atol=1e-4)
