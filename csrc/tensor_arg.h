@@ -155,9 +155,9 @@ inline void check_contiguous(const TensorArg& a, const char* where) {
 }
 
 // The innermost dim is read as a dense vector by the SIMD and tile kernels; the other strides are free
-// (zero included: an expanded tensor repeats rows, which reading handles).
+// (zero included: an expanded tensor repeats rows, which reading handles). An empty tensor is never read.
 inline void check_inner_contiguous(const TensorArg& a, const char* where) {
-  FASTRANK_CHECK(a.dim() == 0 || a.size.back() <= 1 || a.stride.back() == 1,
+  FASTRANK_CHECK(a.dim() == 0 || a.numel() == 0 || a.size.back() <= 1 || a.stride.back() == 1,
                  where << ": " << a.name << " must have stride 1 in its last dim, got stride " << a.stride.back());
 }
 

@@ -14,7 +14,7 @@ from fastrank import _ext, cpu_isa, losses, maxsim_packed, maxsim_packed_ref, ma
 from fastrank.ops import losses as loss_ops
 
 pytestmark = pytest.mark.skipif(_ext.load() is None, reason="needs the compiled extension")
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
 LAYOUTS = ("contiguous", "row_gaps", "column_stride", "transposed", "expanded")
 
