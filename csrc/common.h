@@ -10,7 +10,8 @@
 
 namespace fastrank {
 
-// Must match fastrank/_ext.py: DTYPE_CODES.
+// The float element codes; tensor_arg.h (Elem) reads them off each tensor at the boundary, so Python never
+// passes a code.
 enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2, Float64 = 3 };
 
 inline const char* dtype_name(DType t) {

@@ -20,11 +20,16 @@
 namespace fastrank {
 
 // Element codes the entry points accept. The first four are the float codes of common.h's DType, which
-// the kernels switch on; the rest name index and mask tensors. fastrank/_ext.py reads these from the
-// extension (ELEMENT_CODES), so Python and C++ cannot drift apart.
+// the kernels switch on; the rest name index and mask tensors. Python never passes a code: they are read
+// off the tensors here.
 enum class Elem : int { Float32 = 0, Float16 = 1, BFloat16 = 2, Float64 = 3, Int8 = 4, Int32 = 5, Int64 = 6,
                         Bool = 7, UInt8 = 8 };
 constexpr int kElemCount = 9;
+static_assert(static_cast<int>(Elem::Float32) == static_cast<int>(DType::Float32) &&
+                  static_cast<int>(Elem::Float16) == static_cast<int>(DType::Float16) &&
+                  static_cast<int>(Elem::BFloat16) == static_cast<int>(DType::BFloat16) &&
+                  static_cast<int>(Elem::Float64) == static_cast<int>(DType::Float64),
+              "the float element codes must be common.h's DType, which the loss and CUDA kernels switch on");
 
 inline const char* elem_name(Elem e) {
   static const char* const names[kElemCount] = {"float32", "float16", "bfloat16", "float64", "int8",

@@ -1,14 +1,12 @@
 """Loading the compiled extension ``fastrank._C`` lazily, and the conventions for calling it.
 
-The compiled core never links libtorch: functions take data pointers, sizes, strides (in elements), a dtype
-code and, for CUDA, a stream handle. That keeps one build valid for whichever torch the machine has.
+The compiled core never links libtorch: functions take torch.Tensor objects, read their pointers, dtypes,
+shapes and strides through Python attributes and check them (csrc/tensor_arg.h), plus plain numbers and,
+for CUDA, a stream handle. That keeps one build valid for whichever torch the machine has.
 """
 from __future__ import annotations
 
 import torch
-
-# Must match csrc/common.h: enum class DType.
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 REBUILD_HINT = (
     "rebuild it with `pip install --no-build-isolation -e .` from the fastrank source tree "
@@ -44,10 +42,6 @@ def require():
     if module is None:
         raise RuntimeError(unavailable_reason())
     return module
-
-
-def dtype_code(t: torch.Tensor) -> int:
-    return DTYPE_CODES[t.dtype]
 
 
 def cuda_stream(t: torch.Tensor) -> int:

@@ -32,7 +32,8 @@ struct MaxSimProblem {
   bool exact_int8 = true;
 };
 
-// Element codes, as fastrank/_ext.py DTYPE_CODES.
+// Element codes: those of tensor_arg.h (Elem), which reads them off each tensor (checked at compile time in
+// maxsim_boundary.h).
 constexpr int kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2;
 // Packed forward only: q float32, d int8 with MaxSimProblem::scales.
 constexpr int kInt8 = 4;
