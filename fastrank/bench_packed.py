@@ -17,6 +17,7 @@ Scores are checked against the padded path (and int8 against its dequantized ref
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -199,8 +200,10 @@ def add_cli(ops) -> None:
     p.add_argument("--dims", default=None, help="comma-separated embedding widths H (default 384,128; 128 with --quick)")
     p.add_argument("--data", help="a TREC DL folder (default: the embedded DL 2019 set)")
     p.add_argument("--model", help="tokenizer directory (default: the packaged all-MiniLM-L6-v2)")
-    p.add_argument("--seconds", type=float, default=1.0, help="minimum timed seconds per provider (default 1)")
-    p.add_argument("--quick", action="store_true", help="H = 128 only, 0.3 s per provider")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="minimum timed seconds per provider (default 1; 0.3 with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="H = 128 only, 0.3 s per provider (--dims and --seconds, when given, win)")
     p.add_argument("--device", default="cpu", help="cpu (the workload is timed on CPU tensors; `fastrank bench maxsim "
                                                    "--device cuda` covers the GPU kernels)")
     p.add_argument("--dtype", default=None, help="comma-separated subset of float32,bfloat16,float16,int8 to keep in "
@@ -214,8 +217,10 @@ _PACKED_DTYPES = ("float32", "bfloat16", "float16", "int8")
 
 
 def _cli(args) -> int:
+    # ValueError, not SystemExit: main prints it as `fastrank bench: error: ...` and exits 2, as every other
+    # command does, and all of it runs before the workload's tokenizer pass.
     if args.device != "cpu":
-        raise SystemExit(f"--device {args.device}: bench packed times the DL19 workload on CPU tensors only; "
+        raise ValueError(f"--device {args.device}: bench packed times the DL19 workload on CPU tensors only; "
                          "`fastrank bench maxsim --device cuda` times the GPU kernels")
     dims_text = args.dims or ("128" if args.quick else "384,128")
     try:
@@ -223,13 +228,18 @@ def _cli(args) -> int:
     except ValueError:
         dims = []
     if not dims or min(dims) < 1:
-        raise SystemExit(f"--dims: expected positive integers, got {dims_text!r}")
+        raise ValueError(f"--dims: expected positive integers, got {dims_text!r}")
     keep = None
     if args.dtype:
         keep = [d.strip() for d in args.dtype.split(",") if d.strip()]
         if not keep or any(d not in _PACKED_DTYPES for d in keep):
-            raise SystemExit(f"--dtype: expected a comma-separated subset of {','.join(_PACKED_DTYPES)}, got {args.dtype!r}")
-    res = run(dims, data=args.data, model=args.model, min_seconds=0.3 if args.quick else args.seconds)
+            raise ValueError(f"--dtype: expected a comma-separated subset of {','.join(_PACKED_DTYPES)}, got {args.dtype!r}")
+    # --quick sets defaults that explicit options override, as --dims already did and as `bench rerank`'s
+    # --quick yields to --max-queries and --rounds: a value the user typed is never dropped.
+    seconds = args.seconds if args.seconds is not None else (0.3 if args.quick else 1.0)
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"--seconds: expected a finite number of seconds >= 0, got {args.seconds!r}")
+    res = run(dims, data=args.data, model=args.model, min_seconds=seconds)
     if keep:
         for case in res["cases"]:
             # the baselines (eager, padded) are what every ratio is to: they stay

@@ -26,6 +26,8 @@ from typing import Optional
 
 from fastrank.bench_suite import CEILING_LABELS
 
+# What `--out DIR` receives, by name: report.md, results.json and the figures.
+REPORT_FILES = re.compile(r"report\.md|results\.json|roofline\.png|(scaling|speedup)_.+\.png")
 NO_MATPLOTLIB = "PNG figures skipped: matplotlib is not installed (pip install 'fastrank[bench]'); tables only"
 OP_ORDER = ("maxsim", "packed", "lite", "losses", "index")
 
@@ -213,6 +215,26 @@ def draw_figures(res: dict, out_dir: Path) -> dict[str, list[str]]:
 def json_ready(res: dict) -> dict:
     """The result with the machine inside every row (each row stands alone when the list is filtered)."""
     return {**res, "rows": [{**r, "machine": res["machine"]} for r in res["rows"]]}
+
+
+def check_report_dir(path: str | os.PathLike, label: str = "--out") -> None:
+    """Refuse ``--out`` DIR when a file there that a report would overwrite (report.md, results.json, a figure)
+    is not from a fastrank bench report: a report's results.json names the `fastrank bench` command that
+    made it, and vouches for the files beside it. Anything else in DIR is never touched."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{label} {path}: is a file; expected a directory for report.md and results.json")
+    clashes = sorted(p.name for p in out.iterdir() if REPORT_FILES.fullmatch(p.name)) if out.is_dir() else []
+    if not clashes:
+        return
+    try:
+        previous = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        previous = None
+    if isinstance(previous, dict) and str(previous.get("command", "")).startswith("fastrank bench"):
+        return
+    raise ValueError(f"{label} {path}: {clashes[0]} there is not from a fastrank bench report (no results.json "
+                     "naming a `fastrank bench` command); refusing to overwrite it (pick a new or empty directory)")
 
 
 def write(res: dict, out_dir: str | os.PathLike) -> tuple[Path, Optional[str]]:

@@ -167,8 +167,9 @@ def add_cli(ops) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=64, help="texts or pairs per forward pass (default 64)")
     p.add_argument("--max-queries", type=int, help="only the first N queries (a quick look)")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="timed rounds after a warm-up; each row's docs/s is its median round (default 3)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="timed rounds after a warm-up; each row's docs/s is its median round (default 3; 1 with "
+                        "--quick)")
     p.add_argument("--quick", action="store_true", help="a quick look: the first 10 queries, one timed round "
                                                            "(unless --max-queries or --rounds say otherwise)")
     p.add_argument("--json", metavar="FILE", help="also write the rows, machine and command as JSON")
@@ -176,11 +177,37 @@ def add_cli(ops) -> None:
     p.set_defaults(func=_cli)
 
 
+def _check_options(args) -> None:
+    """Each option by its flag, before the data is read or any model loads (run_bench's own checks come after
+    the bi-encoder has loaded and name its Python arguments)."""
+    from fastrank.encoders import check_device
+    from fastrank.trained import MANIFEST, is_trained, read_manifest
+
+    check_device(args.device, "--device")
+    for flag, value in (("--batch-size", args.batch_size), ("--max-queries", args.max_queries),
+                        ("--rounds", args.rounds)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
+    for flag, value in (("--model", args.model), ("--cross", args.cross)):
+        if value is not None and not (Path(value) / "config.json").is_file():
+            raise FileNotFoundError(f"{flag} {value}: not a local transformers model directory (no config.json)")
+    if args.lite_model is not None:
+        if not Path(args.lite_model).is_dir():
+            raise FileNotFoundError(f"--lite-model {args.lite_model}: no such directory")
+        if not is_trained(args.lite_model):
+            raise FileNotFoundError(f"--lite-model {args.lite_model}: not a directory written by `fastrank train` "
+                                    f"(no {MANIFEST})")
+        scorer = read_manifest(args.lite_model)["scorer"]
+        if scorer != "lite":
+            raise ValueError(f"--lite-model {args.lite_model}: holds a trained {scorer} model, not a LITE one; "
+                             "expected a directory of `fastrank train --scorer lite`")
+
+
 def _cli(args) -> int:
-    max_queries, rounds = args.max_queries, args.rounds
-    if args.quick:
-        max_queries = max_queries or 10
-        rounds = 1 if rounds == 3 else rounds
+    _check_options(args)
+    # --quick only fills in what was not given: an explicit --rounds 3 stays 3 rounds.
+    max_queries = args.max_queries if args.max_queries is not None else (10 if args.quick else None)
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     res = run_bench(args.data, args.model, cross=args.cross, lite_model=args.lite_model, device=args.device,
                     batch_size=args.batch_size, max_queries=max_queries, rounds=rounds)
     res.pop("runs")

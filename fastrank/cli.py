@@ -64,9 +64,22 @@ def _model_dims(model) -> tuple[int, int]:
     return hidden, hidden
 
 
-def _check_out_file(path: str, name: str = "OUT") -> None:
-    if Path(path).is_dir():
+def _check_out_file(path: str, name: str = "OUT", inputs: dict[str, str | None] | None = None) -> None:
+    """``path`` names a file to write, and not one of ``inputs`` (name -> a path the command reads, or a
+    directory whose files it reads): the output replaces its file, so an input given again as OUT would be
+    lost the moment the command succeeds."""
+    out = Path(path)
+    if out.is_dir():
         raise ValueError(f"{name} {path}: is a directory; expected the path of a file to write")
+    if not out.exists():
+        return
+    for flag, value in (inputs or {}).items():
+        if value is None or not Path(value).exists():
+            continue
+        read = [p for p in Path(value).iterdir() if p.is_file()] if Path(value).is_dir() else [Path(value)]
+        if any(os.path.samefile(out, f) for f in read):
+            raise ValueError(f"{name} {path}: is {flag} {value}{'' if read == [Path(value)] else ' (a file in it)'}, "
+                             "which this command reads; write the output to another file")
 
 
 # Arguments that name a file or directory a command writes ("-" being stdout), with the name an error gives
@@ -94,6 +107,15 @@ def _make_output_parents(args) -> None:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OSError(f"{name} {value}: cannot create its parent directory {parent} ({exc.strerror})") from None
+
+
+def _check_bench_out(args) -> None:
+    """A bench report's ``--out DIR`` (every bench subcommand but kernels, whose --out is a file) overwrites
+    only a report fastrank bench wrote there before."""
+    if args.command == "bench" and getattr(args, "op", None) != "kernels" and getattr(args, "out", None):
+        from fastrank.bench_report import check_report_dir
+
+        check_report_dir(args.out, "--out")
 
 
 def _model_max_positions(model) -> int | None:
@@ -337,7 +359,7 @@ def cmd_retrieve(args) -> int:
         raise ValueError("--token-k is gone: token indexes now find candidates through centroids; "
                          "use --nprobe (centroids per query token) and --ndocs (candidates scored exactly)")
     _check_positive(args, "-k", "--nprobe", "--ndocs")
-    _check_out_file(args.out)
+    _check_out_file(args.out, inputs={"INDEX": args.index, "QUERIES": args.queries, "--qrels": args.qrels})
     check_tag(args.tag, "--tag")
     centroid_args = [f for f, v in (("--nprobe", args.nprobe), ("--ndocs", args.ndocs)) if v is not None]
     if args.exhaustive and centroid_args:
@@ -433,7 +455,8 @@ def _check_rerank_args(args) -> None:
     from fastrank.data import check_tag
 
     _check_positive(args, "--depth")
-    _check_out_file(args.out)
+    _check_out_file(args.out, inputs={"RUN": args.run, "QUERIES": args.queries, "CORPUS": args.corpus,
+                                      "--lite": args.lite})
     if args.tag is not None:
         check_tag(args.tag, "--tag")
     _check_model_args(args)
@@ -637,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = show
         try:
             _make_output_parents(args)
+            _check_bench_out(args)
             return args.func(args)
         except (OSError, ValueError, ImportError, RuntimeError) as exc:
             # Bad input or a missing optional dependency: one line naming the problem, not a traceback.

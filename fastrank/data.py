@@ -217,45 +217,34 @@ def write_run(run: Mapping[str, Mapping[str, float]], path: PathLike, tag: str =
 
 
 class atomic_output:
-    """``with atomic_output(path) as tmp:`` write ``tmp`` (a new file or directory beside ``path``); on success
-    it replaces ``path`` in one rename, on failure it is removed and ``path`` keeps what it held. A reader
-    never sees half a file, and a failed command leaves no partial output behind."""
+    """``with atomic_output(path) as tmp:`` write the new file ``tmp`` beside ``path``; on success it replaces
+    ``path`` in one rename, on failure it is removed and ``path`` keeps what it held. A reader never sees half
+    a file, and a failed command leaves no partial output behind. Files only: replacing a directory would
+    mean deleting whatever else a user keeps in it (index directories have their own manifest-guided save,
+    :mod:`fastrank.index.storage`)."""
 
-    def __init__(self, path: PathLike, directory: bool = False):
-        self.path, self.directory = Path(path), directory
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
 
     def __enter__(self) -> Path:
-        if self.path.exists() and self.path.is_dir() != self.directory:
-            raise ValueError(f"{self.path} exists and is {'not ' if self.directory else ''}a directory")
+        if self.path.is_dir():
+            raise ValueError(f"{self.path} is a directory; expected the path of a file to write")
         # Created here rather than by tempfile, whose files are private (0600): the output gets the
         # permissions any new file would.
         for _ in range(100):
             self.tmp = self.path.parent / f".{self.path.name}.partial-{os.getpid()}-{os.urandom(4).hex()}"
             try:
-                self.tmp.mkdir() if self.directory else self.tmp.open("x").close()
+                self.tmp.open("x").close()
                 return self.tmp
             except FileExistsError:
                 continue
         raise FileExistsError(f"{self.path}: cannot create a temporary file beside it")
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        import shutil
-
         if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True) if self.directory else self.tmp.unlink(missing_ok=True)
+            self.tmp.unlink(missing_ok=True)
             return
-        if not self.directory:
-            os.replace(self.tmp, self.path)
-            return
-        # A directory cannot be renamed over a non-empty one: the old one steps aside first.
-        old = None
-        if self.path.exists():
-            old = self.tmp.with_name(self.tmp.name.replace(".partial-", ".old-"))
-            os.replace(self.path, old)
         os.replace(self.tmp, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
 
 
 def check_tag(tag: str, name: str = "tag") -> None:

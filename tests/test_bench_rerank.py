@@ -121,8 +121,8 @@ def test_bad_options_fail_before_any_encoding(capsys, tmp_path, tiny_models):
     rc, _, err = run_cli(capsys, "bench", "rerank", "--data", DL19, "--model", bi, "--lite-model", dense)
     assert rc == 2 and "holds a trained dense model, not a LITE one" in err
     rc, _, err = run_cli(capsys, "bench", "rerank", "--data", DL19, "--max-queries", "0")
-    assert rc == 2 and "max_queries must be a positive integer" in err
+    assert rc == 2 and "--max-queries must be a positive integer" in err
     rc, _, err = run_cli(capsys, "bench", "rerank", "--data", DL19, "--lite-model", tmp_path / "nope")
-    assert rc == 2 and "lite_model: no such directory" in err
+    assert rc == 2 and "--lite-model " + str(tmp_path / "nope") + ": no such directory" in err
     rc, _, err = run_cli(capsys, "bench", "rerank", "--data", DL19, "--cross", tmp_path)
     assert rc == 2 and "no config.json" in err

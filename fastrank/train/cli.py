@@ -19,7 +19,8 @@ def add_cli(sub) -> None:
                     "--candidates). Without a teacher the labels come from the qrels (loss ce). On a CPU the encoder "
                     "is frozen by default: the corpus is encoded once (cached) and only the scorer head trains.")
     p.add_argument("data", help="BEIR folder with qrels/train.tsv (the test split is never read)")
-    p.add_argument("out", help="directory to write the trained model (and checkpoint.pt, cache/) to")
+    p.add_argument("out", help="directory to write the trained model (and checkpoint.pt, cache/) to: absent, empty, "
+                               "or one `fastrank train` wrote (files of anyone else's are never overwritten)")
     p.add_argument("--scorer", default="lite", choices=SCORERS, help="head to train (default lite)")
     p.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction, default=None,
                    help="train the head alone on cached encoder states (default: on CPU yes, on CUDA no)")
@@ -51,8 +52,9 @@ def add_cli(sub) -> None:
     p.add_argument("--dev-queries", type=int, default=100,
                    help="training queries held out for nDCG@10 during training (default 100, at most a fifth)")
     p.add_argument("--eval-every", type=int, help="steps between held-out evaluations and checkpoints (default: an epoch)")
-    p.add_argument("--keep", choices=("best", "last"), default="best",
-                   help="save the head with the best held-out nDCG@10 (default) or the last one")
+    p.add_argument("--keep", choices=("best", "last"),
+                   help="save the head with the best held-out nDCG@10 (default; last with --dev-queries 0) or the "
+                        "last one")
     p.add_argument("--proj-dim", type=int, help="maxsim: token dim after projection (default 128); lite: Small-LITE")
     p.add_argument("--model", help="base encoder directory (default: packaged all-MiniLM-L6-v2)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")

@@ -14,6 +14,8 @@ SCORERS = ("dense", "maxsim", "lite")
 TEACHER_LOSSES = ("mse", "margin_mse", "m3se", "softmax_ce", "kl_div", "rankdistil_b")
 LABEL_LOSSES = ("ce", "inbatch_ce")
 LOSSES = TEACHER_LOSSES + LABEL_LOSSES
+# Losses that read the temperature tau (train.loop.group_loss): the others have none.
+TAU_LOSSES = ("ce", "inbatch_ce", "softmax_ce", "kl_div")
 AMP = ("bf16", "fp16")
 CHECKPOINT = "checkpoint.pt"
 
@@ -51,7 +53,7 @@ class TrainConfig:
     device: str | None = None
     dev_queries: int = 100  # held out of the training queries for periodic nDCG@10
     eval_every: int | None = None  # steps; default once per epoch
-    keep: str = "best"  # best: the head with the best held-out nDCG@10; last: the final one
+    keep: str | None = None  # best (default): the head with the best held-out nDCG@10; last: the final one
     proj_dim: int | None = None  # maxsim: 128 by default; lite: Small-LITE projection when set
     lite_row_hidden: int = 2400
     lite_col_hidden: int = 384
@@ -94,15 +96,24 @@ class TrainConfig:
         if self.teacher and self.teacher_model:
             raise ValueError("give teacher scores as a file (teacher) or a model (teacher_model), not both")
         has_teacher = bool(self.teacher or self.teacher_model)
-        if self.self_distill is None:
-            self.self_distill = self.scorer == "lite" and not has_teacher
-        if self.self_distill and has_teacher:
-            raise ValueError("self_distill distils the base encoder's MaxSim when there is no teacher; a teacher is given")
-        self.loss = tuple(self.loss) if self.loss else (
-            ("margin_mse",) if has_teacher else ("ce", "kl_div") if self.self_distill else ("ce",))
-        unknown = [name for name in self.loss if name not in LOSSES]
+        given_loss = tuple(self.loss) if self.loss else None
+        unknown = [name for name in given_loss or () if name not in LOSSES]
         if unknown:
             raise ValueError(f"loss: unknown {', '.join(unknown)}; choose from {', '.join(LOSSES)} (sum them with +)")
+        reads_teacher = given_loss is None or any(name in TEACHER_LOSSES for name in given_loss)
+        if self.self_distill is None:
+            # lite distils itself by default, unless the losses asked for read no teacher scores
+            self.self_distill = self.scorer == "lite" and not has_teacher and reads_teacher
+        if self.self_distill and has_teacher:
+            raise ValueError("self_distill distils the base encoder's MaxSim when there is no teacher; a teacher is given")
+        if not reads_teacher and (self.self_distill or has_teacher):
+            source = "self_distill" if self.self_distill else "teacher" if self.teacher else "teacher_model"
+            raise ValueError(f"{source} with loss {'+'.join(given_loss)}: no loss of these reads teacher scores, so "
+                             f"they would be computed and ignored; add one of {', '.join(TEACHER_LOSSES)} to the loss "
+                             f"or drop {source}")
+        self.loss = given_loss or (
+            ("margin_mse",) if has_teacher else ("ce", "kl_div") if self.self_distill else ("ce",))
+        self._refuse_ignored()
         needs = [name for name in self.loss if name in TEACHER_LOSSES]
         if needs and not has_teacher and not self.self_distill:
             raise ValueError(f"loss {', '.join(needs)} needs teacher scores (--teacher FILE, --teacher-model DIR or "
@@ -124,10 +135,13 @@ class TrainConfig:
             self.epochs = 10 if self.freeze_encoder else 1
         if self.lr is None:
             self.lr = 1e-3 if self.freeze_encoder else 2e-5
-        if self.tau is None:
+        # Filled in only where a loss reads it: check() runs again in train(), and must not meet a tau nobody gave.
+        if self.tau is None and set(self.loss) & set(TAU_LOSSES):
             self.tau = 0.05 if self.scorer == "dense" else 1.0
         for name in ("lr", "tau"):
             value = getattr(self, name)
+            if name == "tau" and value is None:
+                continue
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         if not 0.0 <= self.warmup < 1.0:
@@ -137,23 +151,57 @@ class TrainConfig:
                 raise ValueError(f"amp must be one of {', '.join(AMP)}, got {self.amp!r}")
             if self.amp == "fp16" and device.type == "cpu":
                 raise ValueError("amp fp16 needs CUDA; on a CPU use amp bf16")
-        if self.keep not in ("best", "last"):
+        if self.keep is not None and self.keep not in ("best", "last"):
             raise ValueError(f"keep must be 'best' or 'last', got {self.keep!r}")
+        if self.keep == "best" and self.dev_queries == 0:
+            raise ValueError("keep best with dev_queries 0: the best head is chosen by held-out nDCG@10, and no query "
+                             "is held out; hold some out (dev_queries >= 1) or keep last")
+        if self.keep is None:
+            self.keep = "best" if self.dev_queries else "last"
         if self.scorer == "maxsim" and self.proj_dim is None:
             self.proj_dim = 128
         if self.scorer == "dense" and self.proj_dim is not None:
             raise ValueError("proj_dim applies to maxsim (ColBERT projection) and lite (Small-LITE), not dense")
-        out = Path(self.out)
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"out: {out} exists and is not a directory")
-        from fastrank.trained import MANIFEST
+        self._check_out()
+        return self
 
+    def _refuse_ignored(self) -> None:
+        """Options that this scorer and these losses never read, refused by name rather than dropped in
+        silence (``self.loss`` resolved, defaults not yet filled in: ``None`` still means "not given")."""
+        loss = "+".join(self.loss)
+        if self.tau is not None and not set(self.loss) & set(TAU_LOSSES):
+            raise ValueError(f"tau {self.tau} with loss {loss}: none of these losses has a temperature (only "
+                             f"{', '.join(TAU_LOSSES)} do); drop tau or add one of them to the loss")
+        if self.gamma0 != 0.0 and "rankdistil_b" not in self.loss:
+            raise ValueError(f"gamma0 {self.gamma0} with loss {loss}: gamma0 is rankdistil_b's negative margin; add "
+                             "rankdistil_b to the loss or drop gamma0")
+        if self.scorer != "lite":
+            fields = type(self).__dataclass_fields__
+            for name in ("lite_row_hidden", "lite_col_hidden"):
+                if getattr(self, name) != fields[name].default:
+                    raise ValueError(f"{name} {getattr(self, name)} with scorer {self.scorer}: it sizes the LITE "
+                                     "head's MLPs; use it with scorer lite or drop it")
+
+    def run_entries(self) -> tuple[str, ...]:
+        """What the run itself writes into ``out`` (the model's files come on top): the checkpoint, and the
+        cache when no other cache_dir is given."""
+        return (CHECKPOINT, CHECKPOINT + ".tmp") + (("cache",) if self.cache_dir is None else ())
+
+    def _check_out(self) -> None:
+        """``out`` is absent, empty, or a run or model fastrank wrote, and nothing the run would write there is
+        a file of someone else's (:func:`fastrank.trained.check_model_dir`)."""
+        from fastrank.trained import MANIFEST, MODEL_ENTRIES, RUN_MANIFEST, check_model_dir
+
+        out = Path(self.out)
+        # A run started before runs were marked has a checkpoint and no run manifest: --resume vouches for it.
+        legacy = self.resume and (out / CHECKPOINT).is_file() and not (out / RUN_MANIFEST).exists()
+        check_model_dir(self.out, (RUN_MANIFEST, *self.run_entries(), *MODEL_ENTRIES), "out",
+                        adopt=self.run_entries() if legacy else ())
         if self.resume:
             if not (out / CHECKPOINT).is_file():
                 raise FileNotFoundError(f"resume: {out / CHECKPOINT} does not exist (nothing to resume)")
         elif (out / CHECKPOINT).is_file() or (out / MANIFEST).is_file():
             raise ValueError(f"out: {out} already holds a training run; pass --resume to continue it or pick a new OUT")
-        return self
 
     def to_json(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}

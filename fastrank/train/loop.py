@@ -28,6 +28,7 @@ from fastrank.train.data import (TrainData, load_training_queries, pools_from_ru
                                  split_dev)
 from fastrank.train.features import FrozenTexts, dense_top, encode_frozen
 from fastrank.train.student import MaxSimHead, Student, make_head
+from fastrank.trained import write_run_manifest
 
 # Config fields that change what a step computes: a resumed run must keep them.
 _RESUME_FIXED = ("scorer", "loss", "negatives", "batch_size", "accumulate", "seed", "proj_dim", "freeze_encoder",
@@ -259,6 +260,8 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
+    if world.rank == 0:  # before the cache or a checkpoint: a run stopped at any point is recognised as fastrank's
+        write_run_manifest(out, cfg.run_entries())
     data, base, corpus_f, query_f, dev_run = prepare(cfg, world, device)
     frozen = (corpus_f, query_f) if cfg.freeze_encoder else None
 
@@ -302,7 +305,10 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
     best = (-1.0, None, None)  # (dev nDCG@10, step, head state)
     if cfg.resume:
         ck = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
-        changed = [k for k in _RESUME_FIXED if ck["config"].get(k) != cfg.to_json().get(k)]
+        now = cfg.to_json()
+        # tau None: no loss of this run reads a temperature, whatever value an older checkpoint recorded.
+        changed = [k for k in _RESUME_FIXED
+                   if ck["config"].get(k) != now.get(k) and not (k == "tau" and now[k] is None)]
         if changed:
             raise ValueError(f"resume: {', '.join(changed)} differ from the checkpoint's; a resumed run must keep them")
         student.head.load_state_dict(ck["head"])
