@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -43,7 +44,8 @@ struct TensorArg {
   bool present = false;     // false: None was passed
   std::uintptr_t ptr = 0;
   int elem = -1;            // an Elem, or -1 for a dtype no entry point takes
-  std::string dtype_text;   // str(dtype), for messages
+  pybind11::object dtype;   // the torch.dtype, for messages
+  std::string dtype_text() const { return present ? std::string(pybind11::str(dtype)) : std::string("None"); }
   bool cuda = false;
   int device_index = -1;    // -1 on CPU
   std::vector<int64_t> size, stride;
@@ -69,6 +71,52 @@ struct TensorArg {
   }
 };
 
+namespace tensor_arg_detail {
+
+// What tensor_arg asks of every tensor, looked up once: torch's dtype objects (compared by identity), the
+// Tensor type, and the attribute names as interned strings (a const char* name would build a new str per
+// lookup; the losses' calls are tens of microseconds, so the boundary's own cost is kept to a few).
+struct Torch {
+  pybind11::object dtypes[kElemCount];
+  pybind11::object tensor_type;
+  pybind11::str is_cpu, is_cuda, is_meta, device, get_device, dtype, shape, stride, data_ptr;
+};
+
+inline const Torch& torch_names() {
+  namespace py = pybind11;
+  static const Torch* t = [] {
+    py::module_ torch = py::module_::import("torch");
+    auto* n = new Torch;  // never freed: destroying Python objects at exit, after the interpreter, would crash
+    const char* const names[kElemCount] = {"float32", "float16", "bfloat16", "float64", "int8",
+                                           "int32",   "int64",   "bool",     "uint8"};
+    for (int i = 0; i < kElemCount; ++i) n->dtypes[i] = torch.attr(names[i]);
+    n->tensor_type = torch.attr("Tensor");
+    for (auto [field, text] : {std::pair{&n->is_cpu, "is_cpu"}, {&n->is_cuda, "is_cuda"}, {&n->is_meta, "is_meta"},
+                               {&n->device, "device"}, {&n->get_device, "get_device"}, {&n->dtype, "dtype"},
+                               {&n->shape, "shape"}, {&n->stride, "stride"}, {&n->data_ptr, "data_ptr"}}) {
+      PyObject* interned = PyUnicode_InternFromString(text);
+      if (interned == nullptr) throw py::error_already_set();
+      *field = py::reinterpret_steal<py::str>(interned);
+    }
+    return n;
+  }();
+  return *t;
+}
+
+// torch.Size and stride() are tuples of ints.
+inline void read_ints(pybind11::handle tuple, std::vector<int64_t>& out, const char* what) {
+  FASTRANK_CHECK(PyTuple_Check(tuple.ptr()), "tensor " << what << " is not a tuple");
+  const Py_ssize_t n = PyTuple_GET_SIZE(tuple.ptr());
+  out.resize(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const long long v = PyLong_AsLongLong(PyTuple_GET_ITEM(tuple.ptr(), i));
+    if (v == -1 && PyErr_Occurred()) throw pybind11::error_already_set();
+    out[static_cast<size_t>(i)] = v;
+  }
+}
+
+}  // namespace tensor_arg_detail
+
 // Reads the tensor `obj` (or None when `optional`) passed as argument `name` of entry point `where`.
 inline TensorArg tensor_arg(pybind11::handle obj, const char* name, const char* where, bool optional = false) {
   namespace py = pybind11;
@@ -78,35 +126,28 @@ inline TensorArg tensor_arg(pybind11::handle obj, const char* name, const char* 
     FASTRANK_CHECK(optional, where << ": " << name << " is required (a torch.Tensor), got None");
     return a;
   }
-  // The dtypes are compared by identity with torch's own objects, looked up once.
-  static const std::vector<py::object> dtypes = [] {
-    py::module_ torch = py::module_::import("torch");
-    return std::vector<py::object>{torch.attr("float32"), torch.attr("float16"), torch.attr("bfloat16"),
-                                   torch.attr("float64"), torch.attr("int8"),    torch.attr("int32"),
-                                   torch.attr("int64"),   torch.attr("bool"),    torch.attr("uint8")};
-  }();
-  static const py::object tensor_type = py::module_::import("torch").attr("Tensor");
-  FASTRANK_CHECK(py::isinstance(obj, tensor_type),
+  const tensor_arg_detail::Torch& t = tensor_arg_detail::torch_names();
+  FASTRANK_CHECK(py::isinstance(obj, t.tensor_type),
                  where << ": " << name << " must be a torch.Tensor, got " << std::string(py::str(obj.get_type().attr("__name__"))));
   a.present = true;
-  FASTRANK_CHECK(!obj.attr("is_meta").cast<bool>(),
-                 where << ": " << name << " is on the meta device, which holds no data; the kernels need real tensors");
-  a.cuda = obj.attr("is_cuda").cast<bool>();
-  FASTRANK_CHECK(a.cuda || obj.attr("is_cpu").cast<bool>(),
-                 where << ": " << name << " is on " << std::string(py::str(obj.attr("device")))
-                       << "; the extension's kernels run on cpu and cuda tensors");
-  a.device_index = a.cuda ? obj.attr("get_device")().cast<int>() : -1;
-  const py::object dtype = obj.attr("dtype");
+  if (!obj.attr(t.is_cpu).cast<bool>()) {
+    FASTRANK_CHECK(!obj.attr(t.is_meta).cast<bool>(),
+                   where << ": " << name << " is on the meta device, which holds no data; the kernels need real tensors");
+    a.cuda = obj.attr(t.is_cuda).cast<bool>();
+    FASTRANK_CHECK(a.cuda, where << ": " << name << " is on " << std::string(py::str(obj.attr(t.device)))
+                                 << "; the extension's kernels run on cpu and cuda tensors");
+    a.device_index = obj.attr(t.get_device)().cast<int>();
+  }
+  a.dtype = obj.attr(t.dtype);
   for (int i = 0; i < kElemCount; ++i)
-    if (dtype.is(dtypes[i])) a.elem = i;
-  a.dtype_text = py::str(dtype);
-  a.size = obj.attr("shape").cast<std::vector<int64_t>>();
-  a.stride = obj.attr("stride")().cast<std::vector<int64_t>>();
+    if (a.dtype.is(t.dtypes[i])) a.elem = i;
+  tensor_arg_detail::read_ints(obj.attr(t.shape), a.size, "shape");
+  tensor_arg_detail::read_ints(obj.attr(t.stride)(), a.stride, "strides");
   FASTRANK_CHECK(a.size.size() == a.stride.size(), where << ": " << name << ": shape and strides disagree");
   for (size_t i = 0; i < a.stride.size(); ++i)
     FASTRANK_CHECK(a.stride[i] >= 0, where << ": " << name << " has a negative stride " << a.stride[i] << " in dim " << i);
   // A tensor with no element may have no storage; its pointer is never read.
-  a.ptr = a.numel() > 0 ? obj.attr("data_ptr")().cast<std::uintptr_t>() : 0;
+  a.ptr = a.numel() > 0 ? obj.attr(t.data_ptr)().cast<std::uintptr_t>() : 0;
   FASTRANK_CHECK(a.numel() == 0 || a.ptr != 0, where << ": " << name << " has elements but no data");
   return a;
 }
@@ -115,20 +156,20 @@ inline TensorArg tensor_arg(pybind11::handle obj, const char* name, const char* 
 
 inline void check_elem(const TensorArg& a, Elem e, const char* where) {
   FASTRANK_CHECK(a.elem == static_cast<int>(e),
-                 where << ": " << a.name << " must be " << elem_name(e) << ", got " << a.dtype_text);
+                 where << ": " << a.name << " must be " << elem_name(e) << ", got " << a.dtype_text());
 }
 
 inline void check_float_elem(const TensorArg& a, const char* where, bool allow_float64 = false) {
   const bool ok = a.elem == static_cast<int>(Elem::Float32) || a.elem == static_cast<int>(Elem::Float16) ||
                   a.elem == static_cast<int>(Elem::BFloat16) || (allow_float64 && a.elem == static_cast<int>(Elem::Float64));
   FASTRANK_CHECK(ok, where << ": " << a.name << " must be float32, float16 or bfloat16"
-                           << (allow_float64 ? " or float64" : "") << ", got " << a.dtype_text);
+                           << (allow_float64 ? " or float64" : "") << ", got " << a.dtype_text());
 }
 
 // A mask: bool or uint8, any nonzero byte is true.
 inline void check_mask_elem(const TensorArg& a, const char* where) {
   FASTRANK_CHECK(a.elem == static_cast<int>(Elem::Bool) || a.elem == static_cast<int>(Elem::UInt8),
-                 where << ": " << a.name << " must be bool (or uint8), got " << a.dtype_text);
+                 where << ": " << a.name << " must be bool (or uint8), got " << a.dtype_text());
 }
 
 // `shape` entries of -1 match any size.

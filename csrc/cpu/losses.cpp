@@ -387,7 +387,7 @@ InbatchArgs inbatch_args(int reduction, py::handle x_obj, py::handle target_obj,
   check_common(reduction, x.size[0], x.size[1], "scores");
   const TensorArg target = tensor_arg(target_obj, "target", where);
   FASTRANK_CHECK(target.elem == static_cast<int>(Elem::Int64) || target.elem == static_cast<int>(Elem::Int32),
-                 where << ": target must be int64 or int32, got " << target.dtype_text);
+                 where << ": target must be int64 or int32, got " << target.dtype_text());
   check_shape(target, {x.size[0]}, where);
   check_same_device(x, target, where);
   return {x.size[0], x.size[1], x.elem, view_of(x), target.ptr, target.stride[0],

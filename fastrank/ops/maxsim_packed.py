@@ -396,10 +396,14 @@ def maxsim_packed(q: Tensor, tokens: Tensor, offsets: Tensor, *, q_mask: Optiona
     if q.device.type == "meta":
         return _meta_scores(q, tokens, offsets, q_mask, scales, docs, n, needs_grad)
     if q.dtype == torch.float64:
+        _validate_offsets(offsets, tokens.shape[0], "maxsim_packed")  # as for the reference backend below
         return maxsim_packed_ref(q, tokens, offsets, q_mask=q_mask, scales=scales, docs=docs)
     tensors = (q, tokens, offsets, q_mask, scales, docs)
     impl = dispatch.choose("maxsim_packed", tensors, backend, **dispatch_context(q, tokens, n, scales, exact_int8))
     if impl.backend == "reference" or n == 0 or q.shape[-2] == 0 or q.shape[-1] == 0 or tokens.shape[0] == 0:
+        # The reference has no C++ boundary to check offsets on every call: a write that bypassed the version
+        # counter (a shared numpy array, .data) would pass the cached check, so check again here.
+        _validate_offsets(offsets, tokens.shape[0], "maxsim_packed")
         return maxsim_packed_ref(q, tokens, offsets, q_mask=q_mask, scales=scales, docs=docs)
     q3 = q if q.dim() == 3 else q.unsqueeze(0)
     m2 = None if q_mask is None else (q_mask if q_mask.dim() == 2 else q_mask.unsqueeze(0))
