@@ -1,5 +1,6 @@
 // Python entry points of the MaxSim CUDA kernels (csrc/cuda/maxsim.cu); compiled only with CUDA.
 #ifdef FASTRANK_WITH_CUDA
+#include <tuple>
 #include <vector>
 
 #include "bindings.h"
@@ -37,6 +38,17 @@ void check_on(const TensorArg& t, const PaddedArgs& a) {
 }
 
 void register_maxsim_cuda(py::module_& m) {
+  m.def(
+      "_maxsim_cuda_grids",
+      [](int64_t F, int64_t Y, int64_t X, int64_t Lq, int64_t Ld, int64_t H, bool forward, bool dq, bool dd) {
+        cuda::MaxSimArgs a{};
+        a.F = F; a.Y = Y; a.X = X; a.Lq = Lq; a.Ld = Ld; a.H = H;
+        const cuda::MaxSimGrids g = cuda::maxsim_grids(a, forward, dq, dd);
+        return std::make_tuple(g.forward, g.dq, g.dd);
+      },
+      "Test hook: the launches' checked grid sizes (forward, dq, dd) for sizes F, Y, X, Lq, Ld, H; no GPU needed.",
+      py::arg("F"), py::arg("Y"), py::arg("X"), py::arg("Lq"), py::arg("Ld"), py::arg("H"), py::arg("forward"),
+      py::arg("dq"), py::arg("dd"));
   m.def(
       "maxsim_forward_cuda",
       [](py::handle q, py::handle d, py::handle q_mask, py::handle d_mask, py::handle out_obj, py::handle argmax_obj,

@@ -24,3 +24,15 @@ def pytest_report_header(config):
 def _no_backend_override(monkeypatch):
     """Tests choose backends explicitly; a FASTRANK_BACKEND from the shell must not leak in."""
     monkeypatch.delenv("FASTRANK_BACKEND", raising=False)
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Any encoder or cross-encoder construction fails the test: the options were not checked first."""
+    from fastrank import encoders
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr(encoders.Encoder, "__init__", refuse)
+    monkeypatch.setattr(encoders.CrossEncoder, "__init__", refuse)

@@ -33,18 +33,6 @@ def dense_ix(tiny_model, tmp_path_factory):
     return out
 
 
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    """Any encoder or cross-encoder construction fails the test: the options were not checked first."""
-    from fastrank import encoders
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the options were checked")
-
-    monkeypatch.setattr(encoders.Encoder, "__init__", refuse)
-    monkeypatch.setattr(encoders.CrossEncoder, "__init__", refuse)
-
-
 def _run(capsys, *argv):
     rc = main([str(a) for a in argv])
     out, err = capsys.readouterr()

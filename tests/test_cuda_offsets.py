@@ -147,27 +147,31 @@ needs_cuda_build = pytest.mark.skipif(_ext.load() is None or not _ext.load().has
 
 @needs_cuda_build
 def test_maxsim_cuda_refuses_more_pairs_than_a_grid_holds():
-    # Pointers are never dereferenced: the grid check comes first. (F, Y, X) = (1, 2^16, 2^15 + 1) pairs.
-    dims = [1, 2**16, 2**15 + 1, 32, 8, 64]
+    # The launchers' first step, through its host-side hook (the entry points take CUDA tensors, which this
+    # machine may not have). (F, Y, X) = (1, 2^16, 2^15 + 1) pairs.
     with pytest.raises(ValueError, match=r"maxsim \(cuda\) forward, one block per \(query, document\) pair, needs "
                                          r"2147549184 thread blocks, outside CUDA's grid x limit"):
-        ext().maxsim_forward_cuda(0, 0, 0, dims, [0, 0, 64], [0, 0, 64], 0, [0] * 4, 0, [0] * 4, 0, 0, 0)
+        ext()._maxsim_cuda_grids(1, 2**16, 2**15 + 1, 32, 8, 64, True, False, False)
+    assert ext()._maxsim_cuda_grids(1, 2**16, 2**15 - 1, 32, 8, 64, True, False, False) == (2**31 - 2**16, 0, 0)
 
 
 @needs_cuda_build
 def test_maxsim_cuda_backward_refuses_before_writing_either_gradient():
-    dims = [1, 2**26, 1, 64, 8, 64]  # dq: F*Y*Lq = 2^32 blocks; dd: 1 block
+    # dq: F*Y*Lq = 2^32 blocks; dd: 1 block. Both grids are computed before either kernel launches.
     with pytest.raises(ValueError, match=r"maxsim \(cuda\) backward, one block per query token, needs 4294967296"):
-        ext().maxsim_backward_cuda(0, 0, 0, dims, [0, 0, 64], [0, 0, 64], 0, 0, 8, 8, 0)
+        ext()._maxsim_cuda_grids(1, 2**26, 1, 64, 8, 64, False, True, True)
+    assert ext()._maxsim_cuda_grids(1, 2**26, 1, 64, 8, 64, False, False, True) == (0, 0, 1)
 
 
 @needs_cuda_build
 def test_losses_cuda_refuse_more_rows_than_a_grid_holds():
     B = 4 * GRID_X_MAX + 1  # one warp per row, 4 a block
     with pytest.raises(ValueError, match=r"the distillation loss over s's rows needs 2147483648 thread blocks"):
-        ext().distill_forward_cuda(0, 1, B, 2, 0, 0.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
-    with pytest.raises(ValueError, match=r"inbatch_ce over scores' rows needs 2147483648 thread blocks"):
-        ext().inbatch_ce_forward_cuda(1, B, 2, 0, 1.0, 0, 0, 0, 0, 0, True, 0, 0, 0, 0, 0)
+        ext()._losses_cuda_blocks(B, "the distillation loss over s's rows")
+    assert ext()._losses_cuda_blocks(B - 1, "rows") == GRID_X_MAX
+    # Every launch in the loss kernels takes its grid from that helper (the static check above).
+    source = (Path(__file__).parents[1] / "csrc" / "cuda" / "losses.cu").read_text()
+    assert all(grid == "blocks" for grid in launch_grids(source)) and "blocks_for(B, what); }" in source
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -191,14 +195,12 @@ def test_maxsim_cuda_past_2_31_elements():
     d.normal_(generator=gen)
     out = torch.empty(X, device="cuda")
     argmax = torch.full((X, Lq), -7, device="cuda", dtype=torch.int32)
-    dims = [F, Y, X, Lq, Ld, H]
-    q_strides, d_strides = [0, 0, H], [0, Ld * H, H]
-    ext().maxsim_forward_cuda(1, q.data_ptr(), d.data_ptr(), dims, q_strides, d_strides, 0, [0] * 4, 0, [0] * 4,
-                              out.data_ptr(), argmax.data_ptr(), torch.cuda.current_stream().cuda_stream)
+    q4, d4 = q[None, None].expand(F, Y, Lq, H), d[None]  # strides (0, 0, H, 1) and (0, Ld*H, H, 1)
+    stream = torch.cuda.current_stream().cuda_stream
+    ext().maxsim_forward_cuda(q4, d4, None, None, out.view(F, Y, X), argmax.view(F, Y, X, Lq), stream)
     grad = torch.rand(X, device="cuda", generator=gen) + 0.5
     dd = torch.full((X, Ld, H), float("nan"), device="cuda")
-    ext().maxsim_backward_cuda(1, q.data_ptr(), d.data_ptr(), dims, q_strides, d_strides, grad.data_ptr(),
-                               argmax.data_ptr(), 0, dd.data_ptr(), torch.cuda.current_stream().cuda_stream)
+    ext().maxsim_backward_cuda(q4, d4, grad.view(F, Y, X), argmax.view(F, Y, X, Lq), None, dd.view(F, X, Ld, H), stream)
     torch.cuda.synchronize()
     # Documents whose offsets pass 2^31 in every buffer, plus the first ones.
     docs = torch.cat([torch.arange(0, 5), torch.arange(X - 2000, X, 97), torch.tensor([X - 1])]).cuda()

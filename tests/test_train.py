@@ -22,7 +22,7 @@ from fastrank.train.data import TrainData, read_teacher  # noqa: E402
 from fastrank.train.loop import _World, group_loss  # noqa: E402
 from fastrank.train.student import make_head  # noqa: E402
 from fastrank.trained import TrainedModelError, load_trained  # noqa: E402
-from tiny_bert import make_tiny_bert  # noqa: E402
+from tiny_bert import beir_training_folder  # noqa: E402
 
 SCIFACT = Path(__file__).parent / "data" / "scifact-slice"
 
@@ -31,17 +31,7 @@ SCIFACT = Path(__file__).parent / "data" / "scifact-slice"
 def beir_train(tmp_path_factory):
     """A BEIR training folder over the SciFact slice's 61 abstracts: 40 queries, each a few words of its
     positive's text (judged 1), so a head can learn something real in a few steps."""
-    root = tmp_path_factory.mktemp("beir-train")
-    corpus = load_beir(SCIFACT).corpus
-    (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": d, "text": t}) + "\n" for d, t in corpus.items()))
-    docs = list(corpus)[:40]
-    queries = {f"q{i}": " ".join(corpus[d].split()[3:11]) for i, d in enumerate(docs)}
-    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in queries.items()))
-    (root / "qrels").mkdir()
-    (root / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" +
-                                              "".join(f"q{i}\t{d}\t1\n" for i, d in enumerate(docs)))
-    model = make_tiny_bert(root / "model", list(corpus.values()))
-    return root, str(model)
+    return beir_training_folder(tmp_path_factory.mktemp("beir-train"), load_beir(SCIFACT).corpus)
 
 
 def cfg(beir_train, out, **kw):

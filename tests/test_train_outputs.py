@@ -20,7 +20,7 @@ from fastrank.data import load_beir  # noqa: E402
 from fastrank.index.storage import meta_checksum  # noqa: E402
 from fastrank.train import TrainConfig, train  # noqa: E402
 from fastrank.trained import MANIFEST, load_trained, save_trained  # noqa: E402
-from tiny_bert import make_tiny_bert  # noqa: E402
+from tiny_bert import beir_training_folder  # noqa: E402
 
 SCIFACT = Path(__file__).parent / "data" / "scifact-slice"
 RUN_MANIFEST = "fastrank_run.json"
@@ -30,16 +30,7 @@ RUN_MANIFEST = "fastrank_run.json"
 def beir(tmp_path_factory):
     """A BEIR training folder over the SciFact slice (40 queries, each a few words of its positive) and a
     tiny BERT over its texts."""
-    root = tmp_path_factory.mktemp("beir")
-    corpus = load_beir(SCIFACT).corpus
-    (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": d, "text": t}) + "\n" for d, t in corpus.items()))
-    docs = list(corpus)[:40]
-    queries = {f"q{i}": " ".join(corpus[d].split()[3:11]) for i, d in enumerate(docs)}
-    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in queries.items()))
-    (root / "qrels").mkdir()
-    (root / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" +
-                                              "".join(f"q{i}\t{d}\t1\n" for i, d in enumerate(docs)))
-    return root, str(make_tiny_bert(root / "model", list(corpus.values())))
+    return beir_training_folder(tmp_path_factory.mktemp("beir"), load_beir(SCIFACT).corpus)
 
 
 @pytest.fixture(scope="module")

@@ -57,3 +57,19 @@ def make_tiny_cross_encoder(path: Path, texts: Iterable[str] = (), hidden: int =
     # units, so a test that compares scores can tell pairs apart.
     return _save_tiny(BertForSequenceClassification, path, texts, hidden, seed, num_labels=num_labels,
                       initializer_range=0.5)
+
+
+def beir_training_folder(root: Path, corpus: dict[str, str]) -> tuple[Path, str]:
+    """A BEIR training folder in ``root`` over ``corpus`` (the SciFact slice): its first 40 documents each
+    get a query of a few of their own words, judged 1, so a head can learn something real in a few steps;
+    and a tiny BERT over the texts. Returns (root, the model's path)."""
+    import json
+
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": d, "text": t}) + "\n" for d, t in corpus.items()))
+    docs = list(corpus)[:40]
+    queries = {f"q{i}": " ".join(corpus[d].split()[3:11]) for i, d in enumerate(docs)}
+    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in queries.items()))
+    (root / "qrels").mkdir()
+    (root / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" +
+                                              "".join(f"q{i}\t{d}\t1\n" for i, d in enumerate(docs)))
+    return root, str(make_tiny_bert(root / "model", list(corpus.values())))

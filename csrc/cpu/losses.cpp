@@ -438,6 +438,9 @@ void register_losses(py::module_& m) {
       py::arg("reduction"), py::arg("tau"), py::arg("scores"), py::arg("target"), py::arg("loss"), py::arg("grad"),
       py::arg("scale"), py::arg("isa"));
 #ifdef FASTRANK_WITH_CUDA
+  m.def("_losses_cuda_blocks", &cuda::losses_blocks,
+        "Test hook: the checked grid size of a loss launch over B rows (ValueError naming `what`); no GPU needed.",
+        py::arg("B"), py::arg("what"));
   constexpr const char* kCuda = "losses (cuda)";
   m.def(
       "distill_forward_cuda",

@@ -422,6 +422,7 @@ void check_launch(const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string("fastrank: ") + what + " launch failed: " + cudaGetErrorString(err));
 }
 
+
 // One warp per query: the grid's x dimension, checked against CUDA's limit (B up to about 8.6e9 rows).
 unsigned int blocks_for(int64_t B, const char* what) { return im::grid_x(im::blocks_for(B, kWarpsPerBlock), what); }
 
@@ -447,6 +448,8 @@ void launch_inbatch(int reduction, int64_t B, int64_t M, double tau, std::uintpt
 }
 
 }  // namespace
+
+unsigned int losses_blocks(int64_t B, const char* what) { return blocks_for(B, what); }
 
 void distill_forward(int kind, int reduction, int64_t B, int64_t K, int dtype, double param, std::uintptr_t s,
                      int64_t s_sb, int64_t s_sk, std::uintptr_t t, int64_t t_sb, int64_t t_sk, std::uintptr_t pos,

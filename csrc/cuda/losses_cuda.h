@@ -12,6 +12,10 @@ namespace cuda {
 // fastrank/ops/losses.py (_workspace_bytes), which also reads the flags (int32 at byte 4) when validating.
 inline int64_t losses_workspace_bytes(int64_t B) { return 16 + 12 * B; }
 
+// The grid x of a launch over B rows (one warp each), checked against CUDA's limit (std::invalid_argument
+// naming `what`): every launch's grid, and a host-side test hook (_C._losses_cuda_blocks).
+unsigned int losses_blocks(int64_t B, const char* what);
+
 // One warp per query, all queries and the reduction in one launch, queued on `stream`; neither function waits
 // for the GPU. Invalid values (a NaN teacher score at a valid candidate, an infinite one the loss reads, a row
 // whose teacher is -inf at every valid candidate) give that query a NaN loss and a NaN gradient at each of its

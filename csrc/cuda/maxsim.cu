@@ -197,12 +197,27 @@ void check_sizes(const MaxSimArgs& a) {
 
 }  // namespace
 
-void maxsim_forward(const MaxSimArgs& a, float* out, int32_t* argmax, std::uintptr_t stream) {
+MaxSimGrids maxsim_grids(const MaxSimArgs& a, bool forward, bool dq, bool dd) {
   check_sizes(a);
-  FASTRANK_CHECK(a.Lq >= 1 && a.Lq <= kMaxLq, "maxsim (cuda): Lq must be in [1, " << kMaxLq << "], got " << a.Lq);
-  const int64_t pairs = a.F * a.Y * a.X;
-  if (pairs == 0) return;
-  const unsigned int blocks = im::grid_x(pairs, "maxsim (cuda) forward, one block per (query, document) pair,");
+  MaxSimGrids g;
+  if (forward) {
+    FASTRANK_CHECK(a.Lq >= 1 && a.Lq <= kMaxLq, "maxsim (cuda): Lq must be in [1, " << kMaxLq << "], got " << a.Lq);
+    const int64_t pairs = a.F * a.Y * a.X;
+    const bool run_forward = pairs > 0;
+    const unsigned int blocks = run_forward ? im::grid_x(pairs, "maxsim (cuda) forward, one block per (query, document) pair,") : 0;
+    g.forward = blocks;
+  }
+  const bool run_dq = dq && a.F * a.Y * a.Lq > 0, run_dd = dd && a.F * a.X > 0;
+  const unsigned int dq_blocks = run_dq ? im::grid_x(a.F * a.Y * a.Lq, "maxsim (cuda) backward, one block per query token,") : 0;
+  const unsigned int dd_blocks = run_dd ? im::grid_x(a.F * a.X, "maxsim (cuda) backward, one block per document,") : 0;
+  g.dq = dq_blocks;
+  g.dd = dd_blocks;
+  return g;
+}
+
+void maxsim_forward(const MaxSimArgs& a, float* out, int32_t* argmax, std::uintptr_t stream) {
+  const unsigned int blocks = maxsim_grids(a, true, false, false).forward;
+  if (blocks == 0) return;
   auto s = reinterpret_cast<cudaStream_t>(stream);
   by_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -213,17 +228,15 @@ void maxsim_forward(const MaxSimArgs& a, float* out, int32_t* argmax, std::uintp
 
 void maxsim_backward(const MaxSimArgs& a, const float* grad, const int32_t* argmax, float* dq, float* dd,
                      std::uintptr_t stream) {
-  check_sizes(a);
+  // Both grids checked before either launches, so that a refused call leaves no half-written gradient.
+  const MaxSimGrids g = maxsim_grids(a, false, dq != nullptr, dd != nullptr);
+  const unsigned int dq_blocks = g.dq, dd_blocks = g.dd;
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const int threads = a.H >= 256 ? 256 : 128;
-  const bool run_dq = dq != nullptr && a.F * a.Y * a.Lq > 0, run_dd = dd != nullptr && a.F * a.X > 0;
-  // Both checked before either launches, so that a refused call leaves no half-written gradient.
-  const unsigned int dq_blocks = run_dq ? im::grid_x(a.F * a.Y * a.Lq, "maxsim (cuda) backward, one block per query token,") : 0;
-  const unsigned int dd_blocks = run_dd ? im::grid_x(a.F * a.X, "maxsim (cuda) backward, one block per document,") : 0;
   by_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (run_dq) backward_dq_kernel<T><<<dq_blocks, threads, 0, s>>>(a, grad, argmax, dq);
-    if (run_dd) backward_dd_kernel<T><<<dd_blocks, threads, 0, s>>>(a, grad, argmax, dd);
+    if (dq_blocks > 0) backward_dq_kernel<T><<<dq_blocks, threads, 0, s>>>(a, grad, argmax, dq);
+    if (dd_blocks > 0) backward_dd_kernel<T><<<dd_blocks, threads, 0, s>>>(a, grad, argmax, dd);
   });
   check_launch("maxsim backward kernel launch");
 }

@@ -19,6 +19,12 @@ struct MaxSimArgs {
   int64_t dm_f, dm_y, dm_x, dm_tok;
 };
 
+// The grid x of each launch, checked against CUDA's limit (std::invalid_argument naming the launch), 0 for a
+// launch with nothing to do. The launchers' first step (so a refused backward writes neither gradient), and
+// a host-side test hook (_C._maxsim_cuda_grids): no GPU is needed to see a refusal.
+struct MaxSimGrids { unsigned int forward = 0, dq = 0, dd = 0; };
+MaxSimGrids maxsim_grids(const MaxSimArgs& a, bool forward, bool dq, bool dd);
+
 // out: float32 (F, Y, X); argmax: int32 (F, Y, X, Lq) or nullptr.
 void maxsim_forward(const MaxSimArgs& a, float* out, int32_t* argmax, std::uintptr_t stream);
 
