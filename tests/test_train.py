@@ -22,7 +22,7 @@ from fastrank.train.data import TrainData, read_teacher  # noqa: E402
 from fastrank.train.loop import _World, group_loss  # noqa: E402
 from fastrank.train.student import make_head  # noqa: E402
 from fastrank.trained import TrainedModelError, load_trained  # noqa: E402
-from tiny_bert import beir_training_folder  # noqa: E402
+from tiny_bert import beir_training_folder, small_train_config  # noqa: E402
 
 SCIFACT = Path(__file__).parent / "data" / "scifact-slice"
 
@@ -35,10 +35,7 @@ def beir_train(tmp_path_factory):
 
 
 def cfg(beir_train, out, **kw):
-    root, model = beir_train
-    base = dict(data=str(root), out=str(out), model=model, device="cpu", batch_size=4, negatives=4, mine_depth=20,
-                dev_queries=8, progress=False, cache_dir=str(root / "cache"))
-    return TrainConfig(**(base | kw))
+    return small_train_config(beir_train, out, **kw)
 
 
 # -- options -------------------------------------------------------------------------------------------

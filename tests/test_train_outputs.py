@@ -18,9 +18,9 @@ pytest.importorskip("ir_measures")
 from fastrank.cli import main  # noqa: E402
 from fastrank.data import load_beir  # noqa: E402
 from fastrank.index.storage import meta_checksum  # noqa: E402
-from fastrank.train import TrainConfig, train  # noqa: E402
+from fastrank.train import train  # noqa: E402
 from fastrank.trained import MANIFEST, load_trained, save_trained  # noqa: E402
-from tiny_bert import beir_training_folder  # noqa: E402
+from tiny_bert import beir_training_folder, small_train_config  # noqa: E402
 
 SCIFACT = Path(__file__).parent / "data" / "scifact-slice"
 RUN_MANIFEST = "fastrank_run.json"
@@ -55,10 +55,7 @@ def _listing(path: Path) -> dict:
 
 
 def _cfg(beir, out, **kw):
-    root, model = beir
-    base = dict(data=str(root), out=str(out), model=model, device="cpu", batch_size=4, negatives=4, mine_depth=20,
-                dev_queries=8, progress=False, cache_dir=str(root / "cache"))
-    return TrainConfig(**(base | kw))
+    return small_train_config(beir, out, **kw)
 
 
 # -- save_trained ----------------------------------------------------------------------------------------

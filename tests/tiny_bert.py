@@ -73,3 +73,14 @@ def beir_training_folder(root: Path, corpus: dict[str, str]) -> tuple[Path, str]
     (root / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" +
                                               "".join(f"q{i}\t{d}\t1\n" for i, d in enumerate(docs)))
     return root, str(make_tiny_bert(root / "model", list(corpus.values())))
+
+
+def small_train_config(beir: tuple[Path, str], out, **overrides):
+    """A TrainConfig for ``fastrank train`` on :func:`beir_training_folder`'s folder that runs in seconds on
+    a CPU (4 queries a batch, 4 negatives mined from the top 20, 8 queries held out); ``overrides`` win."""
+    from fastrank.train.config import TrainConfig
+
+    root, model = beir
+    base = dict(data=str(root), out=str(out), model=model, device="cpu", batch_size=4, negatives=4, mine_depth=20,
+                dev_queries=8, progress=False, cache_dir=str(root / "cache"))
+    return TrainConfig(**(base | overrides))
