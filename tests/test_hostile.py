@@ -306,25 +306,6 @@ def test_a_failed_write_leaves_no_partial_run_and_keeps_the_old_one(name, tmp_pa
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_readme_python_snippets_run_on_cpu(tmp_path):
-    """The README's MaxSim, packed and LITE snippets, run as written (in order, sharing names) on a CPU."""
-    import os
-    import re
-    import subprocess
-    import sys
-
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    wanted = blocks[:next(i for i, b in enumerate(blocks) if "LiteScorer(" in b) + 1]
-    assert len(wanted) == 3 and "fastrank.maxsim(" in wanted[0] and "fastrank.maxsim_packed(" in wanted[1]
-    script = tmp_path / "snippets.py"
-    script.write_text("\n".join(wanted))
-    # Without the interpreter the LITE snippet runs the eager reference, as on a user's CPU.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
 def test_version(capsys):
     import fastrank
 
