@@ -11,8 +11,9 @@ backend that cannot run raises an error listing the reasons. The environment var
 forces only the ops that have that backend: an op without it (LITE has no C++ path) ignores the variable,
 warns once, and dispatches automatically. :func:`explain` says what runs and why.
 
-Ops register implementations with :func:`register` (one per backend, or one per device type of a backend,
-looked up with :func:`kernels`); nothing outside this module inspects devices to pick a code path.
+Ops register, per backend, one :class:`Kernels` (or one per device type of the backend) holding that
+backend's forward and backward, and reach the chosen backend's through :func:`kernels` alone: no op branches
+on backend names or inspects devices to pick a code path.
 """
 from __future__ import annotations
 
@@ -37,10 +38,21 @@ class BackendUnavailableError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Kernels:
+    """What an op runs on one backend. With ``backward``, ``forward`` and ``backward`` are the op's kernel
+    entry points (taking its canonical tensors), and the op wires them into autograd and torch.library.
+    Without one, ``forward`` takes the op's own arguments and returns a result that carries its own autograd
+    (eager PyTorch, the reference; a fused loss's autograd.Function), so the op only calls it."""
+
+    forward: Callable
+    backward: Callable | None = None
+
+
+@dataclass(frozen=True)
 class Implementation:
     op: str
     backend: str
-    fn: Callable
+    kernels: Kernels | dict[str, Kernels]  # one, or one per device type (see :func:`kernels`)
     reasons: Reasons
     slower: Reasons
     describe: Callable[..., str]
@@ -55,22 +67,22 @@ def register_context(op: str, fn: Callable[..., dict]) -> None:
     _CONTEXT[op] = fn
 
 
-def register(op: str, backend: str, reasons: Reasons | None = None, slower: Reasons | None = None,
-             describe: Callable[..., str] | None = None):
-    """Decorator: ``fn`` implements ``op`` on ``backend``; ``reasons(**ctx)`` lists what it cannot handle,
-    ``slower(**ctx)`` where it would lose to the eager reference (skipped unless forced), and
-    ``describe(**ctx)`` names the kernel that would run (for :func:`explain`)."""
+def register(op: str, backend: str, kernels: Kernels | dict[str, Kernels], *, reasons: Reasons | None = None,
+             slower: Reasons | None = None, describe: Callable[..., str] | None = None) -> None:
+    """``kernels`` implement ``op`` on ``backend`` (a dict: one per device type, as the C++ extension's CPU and
+    CUDA entry points); ``reasons(**ctx)`` lists what it cannot handle, ``slower(**ctx)`` where it would lose
+    to the eager reference (skipped unless forced), and ``describe(**ctx)`` names the kernel that would run
+    (for :func:`explain`)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-
-    def wrap(fn: Callable) -> Callable:
-        _REGISTRY.setdefault(op, {})[backend] = Implementation(
-            op, backend, fn, reasons or (lambda **_: []), slower or (lambda **_: []),
-            describe or (lambda **_: backend),
-        )
-        return fn
-
-    return wrap
+    entries = kernels.values() if isinstance(kernels, dict) else (kernels,)
+    if not all(isinstance(k, Kernels) for k in entries):
+        raise TypeError(f"dispatch.register({op!r}, {backend!r}): kernels must be a Kernels or a dict of them "
+                        f"per device type, got {type(kernels).__name__}")
+    _REGISTRY.setdefault(op, {})[backend] = Implementation(
+        op, backend, kernels, reasons or (lambda **_: []), slower or (lambda **_: []),
+        describe or (lambda **_: backend),
+    )
 
 
 _TRITON_STATE: tuple[bool, bool, str] | None = None
@@ -243,15 +255,15 @@ def _choose_cached(op: str, backend: str | None, env: str | None, devices: froze
     return _choose(op, backend, env, devices, key, _reasons)
 
 
-def kernels(op: str, backend: str, tensor: torch.Tensor):
-    """What ``op`` registered for ``backend``, for ``tensor``'s device type where it registered one per
-    device type (a dict: the C++ extension's CPU and CUDA entry points), so ops need not branch on devices."""
-    fn = _REGISTRY[op][backend].fn
-    if isinstance(fn, dict):
-        if tensor.device.type not in fn:
+def kernels(op: str, backend: str, tensor: torch.Tensor) -> Kernels:
+    """The :class:`Kernels` ``op`` registered for ``backend`` (the one :func:`choose` picked), for ``tensor``'s
+    device type where it registered one per device type, so ops need not branch on backends or devices."""
+    registered = _REGISTRY[op][backend].kernels
+    if isinstance(registered, dict):
+        if tensor.device.type not in registered:
             raise BackendUnavailableError(f"fastrank.{op}: backend {backend!r} has no kernel for {tensor.device.type} tensors")
-        return fn[tensor.device.type]
-    return fn
+        return registered[tensor.device.type]
+    return registered
 
 
 class Explanation(dict):

@@ -233,14 +233,14 @@ def test_underfilled_big_calls_and_the_scalar_path_go_to_eager_unless_forced():
 
 def test_eager_fallback_matches_reference_semantics():
     # The fast eager form used for small inference calls: masks, an empty doc, NaN, broadcast masks.
-    from fastrank.ops.maxsim import _maxsim_eager
+    from fastrank.ops.maxsim import maxsim_eager
 
     q, d, qm, dm = _case("allpairs", 7, 19, 16, seed=9)
-    torch.testing.assert_close(_maxsim_eager(q, d, qm, dm), maxsim_ref(q, d, qm, dm), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(maxsim_eager(q, d, qm, dm), maxsim_ref(q, d, qm, dm), rtol=1e-6, atol=1e-5)
     dm2 = torch.rand(19) < 0.5  # one mask shared by every doc
-    torch.testing.assert_close(_maxsim_eager(q, d, None, dm2), maxsim_ref(q, d, None, dm2), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(maxsim_eager(q, d, None, dm2), maxsim_ref(q, d, None, dm2), rtol=1e-6, atol=1e-5)
     d[0, 1, 3, 2] = float("nan")
-    assert torch.equal(torch.isnan(_maxsim_eager(q, d, qm, dm)), torch.isnan(maxsim_ref(q, d, qm, dm)))
+    assert torch.equal(torch.isnan(maxsim_eager(q, d, qm, dm)), torch.isnan(maxsim_ref(q, d, qm, dm)))
 
 
 # ---------------------------------------------------------------------------------------------------------

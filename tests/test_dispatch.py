@@ -127,7 +127,10 @@ def test_eager_backward_computes_only_the_gradients_asked_for(monkeypatch):
         seen.append((need_dq, need_dd))
         return original(q, d, grad, argmax, need_dq, need_dd, deterministic)
 
-    monkeypatch.setitem(ms._CPP, "cpu", ms._Kernels(kernels.forward, spy))
+    # The op looks its kernels up through dispatch.kernels on every call, so replacing the registered entry
+    # is enough.
+    monkeypatch.setitem(ms._CPP, "cpu", dispatch.Kernels(kernels.forward, spy))
+    assert dispatch.kernels("maxsim", "cpp", torch.empty(0)).backward is spy
     q, d = torch.randn(2, 1, 5, 16), torch.randn(2, 3, 7, 16)
     for q_grad, d_grad in ((True, False), (False, True), (True, True)):
         qq, dd = q.clone().requires_grad_(q_grad), d.clone().requires_grad_(d_grad)

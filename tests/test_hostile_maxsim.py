@@ -234,11 +234,12 @@ def test_deterministic_never_launches_atomics(monkeypatch):
     """deterministic=True must keep every backward reduction in one program (no float atomics), on shapes
     where deterministic=False does split them (the interpreter counts as a 4-program device)."""
     from fastrank.ops import maxsim_packed_triton
+    from fastrank.ops.maxsim_triton_shared import loop_split
 
-    assert maxsim_ops._loop_split(1, 10_000, True, torch.device("cpu")) == 1
+    assert loop_split(1, 10_000, True, maxsim_ops.parallel_programs(torch.device("cpu"))) == 1
     log = []
-    for module, name in ((maxsim_ops, "_maxsim_bwd_dq_kernel"), (maxsim_ops, "_maxsim_bwd_dd_kernel"),
-                         (maxsim_packed_triton, "_maxsim_bwd_dq_kernel")):
+    for module, name in ((maxsim_ops, "maxsim_bwd_dq_kernel"), (maxsim_ops, "_maxsim_bwd_dd_kernel"),
+                         (maxsim_packed_triton, "maxsim_bwd_dq_kernel")):
         monkeypatch.setattr(module, name, _LaunchLog(getattr(module, name), log, name))
     g = torch.Generator().manual_seed(3)
     q1, d1 = torch.randn(3, 16, generator=g), torch.randn(16, 4, 16, generator=g)  # dq sums 16 docs
@@ -285,7 +286,7 @@ class Compile:
                 ir = ttir(fn, args, kw)
                 irs[key] = ir
                 loops[key] = [l.strip() for l in ir.splitlines() if "scf.for " in l]
-                if self.key != "_maxsim_bwd_dq_kernel":  # no dot in the gather
+                if self.key != "maxsim_bwd_dq_kernel":  # no dot in the gather
                     dots = [l for l in ir.splitlines() if "tt.dot " in l]
                     found[key] = [len(dots), sum("inputPrecision = tf32" in l for l in dots),
                                   "_argmax_combine_tie_break_left" in ir, "_argmax_combine_tie_break_fast" in ir]
@@ -311,12 +312,12 @@ Compile(wide, "control_int64")[(1,)](q, 1, 1)
 # positive control: the text this test looks for appears when the kernel is asked for TF32
 Compile(ms._maxsim_fwd_kernel.fn, "control_tf32")[(1,)](*[q, d, q, q, q, q] + [1] * 22, HAS_QM=False, HAS_DM=False,
     STORE_ARG=True, PRECISION="tf32", BLOCK_LQ=16, BLOCK_H=32, SPLIT_H=False, MASK_BLOCK=16, BLOCK_LD=64, DOCS=2)
-for name in ("_maxsim_fwd_kernel", "_maxsim_bwd_dq_kernel", "_maxsim_bwd_dd_kernel"):
+for name in ("_maxsim_fwd_kernel", "maxsim_bwd_dq_kernel", "_maxsim_bwd_dd_kernel"):
     setattr(ms, name, Compile(getattr(ms, name), name))
-for name in ("_packed_fwd_kernel", "_packed_bwd_dt_kernel", "_maxsim_bwd_dq_kernel"):
+for name in ("_packed_fwd_kernel", "_packed_bwd_dt_kernel", "maxsim_bwd_dq_kernel"):
     setattr(mpt, name, Compile(getattr(mpt, name), name))
-ms._triton_forward(q, d, None, torch.ones(1, 1, 2, 9, dtype=torch.bool), True)
-ms._triton_backward(q, d, torch.ones(1, 1, 2), torch.zeros(1, 1, 2, 7, dtype=torch.int32), True, True, True)
+ms.triton_forward(q, d, None, torch.ones(1, 1, 2, 9, dtype=torch.bool), True)
+ms.triton_backward(q, d, torch.ones(1, 1, 2), torch.zeros(1, 1, 2, 7, dtype=torch.int32), True, True, True)
 tokens, offsets = torch.randn(20, 32), torch.tensor([0, 9, 20])
 mpt.packed_backward(q[0], tokens, offsets, torch.ones(2), torch.zeros(2, 7, dtype=torch.int32), True, True, True)
 for qs, key in ((q[0], "_packed_fwd_kernel"), (q[0].expand(2, 7, 32), "_packed_fwd_kernel_per_doc")):
@@ -327,7 +328,7 @@ mpt.packed_forward(q[0], tokens.to(torch.int8), offsets, None, torch.rand(20), F
 # H wider than one block: the H-split paths
 qw, dw, tw = torch.randn(1, 1, 7, 200), torch.randn(1, 2, 9, 200), torch.randn(20, 200)
 ms._maxsim_fwd_kernel.key = "_maxsim_fwd_kernel_split_h"
-ms._triton_forward(qw, dw, None, None, True)
+ms.triton_forward(qw, dw, None, None, True)
 mpt._packed_fwd_kernel.key = "_packed_fwd_kernel_split_h"
 mpt.packed_forward(qw[0], tw, offsets, None, None, True)
 print(json.dumps(irs))
@@ -400,17 +401,17 @@ def test_float32_kernels_compile_to_ieee_dots_for_sm90(tmp_path):
     assert narrow_offsets(irs.pop("control_int64")) == []
     irs.pop("control_tf32")
     kernels = {key.split(" config")[0] for key in irs}
-    assert kernels == {"_maxsim_fwd_kernel", "_maxsim_fwd_kernel_split_h", "_maxsim_bwd_dq_kernel", "_maxsim_bwd_dd_kernel",
+    assert kernels == {"_maxsim_fwd_kernel", "_maxsim_fwd_kernel_split_h", "maxsim_bwd_dq_kernel", "_maxsim_bwd_dd_kernel",
                        "_packed_fwd_kernel", "_packed_fwd_kernel_per_doc", "_packed_fwd_kernel_int8",
                        "_packed_fwd_kernel_split_h", "_packed_bwd_dt_kernel"}, kernels
     for key, text in irs.items():
         assert narrow_offsets(text) == [], (key, narrow_offsets(text))
     # The backward kernels' document (dq) and query (dd) loop counters themselves are 64-bit.
-    for name in ("_maxsim_bwd_dq_kernel", "_maxsim_bwd_dd_kernel"):
+    for name in ("maxsim_bwd_dq_kernel", "_maxsim_bwd_dd_kernel"):
         assert loops[name] and all(line.endswith(": i64 {") for line in loops[name]), (name, loops[name])
     assert found.pop("control_tf32")[1] >= 1
     found.pop("control_int32"), found.pop("control_int64")
-    assert {key.split(" config")[0] for key in found} == kernels - {"_maxsim_bwd_dq_kernel"}
+    assert {key.split(" config")[0] for key in found} == kernels - {"maxsim_bwd_dq_kernel"}
     for name, (dots, tf32, left, fast) in found.items():
         assert dots >= 1 and tf32 == 0, f"{name}: {tf32} of {dots} dots use TF32 on float32 inputs"
         if "fwd" in name:

@@ -512,11 +512,11 @@ def test_empty_batch():
 
 @pytest.mark.skipif(not KERNEL_BACKENDS, reason="needs triton and TRITON_INTERPRET=1")
 def test_opcheck_custom_op():
-    from fastrank.ops.lite import _lite_forward_op, _scorer_params
+    from fastrank.ops.lite import _lite_forward_op, scorer_params
     from fastrank.ops.pairs import canonicalize as _canonicalize
 
     scorer = _scorer(seed=2, lq=4, ld=5, row_hidden=6, col_hidden=3)
-    params, lq, ld, eps = _scorer_params(scorer)
+    params, lq, ld, eps = scorer_params(scorer)
     q, d = torch.randn(2, 1, 3, 8), torch.randn(2, 2, 5, 8)
     c = _canonicalize(q, d, None, torch.rand(2, 2, 5) < 0.7, torch.Size([2, 2]))
     args = (c.q.requires_grad_(), c.d.requires_grad_(), c.q_mask, c.d_mask, list(params), lq, ld, eps, "triton_interpret")
@@ -593,12 +593,12 @@ Capture(_control, "control")[(1,)](torch.zeros(16), torch.ones(16))
 lite._lite_fwd_kernel = Capture(lite._lite_fwd_kernel, "fwd")
 lite._lite_bwd_kernel = Capture(lite._lite_bwd_kernel, "bwd")
 scorer = LiteScorer(lq=8, ld=16, row_hidden=40, col_hidden=24)
-params, lq, ld, eps = lite._scorer_params(scorer)
+params, lq, ld, eps = lite.scorer_params(scorer)
 params = [p.detach() for p in params]
 q, d = torch.randn(1, 1, 5, 16), torch.randn(1, 3, 9, 16)
 c = canonicalize(q, d, torch.ones(1, 1, 5, dtype=torch.bool), torch.ones(1, 3, 9, dtype=torch.bool), torch.Size([1, 3]))
-lite._triton_forward(c.q, c.d, c.q_mask, c.d_mask, params, lq, ld, eps)
-lite._triton_backward(torch.ones(1, 1, 3), c.q, c.d, c.q_mask, c.d_mask, params, lq, ld, eps)
+lite.triton_forward(c.q, c.d, c.q_mask, c.d_mask, params, lq, ld, eps)
+lite.triton_backward(torch.ones(1, 1, 3), c.q, c.d, c.q_mask, c.d_mask, params, lq, ld, eps)
 print(json.dumps(found))
 """
 

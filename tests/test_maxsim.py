@@ -387,9 +387,9 @@ def test_import_touches_no_cuda_and_needs_no_triton_or_extension():
 # Issue 13: every autotuning config of the forward, the valid-length bound, grid limits
 # ---------------------------------------------------------------------------------------------------------
 def _config_count() -> int:
-    import fastrank.ops.maxsim as maxsim_ops
+    import fastrank.ops.maxsim_triton_shared as shared
 
-    return len(maxsim_ops.FORWARD_CONFIGS) if HAS_TRITON else 1
+    return len(shared.FORWARD_CONFIGS) if HAS_TRITON else 1
 
 
 @pytest.mark.skipif("triton_interpret" not in CPU_BACKENDS, reason="needs triton and TRITON_INTERPRET=1")
@@ -400,9 +400,9 @@ def test_every_forward_config_matches_reference(config, monkeypatch):
     documents longer than two tiles of the largest BLOCK_LD, H within one block (q held) and split over
     blocks, and doc masks whose last valid token sits on either side of a tile boundary (the loop stops at
     the last valid token), with holes and a fully padded document."""
-    import fastrank.ops.maxsim as maxsim_ops
+    import fastrank.ops.maxsim_triton_shared as shared
 
-    monkeypatch.setattr(maxsim_ops, "INTERPRETER_CONFIG", config)
+    monkeypatch.setattr(shared, "INTERPRETER_CONFIG", config)
     g = torch.Generator().manual_seed(config)
     for lead_q, lead_d, h in (((), (7,), 48), ((2, 1), (2, 3), 80)):
         q = torch.randn(*lead_q, 7, h, generator=g)
@@ -422,13 +422,13 @@ def test_autotuning_keeps_only_configs_that_compiled_without_spills():
     """The configs the autotuner may pick per query tile and H path: the ones whose sm_90 build ptxas
     reported without spills (issue 13; the interpreter runs every config regardless)."""
     pytest.importorskip("triton")
-    import fastrank.ops.maxsim as maxsim_ops
+    import fastrank.ops.maxsim_triton_shared as shared
 
-    configs = maxsim_ops.FORWARD_CONFIGS
+    configs = shared.FORWARD_CONFIGS
 
     def kept(block_lq, split_h):
         return [(c.kwargs["BLOCK_LD"], c.kwargs["DOCS"])
-                for c in maxsim_ops._prune_forward_configs(configs, {}, BLOCK_LQ=block_lq, SPLIT_H=split_h)]
+                for c in shared.prune_forward_configs(configs, {}, BLOCK_LQ=block_lq, SPLIT_H=split_h)]
 
     everything = [(c.kwargs["BLOCK_LD"], c.kwargs["DOCS"]) for c in configs]
     assert kept(16, False) == kept(32, False) == kept(16, True) == everything
@@ -450,7 +450,7 @@ def test_grid_limits_are_clear_errors():
     # through the launcher, before any output is allocated: 2^31 documents as a broadcast view of one
     q, d = torch.randn(3, 8), torch.randn(1, 1, 5, 8).expand(2**31, 1, 5, 8)
     with pytest.raises(ValueError, match="grid axis x"):
-        maxsim_ops._triton_forward(q[None, None], d.reshape(1, 2**31, 5, 8), None, None, False)
+        maxsim_ops.triton_forward(q[None, None], d.reshape(1, 2**31, 5, 8), None, None, False)
 
 
 # ---------------------------------------------------------------------------------------------------------

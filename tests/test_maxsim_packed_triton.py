@@ -26,7 +26,8 @@ BACKEND = "triton_interpret" if INTERPRET else "triton"
 
 pytestmark = pytest.mark.skipif(not RUNS, reason="needs triton with TRITON_INTERPRET=1 (CPU) or CUDA")
 if RUNS:
-    from fastrank.ops.maxsim import _loop_split
+    from fastrank.ops.maxsim import parallel_programs
+    from fastrank.ops.maxsim_triton_shared import loop_split
     from fastrank.ops.maxsim_packed_triton import packed_backward, packed_forward
 
 # Kernel error vs the float64 truth computed from the same (rounded) inputs: float32 accumulation only,
@@ -135,7 +136,7 @@ def test_kernels_match_reference(lq, h, shared, masked):
 def _config_count() -> int:
     if not RUNS:
         return 1
-    from fastrank.ops.maxsim import FORWARD_CONFIGS
+    from fastrank.ops.maxsim_triton_shared import FORWARD_CONFIGS
 
     return len(FORWARD_CONFIGS)
 
@@ -146,9 +147,9 @@ def test_every_forward_config_matches_reference(config, monkeypatch):
     """Each config of the autotuned packed forward (issue 13) against the reference: a shared query (held
     across a program's documents) and one query per document, H within one block and split over blocks,
     document counts that DOCS does not divide, empty documents and documents past two 128-row tiles."""
-    import fastrank.ops.maxsim as maxsim_ops
+    import fastrank.ops.maxsim_triton_shared as triton_shared
 
-    monkeypatch.setattr(maxsim_ops, "INTERPRETER_CONFIG", config)
+    monkeypatch.setattr(triton_shared, "INTERPRETER_CONFIG", config)
     for shared, h in ((True, 48), (False, 48), (True, 80), (False, 80)):
         _check_direct(*_case([0, 3, 260, 0, 64, 129, 1], 7, h, shared=shared, masked=True, seed=config * 10 + h))
 
@@ -259,7 +260,7 @@ def _many_docs(seed):
 def test_shared_query_reduction(deterministic):
     lengths = _many_docs(20)
     q, tokens, offsets, q_mask = _case(lengths, 7, 48, shared=True, masked=True, seed=21)
-    split = _loop_split(1, len(lengths), deterministic, q.device)  # 48 fits one H block: one program
+    split = loop_split(1, len(lengths), deterministic, parallel_programs(q.device))  # 48 fits one H block: one program
     assert (split > 1) == (not deterministic)  # the atomic path is the one under test
     _, arg, dq, dt = _check_direct(q, tokens, offsets, q_mask, deterministic=deterministic)
     dq2, dt2 = packed_backward(q, tokens, offsets, _upstream(len(lengths)), arg, True, True, deterministic)

@@ -498,7 +498,9 @@ def _blocks(kernel: str, dtype: torch.dtype, arch: Optional[int], lq: int, ld: i
                 BLOCK_COLS=min(pow2(ld, 16), blocks["COLS"]), num_warps=8)
 
 
-def _triton_forward(q, d, q_mask, d_mask, params, lq: int, ld: int, eps) -> Tensor:
+def triton_forward(q, d, q_mask, d_mask, params, lq: int, ld: int, eps) -> Tensor:
+    """float32 scores (F, Y, X) of the canonical q (F, Y, Lq, H) and d (F, X, Ld, H), masks (F, Y, X, L) or
+    None, on the Triton kernel; ``params, lq, ld, eps`` as :func:`scorer_params` gives them."""
     q, d = _inner_contiguous(q), _inner_contiguous(d)
     W1, b1, g1, be1, W2, b2, g2, be2, V1, cb1, g3, be3, V2, cb2, g4, be4, wo, bo = (p.detach() for p in params)
     dtype = W1.dtype
@@ -575,7 +577,7 @@ def _mlp_weight_grads(x: Tensor, dz: Tensor, w_in: Tensor, b_in: Tensor, gamma: 
     return [da.t() @ x, da.sum(0), dgamma, dbeta, dw_out, dz.sum(0)]
 
 
-def _triton_backward(grad, q, d, q_mask, d_mask, params, lq: int, ld: int, eps) -> list[Tensor]:
+def triton_backward(grad, q, d, q_mask, d_mask, params, lq: int, ld: int, eps) -> list[Tensor]:
     """Gradients for q, d and the 18 parameters. dS (pairs, Lq, Ld) goes to memory for dq and dd; the
     parameter gradients are GEMMs over the kernel's per-pair scratch, chunk by chunk (module docstring)."""
     q, d = _inner_contiguous(q), _inner_contiguous(d)
@@ -694,10 +696,10 @@ def _warn_size_fallback(tensors, lq: int, ld: int, **ctx) -> None:
         )
 
 
-dispatch.register("lite", "triton", reasons=_kernel_reasons)(_triton_forward)
-dispatch.register("lite", "triton_interpret", reasons=lambda **ctx: _kernel_reasons(interpreter=True, **ctx),
-                  slower=lambda **_: ["the Triton interpreter checks the GPU kernels on CPU; it never outruns eager"])(
-    _triton_forward)
+_TRITON = dispatch.Kernels(triton_forward, triton_backward)
+dispatch.register("lite", "triton", _TRITON, reasons=_kernel_reasons)
+dispatch.register("lite", "triton_interpret", _TRITON, reasons=lambda **ctx: _kernel_reasons(interpreter=True, **ctx),
+                  slower=lambda **_: ["the Triton interpreter checks the GPU kernels on CPU; it never outruns eager"])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -708,7 +710,7 @@ def _lite_forward_op(
     q: Tensor, d: Tensor, q_mask: Optional[Tensor], d_mask: Optional[Tensor], params: list[Tensor],
     lq: int, ld: int, eps: list[float], backend: str,
 ) -> Tensor:
-    return _triton_forward(q, d, q_mask, d_mask, params, lq, ld, eps)
+    return dispatch.kernels("lite", backend, q).forward(q, d, q_mask, d_mask, params, lq, ld, eps)
 
 
 @_lite_forward_op.register_fake
@@ -719,19 +721,19 @@ def _(q, d, q_mask, d_mask, params, lq, ld, eps, backend):
 @torch.library.custom_op("fastrank::lite_backward", mutates_args=())
 def _lite_backward_op(
     grad: Tensor, q: Tensor, d: Tensor, q_mask: Optional[Tensor], d_mask: Optional[Tensor],
-    params: list[Tensor], lq: int, ld: int, eps: list[float],
+    params: list[Tensor], lq: int, ld: int, eps: list[float], backend: str,
 ) -> list[Tensor]:
-    return _triton_backward(grad, q, d, q_mask, d_mask, params, lq, ld, eps)
+    return dispatch.kernels("lite", backend, q).backward(grad, q, d, q_mask, d_mask, params, lq, ld, eps)
 
 
 @_lite_backward_op.register_fake
-def _(grad, q, d, q_mask, d_mask, params, lq, ld, eps):
+def _(grad, q, d, q_mask, d_mask, params, lq, ld, eps, backend):
     return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, d, *params)]
 
 
 def _setup_context(ctx, inputs, output):
-    q, d, q_mask, d_mask, params, lq, ld, eps, _ = inputs
-    ctx.n_params, ctx.lq, ctx.ld, ctx.eps = len(params), lq, ld, eps
+    q, d, q_mask, d_mask, params, lq, ld, eps, backend = inputs
+    ctx.n_params, ctx.lq, ctx.ld, ctx.eps, ctx.backend = len(params), lq, ld, eps, backend
     ctx.has_qm, ctx.has_dm = q_mask is not None, d_mask is not None
     ctx.save_for_backward(q, d, q_mask, d_mask, *params)
 
@@ -740,7 +742,7 @@ def _backward(ctx, grad_scores):
     q, d, q_mask, d_mask, *params = ctx.saved_tensors
     grads = _lite_backward_op(
         grad_scores, q, d, q_mask if ctx.has_qm else None, d_mask if ctx.has_dm else None, params,
-        ctx.lq, ctx.ld, ctx.eps,
+        ctx.lq, ctx.ld, ctx.eps, ctx.backend,
     )
     return grads[0], grads[1], None, None, list(grads[2:]), None, None, None, None
 
@@ -763,7 +765,7 @@ _lite_backward_op.register_autograd(_no_double_backward, setup_context=lambda ct
 # --------------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------------
-def _scorer_params(scorer) -> tuple[list[Tensor], int, int, list[float]]:
+def scorer_params(scorer) -> tuple[list[Tensor], int, int, list[float]]:
     """The 18 tensors of a LiteScorer-layout module, in the order the ops take them, with lq, ld and the
     four LayerNorm epsilons. Checks the layout so that a wrong module fails here, not in a kernel."""
     try:
@@ -866,25 +868,25 @@ def lite_score(
     of a gradient, as a gradient penalty needs) raises a RuntimeError saying so. :func:`lite_ref`, or
     ``backend="reference"``, is plain PyTorch and differentiates to any order.
     """
-    params, lq, ld, eps = _scorer_params(scorer)
+    params, lq, ld, eps = scorer_params(scorer)
     batch = _check_inputs(q, d, q_mask, d_mask, lq, ld, params[0].device)
     q, d = _project(scorer, q, d, q_mask, d_mask)
     ctx = dict(dtype=q.dtype, weight_dtype=params[0].dtype, lq=lq, ld=ld)
     impl = dispatch.choose("lite", (q, d, q_mask, d_mask), backend, **ctx)
-    if impl.backend == "reference" and (lq > MAX_LQ or ld > MAX_LD) and dispatch.requested_backend(backend, "lite") is None:
-        _warn_size_fallback((q, d, q_mask, d_mask), **ctx)
-    if impl.backend == "reference" or math.prod(batch) == 0 or q.shape[-2] == 0 or d.shape[-2] == 0 or q.shape[-1] == 0:
+    kernels = dispatch.kernels("lite", impl.backend, q)
+    if kernels.backward is None:  # eager PyTorch (the reference), which autograd differentiates itself
+        if (lq > MAX_LQ or ld > MAX_LD) and dispatch.requested_backend(backend, "lite") is None:
+            _warn_size_fallback((q, d, q_mask, d_mask), **ctx)
+        return kernels.forward(q, d, q_mask, d_mask, params, lq, ld, eps)
+    if math.prod(batch) == 0 or q.shape[-2] == 0 or d.shape[-2] == 0 or q.shape[-1] == 0:  # outside the kernels' contract
         return _lite_math(q, d, q_mask, d_mask, params, lq, ld, eps)
     c = _canonicalize(q, d, q_mask, d_mask, batch)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, d, *params))
     if needs_grad or torch.compiler.is_compiling():
         scores = _lite_forward_op(c.q, c.d, c.q_mask, c.d_mask, params, lq, ld, eps, impl.backend)
     else:  # inference: no graph to record, so skip the custom-op machinery
-        scores = impl.fn(c.q, c.d, c.q_mask, c.d_mask, params, lq, ld, eps)
+        scores = kernels.forward(c.q, c.d, c.q_mask, c.d_mask, params, lq, ld, eps)
     return c.restore(scores)
-
-
-dispatch.register("lite", "reference")(lambda *args, **kwargs: _lite_math(*args, **kwargs))
 
 
 def _zero_masked_tokens(t: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -915,13 +917,22 @@ def _lite_math(q: Tensor, d: Tensor, q_mask, d_mask, params, lq: int, ld: int, e
     return F_.linear(flat, wo, bo).squeeze(-1)
 
 
+dispatch.register("lite", "reference", dispatch.Kernels(_lite_math))
+
+
 def lite_ref(q: Tensor, d: Tensor, q_mask: Optional[Tensor] = None, d_mask: Optional[Tensor] = None, *, scorer) -> Tensor:
     """The specification of :func:`lite_score` in plain PyTorch (materialises S and the hidden layers).
 
     Same arguments as :func:`lite_score`. Computes in float32 (float64 for float64 inputs; the scorer's
     parameters are cast to that dtype) and returns that dtype.
     """
-    params, lq, ld, eps = _scorer_params(scorer)
+    params, lq, ld, eps = scorer_params(scorer)
     _check_inputs(q, d, q_mask, d_mask, lq, ld, params[0].device)
     q, d = _project(scorer, q, d, q_mask, d_mask)
     return _lite_math(q, d, q_mask, d_mask, params, lq, ld, eps)
+
+
+# Old private names of public functions, for the measurement tools until they move to the public ones.
+_scorer_params = scorer_params  # TEMPORARY alias: fastrank.bench still uses this name
+_triton_forward = triton_forward  # TEMPORARY alias: fastrank.bench still uses this name
+_triton_backward = triton_backward  # TEMPORARY alias: fastrank.bench still uses this name

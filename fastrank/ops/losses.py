@@ -397,9 +397,10 @@ def _cpp_reasons(dtype: torch.dtype, **_) -> list[str]:
 
 
 def _register_distill(name: str) -> None:
+    # Each backend's forward returns the loss with its autograd attached (the fused kernel's Function or
+    # custom op; the reference's own graph), so a Kernels with no separate backward.
     kind = LOSS_KINDS[name]
 
-    @dispatch.register(name, "cpp", reasons=_cpp_reasons)
     def _cpp(s, t, positives, mask, reduction, param):
         code, param = REDUCTIONS[reduction], float(param)
         if torch.compiler.is_compiling():
@@ -409,7 +410,6 @@ def _register_distill(name: str) -> None:
             loss = _EagerFusedLoss.apply(s, launch, code == 0, name)
         return loss if loss.dtype == s.dtype else loss.to(s.dtype)
 
-    @dispatch.register(name, "reference")
     def _reference(s, t, positives, mask, reduction, param):
         if not _on_meta(t):
             _check_teacher(name, t, positives, mask)
@@ -417,8 +417,10 @@ def _register_distill(name: str) -> None:
         extra = {param_name: param} if param_name else {}
         return reference(s, t, positives, mask, reduction, **extra)
 
+    dispatch.register(name, "cpp", dispatch.Kernels(_cpp), reasons=_cpp_reasons)
+    dispatch.register(name, "reference", dispatch.Kernels(_reference))
 
-@dispatch.register("inbatch_ce", "cpp", reasons=_cpp_reasons)
+
 def _inbatch_ce_cpp(scores, target, reduction, tau):
     code, tau = REDUCTIONS[reduction], float(tau)
     if torch.compiler.is_compiling():
@@ -446,16 +448,19 @@ def _check_target(scores: Tensor, target: Tensor) -> None:
                          f"{scores.shape[1]} columns (expected 0 <= target < M, or a negative value to ignore the row)")
 
 
-@dispatch.register("inbatch_ce", "reference")
 def _inbatch_ce_reference(scores, target, reduction, tau):
     _check_target(scores, target)
     return inbatch_ce_ref(scores, target, tau=tau, reduction=reduction)
 
 
+dispatch.register("inbatch_ce", "cpp", dispatch.Kernels(_inbatch_ce_cpp), reasons=_cpp_reasons)
+dispatch.register("inbatch_ce", "reference", dispatch.Kernels(_inbatch_ce_reference))
+
+
 def _distill(name: str, s, t, positives, mask, reduction: str, param_name: str, param: float, backend):
     _check_distill(name, s, t, positives, mask, reduction, param_name, param)
     impl = dispatch.choose(name, (s, t, positives, mask), backend=backend, dtype=s.dtype)
-    return impl.fn(s, t, positives, mask, reduction, param)
+    return dispatch.kernels(name, impl.backend, s).forward(s, t, positives, mask, reduction, param)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -553,7 +558,7 @@ def inbatch_ce(scores: Tensor, target: Tensor, tau: float = 1.0, reduction: str 
     if not (math.isfinite(tau) and tau > 0):
         raise ValueError(f"fastrank.losses.{name}: tau must be a finite number > 0, got {tau!r}")
     impl = dispatch.choose(name, (scores, target), backend=backend, dtype=scores.dtype)
-    return impl.fn(scores, target, reduction, tau)
+    return dispatch.kernels(name, impl.backend, scores).forward(scores, target, reduction, tau)
 
 
 # --------------------------------------------------------------------------------------------------------

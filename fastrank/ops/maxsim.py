@@ -19,26 +19,34 @@ GPU tuning (issue 13). The forward scores several documents of one query per pro
 them, pipelines its doc-tile loop and is autotuned per bucket of sizes (FORWARD_CONFIGS); the interpreter,
 which runs programs one by one on the CPU, launches one config (INTERPRETER_CONFIG). Every offset built from
 a program id or a loop counter is int64 (the sm_90 IR is checked by tests/test_hostile_maxsim.py), grids
-are checked against CUDA's limits (check_grid), and every launch runs under ``device_guard``.
+are checked against CUDA's limits (check_grid), and every launch runs under ``device_guard``. What the
+padded and packed kernels share (the configs and their pruning, the dq gather, the launch helpers) is in
+:mod:`fastrank.ops.maxsim_triton_shared`.
 
 Long queries. Both kernels hold the query in one tile of at most QUERY_TILE tokens. MaxSim is separable over
 query tokens (the score is a sum of per-token maxima), so a longer query is scored in chunks of QUERY_TILE
 tokens whose scores add; the argmax of each chunk is its slice of the full argmax, the chunks' dq are
-slices of dq and their dd add (:func:`forward_by_query_chunks`, :func:`backward_by_query_chunks`).
+slices of dq and their dd add (``forward_by_query_chunks``, ``backward_by_query_chunks`` in
+:mod:`fastrank.ops.pairs`).
 """
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+import sys
+import types
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from fastrank import _ext, cpu_isa, dispatch
-from fastrank.ops.pairs import (DOUBLE_BACKWARD_ERROR, QUERY_TILE, canonicalize, check_pair_inputs, cuda_arch,
-                                device_guard, dot_precision, dtype_reasons, inner_contiguous, pow2)
+from fastrank.ops.maxsim_reasons import cpu_slower, kernel_reasons
+from fastrank.ops.maxsim_triton_shared import (bucket, check_grid, h_block_cap, interpreter_meta, interpreting,
+                                               loop_split)
+from fastrank.ops.pairs import (DOUBLE_BACKWARD_ERROR, QUERY_TILE, backward_by_query_chunks, canonicalize,
+                                check_pair_inputs, cuda_arch, device_guard, dot_precision, forward_by_query_chunks,
+                                inner_contiguous, pow2)
 
 try:
     import triton
@@ -51,38 +59,11 @@ except ImportError:  # Triton is optional: the C++ and reference backends cover 
 # Triton kernels
 # --------------------------------------------------------------------------------------------------------
 if triton is not None:
+    from fastrank.ops.maxsim_triton_shared import FORWARD_CONFIGS, maxsim_bwd_dq_kernel, prune_forward_configs
 
-    # Tuning (issue 13). A (query, document) pair at the seeds' sizes (Lq 32, Ld 200, H 128) is three or
-    # four doc tiles: a program per pair spends much of its time starting up and reloading q. So a program
-    # scores DOCS documents of one query (q is read once and, when H fits one BLOCK_H, held across them),
-    # the doc-tile loop is software-pipelined (num_stages), and the autotuner picks the tile, DOCS and
-    # stages per bucket of (Lq, Ld, H, dtype, pair count): DOCS trades parallelism for reuse, so the
-    # 1 x 1,000 re-rank wants fewer docs per program than the 1 x 100,000 scan.
-    FORWARD_CONFIGS = [
-        triton.Config({"BLOCK_LD": 64, "DOCS": 4}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_LD": 64, "DOCS": 1}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_LD": 64, "DOCS": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_LD": 32, "DOCS": 4}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_LD": 32, "DOCS": 1}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_LD": 32, "DOCS": 8}, num_warps=4, num_stages=3),
-    ]
-
-    def _prune_forward_configs(configs, named_args, **kwargs):
-        # The S tile (BLOCK_LQ x BLOCK_LD float32, with its argmax and NaN bookkeeping) must stay in the
-        # registers: ptxas (sm_90) spills past 32 x 64 at 4 warps (a 128-token doc tile spilled, 8 warps
-        # too), so a full 64-token query tile takes 32-token doc tiles, and so does the H-split path,
-        # whose q and doc slices live beside S. On that path ptxas's choices are not monotone in DOCS
-        # (fastrank.kernel_report, every dtype and int8 tokens): with a 32-token query tile only one
-        # document per program is spill-free (bf16, fp16 and int8 spilled 8-40 bytes at DOCS 4 and 8),
-        # with a 64-token tile only several are (DOCS 1 spilled ~160 bytes). The interpreter ignores this.
-        if kwargs["SPLIT_H"] and kwargs["BLOCK_LQ"] >= 32:
-            several = kwargs["BLOCK_LQ"] > 32
-            return [c for c in configs if c.kwargs["BLOCK_LD"] == 32 and (c.kwargs["DOCS"] > 1) == several]
-        limit = 1024 if kwargs["SPLIT_H"] else 2048
-        return [c for c in configs if kwargs["BLOCK_LQ"] * c.kwargs["BLOCK_LD"] <= limit]
-
+    # Tuned per bucket of sizes over FORWARD_CONFIGS (issue 13, see fastrank.ops.maxsim_triton_shared).
     @triton.autotune(configs=FORWARD_CONFIGS, key=["LQ_BUCKET", "LD_BUCKET", "H", "PAIRS_BUCKET"],
-                     prune_configs_by={"early_config_prune": _prune_forward_configs})
+                     prune_configs_by={"early_config_prune": prune_forward_configs})
     @triton.jit
     def _maxsim_fwd_kernel(
         Q, D, QM, DM, OUT, ARG,
@@ -192,46 +173,6 @@ if triton is not None:
                 tl.store(ARG + pair * Lq + offs_i, tl.where(row_ok, best_j, -1), mask=row_in)
 
     @triton.jit
-    def _maxsim_bwd_dq_kernel(
-        D, G, ARG, DQ, OFFS,
-        Y, X, Lq, H, x_chunk,
-        sd_f, sd_x, sd_t,
-        PACKED: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_LQ: tl.constexpr, BLOCK_H: tl.constexpr,
-    ):
-        # dq[f,y,i,h] = sum_x g[f,y,x] * d[f,x,argmax[f,y,x,i],h]; program (item, h block, x chunk).
-        # PACKED (maxsim_packed, Y = 1): pair f * X + x is a document whose rows start at OFFS[pair] and
-        # whose argmax is relative to that row; sd_f and sd_x are unused.
-        # Offsets from program ids and loop counters are int64: x * sd_x passes 2^31 beyond ~14k documents
-        # per query at H = 768 (the rest are int64 so that one rule covers every kernel; a test checks it).
-        item = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
-        x_start = tl.program_id(2).to(tl.int64) * x_chunk
-        f = item // Y
-        offs_i = tl.arange(0, BLOCK_LQ)
-        row_in = offs_i < Lq
-        acc = tl.zeros([BLOCK_LQ, BLOCK_H], tl.float32)
-        # Pipelined (num_stages): the gathers of the next documents are in flight while this one adds up.
-        for x in tl.range(x_start, tl.minimum(x_start + x_chunk, X)):
-            pair = item * X + x
-            j = tl.load(ARG + pair * Lq + offs_i, mask=row_in, other=-1)
-            g = tl.load(G + pair)
-            if PACKED:
-                row0 = D + tl.load(OFFS + pair) * sd_t
-            else:
-                row0 = D + f * sd_f + x * sd_x
-            rows = tl.load(
-                row0 + j[:, None].to(tl.int64) * sd_t + h[None, :],
-                mask=(j[:, None] >= 0) & (h[None, :] < H), other=0.0,
-            )
-            acc += g * rows.to(tl.float32)
-        ptrs = DQ + (item * Lq + offs_i[:, None]) * H + h[None, :]
-        mask = row_in[:, None] & (h[None, :] < H)
-        if ATOMIC:
-            tl.atomic_add(ptrs, acc, mask=mask)
-        else:
-            tl.store(ptrs, acc, mask=mask)
-
-    @triton.jit
     def _maxsim_bwd_dd_kernel(
         Q, G, ARG, DD,
         Y, X, Lq, Ld, H, y_chunk,
@@ -270,10 +211,6 @@ if triton is not None:
             tl.store(ptrs, acc, mask=mask)
 
 
-    # Read once, from the kernel as built: launch interception (tests, reports) may replace the module's name.
-    _INTERPRETED = type(_maxsim_fwd_kernel.fn).__name__ == "InterpretedFunction"
-
-
 # --------------------------------------------------------------------------------------------------------
 # Launchers. All take the canonical tensors: q (F, Y, Lq, H), d (F, X, Ld, H), masks (F, Y, X, L) or None.
 # --------------------------------------------------------------------------------------------------------
@@ -294,84 +231,11 @@ def _forward_outputs(q: Tensor, d: Tensor, save_argmax: bool) -> tuple[Tensor, T
     return out, q.new_empty((F, Y, X, Lq) if save_argmax else (0,), dtype=torch.int32)
 
 
-def forward_by_query_chunks(run: Callable, q: Tensor, q_mask: Optional[Tensor], save_argmax: bool):
-    """``run(q_chunk, q_mask_chunk) -> (float32 scores, int32 argmax (..., chunk) or empty)`` over chunks of at
-    most QUERY_TILE query tokens (dim -2 of q, -1 of q_mask): the scores add, the argmaxes concatenate."""
-    lq = q.shape[-2]
-    if lq <= QUERY_TILE:
-        return run(q, q_mask)
-    total, args = None, []
-    for i in range(0, lq, QUERY_TILE):
-        chunk = slice(i, min(i + QUERY_TILE, lq))
-        out, arg = run(q[..., chunk, :], None if q_mask is None else q_mask[..., chunk])
-        total = out if total is None else total.add_(out)
-        args.append(arg)
-    return total, (torch.cat(args, dim=-1) if save_argmax else args[0])
-
-
-def backward_by_query_chunks(run: Callable, q: Tensor, argmax: Tensor, need_dq: bool):
-    """``run(q_chunk, argmax_chunk) -> (float32 dq chunk or None, float32 dd or None)`` over the chunks of
-    :func:`forward_by_query_chunks`: dq is the chunks' dq side by side, dd their sum (in float32, before
-    the one rounding to the input dtype)."""
-    lq = q.shape[-2]
-    if lq <= QUERY_TILE:
-        return run(q, argmax.contiguous())
-    dqs, dd = [], None
-    for i in range(0, lq, QUERY_TILE):
-        chunk = slice(i, min(i + QUERY_TILE, lq))
-        dq_c, dd_c = run(q[..., chunk, :], argmax[..., chunk].contiguous())
-        dqs.append(dq_c)
-        dd = dd_c if dd is None else dd.add_(dd_c)
-    return (torch.cat(dqs, dim=-2) if need_dq else None), dd
-
-
-def _triton_forward(q, d, q_mask, d_mask, save_argmax: bool):
+def triton_forward(q, d, q_mask, d_mask, save_argmax: bool) -> tuple[Tensor, Tensor]:
+    """float32 scores (F, Y, X) and int32 argmax (F, Y, X, Lq) (empty unless ``save_argmax``) of the
+    canonical q (F, Y, Lq, H) and d (F, X, Ld, H), masks (F, Y, X, L) or None, on the Triton kernels."""
     q, d = inner_contiguous(q), inner_contiguous(d)
     return forward_by_query_chunks(lambda qc, mc: _triton_forward_tile(qc, d, mc, d_mask, save_argmax), q, q_mask, save_argmax)
-
-
-def _interpreting() -> bool:
-    """Whether the kernels were built for Triton's interpreter (TRITON_INTERPRET set when they were defined)."""
-    return _INTERPRETED
-
-
-# Which entry of an autotuned kernel's configs the interpreter launches. The interpreter runs one program
-# after another on the CPU and would run every config on every new key: it launches this one alone (tests
-# set it to walk every config).
-INTERPRETER_CONFIG = 0
-
-
-def interpreter_meta(kernel) -> dict:
-    """The meta-parameters of config INTERPRETER_CONFIG of an autotuned ``kernel``, to launch its ``.fn``."""
-    config = kernel.configs[INTERPRETER_CONFIG]
-    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-
-
-# CUDA caps a grid at 2^31 - 1 programs along x and 65535 along y and z: launchers put the dimension that
-# grows with the batch on x and check the others, so a huge call is a clear error, not a failed launch.
-GRID_LIMITS = (2**31 - 1, 65535, 65535)
-
-
-def check_grid(grid: tuple[int, ...], what: str) -> tuple[int, ...]:
-    for axis, (size, limit) in enumerate(zip(grid, GRID_LIMITS)):
-        if size > limit:
-            raise ValueError(f"{what}: the launch needs {size} programs along grid axis {'xyz'[axis]}, more than "
-                             f"CUDA's {limit}; split the call into smaller batches")
-    return grid
-
-
-def h_block_cap(float32_math: bool, arch: Optional[int]) -> int:
-    """The widest H slice of the forward's H-split path and of the dd / dtokens backward. float32 dots run
-    on FMA units, whose operands each thread holds whole along H: on sm_80, 64-wide float32 slices spilled
-    (forward up to 344 B at a 64-token query tile; dd and dtokens 8-9 KB, ptxas keeping 32 registers) and
-    32-wide ones fit, while on sm_90 the 64-wide ones are spill-free and 32-wide ones spilled 8-24 B in the
-    forward (fastrank.kernel_report, both archs). 16-bit slices are 64 wide everywhere."""
-    return 32 if float32_math and arch is not None and arch < 90 else 64
-
-
-def _bucket(n: int) -> int:
-    """An autotuning key for a size: its power of two, so calls of similar size share a tuned config."""
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def _triton_forward_tile(q, d, q_mask, d_mask, save_argmax: bool):
@@ -395,36 +259,29 @@ def _triton_forward_tile(q, d, q_mask, d_mask, save_argmax: bool):
             Y, X, Lq, Ld, H,
             q.stride(0), q.stride(1), q.stride(2), d.stride(0), d.stride(1), d.stride(2),
             *qms, *dms,
-            block_lq, _bucket(Ld), _bucket(F * Y * X))
+            block_lq, bucket(Ld), bucket(F * Y * X))
     meta = dict(HAS_QM=qm is not None, HAS_DM=dm is not None, STORE_ARG=save_argmax, PRECISION=dot_precision(q),
                 BLOCK_LQ=block_lq, BLOCK_H=block_h, SPLIT_H=H > block_h, MASK_BLOCK=pow2(Ld, 16, 1024))
     with device_guard(q):
-        if _interpreting():
+        if interpreting():
             _maxsim_fwd_kernel.fn[grid](*args, **meta, **interpreter_meta(_maxsim_fwd_kernel))
         else:
             _maxsim_fwd_kernel[grid](*args, **meta)
     return out, arg
 
 
-def _parallel_programs(device: torch.device) -> int:
-    """Programs that keep the device busy: 4 per SM on a GPU; the interpreter runs them one by one."""
+def parallel_programs(device: torch.device) -> int:
+    """Programs that keep the device busy: 4 per SM on a GPU; the interpreter runs them one by one. The
+    MaxSim backward launchers, padded and packed, look it up here (as ``maxsim.parallel_programs``) on every
+    call, so that the static kernel report can stand in a GPU's count for the CPU tensors it records on."""
     if device.type == "cuda":
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
     return 4
 
 
-def _loop_split(programs: int, loop_len: int, deterministic: bool, device: torch.device) -> int:
-    """How many chunks a backward reduction loop is split into (>1 means float atomics: run-to-run
-    differences in the last bits). Split only when the grid alone cannot fill the device."""
-    if deterministic:
-        return 1
-    target = _parallel_programs(device)
-    if programs >= target:
-        return 1
-    return max(1, min(math.ceil(target / programs), loop_len // 8))
-
-
-def _triton_backward(q, d, grad, argmax, need_dq: bool, need_dd: bool, deterministic: bool):
+def triton_backward(q, d, grad, argmax, need_dq: bool, need_dd: bool, deterministic: bool):
+    """(dq in q's dtype or None, dd in d's dtype or None) on the Triton kernels, following the argmax of
+    :func:`triton_forward`; ``deterministic`` keeps every reduction in one program (no float atomics)."""
     q, d = inner_contiguous(q), inner_contiguous(d)
     grad = grad.contiguous().float()
     dq, dd = backward_by_query_chunks(
@@ -439,12 +296,12 @@ def _triton_backward_tile(q, d, grad, argmax, need_dq: bool, need_dd: bool, dete
     if need_dq:
         block_h = pow2(H, 16, 64)
         programs = F * Y * triton.cdiv(H, block_h)
-        split = _loop_split(programs, X, deterministic, q.device)
+        split = loop_split(programs, X, deterministic, parallel_programs(q.device))
         chunk = triton.cdiv(X, split)
         dq = (torch.zeros if split > 1 else torch.empty)((F, Y, Lq, H), device=q.device, dtype=torch.float32)
         grid = check_grid((F * Y, triton.cdiv(H, block_h), triton.cdiv(X, chunk)), "maxsim backward (dq)")
         with device_guard(q):
-            _maxsim_bwd_dq_kernel[grid](
+            maxsim_bwd_dq_kernel[grid](
                 d, grad, argmax, dq, argmax, Y, X, Lq, H, chunk, d.stride(0), d.stride(1), d.stride(2),
                 PACKED=False, ATOMIC=split > 1, BLOCK_LQ=block_lq, BLOCK_H=block_h, num_warps=4, num_stages=3,
             )
@@ -454,7 +311,7 @@ def _triton_backward_tile(q, d, grad, argmax, need_dq: bool, need_dd: bool, dete
         block_ld = 64 if block_lq <= 32 else 32
         block_h = pow2(H, 16, h_block_cap(q.dtype == torch.float32, cuda_arch(q)))
         programs = F * X * triton.cdiv(Ld, block_ld) * triton.cdiv(H, block_h)
-        split = _loop_split(programs, Y, deterministic, q.device)
+        split = loop_split(programs, Y, deterministic, parallel_programs(q.device))
         chunk = triton.cdiv(Y, split)
         dd = (torch.zeros if split > 1 else torch.empty)((F, X, Ld, H), device=q.device, dtype=torch.float32)
         grid = check_grid((F * X, triton.cdiv(Ld, block_ld) * triton.cdiv(H, block_h), triton.cdiv(Y, chunk)),
@@ -512,51 +369,25 @@ def _cpp_backward(entry: Callable, q, d, grad, argmax, need_dq: bool, need_dd: b
     return (dq.to(q.dtype) if need_dq else None), (dd.to(d.dtype) if need_dd else None)
 
 
-@dataclass(frozen=True)
-class _Kernels:
-    forward: Callable
-    backward: Callable
-
-
-def _kernel_reasons(*, dtype: torch.dtype, interpreter: bool = False, **_) -> list[str]:
-    # No limit on Lq: longer queries than the tile run in chunks (forward_by_query_chunks).
-    return dtype_reasons(dtype, interpreter)
-
-
-# Where the CPU kernel loses to eager PyTorch, measured through this same entry point on the CPUs we ran
-# (benchmarks/results/maxsim_cpu_xeon_amx.md, including the AVX2 and AVX-512 classes emulated there): the
-# scalar path (no AVX2) loses to torch's vectorised BLAS, and a call with fewer (query, doc) pairs than
-# threads leaves cores idle (the kernel parallelises over pairs), which loses to eager's multi-threaded
-# GEMM once the one pair is big (from about 2^22 multiply-adds: one 200-token doc at H = 768). Below about
-# 2^20 multiply-adds in all, the kernel path's per-call cost (the pair-grid views, output allocations and
-# the launch: some 50 us on the Xeon VM) is more than the eager math costs whole: measured through maxsim()
-# on the Xeon (AMX) VM, 2 threads, float32, forward+backward and no_grad (0.70-0.94x at 2^11-2^19.5;
-# from 2^20.6 on 1.36-2.6x forward+backward, 0.99-1.55x no_grad but for 1 query x 10 documents at 0.84-0.98x,
-# near break-even): those calls take the eager math. And float32 inference of one query over unmasked
-# documents is one sgemm in eager (d as (N * Ld, H) times q^T), run at the machine's GEMM rate with S in
-# cache: the fused kernel does not beat it while S is small (measured through maxsim() on the Xeon (AMX) VM,
+# Below about 2^20 multiply-adds in all, the kernel path's per-call cost (the pair-grid views, output
+# allocations and the launch: some 50 us on the Xeon VM) is more than the eager math costs whole: measured
+# through maxsim() on the Xeon (AMX) VM, 2 threads, float32, forward+backward and no_grad (0.70-0.94x at
+# 2^11-2^19.5; from 2^20.6 on 1.36-2.6x forward+backward, 0.99-1.55x no_grad but for 1 query x 10 documents at
+# 0.84-0.98x, near break-even): those calls take the eager math. And float32 inference of one query over
+# unmasked documents is one sgemm in eager (d as (N * Ld, H) times q^T), run at the machine's GEMM rate with S
+# in cache: the fused kernel does not beat it while S is small (measured through maxsim() on the Xeon (AMX) VM,
 # 2 threads, H = 128: 0.67-1.01x from 1 x 4 to 1 x 400 documents, S up to 8.8 MiB; 0.94-1.11x at 1 x 500, S
 # 11 MiB, near break-even; 1.20-1.35x from 1 x 650 to 1 x 1,000, S 14-22 MiB; 2.0x at 1 x 3,000 and
-# 1 x 10,000, where S goes to memory), so those calls take it below _ONE_GEMM_MAX_S_BYTES of S. With a document mask, more than one query, gradients or 16-bit
-# inputs the kernel wins at every size measured (1.15-7.7x float32, 3.6-18x bfloat16).
-_UNDERFILLED_WORK_LOG2 = 22
+# 1 x 10,000, where S goes to memory), so those calls take it below _ONE_GEMM_MAX_S_BYTES of S. With a document
+# mask, more than one query, gradients or 16-bit inputs the kernel wins at every size measured (1.15-7.7x
+# float32, 3.6-18x bfloat16). The reasons both MaxSim ops share (the scalar path, fewer pairs than threads)
+# are in fastrank.ops.maxsim_reasons.
 _ONE_GEMM_MAX_S_BYTES = 12 << 20
 _TINY_WORK_LOG2 = 20
 
 
-def _cpu_slower(*, device_types, work: int = 64, isa: str = "", underfilled: bool = False, **_) -> list[str]:
-    if device_types != {"cpu"}:
-        return []
-    if isa == "scalar":
-        return ["the CPU ISA path is scalar (no AVX2): torch's vectorised BLAS is faster"]
-    if underfilled and work >= _UNDERFILLED_WORK_LOG2:
-        return [f"fewer (query, doc) pairs than threads at about 2^{work} multiply-adds: the kernel would leave "
-                "cores idle, eager's GEMM uses them all"]
-    return []
-
-
 def _maxsim_cpu_slower(*, device_types, work: int = 64, one_gemm: bool = False, **ctx) -> list[str]:
-    reasons = _cpu_slower(device_types=device_types, work=work, **ctx)
+    reasons = cpu_slower(device_types=device_types, work=work, **ctx)
     if device_types == {"cpu"} and work < _TINY_WORK_LOG2:
         reasons.append(f"a small call (about 2^{work} multiply-adds, below 2^{_TINY_WORK_LOG2}): the kernel path's "
                        "fixed per-call cost is more than the eager math costs")
@@ -578,22 +409,18 @@ def _cpp_describe(*, device_types, dtype: torch.dtype, isa: str = "", **_) -> st
     return f"C++ CPU kernel, ISA path {isa}: {kernel}"
 
 
-_TRITON = _Kernels(_triton_forward, _triton_backward)
+_TRITON = dispatch.Kernels(triton_forward, triton_backward)
 # The C++ backend's kernels per device type: dispatch.kernels picks the entry for the call's tensors.
 _CPP = {
-    device: _Kernels(functools.partial(_cpp_forward, entry("maxsim_forward")),
-                     functools.partial(_cpp_backward, entry("maxsim_backward")))
+    device: dispatch.Kernels(functools.partial(_cpp_forward, entry("maxsim_forward")),
+                             functools.partial(_cpp_backward, entry("maxsim_backward")))
     for device, entry in (("cpu", _cpu_entry), ("cuda", _cuda_entry))
 }
-dispatch.register("maxsim", "triton", reasons=_kernel_reasons, describe=lambda **_: "Triton kernels")(_TRITON)
-dispatch.register("maxsim", "triton_interpret", reasons=lambda **ctx: _kernel_reasons(interpreter=True, **ctx),
+dispatch.register("maxsim", "triton", _TRITON, reasons=kernel_reasons, describe=lambda **_: "Triton kernels")
+dispatch.register("maxsim", "triton_interpret", _TRITON, reasons=lambda **ctx: kernel_reasons(interpreter=True, **ctx),
                   slower=lambda **_: ["the Triton interpreter checks the GPU kernels on CPU; it never outruns eager"],
-                  describe=lambda **_: "Triton kernels under the interpreter")(_TRITON)
-dispatch.register("maxsim", "cpp", reasons=_kernel_reasons, slower=_maxsim_cpu_slower, describe=_cpp_describe)(_CPP)
-
-
-def _kernels(backend: str, t: Tensor) -> _Kernels:
-    return dispatch.kernels("maxsim", backend, t)
+                  describe=lambda **_: "Triton kernels under the interpreter")
+dispatch.register("maxsim", "cpp", _CPP, reasons=kernel_reasons, slower=_maxsim_cpu_slower, describe=_cpp_describe)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -604,7 +431,7 @@ def _maxsim_forward_op(
     q: Tensor, d: Tensor, q_mask: Optional[Tensor], d_mask: Optional[Tensor], backend: str,
     save_argmax: bool, deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
-    return _kernels(backend, q).forward(q, d, q_mask, d_mask, save_argmax)
+    return dispatch.kernels("maxsim", backend, q).forward(q, d, q_mask, d_mask, save_argmax)
 
 
 @_maxsim_forward_op.register_fake
@@ -616,7 +443,7 @@ def _(q, d, q_mask, d_mask, backend, save_argmax, deterministic):
 def _maxsim_backward_op(
     q: Tensor, d: Tensor, grad: Tensor, argmax: Tensor, backend: str, deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
-    dq, dd = _kernels(backend, q).backward(q, d, grad, argmax, True, True, deterministic)
+    dq, dd = dispatch.kernels("maxsim", backend, q).backward(q, d, grad, argmax, True, True, deterministic)
     return dq, dd
 
 
@@ -663,7 +490,7 @@ class _EagerMaxSim(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, d: Tensor, q_mask, d_mask, backend: str, deterministic: bool) -> Tensor:
-        scores, argmax = _kernels(backend, q).forward(q, d, q_mask, d_mask, True)
+        scores, argmax = dispatch.kernels("maxsim", backend, q).forward(q, d, q_mask, d_mask, True)
         ctx.save_for_backward(q, d, argmax)
         ctx.backend, ctx.deterministic = backend, deterministic
         return scores
@@ -677,7 +504,7 @@ class _EagerMaxSim(torch.autograd.Function):
             dq, dd = _maxsim_backward_op(q, d, grad, argmax, ctx.backend, ctx.deterministic)
             return dq, dd, None, None, None, None
         need_dq, need_dd = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dq, dd = _kernels(ctx.backend, q).backward(q, d, grad, argmax, need_dq, need_dd, ctx.deterministic)
+        dq, dd = dispatch.kernels("maxsim", ctx.backend, q).backward(q, d, grad, argmax, need_dq, need_dd, ctx.deterministic)
         return dq, dd, None, None, None, None
 
 
@@ -737,19 +564,19 @@ def maxsim(
     lq, h = q.shape[-2], q.shape[-1]
     ld = d.shape[-2]
     impl = dispatch.choose("maxsim", (q, d, q_mask, d_mask), backend, **dispatch_context(q, d, batch, d_mask))
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or d.requires_grad)
-    if impl.backend == "reference" or math.prod(batch) == 0 or lq == 0 or ld == 0 or h == 0:
-        if needs_grad or torch.compiler.is_compiling():
-            return maxsim_ref(q, d, q_mask, d_mask)
-        return _maxsim_eager(q, d, q_mask, d_mask)
+    kernels = dispatch.kernels("maxsim", impl.backend, q)
+    if kernels.backward is None:  # eager PyTorch, which autograd differentiates itself
+        return kernels.forward(q, d, q_mask, d_mask)
+    if math.prod(batch) == 0 or lq == 0 or ld == 0 or h == 0:  # nothing to score: outside the kernels' contract
+        return _eager_scores(q, d, q_mask, d_mask)
     c = canonicalize(q, d, q_mask, d_mask, batch)
-    save_argmax = needs_grad
+    save_argmax = torch.is_grad_enabled() and (q.requires_grad or d.requires_grad)
     if torch.compiler.is_compiling():
         scores, _ = _maxsim_forward_op(c.q, c.d, c.q_mask, c.d_mask, impl.backend, save_argmax, deterministic)
     elif save_argmax:
         scores = _EagerMaxSim.apply(c.q, c.d, c.q_mask, c.d_mask, impl.backend, deterministic)
     else:  # inference: no graph to record, so skip the custom-op machinery (tens of microseconds a call)
-        scores, _ = _kernels(impl.backend, c.q).forward(c.q, c.d, c.q_mask, c.d_mask, False)
+        scores, _ = kernels.forward(c.q, c.d, c.q_mask, c.d_mask, False)
     return c.restore(scores)
 
 
@@ -774,7 +601,7 @@ def dispatch_context(q: Tensor, d: Tensor, batch, d_mask: Optional[Tensor] = Non
     return ctx
 
 
-def _maxsim_eager(q: Tensor, d: Tensor, q_mask: Optional[Tensor] = None, d_mask: Optional[Tensor] = None) -> Tensor:
+def maxsim_eager(q: Tensor, d: Tensor, q_mask: Optional[Tensor] = None, d_mask: Optional[Tensor] = None) -> Tensor:
     """The reference's math in the fastest eager form, for inference calls dispatched to eager: one
     d @ qᵀ matmul (a single large GEMM when q is shared by many docs), the mask applied in place, amax over
     doc tokens (no indices). Same values as :func:`maxsim_ref`; autograd would split ties differently, so
@@ -797,8 +624,15 @@ def _maxsim_eager(q: Tensor, d: Tensor, q_mask: Optional[Tensor] = None, d_mask:
     return best.sum(dim=-1)
 
 
-dispatch.register("maxsim", "reference", describe=lambda **_: "eager PyTorch (maxsim_ref's math)")(
-    lambda *args, **kwargs: maxsim_ref(*args, **kwargs))
+def _eager_scores(q: Tensor, d: Tensor, q_mask: Optional[Tensor] = None, d_mask: Optional[Tensor] = None) -> Tensor:
+    """The reference backend: :func:`maxsim_ref` where autograd or a trace needs it, else :func:`maxsim_eager`."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (q.requires_grad or d.requires_grad)):
+        return maxsim_ref(q, d, q_mask, d_mask)
+    return maxsim_eager(q, d, q_mask, d_mask)
+
+
+dispatch.register("maxsim", "reference", dispatch.Kernels(_eager_scores),
+                  describe=lambda **_: "eager PyTorch (maxsim_ref's math)")
 
 
 def _explain_context(q: Tensor, d: Tensor, q_mask: Optional[Tensor] = None, d_mask: Optional[Tensor] = None) -> dict:
@@ -826,3 +660,27 @@ def maxsim_ref(q: Tensor, d: Tensor, q_mask: Optional[Tensor] = None, d_mask: Op
     if q_mask is not None:
         best = torch.where(q_mask, best, 0.0)
     return best.sum(dim=-1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Old private names of public functions, for the measurement tools until they move to the public ones.
+# --------------------------------------------------------------------------------------------------------
+_maxsim_eager = maxsim_eager  # TEMPORARY alias: fastrank.bench still uses this name
+_triton_forward = triton_forward  # TEMPORARY alias: fastrank.bench still uses this name
+_triton_backward = triton_backward  # TEMPORARY alias: fastrank.bench still uses this name
+
+
+class _ModuleWithAliases(types.ModuleType):
+    # TEMPORARY alias: fastrank.bench still uses this name. fastrank.bench.kernels assigns
+    # `maxsim._parallel_programs` to stand in a GPU's program count while it records launches; the launchers
+    # read `parallel_programs` alone, so the old name reads and writes that one attribute.
+    @property
+    def _parallel_programs(self):
+        return self.parallel_programs
+
+    @_parallel_programs.setter
+    def _parallel_programs(self, fn):
+        self.parallel_programs = fn
+
+
+sys.modules[__name__].__class__ = _ModuleWithAliases

@@ -15,7 +15,10 @@ the spec. The Triton kernels live in :mod:`fastrank.ops.maxsim_packed_triton`.
 Kernels' contract (C++ and Triton): q (Fq, Lq, H) with Fq = 1 (shared) or N; q_mask (Fq, Lq) bool or None;
 offsets int64 (N + 1,) on the tokens' device, already validated; the forward returns float32 scores (N,)
 and, when a backward follows, int32 argmax (N, Lq), the winning row relative to the document's start (-1
-for masked query tokens and empty documents).
+for masked query tokens and empty documents). Every backend's :class:`fastrank.dispatch.Kernels` takes
+``forward(q, tokens, offsets, q_mask, scales, save_argmax, docs, exact_int8)`` (a ``docs`` subset only for
+inference, with Fq = 1 or len(docs)) and ``backward(q, tokens, offsets, grad, argmax, need_dq, need_dt,
+deterministic)``.
 """
 from __future__ import annotations
 
@@ -26,9 +29,10 @@ import torch
 from torch import Tensor
 
 from fastrank import _ext, cpu_isa, dispatch
-from fastrank.ops.maxsim import (NO_SECOND_DERIVATIVE, _cpu_slower, _kernel_reasons, backward_by_query_chunks,
-                                 forward_by_query_chunks)
-from fastrank.ops.pairs import DOUBLE_BACKWARD_ERROR, FLOAT_DTYPES, FLOAT_NAMES, inner_contiguous
+from fastrank.ops.maxsim import NO_SECOND_DERIVATIVE
+from fastrank.ops.maxsim_reasons import cpu_slower, kernel_reasons
+from fastrank.ops.pairs import (DOUBLE_BACKWARD_ERROR, FLOAT_DTYPES, FLOAT_NAMES, backward_by_query_chunks,
+                                forward_by_query_chunks, inner_contiguous)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -231,7 +235,11 @@ def _triton_module():
     return maxsim_packed_triton
 
 
-def _triton_forward(q, tokens, offsets, q_mask, scales, save_argmax: bool):
+def _triton_forward(q, tokens, offsets, q_mask, scales, save_argmax: bool, docs: Optional[Tensor] = None,
+                    exact_int8: bool = False):
+    # The kernels score int8 tokens exactly (float query, widened rows) and a docs= subset as a gathered copy.
+    if docs is not None:
+        tokens, offsets, scales = gather_docs(tokens, offsets, docs, scales)
     return _triton_module().packed_forward(q, tokens, offsets, q_mask, scales, save_argmax)
 
 
@@ -239,12 +247,8 @@ def _triton_backward(q, tokens, offsets, grad, argmax, need_dq: bool, need_dt: b
     return _triton_module().packed_backward(q, tokens, offsets, grad, argmax, need_dq, need_dt, deterministic)
 
 
-_FORWARD = {"cpp": _cpp_forward, "triton": _triton_forward, "triton_interpret": _triton_forward}
-_BACKWARD = {"cpp": _cpp_backward, "triton": _triton_backward, "triton_interpret": _triton_backward}
-
-
 def _cpp_reasons(*, device_types, **ctx) -> list[str]:
-    reasons = _kernel_reasons(**ctx)
+    reasons = kernel_reasons(**ctx)
     ext = _ext.load()
     if ext is not None and not hasattr(ext, "maxsim_packed_forward"):
         reasons.append(f"the installed fastrank._C predates maxsim_packed; {_ext.REBUILD_HINT}")
@@ -262,12 +266,17 @@ def _cpp_describe(*, isa: str = "", int8: bool = False, dtype=None, exact_int8: 
     return f"C++ CPU packed kernel, ISA path {isa}: {what}"
 
 
-dispatch.register("maxsim_packed", "triton", reasons=_kernel_reasons,
-                  describe=lambda **_: "Triton packed kernels")(_FORWARD["triton"])
-dispatch.register("maxsim_packed", "triton_interpret", reasons=lambda **ctx: _kernel_reasons(interpreter=True, **ctx),
+# One signature for every backend's forward and backward (the module docstring's contract).
+_TRITON = dispatch.Kernels(_triton_forward, _triton_backward)
+dispatch.register("maxsim_packed", "triton", _TRITON, reasons=kernel_reasons,
+                  describe=lambda **_: "Triton packed kernels")
+dispatch.register("maxsim_packed", "triton_interpret", _TRITON,
+                  reasons=lambda **ctx: kernel_reasons(interpreter=True, **ctx),
                   slower=lambda **_: ["the Triton interpreter checks the GPU kernels on CPU; it never outruns eager"],
-                  describe=lambda **_: "Triton packed kernels under the interpreter")(_FORWARD["triton_interpret"])
-dispatch.register("maxsim_packed", "cpp", reasons=_cpp_reasons, slower=_cpu_slower, describe=_cpp_describe)(_cpp_forward)
+                  describe=lambda **_: "Triton packed kernels under the interpreter")
+# The extension's packed kernels run on the CPU only (_cpp_reasons refuses CUDA tensors).
+_CPP = {"cpu": dispatch.Kernels(_cpp_forward, _cpp_backward)}
+dispatch.register("maxsim_packed", "cpp", _CPP, reasons=_cpp_reasons, slower=cpu_slower, describe=_cpp_describe)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -276,10 +285,8 @@ dispatch.register("maxsim_packed", "cpp", reasons=_cpp_reasons, slower=_cpu_slow
 @torch.library.custom_op("fastrank::maxsim_packed_forward", mutates_args=())
 def _forward_op(q: Tensor, tokens: Tensor, offsets: Tensor, q_mask: Optional[Tensor], scales: Optional[Tensor],
                 backend: str, save_argmax: bool, deterministic: bool, exact_int8: bool) -> tuple[Tensor, Tensor]:
-    if backend == "cpp":
-        return _cpp_forward(q, tokens, offsets, q_mask, scales, save_argmax, None, exact_int8)
-    forward = _FORWARD[backend]
-    return forward(q, tokens, offsets, q_mask, scales, save_argmax)
+    return dispatch.kernels("maxsim_packed", backend, q).forward(q, tokens, offsets, q_mask, scales, save_argmax,
+                                                                 None, exact_int8)
 
 
 @_forward_op.register_fake
@@ -292,8 +299,8 @@ def _(q, tokens, offsets, q_mask, scales, backend, save_argmax, deterministic, e
 def _backward_op(q: Tensor, tokens: Tensor, offsets: Tensor, grad: Tensor, argmax: Tensor, backend: str,
                  deterministic: bool, need_dq: bool, need_dt: bool) -> tuple[Tensor, Tensor]:
     # An input that needs no gradient gets an empty tensor: the kernel for it does not run.
-    backward = _BACKWARD[backend]
-    dq, dt = backward(q, tokens, offsets, grad, argmax, need_dq, need_dt, deterministic)
+    kernels = dispatch.kernels("maxsim_packed", backend, q)
+    dq, dt = kernels.backward(q, tokens, offsets, grad, argmax, need_dq, need_dt, deterministic)
     return (dq if need_dq else q.new_empty(0)), (dt if need_dt else tokens.new_empty(0))
 
 
@@ -396,29 +403,23 @@ def maxsim_packed(q: Tensor, tokens: Tensor, offsets: Tensor, *, q_mask: Optiona
     if q.device.type == "meta":
         return _meta_scores(q, tokens, offsets, q_mask, scales, docs, n, needs_grad)
     if q.dtype == torch.float64:
-        _validate_offsets(offsets, tokens.shape[0], "maxsim_packed")  # as for the reference backend below
-        return maxsim_packed_ref(q, tokens, offsets, q_mask=q_mask, scales=scales, docs=docs)
+        return _reference_scores(q, tokens, offsets, q_mask, scales, docs)
     tensors = (q, tokens, offsets, q_mask, scales, docs)
     impl = dispatch.choose("maxsim_packed", tensors, backend, **dispatch_context(q, tokens, n, scales, exact_int8))
-    if impl.backend == "reference" or n == 0 or q.shape[-2] == 0 or q.shape[-1] == 0 or tokens.shape[0] == 0:
-        # The reference has no C++ boundary to check offsets on every call: a write that bypassed the version
-        # counter (a shared numpy array, .data) would pass the cached check, so check again here.
-        _validate_offsets(offsets, tokens.shape[0], "maxsim_packed")
-        return maxsim_packed_ref(q, tokens, offsets, q_mask=q_mask, scales=scales, docs=docs)
+    kernels = dispatch.kernels("maxsim_packed", impl.backend, q)
+    if kernels.backward is None:  # eager PyTorch (the reference), which autograd differentiates itself
+        return kernels.forward(q, tokens, offsets, q_mask, scales, docs)
+    if n == 0 or q.shape[-2] == 0 or q.shape[-1] == 0 or tokens.shape[0] == 0:  # outside the kernels' contract
+        return _reference_scores(q, tokens, offsets, q_mask, scales, docs)
     q3 = q if q.dim() == 3 else q.unsqueeze(0)
     m2 = None if q_mask is None else (q_mask if q_mask.dim() == 2 else q_mask.unsqueeze(0))
-    if docs is not None:
-        if impl.backend == "cpp" and not needs_grad and not torch.compiler.is_compiling():
-            return _cpp_forward(q3, tokens, offsets, m2, scales, False, docs, exact_int8)[0]
-        # Otherwise the subset is copied (its rows only; differentiable) and scored as its own packed batch.
-        tokens, offsets, scales = gather_docs(tokens, offsets, docs, scales)
     if needs_grad or torch.compiler.is_compiling():
+        if docs is not None:  # the subset is copied (its rows only; differentiable) and scored as its own batch
+            tokens, offsets, scales = gather_docs(tokens, offsets, docs, scales)
         scores, _ = _forward_op(q3, tokens, offsets, m2, scales, impl.backend, needs_grad, deterministic, exact_int8)
         return scores
-    if impl.backend == "cpp":  # inference: no custom-op overhead
-        return _cpp_forward(q3, tokens, offsets, m2, scales, False, None, exact_int8)[0]
-    forward = _FORWARD[impl.backend]
-    return forward(q3, tokens, offsets, m2, scales, False)[0]
+    # Inference: no custom-op overhead; each backend scores a docs= subset its own way (the C++ kernel in place).
+    return kernels.forward(q3, tokens, offsets, m2, scales, False, docs, exact_int8)[0]
 
 
 def _meta_scores(q, tokens, offsets, q_mask, scales, docs, n: int, needs_grad: bool) -> Tensor:
@@ -435,8 +436,15 @@ def _meta_scores(q, tokens, offsets, q_mask, scales, docs, n: int, needs_grad: b
     return _forward_op(q3, tokens, offsets, m2, scales, "cpp", True, False, True)[0].to(dtype)
 
 
-dispatch.register("maxsim_packed", "reference", describe=lambda **_: "eager PyTorch (maxsim_packed_ref's math)")(
-    lambda *args, **kwargs: maxsim_packed_ref(*args, **kwargs))
+def _reference_scores(q, tokens, offsets, q_mask=None, scales=None, docs=None) -> Tensor:
+    # The reference has no C++ boundary to check offsets on every call: a write that bypassed the version
+    # counter (a shared numpy array, .data) would pass the cached check, so check again here.
+    _validate_offsets(offsets, tokens.shape[0], "maxsim_packed")
+    return maxsim_packed_ref(q, tokens, offsets, q_mask=q_mask, scales=scales, docs=docs)
+
+
+dispatch.register("maxsim_packed", "reference", dispatch.Kernels(_reference_scores),
+                  describe=lambda **_: "eager PyTorch (maxsim_packed_ref's math)")
 
 
 def quantize_tokens(tokens: Tensor) -> tuple[Tensor, Tensor]:

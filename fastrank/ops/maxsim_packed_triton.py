@@ -11,9 +11,10 @@ the launchers express both with a query stride of 0 or q.stride(0), so the kerne
 
 The kernels follow the padded ones in :mod:`fastrank.ops.maxsim` (the forward autotuned over the same
 configs: DOCS documents a program, a shared query held across them, S built a pipelined tile at a time
-and split over H when H is wide, NaNs counted so they reach the score, ties to the earliest row); what
-changes is that a document's rows are found through ``offsets`` instead of a fixed Ld, so no padded row
-is ever loaded or scored. Every offset built from a program id or a loop counter is int64: T * H can
+and split over H when H is wide, NaNs counted so they reach the score, ties to the earliest row) and share
+with them what :mod:`fastrank.ops.maxsim_triton_shared` holds (the configs and their pruning, the dq
+gather); what changes is that a document's rows are found through ``offsets`` instead of a fixed Ld, so no
+padded row is ever loaded or scored. Every offset built from a program id or a loop counter is int64: T * H can
 exceed 2^31 (tests/test_hostile_maxsim.py checks the IR).
 """
 from __future__ import annotations
@@ -21,9 +22,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastrank.ops.maxsim import (_bucket, _interpreting, _loop_split, backward_by_query_chunks, check_grid,
-                                 forward_by_query_chunks, interpreter_meta, h_block_cap)
-from fastrank.ops.pairs import KERNEL_DTYPES, QUERY_TILE, cuda_arch, device_guard, inner_contiguous, pow2
+from fastrank.ops import maxsim as padded
+from fastrank.ops.maxsim_triton_shared import (bucket, check_grid, h_block_cap, interpreter_meta, interpreting,
+                                               loop_split)
+from fastrank.ops.pairs import (KERNEL_DTYPES, QUERY_TILE, backward_by_query_chunks, cuda_arch, device_guard,
+                                forward_by_query_chunks, inner_contiguous, pow2)
 
 try:
     import triton
@@ -36,12 +39,12 @@ except ImportError:  # Triton is optional: the C++ and reference backends cover 
 # --------------------------------------------------------------------------------------------------------
 if triton is not None:
     # dq is the padded gather, rows found by offsets; the forward shares the padded one's tuning configs.
-    from fastrank.ops.maxsim import FORWARD_CONFIGS, _maxsim_bwd_dq_kernel, _prune_forward_configs
+    from fastrank.ops.maxsim_triton_shared import FORWARD_CONFIGS, maxsim_bwd_dq_kernel, prune_forward_configs
 
-    # Tuned like the padded forward (see FORWARD_CONFIGS there): DOCS documents a program, q held across
+    # Tuned like the padded forward (see FORWARD_CONFIGS): DOCS documents a program, q held across
     # them when it is shared and fits one BLOCK_H, the row-tile loop pipelined, autotuned per bucket.
     @triton.autotune(configs=FORWARD_CONFIGS, key=["LQ_BUCKET", "LD_BUCKET", "H", "PAIRS_BUCKET"],
-                     prune_configs_by={"early_config_prune": _prune_forward_configs})
+                     prune_configs_by={"early_config_prune": prune_forward_configs})
     @triton.jit
     def _packed_fwd_kernel(
         Q, T, OFFS, SC, QM, OUT, ARG,
@@ -242,13 +245,13 @@ def _forward_tile(q: Tensor, tokens: Tensor, offsets: Tensor, q_mask: Tensor | N
             n, lq, h,
             sq_f, sq_l, tokens.stride(0), sqm_f, sqm_l,
             # The mean document length stands for Ld in the tuning key (read from the shapes, no sync).
-            block_lq, _bucket(tokens.shape[0] // n), _bucket(n))
+            block_lq, bucket(tokens.shape[0] // n), bucket(n))
     meta = dict(HAS_QM=q_mask is not None, INT8=int8, STORE_ARG=save_argmax,
                 # float32 keeps float32 products (TF32 would cost ~1e-3 relative error); 16-bit ignores it.
                 PRECISION="ieee" if float32_math else "tf32",
                 SHARED_Q=q.shape[0] == 1, SPLIT_H=h > block_h, BLOCK_LQ=block_lq, BLOCK_H=block_h)
     with device_guard(q):
-        if _interpreting():
+        if interpreting():
             _packed_fwd_kernel.fn[grid](*args, **meta, **interpreter_meta(_packed_fwd_kernel))
         else:
             _packed_fwd_kernel[grid](*args, **meta)
@@ -282,7 +285,9 @@ def _backward_tile(q: Tensor, tokens: Tensor, offsets: Tensor, grad: Tensor, arg
         block_h = pow2(h, 16, 64)
         h_blocks = triton.cdiv(h, block_h)
         # Only a shared query reduces over documents; one query per document has a single writer per row.
-        split = _loop_split(fq * h_blocks, docs_per_query, deterministic, q.device)
+        # The device's program count is looked up through the padded op's module on every call (as its own
+        # launchers do), so that whoever stands in another count there changes both ops.
+        split = loop_split(fq * h_blocks, docs_per_query, deterministic, padded.parallel_programs(q.device))
         chunk = max(1, triton.cdiv(docs_per_query, split))
         alloc = torch.zeros if (split > 1 or n == 0) else torch.empty
         dq = alloc((fq, lq, h), device=q.device, dtype=torch.float32)
@@ -291,7 +296,7 @@ def _backward_tile(q: Tensor, tokens: Tensor, offsets: Tensor, grad: Tensor, arg
             # f * X .. f * X + X - 1: X = N for a shared query, 1 for one query per document).
             grid = check_grid((fq, h_blocks, triton.cdiv(docs_per_query, chunk)), "maxsim_packed backward (dq)")
             with device_guard(q):
-                _maxsim_bwd_dq_kernel[grid](
+                maxsim_bwd_dq_kernel[grid](
                     tokens, grad, argmax, dq, offsets,
                     1, docs_per_query, lq, h, chunk, 0, 0, tokens.stride(0),
                     PACKED=True, ATOMIC=split > 1, BLOCK_LQ=block_lq, BLOCK_H=block_h, num_warps=4, num_stages=3,

@@ -153,6 +153,39 @@ def dtype_reasons(dtype: torch.dtype, interpreter: bool = False) -> list[str]:
     return [f"dtype {dtype} not supported (supports {', '.join(str(t) for t in allowed)})"]
 
 
+# Queries longer than QUERY_TILE tokens: MaxSim is separable over query tokens (a sum of per-token maxima),
+# so every MaxSim launcher (Triton and C++, padded and packed) scores them in chunks.
+def forward_by_query_chunks(run: Callable, q: Tensor, q_mask: Optional[Tensor], save_argmax: bool):
+    """``run(q_chunk, q_mask_chunk) -> (float32 scores, int32 argmax (..., chunk) or empty)`` over chunks of at
+    most QUERY_TILE query tokens (dim -2 of q, -1 of q_mask): the scores add, the argmaxes concatenate."""
+    lq = q.shape[-2]
+    if lq <= QUERY_TILE:
+        return run(q, q_mask)
+    total, args = None, []
+    for i in range(0, lq, QUERY_TILE):
+        chunk = slice(i, min(i + QUERY_TILE, lq))
+        out, arg = run(q[..., chunk, :], None if q_mask is None else q_mask[..., chunk])
+        total = out if total is None else total.add_(out)
+        args.append(arg)
+    return total, (torch.cat(args, dim=-1) if save_argmax else args[0])
+
+
+def backward_by_query_chunks(run: Callable, q: Tensor, argmax: Tensor, need_dq: bool):
+    """``run(q_chunk, argmax_chunk) -> (float32 dq chunk or None, float32 dd or None)`` over the chunks of
+    :func:`forward_by_query_chunks`: dq is the chunks' dq side by side, dd their sum (in float32, before
+    the one rounding to the input dtype)."""
+    lq = q.shape[-2]
+    if lq <= QUERY_TILE:
+        return run(q, argmax.contiguous())
+    dqs, dd = [], None
+    for i in range(0, lq, QUERY_TILE):
+        chunk = slice(i, min(i + QUERY_TILE, lq))
+        dq_c, dd_c = run(q[..., chunk, :], argmax[..., chunk].contiguous())
+        dqs.append(dq_c)
+        dd = dd_c if dd is None else dd.add_(dd_c)
+    return (torch.cat(dqs, dim=-2) if need_dq else None), dd
+
+
 def check_pair_inputs(op: str, q, d, q_mask, d_mask, extra_devices: Optional[dict] = None,
                       limits: Optional[tuple[int, int]] = None) -> torch.Size:
     """Validate a pair op's q (..., Lq, H), d (..., Ld, H) and bool masks (..., L), every error naming the
