@@ -1,5 +1,6 @@
-// Shared by every fastrank kernel: dtype codes, argument checks, scalar conversions.
-// The core never links libtorch; Python passes data pointers, sizes, strides (in elements) and a dtype code.
+// Shared by every fastrank kernel: the element codes (element_codes.h), argument checks, scalar conversions.
+// The core never links libtorch; tensor_arg.h reads each tensor's pointer, sizes, strides (in elements) and
+// element code off the torch.Tensor object itself.
 #pragma once
 
 #include <cstdint>
@@ -8,25 +9,17 @@
 #include <stdexcept>
 #include <string>
 
+#include "element_codes.h"
+
 namespace fastrank {
 
-// The float element codes; tensor_arg.h (Elem) reads them off each tensor at the boundary, so Python never
-// passes a code.
-enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2, Float64 = 3 };
-
-inline const char* dtype_name(DType t) {
-  switch (t) {
-    case DType::Float32: return "float32";
-    case DType::Float16: return "float16";
-    case DType::BFloat16: return "bfloat16";
-    case DType::Float64: return "float64";
-  }
-  return "unknown";
-}
-
-inline DType to_dtype(int code) {
-  if (code < 0 || code > 3) throw std::invalid_argument("fastrank: unknown dtype code " + std::to_string(code));
-  return static_cast<DType>(code);
+// The float element a kernel that takes float32, float16, bfloat16 and float64 switches on, from the code
+// its entry point read off the tensor; any other code is an error (std::invalid_argument).
+inline Elem float_elem(int code) {
+  const bool is_float = code == static_cast<int>(Elem::Float32) || code == static_cast<int>(Elem::Float16) ||
+                        code == static_cast<int>(Elem::BFloat16) || code == static_cast<int>(Elem::Float64);
+  if (!is_float) throw std::invalid_argument("fastrank: not a float element code: " + std::to_string(code));
+  return static_cast<Elem>(code);
 }
 
 // Raises std::invalid_argument (ValueError in Python) with the argument's name and what was expected.

@@ -13,11 +13,6 @@ namespace fastrank {
 
 using cpu::MaxSimProblem;
 
-// The kernels switch on the codes tensor_arg.h reads off the tensors: one numbering.
-static_assert(static_cast<int>(Elem::Float32) == cpu::kFloat32 && static_cast<int>(Elem::Float16) == cpu::kFloat16 &&
-                  static_cast<int>(Elem::BFloat16) == cpu::kBFloat16 && static_cast<int>(Elem::Int8) == cpu::kInt8,
-              "maxsim_cpu.h's element codes must be tensor_arg.h's");
-
 inline void check_threads(int threads, const char* where) {
   FASTRANK_CHECK(threads >= 1, where << ": threads must be >= 1, got " << threads);
 }

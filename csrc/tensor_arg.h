@@ -17,26 +17,14 @@
 #include <vector>
 
 #include "common.h"
+#include "element_codes.h"
 
 namespace fastrank {
 
-// Element codes the entry points accept. The first four are the float codes of common.h's DType, which
-// the kernels switch on; the rest name index and mask tensors. Python never passes a code: they are read
-// off the tensors here.
-enum class Elem : int { Float32 = 0, Float16 = 1, BFloat16 = 2, Float64 = 3, Int8 = 4, Int32 = 5, Int64 = 6,
-                        Bool = 7, UInt8 = 8 };
-constexpr int kElemCount = 9;
-static_assert(static_cast<int>(Elem::Float32) == static_cast<int>(DType::Float32) &&
-                  static_cast<int>(Elem::Float16) == static_cast<int>(DType::Float16) &&
-                  static_cast<int>(Elem::BFloat16) == static_cast<int>(DType::BFloat16) &&
-                  static_cast<int>(Elem::Float64) == static_cast<int>(DType::Float64),
-              "the float element codes must be common.h's DType, which the loss and CUDA kernels switch on");
-
+// The element codes (Elem, element_codes.h) are read off the tensors here: Python never passes one.
 inline const char* elem_name(Elem e) {
-  static const char* const names[kElemCount] = {"float32", "float16", "bfloat16", "float64", "int8",
-                                                "int32",   "int64",   "bool",     "uint8"};
   const int i = static_cast<int>(e);
-  return i >= 0 && i < kElemCount ? names[i] : "unsupported";
+  return i >= 0 && i < kElemCount ? kElemNames[i] : "unsupported";
 }
 
 struct TensorArg {
@@ -87,9 +75,7 @@ inline const Torch& torch_names() {
   static const Torch* t = [] {
     py::module_ torch = py::module_::import("torch");
     auto* n = new Torch;  // never freed: destroying Python objects at exit, after the interpreter, would crash
-    const char* const names[kElemCount] = {"float32", "float16", "bfloat16", "float64", "int8",
-                                           "int32",   "int64",   "bool",     "uint8"};
-    for (int i = 0; i < kElemCount; ++i) n->dtypes[i] = torch.attr(names[i]);
+    for (int i = 0; i < kElemCount; ++i) n->dtypes[i] = torch.attr(kElemNames[i]);
     n->tensor_type = torch.attr("Tensor");
     for (auto [field, text] : {std::pair{&n->is_cpu, "is_cpu"}, {&n->is_cuda, "is_cuda"}, {&n->is_meta, "is_meta"},
                                {&n->device, "device"}, {&n->get_device, "get_device"}, {&n->dtype, "dtype"},

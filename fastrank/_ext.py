@@ -49,3 +49,12 @@ def cuda_stream(t: torch.Tensor) -> int:
     if t.device.type != "cuda":
         return 0
     return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def element_codes() -> dict[str, int]:
+    """The extension's element codes, torch dtype name -> code (``_C.ELEMENT_CODES``): the one numbering of
+    csrc/element_codes.h, which the boundary reads off each tensor and the kernels switch on. Python passes
+    no code (the extension reads them off the tensors); this is for checks and messages. Empty when the
+    extension is not built (or predates the export); never raises."""
+    module = load()
+    return dict(getattr(module, "ELEMENT_CODES", {})) if module is not None else {}

@@ -272,20 +272,22 @@ void distill_forward_cpu(const RowKernels& rows, int kind, int reduction, int64_
   const bool is_tau = kind == SOFTMAX_CE || kind == KL_DIV;
   const float param_f = is_tau ? temperature<float>(param) : static_cast<float>(param);
   if (is_tau) param = temperature<double>(param);
-  switch (to_dtype(dtype)) {
-    case DType::Float32:
+  switch (float_elem(dtype)) {
+    case Elem::Float32:
       return distill_cpu<F32, float>(rows, kind, reduction, B, K, param_f, s, t, pos, mask,
                                      ptr<float>(loss), ptr<float>(grad), ptr<float>(scale));
-    case DType::Float16:
+    case Elem::Float16:
       return distill_cpu<F16, float>(rows, kind, reduction, B, K, param_f, s, t, pos, mask,
                                      ptr<float>(loss), ptr<float>(grad), ptr<float>(scale));
-    case DType::BFloat16:
+    case Elem::BFloat16:
       return distill_cpu<BF16, float>(rows, kind, reduction, B, K, param_f, s, t, pos, mask,
                                       ptr<float>(loss), ptr<float>(grad), ptr<float>(scale));
-    case DType::Float64:
+    case Elem::Float64:
       // float64 stays float64 end to end so that gradcheck can test the kernel itself.
       return distill_cpu<F64, double>(rows, kind, reduction, B, K, param, s, t, pos, mask, ptr<double>(loss),
                                       ptr<double>(grad), ptr<double>(scale));
+    default:  // float_elem admits the four float codes only
+      return;
   }
 }
 
@@ -293,19 +295,21 @@ void inbatch_ce_forward_cpu(const RowKernels& rows, int reduction, int64_t B, in
                             std::uintptr_t target, int64_t target_stride, bool target_is_int64, std::uintptr_t loss,
                             std::uintptr_t grad, std::uintptr_t scale) {
   check_common(reduction, B, M, "scores");
-  switch (to_dtype(dtype)) {
-    case DType::Float32:
+  switch (float_elem(dtype)) {
+    case Elem::Float32:
       return inbatch_ce_cpu<F32, float>(rows, reduction, B, M, temperature<float>(tau), x, target, target_stride,
                                         target_is_int64, ptr<float>(loss), ptr<float>(grad), ptr<float>(scale));
-    case DType::Float16:
+    case Elem::Float16:
       return inbatch_ce_cpu<F16, float>(rows, reduction, B, M, temperature<float>(tau), x, target, target_stride,
                                         target_is_int64, ptr<float>(loss), ptr<float>(grad), ptr<float>(scale));
-    case DType::BFloat16:
+    case Elem::BFloat16:
       return inbatch_ce_cpu<BF16, float>(rows, reduction, B, M, temperature<float>(tau), x, target, target_stride,
                                          target_is_int64, ptr<float>(loss), ptr<float>(grad), ptr<float>(scale));
-    case DType::Float64:
+    case Elem::Float64:
       return inbatch_ce_cpu<F64, double>(rows, reduction, B, M, temperature<double>(tau), x, target, target_stride, target_is_int64,
                                          ptr<double>(loss), ptr<double>(grad), ptr<double>(scale));
+    default:  // float_elem admits the four float codes only
+      return;
   }
 }
 

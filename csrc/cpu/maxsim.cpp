@@ -147,7 +147,7 @@ void check_docs(const TensorArg& docs, int64_t n, const char* where) {
 
 struct PackedArgs {
   MaxSimProblem p;
-  int dtype;  // a float code, or cpu::kInt8 for int8 tokens with scales
+  int dtype;  // q's float element code, or Elem::Int8's for int8 tokens with scales
   int64_t scored;
   std::uintptr_t q, tokens;
   std::vector<int64_t> q_size, tokens_size;
@@ -174,7 +174,7 @@ PackedArgs packed_problem(py::handle q_obj, py::handle tokens_obj, py::handle of
     check_elem(scales, Elem::Float32, kPacked);
     check_shape(scales, {T}, kPacked);
     check_contiguous(scales, kPacked);
-    dtype = cpu::kInt8;
+    dtype = static_cast<int>(Elem::Int8);
   } else {
     check_float_elem(q, kPacked);
     check_elem(tok, static_cast<Elem>(q.elem), kPacked);
@@ -221,7 +221,7 @@ void maxsim_packed_forward(const std::string& isa, py::handle q, py::handle toke
   check_output(out, Elem::Float32, {a.scored}, kPacked);
   check_device(out, false, kPacked);
   if (arg.present) {
-    FASTRANK_CHECK(a.dtype != cpu::kInt8, kPacked << ": int8 tokens are scored forward only (no argmax)");
+    FASTRANK_CHECK(a.dtype != static_cast<int>(Elem::Int8), kPacked << ": int8 tokens are scored forward only (no argmax)");
     check_output(arg, Elem::Int32, {a.scored, a.p.Lq}, kPacked);
     check_device(arg, false, kPacked);
   }

@@ -3,6 +3,8 @@
 #pragma once
 #include <cstdint>
 
+#include "element_codes.h"
+
 namespace fastrank {
 namespace cpu {
 
@@ -32,12 +34,6 @@ struct MaxSimProblem {
   bool exact_int8 = true;
 };
 
-// Element codes: those of tensor_arg.h (Elem), which reads them off each tensor (checked at compile time in
-// maxsim_boundary.h).
-constexpr int kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2;
-// Packed forward only: q float32, d int8 with MaxSimProblem::scales.
-constexpr int kInt8 = 4;
-
 // The instruction-set paths, lowest first. Names are what FASTRANK_CPU_ISA and fastrank.cpu_isa use.
 enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3, Amx = 4 };
 constexpr int kIsaCount = 5;
@@ -47,6 +43,8 @@ const char* isa_name(Isa isa);
 }  // namespace fastrank
 
 // Every ISA translation unit defines these two entry points in its own namespace, fastrank::isa_<name>.
+// dtype: the element code (Elem) of q and d, float32, float16 or bfloat16; or, packed forward only, int8 for d
+// with MaxSimProblem::scales and a float32 q.
 // forward: out (F, Y, X) float32; argmax (F, Y, X, Lq) int32 or nullptr (inference: not computed).
 // backward: dq (F, Y, Lq, H) / dd (F, X, Ld, H) float32, either nullptr; argmax from the forward.
 #define FASTRANK_DECLARE_MAXSIM_ISA(NS)                                                                      \

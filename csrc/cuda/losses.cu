@@ -460,11 +460,12 @@ void distill_forward(int kind, int reduction, int64_t B, int64_t K, int dtype, d
                ptr<const uint8_t>(pos), pos_sb, pos_sk, ptr<const uint8_t>(mask), mask_sb, mask_sk};
   const Workspace w = workspace_at(workspace, B);
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  switch (to_dtype(dtype)) {
-    case DType::Float32: launch_distill<float, float>(kind, reduction, B, K, param, r, loss, grad, scale, w, stream); break;
-    case DType::Float16: launch_distill<__half, float>(kind, reduction, B, K, param, r, loss, grad, scale, w, stream); break;
-    case DType::BFloat16: launch_distill<__nv_bfloat16, float>(kind, reduction, B, K, param, r, loss, grad, scale, w, stream); break;
-    case DType::Float64: launch_distill<double, double>(kind, reduction, B, K, param, r, loss, grad, scale, w, stream); break;
+  switch (float_elem(dtype)) {
+    case Elem::Float32: launch_distill<float, float>(kind, reduction, B, K, param, r, loss, grad, scale, w, stream); break;
+    case Elem::Float16: launch_distill<__half, float>(kind, reduction, B, K, param, r, loss, grad, scale, w, stream); break;
+    case Elem::BFloat16: launch_distill<__nv_bfloat16, float>(kind, reduction, B, K, param, r, loss, grad, scale, w, stream); break;
+    case Elem::Float64: launch_distill<double, double>(kind, reduction, B, K, param, r, loss, grad, scale, w, stream); break;
+    default: break;  // float_elem admits the four float codes only
   }
   check_launch("distillation loss");
 }
@@ -475,11 +476,12 @@ void inbatch_ce_forward(int reduction, int64_t B, int64_t M, int dtype, double t
                         std::uintptr_t stream_handle) {
   const Workspace w = workspace_at(workspace, B);
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  switch (to_dtype(dtype)) {
-    case DType::Float32: launch_inbatch<float, float>(reduction, B, M, tau, x, x_sb, x_sk, target, target_stride, target_is_int64, loss, grad, scale, w, stream); break;
-    case DType::Float16: launch_inbatch<__half, float>(reduction, B, M, tau, x, x_sb, x_sk, target, target_stride, target_is_int64, loss, grad, scale, w, stream); break;
-    case DType::BFloat16: launch_inbatch<__nv_bfloat16, float>(reduction, B, M, tau, x, x_sb, x_sk, target, target_stride, target_is_int64, loss, grad, scale, w, stream); break;
-    case DType::Float64: launch_inbatch<double, double>(reduction, B, M, tau, x, x_sb, x_sk, target, target_stride, target_is_int64, loss, grad, scale, w, stream); break;
+  switch (float_elem(dtype)) {
+    case Elem::Float32: launch_inbatch<float, float>(reduction, B, M, tau, x, x_sb, x_sk, target, target_stride, target_is_int64, loss, grad, scale, w, stream); break;
+    case Elem::Float16: launch_inbatch<__half, float>(reduction, B, M, tau, x, x_sb, x_sk, target, target_stride, target_is_int64, loss, grad, scale, w, stream); break;
+    case Elem::BFloat16: launch_inbatch<__nv_bfloat16, float>(reduction, B, M, tau, x, x_sb, x_sk, target, target_stride, target_is_int64, loss, grad, scale, w, stream); break;
+    case Elem::Float64: launch_inbatch<double, double>(reduction, B, M, tau, x, x_sb, x_sk, target, target_stride, target_is_int64, loss, grad, scale, w, stream); break;
+    default: break;  // float_elem admits the four float codes only
   }
   check_launch("in-batch cross-entropy");
 }

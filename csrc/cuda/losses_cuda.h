@@ -20,7 +20,7 @@ unsigned int losses_blocks(int64_t B, const char* what);
 // for the GPU. Invalid values (a NaN teacher score at a valid candidate, an infinite one the loss reads, a row
 // whose teacher is -inf at every valid candidate) give that query a NaN loss and a NaN gradient at each of its
 // valid candidates, and set a nonzero error flag in the workspace. Raises std::invalid_argument only for what
-// the host can see: a grid past CUDA's limit, an unknown dtype code.
+// the host can see: a grid past CUDA's limit, an element code that is not a float one.
 void distill_forward(int kind, int reduction, int64_t B, int64_t K, int dtype, double param, std::uintptr_t s,
                      int64_t s_sb, int64_t s_sk, std::uintptr_t t, int64_t t_sb, int64_t t_sk, std::uintptr_t pos,
                      int64_t pos_sb, int64_t pos_sk, std::uintptr_t mask, int64_t mask_sb, int64_t mask_sk,

@@ -179,12 +179,13 @@ void check_launch(const char* what) {
 
 template <typename Fn>
 void by_dtype(int dtype, Fn&& fn) {
-  switch (dtype) {
-    case 0: fn(float{}); return;
-    case 1: fn(__half{}); return;
-    case 2: fn(__nv_bfloat16{}); return;
+  switch (static_cast<Elem>(dtype)) {
+    case Elem::Float32: fn(float{}); return;
+    case Elem::Float16: fn(__half{}); return;
+    case Elem::BFloat16: fn(__nv_bfloat16{}); return;
+    default: break;
   }
-  throw std::invalid_argument("fastrank: maxsim (cuda): unsupported dtype code " + std::to_string(dtype));
+  throw std::invalid_argument("fastrank: maxsim (cuda): unsupported element code " + std::to_string(dtype));
 }
 
 void check_sizes(const MaxSimArgs& a) {

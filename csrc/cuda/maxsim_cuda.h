@@ -7,7 +7,7 @@ namespace fastrank {
 namespace cuda {
 
 struct MaxSimArgs {
-  int dtype;  // common.h DType code: float32, float16 or bfloat16
+  int dtype;  // the element code (Elem, element_codes.h) of q and d: float32, float16 or bfloat16
   const void* q;
   const void* d;
   int64_t F, Y, X, Lq, Ld, H;
