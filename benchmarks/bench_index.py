@@ -22,7 +22,7 @@ import torch
 
 faiss = pytest.importorskip("faiss")
 
-from fastrank.bench_index import DIM, K, clustered, params, raw_faiss  # noqa: E402
+from fastrank.bench.index import DIM, K, clustered, params, raw_faiss  # noqa: E402
 from fastrank.index import DenseIndex  # noqa: E402
 
 MIN_ROUNDS, TIMED_S = 5, 3.0
@@ -31,7 +31,7 @@ _n = os.environ.get("FASTRANK_BENCH_INDEX_N", "")
 FULL = _n == "full"
 N = (1_000_000 if CUDA else 200_000) if FULL else int(_n) if _n else 20_000
 NQ = 1000 if FULL else 300
-# Same parameters for both providers (fastrank.bench_index.params, as `fastrank bench index` uses).
+# Same parameters for both providers (fastrank.bench.index.params, as `fastrank bench index` uses).
 PARAMS = {kind: params(kind, N, full=FULL) for kind in ("flat", "ivf_pq", "hnsw")}
 MAX_OVERHEAD = 0.05
 

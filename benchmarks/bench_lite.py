@@ -3,7 +3,7 @@
     pytest benchmarks/bench_lite.py                      # GPU: the shapes (CPU: skipped, see below)
     pytest benchmarks/bench_lite.py --benchmark-json out.json
 
-The shapes, providers and check are fastrank.bench_lite's (the code `fastrank bench lite` runs). Each group
+The shapes, providers and check are fastrank.bench.lite's (the code `fastrank bench lite` runs). Each group
 is one shape; its rows are the providers. Every provider is checked against the eager
 reference before it is timed. extra_info holds pairs/s, TFLOP/s (the model's matmul FLOPs, the same
 numerator for every provider), speedups over eager and torch.compile from this run, and GPU peak memory.
@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastrank.bench_lite import PROVIDERS, check, cuda_cases, provider_fn
+from fastrank.bench.lite import PROVIDERS, check, cuda_cases, provider_fn
 
 from conftest import peak_memory, record, time_provider
 

@@ -4,7 +4,7 @@
     FASTRANK_BENCH_DEVICE=cpu pytest benchmarks/bench_losses.py
 
 One benchmark group per loss and shape, providers side by side; the inputs, providers and check are
-fastrank.bench_losses's (the code `fastrank bench losses` runs). Before timing, every provider's loss and
+fastrank.bench.losses's (the code `fastrank bench losses` runs). Before timing, every provider's loss and
 gradient are checked against the float64 reference. The fastrank benchmark also times the eager reference
 itself, interleaved with fastrank in the same process, and stores the ratio in ``extra_info`` (with the ratio
 to torch.compile when that provider ran earlier in the session), so figures are never typed in by hand.
@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from fastrank import losses
-from fastrank.bench_losses import DISTILL, GRID, HEADLINE, INBATCH, check, loss_fn, make_inputs, reference, step
+from fastrank.bench.losses import DISTILL, GRID, HEADLINE, INBATCH, check, loss_fn, make_inputs, reference, step
 
 CPU_FULL_GRID = {"margin_mse", "softmax_ce"}
 
@@ -57,7 +57,7 @@ def _sync():
 
 
 def _step(fn, s, t):
-    """fastrank.bench_losses.step, synchronised so that a timed GPU call includes its kernels."""
+    """fastrank.bench.losses.step, synchronised so that a timed GPU call includes its kernels."""
     run = step(fn, s, t)
 
     def synced():

@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from fastrank.bench import (EAGER_PROVIDERS, case_providers, case_work, check, cpu_cases, cuda_cases,
+from fastrank.bench.maxsim import (EAGER_PROVIDERS, case_providers, case_work, check, cpu_cases, cuda_cases,
                             default_path, default_providers, provider_fn, result_row)
 
 from conftest import peak_memory, record, time_provider

@@ -1,5 +1,5 @@
 """Packed against padded MaxSim re-ranking of DL19's BM25 top-100 with real token lengths (the workload
-and providers of fastrank.bench_packed, the same code as `fastrank bench packed`):
+and providers of fastrank.bench.packed, the same code as `fastrank bench packed`):
 
     pytest benchmarks/bench_packed.py                       # H = 384 and 128, every provider
     pytest benchmarks/bench_packed.py --benchmark-disable   # correctness checks only
@@ -11,7 +11,7 @@ eager, the fraction of the GEMM ceiling, the token bytes. Scores are checked bef
 import pytest
 import torch
 
-from fastrank import bench_packed
+from fastrank.bench import packed as bench_packed
 
 from conftest import record
 

@@ -47,7 +47,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastrank.bench import synchronize, time_interleaved
+from fastrank.bench.timing import synchronize, time_interleaved
 from fastrank.integrations.pylate import ColBERTScores, colbert_kd_scores
 
 from conftest import peak_memory, time_provider
@@ -267,7 +267,7 @@ def main(argv=None) -> int:
     if args.memory_child:
         print(json.dumps({"peak_bytes": _memory_child(*args.memory_child, sizes, dtype)}))
         return 0
-    from fastrank.machine import machine_info
+    from fastrank.bench.machine import machine_info
 
     min_seconds = args.min_seconds if args.min_seconds is not None else (0.05 if args.quick else 2.0)
     result = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "sizes": asdict(sizes),

@@ -157,7 +157,7 @@ def _run(qids, scores, ids):
 
 
 def scifact(args) -> dict:
-    from fastrank.machine import machine_info
+    from fastrank.bench.machine import machine_info
 
     doc_ids, docs, qids, queries, qrels = scifact_embeddings(Path(args.data), Path(args.cache_dir), args.model)
     print(f"SciFact: {len(docs)} documents, {docs.vectors.shape[0]} tokens, {len(queries)} test queries "

@@ -1,5 +1,5 @@
 """One training step's scorer + loss (forward and backward) at B=32 queries x K=8: fastrank vs the eager
-references, the code `python -m fastrank.train.bench` runs (``fastrank/train/bench.py``).
+references, the code `fastrank bench train-step` runs (``fastrank/bench/train_step.py``).
 
     pytest benchmarks/bench_train_step.py
 
@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastrank.bench import time_interleaved
-from fastrank.train.bench import BACKENDS, make_inputs, step_fn
+from fastrank.bench.timing import time_interleaved
+from fastrank.bench.train_step import BACKENDS, make_inputs, step_fn
 from fastrank.train.config import TrainConfig
-from fastrank.train.loop import _World, group_loss
+from fastrank.train.loop import World, group_loss
 from fastrank.train.student import make_head
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -30,7 +30,7 @@ def _check(scorer, loss, inputs):
                          ld=d.shape[1]).to(DEVICE)
         qg, dg = q.clone().requires_grad_(), d.clone().requires_grad_()
         cfg = TrainConfig(data=".", out=".", scorer=scorer, loss=loss, tau=1.0)
-        value = group_loss(cfg, head, qg, qm, dg, dm, t, _World(), backend)
+        value = group_loss(cfg, head, qg, qm, dg, dm, t, World(), backend)
         value.backward()
         results.append((value.detach(), qg.grad, dg.grad))
     for a, r in zip(*results):

@@ -4,7 +4,7 @@ and torch.compile rows report their speedup over eager measured in the same run;
 import pytest
 import torch
 
-from fastrank.bench_suite import peak_memory  # noqa: F401 -- the benchmark files import it from here
+from fastrank.bench.suite import peak_memory  # noqa: F401 -- the benchmark files import it from here
 
 _SESSION: dict = {}  # what pytest_benchmark_update_machine_info adds to the saved JSON
 
@@ -14,7 +14,7 @@ def _device() -> str:
 
 
 def pytest_report_header(config):
-    from fastrank.machine import machine_info
+    from fastrank.bench.machine import machine_info
 
     info = machine_info(_device())
     where = f"{info['gpu']} (host CPU {info['cpu']})" if "gpu" in info else info["cpu"]
@@ -36,8 +36,8 @@ def device() -> str:
 
 @pytest.fixture(scope="session")
 def machine(device) -> dict:
-    """CPU model, threads, torch and the CPU ISA path fastrank dispatches to (fastrank.machine)."""
-    from fastrank.machine import machine_info
+    """CPU model, threads, torch and the CPU ISA path fastrank dispatches to (fastrank.bench.machine)."""
+    from fastrank.bench.machine import machine_info
 
     _SESSION["fastrank_machine"] = info = machine_info(device)
     return info
@@ -49,15 +49,30 @@ def ceilings(request, device):
     --benchmark-disable, where nothing is timed."""
     if _benchmarks_disabled(request.config):
         return None
-    from fastrank.machine import measure_ceilings
+    from fastrank.bench.machine import measure_ceilings
 
     _SESSION["fastrank_ceilings"] = measured = measure_ceilings(device)
     return measured
 
 
-def pytest_benchmark_update_machine_info(config, machine_info):
-    """Saved benchmark JSON names the CPU, ISA path, threads and the ceilings measured in the run."""
-    machine_info.update(_SESSION)
+NO_PLUGIN = ("benchmarks/ needs pytest-benchmark, which is not installed (or was disabled with -p no:benchmark): "
+             "pip install -e '.[bench]'; `fastrank bench all --quick` needs no plugin")
+
+
+class _SavedMachineInfo:
+    """Registered only beside pytest-benchmark, whose hook this is: without the plugin pytest would call the
+    hook's name unknown and stop with an INTERNALERROR instead of saying what is missing."""
+
+    @staticmethod
+    def pytest_benchmark_update_machine_info(config, machine_info):
+        """Saved benchmark JSON names the CPU, ISA path, threads and the ceilings measured in the run."""
+        machine_info.update(_SESSION)
+
+
+def pytest_configure(config):
+    if not config.pluginmanager.hasplugin("benchmark"):
+        raise pytest.UsageError(NO_PLUGIN)
+    config.pluginmanager.register(_SavedMachineInfo(), "fastrank-benchmark-machine-info")
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -80,7 +95,7 @@ def time_provider(benchmark, fn, device: str, max_rounds: int = 100):
     """Time ``fn`` (synchronised inside on CUDA) over about a second of rounds, sized from a one-call probe.
     The caller's correctness check has already run ``fn`` once (the warm-up). Returns the timed callable
     and the median seconds, or None under --benchmark-disable."""
-    from fastrank.bench import synchronize, time_call
+    from fastrank.bench.timing import synchronize, time_call
 
     def timed():
         fn()

@@ -8,13 +8,13 @@ lazily) encoders, indexes, data readers and evaluation.
 transformers; ops that need a missing piece say so when called.
 """
 from fastrank import losses
+from fastrank._version import __version__
 from fastrank.dispatch import BACKENDS, BackendUnavailableError
 from fastrank.nn import LiteScorer
 from fastrank.ops.lite import lite_ref, lite_score
 from fastrank.ops.maxsim import maxsim, maxsim_ref
 from fastrank.ops.maxsim_packed import dequantize_tokens, maxsim_packed, maxsim_packed_ref, quantize_tokens
 
-__version__ = "0.1.0"
 
 # Retrieval pieces import faiss / transformers / ir-measures only when first used, so `import fastrank`
 # needs none of them; a missing one is reported when the object that needs it is created.

@@ -109,15 +109,6 @@ def _make_output_parents(args) -> None:
             raise OSError(f"{name} {value}: cannot create its parent directory {parent} ({exc.strerror})") from None
 
 
-def _check_bench_out(args) -> None:
-    """A bench report's ``--out DIR`` (every bench subcommand but kernels, whose --out is a file) overwrites
-    only a report fastrank bench wrote there before."""
-    if args.command == "bench" and getattr(args, "op", None) != "kernels" and getattr(args, "out", None):
-        from fastrank.bench_report import check_report_dir
-
-        check_report_dir(args.out, "--out")
-
-
 def _model_max_positions(model) -> int | None:
     from fastrank.encoders import model_max_positions
     from fastrank.trained import is_trained, load_trained
@@ -345,8 +336,8 @@ def add_retrieve(sub) -> None:
     p.add_argument("-k", "--k", type=int, default=100, help="documents per query (default 100)")
     _add_token_search_args(p, at_build=False)
     p.add_argument("--token-k", type=int, help=argparse.SUPPRESS)  # gone with the per-token ANN: see cmd_retrieve
-    p.add_argument("--qrels", help="keep only queries judged in these qrels")
-    p.add_argument("--tag", default="fastrank")
+    p.add_argument("--qrels", help="keep only queries judged in these qrels (default: every query)")
+    p.add_argument("--tag", default="fastrank", help="the run tag, the runs' sixth column")
     _add_model_args(p)
     p.set_defaults(func=cmd_retrieve)
 
@@ -422,9 +413,9 @@ def add_rerank(sub) -> None:
                         "query and passage together (--model: a local sequence-classification checkpoint directory)")
     p.add_argument("--lite", metavar="CHECKPOINT",
                    help="with --scorer lite: a LiteScorer state_dict saved with torch.save (not needed when --model "
-                        "is a directory trained with `fastrank train --scorer lite`: its head is used)")
+                        "is a directory trained with `fastrank train --scorer lite`: its head is used) (default: none)")
     p.add_argument("--depth", type=int, help="re-rank only each query's top DEPTH candidates; the rest follow "
-                                             "them in the output, in the input run's order")
+                                             "them in the output, in the input run's order (default: every candidate)")
     p.add_argument("--token-dtype", choices=("float32", "float16", "bfloat16", "int8"), default=None,
                    help="maxsim: dtype the passages' token embeddings are held and scored in (default float32 on "
                         "CPU, float16 on CUDA; int8 is quantized per token)")
@@ -588,7 +579,7 @@ def add_demo(sub) -> None:
                        description="Re-rank BM25 candidates with MiniLM dense and MaxSim scoring; print nDCG@10 "
                                    "and RR(rel=2)@10 against BM25, and fused vs eager MaxSim docs/s.")
     p.add_argument("--data", help="a TREC DL folder of the same layout (default: the embedded DL 2019 set)")
-    p.add_argument("--max-queries", type=int, help="only the first N queries (a quick look)")
+    p.add_argument("--max-queries", type=int, help="only the first N queries, a quick look (default: all)")
     p.add_argument("--no-speed", action="store_true", help="skip the fused-vs-eager timing")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_model_args(p)
@@ -613,7 +604,7 @@ def add_train(sub) -> None:
 
 
 def add_bench(sub) -> None:
-    from fastrank.bench import add_cli
+    from fastrank.bench.cli import add_cli
 
     add_cli(sub)
 
@@ -621,8 +612,29 @@ def add_bench(sub) -> None:
 SUBCOMMANDS = [add_index, add_retrieve, add_rerank, add_evaluate, add_demo, add_train, add_bench]
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or unset or not action.option_strings:  # (0 is a default to print, not unset)
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _with_defaults(parser: argparse.ArgumentParser) -> None:
+    """:class:`HelpFormatter` for this parser and every subcommand's (but a description laid out by hand)."""
+    if parser.formatter_class is argparse.HelpFormatter:
+        parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _with_defaults(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from fastrank import __version__
+    from fastrank._version import __version__
 
     parser = argparse.ArgumentParser(prog="fastrank", description="Fused kernels for neural re-ranking.",
                                      epilog=PARENTS_RULE)
@@ -630,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
+    _with_defaults(parser)
     return parser
 
 
@@ -660,7 +673,6 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = show
         try:
             _make_output_parents(args)
-            _check_bench_out(args)
             return args.func(args)
         except (OSError, ValueError, ImportError, RuntimeError) as exc:
             # Bad input or a missing optional dependency: one line naming the problem, not a traceback.

@@ -44,7 +44,8 @@ def run_demo(data: str | Path | None = None, model: str | Path | None = None, *,
     if speed:
         # fused: the packed kernel on each query's candidates in place; eager: the PyTorch a user would
         # write (matmul, mask, max, sum) on padded batches built beforehand (their padding is not timed).
-        from fastrank import maxsim_packed, maxsim_ref
+        from fastrank.ops.maxsim import maxsim_ref
+        from fastrank.ops.maxsim_packed import maxsim_packed
 
         batches = maxsim_batches(enc, rset.candidates, device=encoder.device, dtype=compute)
 

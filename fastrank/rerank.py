@@ -143,7 +143,7 @@ def pack_candidates(enc: EncodedSet, candidates: Mapping[str, Mapping[str, float
 
 def rerank_maxsim(packed: PackedCandidates, *, backend: str | None = None) -> Run:
     """Score each candidate by MaxSim of the query's and the passage's token embeddings (no padding)."""
-    from fastrank import maxsim_packed
+    from fastrank.ops.maxsim_packed import maxsim_packed
 
     run: Run = {}
     with torch.no_grad():
@@ -170,7 +170,7 @@ def rerank_maxsim_padded(batches, scorer: Callable | None = None) -> Run:
     """MaxSim over padded batches (:func:`maxsim_batches`) with ``scorer(q, d, q_mask, d_mask)``
     (default ``fastrank.maxsim``): the padded path, kept to compare against."""
     if scorer is None:
-        from fastrank import maxsim as scorer
+        from fastrank.ops.maxsim import maxsim as scorer
     with torch.no_grad():
         return {qid: dict(zip(pids, scorer(q, d, None, d_mask).float().tolist())) for qid, pids, q, d, d_mask in batches}
 

@@ -31,10 +31,10 @@ stage tests 240 env PYTHONPATH="$PWD" $PY -m pytest -q -ra -p no:cacheprovider -
   --junitxml="$OUT_DIR/junit.xml" tests/test_maxsim.py tests/test_maxsim_packed.py tests/test_maxsim_packed_triton.py \
   tests/test_lite.py tests/test_losses.py tests/test_hostile_maxsim.py tests/test_hostile_lite.py tests/test_hostile_losses.py \
   tests/test_dispatch.py tests/test_cuda_offsets.py
-stage measure 240 env PYTHONPATH="$PWD" $PY -m fastrank.gpu_check --out "$OUT_DIR"
-if [ -f "$OUT_DIR/gpu_check.md" ]; then
+stage measure 240 env PYTHONPATH="$PWD" $PY -m fastrank.bench.gpu --out "$OUT_DIR/measure"
+if [ -f "$OUT_DIR/measure/report.md" ]; then
   device=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))" 2>/dev/null || echo gpu)
-  cp "$OUT_DIR/gpu_check.md" "benchmarks/results/gpu_${device}.md"
-  cp "$OUT_DIR/gpu_check.md" "$OUT_DIR/gpu_${device}.md"
+  cp "$OUT_DIR/measure/report.md" "benchmarks/results/gpu_${device}.md"
+  cp "$OUT_DIR/measure/report.md" "$OUT_DIR/gpu_${device}.md"
   echo "[results] benchmarks/results/gpu_${device}.md"
 fi

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from fastrank import bench_all, bench_losses, bench_report, bench_suite, machine
-from fastrank.bench_suite import Settings, Shape, fit_exponent, scaling_fits
+from fastrank.bench import all as bench_all, losses as bench_losses, machine, report as bench_report, suite as bench_suite
+from fastrank.bench.suite import Settings, Shape, fit_exponent, scaling_fits
 from fastrank.cli import main
 
 ROW_KEYS = {"op", "provider", "shape", "dtype", "docs_per_s", "ratio_to_eager", "peak_mem_bytes", "ceiling_fraction",
@@ -158,7 +158,7 @@ def test_each_subcommand_prints_json_to_stdout(op, capsys):
 
 
 def test_maxsim_out_runs_the_sweeps_and_writes_the_report(tmp_path, monkeypatch, capsys):
-    from fastrank import bench
+    from fastrank.bench import maxsim as bench
 
     monkeypatch.setattr(bench, "default_providers", lambda device, compile=False, isas=None: ["eager", "fastrank"])
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # figures are test_report_md_and_pngs's; tables here
@@ -194,20 +194,15 @@ def test_dtype_that_a_section_lacks_is_a_note_not_a_silent_gap(capsys):
 
 
 def test_kernels_subcommand_is_kernel_reports_or_says_why_not(monkeypatch, capsys):
-    import fastrank
+    import fastrank.bench
     from fastrank.cli import build_parser
 
-    try:
-        import fastrank.kernel_report  # noqa: F401
-    except ImportError:
-        pass
-    else:  # registered from the module: its own options
-        args = build_parser().parse_args(["bench", "kernels", "--scope", "quick"])
-        assert args.func.__module__ == "fastrank.kernel_report"
-    monkeypatch.delattr(fastrank, "kernel_report", raising=False)
-    monkeypatch.setitem(sys.modules, "fastrank.kernel_report", None)  # a build without it
+    args = build_parser().parse_args(["bench", "kernels", "--scope", "quick"])  # the report's own options
+    assert args.scope == "quick" and args.arch is None and not args.quick
+    monkeypatch.delattr(fastrank.bench, "kernels", raising=False)
+    monkeypatch.setitem(sys.modules, "fastrank.bench.kernels", None)  # a build without it
     assert main(["bench", "kernels"]) == 2
-    assert "fastrank.kernel_report" in capsys.readouterr().err
+    assert "fastrank.bench.kernels" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -243,7 +238,7 @@ def test_without_matplotlib_tables_only_and_one_line(tiny_result, tmp_path, monk
     assert not list(tmp_path.glob("*.png"))
     # through the CLI the notice is one line on stderr
     res = bench_all.run_sections(["losses"], TINY, "fastrank bench losses --tiny")
-    assert bench_all.report(res, str(tmp_path / "cli"), None) == 0
+    assert bench_all.emit(res, str(tmp_path / "cli"), None) == 0
     err = capsys.readouterr().err
     assert err.count(bench_report.NO_MATPLOTLIB) == 1
 
@@ -251,7 +246,7 @@ def test_without_matplotlib_tables_only_and_one_line(tiny_result, tmp_path, monk
 def test_packed_and_rerank_take_the_shared_options(monkeypatch, capsys, tmp_path):
     """`bench packed` and `bench rerank` take --quick and --out like the other subcommands (packed also
     --dtype and --device), with their own real-data workloads: checked here with the workloads stubbed."""
-    from fastrank import bench_packed, bench_rerank
+    from fastrank.bench import packed as bench_packed, rerank as bench_rerank
 
     for argv, pattern in ((["bench", "packed", "--device", "cuda"], "--device cuda: bench packed times"),
                           (["bench", "packed", "--dtype", "int4"], "--dtype: expected a comma-separated subset"),

@@ -5,7 +5,7 @@ model loads, and no option the user typed is silently dropped (by --quick or any
 tokenizes, encodes or times anything."""
 import pytest
 
-from fastrank import bench_packed, bench_rerank
+from fastrank.bench import packed as bench_packed, rerank as bench_rerank
 from fastrank.cli import main
 
 
@@ -148,3 +148,18 @@ def test_out_replaces_a_report_fastrank_bench_wrote(capsys, tmp_path, packed_cal
     assert main(["bench", "rerank", "--quick", "--out", str(out)]) == 0
     assert "rerank table" in (out / "report.md").read_text() and (out / "notes.txt").read_text() == "mine"
     assert len(packed_calls) == 1 and len(rerank_calls) == 1
+
+
+def test_pytest_benchmarks_without_the_plugin_names_the_extra_in_one_line():
+    """`pytest benchmarks/` without pytest-benchmark (here: disabled) stops with a usage error naming the
+    extra, not an INTERNALERROR about an unknown hook."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:benchmark", "-p", "no:xdist", "-q",
+                          "benchmarks/bench_losses.py"], cwd=root, capture_output=True, text=True, timeout=300)
+    out = run.stdout + run.stderr
+    assert run.returncode == 4 and "INTERNALERROR" not in out, out[-2000:]
+    assert "pip install -e '.[bench]'" in out and "pytest-benchmark" in out

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from test_cli import DL19, run_cli  # skips with test_cli when transformers/faiss/ir_measures are absent
-from fastrank.bench import device_name
-from fastrank.bench_rerank import NO_CROSS_WEIGHTS
+from fastrank.bench.machine import device_name
+from fastrank.bench.rerank import NO_CROSS_WEIGHTS
 from fastrank.data import load_trec_dl
 from fastrank.evaluate import evaluate
 from tiny_bert import make_tiny_bert, make_tiny_cross_encoder

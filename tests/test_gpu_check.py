@@ -1,4 +1,4 @@
-"""scripts/gpu_check.sh and fastrank.gpu_check, checked on the CPU: GPU minutes are too scarce to spend on a
+"""scripts/gpu_check.sh and fastrank.bench.gpu, checked on the CPU: GPU minutes are too scarce to spend on a
 typo, so the measurement code runs here on tiny shapes and the script's syntax and test list are checked."""
 import re
 import subprocess
@@ -18,7 +18,7 @@ def test_script_parses_and_names_only_existing_tests():
 
 def test_measurement_runs_every_section_on_tiny_shapes(tmp_path):
     pytest.importorskip("fastrank._C")
-    from fastrank.gpu_check import measure, write_markdown
+    from fastrank.bench.gpu import format_report, measure
 
     res = measure("cpu", quick=True, compile=False)
     sections = {r["section"] for r in res["rows"]}
@@ -30,26 +30,24 @@ def test_measurement_runs_every_section_on_tiny_shapes(tmp_path):
     untimed = {(r["section"], r["provider"], r.get("note")) for r in res["rows"] if "us" not in r}
     assert untimed and all(provider == "triton" for _, provider, _ in untimed), untimed
     assert all(r["vs_eager"] > 0 for r in res["rows"] if "vs_eager" in r)
-    out = tmp_path / "gpu.md"
-    write_markdown(res, out)
-    text = out.read_text()
+    text = format_report(res)
     assert text.startswith("# fastrank GPU check") and res["machine"]["cpu"] in text and "| maxsim fwd |" in text
 
 
 def test_kernel_rows_share_the_static_tables_format():
-    """On a GPU, kernel_resources() reports each kernel the run compiled as a fastrank.kernel_report row, so the
+    """On a GPU, kernel_resources() reports each kernel the run compiled as a fastrank.bench.kernels row, so the
     run's registers and spills line up with benchmarks/results/kernels_sm90.md; checked here on a compiled
     kernel's metadata as Triton keeps it (source signature and constants, driver counts)."""
     pytest.importorskip("triton")
     from types import SimpleNamespace
 
-    from fastrank import kernel_report
-    from fastrank.gpu_check import kernel_resources, write_markdown
+    from fastrank.bench import kernels as kernel_report
+    from fastrank.bench.gpu import format_report, kernel_resources
     from fastrank.ops import maxsim_packed_triton as packed
 
     assert kernel_resources() == []  # nothing compiled for a GPU here: no rows rather than made-up ones
     kernel = packed._packed_fwd_kernel
-    names = kernel_report._jit_of(kernel).arg_names
+    names = kernel_report.jit_of(kernel).arg_names
     constants = {(names.index(n),): v for n, v in dict(HAS_QM=True, INT8=True, STORE_ARG=False, PRECISION="ieee",
                                                          BLOCK_LQ=32, BLOCK_LD=64, BLOCK_H=64).items() if n in names}
     signature = {n: ("constexpr" if (i,) in constants else "*fp32" if n == "Q" else "*i8" if i == 1 else "i32")
@@ -67,10 +65,5 @@ def test_kernel_rows_share_the_static_tables_format():
     assert kernel_report.row_failures(row) == ["spills 1052 bytes"]
     res = dict(machine=dict(device="cuda", gpu="GPU", cpu="cpu", torch="t", commit="c"), rows=[],
                ceilings=dict(read_gbps=1.0, copy_gbps=1.0), kernels=[row])
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as tmp:
-        write_markdown(res, Path(tmp) / "gpu.md")
-        text = (Path(tmp) / "gpu.md").read_text()
+    text = format_report(res)
     assert kernel_report.TABLE_HEAD in text and kernel_report.format_row(row) in text

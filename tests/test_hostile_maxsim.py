@@ -264,7 +264,7 @@ def test_deterministic_never_launches_atomics(monkeypatch):
 # precision is read from the IR, and the IR itself is returned for the offset check below.
 _COMPILE_FOR_SM90 = r"""
 import json, torch, triton
-from fastrank.kernel_report import front_end_ir as ttir
+from fastrank.bench.kernels import front_end_ir as ttir
 import triton.language as tl
 from triton.runtime.autotuner import Autotuner
 import fastrank.ops.maxsim as ms

@@ -3,7 +3,7 @@ next tiles' loads are in flight while one is multiplied. Whether Triton pipeline
 emits for sm_90, no GPU needed: the pipelined loads become asynchronous copies (``cp.async``) into shared
 memory. Every autotune config of the MaxSim and packed forward whose H fits one block (the seeds' H = 128)
 is compiled here and must have them; the same variant compiled with one stage is the control, and must not.
-The H-split path (H = 768) is not pipelined: buffering its slices spilled (see _prune_forward_configs)."""
+The H-split path (H = 768) is not pipelined: buffering its slices spilled (see prune_forward_configs in fastrank.ops.maxsim_triton_shared)."""
 import json
 import os
 import subprocess
@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 
 _SCRIPT = r"""
 import json
-from fastrank import kernel_report as kr
+from fastrank.bench import kernels as kr
 
 rows = []
 for v in kr.variants(90, "quick", kernels=["_maxsim_fwd_kernel", "_packed_fwd_kernel"]):

@@ -1,7 +1,6 @@
 """Static GPU resource checks (issue 13): every Triton kernel the launchers launch is compiled for sm_90 and
 checked against the hardware limits, with no GPU; the log parsers and the verdicts are checked on text and
 rows written here; the command line's JSON keys are the issue's."""
-import argparse
 import ast
 import importlib
 import inspect
@@ -12,7 +11,7 @@ import sys
 
 import pytest
 
-from fastrank import kernel_report as kr
+from fastrank.bench import kernels as kr
 
 triton = pytest.importorskip("triton")
 
@@ -108,7 +107,7 @@ def test_autotuned_kernel_yields_one_variant_per_config():
 
     got = kr._expand(add_one, (None, 10), {})
     assert [(kw["BLOCK"], kw["num_warps"], kw["num_stages"]) for _, kw in got] == [(32, 4, 2), (64, 8, 3)]
-    assert all(fn is kr._jit_of(add_one) for fn, _ in got)
+    assert all(fn is kr.jit_of(add_one) for fn, _ in got)
 
 
 def _launched_in_ops() -> set:
@@ -160,7 +159,7 @@ def test_every_kernel_dtype_and_autotune_config_fits_sm90():
 
     The suite compiles one variant per kernel, dtype, pass and autotune config, the one with every flag on
     (masks, stored argmax, atomics: the most code), plus every CUDA kernel: every variant of the representative
-    shapes (``python -m fastrank.kernel_report``, benchmarks/results/kernels_sm90.md) is a few times as many
+    shapes (``python -m fastrank.bench.kernels``, benchmarks/results/kernels_sm90.md) is a few times as many
     compiles, more than a cold CI run should spend."""
     rows = kr.collect(90, include_cuda=True, scope="quick")
     assert {r["module"] for r in rows} >= {"maxsim", "maxsim_packed_triton", "lite"}
@@ -171,8 +170,8 @@ def test_every_kernel_dtype_and_autotune_config_fits_sm90():
 
 def test_cli_json_has_the_issue_keys(tmp_path):
     """``--json`` writes a list of objects whose first keys are the issue's, filled for a compiled kernel."""
-    run = subprocess.run([sys.executable, "-m", "fastrank.kernel_report", "--arch", "90", "--kernels",
-                          "_packed_bwd_dt_kernel", "--no-cuda", "--json", "-", "--out", str(tmp_path / "t.md")],
+    run = subprocess.run([sys.executable, "-m", "fastrank.bench.kernels", "--arch", "90", "--kernels",
+                          "_packed_bwd_dt_kernel", "--no-cuda", "--json", "--out", str(tmp_path / "t")],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode in (0, kr.LIMITS_BROKEN) and run.stdout.strip(), run.stderr[-3000:]
     rows = json.loads(run.stdout)
@@ -182,18 +181,19 @@ def test_cli_json_has_the_issue_keys(tmp_path):
         assert row["kernel"] == "_packed_bwd_dt_kernel" and row["error"] is None
         assert isinstance(row["registers"], int) and 0 < row["registers"] <= 255
         assert isinstance(row["spill_bytes"], int) and isinstance(row["shared_bytes"], int) and row["shared_bytes"] > 0
-    table = (tmp_path / "t.md").read_text()
+    table = (tmp_path / "t" / "report.md").read_text()
+    assert json.loads((tmp_path / "t" / "results.json").read_text())["rows"] == rows
     assert table.startswith("# Kernel resources for sm_90 (static compile, no GPU)")
     assert "--kernels _packed_bwd_dt_kernel" in table and f"Triton {triton.__version__}" in table
     assert table.count("| _packed_bwd_dt_kernel |") == len(rows)
 
 
-def test_add_cli_registers_bench_kernels():
-    parser = argparse.ArgumentParser(prog="fastrank")
-    bench = parser.add_subparsers(dest="command").add_parser("bench")
-    kr.add_cli(bench.add_subparsers(dest="op"))
-    args = parser.parse_args(["bench", "kernels", "--arch", "80", "--json", "-", "--out", "k.md"])
-    assert (args.op, args.arch, args.json, args.out, args.func) == ("kernels", 80, "-", "k.md", kr._cli)
+def test_bench_kernels_takes_the_reports_options():
+    from fastrank.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["bench", "kernels", "--arch", "80", "--json", "--out", "k", "--quick"])
+    assert (args.op, args.arch, args.json, args.out, args.quick, args.scope) == ("kernels", 80, "-", "k", True, None)
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "kernels", "--arch", "75"])
 

@@ -549,7 +549,7 @@ def test_kernels_compile_for_sm90_without_spills(arch, scope):
     float16 backward are held to it too. Before issue 13: forward 16 B bf16 / 488 B fp32, backward 2,168 B
     bf16 / ~17.7 KB fp32; after the atomic-free backward, still 40 B forward fp32 and ~1.1-1.7 KB backward.
     sm_80 (its own blocks, GPU_BLOCKS_BEFORE_SM90) is held to the same, on the variants with every flag on."""
-    from fastrank import kernel_report as kr
+    from fastrank.bench import kernels as kr
 
     rows = kr.collect(arch, include_cuda=False, scope=scope, kernels=["_lite_fwd_kernel", "_lite_bwd_kernel"])
     if rows and all("ptxas" in (r["error"] or "") and "not found" in (r["error"] or "").lower() for r in rows):
@@ -566,7 +566,7 @@ def test_kernels_compile_for_sm90_without_spills(arch, scope):
 # launchers pass; the TTIR is read for atomics. A tiny kernel that does add atomically is the positive control.
 _LITE_TTIR = r"""
 import json, torch, triton
-from fastrank.kernel_report import front_end_ir as ttir
+from fastrank.bench.kernels import front_end_ir as ttir
 import triton.language as tl
 from fastrank import LiteScorer
 from fastrank.ops import lite

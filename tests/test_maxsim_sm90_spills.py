@@ -1,6 +1,6 @@
 """Issue 13, the MaxSim forward kernels' sm_90 spills: the variants that used to spill compile spill-free.
 
-The full-scope static table (``python -m fastrank.kernel_report --arch 90 --scope full``) showed two families
+The full-scope static table (``python -m fastrank.bench.kernels --arch 90 --scope full``) showed two families
 of forward variants spilling although far from 255 registers: ptxas kept a long-lived per-thread value off
 the registers to stay under an occupancy step, and reloaded it around the H-split loop.
 
@@ -28,7 +28,7 @@ pytest.importorskip("triton")
 
 _COMPILE = r"""
 import json, sys
-from fastrank import kernel_report as kr
+from fastrank.bench import kernels as kr
 
 try:
     from triton.backends.compiler import GPUTarget  # noqa: F401

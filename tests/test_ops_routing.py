@@ -63,19 +63,17 @@ def test_register_refuses_anything_but_kernels():
 
 def test_parallel_programs_is_one_attribute_read_at_call_time(monkeypatch):
     """fastrank.bench.kernels stands in a GPU's program count for the CPU tensors it records launches on, by
-    assigning the attribute; both MaxSim ops' backward launchers must see it. Until the tools move to the
-    public name, the old one (TEMPORARY) reads and writes the same attribute."""
+    assigning the module attribute: both MaxSim ops' backward launchers must read that attribute when they
+    run, not a copy taken at import."""
+    import inspect
+
+    from fastrank.ops import maxsim_packed_triton
+
     cpu = torch.device("cpu")
-    assert maxsim_ops._parallel_programs is maxsim_ops.parallel_programs
     monkeypatch.setattr(maxsim_ops, "parallel_programs", lambda device: 1000)
-    assert maxsim_ops._parallel_programs(cpu) == 1000
-    original = maxsim_ops.__dict__["parallel_programs"]
-    maxsim_ops._parallel_programs = lambda device: 7
-    try:
-        assert maxsim_ops.parallel_programs(cpu) == 7
-    finally:
-        maxsim_ops._parallel_programs = original
     assert maxsim_ops.parallel_programs(cpu) == 1000
+    assert "parallel_programs" not in vars(maxsim_packed_triton)  # no name bound at import
+    assert "padded.parallel_programs(q.device)" in inspect.getsource(maxsim_packed_triton)
     assert loop_split(1, 10_000, False, 1000) == 1000 and loop_split(1, 10_000, True, 1000) == 1
 
 

@@ -19,7 +19,7 @@ from fastrank.cli import main  # noqa: E402
 from fastrank.data import load_beir, read_run  # noqa: E402
 from fastrank.train import TrainConfig, train  # noqa: E402
 from fastrank.train.data import TrainData, read_teacher  # noqa: E402
-from fastrank.train.loop import _World, group_loss  # noqa: E402
+from fastrank.train.loop import World, group_loss  # noqa: E402
 from fastrank.train.student import make_head  # noqa: E402
 from fastrank.trained import TrainedModelError, load_trained  # noqa: E402
 from tiny_bert import beir_training_folder, small_train_config  # noqa: E402
@@ -116,7 +116,7 @@ def test_step_loss_and_gradients_match_the_eager_references(scorer, loss):
     for backend in (None, "reference"):
         head.zero_grad()
         qg, dg = q.clone().requires_grad_(), d.clone().requires_grad_()  # the encoder's side of the gradient
-        value = group_loss(config, head, qg, qm, dg, dm, t, _World(), backend)
+        value = group_loss(config, head, qg, qm, dg, dm, t, World(), backend)
         value.backward()
         grads.append((value.detach(), [qg.grad, dg.grad] + [p.grad.clone() for p in head.parameters()]))
     (v1, g1), (v2, g2) = grads

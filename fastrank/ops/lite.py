@@ -930,9 +930,3 @@ def lite_ref(q: Tensor, d: Tensor, q_mask: Optional[Tensor] = None, d_mask: Opti
     _check_inputs(q, d, q_mask, d_mask, lq, ld, params[0].device)
     q, d = _project(scorer, q, d, q_mask, d_mask)
     return _lite_math(q, d, q_mask, d_mask, params, lq, ld, eps)
-
-
-# Old private names of public functions, for the measurement tools until they move to the public ones.
-_scorer_params = scorer_params  # TEMPORARY alias: fastrank.bench still uses this name
-_triton_forward = triton_forward  # TEMPORARY alias: fastrank.bench still uses this name
-_triton_backward = triton_backward  # TEMPORARY alias: fastrank.bench still uses this name

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
-import types
 from typing import Callable, Optional
 
 import torch
@@ -660,27 +658,3 @@ def maxsim_ref(q: Tensor, d: Tensor, q_mask: Optional[Tensor] = None, d_mask: Op
     if q_mask is not None:
         best = torch.where(q_mask, best, 0.0)
     return best.sum(dim=-1)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Old private names of public functions, for the measurement tools until they move to the public ones.
-# --------------------------------------------------------------------------------------------------------
-_maxsim_eager = maxsim_eager  # TEMPORARY alias: fastrank.bench still uses this name
-_triton_forward = triton_forward  # TEMPORARY alias: fastrank.bench still uses this name
-_triton_backward = triton_backward  # TEMPORARY alias: fastrank.bench still uses this name
-
-
-class _ModuleWithAliases(types.ModuleType):
-    # TEMPORARY alias: fastrank.bench still uses this name. fastrank.bench.kernels assigns
-    # `maxsim._parallel_programs` to stand in a GPU's program count while it records launches; the launchers
-    # read `parallel_programs` alone, so the old name reads and writes that one attribute.
-    @property
-    def _parallel_programs(self):
-        return self.parallel_programs
-
-    @_parallel_programs.setter
-    def _parallel_programs(self, fn):
-        self.parallel_programs = fn
-
-
-sys.modules[__name__].__class__ = _ModuleWithAliases

@@ -30,25 +30,27 @@ def add_cli(sub) -> None:
     p.add_argument("--gamma0", type=float, default=0.0, help="rankdistil_b's negative margin (default 0)")
     t = p.add_mutually_exclusive_group()
     t.add_argument("--teacher", metavar="FILE",
-                   help="teacher scores: TSV 'score_pos score_neg qid pid_pos pid_neg' or jsonl {qid, pid, score}")
-    t.add_argument("--teacher-model", metavar="DIR", help="a local cross-encoder scoring every training pair once (cached)")
+                   help="teacher scores: TSV 'score_pos score_neg qid pid_pos pid_neg' or jsonl {qid, pid, score} "
+                        "(default: no teacher file)")
+    t.add_argument("--teacher-model", metavar="DIR", help="a local cross-encoder scoring every training pair once (cached) (default: none)")
     p.add_argument("--self-distill", action=argparse.BooleanOptionalAction, default=None,
                    help="without a teacher, also distil the base encoder's zero-shot MaxSim over each group (default: "
                         "on for lite, whose MLPs overfit the qrels' labels alone; loss ce+kl_div)")
-    p.add_argument("--candidates", metavar="RUN", help="TREC run or candidate TSV to draw negatives from instead of mining")
+    p.add_argument("--candidates", metavar="RUN", help="TREC run or candidate TSV to draw negatives from instead of mining (default: mined "
+                        "from the dense top --mine-depth)")
     p.add_argument("--negatives", type=int, default=8, metavar="K",
                    help="candidates per group: the positive and K-1 negatives (default 8)")
     p.add_argument("--mine-depth", type=int, default=100, help="negatives come from the top N (default 100)")
     p.add_argument("--batch-size", type=int, default=32, metavar="B", help="queries per micro-batch (default 32)")
     p.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     n = p.add_mutually_exclusive_group()
-    n.add_argument("--steps", type=int, help="optimizer steps")
+    n.add_argument("--steps", type=int, help="optimizer steps (default: --epochs decides)")
     n.add_argument("--epochs", type=int, help="passes over the training queries (default 10 frozen, 1 fine-tuning)")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-3 head only, 2e-5 with the encoder)")
-    p.add_argument("--amp", choices=AMP, help="autocast dtype (fp16 on CUDA only)")
+    p.add_argument("--amp", choices=AMP, help="autocast dtype (fp16 on CUDA only) (default: none, float32 throughout)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this many steps in this run")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this many steps in this run (default: run to the end)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling, initialisation and dropout")
     p.add_argument("--dev-queries", type=int, default=100,
                    help="training queries held out for nDCG@10 during training (default 100, at most a fifth)")
     p.add_argument("--eval-every", type=int, help="steps between held-out evaluations and checkpoints (default: an epoch)")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fastrank.data import DataFormatError, _lines, read_corpus, read_qrels, read_queries
+from fastrank.data import DataFormatError, numbered_lines, read_corpus, read_qrels, read_queries
 
 TeacherScores = dict[tuple[str, str], float]
 
@@ -32,7 +32,7 @@ def read_teacher(path: str | Path) -> TeacherScores:
             raise DataFormatError(f"{where}: teacher score {score} for ({qid}, {pid}) differs from an earlier {old}")
 
     jsonl = ".jsonl" in path.suffixes
-    for lineno, line in _lines(path):
+    for lineno, line in numbered_lines(path):
         where = f"{path}:{lineno}"
         try:
             if jsonl:
@@ -58,7 +58,7 @@ def hofstatter_positives(path: str | Path) -> dict[str, set[str]]:
     if ".jsonl" in Path(path).suffixes:
         return {}
     out: dict[str, set[str]] = {}
-    for _, line in _lines(path):
+    for _, line in numbered_lines(path):
         fields = line.split("\t") if "\t" in line else line.split()
         out.setdefault(fields[2], set()).add(fields[3])
     return out

@@ -36,12 +36,14 @@ _RESUME_FIXED = ("scorer", "loss", "negatives", "batch_size", "accumulate", "see
 
 
 @dataclass
-class _World:
+class World:
+    """The processes of one training run: rank and size (one process unless torchrun set WORLD_SIZE)."""
+
     rank: int = 0
     size: int = 1
 
     @classmethod
-    def init(cls, device: torch.device) -> "_World":
+    def init(cls, device: torch.device) -> "World":
         size = int(os.environ.get("WORLD_SIZE", "1"))
         if size <= 1:
             return cls()
@@ -98,7 +100,7 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _log(world: _World, msg: str) -> None:
+def _log(world: World, msg: str) -> None:
     if world.rank == 0:
         from tqdm.auto import tqdm
 
@@ -127,7 +129,7 @@ def _teacher_from_model(cfg: TrainConfig, queries, corpus, pairs: list[tuple[str
     return read_teacher(path)
 
 
-def prepare(cfg: TrainConfig, world: _World, device: torch.device):
+def prepare(cfg: TrainConfig, world: World, device: torch.device):
     """Texts, encodings, pools and teacher scores: everything a step reads."""
     from fastrank.encoders import Encoder
 
@@ -192,7 +194,7 @@ def _features(student: Student, frozen: tuple[FrozenTexts, FrozenTexts] | None, 
 @torch.no_grad()
 def base_maxsim(q, qm, d, dm) -> torch.Tensor:
     """(B, K) zero-shot MaxSim of the base encoder's normalised states: the self-distillation teacher."""
-    from fastrank import maxsim
+    from fastrank.ops.maxsim import maxsim
 
     b = q.shape[0]
     qn = torch.nn.functional.normalize(q.detach().float(), dim=-1)
@@ -200,7 +202,7 @@ def base_maxsim(q, qm, d, dm) -> torch.Tensor:
     return maxsim(qn.unsqueeze(1), dn.view(b, -1, *dn.shape[1:]), qm.unsqueeze(1), dm.view(b, -1, dm.shape[-1]))
 
 
-def group_loss(cfg: TrainConfig, head, q, qm, d, dm, t, world: _World, backend=None) -> torch.Tensor:
+def group_loss(cfg: TrainConfig, head, q, qm, d, dm, t, world: World, backend=None) -> torch.Tensor:
     """The sum of ``cfg.loss`` over one micro-batch of B groups (positive in column 0)."""
     b = q.shape[0]
     k = d.shape[0] // b
@@ -252,7 +254,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
     cfg = config.check()
     t_start = time.perf_counter()
     device = torch.device(cfg.device)
-    world = _World.init(device)
+    world = World.init(device)
     if device.type == "cuda" and world.size > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -402,7 +404,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
 
 
 def _micro_batch_loss(student: Student, batch, *, frozen, data: TrainData, cfg: TrainConfig, device, pad_docs,
-                      world: _World):
+                      world: World):
     q, qm, d, dm = _features(student, frozen, data, batch, cfg, device, pad_docs)
     if data.teacher is not None:
         t = data.teacher_matrix(batch, cfg.negatives)
@@ -414,7 +416,7 @@ def _micro_batch_loss(student: Student, batch, *, frozen, data: TrainData, cfg: 
 
 
 def _save(cfg: TrainConfig, student: Student, base, encoder, history, best_step, dev_dense, seconds, world) -> None:
-    from fastrank.machine import machine_info
+    from fastrank.bench.machine import machine_info
     from fastrank.trained import save_trained
 
     training = {"config": cfg.to_json(), "history": history, "kept_step": best_step, "dev_dense_ndcg10": dev_dense,

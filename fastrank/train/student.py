@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastrank import maxsim
+from fastrank.ops.maxsim import maxsim
 from fastrank.nn import LiteScorer
 
 

@@ -151,7 +151,7 @@ def measure_ceilings(device: str = "cpu", seconds: float = 2.5, *, gemm_n: int =
     The default buffers (0.5-1 GB) exceed the last-level caches we have met (up to 300 MB on a cloud Xeon),
     so the rates are DRAM's; tests pass small sizes.
     """
-    from fastrank.bench import time_call
+    from fastrank.bench.timing import time_call
 
     share = seconds / 4
     a = torch.randn(gemm_n, gemm_n, device=device)
@@ -184,3 +184,9 @@ def measure_ceilings(device: str = "cpu", seconds: float = 2.5, *, gemm_n: int =
         "copy_mb": copy_mb,
         "read_mb": read_mb,
     }
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"

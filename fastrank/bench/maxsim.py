@@ -13,23 +13,23 @@ Providers (each checked against :func:`fastrank.maxsim_ref` before it is timed):
 - ``maxsim-cpu``: the PyPI peer, float32 re-ranking only, when it is installed.
 
 Every figure is measured in the same process, on the same inputs, next to the machine's own ceilings
-(:mod:`fastrank.machine`); ratios are computed from those measurements, never stored. ``--out DIR`` runs
-these cases and the scaling sweeps through :mod:`fastrank.bench_all` (the machinery of `fastrank bench all`)
+(:mod:`fastrank.bench.machine`); ratios are computed from those measurements, never stored. ``--out DIR`` runs
+these cases and the scaling sweeps through :mod:`fastrank.bench.all` (the machinery of `fastrank bench all`)
 and writes report.md, results.json and figures.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
-import statistics
-import time
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-from fastrank import machine
+from fastrank.bench import machine
+from fastrank.bench.suite import Settings, Shape, measure
+from fastrank.bench.timing import time_interleaved
 from fastrank.ops.maxsim import maxsim, maxsim_ref
 
 # The eager forms; "fastest eager" in every ratio is the fastest of these measured on the case.
@@ -89,7 +89,7 @@ class MaxSimCase:
 def random_tokens(q_shape: tuple, d_shape: tuple, device: str, dtype: torch.dtype, seed: int = 0):
     """(q, d, None, d_mask): unit-norm random token embeddings of these shapes; every document valid for a
     random length in [Ld/2, Ld] (Ld = d_shape[-2]), the rest behind d_mask. Shared by every benchmark that
-    scores tokens (MaxSim here, LITE in fastrank.bench_lite)."""
+    scores tokens (MaxSim here, LITE in fastrank.bench.lite)."""
     g = torch.Generator().manual_seed(seed)
     ld = d_shape[-2]
     q = torch.nn.functional.normalize(torch.randn(q_shape, generator=g), dim=-1)
@@ -317,83 +317,26 @@ def check(provider_out, reference_out, dtype: torch.dtype) -> None:
         torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+# Environment that makes this CPU behave, for fastrank and for eager PyTorch alike, like one whose best
+# instruction set is the key: an AVX2-only EPYC, an AVX-512 Xeon without BF16, a Zen 4 with AVX512-BF16.
+# MKL and oneDNN read these when torch first loads them, hence a fresh process.
+EMULATE_ENV = {
+    "avx2": {"FASTRANK_CPU_ISA": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "ATEN_CPU_CAPABILITY": "avx2"},
+    "avx512": {"FASTRANK_CPU_ISA": "avx512", "MKL_ENABLE_INSTRUCTIONS": "AVX512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+               "ATEN_CPU_CAPABILITY": "avx512"},
+    "avx512bf16": {"FASTRANK_CPU_ISA": "avx512bf16", "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+                   "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "ATEN_CPU_CAPABILITY": "avx512"},
+}
 
 
-def time_call(fn: Callable[[], object], device: str, min_seconds: float = 0.3, max_reps: int = 200,
-              min_reps: int = 3, warmup: bool = True) -> float:
-    """Median seconds per call over at least ``min_reps`` repetitions filling ``min_seconds``, after one
-    warm-up call (``warmup=False`` when the caller's correctness check already ran ``fn``)."""
-    if warmup:
-        fn()
-        synchronize(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_reps or (time.perf_counter() - start < min_seconds and len(times) < max_reps):
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def print_report(res: dict, format_report, json_path: str | None, out: str | None = None,
-                 command: str | None = None) -> int:
-    """Stamp ``res`` with the command that made it, print it as ``format_report`` lays it out, and write it
-    as JSON to ``json_path`` when given, and as ``out``/report.md plus ``out``/results.json when ``out`` is
-    given: the ending every ``fastrank bench`` subcommand shares."""
-    import json
-    import shlex
-    import sys
-    from pathlib import Path
-
-    res["command"] = command or shlex.join(["fastrank", *sys.argv[1:]])
-    text = format_report(res)
-    print(text)
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(res, f, indent=1)
-    if out:
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "report.md").write_text(f"Command: `{res['command']}`\n\n{text}\n")
-        (folder / "results.json").write_text(json.dumps(res, indent=1))
-        print(f"wrote {folder / 'report.md'}", file=sys.stderr)
-    return 0
-
-
-def time_interleaved(fns: dict, device: str, min_seconds: float = 0.3, min_rounds: int = 5,
-                     sample_seconds: float = 0.01) -> dict:
-    """Median seconds per call of each of ``fns`` (name -> callable, already warmed up), timed in rounds
-    that visit every provider once, in a rotating order. A shared VM's speed drifts by tens of percent
-    within a minute; timing providers one after the other would fold that drift into their ratios, while
-    interleaving exposes every provider to the same drift. Each sample repeats a call until it lasts
-    ``sample_seconds``, so microsecond calls are not timer noise."""
-    names = list(fns)
-    reps = {}
-    for name in names:  # calls per sample, from one probe call
-        t0 = time.perf_counter()
-        fns[name]()
-        synchronize(device)
-        reps[name] = max(1, int(sample_seconds / max(time.perf_counter() - t0, 1e-7)))
-    samples: dict = {name: [] for name in names}
-    start = time.perf_counter()
-    rounds = 0
-    while rounds < min_rounds or time.perf_counter() - start < min_seconds * len(names):
-        order = names[rounds % len(names):] + names[:rounds % len(names)]
-        for name in order:
-            fn, n = fns[name], reps[name]
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            synchronize(device)
-            samples[name].append((time.perf_counter() - t0) / n)
-        rounds += 1
-        if rounds >= 200:
-            break
-    return {name: statistics.median(v) for name, v in samples.items()}
+def emulated_paths(paths: list[str]) -> list[str]:
+    """Under --emulate, only the paths the emulated CPU would have (the forced one and below)."""
+    forced = os.environ.get("FASTRANK_BENCH_EMULATING")
+    order = ["scalar", "avx2", "avx512", "avx512bf16", "amx"]
+    if not forced or forced not in order:
+        return paths
+    return [p for p in paths if p in order and order.index(p) <= order.index(forced)]
 
 
 # ------------------------------------------------------------------------------------------- row arithmetic
@@ -543,8 +486,6 @@ def format_header(info: dict, ceilings: Optional[dict]) -> str:
         f"  {info['threads']} torch threads (fastrank and eager; {info['logical_cpus']} logical CPUs); "
         f"torch {info['torch']}; Python {info['python']}; fastrank commit {info.get('commit') or 'unknown'}",
     ]
-    import os
-
     emulating = os.environ.get("FASTRANK_BENCH_EMULATING")
     if emulating:
         limits = ", ".join(f"{k}={v}" for k, v in EMULATE_ENV[emulating].items())
@@ -589,176 +530,68 @@ def format_report(info: dict, ceilings: Optional[dict], rows: list[dict]) -> str
     return format_header(info, ceilings) + "\n\n" + format_rows(rows)
 
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device)
-    return f"{machine.cpu_model()}, {torch.get_num_threads()} threads"
+# ------------------------------------------------------------------------------------------- bench all's section
+
+def maxsim_sweeps(device: str, quick: bool, tiny: bool, dtype: torch.dtype) -> list:
+    """1-query re-ranking cases along three axes (documents, Ld, H), each case tagged with its sweep."""
+    def case(docs, ld, h, lq=32):
+        return MaxSimCase(f"rerank 1x{docs} Ld={ld} H={h}", "rerank", 1, docs, lq=lq, ld=ld, h=h, dtype=dtype,
+                          targeted=False)
+
+    if tiny:
+        return ([("docs", c.docs, c) for c in (case(3, 9, 16, 7), case(6, 9, 16, 7))]
+                + [("Ld", c.ld, c) for c in (case(4, 5, 16, 7), case(4, 11, 16, 7))])
+    gpu = device.startswith("cuda")
+    if gpu:
+        docs = (100, 1000, 10000, 100000) if quick else (100, 300, 1000, 3000, 10000, 30000, 100000)
+    else:
+        docs = (100, 1000, 5000) if quick else (100, 300, 1000, 3000, 10000, 20000)
+    lds = (32, 128, 512) if quick else (32, 64, 128, 256, 512)
+    out = [("docs", n, case(n, 200, 128)) for n in docs] + [("Ld", ld, case(1000, ld, 128)) for ld in lds]
+    if not quick:  # H 128 and 768 at 1x1000 are main cases in the quick run already
+        out += [("H", h, case(1000, 200, h)) for h in (128, 768)]
+    return out
 
 
-# ------------------------------------------------------------------------------------------- CLI
-
-def add_cli(subparsers) -> None:
-    """`fastrank bench maxsim`: registered by fastrank.cli."""
-    bench = subparsers.add_parser("bench", help="time fused kernels against eager PyTorch and torch.compile")
-    ops = bench.add_subparsers(dest="op", required=True)
-    p = ops.add_parser("maxsim", help="MaxSim docs/sec: eager forms, torch.compile, fastrank per ISA path, "
-                                      "maxsim-cpu; next to this machine's sgemm and bandwidth ceilings")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument(
-        "--providers", default=None,
-        help=f"comma-separated subset of {','.join(PROVIDERS)},{ISA_PREFIX}<isa> (default: all that run on the "
-        "device, except compile on CPU, where torch.compile spends minutes compiling C++)",
-    )
-    p.add_argument("--isa", default=None,
-                   help="comma-separated CPU ISA paths to time as fastrank:<isa> (default: every path this CPU "
-                   "has except scalar)")
-    p.add_argument("--cases", default=None, help="comma-separated substrings of case names to keep")
-    p.add_argument("--quick", action="store_true", help="only the 1x1000 re-rank cases")
-    p.add_argument("--ceiling-seconds", type=float, default=2.5,
-                   help="time spent measuring the sgemm/bandwidth ceilings (default 2.5)")
-    p.add_argument("--json", metavar="FILE", help="also write machine info, ceilings and rows as JSON")
-    p.add_argument("--emulate", choices=sorted(EMULATE_ENV), default=None,
-                   help="measure as on a CPU whose best path is this one: rerun in a fresh process with "
-                        "FASTRANK_CPU_ISA and torch's BLAS (MKL, oneDNN, ATen) limited to the same instructions")
-    p.add_argument("--out", metavar="DIR",
-                   help="run the cases and the scaling sweeps (docs, Ld, H) through `fastrank bench all`'s machinery "
-                        "and write report.md, results.json and PNG figures there")
-    p.add_argument("--dtype", default=None,
-                   help="comma-separated dtypes to keep (float32, bfloat16, float16; default: every case's)")
-    p.add_argument("--compile", action="store_true", help="with --out: also time torch.compile on CPU")
-    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: toy shapes, with --out
-    p.set_defaults(func=_cli_maxsim)
-    from fastrank import bench_all, bench_packed, bench_rerank
-
-    bench_packed.add_cli(ops)
-    bench_rerank.add_cli(ops)
-    bench_all.add_cli(ops)
-    add_kernels_cli(ops)
+def _maxsim_shape(case, sweep, work, inputs, device):
+    bf16_hw = default_path(device) in BF16_GEMM_PATHS and case.dtype == torch.bfloat16
+    label = {"docs": f"docs (Ld={case.ld}, H={case.h})", "Ld": f"Ld (1x{case.docs}, H={case.h})",
+             "H": f"H (1x{case.docs}, Ld={case.ld})"}.get(sweep)
+    return Shape("maxsim", case.name + (" fwd+bwd" if case.backward and "bwd" not in case.name else ""),
+                 case.dtype_name, case.pairs, unit="docs/s",
+                 # forward+backward rows get no FLOP count: their target is a speedup only (TARGET_* above)
+                 flops=None if case.backward else case_work(case, inputs)["flops"],
+                 bytes=case.bytes_read(), ceiling="bf16_gemm_gflops" if bf16_hw else "sgemm_gflops",
+                 sweep=label, work=work, baselines=EAGER_PROVIDERS)
 
 
-KERNELS_MISSING = ("fastrank bench kernels needs fastrank.kernel_report (the compiled-kernel report for a GPU target), "
-                   "which this installation lacks")
-
-
-def add_kernels_cli(ops) -> None:
-    """`bench kernels` comes from fastrank.kernel_report; without it the subcommand still exists and says why
-    it cannot run, rather than argparse calling it an unknown choice."""
-    try:
-        from fastrank import kernel_report
-    except ImportError as exc:
-        p = ops.add_parser("kernels", help="compiled Triton kernels for a GPU target (unavailable: "
-                                           "fastrank.kernel_report is missing)")
-        p.set_defaults(func=lambda args, exc=exc: _kernels_missing(exc))
-        return
-    kernel_report.add_cli(ops)
-
-
-def _kernels_missing(exc: ImportError) -> int:
-    raise ImportError(f"{KERNELS_MISSING} ({exc})")
-
-
-def _cli_providers(args, device: str) -> list[str]:
-    available_isas = machine.isa_paths()
-    isas = None
-    if args.isa:
-        isas = [i.strip() for i in args.isa.split(",") if i.strip()]
-        bad = [i for i in isas if i not in available_isas]
-        if bad:
-            raise ValueError(
-                f"--isa: {','.join(bad)} cannot run here; this CPU and build offer {','.join(available_isas)} "
-                f"(CPU flags: {' '.join(machine.machine_info()['isa_flags']) or 'none'})")
-    if not args.providers:
-        return default_providers(device, compile=device.startswith("cuda"), isas=isas)
-    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    known = set(PROVIDERS) | {ISA_PREFIX + i for i in available_isas}
-    unknown = [p for p in providers if p not in known]
-    if unknown:
-        raise ValueError(f"--providers: unknown {unknown}; expected a subset of {','.join(sorted(known))}")
-    if isas is not None:
-        providers = [p for p in providers if not p.startswith(ISA_PREFIX) or p[len(ISA_PREFIX):] in isas]
-    return providers
-
-
-# Environment that makes this CPU behave, for fastrank and for eager PyTorch alike, like one whose best
-# instruction set is the key: an AVX2-only EPYC, an AVX-512 Xeon without BF16, a Zen 4 with AVX512-BF16.
-# MKL and oneDNN read these when torch first loads them, hence a fresh process.
-EMULATE_ENV = {
-    "avx2": {"FASTRANK_CPU_ISA": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-             "ATEN_CPU_CAPABILITY": "avx2"},
-    "avx512": {"FASTRANK_CPU_ISA": "avx512", "MKL_ENABLE_INSTRUCTIONS": "AVX512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
-               "ATEN_CPU_CAPABILITY": "avx512"},
-    "avx512bf16": {"FASTRANK_CPU_ISA": "avx512bf16", "MKL_ENABLE_INSTRUCTIONS": "AVX512",
-                   "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "ATEN_CPU_CAPABILITY": "avx512"},
-}
-
-
-def _cli_emulate(args) -> int:
-    import os
-    import subprocess
-    import sys
-
-    if args.emulate not in machine.isa_paths():
-        raise ValueError(f"--emulate {args.emulate}: this CPU cannot run that path itself "
-                         f"(it offers {','.join(machine.isa_paths())})")
-    argv, skip = [], False
-    for a in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif a == "--emulate":
-            skip = True
-        elif not a.startswith("--emulate="):
-            argv.append(a)
-    env = dict(os.environ, **EMULATE_ENV[args.emulate], FASTRANK_BENCH_EMULATING=args.emulate)
-    return subprocess.run([sys.executable, "-m", "fastrank.cli", *argv], env=env).returncode
-
-
-def emulated_paths(paths: list[str]) -> list[str]:
-    """Under --emulate, only the paths the emulated CPU would have (the forced one and below)."""
-    import os
-
-    forced = os.environ.get("FASTRANK_BENCH_EMULATING")
-    order = ["scalar", "avx2", "avx512", "avx512bf16", "amx"]
-    if not forced or forced not in order:
-        return paths
-    return [p for p in paths if p in order and order.index(p) <= order.index(forced)]
-
-
-def _cli_maxsim(args) -> int:
-    import json
-    import shlex
-    import sys
-
-    if args.emulate:
-        return _cli_emulate(args)
-    if args.out:
-        from fastrank import bench_all
-
-        if args.providers or args.isa or args.cases or args.json:
-            raise ValueError("--out runs every provider on the cases and the sweeps; it takes none of --providers, "
-                             "--isa, --cases, --json (the JSON goes to DIR/results.json)")
-        settings = bench_all.settings_from(args)
-        return bench_all.report(bench_all.run_sections(["maxsim"], settings, bench_all.command_line(args),
-                                                       ceiling_seconds=args.ceiling_seconds), args.out, None)
-    if args.compile:
-        raise ValueError("--compile goes with --out (the sweeps); without --out, time torch.compile with "
-                         "--providers compile")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    providers = _cli_providers(args, device)
-    cases = select_cases(cuda_cases() if device.startswith("cuda") else cpu_cases(), args.quick, args.cases)
-    if args.dtype:
-        from fastrank.bench_all import _dtypes
-
-        keep = _dtypes(args.dtype)
-        cases = [c for c in cases if c.dtype_name in keep]
-    if not cases:
-        chosen = [f"{flag} {value}" for flag, value in (("--cases", args.cases), ("--dtype", args.dtype)) if value]
-        raise ValueError(f"{' with '.join(chosen + ['--quick'] * args.quick)}: no case matches")
-    info = machine.machine_info(device)
-    ceilings = machine.measure_ceilings(device, seconds=args.ceiling_seconds)
-    rows = run_maxsim(cases, device, providers, ceilings=ceilings, default_isa=default_path(device))
-    print(format_report(info, ceilings, rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"command": shlex.join(sys.argv), "machine": info, "ceilings": ceilings, "rows": rows},
-                      f, indent=1)
-    return 0
+def section(settings: Settings, probes) -> tuple[list[dict], list[str]]:
+    """`fastrank bench all`'s MaxSim: the cases of `bench maxsim`, then the sweeps, as suite rows."""
+    device = settings.device
+    gpu = device.startswith("cuda")
+    compile = settings.compile or gpu
+    if settings.tiny:
+        cases = [MaxSimCase("tiny rerank", "rerank", 1, 4, lq=7, ld=9, h=16, dtype=dt)
+                 for dt in (torch.float32, torch.bfloat16)]
+        cases.append(MaxSimCase("tiny train fwd+bwd", "grouped", 3, 4, lq=7, ld=9, h=16, backward=True))
+    else:
+        cases = select_cases(cuda_cases() if gpu else cpu_cases(), quick=settings.quick)
+    cases = [c for c in cases if settings.wants(c.dtype_name)]
+    sweep_dtypes = ([torch.bfloat16] if gpu else [torch.float32]) if settings.dtypes is None else \
+        [getattr(torch, n) for n in settings.dtypes]
+    main_providers = default_providers(device, compile=compile)
+    # The sweeps show how cost grows, provider by provider: the eager forms and fastrank's default path
+    # (each ISA path is in the main cases).
+    sweep_providers = [p for p in main_providers if not p.startswith(ISA_PREFIX)]
+    points = [(None, None, c) for c in cases]
+    points += [pt for dt in sweep_dtypes for pt in maxsim_sweeps(device, settings.quick, settings.tiny, dt)]
+    rows = []
+    for sweep, work, case in points:
+        inputs = case.make(device)
+        providers = case_providers(case, main_providers if sweep is None else sweep_providers, device)
+        fns = {p: provider_fn(p, case, inputs) for p in providers}
+        rows += measure(_maxsim_shape(case, sweep, work, inputs, device), fns,
+                        provider_fn("reference", case, inputs),
+                        lambda got, want, dt=case.dtype: check(got, want, dt), settings, probes)
+        del inputs, fns
+    return rows, []

@@ -44,8 +44,8 @@ def run_bench(data: str | Path | None = None, model: str | Path | None = None, *
     """Returns ``{"data", "model", "cross", "lite_model", "device", "queries", "passages", "candidates",
     "rounds", "machine", "rows": [{scorer, nDCG@10, RR(rel=2)@10, scoring_docs_per_s,
     end_to_end_docs_per_s, machine, note}], "runs": {scorer: run}}`` (``runs``: the scored runs, not saved)."""
-    from fastrank import machine
-    from fastrank.bench import device_name
+    from fastrank.bench import machine
+    from fastrank.bench.machine import device_name
     from fastrank.data import EMBEDDED_DL19, load_trec_dl
     from fastrank.demo import DEMO_MEASURES
     from fastrank.encoders import CrossEncoder, Encoder
@@ -153,65 +153,3 @@ def format_report(res: dict) -> str:
                      + f" | {rate(r[SCORING])} | {rate(r[END_TO_END])} | {r['machine']} |")
     return "\n".join(lines)
 
-
-def add_cli(ops) -> None:
-    p = ops.add_parser("rerank", help="TREC DL re-ranking, one row per scorer (BM25, dense, MaxSim, LITE, "
-                                      "cross-encoder): nDCG@10, RR@10 and docs/s, same machine, same run")
-    p.add_argument("--data", help="a TREC DL folder (default: the embedded DL 2019 set)")
-    p.add_argument("--model", help="bi-encoder directory for dense and MaxSim (default: the packaged all-MiniLM-L6-v2)")
-    p.add_argument("--cross", metavar="DIR",
-                   help="a local cross-encoder (sequence-classification checkpoint); without it an untrained one of "
-                        "the bi-encoder's architecture is timed and given no quality figure")
-    p.add_argument("--lite-model", metavar="DIR", help="a directory written by `fastrank train --scorer lite`: adds "
-                                                      "the LITE row")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--batch-size", type=int, default=64, help="texts or pairs per forward pass (default 64)")
-    p.add_argument("--max-queries", type=int, help="only the first N queries (a quick look)")
-    p.add_argument("--rounds", type=int, default=None,
-                   help="timed rounds after a warm-up; each row's docs/s is its median round (default 3; 1 with "
-                        "--quick)")
-    p.add_argument("--quick", action="store_true", help="a quick look: the first 10 queries, one timed round "
-                                                           "(unless --max-queries or --rounds say otherwise)")
-    p.add_argument("--json", metavar="FILE", help="also write the rows, machine and command as JSON")
-    p.add_argument("--out", metavar="DIR", help="also write report.md and results.json there")
-    p.set_defaults(func=_cli)
-
-
-def _check_options(args) -> None:
-    """Each option by its flag, before the data is read or any model loads (run_bench's own checks come after
-    the bi-encoder has loaded and name its Python arguments)."""
-    from fastrank.encoders import check_device
-    from fastrank.trained import MANIFEST, is_trained, read_manifest
-
-    check_device(args.device, "--device")
-    for flag, value in (("--batch-size", args.batch_size), ("--max-queries", args.max_queries),
-                        ("--rounds", args.rounds)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be a positive integer, got {value}")
-    for flag, value in (("--model", args.model), ("--cross", args.cross)):
-        if value is not None and not (Path(value) / "config.json").is_file():
-            raise FileNotFoundError(f"{flag} {value}: not a local transformers model directory (no config.json)")
-    if args.lite_model is not None:
-        if not Path(args.lite_model).is_dir():
-            raise FileNotFoundError(f"--lite-model {args.lite_model}: no such directory")
-        if not is_trained(args.lite_model):
-            raise FileNotFoundError(f"--lite-model {args.lite_model}: not a directory written by `fastrank train` "
-                                    f"(no {MANIFEST})")
-        scorer = read_manifest(args.lite_model)["scorer"]
-        if scorer != "lite":
-            raise ValueError(f"--lite-model {args.lite_model}: holds a trained {scorer} model, not a LITE one; "
-                             "expected a directory of `fastrank train --scorer lite`")
-
-
-def _cli(args) -> int:
-    _check_options(args)
-    # --quick only fills in what was not given: an explicit --rounds 3 stays 3 rounds.
-    max_queries = args.max_queries if args.max_queries is not None else (10 if args.quick else None)
-    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
-    res = run_bench(args.data, args.model, cross=args.cross, lite_model=args.lite_model, device=args.device,
-                    batch_size=args.batch_size, max_queries=max_queries, rounds=rounds)
-    res.pop("runs")
-    from fastrank.bench import print_report
-    from fastrank.bench_all import command_line
-
-    return print_report(res, format_report, args.json, args.out, command_line(args))

@@ -5,7 +5,7 @@ one call does: items, FLOPs, bytes, which ceiling bounds it, the sweep it belong
 :func:`measure` its providers as no-argument callables. :func:`measure` runs the reference once, checks each
 provider's output against it and *refuses* a provider that disagrees or raises (it gets a row saying why,
 and is never timed: a fast wrong answer must not reach a table), then times the rest in interleaved rounds
-(:func:`fastrank.bench.time_interleaved`) together with the machine's ceilings, so a shared machine's drift
+(:func:`fastrank.bench.timing.time_interleaved`) together with the machine's ceilings, so a shared machine's drift
 falls on providers and ceilings alike. Every ratio is computed from those measurements; nothing is typed in.
 
 Rows carry the keys the issue asks for (op, provider, shape, dtype, docs_per_s, ratio_to_eager,
@@ -21,8 +21,8 @@ from typing import Callable, Optional
 
 import torch
 
-from fastrank import machine
-from fastrank.bench import time_interleaved
+from fastrank.bench import machine
+from fastrank.bench.timing import time_interleaved
 
 PROBE_PREFIX = "ceiling:"
 CEILING_LABELS = {"sgemm_gflops": "sgemm", "bf16_gemm_gflops": "bf16 GEMM", "read_gbps": "DRAM read"}

@@ -15,7 +15,7 @@ Issue 13 wants spills and register pressure caught on every CI run, not on the r
 - CUDA. Every ``csrc/cuda/*.cu`` is compiled with ``nvcc -Xptxas -v`` and each template instantiation's
   kernel becomes a row (skipped, saying so, where nvcc is absent).
 
-``python -m fastrank.kernel_report --arch 90`` (or ``fastrank bench kernels``) prints each row as it
+``python -m fastrank.bench.kernels --arch 90`` (or ``fastrank bench kernels``) prints each row as it
 compiles and the table at the end (``--out`` writes it, ``--json`` writes the rows), and exits with
 LIMITS_BROKEN when a variant breaks a limit; :func:`collect` returns the rows. ``--scope quick`` compiles
 one variant per kernel, dtype, pass and autotune config (what the test suite checks), the default every
@@ -25,7 +25,6 @@ Nothing here runs a kernel: these are compiler figures for a target, not measure
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import contextlib
 import functools
@@ -234,7 +233,7 @@ def _expand(kernel, args: tuple, kwargs: dict) -> list[tuple[object, dict]]:
     return [(kernel, kwargs)]
 
 
-def _jit_of(kernel):
+def jit_of(kernel):
     """The @triton.jit function under any autotune/heuristics wrappers."""
     _, Autotuner, Heuristics, _ = _triton_classes()
     while isinstance(kernel, (Autotuner, Heuristics)):
@@ -304,9 +303,8 @@ class _Enumerator:
                         saved.append((module, name, value))
                         setattr(module, name, _Recorder(value, module.__name__, name, self.record))
             maxsim = importlib.import_module("fastrank.ops.maxsim")
-            if hasattr(maxsim, "_parallel_programs"):
-                saved.append((maxsim, "_parallel_programs", maxsim._parallel_programs))
-                maxsim._parallel_programs = lambda device: GPU_PROGRAMS
+            saved.append((maxsim, "parallel_programs", maxsim.parallel_programs))
+            maxsim.parallel_programs = lambda device: GPU_PROGRAMS
             # Launchers that choose blocks per architecture (LITE's chunks; the MaxSim H split) ask
             # pairs.cuda_arch, None for the CPU tensors the recording runs on: stand in this arch.
             for module in modules:
@@ -363,7 +361,7 @@ def _scenarios(full: bool) -> Iterator[tuple[str, str, Callable[[], object]]]:
 
     from fastrank.nn import LiteScorer
     from fastrank.ops import lite, maxsim, maxsim_packed_triton as packed
-    from fastrank.ops.lite import _scorer_params
+    from fastrank.ops.lite import scorer_params
 
     g = torch.Generator().manual_seed(0)
     masks = [(False, False), (True, True)] + ([(True, False), (False, True)] if full else [])
@@ -388,7 +386,7 @@ def _scenarios(full: bool) -> Iterator[tuple[str, str, Callable[[], object]]]:
                     qm = mask(1, 1, 3, lq) if qm_on else None
                     dm = mask(1, 1, 3, 200) if dm_on else None
                     for save in (True, False):
-                        yield name, "forward", functools.partial(maxsim._triton_forward, q, d, qm, dm, save)
+                        yield name, "forward", functools.partial(maxsim.triton_forward, q, d, qm, dm, save)
                     # Packed: documents of 180 and 200 tokens in one (T, H) tensor.
                     tokens, offsets = rand(380, h, dtype=dtype), torch.tensor([0, 180, 380])
                     pqm = mask(1, lq) if qm_on else None
@@ -404,7 +402,7 @@ def _scenarios(full: bool) -> Iterator[tuple[str, str, Callable[[], object]]]:
                         f, y, x = q.shape[0], q.shape[1], d.shape[1]
                         grad = torch.rand(f, y, x, generator=g)
                         argmax = torch.randint(0, d.shape[2], (f, y, x, lq), generator=g, dtype=torch.int32)
-                        yield name, "backward", functools.partial(maxsim._triton_backward, q, d, grad, argmax, True, True, det)
+                        yield name, "backward", functools.partial(maxsim.triton_backward, q, d, grad, argmax, True, True, det)
                     tokens, offsets = rand(380, h, dtype=dtype), torch.tensor([0, 180, 380])
                     for fq in (1, 2):
                         q = rand(fq, lq, h, dtype=dtype)
@@ -413,22 +411,22 @@ def _scenarios(full: bool) -> Iterator[tuple[str, str, Callable[[], object]]]:
                         yield name, "backward", functools.partial(packed.packed_backward, q, tokens, offsets, grad, argmax,
                                                                   True, True, det)
         # LITE with LiteScorer's default geometry (lq 30, ld 200, hidden 2400 and 360), in the scorer's dtype.
-        params, s_lq, s_ld, eps = _scorer_params(LiteScorer().to(dtype))
+        params, s_lq, s_ld, eps = scorer_params(LiteScorer().to(dtype))
         for h in (128, 768):
             for qm_on, dm_on in masks:
                 q, d = rand(1, 1, s_lq, h, dtype=dtype), rand(1, 2, s_ld, h, dtype=dtype)
                 qm = mask(1, 1, 2, s_lq) if qm_on else None
                 dm = mask(1, 1, 2, s_ld) if dm_on else None
-                yield name, "forward", functools.partial(lite._triton_forward, q, d, qm, dm, params, s_lq, s_ld, eps)
+                yield name, "forward", functools.partial(lite.triton_forward, q, d, qm, dm, params, s_lq, s_ld, eps)
                 grad = torch.rand(1, 1, 2, generator=g)
-                yield name, "backward", functools.partial(lite._triton_backward, grad, q, d, qm, dm, params, s_lq, s_ld, eps)
+                yield name, "backward", functools.partial(lite.triton_backward, grad, q, d, qm, dm, params, s_lq, s_ld, eps)
 
 
 def _require_compiling_process() -> None:
-    JITFunction, *_ = _triton_classes()
-    from fastrank.ops import maxsim
-
-    if not isinstance(_jit_of(maxsim._maxsim_fwd_kernel), JITFunction):
+    JITFunction, *_, KernelInterface = _triton_classes()
+    kernels = [value for name in OPS_MODULES for value in vars(importlib.import_module(name)).values()
+               if isinstance(value, KernelInterface)]
+    if not all(isinstance(jit_of(k), JITFunction) for k in kernels):
         raise RuntimeError("kernel_report: the kernels were imported under TRITON_INTERPRET=1; the variants must be "
                            "recorded in a process without it (collect() starts one)")
 
@@ -511,7 +509,7 @@ def compile_asm(variant: dict, arch: int, log: io.StringIO | None = None):
     from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
 
-    jit = _jit_of(getattr(importlib.import_module(variant["module"]), variant["name"]))
+    jit = jit_of(getattr(importlib.import_module(variant["module"]), variant["name"]))
     target = GPUTarget("cuda", arch, 32)
     options = make_backend(target).parse_options(dict(variant["launch_options"]))
     src = ASTSource(jit, variant["signature"], variant["constexprs"], variant["attrs"])
@@ -592,10 +590,10 @@ def _declared_constexprs(jit) -> set[str]:
 
 def runtime_row(name: str, module: str, kernel, compiled) -> dict:
     """The row, in this module's format, of a kernel that a real launch compiled and loaded on a GPU
-    (fastrank.gpu_check): registers and spilled bytes from the driver (``n_regs``, ``n_spills``, which does
+    (fastrank.bench.gpu): registers and spilled bytes from the driver (``n_regs``, ``n_spills``, which does
     not tell stores from loads), shared memory from Triton's metadata, dtype and config from the compiled
     source, so that it lines up with the static table's row for the same variant."""
-    jit = _jit_of(kernel)
+    jit = jit_of(kernel)
     names = list(jit.arg_names)
     values = {names[path[0]]: value for path, value in compiled.src.constants.items() if len(path) == 1}
     pointers = [t[1:] for t in compiled.src.signature.values() if isinstance(t, str) and t.startswith("*")]
@@ -730,12 +728,12 @@ def _interpreting() -> bool:
 
 
 def _without_interpreter(args: list[str]):
-    """The JSON that ``python -m fastrank.kernel_report *args --json FILE`` writes, run in a fresh process
+    """The JSON that ``python -m fastrank.bench.kernels *args --json FILE`` writes, run in a fresh process
     without TRITON_INTERPRET (kernels defined under the interpreter cannot be compiled for a GPU)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.json"
-        run = subprocess.run([sys.executable, "-m", "fastrank.kernel_report", *args, "--json", str(out), "--quiet"],
+        run = subprocess.run([sys.executable, "-m", "fastrank.bench.kernels", *args, "--json", str(out), "--quiet"],
                              env=env, capture_output=True, text=True, cwd=str(ROOT))
         if not out.is_file():
             raise RuntimeError(f"kernel_report subprocess failed (rc {run.returncode}): {run.stderr[-3000:]}")
@@ -839,78 +837,7 @@ def format_table(rows: list[dict], machine: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def add_cli(ops) -> None:
-    """``fastrank bench kernels``: registered on the ``bench`` subparsers by fastrank.cli / fastrank.bench."""
-    p = ops.add_parser("kernels", help="static GPU check: registers, spills and shared memory of every Triton and "
-                                       "CUDA kernel variant compiled for sm_80/sm_90 (no GPU needed)")
-    _add_arguments(p)
-    p.set_defaults(func=_cli)
+if __name__ == "__main__":  # the entry point: the same as `fastrank bench kernels`
+    from fastrank.cli import main
 
-
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", type=int, choices=sorted(LIMITS), default=90, help="compute capability (default 90)")
-    p.add_argument("--json", metavar="FILE", help="write the rows as a JSON list ('-' for stdout)")
-    p.add_argument("--out", metavar="FILE.md", help="write the markdown table with its header")
-    p.add_argument("--scope", choices=SCOPES, default="all",
-                   help="all: every variant of the representative shapes (default); full: also one-mask calls and "
-                        "64-token queries; quick: one variant per kernel, dtype, pass and autotune config, the one "
-                        "with every flag on (what the test suite compiles)")
-    p.add_argument("--no-cuda", action="store_true", help="skip the nvcc compile of csrc/cuda/*.cu")
-    p.add_argument("--jobs", type=int, default=None, help="compiling processes (default: one per CPU)")
-    p.add_argument("--kernels", default=None,
-                   help="comma-separated kernel names to compile (Triton kernels, CUDA kernels without <...>)")
-    p.add_argument("--list", action="store_true", help="list the variants the launchers launch, compile nothing")
-    p.add_argument("--quiet", action="store_true", help="no per-row progress")
-
-
-def _cli(args) -> int:
-    """Prints each row as it compiles, then the table; writes --json/--out. Exit status 0 when every variant
-    passes, LIMITS_BROKEN when one breaks a limit (the outputs are written all the same)."""
-    if args.jobs is not None and args.jobs < 1:
-        raise SystemExit(f"--jobs: expected a positive integer, got {args.jobs}")
-    kernels = None if args.kernels is None else [k.strip() for k in args.kernels.split(",") if k.strip()]
-    if kernels is not None and not kernels:
-        raise SystemExit(f"--kernels: expected comma-separated kernel names, got {args.kernels!r}")
-    to_stdout = args.json == "-"
-    if args.list:
-        text = json.dumps(list_variants(args.arch, scope=args.scope, kernels=kernels), indent=1)
-        if args.json and not to_stdout:
-            Path(args.json).write_text(text + "\n")
-        else:
-            print(text)
-        return 0
-    command = "python -m fastrank.kernel_report" if getattr(args, "op", None) is None else "fastrank bench kernels"
-    command += f" --arch {args.arch}" + (f" --scope {args.scope}" if args.scope != "all" else "")
-    command += " --no-cuda" if args.no_cuda else ""
-    command += (f" --kernels {','.join(kernels)}" if kernels else "") + (f" --out {args.out}" if args.out else "")
-    say = sys.stderr if to_stdout else sys.stdout
-    progress = None
-    if not args.quiet:
-        print(TABLE_HEAD, file=say, flush=True)
-        progress = lambda row: print(format_row(row), file=say, flush=True)  # noqa: E731
-    rows = collect(args.arch, include_cuda=not args.no_cuda, scope=args.scope, jobs=args.jobs, kernels=kernels,
-                   progress=progress)
-    if kernels is not None and not rows:
-        raise SystemExit(f"--kernels: no kernel variant is named {', '.join(kernels)}")
-    table = format_table(rows, header_info(args.arch, command))
-    if args.out:
-        Path(args.out).write_text(table)
-    if args.json:
-        text = json.dumps(rows, indent=1)
-        if to_stdout:
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
-    if not args.quiet:
-        print("\n" + table, file=say)
-    return LIMITS_BROKEN if any(row_failures(r) for r in rows) else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastrank.kernel_report", description=__doc__.splitlines()[0])
-    _add_arguments(p)
-    return _cli(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["bench", "kernels", *sys.argv[1:]]))

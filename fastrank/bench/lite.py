@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fastrank import LiteScorer, lite_ref, lite_score
+from fastrank.nn import LiteScorer
+from fastrank.ops.lite import lite_ref, lite_score
 
 LQ, LD, ROW_HIDDEN, COL_HIDDEN = 30, 200, 2400, 360
 PROVIDERS = ("eager", "compile", "fastrank")
@@ -54,7 +55,7 @@ class LiteCase:
 
     def make(self, device: str, seed: int = 0):
         """Unit-norm random tokens; full queries, docs of random length in [ld/2, ld] behind d_mask."""
-        from fastrank.bench import pair_shapes, random_tokens
+        from fastrank.bench.maxsim import pair_shapes, random_tokens
 
         form = "rerank" if self.form == "rerank" else "grouped"  # LITE's "train" form is grouped pairs
         q_shape, d_shape = pair_shapes(form, self.queries, self.docs, self.lq, self.ld, self.h)
@@ -139,8 +140,8 @@ def default_providers(device: str, compile: bool) -> list[str]:
 
 
 def section(settings, probes) -> tuple[list[dict], list[str]]:
-    """`fastrank bench lite`: the CUDA cases (GPU) and the batch sweep, as :mod:`fastrank.bench_suite` rows."""
-    from fastrank.bench_suite import Shape, measure
+    """`fastrank bench lite`: the CUDA cases (GPU) and the batch sweep, as :mod:`fastrank.bench.suite` rows."""
+    from fastrank.bench.suite import Shape, measure
 
     device = settings.device
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32

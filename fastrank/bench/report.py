@@ -1,8 +1,8 @@
 """The page `fastrank bench all --out DIR` writes: report.md (tables), results.json, and PNG figures.
 
-The result is one dict (:func:`fastrank.bench_all.run_sections` builds it): the command, the machine
-(:func:`fastrank.machine.machine_info`), the ceilings measured at the start of the run, the rows of
-:mod:`fastrank.bench_suite`, the scaling fits and notes (why a section or a provider is missing). Every
+The result is one dict (:func:`fastrank.bench.all.run_sections` builds it): the command, the machine
+(:func:`fastrank.bench.machine.machine_info`), the ceilings measured at the start of the run, the rows of
+:mod:`fastrank.bench.suite`, the scaling fits and notes (why a section or a provider is missing). Every
 table and every picture starts with the machine and the command, so a figure copied out of the report
 still says where it was measured.
 
@@ -24,7 +24,7 @@ import textwrap
 from pathlib import Path
 from typing import Optional
 
-from fastrank.bench_suite import CEILING_LABELS
+from fastrank.bench.suite import CEILING_LABELS
 
 # What `--out DIR` receives, by name: report.md, results.json and the figures.
 REPORT_FILES = re.compile(r"report\.md|results\.json|roofline\.png|(scaling|speedup)_.+\.png")
@@ -251,3 +251,27 @@ def write(res: dict, out_dir: str | os.PathLike) -> tuple[Path, Optional[str]]:
     report = out / "report.md"
     report.write_text(markdown(res, figures, notice))
     return report, notice
+
+
+def print_report(res: dict, format_report, json_path: str | None, out: str | None = None,
+                 command: str | None = None) -> int:
+    """The ending every ``fastrank bench`` subcommand shares: stamp ``res`` with the command that made it;
+    print it as ``format_report`` lays it out, or as JSON instead when ``json_path`` is "-" (``--json``
+    without FILE); write the JSON to ``json_path`` otherwise, and ``out``/report.md plus ``out``/results.json
+    when ``out`` is given."""
+    import shlex
+    import sys
+
+    res["command"] = command or shlex.join(["fastrank", *sys.argv[1:]])
+    text = format_report(res)
+    as_json = json.dumps(res, indent=1, default=str)
+    print(as_json if json_path == "-" else text)
+    if json_path and json_path != "-":
+        Path(json_path).write_text(as_json + "\n")
+    if out:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "report.md").write_text(f"Command: `{res['command']}`\n\n{text}\n")
+        (folder / "results.json").write_text(as_json + "\n")
+        print(f"wrote {folder / 'report.md'}", file=sys.stderr)
+    return 0

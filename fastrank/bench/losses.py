@@ -69,7 +69,7 @@ def default_providers(device: str, compile: bool) -> list[str]:
 
 def section(settings, probes) -> tuple[list[dict], list[str]]:
     """`fastrank bench losses`: every loss at B=128, K=20 and the B x K sweep of margin_mse and softmax_ce."""
-    from fastrank.bench_suite import Shape, measure
+    from fastrank.bench.suite import Shape, measure
 
     if not settings.wants("float32"):
         return [], [f"losses: float32 only (the fused losses' benchmark dtype); --dtype {','.join(settings.dtypes)} "

@@ -7,11 +7,10 @@ resident set before the step (Linux VmHWM after resetting it) on CPU, or of
 ``torch.cuda.max_memory_allocated`` on CUDA, over the inputs already in memory, so one variant's caches
 cannot hide another's.
 
-``python -m fastrank.train.bench [--scorer maxsim lite] [--json FILE]`` prints the table.
+``fastrank bench train-step [--scorer maxsim lite] [--json [FILE]] [--out DIR]`` prints the table.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -20,9 +19,9 @@ import time
 
 import torch
 
-from fastrank.bench import time_interleaved
+from fastrank.bench.timing import time_interleaved
 from fastrank.train.config import TrainConfig
-from fastrank.train.loop import _World, group_loss
+from fastrank.train.loop import World, group_loss
 from fastrank.train.student import make_head
 
 BACKENDS = {"fastrank": None, "eager": "reference"}
@@ -43,7 +42,7 @@ class MaxSimOnly(torch.nn.Module):
     """MaxSim over tokens already projected and normalised (ColBERT's operator without its Linear layer)."""
 
     def score(self, q, q_mask, d, d_mask, backend=None):
-        from fastrank import maxsim
+        from fastrank.ops.maxsim import maxsim
 
         return maxsim(q.unsqueeze(1), d, q_mask.unsqueeze(1), d_mask, backend=backend)
 
@@ -71,12 +70,12 @@ def step_fn(scorer: str, backend: str | None, loss: tuple[str, ...], inputs, dev
         head.zero_grad(set_to_none=True)
         q.grad = d.grad = None
         with torch.autocast(torch.device(device).type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-            loss_value = group_loss(cfg, head, q, qm, d, dm, t, _World(), backend)
+            loss_value = group_loss(cfg, head, q, qm, d, dm, t, World(), backend)
         loss_value.backward()
     return step
 
 
-def _peak_in_this_process(scorer: str, backend: str | None, loss, b: int, k: int, device: str,
+def peak_in_this_process(scorer: str, backend: str | None, loss, b: int, k: int, device: str,
                           amp: str | None = None) -> int:
     inputs = make_inputs(b, k, device=device)
     fn = step_fn(scorer, backend, loss, inputs, device, getattr(torch, amp) if amp else None)
@@ -106,7 +105,7 @@ def _status_kib(field: str) -> int:
 def peak_memory(scorer: str, variant: str, loss, b: int, k: int, device: str = "cpu",
                 amp: torch.dtype | None = None) -> int:
     """Bytes the step adds at its peak, measured in a fresh process."""
-    code = ("import sys, json; from fastrank.train.bench import _peak_in_this_process as p; "
+    code = ("import sys, json; from fastrank.bench.train_step import peak_in_this_process as p; "
             f"print(json.dumps(p({scorer!r}, {BACKENDS[variant]!r}, {tuple(loss)!r}, {b}, {k}, {device!r}, "
             f"{str(amp).replace('torch.', '') if amp else None!r})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -115,7 +114,7 @@ def peak_memory(scorer: str, variant: str, loss, b: int, k: int, device: str = "
 
 def run(scorers=("maxsim-op", "maxsim", "lite"), losses=(("ce",), ("margin_mse",)), b: int = 32, k: int = 8, device: str = "cpu",
         rounds: int = 7, amp: torch.dtype | None = None) -> list[dict]:
-    from fastrank.machine import machine_info
+    from fastrank.bench.machine import machine_info
 
     rows = []
     inputs = make_inputs(b, k, device=device)
@@ -159,7 +158,7 @@ def whole_step(scorer: str, variant: str, loss=("ce",), b: int = 32, k: int = 8,
         d = encoder(input_ids=d_ids, attention_mask=dm.long()).last_hidden_state
         qd, dd = q.detach().requires_grad_(), d.detach().requires_grad_()
         t1 = time.perf_counter()
-        group_loss(cfg, head, qd, qm, dd, dm, t, _World(), backend).backward()
+        group_loss(cfg, head, qd, qm, dd, dm, t, World(), backend).backward()
         t2 = time.perf_counter()
         torch.autograd.backward([q, d], [qd.grad, dd.grad])
         opt.step()
@@ -171,6 +170,27 @@ def whole_step(scorer: str, variant: str, loss=("ce",), b: int = 32, k: int = 8,
     whole, sl = statistics.median(parts["whole"][1:]), statistics.median(parts["scorer_loss"][1:])
     return {"scorer": scorer, "variant": variant, "loss": "+".join(loss), "B": b, "K": k, "whole_s": whole,
             "scorer_loss_s": sl, "share": sl / whole}
+
+
+def measure(scorers=("maxsim-op", "maxsim", "lite"), *, b: int = 32, k: int = 8, device: str = "cpu",
+            rounds: int = 7, amp: torch.dtype | None = None, whole: bool = False) -> dict:
+    """The steps of :func:`run`, and with ``whole`` the whole fine-tuning steps of every scorer but the bare
+    operator: the result `fastrank bench train-step` prints and writes."""
+    from fastrank.bench.machine import machine_info
+
+    steps = run(tuple(scorers), b=b, k=k, device=device, rounds=rounds, amp=amp)
+    wholes = [whole_step(scorer, variant, b=b, k=k, device=device)
+              for scorer in scorers if whole and scorer != "maxsim-op" for variant in BACKENDS]
+    return {"machine": machine_info(device), "steps": steps, "whole_steps": wholes}
+
+
+def format_report(res: dict) -> str:
+    text = format_rows(res["steps"])
+    if res["whole_steps"]:
+        text += "\n\n| scorer | variant | whole step s | scorer+loss s | share |\n|---|---|---:|---:|---:|\n"
+        text += "\n".join(f"| {w['scorer']} | {w['variant']} | {w['whole_s']:.2f} | {w['scorer_loss_s']:.3f} | "
+                          f"{w['share']:.1%} |" for w in res["whole_steps"])
+    return text
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -186,36 +206,7 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scorer", nargs="+", default=["maxsim-op", "maxsim", "lite"],
-                   help="maxsim-op: the MaxSim operator and loss on projected tokens; maxsim: with ColBERT's "
-                        "Linear(384 -> 128) head; lite: LiteScorer")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--k", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--amp", choices=("bf16", "fp16"), help="time the steps under torch.autocast in this dtype")
-    p.add_argument("--whole", action="store_true",
-                   help="also time whole fine-tuning steps with all-MiniLM-L6-v2 (slow on a CPU: minutes)")
-    p.add_argument("--json")
-    args = p.parse_args(argv)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    rows = run(tuple(args.scorer), b=args.batch, k=args.k, device=args.device, rounds=args.rounds, amp=amp)
-    print(format_rows(rows))
-    whole = []
-    if args.whole:
-        print("\n| scorer | variant | whole step s | scorer+loss s | share |\n|---|---|---:|---:|---:|")
-        for scorer in [s for s in args.scorer if s != "maxsim-op"]:
-            for variant in BACKENDS:
-                w = whole_step(scorer, variant, b=args.batch, k=args.k, device=args.device)
-                whole.append(w)
-                print(f"| {scorer} | {variant} | {w['whole_s']:.2f} | {w['scorer_loss_s']:.3f} | {w['share']:.1%} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"steps": rows, "whole_steps": whole}, f, indent=1)
-    return 0
+if __name__ == "__main__":  # the entry point: the same as `fastrank bench train-step`
+    from fastrank.cli import main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", "train-step", *sys.argv[1:]]))

@@ -80,7 +80,7 @@ def check(got, want) -> None:
 
 def section(settings, probes) -> tuple[list[dict], list[str]]:
     """`fastrank bench index`: the flat corpus sweep and HNSW (and, in the full run, IVF-PQ) at one size."""
-    from fastrank.bench_suite import Shape, measure
+    from fastrank.bench.suite import Shape, measure
 
     if not faiss_installed():
         return [], [NO_FAISS]

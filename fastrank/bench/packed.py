@@ -17,15 +17,15 @@ Scores are checked against the padded path (and int8 against its dequantized ref
 """
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-from fastrank import machine
-from fastrank.bench import time_interleaved
+from fastrank.bench import machine
+from fastrank.bench.suite import Settings, Shape
+from fastrank.bench.timing import time_interleaved
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,10 +46,10 @@ class Workload:
 def dl19_workload(data: Optional[str] = None, model: Optional[str] = None) -> Workload:
     """Tokenizer lengths of the DL19 (or ``data``) queries and candidate passages."""
     from fastrank.data import load_trec_dl
-    from fastrank.encoders import DOC_MAX_LENGTH, QUERY_MAX_LENGTH, _transformers, default_model_path
+    from fastrank.encoders import DOC_MAX_LENGTH, QUERY_MAX_LENGTH, default_model_path, require_transformers
 
     rset = load_trec_dl(data)
-    tok = _transformers().AutoTokenizer.from_pretrained(str(model or default_model_path()))
+    tok = require_transformers().AutoTokenizer.from_pretrained(str(model or default_model_path()))
     qids = [q for q in rset.queries if rset.candidates.get(q)]
     pids = sorted({p for q in qids for p in rset.candidates[q]})
     prow = {p: i for i, p in enumerate(pids)}
@@ -82,12 +82,13 @@ def _padded(tokens, offsets, docs_i, dtype):
 def providers(tokens, offsets, queries, docs) -> tuple[dict[str, Callable[[], list]], dict]:
     """name -> a call scoring every query's candidates (returns the per-query scores), and the inputs'
     byte sizes for the report."""
-    from fastrank import maxsim, maxsim_packed, quantize_tokens
-    from fastrank.ops.maxsim import _maxsim_eager
+    from fastrank.ops.maxsim import maxsim
+    from fastrank.ops.maxsim_packed import maxsim_packed, quantize_tokens
+    from fastrank.ops.maxsim import maxsim_eager
 
     padded = [_padded(tokens, offsets, d, torch.float32) for d in docs]
     fns: dict[str, Callable[[], list]] = {
-        "eager (padded)": lambda: [_maxsim_eager(q, d, None, m) for q, (d, m) in zip(queries, padded)],
+        "eager (padded)": lambda: [maxsim_eager(q, d, None, m) for q, (d, m) in zip(queries, padded)],
         "padded": lambda: [maxsim(q, d, None, m) for q, (d, m) in zip(queries, padded)],
         "padded+pad": lambda: [maxsim(q, d, None, m) for q, (d, m) in
                                ((q, _padded(tokens, offsets, i, torch.float32)) for q, i in zip(queries, docs))],
@@ -111,7 +112,7 @@ def check(fns, tokens, offsets, queries, docs, extra) -> None:
     the dequantized tokens (exactly, or within the query's rounding bound where the kernel quantizes the
     query too: sum over query tokens of max|q_l| / 254 times the largest L1 norm of a document's rows);
     bfloat16/float16 within their input rounding."""
-    from fastrank import dequantize_tokens, maxsim_packed_ref
+    from fastrank.ops.maxsim_packed import dequantize_tokens, maxsim_packed_ref
 
     base = fns["padded"]()
     qi, scales = extra["int8"]
@@ -194,58 +195,44 @@ def format_report(res: dict) -> str:
     return "\n".join(lines)
 
 
-def add_cli(ops) -> None:
-    p = ops.add_parser("packed", help="MaxSim re-ranking of DL19 top-100 with real token lengths: packed "
-                                      "(float32, bfloat16, float16, int8) against padded and eager")
-    p.add_argument("--dims", default=None, help="comma-separated embedding widths H (default 384,128; 128 with --quick)")
-    p.add_argument("--data", help="a TREC DL folder (default: the embedded DL 2019 set)")
-    p.add_argument("--model", help="tokenizer directory (default: the packaged all-MiniLM-L6-v2)")
-    p.add_argument("--seconds", type=float, default=None,
-                   help="minimum timed seconds per provider (default 1; 0.3 with --quick)")
-    p.add_argument("--quick", action="store_true",
-                   help="H = 128 only, 0.3 s per provider (--dims and --seconds, when given, win)")
-    p.add_argument("--device", default="cpu", help="cpu (the workload is timed on CPU tensors; `fastrank bench maxsim "
-                                                   "--device cuda` covers the GPU kernels)")
-    p.add_argument("--dtype", default=None, help="comma-separated subset of float32,bfloat16,float16,int8 to keep in "
-                                                 "the report (default: all; eager and padded rows always stay)")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    p.add_argument("--out", metavar="DIR", help="also write report.md and results.json there")
-    p.set_defaults(func=_cli)
+# ------------------------------------------------------------------------------------------- bench all's section
+
+def suite_rows(res: dict) -> list[dict]:
+    """`fastrank bench packed`'s result as bench_suite rows (packed's own check ran before its timing)."""
+    from fastrank.bench.suite import base_row
+
+    rows = []
+    bf16_hw = res["machine"]["isa"] in ("avx512bf16", "amx")
+    for case in res["cases"]:
+        for r in case["rows"]:
+            name = r["provider"]
+            dtype = next((d for d in ("bfloat16", "float16", "int8") if d in name), "float32")
+            ceiling = "bf16_gemm_gflops" if dtype == "bfloat16" and bf16_hw else "sgemm_gflops"
+            shape = Shape("packed", f"DL19 top-100 H={case['H']}", dtype, res["workload"]["candidates"],
+                          ceiling=ceiling)
+            row = base_row(shape, name)
+            row.update(seconds=r["ms"] / 1e3, docs_per_s=r["docs_per_s"], ratio_to_eager=r["vs_eager"],
+                       eager_provider="eager (padded)", ceiling_fraction=r["gemm_fraction"],
+                       GFLOP_per_s=r["GFLOP_per_s"], GB_per_s=r["GB_per_s"],
+                       arithmetic_intensity=r["GFLOP_per_s"] / r["GB_per_s"] if r["GB_per_s"] else None,
+                       ceilings=case["ceilings"])
+            rows.append(row)
+    return rows
 
 
-_PACKED_DTYPES = ("float32", "bfloat16", "float16", "int8")
-
-
-def _cli(args) -> int:
-    # ValueError, not SystemExit: main prints it as `fastrank bench: error: ...` and exits 2, as every other
-    # command does, and all of it runs before the workload's tokenizer pass.
-    if args.device != "cpu":
-        raise ValueError(f"--device {args.device}: bench packed times the DL19 workload on CPU tensors only; "
-                         "`fastrank bench maxsim --device cuda` times the GPU kernels")
-    dims_text = args.dims or ("128" if args.quick else "384,128")
+def section(settings: Settings, probes) -> tuple[list[dict], list[str]]:
+    if settings.device.startswith("cuda"):
+        return [], ["packed: CPU only (the DL19 packed workload is timed on CPU tensors): skipped on --device cuda"]
+    if settings.tiny:
+        return [], ["packed: skipped in the tiny test run (it tokenizes DL19)"]
     try:
-        dims = [int(x) for x in dims_text.split(",") if x.strip()]
-    except ValueError:
-        dims = []
-    if not dims or min(dims) < 1:
-        raise ValueError(f"--dims: expected positive integers, got {dims_text!r}")
-    keep = None
-    if args.dtype:
-        keep = [d.strip() for d in args.dtype.split(",") if d.strip()]
-        if not keep or any(d not in _PACKED_DTYPES for d in keep):
-            raise ValueError(f"--dtype: expected a comma-separated subset of {','.join(_PACKED_DTYPES)}, got {args.dtype!r}")
-    # --quick sets defaults that explicit options override, as --dims already did and as `bench rerank`'s
-    # --quick yields to --max-queries and --rounds: a value the user typed is never dropped.
-    seconds = args.seconds if args.seconds is not None else (0.3 if args.quick else 1.0)
-    if not (math.isfinite(seconds) and seconds >= 0):
-        raise ValueError(f"--seconds: expected a finite number of seconds >= 0, got {args.seconds!r}")
-    res = run(dims, data=args.data, model=args.model, min_seconds=seconds)
-    if keep:
-        for case in res["cases"]:
-            # the baselines (eager, padded) are what every ratio is to: they stay
-            case["rows"] = [r for r in case["rows"] if not r["provider"].startswith("packed")
-                            or any(r["provider"].split()[1] == d for d in keep)]
-    from fastrank.bench import print_report
-    from fastrank.bench_all import command_line
+        import transformers  # noqa: F401 -- the workload's lengths come from the MiniLM tokenizer
+    except ImportError:
+        return [], ["packed: transformers is not installed (pip install 'fastrank[encoders]'): section skipped"]
+    try:
+        res = run((128,) if settings.quick else (384, 128), min_seconds=settings.min_seconds,
+                               progress=settings.progress)
+    except AssertionError as exc:  # a provider disagreed with the padded kernel: nothing of this section is timed
+        return [], [f"packed: REFUSED before timing: {exc}"]
+    return suite_rows(res), []
 
-    return print_report(res, format_report, args.json, args.out, command_line(args))

@@ -1,8 +1,8 @@
 """The measurement half of ``scripts/gpu_check.sh``: issue 13's GPU targets, side by side in one run.
 
 GPU time for this project comes in minutes, so everything here is prepared and checked on a CPU first:
-``python -m fastrank.gpu_check --device cpu --quick`` runs the same code on tiny shapes (the test suite
-does), and on a CUDA machine ``python -m fastrank.gpu_check --out DIR`` measures the target shapes:
+``fastrank bench gpu --device cpu --quick`` runs the same code on tiny shapes (the test suite
+does), and on a CUDA machine ``fastrank bench gpu --out DIR`` (or ``python -m fastrank.bench.gpu``) measures the target shapes:
 
 - MaxSim forward 1x100,000 and 1x1,000 (Lq=32, Ld=200, H=128, bf16): docs/s, TB/s of d read once and that
   as a fraction of the read bandwidth measured in the same run; against eager and torch.compile.
@@ -10,7 +10,7 @@ does), and on a CUDA machine ``python -m fastrank.gpu_check --out DIR`` measures
 - LITE forward 1x1,000 and forward+backward over 128 pairs, against the eager reference.
 - The fused losses forward+backward at B=128 K=20 against eager and torch.compile.
 - Registers, spills and shared memory of every Triton kernel compiled during the run, in the rows of
-  :mod:`fastrank.kernel_report`, so they compare line by line with the static table
+  :mod:`fastrank.bench.kernels`, so they compare line by line with the static table
   (benchmarks/results/kernels_sm90.md, compiled for sm_90 without a GPU).
 
 Every provider is checked against the reference before it is timed; a provider that cannot run says why in
@@ -19,19 +19,17 @@ says what it measured. Nothing here is a claim until it has run on a GPU: the fi
 """
 from __future__ import annotations
 
-import argparse
-import json
+import sys
 import time
-from pathlib import Path
-from typing import Callable
+from typing import Callable, TextIO
 
 import torch
 
 from fastrank import losses
-from fastrank.bench import time_call
-from fastrank.machine import machine_info, measure_ceilings
+from fastrank.bench.timing import time_call
+from fastrank.bench.machine import machine_info, measure_ceilings
 from fastrank.ops.lite import lite_ref, lite_score
-from fastrank.ops.maxsim import _maxsim_eager, maxsim, maxsim_ref
+from fastrank.ops.maxsim import maxsim_eager, maxsim, maxsim_ref
 
 COLUMNS = ("section", "case", "provider", "us", "per_s", "tb_s", "bw_fraction", "vs_eager", "peak_mib", "error", "note")
 
@@ -66,8 +64,8 @@ def _error(got, want) -> float:
 
 
 class Run:
-    def __init__(self, device: str, read_gbps: float | None):
-        self.device, self.read_gbps, self.rows = device, read_gbps, []
+    def __init__(self, device: str, read_gbps: float | None, say: TextIO):
+        self.device, self.read_gbps, self.rows, self.say = device, read_gbps, [], say
         self.time = _timer(device)
 
     def section(self, name: str, case: str, providers: dict, reference: Callable, *, items: int,
@@ -103,7 +101,7 @@ class Run:
 
     def _emit(self, row: dict) -> None:
         self.rows.append(row)
-        print(" | ".join(_fmt(row.get(c)) for c in COLUMNS), flush=True)
+        print(" | ".join(_fmt(row.get(c)) for c in COLUMNS), file=self.say, flush=True)
 
 
 def _fmt(v) -> str:
@@ -121,13 +119,14 @@ def _fwd_bwd(fn, *inputs):
     return run
 
 
-def measure(device: str = "cuda", quick: bool = False, compile: bool = True) -> dict:
+def measure(device: str = "cuda", quick: bool = False, compile: bool = True, say: TextIO = sys.stdout) -> dict:
+    """Every section's rows, printed to ``say`` as each is measured (a run cut short still says what it measured)."""
     dt = torch.bfloat16
     g = torch.Generator(device=device).manual_seed(0)
     ceilings = measure_ceilings(device, seconds=1.0 if quick else 2.5, gemm_n=256 if quick else 2048,
                                 copy_mb=8 if quick else 512, read_mb=8 if quick else 1024)
-    run = Run(device, ceilings["read_gbps"])
-    print(" | ".join(COLUMNS), flush=True)
+    run = Run(device, ceilings["read_gbps"], say)
+    print(" | ".join(COLUMNS), file=say, flush=True)
     lq, ld, h = (8, 24, 32) if quick else (32, 200, 128)
 
     def rand(*shape, dtype=dt, grad=False):
@@ -136,10 +135,10 @@ def measure(device: str = "cuda", quick: bool = False, compile: bool = True) -> 
     # MaxSim forward: the serving case, d streamed once.
     for n in ((64, 500) if quick else (100_000, 1_000)):
         q, d = rand(lq, h), rand(n, ld, h)
-        providers = {"eager": lambda: _maxsim_eager(q, d), "fastrank": lambda: maxsim(q, d),
+        providers = {"eager": lambda: maxsim_eager(q, d), "fastrank": lambda: maxsim(q, d),
                      "triton": lambda: maxsim(q, d, backend="triton"), "cpp": lambda: maxsim(q, d, backend="cpp")}
         if compile:
-            compiled = torch.compile(_maxsim_eager)
+            compiled = torch.compile(maxsim_eager)
             providers["compile"] = lambda: compiled(q, d)
         run.section("maxsim fwd", f"1x{n} Lq={lq} Ld={ld} H={h} bf16", providers, lambda: maxsim_ref(q, d),
                     items=n, bytes_read=d.numel() * d.element_size())
@@ -153,7 +152,7 @@ def measure(device: str = "cuda", quick: bool = False, compile: bool = True) -> 
         pairs = q.shape[0] * d.shape[1]
         case = f"{case.split()[0]} {q.shape[0]}x{d.shape[1]}"
         run.section("maxsim fwd+bwd", case, {
-            "eager": _fwd_bwd(lambda: _maxsim_eager(q, d), q, d),
+            "eager": _fwd_bwd(lambda: maxsim_eager(q, d), q, d),
             "fastrank": _fwd_bwd(lambda: maxsim(q, d), q, d),
         }, _fwd_bwd(lambda: maxsim_ref(q, d), q, d), items=pairs, memory=True, tol=0.5)
 
@@ -188,7 +187,7 @@ def measure(device: str = "cuda", quick: bool = False, compile: bool = True) -> 
 
 
 def kernel_resources() -> list[dict]:
-    """Every Triton kernel compiled and loaded in this process, as rows of :mod:`fastrank.kernel_report` (the
+    """Every Triton kernel compiled and loaded in this process, as rows of :mod:`fastrank.bench.kernels` (the
     static sm_80/sm_90 table's format, read here from the driver: n_regs, n_spills), so that the run's
     kernels and the static table compare row by row. Empty where nothing was compiled (CPU, interpreter)."""
     try:
@@ -196,7 +195,7 @@ def kernel_resources() -> list[dict]:
     except ImportError:
         return []
 
-    from fastrank import kernel_report
+    from fastrank.bench import kernels as kernel_report
     from fastrank.ops import lite as lite_ops, maxsim as maxsim_ops, maxsim_packed_triton as packed_ops
 
     out, seen = [], set()
@@ -204,7 +203,7 @@ def kernel_resources() -> list[dict]:
         for name, kernel in vars(module).items():
             if not isinstance(kernel, KernelInterface):
                 continue
-            for cache in getattr(kernel_report._jit_of(kernel), "device_caches", {}).values():
+            for cache in getattr(kernel_report.jit_of(kernel), "device_caches", {}).values():
                 for compiled in cache[0].values():
                     if id(compiled) not in seen and hasattr(compiled, "src"):
                         seen.add(id(compiled))
@@ -212,40 +211,25 @@ def kernel_resources() -> list[dict]:
     return out
 
 
-def write_markdown(res: dict, path: Path) -> None:
+def format_report(res: dict) -> str:
     m = res["machine"]
     lines = [f"# fastrank GPU check: {m.get('gpu', m['device'])}", "",
-             f"Measured by `scripts/gpu_check.sh` (fastrank.gpu_check) on {time.strftime('%Y-%m-%d')}: "
+             f"Measured by `scripts/gpu_check.sh` (fastrank.bench.gpu) on {time.strftime('%Y-%m-%d')}: "
              f"{m.get('gpu', 'no GPU')}, host CPU {m['cpu']}, torch {m['torch']}, commit {m['commit']}. "
              f"Read bandwidth measured in the same run: {res['ceilings']['read_gbps']:.1f} GB/s; copy "
              f"{res['ceilings']['copy_gbps']:.1f} GB/s (read+write).", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in res["rows"]]
     if res["kernels"]:
-        from fastrank.kernel_report import TABLE_HEAD, format_row
+        from fastrank.bench.kernels import TABLE_HEAD, format_row
 
         # The static table's columns (benchmarks/results/kernels_sm90.md), row for row.
         lines += ["", "Kernels this run compiled (registers and spilled bytes from the driver):", "", TABLE_HEAD]
         lines += [format_row(k) for k in res["kernels"]]
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastrank.gpu_check", description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="tiny shapes: checks the script itself (the test suite runs it)")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
-    p.add_argument("--out", help="directory for gpu_check.json and gpu_check.md")
-    args = p.parse_args(argv)
-    res = measure(args.device, quick=args.quick, compile=not args.no_compile)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "gpu_check.json").write_text(json.dumps(res, indent=1, default=str))
-        write_markdown(res, out / "gpu_check.md")
-        print(f"wrote {out / 'gpu_check.md'} and {out / 'gpu_check.json'}")
-    return 0
+if __name__ == "__main__":  # the entry point: the same as `fastrank bench gpu`
+    from fastrank.cli import main
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["bench", "gpu", *sys.argv[1:]]))
