@@ -543,8 +543,7 @@ def _add_train_step(ops) -> None:
     p.add_argument("--amp", choices=("bf16", "fp16"), default=None,
                    help="time the steps under torch.autocast in this dtype (default: no autocast)")
     p.add_argument("--whole", action="store_true",
-                   help="also time whole fine-tuning steps with all-MiniLM-L6-v2 (slow on a CPU: minutes) "
-                        "(default: off)")
+                   help="also time whole fine-tuning steps with all-MiniLM-L6-v2 (slow on a CPU: minutes)")
     p.set_defaults(func=_checked_out(_cli_train_step))
 
 
