@@ -6,8 +6,10 @@ import importlib
 import inspect
 import json
 import pkgutil
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -163,6 +165,9 @@ def test_every_kernel_dtype_and_autotune_config_fits_sm90():
     compiles, more than a cold CI run should spend."""
     rows = kr.collect(90, include_cuda=True, scope="quick")
     assert {r["module"] for r in rows} >= {"maxsim", "maxsim_packed_triton", "lite"}
+    if shutil.which("nvcc"):  # every CUDA source compiled, none dropped for want of a path
+        sources = {f"csrc/cuda/{p.name}" for p in (kr.ROOT / "csrc" / "cuda").glob("*.cu")}
+        assert sources and {r["config"] for r in rows if r["config"].startswith("csrc/cuda/")} == sources
     failures = [f"{r['module']}.{r['kernel']} {r['dtype']} {r['direction']} [{r['config']}]: {'; '.join(problems)}"
                 for r in rows if (problems := kr.row_failures(r))]
     assert not failures, f"{len(failures)} of {len(rows)} variants break the sm_90 limits:\n" + "\n".join(failures)
@@ -224,3 +229,13 @@ def test_float32_backward_with_64_token_queries_fits_sm80():
     assert len(fp32_lq64) >= 2, [r["config"] for r in rows]
     bad = [f"{r['kernel']} [{r['config']}]: {kr.row_failures(r)}" for r in fp32_lq64 if kr.row_failures(r)]
     assert not bad, "\n".join(bad)
+
+
+def test_the_report_compiles_this_checkouts_sources():
+    """The module moved into fastrank/bench/: the checkout it compiles csrc/ from must still be the repository
+    root (a path one level short found no .cu file and dropped every CUDA row without a failure)."""
+    from fastrank.bench import machine
+
+    root = Path(__file__).resolve().parent.parent
+    assert kr.ROOT == machine.SOURCE_ROOT == root
+    assert sorted((kr.ROOT / "csrc" / "cuda").glob("*.cu")) and (root / "pyproject.toml").is_file()

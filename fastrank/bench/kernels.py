@@ -45,7 +45,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-ROOT = Path(__file__).resolve().parents[1]
+from fastrank.bench.machine import SOURCE_ROOT as ROOT  # the checkout whose csrc/ is compiled
 
 # Per-thread registers and per-block shared memory, from the CUDA C++ Programming Guide, "Technical
 # Specifications per Compute Capability" table: "Maximum number of 32-bit registers per thread" is 255 for

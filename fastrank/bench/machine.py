@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
 import torch
 
@@ -65,11 +66,16 @@ def selected_isa() -> str:
     return cpu_isa.selected()
 
 
+# The source checkout an editable install runs from (pyproject.toml, csrc/ and fastrank/ side by side); in an
+# installed wheel, site-packages, where neither git nor csrc/ is found.
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
+
+
 def source_commit() -> str | None:
     """The git commit of the fastrank source tree this runs from (an editable install), if any."""
     import subprocess
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(SOURCE_ROOT)
     try:
         out = subprocess.run(["git", "-C", root, "rev-parse", "--short=10", "HEAD"], capture_output=True,
                              text=True, timeout=5)
