@@ -187,8 +187,16 @@ def add_index(sub) -> None:
                        description="Encode CORPUS and write an index to OUT. Dense by default (--kind picks the "
                                    "FAISS index); --tokens builds a TokenIndex for MaxSim: k-means centroids over "
                                    "the token vectors generate candidates, which are scored exactly.")
-    p.add_argument("corpus", help="BEIR corpus.jsonl or passage jsonl ({_id, title?, text})")
-    p.add_argument("out", help="directory to write the index to")
+    p.add_argument("corpus", nargs="?", help="BEIR corpus.jsonl, passage jsonl ({_id, title?, text}) or a TREC "
+                                             "collection .tsv (id<TAB>text); gzip is read as is")
+    p.add_argument("out", nargs="?", help="directory to write the index to; a token index (--tokens) is written "
+                                          "chunk by chunk, and re-running the same command on an interrupted build "
+                                          "resumes it")
+    p.add_argument("--verify", metavar="INDEX",
+                   help="instead of building: read every byte of the token index INDEX and check it against its "
+                        "checksums (a load checks sizes and stage 1 only, so that a large index loads in seconds; default: build, not verify)")
+    p.add_argument("--chunk-docs", type=int,
+                   help="token index: documents encoded and committed at a time (default 4096; memory grows with it)")
     p.add_argument("--kind", metavar="{flat,ivf_flat,ivf_pq,hnsw}", help="dense index only (default flat)")
     p.add_argument("--metric", choices=("ip", "l2"), help="dense index only (default ip; MaxSim is inner product)")
     p.add_argument("--tokens", action="store_true", help="index token embeddings for MaxSim (TokenIndex)")
@@ -196,8 +204,9 @@ def add_index(sub) -> None:
     p.add_argument("--seed", type=int, help="seed for IVF / PQ training and the token index's k-means (default 0; "
                                             "flat, hnsw and exhaustive token indexes train nothing)")
     g = p.add_argument_group("token index (--tokens) storage")
-    g.add_argument("--token-dtype", choices=("float16", "bfloat16", "int8"),
-                   help="how token vectors are stored and scored (default int8: half float16's size, the same "
+    g.add_argument("--token-dtype", choices=("float16", "bfloat16", "int8", "residual1", "residual2", "residual4"),
+                   help="how token vectors are stored and scored: residualB keeps a centroid code and B bits per "
+                        "dimension (PLAID-style, 36 bytes a token at H=128 and B=2); default int8: half float16's size, the same "
                         "SciFact nDCG@10)")
     g.add_argument("--ncentroids", type=int,
                    help="k-means centroids (default: the power of two nearest 4 sqrt(number of tokens))")
@@ -216,9 +225,26 @@ def _check_seed_is_used(args) -> None:
                          "nothing is seeded (the seed applies to ivf_flat and ivf_pq)")
 
 
+def cmd_verify_index(args) -> int:
+    from fastrank.index import TokenIndex
+
+    if args.corpus is not None or args.out is not None:
+        raise ValueError("--verify INDEX checks an index and builds nothing: drop CORPUS and OUT")
+    index = TokenIndex.load(args.verify, verify=True)
+    print(f"verified {args.verify}: {len(index)} documents, {index.num_tokens} tokens ({index.token_dtype}); every "
+          "byte matches its checksum")
+    return 0
+
+
 def cmd_index(args) -> int:
     import time
 
+    if args.verify is not None:
+        return cmd_verify_index(args)
+    if args.corpus is None or args.out is None:
+        raise ValueError("CORPUS and OUT are required (or --verify INDEX to check an index)")
+    if args.chunk_docs is not None and not args.tokens:
+        raise ValueError("--chunk-docs applies to token indexes only: add --tokens")
     from fastrank.data import read_corpus
     from fastrank.encoders import DOC_MAX_LENGTH, check_device
     from fastrank.index import KINDS, DenseIndex, TokenIndex
@@ -243,7 +269,7 @@ def cmd_index(args) -> int:
         raise ValueError(f"{', '.join(token_only)} apply to token indexes only: add --tokens")
     elif args.kind is not None and args.kind not in KINDS:
         raise ValueError(f"--kind: unknown index kind {args.kind!r}; expected one of {', '.join(KINDS)}")
-    _check_positive(args, "--max-length", "--ncentroids", "--nprobe", "--ndocs")
+    _check_positive(args, "--max-length", "--ncentroids", "--nprobe", "--ndocs", "--chunk-docs")
     _check_model_args(args)
     _check_max_length(args.max_length, args.model)
     _check_seed_is_used(args)
@@ -251,6 +277,8 @@ def cmd_index(args) -> int:
     # OUT is absent, empty or an index fastrank saved; replacing it removes only that index's files.
     check_not_inside(out, {"CORPUS": args.corpus})
     check_index_dir(out, label="OUT")
+    if args.tokens:
+        return _index_tokens_streamed(args, out)
     corpus = read_corpus(args.corpus)
     dense_dim, token_dim = _model_dims(args.model)
     device = check_device(args.device, "--device")
@@ -293,6 +321,65 @@ def cmd_index(args) -> int:
     print(f"encoded {len(index)} documents in {encoded - t0:.1f} s; built the index in {built - encoded:.1f} s; "
           f"saved in {time.perf_counter() - built:.1f} s")
     print(f"indexed {len(index)} documents ({kind}) into {out}")
+    return 0
+
+
+def _index_tokens_streamed(args, out: Path) -> int:
+    """``fastrank index --tokens``: read the corpus a chunk at a time, encode it, append it to OUT, commit;
+    an interrupted build resumes from its last commit when the same command runs again."""
+    import time
+
+    from fastrank.data import DataFormatError, corpus_chunks, count_lines
+    from fastrank.encoders import DOC_MAX_LENGTH, check_device
+    from fastrank.index.token_stream import DuplicateIdError, TokenIndexWriter
+
+    if args.exhaustive and args.token_dtype in ("residual1", "residual2", "residual4"):
+        raise ValueError(f"--token-dtype {args.token_dtype} and --exhaustive: residual tokens are coded against "
+                         "centroids; use another --token-dtype for an exhaustive index")
+    _, token_dim = _model_dims(args.model)
+    check_device(args.device, "--device")
+    max_length = args.max_length or DOC_MAX_LENGTH
+    chunk_docs = args.chunk_docs or 4096
+    model = None if args.model is None else os.path.relpath(Path(args.model).resolve(), out.resolve())
+    enc = _encoder(args)
+    info = {"format": ENCODER_FORMAT, "model": model, "model_name": Path(args.model or enc.path).name,
+            "tokens": True, "max_length": max_length, "pooling": enc.pooling}
+    # encoder.json is part of the build's options: resuming with another model or --max-length is refused.
+    writer = TokenIndexWriter(out, token_dim, token_dtype=args.token_dtype or "int8",
+                              stage1="exhaustive" if args.exhaustive else "centroids", ncentroids=args.ncentroids,
+                              nprobe=args.nprobe, ndocs=args.ndocs, seed=args.seed or 0,
+                              expected_documents=count_lines(args.corpus), label="OUT",
+                              attach={ENCODER_FILE: json.dumps(info, indent=1)}, replay=False)
+    with writer:
+        skip = writer.committed_documents
+        if skip:
+            print(f"resuming {out}: {skip} documents already indexed")
+        t0, encoding, encoded_docs = time.perf_counter(), 0.0, 0
+        for chunk in corpus_chunks(args.corpus, chunk_docs):
+            if skip >= len(chunk):
+                skip -= len(chunk)
+                continue
+            chunk, skip = chunk[skip:], 0
+            e0 = time.perf_counter()
+            tok = enc.encode([text for _, _, text in chunk], dense=False, tokens=True, max_length=max_length,
+                             progress=False).tokens
+            encoding += time.perf_counter() - e0
+            encoded_docs += len(chunk)
+            try:
+                writer.add(tok, [docid for _, docid, _ in chunk])
+            except DuplicateIdError as exc:
+                lineno = next(n for n, docid, _ in chunk if docid == exc.id)
+                raise DataFormatError(f"{args.corpus}:{lineno}: duplicate document id {exc.id!r} (each document "
+                                      "needs its own id)") from None
+        writer.finish()
+    from fastrank.index import TokenIndex
+
+    index = TokenIndex.load(out)
+    kind = f"tokens, {index.token_dtype}, " + ("exhaustive" if args.exhaustive else f"{index.ncentroids} centroids")
+    total = time.perf_counter() - t0
+    print(f"encoded {encoded_docs} documents in {encoding:.1f} s; built the index in {total - encoding:.1f} s "
+          "(written as it went)")
+    print(f"indexed {len(index)} documents ({kind}, {index.num_tokens} tokens) into {out}")
     return 0
 
 

@@ -314,6 +314,60 @@ def read_corpus(path: PathLike) -> dict[str, str]:
     return corpus
 
 
+def _tsv_records(path: PathLike) -> Iterator[tuple[int, str, str]]:
+    """``(lineno, id, text)`` of a TREC collection tsv (``id<TAB>text``, MS MARCO's collection.tsv) or
+    ``id<TAB>title<TAB>text``."""
+    for lineno, line in numbered_lines(path):
+        fields = line.split("\t")
+        if len(fields) not in (2, 3) or not fields[0].strip():
+            raise DataFormatError(f"{path}:{lineno}: expected id<TAB>text (or id<TAB>title<TAB>text), got "
+                                  f"{len(fields)} tab-separated fields")
+        text = fields[-1] if len(fields) == 2 or not fields[1].strip() else f"{fields[1].strip()} {fields[2]}"
+        yield lineno, fields[0].strip(), text
+
+
+def corpus_records(path: PathLike) -> Iterator[tuple[int, str, str]]:
+    """``(lineno, id, text)`` for each document of a corpus, read a line at a time (never whole): BEIR
+    ``corpus.jsonl`` or a passage jsonl (``{_id, title?, text}``, title prepended when present), or a TREC
+    collection ``.tsv`` (``id<TAB>text``); gzip read transparently."""
+    path = Path(path)
+    suffixes = [s.lower() for s in path.suffixes]
+    if ".tsv" in suffixes:
+        yield from _tsv_records(path)
+        return
+    for lineno, docid, rec in _jsonl_records(path, need_text=True):
+        title = (rec.get("title") or "").strip()
+        yield lineno, docid, f"{title} {rec['text']}" if title else rec["text"]
+
+
+def corpus_chunks(path: PathLike, chunk_docs: int) -> Iterator[list[tuple[int, str, str]]]:
+    """:func:`corpus_records` in lists of ``chunk_docs`` (the last may be shorter): what a streamed index
+    build encodes and commits at a time. An empty corpus is an error naming the file."""
+    chunk: list[tuple[int, str, str]] = []
+    empty = True
+    for record in corpus_records(path):
+        chunk.append(record)
+        empty = False
+        if len(chunk) == chunk_docs:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+    if empty:
+        raise DataFormatError(f"{path}: no documents found")
+
+
+def count_lines(path: PathLike) -> int:
+    """Lines of a (possibly gzipped) file, counted on bytes at disk speed: an upper bound on its documents,
+    for a progress bar's ETA."""
+    n, last = 0, b"\n"
+    with _open_binary(Path(path)) as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            n += block.count(b"\n")
+            last = block
+    return n + (0 if last.endswith(b"\n") else 1)
+
+
 @dataclass
 class RetrievalSet:
     """A full-retrieval benchmark: judged queries over a corpus (BEIR layout)."""

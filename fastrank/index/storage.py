@@ -28,7 +28,7 @@ WRITER = "fastrank"
 # Formats whose directories a save may replace: a dense index may become a token index and back.
 INDEX_FORMATS = ("fastrank.DenseIndex", "fastrank.TokenIndex")
 # A file being written by a save: ".<name>.partial-<pid>-<8 hex>" (data.atomic_output names its files so too).
-_PARTIAL = re.compile(r"\..+\.partial-(\d+)-[0-9a-f]{8}")
+PARTIAL_NAME = re.compile(r"\..+\.partial-(\d+)-[0-9a-f]{8}")
 
 
 class IndexFormatError(ValueError):
@@ -157,8 +157,13 @@ def check_ids(ids_file: Path, ids, count: int, count_field: str, id_type: str | 
 
 
 # -- writing and replacing an index directory ----------------------------------------------------------
+# Where a streamed build that will replace a complete index is written until it is complete
+# (fastrank.index.token_stream): inside the directory, so that it is on the same filesystem for the renames.
+STAGING_DIR = ".fastrank-building"
+
+
 def _is_partial(name: str) -> bool:
-    return _PARTIAL.fullmatch(name) is not None
+    return PARTIAL_NAME.fullmatch(name) is not None or name == STAGING_DIR
 
 
 def _owned_by_manifest(path: Path) -> set[str] | None:
@@ -179,7 +184,11 @@ def _owned_by_manifest(path: Path) -> set[str] | None:
     if "written_by" in meta or "meta_sha256" in meta:
         if meta.get("written_by") != WRITER or meta.get("meta_sha256") != meta_checksum(meta):
             return None
-    return {META, *sums}
+    # A streamed index (fastrank.index.columns) also owns its column files, complete or still being built.
+    columns = meta.get("columns", {})
+    if not isinstance(columns, dict) or not all(_is_plain_name(name) for name in columns):
+        return None
+    return {META, *sums, *columns}
 
 
 def check_index_dir(path: str | os.PathLike, names: Iterable[str] = (), label: str = "path") -> set[str]:
@@ -216,7 +225,7 @@ def check_not_inside(path: str | os.PathLike, inputs: dict[str, str | os.PathLik
             raise ValueError(f"{name} {value}: inside {label} {path}; keep inputs out of the index directory")
 
 
-def _fsync(path: Path, directory: bool = False) -> None:
+def fsync_path(path: Path, directory: bool = False) -> None:
     if directory and not hasattr(os, "O_DIRECTORY"):
         return  # Windows cannot open a directory to sync it
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
@@ -226,7 +235,8 @@ def _fsync(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
-def _partial_name(path: Path, name: str) -> Path:
+def partial_name(path: Path, name: str) -> Path:
+    """A new empty temporary file in ``path`` for staging ``name`` (a crash leaves it recognisably partial)."""
     for _ in range(100):
         tmp = path / f".{name}.partial-{os.getpid()}-{os.urandom(4).hex()}"
         try:
@@ -267,14 +277,14 @@ def save_index_dir(path: str | os.PathLike, writers: dict[str, Callable[[Path], 
     renamed: list[str] = []
     try:
         for name, write in writers.items():
-            staged[name] = _partial_name(path, name)
+            staged[name] = partial_name(path, name)
             write(staged[name])
-            _fsync(staged[name])
+            fsync_path(staged[name])
         meta = meta | {"written_by": WRITER, "sha256": {name: sha256_file(tmp) for name, tmp in staged.items()}}
         meta["meta_sha256"] = meta_checksum(meta)
-        staged[META] = _partial_name(path, META)
+        staged[META] = partial_name(path, META)
         staged[META].write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        _fsync(staged[META])
+        fsync_path(staged[META])
         # meta.json, staged last, is renamed last: until then a reader finds the old manifest, whose
         # checksums refuse any file already replaced.
         for name, tmp in staged.items():
@@ -294,7 +304,7 @@ def save_index_dir(path: str | os.PathLike, writers: dict[str, Callable[[Path], 
             except OSError:
                 pass  # not empty: the old index's files, or files created meanwhile, stay
         raise
-    _fsync(path, directory=True)
+    fsync_path(path, directory=True)
     for name in sorted(old - set(staged)):
         if (path / name).is_file():  # never a directory, whatever an old manifest says
             (path / name).unlink()

@@ -56,6 +56,18 @@ LEGACY_VERSION = 2
 REBUILD_HINT = "rebuild with `fastrank index --tokens CORPUS OUT` (or TokenIndex(...).add(...).save(...))"
 
 TOKEN_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
+# PLAID-style residual storage (issue 24): a centroid code and b bits per dimension; built by streaming
+# (fastrank.index.token_stream.TokenIndexWriter, `fastrank index --token-dtype residual2`).
+RESIDUAL_DTYPES = ("residual1", "residual2", "residual4")
+ALL_TOKEN_DTYPES = (*TOKEN_DTYPES, *RESIDUAL_DTYPES)
+# The streamed layout (column files under a commit manifest, fastrank.index.columns): its own version, read
+# beside the saved-by-save() layout of FORMAT_VERSION.
+STREAM_VERSION = 4
+
+
+def residual_bits(token_dtype: str) -> int | None:
+    """``b`` of a ``residual<b>`` token dtype, else None."""
+    return int(token_dtype[8:]) if token_dtype in RESIDUAL_DTYPES else None
 STAGE1 = ("centroids", "exhaustive")
 
 # Defaults measured on BEIR SciFact (5,183 abstracts, 1.01M MiniLM tokens, H=384, 4,096 centroids) against
@@ -89,7 +101,7 @@ def default_ncentroids(num_tokens: int) -> int:
     return int(c)
 
 
-def _as_token_embeddings(tokens, name: str) -> TokenEmbeddings:
+def as_token_embeddings(tokens, name: str) -> TokenEmbeddings:
     if isinstance(tokens, TokenEmbeddings):
         return tokens
     if isinstance(tokens, (tuple, list)) and len(tokens) == 2:
@@ -185,8 +197,13 @@ class TokenIndex:
                  ncentroids: int | None = None, nprobe: int = DEFAULT_NPROBE, ndocs: int | None = None,
                  seed: int = 0, device: str | torch.device = "cpu"):
         self.dim = _positive_int(dim, "dim")
+        if token_dtype in RESIDUAL_DTYPES:
+            raise ValueError(f"token_dtype {token_dtype!r}: residual tokens are coded against centroids trained on the "
+                             "stream, so they are built by streaming to disk: fastrank.index.token_stream."
+                             "build_token_index / TokenIndexWriter, or `fastrank index --tokens --token-dtype "
+                             f"{token_dtype}`; then TokenIndex.load(path)")
         if token_dtype not in TOKEN_DTYPES:
-            raise ValueError(f"token_dtype must be one of {tuple(TOKEN_DTYPES)}, got {token_dtype!r}")
+            raise ValueError(f"token_dtype must be one of {ALL_TOKEN_DTYPES}, got {token_dtype!r}")
         if stage1 not in STAGE1:
             raise ValueError(f"stage1 must be one of {STAGE1}, got {stage1!r}")
         if stage1 == "exhaustive" and ncentroids is not None:
@@ -246,6 +263,11 @@ class TokenIndex:
     @property
     def documents(self) -> TokenEmbeddings:
         """The stored document tokens (int8 storage comes back dequantized, float32)."""
+        if self._codec is not None:
+            from fastrank.ops.residual import decompress_residuals
+
+            return TokenEmbeddings(decompress_residuals(self._tokens, self._codes, self._centroids, self._codec[1],
+                                                        residual_bits(self.token_dtype)), self._offsets)
         if self._scales is None:
             return TokenEmbeddings(self._tokens, self._offsets)
         from fastrank.ops.maxsim_packed import dequantize_tokens
@@ -258,10 +280,12 @@ class TokenIndex:
 
         Tokens are converted to the storage dtype. Once stage 1 is built, new tokens are assigned to its
         centroids here (``progress`` shows that); before, :meth:`build` does the work."""
-        tok = _as_token_embeddings(tokens, "tokens")
+        tok = as_token_embeddings(tokens, "tokens")
         n = len(tok)
         if n == 0:
             raise ValueError("tokens holds no document: nothing to add")
+        if self._mapped:
+            self._copy_into_memory()
         if tok.vectors.shape[1] != self.dim:
             raise ValueError(f"tokens have dim {tok.vectors.shape[1]}, the index has dim {self.dim}")
         if ids is None:
@@ -274,7 +298,7 @@ class TokenIndex:
             self._ids_seen = set(self._ids)
         check_unique_ids(ids, self._ids_seen)
         vectors = tok.vectors.detach()
-        check_finite_rows(vectors, "tokens", _token_row_of(tok.offsets, "document"))
+        check_finite_rows(vectors, "tokens", token_row_of(tok.offsets, "document"))
         first_new = self.num_tokens
         if self._scales is not None:
             from fastrank.ops.maxsim_packed import quantize_tokens
@@ -297,6 +321,23 @@ class TokenIndex:
         if self._centroids is not None:
             self._codes = torch.cat([self._codes, self._assign(first_new, self.num_tokens, progress)])
         return self
+
+    def _copy_into_memory(self) -> None:
+        """Before changing a streamed index: its mapped arrays become arrays in RAM (the files stay as they
+        are; :meth:`save` writes the changed index elsewhere or over them)."""
+        if self._codec is not None:
+            raise ValueError(f"add: a {self.token_dtype} index is extended by streaming (TokenIndexWriter into a new "
+                             "directory), not in memory")
+        self._tokens = self._tokens.clone()
+        self._scales = None if self._scales is None else self._scales.clone()
+        self._offsets = self._offsets.clone()
+        self._ids = list(self._ids)
+        self._ids_seen = set(self._ids)
+        if self._centroids is not None:
+            self._codes = self._codes.to(torch.int32)
+            self._ivf_offsets = self._ivf_offsets.clone()
+            self._ivf_docs = self._ivf_docs.clone()
+        self._mapped = False
 
     # -- stage 1: build ---------------------------------------------------------------------------------
     def build(self, *, progress: bool = True) -> "TokenIndex":
@@ -379,7 +420,7 @@ class TokenIndex:
         Returns ``(scores (Q, k) float32 numpy, ids (Q, k) object array)``; ``None`` ids and ``-inf`` scores
         pad a query with fewer than ``k`` candidates (or a corpus of fewer than ``k`` documents).
         """
-        q = _as_token_embeddings(queries, "queries")
+        q = as_token_embeddings(queries, "queries")
         k = _positive_int(k, "k")
         nprobe = self.nprobe if nprobe is None else _positive_int(nprobe, "nprobe")
         ndocs = self.ndocs_for(k, ndocs)
@@ -395,7 +436,7 @@ class TokenIndex:
         empty = torch.nonzero(q.lengths == 0)
         if empty.numel():
             raise ValueError(f"queries: query {int(empty[0, 0])} has no tokens")
-        check_finite_rows(q.vectors.detach(), "queries", _token_row_of(q.offsets, "query"))
+        check_finite_rows(q.vectors.detach(), "queries", token_row_of(q.offsets, "query"))
         if not exhaustive:
             self.build(progress=progress)
         nq = len(q)
@@ -420,10 +461,15 @@ class TokenIndex:
                 top = torch.topk(s, min(k, s.numel()))
                 pos = top.indices if docs is None else docs[top.indices]
                 scores[i, :top.values.numel()] = top.values.cpu().numpy()
-                ids[i, :top.values.numel()] = self._id_table()[pos.cpu().numpy()]
+                ids[i, :top.values.numel()] = self._lookup_ids(pos.cpu().numpy())
                 bar.update()
         bar.close()
         return scores, ids
+
+    def _lookup_ids(self, positions: np.ndarray) -> np.ndarray:
+        if isinstance(self._ids, StoredIds):
+            return self._ids.lookup(positions)
+        return self._id_table()[positions]
 
     def _id_table(self) -> np.ndarray:
         if self._id_array is None or len(self._id_array) != len(self._ids):
@@ -476,7 +522,7 @@ class TokenIndex:
         return out
 
     def _query_for_storage(self, q: torch.Tensor) -> torch.Tensor:
-        return q if self._scales is not None else q.to(self._tokens.dtype)
+        return q if self._scales is not None or self._codec is not None else q.to(self._tokens.dtype)
 
     def _score(self, q: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
         """Exact MaxSim of one query (Lq, H) float32 against documents ``docs``, scored in place in the store
@@ -486,6 +532,11 @@ class TokenIndex:
 
         if docs.numel() == 0:
             return torch.empty(0, device=q.device)
+        if self._codec is not None:
+            from fastrank.ops.maxsim_residual import maxsim_residual
+
+            return maxsim_residual(q, self._tokens, self._codes, self._offsets, self._centroids, self._codec[1],
+                                   nbits=residual_bits(self.token_dtype), docs=docs)
         return maxsim_packed(self._query_for_storage(q), self._tokens, self._offsets, scales=self._scales, docs=docs)
 
     def _score_all(self, q: torch.Tensor) -> torch.Tensor:
@@ -497,6 +548,12 @@ class TokenIndex:
         out = torch.empty(len(self), dtype=torch.float32, device=q.device)
         for a, b in itertools.pairwise(self._chunk_bounds()):
             t0, t1 = int(self._offsets[a]), int(self._offsets[b])
+            if self._codec is not None:
+                from fastrank.ops.maxsim_residual import maxsim_residual
+
+                out[a:b] = maxsim_residual(q, self._tokens[t0:t1], self._codes[t0:t1], self._offsets[a:b + 1] - t0,
+                                           self._centroids, self._codec[1], nbits=residual_bits(self.token_dtype))
+                continue
             scales = self._scales[t0:t1] if self._scales is not None else None
             out[a:b] = maxsim_packed(qs, self._tokens[t0:t1], self._offsets[a:b + 1] - t0, scales=scales)
         return out
@@ -511,7 +568,7 @@ class TokenIndex:
 
     def to_run(self, qids: Sequence[str], queries, k: int = 100, **kw) -> dict[str, dict[str, float]]:
         """Search and return a run ``{qid: {docid: score}}`` (ids as strings); ``kw`` go to :meth:`search`."""
-        q = _as_token_embeddings(queries, "queries")
+        q = as_token_embeddings(queries, "queries")
         if len(qids) != len(q):
             raise ValueError(f"qids has {len(qids)} entries for {len(q)} queries")
         scores, ids = self.search(q, k, **kw)
@@ -538,6 +595,11 @@ class TokenIndex:
         save would overwrite is an error). A reader sees the old index or the new one, never a mix."""
         if len(self) == 0:
             raise ValueError("the index is empty: nothing to save")
+        if self._codec is not None:
+            raise ValueError(f"save: a {self.token_dtype} index lives in the directory it was streamed to; copy that "
+                             "directory to keep another copy")
+        if self._mapped:
+            self._copy_into_memory()
         self.build(progress=progress)
         tokens = self._tokens.cpu()
         arrays = {"tokens.npy": (tokens.view(torch.int16) if tokens.dtype == torch.bfloat16 else tokens).numpy(),
@@ -555,11 +617,29 @@ class TokenIndex:
                 "ncentroids": self.ncentroids, "nprobe": self.nprobe, "ndocs": self.ndocs, "seed": self.seed}
         return save_index_dir(path, writers, meta, attach)
 
+    _mapped = False  # arrays mapped from a streamed index: add() copies them into RAM first
+    _codec: tuple[torch.Tensor, torch.Tensor] | None = None  # residual storage: (cutoffs, weights)
+
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> "TokenIndex":
-        """Read an index written by :meth:`save`. A missing, corrupt or inconsistent file, or an index in an
-        older format, is an :class:`IndexFormatError` naming it (and saying how to rebuild)."""
+    def _load_streamed(cls, path, **kw) -> "TokenIndex":
+        return _load_streamed(cls, path, **kw)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu", mmap: bool = True,
+             verify: bool = False) -> "TokenIndex":
+        """Read an index written by :meth:`save` or built by streaming (:class:`~fastrank.index.token_stream.
+        TokenIndexWriter`, ``fastrank index``). A missing, corrupt or inconsistent file, or an index in an
+        older format, is an :class:`IndexFormatError` naming it (and saying how to rebuild).
+
+        A streamed index is memory-mapped (``mmap=True``, on CPU): loading reads meta.json, the offsets and
+        stage 1 (centroids, inverted-list offsets), never the tokens, and a search reads only its candidates'
+        pages. Its checksums are per chunk: ``verify=True`` (or ``fastrank index --verify``) reads the whole
+        index once and checks every byte; without it a load checks file sizes, meta.json's own checksum and
+        the small files', and the kernels check every centroid code and offset they read. ``mmap=False`` reads
+        everything into RAM. An index written by :meth:`save` is read whole and verified whole, as before."""
         path = Path(path)
+        if read_meta(path, FORMAT).get("version") == STREAM_VERSION:
+            return cls._load_streamed(path, device=device, mmap=mmap, verify=verify)
         meta = _read_meta(path)
         names = ["tokens.npy", "offsets.npy", "ids.json"]
         names += ["scales.npy"] if meta["token_dtype"] == "int8" else []
@@ -609,6 +689,131 @@ class TokenIndex:
         return self
 
 
+_STREAM_REQUIRED = ("state", "dim", "documents", "tokens", "token_dtype", "stage1", "ncentroids", "nprobe", "ndocs",
+                    "seed", "columns", "column_types", "chunks", "sha256")
+
+
+def _load_streamed(cls, path: Path, *, device, mmap: bool, verify: bool) -> "TokenIndex":
+    from fastrank.index import columns
+
+    meta_file = path / META
+    meta = read_meta(path, FORMAT, ("state",), STREAM_VERSION)
+    if meta["state"] != "complete":
+        done = sum(c.get("documents", 0) for c in meta.get("chunks", []) if isinstance(c, dict))
+        raise IndexFormatError(f"{path}: a build still in progress ({done} documents committed), not an index yet; "
+                               "re-run the same `fastrank index` command (or TokenIndexWriter) to resume and finish it")
+    missing = [k for k in _STREAM_REQUIRED if k not in meta]
+    if missing:
+        raise IndexFormatError(f"{meta_file}: missing {', '.join(missing)}")
+    meta_field(meta_file, meta, "dim", positive_int, "a positive integer")
+    n = meta_field(meta_file, meta, "documents", positive_int, "a positive integer")
+    t = meta_field(meta_file, meta, "tokens", lambda v: is_int(v) and v >= 0, "a non-negative integer")
+    dtype = meta_field(meta_file, meta, "token_dtype", lambda v: v in ALL_TOKEN_DTYPES, f"one of {ALL_TOKEN_DTYPES}")
+    stage1 = meta_field(meta_file, meta, "stage1", lambda v: v in STAGE1, f"one of {STAGE1}")
+    if stage1 == "centroids":
+        meta_field(meta_file, meta, "ncentroids", positive_int, "a positive integer")
+    meta_field(meta_file, meta, "nprobe", positive_int, "a positive integer")
+    meta_field(meta_file, meta, "ndocs", optional_positive_int, "null or a positive integer")
+    meta_field(meta_file, meta, "seed", is_int, "an integer")
+    verify_meta_checksum(path, meta)
+    verify_files(path, meta, [])  # the small files: centroids, codec, list offsets, attached files
+    if verify:
+        columns.verify(path, meta, progress=True)
+    arrays = columns.map_columns(path, meta, mmap=mmap and torch.device(device).type == "cpu")
+    h = meta["dim"]
+    bits = residual_bits(dtype)
+    width = h * bits // 8 if bits else h
+
+    def column(name: str, rows: int, row_width: int = 1) -> np.ndarray:
+        arr = arrays.get(name)
+        if arr is None:
+            raise IndexFormatError(f"{path}: missing {name}")
+        shape = (rows, row_width) if row_width != 1 else (rows,)
+        if arr.shape != shape:
+            raise IndexFormatError(f"{path / name}: shape {arr.shape}, meta.json implies {shape}")
+        return arr
+
+    self = cls.__new__(cls)
+    try:
+        TokenIndex.__init__(self, h, token_dtype="int8" if bits else dtype, stage1=stage1,
+                            ncentroids=meta["ncentroids"], nprobe=meta["nprobe"], ndocs=meta["ndocs"],
+                            seed=meta["seed"], device=device)
+    except ValueError as exc:
+        raise IndexFormatError(f"{meta_file}: {exc}") from None
+    self.token_dtype = dtype
+    dev = self.device
+    tokens = columns.as_tensor(column("tokens.bin", t, width))
+    self._tokens = (tokens.view(torch.bfloat16) if dtype == "bfloat16" else tokens).to(dev)
+    self._scales = columns.as_tensor(column("scales.bin", t)).to(dev) if dtype == "int8" else None
+    offsets = columns.as_tensor(column("offsets.bin", n + 1))
+    if int(offsets[0]) != 0 or int(offsets[-1]) != t or bool((offsets[1:] < offsets[:-1]).any()):
+        raise IndexFormatError(f"{path / 'offsets.bin'}: not non-decreasing offsets from 0 to {t}")
+    self._offsets = offsets.to(dev)
+    id_offsets = column("id_offsets.bin", n + 1)
+    ids = column("ids.bin", int(id_offsets[-1]) if id_offsets.size else 0)
+    if int(id_offsets[0]) != 0 or bool((np.diff(id_offsets) <= 0).any()):
+        raise IndexFormatError(f"{path / 'id_offsets.bin'}: not increasing offsets from 0")
+    self._ids = StoredIds(ids, id_offsets, path / "ids.bin")
+    if stage1 == "centroids":
+        c = meta["ncentroids"]
+        self._centroids = torch.from_numpy(_small_array(path, "centroids.npy", (c, h), np.float32)).to(dev)
+        self._codes = columns.as_tensor(column("codes.bin", t)).to(dev)
+        ivf_offsets = _small_array(path, "ivf_offsets.npy", (c + 1,), np.int64)
+        ivf_docs = arrays.get("ivf_docs.bin")
+        if ivf_docs is None or ivf_offsets[0] != 0 or ivf_offsets[-1] != ivf_docs.shape[0] \
+                or bool((np.diff(ivf_offsets) < 0).any()):
+            raise IndexFormatError(f"{path / 'ivf_offsets.npy'}: the inverted lists' offsets do not span ivf_docs.bin")
+        self._ivf_offsets = torch.from_numpy(ivf_offsets).to(dev)
+        self._ivf_docs = columns.as_tensor(ivf_docs).to(dev)
+        if bits:
+            nb = 2 ** bits
+            codec = _small_array(path, "codec.npy", (2 * nb - 1,), np.float32)
+            self._codec = (torch.from_numpy(codec[:nb - 1].copy()).to(dev), torch.from_numpy(codec[nb - 1:].copy()).to(dev))
+    self._mapped = True
+    return self
+
+
+def _small_array(path: Path, name: str, shape: tuple, dtype) -> np.ndarray:
+    try:
+        arr = np.load(path / name, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise IndexFormatError(f"{path / name}: not a readable .npy file ({exc})") from None
+    if arr.shape != shape or arr.dtype != dtype:
+        raise IndexFormatError(f"{path / name}: {arr.dtype} {arr.shape}, meta.json implies {np.dtype(dtype)} {shape}")
+    return arr
+
+
+class StoredIds:
+    """The ids of a streamed index, read from ``ids.bin`` (each id's JSON) only where a search returns them."""
+
+    def __init__(self, data: np.ndarray, offsets: np.ndarray, where: Path):
+        self.data, self.offsets, self.where = data, offsets, where
+
+    def __len__(self) -> int:
+        return self.offsets.shape[0] - 1
+
+    def _one(self, i: int):
+        raw = bytes(self.data[int(self.offsets[i]):int(self.offsets[i + 1])])
+        try:
+            value = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            value = None
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise IndexFormatError(f"{self.where}: id {i} is not a JSON string or integer")
+        return value
+
+    def __getitem__(self, i: int):
+        return self._one(range(len(self))[i])
+
+    def __iter__(self):
+        return (self._one(i) for i in range(len(self)))
+
+    def lookup(self, positions: np.ndarray) -> np.ndarray:
+        out = np.empty(len(positions), dtype=object)
+        out[:] = [self._one(int(p)) for p in positions]
+        return out
+
+
 _REQUIRED = ("dim", "documents", "tokens", "token_dtype", "stage1", "ncentroids", "nprobe", "ndocs", "seed", "sha256")
 
 
@@ -635,7 +840,7 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
-def _token_row_of(offsets: torch.Tensor, unit: str):
+def token_row_of(offsets: torch.Tensor, unit: str):
     """Describes token row ``r`` of a packed batch as the ``unit`` (document, query) it belongs to."""
     def describe(row: int) -> str:
         owner = int(torch.searchsorted(offsets.cpu(), torch.tensor(row), right=True)) - 1

@@ -1,0 +1,386 @@
+"""Append-only column files under an atomic manifest: how an index larger than RAM is written and read.
+
+A streamed build appends each chunk of documents to a few raw column files (``tokens.bin``, ``codes.bin``,
+``offsets.bin``, ...), fsyncs them, and only then publishes, by an atomic rename of ``meta.json``, how many
+rows of each column are committed, with the sha256 of the bytes each chunk added. This is Lucene's commit
+applied to columns: whatever happens between two commits (SIGKILL, a power cut, a full disk) leaves the last
+``meta.json`` in place, and bytes past its committed lengths are an uncommitted tail that a resumed build
+truncates before it appends again. A reader maps exactly the committed rows, so a half-written chunk is
+never read as data, and a build still in progress (``state: "building"``) is refused as an index.
+
+Small files written once (centroids, the residual codec, the inverted lists' offsets) are staged under a
+temporary name, fsynced and renamed, and their whole-file sha256 goes into the manifest's ``sha256`` at the
+next commit, as :mod:`fastrank.index.storage` does for a saved index. Column files are never rehashed whole:
+each chunk's sha256 per column is recorded, so ``verify`` can check an index without the manifest growing
+with anything but the number of chunks, and a load need not read the columns at all (see :func:`verify`).
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from fastrank.index.storage import (META, PARTIAL_NAME, WRITER, IndexFormatError, check_index_dir, fsync_path, meta_checksum,
+                                    partial_name, sha256_file)
+
+# A chunk's per-column sha256 is recorded in the manifest; verify re-reads in blocks of this many bytes.
+_READ_BLOCK = 1 << 24
+
+
+class DiskFullError(OSError):
+    """The disk filled while a chunk was being written; the last committed state is kept and resumable."""
+
+
+def _disk_full_message(path: Path, what: str, committed: int) -> str:
+    return (f"{path}: no space left on the device while writing {what}; the index keeps its last committed state "
+            f"({committed} documents) and the same command resumes from there once space is freed")
+
+
+class ColumnWriter:
+    """Appends chunks of rows to the column files of directory ``path`` and commits them.
+
+    ``columns`` maps each file name to ``(numpy dtype name, row width)``. ``header`` holds what the build
+    was started with (the index's parameters); a build resumed on a directory whose header differs is
+    refused, naming the first differing option. ``format`` names the index kind for the manifest.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, format: str, version: int, columns: dict[str, tuple[str, int]],
+                 header: dict, label: str = "path"):
+        self.path = Path(path)
+        self.format, self.version, self.label = format, version, label
+        self.columns = {name: (np.dtype(dt), int(width)) for name, (dt, width) in columns.items()}
+        self.header = header
+        self._pending: dict[str, int] = {}
+        self._pending_sums: dict = {}
+        existing = self._read_existing()
+        if existing is None:
+            check_index_dir(self.path, list(self.columns), label=label)
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.meta = {"format": format, "version": version, "state": "building", "header": header,
+                         "columns": {name: 0 for name in self.columns}, "chunks": [], "sha256": {}, "extra": {},
+                         "column_types": self._types()}
+            for name in self.columns:
+                # A fresh column starts empty; a stale file of an abandoned build that never committed is
+                # ours (check_index_dir allowed it only as an index file) and is cut to nothing.
+                with open(self.path / name, "wb"):
+                    pass
+            self.commit()
+        else:
+            self.meta = existing
+            for name, rows in self.meta["columns"].items():
+                dt, width = self.columns[name]
+                f = self.path / name
+                committed = rows * dt.itemsize * width
+                if not f.is_file() or f.stat().st_size < committed:
+                    raise IndexFormatError(f"{f}: shorter than its committed {rows} rows; the partial index is "
+                                           "damaged: delete the directory and build again")
+                os.truncate(f, committed)  # drop the uncommitted tail of an interrupted chunk
+            remove_stale_partials(self.path)
+        self._files = {name: open(self.path / name, "ab") for name in self.columns}
+
+    # -- resuming ------------------------------------------------------------------------------------------
+    def _read_existing(self) -> dict | None:
+        f = self.path / META
+        if not f.is_file():
+            return None
+        try:
+            meta = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None  # check_index_dir will refuse the directory by name
+        if not isinstance(meta, dict) or meta.get("format") != self.format or "header" not in meta:
+            return None
+        if meta.get("written_by") != WRITER or meta.get("meta_sha256") != meta_checksum(meta):
+            raise IndexFormatError(f"{f}: the manifest of the partial build does not match its checksum; delete the "
+                                   "directory and build again")
+        if meta.get("state") == "complete":
+            raise FileExistsError(f"{self.label} {self.path}: already holds a complete index; pick another directory "
+                                  "(or remove this one) to build a new one")
+        if meta.get("version") != self.version:
+            raise IndexFormatError(f"{f}: a partial build of format version {meta.get('version')}, this fastrank "
+                                   f"writes version {self.version}; delete the directory and build again")
+        old = meta["header"]
+        for key in sorted(set(old) | set(self.header)):
+            if old.get(key) != self.header.get(key):
+                raise ValueError(f"{self.label} {self.path}: holds a partial build made with {key}={old.get(key)!r}; "
+                                 f"this run asks for {key}={self.header.get(key)!r}. Re-run with the same options "
+                                 "to resume it, or pick another directory")
+        if meta.get("column_types") != self._types():
+            raise ValueError(f"{self.label} {self.path}: the partial build's column files ({meta.get('column_types')}) "
+                             f"differ from this run's ({self._types()}); pick another directory")
+        return meta
+
+    def _types(self) -> dict:
+        return {k: [dt.name, width] for k, (dt, width) in self.columns.items()}
+
+    @property
+    def resumed(self) -> bool:
+        return bool(self.meta["chunks"]) or bool(self.meta["sha256"])
+
+    def rows(self, name: str) -> int:
+        """Rows of column ``name`` committed so far plus those appended since the last commit."""
+        return self.meta["columns"][name] + self._pending.get(name, 0)
+
+    # -- writing -------------------------------------------------------------------------------------------
+    def append(self, name: str, array: np.ndarray) -> None:
+        """Append rows to column ``name`` (committed by the next :meth:`commit`)."""
+        dt, width = self.columns[name]
+        arr = np.ascontiguousarray(array)
+        if arr.dtype != dt or (arr.size % width) != 0:
+            raise TypeError(f"column {name}: expected rows of {width} {dt}, got {arr.dtype} {arr.shape}")
+        data = memoryview(arr.reshape(-1).view(np.uint8))
+        try:
+            self._files[name].write(data)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise DiskFullError(errno.ENOSPC, _disk_full_message(self.path, name, self.committed_documents)) \
+                    from None
+            raise
+        self._pending[name] = self._pending.get(name, 0) + arr.size // width
+        self._pending_sums.setdefault(name, hashlib.sha256()).update(data)
+
+    def write_file(self, name: str, write: Callable[[Path], None]) -> None:
+        """Write a small file once (staged, fsynced, renamed); its checksum is published by the next commit."""
+        if name in self.columns or name == META:
+            raise ValueError(f"{name} is a column or the manifest")
+        tmp = partial_name(self.path, name)
+        try:
+            write(tmp)
+            fsync_path(tmp)
+            os.replace(tmp, self.path / name)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno == errno.ENOSPC:
+                raise DiskFullError(errno.ENOSPC, _disk_full_message(self.path, name, self.committed_documents)) \
+                    from None
+            raise
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.meta["sha256"][name] = sha256_file(self.path / name)
+
+    def write_large_file(self, name: str, blocks, dtype: str) -> None:
+        """Write a large file once from an iterable of arrays of ``dtype`` (staged, hashed as it is written,
+        fsynced, renamed). It is mapped like a column at load and its sha256 is checked only by
+        :func:`verify`, so that a load never reads it whole."""
+        tmp = partial_name(self.path, name)
+        h, rows = hashlib.sha256(), 0
+        try:
+            with open(tmp, "wb") as f:
+                for block in blocks:
+                    data = memoryview(np.ascontiguousarray(block, dtype=dtype).reshape(-1).view(np.uint8))
+                    f.write(data)
+                    h.update(data)
+                    rows += len(block)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path / name)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno == errno.ENOSPC:
+                raise DiskFullError(errno.ENOSPC, _disk_full_message(self.path, name, self.committed_documents)) \
+                    from None
+            raise
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.meta.setdefault("large_files", {})[name] = {"sha256": h.hexdigest(), "rows": rows, "dtype": dtype}
+
+    @property
+    def committed_documents(self) -> int:
+        return int(sum(c.get("documents", 0) for c in self.meta["chunks"]))
+
+    def commit(self, chunk: dict | None = None, extra: dict | None = None) -> None:
+        """Make everything appended since the last commit durable, then publish it: fsync the columns, then
+        replace ``meta.json`` atomically. ``chunk`` (e.g. its documents and tokens) is recorded with the
+        chunk's per-column sha256; ``extra`` updates the manifest's free-form ``extra`` fields."""
+        try:
+            for name, f in getattr(self, "_files", {}).items():
+                if self._pending.get(name):
+                    f.flush()
+                    os.fsync(f.fileno())
+            meta = dict(self.meta)
+            meta["columns"] = {name: self.rows(name) for name in self.columns}
+            if chunk is not None or self._pending:
+                record = dict(chunk or {})
+                record["rows"] = {name: n for name, n in self._pending.items() if n}
+                record["sha256"] = {name: h.hexdigest() for name, h in self._pending_sums.items()}
+                meta["chunks"] = [*self.meta["chunks"], record]
+            if extra:
+                meta["extra"] = {**self.meta.get("extra", {}), **extra}
+            self._publish(meta)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise DiskFullError(errno.ENOSPC, _disk_full_message(self.path, META, self.committed_documents)) \
+                    from None
+            raise
+        self.meta = meta
+        self._pending, self._pending_sums = {}, {}
+
+    def _publish(self, meta: dict) -> None:
+        meta["written_by"] = WRITER
+        meta.pop("meta_sha256", None)
+        meta["meta_sha256"] = meta_checksum(meta)
+        tmp = partial_name(self.path, META)
+        try:
+            tmp.write_text(json.dumps(meta, separators=(",", ":")), encoding="utf-8")
+            fsync_path(tmp)
+            os.replace(tmp, self.path / META)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_path(self.path, directory=True)
+
+    def finish(self, fields: dict, drop: tuple[str, ...] = ()) -> dict:
+        """Commit what is pending, then publish the index as complete with ``fields`` (documents, tokens,
+        ...) and without the columns in ``drop`` (build-time scratch; their files are removed after the
+        publish, since the complete manifest no longer owns them)."""
+        if self._pending:
+            self.commit()
+        self.close()
+        meta = dict(self.meta)
+        meta.update(fields)
+        meta["state"] = "complete"
+        meta["columns"] = {k: v for k, v in meta["columns"].items() if k not in drop}
+        meta["column_types"] = {k: v for k, v in self._types().items() if k in meta["columns"]}
+        for c in meta["chunks"]:
+            c["rows"] = {k: v for k, v in c["rows"].items() if k not in drop}
+            c["sha256"] = {k: v for k, v in c["sha256"].items() if k not in drop}
+        self._publish(meta)
+        self.meta = meta
+        for name in drop:
+            (self.path / name).unlink(missing_ok=True)
+        return meta
+
+    def close(self) -> None:
+        for f in getattr(self, "_files", {}).values():
+            f.close()
+        self._files = {}
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a column as read from its file (flushing first): a copy, so a streaming pass
+        over a column holds one block, not the mapped file, in resident memory."""
+        dt, width = self.columns[name]
+        if name in self._files:
+            self._files[name].flush()
+        with open(self.path / name, "rb") as f:
+            f.seek(start * dt.itemsize * width)
+            arr = np.fromfile(f, dtype=dt, count=(stop - start) * width)
+        return arr.reshape(-1, width) if width != 1 else arr
+
+
+def remove_stale_partials(path: Path) -> None:
+    """Remove the staging files (``.<name>.partial-<pid>-<hex>``, as this module and storage name them) that a
+    killed process left: only ours by name, and only those of processes no longer running."""
+    for entry in path.iterdir():
+        m = PARTIAL_NAME.fullmatch(entry.name)
+        if m and entry.is_file() and not _alive(int(m.group(1))):
+            entry.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# -- reading a complete index ----------------------------------------------------------------------------
+def map_columns(path: Path, meta: dict, *, mmap: bool = True) -> dict[str, np.ndarray]:
+    """The committed rows of every column of a complete index: read-only memory maps (a search then reads
+    only the pages it touches) or, with ``mmap=False``, arrays read into RAM. Each file must hold exactly its
+    committed bytes; its contents are checked by :func:`verify`, not here."""
+    types = meta.get("column_types")
+    if not isinstance(types, dict) or set(types) != set(meta.get("columns", {})):
+        raise IndexFormatError(f"{path / META}: column_types does not describe the columns")
+    out = {}
+    for name, rows in meta["columns"].items():
+        try:
+            dt, width = np.dtype(types[name][0]), int(types[name][1])
+        except (TypeError, ValueError, IndexError):
+            raise IndexFormatError(f"{path / META}: column_types[{name!r}] is not a (dtype, width) pair") from None
+        f = path / name
+        expected = int(rows) * dt.itemsize * width
+        shape = (int(rows), width) if width != 1 else (int(rows),)
+        out[name] = _map(f, dt, shape, expected, mmap)
+    for name, info in meta.get("large_files", {}).items():
+        try:
+            dt, rows = np.dtype(info["dtype"]), int(info["rows"])
+        except (TypeError, ValueError, KeyError):
+            raise IndexFormatError(f"{path / META}: large_files[{name!r}] is not a (dtype, rows) record") from None
+        out[name] = _map(path / name, dt, (rows,), rows * dt.itemsize, mmap)
+    return out
+
+
+def _map(f: Path, dt: np.dtype, shape: tuple, expected: int, mmap: bool) -> np.ndarray:
+    if not f.is_file():
+        raise IndexFormatError(f"{f.parent}: missing {f.name}")
+    if f.stat().st_size != expected:
+        raise IndexFormatError(f"{f}: {f.stat().st_size} bytes, meta.json commits {expected}; the file is truncated "
+                               "or from another index")
+    if shape[0] == 0:
+        return np.zeros(shape, dtype=dt)
+    if mmap:
+        return np.memmap(f, dtype=dt, mode="r", shape=shape)
+    return np.fromfile(f, dtype=dt).reshape(shape)
+
+
+def as_tensor(array: np.ndarray):
+    """A torch view of a (possibly read-only, memory-mapped) array without copying it. Torch warns that it
+    cannot enforce read-only-ness; fastrank never writes into an index's arrays."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
+def verify(path: Path, meta: dict, progress: bool = False) -> None:
+    """Re-read every committed byte and compare each chunk's bytes per column with its recorded sha256 (and
+    the small files with theirs): the full check behind ``fastrank index --verify`` and
+    ``load(..., verify=True)``, which reads the whole index once."""
+    from fastrank.progress import progress_bar
+
+    types = meta["column_types"]
+    handles = {name: open(path / name, "rb") for name in meta["columns"]}
+    try:
+        bar = progress_bar(meta["chunks"], desc=f"verifying {path.name}", unit="chunk", enabled=progress)
+        for i, chunk in enumerate(bar):
+            for name, rows in chunk.get("rows", {}).items():
+                if name not in handles:
+                    continue
+                nbytes = int(rows) * np.dtype(types[name][0]).itemsize * int(types[name][1])
+                h = hashlib.sha256()
+                left = nbytes
+                while left:
+                    block = handles[name].read(min(left, _READ_BLOCK))
+                    if not block:
+                        break
+                    h.update(block)
+                    left -= len(block)
+                if left or h.hexdigest() != chunk["sha256"].get(name):
+                    raise IndexFormatError(f"{path / name}: the bytes of chunk {i} do not match their sha256 in "
+                                           "meta.json (file corrupt or from another index)")
+    finally:
+        for f in handles.values():
+            f.close()
+    for name, info in meta.get("large_files", {}).items():
+        if sha256_file(path / name) != info.get("sha256"):
+            raise IndexFormatError(f"{path / name}: checksum does not match meta.json (file corrupt or from another "
+                                   "index)")
+    for name, expected in meta.get("sha256", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise IndexFormatError(f"{path}: missing {name}")
+        if sha256_file(f) != expected:
+            raise IndexFormatError(f"{f}: checksum does not match meta.json (file corrupt or from another index)")

@@ -1,0 +1,549 @@
+"""Streaming, resumable token-index builds: chunks of documents go to disk as they come, in bounded memory.
+
+:class:`TokenIndexWriter` appends each chunk of token embeddings to the column files of a
+:class:`~fastrank.index.columns.ColumnWriter` (tokens in the storage dtype, int8 scales, centroid codes, the
+chunk's (centroid, document) pairs, offsets, ids) and commits it. What stays in memory is one chunk, stage 1
+(centroids and the residual codec) and 8 bytes per document for refusing duplicate ids; nothing grows with
+the tokens. :meth:`TokenIndexWriter.finish` turns the pairs into inverted lists, a pass at a time under a
+memory budget, and publishes the index as complete; :meth:`fastrank.index.tokens.TokenIndex.load` maps it.
+
+**Stage 1 trains on the first tokens of the stream**: the writer holds the first chunks (at most
+``sample_tokens``, as given) until it has them, trains the centroids (and the residual codec) on a seeded random
+subset of them, and only then writes those chunks. A reservoir sample over the whole stream would need the
+stream twice (every document encoded before the first could be coded); a corpus in an order that puts one
+topic first (sorted by source, say) should be shuffled, or given a larger ``sample_tokens``.
+
+**Resuming**: building into a directory that holds a partial build made with the same options continues it:
+:attr:`TokenIndexWriter.committed_documents` says how many documents of the stream are already stored and
+:meth:`add` skips that many (``build_token_index`` and the CLI do so without encoding them). Every stored value
+is a function of the token and of stage 1 alone, and stage 1 is stored before any chunk, so an interrupted and
+resumed build writes the same bytes as one that ran through.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from fastrank.index import tokens as ti
+from fastrank.index.columns import ColumnWriter
+from fastrank.index.storage import META, STAGING_DIR, check_finite_rows, check_index_dir, fsync_path, is_int
+from fastrank.progress import progress_bar
+
+# The default stage-1 sample: the first tokens of the stream up to this many bytes as float32 (1M tokens at
+# H = 128), held as given until stage 1 is trained.
+SAMPLE_BYTES = 1 << 29
+# Inverted lists are built a range of centroids at a time, holding at most this many pairs (16 bytes each).
+LIST_PASS_PAIRS = 1 << 24
+# Rows of pairs read per block while building the lists.
+PAIR_BLOCK = 1 << 22
+
+
+def storage_columns(token_dtype: str, dim: int, stage1: str, ncentroids: int | None) -> dict[str, tuple[str, int]]:
+    """The column files of a streamed token index: name -> (numpy dtype, row width)."""
+    bits = ti.residual_bits(token_dtype)
+    if bits is not None:
+        tokens = ("uint8", dim * bits // 8)
+    else:
+        tokens = ({"float16": "float16", "bfloat16": "int16", "int8": "int8"}[token_dtype], dim)
+    cols = {"tokens.bin": tokens, "offsets.bin": ("int64", 1), "ids.bin": ("uint8", 1),
+            "id_offsets.bin": ("int64", 1)}
+    if token_dtype == "int8":
+        cols["scales.bin"] = ("float32", 1)
+    if stage1 == "centroids":
+        cols["codes.bin"] = (code_dtype(ncentroids), 1)
+        cols["pairs.bin"] = ("int64", 1)
+    return cols
+
+
+def code_dtype(ncentroids: int) -> str:
+    """uint16 codes while they fit (2 bytes a token saved), else int32."""
+    return "uint16" if ncentroids <= 1 << 16 else "int32"
+
+
+def id_hash(encoded: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(encoded, digest_size=8).digest(), "little", signed=True)
+
+
+class IdHashes:
+    """The 64-bit hashes of every id stored, for refusing a duplicate in O(log n) with 8 bytes per id: sorted
+    runs merged when two reach the same size (a log-structured merge), so adding n ids costs O(n log n)."""
+
+    def __init__(self):
+        self.runs: list[np.ndarray] = []
+
+    def __contains__(self, h: int) -> bool:
+        for run in self.runs:
+            i = int(np.searchsorted(run, h))
+            if i < run.size and int(run[i]) == h:
+                return True
+        return False
+
+    def add(self, hashes: np.ndarray) -> None:
+        run = np.sort(hashes.astype(np.int64))
+        while self.runs and self.runs[-1].size <= run.size:
+            run = np.sort(np.concatenate([self.runs.pop(), run]), kind="stable")
+        self.runs.append(run)
+
+    def __len__(self) -> int:
+        return sum(r.size for r in self.runs)
+
+
+class DuplicateIdError(ValueError):
+    """An id given twice; ``id`` is the id."""
+
+    def __init__(self, message: str, docid):
+        super().__init__(message)
+        self.id = docid
+
+
+def encode_ids(ids: list) -> tuple[list[bytes], str | None]:
+    """Each id as its JSON bytes (ints stay ints, strings strings), or an error text naming a bad one."""
+    out = []
+    for i in ids:
+        if isinstance(i, np.generic):
+            i = i.item()
+        if isinstance(i, bool) or not isinstance(i, (int, str)):
+            return [], f"id {i!r} is neither an integer nor a string"
+        out.append(json.dumps(i, ensure_ascii=False).encode("utf-8"))
+    return out, None
+
+
+class TokenIndexWriter:
+    """Builds a token index in directory ``path`` from chunks of documents, committing each to disk.
+
+    Args: as :class:`fastrank.index.tokens.TokenIndex` (``dim``, ``token_dtype`` among ``int8``, ``float16``,
+    ``bfloat16``, ``residual1``, ``residual2``, ``residual4``; ``stage1``, ``ncentroids``, ``nprobe``,
+    ``ndocs``, ``seed``), plus:
+
+    - ``expected_tokens``: the corpus's token count if known (the CLI estimates it): sets the default
+      ``ncentroids``. Without it and without ``ncentroids``, the count is that of the sample when the stream
+      ends inside it, else the largest power of two giving every centroid 48 sample tokens.
+    - ``sample_tokens``: stage 1's sample, the first tokens of the stream (default: :data:`SAMPLE_BYTES` worth
+      of float32 tokens).
+    - ``attach``: name -> text of files stored with the index (the CLI's ``encoder.json``).
+    - ``replay``: when resuming, whether the chunks given to :meth:`add` start again from the stream's first
+      document (the default: the writer skips the :attr:`committed_documents`) or, ``False``, from the first
+      document not yet stored (the caller skipped them unencoded, as the CLI does).
+
+    Use :meth:`add` per chunk, then :meth:`finish`; ``with`` closes the files on an error, leaving the last
+    commit resumable. Options that differ from a partial build found in ``path`` are refused by name.
+    """
+
+    def __init__(self, path: str | os.PathLike, dim: int, *, token_dtype: str = "int8", stage1: str = "centroids",
+                 ncentroids: int | None = None, nprobe: int | None = None, ndocs: int | None = None, seed: int = 0,
+                 expected_tokens: int | None = None, sample_tokens: int | None = None,
+                 expected_documents: int | None = None, attach: dict[str, str] | None = None,
+                 replay: bool = True, progress: bool = True, label: str = "path"):
+        if ti.residual_bits(token_dtype) is None and token_dtype not in ti.TOKEN_DTYPES:
+            raise ValueError(f"token_dtype must be one of {ti.ALL_TOKEN_DTYPES}, got {token_dtype!r}")
+        if ti.residual_bits(token_dtype) is not None:
+            if stage1 != "centroids":
+                raise ValueError(f"token_dtype {token_dtype!r} codes tokens against the centroids: it needs "
+                                 "stage1='centroids'")
+            if dim * ti.residual_bits(token_dtype) % 8:
+                raise ValueError(f"dim {dim} x {ti.residual_bits(token_dtype)} bits is not a whole number of bytes")
+        if stage1 not in ti.STAGE1:
+            raise ValueError(f"stage1 must be one of {ti.STAGE1}, got {stage1!r}")
+        for name, value in (("dim", dim), ("ncentroids", ncentroids), ("nprobe", nprobe), ("ndocs", ndocs),
+                            ("expected_tokens", expected_tokens), ("sample_tokens", sample_tokens)):
+            if value is not None and not (is_int(value) and value >= 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if stage1 == "exhaustive" and ncentroids is not None:
+            raise ValueError("ncentroids: an index with stage1='exhaustive' has no centroids")
+        self.out, self.dim, self.token_dtype, self.stage1 = Path(path), int(dim), token_dtype, stage1
+        self.nprobe = ti.DEFAULT_NPROBE if nprobe is None else nprobe
+        self.ndocs, self.seed, self.progress, self.label = ndocs, int(seed), progress, label
+        self.sample_tokens = sample_tokens or max(1, SAMPLE_BYTES // (4 * self.dim))
+        self.header = {"dim": self.dim, "token_dtype": token_dtype, "stage1": stage1, "ncentroids": ncentroids,
+                       "expected_tokens": expected_tokens, "sample_tokens": self.sample_tokens, "seed": self.seed,
+                       "nprobe": self.nprobe, "ndocs": ndocs}
+        self.requested_ncentroids, self.expected_tokens = ncentroids, expected_tokens
+        self.attach = dict(attach or {})
+        self.header["attach"] = {name: hashlib.sha256(text.encode("utf-8")).hexdigest()
+                                 for name, text in sorted(self.attach.items())}
+        self._columns: ColumnWriter | None = None
+        self._buffer: list[tuple[list[bytes], torch.Tensor, torch.Tensor]] = []
+        self._buffered_tokens = 0
+        self._skip = 0
+        self._hashes = IdHashes()
+        self.centroids: torch.Tensor | None = None
+        self.codec: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._documents = self._tokens = 0
+        self._given = 0  # documents handed to add() by this run, skipped ones included
+        self.expected_documents = expected_documents
+        self._bar = None
+        self._started = None
+        self.path = self._build_dir()
+        self._open_partial()
+        if not replay:
+            self._given, self._skip = self._documents, 0
+
+    # -- where the build happens -------------------------------------------------------------------------
+    def _build_dir(self) -> Path:
+        """OUT itself, unless OUT holds a complete index: then a staging directory inside it, moved over the
+        old index once the new one is complete (the old one stays searchable meanwhile, and a reader never
+        takes a mix of the two for an index: the old manifest's checksums refuse any replaced file)."""
+        out, staging = self.out, self.out / STAGING_DIR
+        cols = storage_columns(self.token_dtype, self.dim, self.stage1, self.requested_ncentroids or 1)
+        names = [*cols, "centroids.npy", "codec.npy", "ivf_offsets.npy", "ivf_docs.bin", *self.attach]
+        owned = check_index_dir(out, names, label=self.label)
+        if (staging / META).is_file():
+            return staging
+        if owned and (out / META).is_file() and _state(out) != "building":
+            return staging
+        return out
+
+    def _publish_staged(self) -> None:
+        """Move a complete staged build over the index in OUT: its files first, meta.json last (atomic renames
+        on one filesystem), then the old index's files that the new one does not have."""
+        staging, out = self.path, self.out
+        old = check_index_dir(out, label=self.label)
+        new = {name for name in os.listdir(staging) if name != META}
+        for name in sorted(new):
+            os.replace(staging / name, out / name)
+        os.replace(staging / META, out / META)
+        fsync_path(out, directory=True)
+        for name in sorted(old - new - {META}):
+            if (out / name).is_file():
+                (out / name).unlink()
+        staging.rmdir()
+        self.path = out
+
+    # -- resuming --------------------------------------------------------------------------------------
+    def _open_partial(self) -> None:
+        meta_file = self.path / "meta.json"
+        if not meta_file.is_file():
+            return
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return  # ColumnWriter refuses the directory by name when the first chunk is written
+        if isinstance(meta, dict) and meta.get("state") == "complete" and self.path != self.out:
+            self._publish_staged()  # a run that stopped while moving a finished build into place
+            self._finished = True
+            return
+        if not isinstance(meta, dict) or meta.get("state") != "building" or "header" not in meta:
+            return
+        extra = meta.get("extra", {})
+        if self.stage1 == "centroids" and "ncentroids" not in extra:
+            return  # stage 1 was never committed: start over (the empty columns are reopened when it is)
+        cols = storage_columns(self.token_dtype, self.dim, self.stage1, extra.get("ncentroids", 1))
+        self._columns = ColumnWriter(self.path, format=_format(), version=_version(), columns=cols,
+                                     header=self.header, label=self.label)
+        if self.stage1 == "centroids":
+            self.centroids = torch.from_numpy(np.load(self.path / "centroids.npy"))
+            if ti.residual_bits(self.token_dtype) is not None:
+                codec = np.load(self.path / "codec.npy")
+                nb = 2 ** ti.residual_bits(self.token_dtype)
+                self.codec = (torch.from_numpy(codec[:nb - 1].copy()), torch.from_numpy(codec[nb - 1:].copy()))
+        self._documents = self._columns.committed_documents
+        self._tokens = self._columns.meta["columns"]["tokens.bin"]
+        self._skip = self._documents
+        # The ids already stored, hashed again (8 bytes each) so that duplicates across the restart are refused.
+        n = self._documents
+        id_off = self._columns.read_rows("id_offsets.bin", 0, n + 1)
+        for s in range(0, n, 1 << 18):
+            e = min(s + (1 << 18), n)
+            raw = self._columns.read_rows("ids.bin", int(id_off[s]), int(id_off[e])).tobytes()
+            base = int(id_off[s])
+            self._hashes.add(np.array([id_hash(raw[int(id_off[j]) - base:int(id_off[j + 1]) - base])
+                                       for j in range(s, e)], dtype=np.int64))
+
+    @property
+    def committed_documents(self) -> int:
+        """Documents of the stream stored by earlier runs (a resumed build skips that many)."""
+        if self._finished:
+            return sys.maxsize
+        return self._columns.committed_documents if self._columns is not None else 0
+
+    def __enter__(self) -> "TokenIndexWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._columns is not None:
+            self._columns.close()
+        if self._bar is not None:
+            self._bar.close()
+
+    # -- adding ----------------------------------------------------------------------------------------
+    _finished = False  # a resumed run found the build complete: nothing is left to add
+
+    def add(self, tokens, ids: list | None = None) -> int:
+        """Add a chunk: token embeddings (TokenEmbeddings or ``(vectors (T, H), offsets (N + 1,))``) and their
+        ``ids`` (default: positions continuing from the documents already given). Documents a resumed build
+        already stored are skipped. Returns how many documents of this chunk were stored or held."""
+        tok = ti.as_token_embeddings(tokens, "tokens")
+        n = len(tok)
+        if n == 0 or self._finished:
+            return 0
+        if tok.vectors.shape[1] != self.dim:
+            raise ValueError(f"tokens have dim {tok.vectors.shape[1]}, the index has dim {self.dim}")
+        if ids is None:
+            ids = list(range(self._given, self._given + n))
+        else:
+            ids = ids.tolist() if isinstance(ids, (np.ndarray, torch.Tensor)) else list(ids)
+        if len(ids) != n:
+            raise ValueError(f"ids has {len(ids)} entries for {n} documents")
+        self._given += n
+        if self._skip:
+            drop = min(self._skip, n)
+            self._skip -= drop
+            if drop == n:
+                return 0
+            offsets = tok.offsets[drop:] - tok.offsets[drop]
+            tok = ti.as_token_embeddings((tok.vectors[int(tok.offsets[drop]):], offsets), "tokens")
+            ids, n = ids[drop:], n - drop
+        encoded, err = encode_ids(ids)
+        if err:
+            raise ValueError(f"ids: {err}")
+        hashes = np.array([id_hash(e) for e in encoded], dtype=np.int64)
+        dup = self._first_duplicate(hashes, ids)
+        if dup is not None:
+            raise DuplicateIdError(*dup)
+        vectors = tok.vectors.detach()
+        check_finite_rows(vectors, "tokens", ti.token_row_of(tok.offsets, "document"))
+        self._hashes.add(hashes)
+        if self._bar is None:
+            self._started, self._tokens_at_start = time.perf_counter(), self._tokens
+            self._bar = progress_bar(total=self.expected_documents, desc="indexing", unit="doc",
+                                     enabled=self.progress, initial=self._documents)
+        if self.stage1 == "centroids" and self.centroids is None:
+            # Held as given (a copy), so that held chunks are stored exactly as later ones are.
+            self._buffer.append((encoded, vectors.clone(), tok.offsets.clone()))
+            self._buffered_tokens += vectors.shape[0]
+            if self._buffered_tokens >= self.sample_tokens:
+                self._train_and_flush()
+        else:
+            self._write(encoded, vectors, tok.offsets)
+        return n
+
+    def _first_duplicate(self, hashes: np.ndarray, ids: list) -> tuple[str, object] | None:
+        order = np.argsort(hashes, kind="stable")
+        same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
+        if same.size:
+            a, b = int(order[same[0]]), int(order[same[0] + 1])
+            if ids[a] == ids[b]:
+                return f"ids: {ids[b]!r} appears twice (each document needs its own id)", ids[b]
+        for j, h in enumerate(hashes.tolist()):
+            if h in self._hashes:
+                return f"ids: {ids[j]!r} is already in the index (each document needs its own id)", ids[j]
+        return None
+
+    # -- stage 1 ---------------------------------------------------------------------------------------
+    def _choose_ncentroids(self, sample_tokens: int, stream_ended: bool) -> int:
+        if self.requested_ncentroids is not None:
+            c = self.requested_ncentroids
+        elif self.expected_tokens is not None:
+            c = ti.default_ncentroids(self.expected_tokens)
+        elif stream_ended:
+            c = ti.default_ncentroids(sample_tokens)
+        else:
+            c = 2 ** int(math.log2(max(1, sample_tokens // ti.KMEANS_POINTS_PER_CENTROID)))
+        if c > sample_tokens:
+            raise ValueError(f"ncentroids={c} exceeds the {sample_tokens} tokens of the stage-1 sample; lower "
+                             "ncentroids or raise sample_tokens")
+        return int(c)
+
+    def _train_and_flush(self, stream_ended: bool = False) -> None:
+        sample = torch.cat([b[1].float() for b in self._buffer])
+        t = sample.shape[0]
+        c = self._choose_ncentroids(t, stream_ended)
+        g = torch.Generator().manual_seed(self.seed)
+        n_sample = min(t, c * ti.KMEANS_POINTS_PER_CENTROID)
+        rows = torch.randperm(t, generator=g)[:n_sample].sort().values
+        x = sample.index_select(0, rows).float()
+        self.centroids = ti.spherical_kmeans(x, c, iters=ti.KMEANS_ITERS, generator=g, progress=self.progress)
+        bits = ti.residual_bits(self.token_dtype)
+        if bits is not None:
+            from fastrank.ops.residual import train_residual_codec
+
+            codes = ti.nearest_centroid(x, self.centroids).long()
+            self.codec = train_residual_codec(x - self.centroids[codes], bits)
+        del x, sample
+        self._open_columns(c)
+        if bits is not None:
+            codec = torch.cat([self.codec[0], self.codec[1]]).numpy()
+            self._columns.write_file("codec.npy", _npy_writer(codec))
+        self._columns.write_file("centroids.npy", _npy_writer(self.centroids.numpy()))
+        self._columns.commit(extra={"ncentroids": c})
+        buffered, self._buffer, self._buffered_tokens = self._buffer, [], 0
+        for encoded, vectors, offsets in buffered:
+            self._write(encoded, vectors, offsets)
+
+    def _open_columns(self, ncentroids: int | None) -> None:
+        cols = storage_columns(self.token_dtype, self.dim, self.stage1, ncentroids)
+        self._columns = ColumnWriter(self.path, format=_format(), version=_version(), columns=cols,
+                                     header=self.header, label=self.label)
+        if self._columns.rows("offsets.bin") == 0:
+            self._columns.append("offsets.bin", np.zeros(1, dtype=np.int64))
+            self._columns.append("id_offsets.bin", np.zeros(1, dtype=np.int64))
+        for name, text in self.attach.items():
+            self._columns.write_file(name, lambda p, text=text: p.write_text(text, encoding="utf-8"))
+        self._columns.commit()
+
+    # -- writing a chunk -------------------------------------------------------------------------------
+    def _write(self, encoded: list[bytes], vectors: torch.Tensor, offsets: torch.Tensor) -> None:
+        if self._columns is None:
+            self._open_columns(None)
+        cols = self._columns
+        n, t = len(encoded), vectors.shape[0]
+        bits = ti.residual_bits(self.token_dtype)
+        codes = None
+        for s in range(0, t, ti.CHUNK_TOKENS):
+            x = vectors[s:s + ti.CHUNK_TOKENS]
+            if self.token_dtype == "int8":
+                from fastrank.ops.maxsim_packed import quantize_tokens
+
+                q8, scales = quantize_tokens(x)
+                cols.append("tokens.bin", q8.numpy())
+                cols.append("scales.bin", scales.numpy())
+                stored = q8
+            elif bits is not None:
+                from fastrank.ops.residual import compress_residuals
+
+                x = x.float()
+                c = ti.nearest_centroid(x, self.centroids)
+                cols.append("tokens.bin", compress_residuals(x, c, self.centroids, self.codec[0], bits).numpy())
+                codes = c
+            else:
+                stored = x.to(torch.float16 if self.token_dtype == "float16" else torch.bfloat16)
+                cols.append("tokens.bin", (stored.view(torch.int16) if self.token_dtype == "bfloat16"
+                                           else stored).numpy())
+            if self.stage1 == "centroids":
+                if bits is None:
+                    codes = ti.nearest_centroid(stored, self.centroids)
+                cols.append("codes.bin", codes.numpy().astype(cols.columns["codes.bin"][0]))
+                self._append_pairs(codes, offsets, s, s + x.shape[0])
+        cols.append("offsets.bin", (offsets[1:] + self._tokens).numpy())
+        lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=n)
+        base = cols.rows("ids.bin")
+        cols.append("ids.bin", np.frombuffer(b"".join(encoded), dtype=np.uint8))
+        cols.append("id_offsets.bin", base + np.cumsum(lengths))
+        self._documents += n
+        self._tokens += t
+        cols.commit(chunk={"documents": n, "tokens": t})
+        self._bar.update(n)
+        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        self._bar.set_postfix_str(f"{self._tokens:,} tokens, {(self._tokens - self._tokens_at_start) / elapsed:,.0f} "
+                                  "tokens/s", refresh=False)
+
+    def _append_pairs(self, codes: torch.Tensor, offsets: torch.Tensor, s: int, e: int) -> None:
+        """The (centroid, document) pairs of token rows s:e of a chunk, deduplicated and sorted, as
+        ``centroid << 32 | document``: what the inverted lists are built from at the end."""
+        first = int(torch.searchsorted(offsets, torch.tensor(s), right=True)) - 1
+        last = int(torch.searchsorted(offsets, torch.tensor(e - 1), right=True)) - 1
+        local = offsets[first:last + 2].clamp(s, e) - s
+        doc = torch.repeat_interleave(torch.arange(first, last + 1), local.diff(), output_size=e - s)
+        keys = torch.unique((codes.long() << 32) | (doc + self._documents))
+        self._columns.append("pairs.bin", keys.numpy())
+
+    # -- finishing -------------------------------------------------------------------------------------
+    def finish(self) -> Path:
+        """Write what is held, build the inverted lists and publish the index as complete."""
+        if self._finished:
+            return self.out
+        if self.stage1 == "centroids" and self.centroids is None:
+            if not self._buffer:
+                self._raise_empty()
+            self._train_and_flush(stream_ended=True)
+        if self._columns is None or self._documents == 0:
+            self._raise_empty()
+        cols = self._columns
+        fields = {"documents": self._documents, "tokens": self._tokens, "dim": self.dim,
+                  "token_dtype": self.token_dtype, "stage1": self.stage1, "nprobe": self.nprobe,
+                  "ndocs": self.ndocs, "seed": self.seed,
+                  "ncentroids": cols.meta["extra"].get("ncentroids")}
+        drop = ()
+        if self.stage1 == "centroids":
+            self._build_lists(fields["ncentroids"])
+            drop = ("pairs.bin",)
+        cols.finish(fields, drop=drop)
+        self.close()
+        if self.path != self.out:
+            self._publish_staged()
+        return self.out
+
+    def _raise_empty(self):
+        raise ValueError("the stream held no document: nothing to index")
+
+    def _build_lists(self, c: int) -> None:
+        """Inverted lists from the pairs column: ``ivf_offsets.npy`` (C + 1) and ``ivf_docs.bin`` (int32
+        documents, ascending within each list), a range of centroids per pass so that at most
+        :data:`LIST_PASS_PAIRS` pairs are held at a time."""
+        cols = self._columns
+        total = cols.rows("pairs.bin")
+        counts = np.zeros(c, dtype=np.int64)
+        for s in range(0, total, PAIR_BLOCK):
+            keys = cols.read_rows("pairs.bin", s, min(s + PAIR_BLOCK, total))
+            counts += np.bincount((keys >> 32).astype(np.int64), minlength=c)
+        ivf_offsets = np.zeros(c + 1, dtype=np.int64)
+        np.cumsum(counts, out=ivf_offsets[1:])
+
+        def passes():
+            lo = 0
+            while lo < c:
+                hi = int(np.searchsorted(ivf_offsets, ivf_offsets[lo] + LIST_PASS_PAIRS, side="right")) - 1
+                hi = min(max(hi, lo + 1), c)
+                parts = []
+                for s in range(0, total, PAIR_BLOCK):
+                    keys = cols.read_rows("pairs.bin", s, min(s + PAIR_BLOCK, total))
+                    code = keys >> 32
+                    parts.append(keys[(code >= lo) & (code < hi)])
+                keys = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+                # Chunks hold ascending documents, so a stable sort by centroid keeps each list ascending.
+                keys = keys[np.argsort(keys >> 32, kind="stable")]
+                yield (keys & 0xFFFFFFFF).astype(np.int32)
+                lo = hi
+
+        cols.write_large_file("ivf_docs.bin", passes(), dtype="int32")
+        cols.write_file("ivf_offsets.npy", _npy_writer(ivf_offsets))
+
+
+def _state(path: Path) -> str | None:
+    try:
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta.get("state") if isinstance(meta, dict) else None
+
+
+def _npy_writer(array: np.ndarray):
+    def write(p: Path) -> None:
+        with open(p, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+    return write
+
+
+def _format() -> str:
+    return ti.FORMAT
+
+
+def _version() -> int:
+    return ti.STREAM_VERSION
+
+
+def build_token_index(path: str | os.PathLike, chunks: Iterable, **options) -> Path:
+    """Build a token index in ``path`` from an iterable of chunks, each TokenEmbeddings, a ``(vectors,
+    offsets)`` pair, or ``(tokens, ids)``; ``options`` go to :class:`TokenIndexWriter`. Resumes a partial build
+    of the same options found there (the chunks it already stored are skipped unencoded only if the caller
+    skips them: see :attr:`TokenIndexWriter.committed_documents`)."""
+    with TokenIndexWriter(path, **options) as writer:
+        for chunk in chunks:
+            if isinstance(chunk, tuple) and len(chunk) == 2 and not isinstance(chunk[0], torch.Tensor) \
+                    and not isinstance(chunk[0], np.ndarray):
+                writer.add(chunk[0], chunk[1])
+            else:
+                writer.add(chunk)
+        return writer.finish()
