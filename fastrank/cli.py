@@ -226,11 +226,11 @@ def _check_seed_is_used(args) -> None:
 
 
 def cmd_verify_index(args) -> int:
-    from fastrank.index import TokenIndex
+    from fastrank.index.shards import load_token_index
 
     if args.corpus is not None or args.out is not None:
         raise ValueError("--verify INDEX checks an index and builds nothing: drop CORPUS and OUT")
-    index = TokenIndex.load(args.verify, verify=True)
+    index = load_token_index(args.verify, verify=True)
     print(f"verified {args.verify}: {len(index)} documents, {index.num_tokens} tokens ({index.token_dtype}); every "
           "byte matches its checksum")
     return 0
@@ -344,6 +344,10 @@ def _index_tokens_streamed(args, out: Path) -> int:
     enc = _encoder(args)
     info = {"format": ENCODER_FORMAT, "model": model, "model_name": Path(args.model or enc.path).name,
             "tokens": True, "max_length": max_length, "pooling": enc.pooling}
+    encoder_text = json.dumps(info, indent=1)
+    world = _index_world()
+    if world.size > 1:
+        return _index_tokens_sharded(args, out, world, enc, token_dim, max_length, chunk_docs, encoder_text)
     # encoder.json is part of the build's options: resuming with another model or --max-length is refused.
     writer = TokenIndexWriter(out, token_dim, token_dtype=args.token_dtype or "int8",
                               stage1="exhaustive" if args.exhaustive else "centroids", ncentroids=args.ncentroids,
@@ -380,6 +384,92 @@ def _index_tokens_streamed(args, out: Path) -> int:
     print(f"encoded {encoded_docs} documents in {encoding:.1f} s; built the index in {total - encoding:.1f} s "
           "(written as it went)")
     print(f"indexed {len(index)} documents ({kind}, {index.num_tokens} tokens) into {out}")
+    return 0
+
+
+def _index_world():
+    """The processes of this build: one, or those torchrun started (gloo: the shards are written on the CPU)."""
+    import torch
+
+    from fastrank.train.loop import World
+
+    return World.init(torch.device("cpu"))
+
+
+def _index_tokens_sharded(args, out: Path, world, enc, dim: int, max_length: int, chunk_docs: int,
+                          encoder_text: str) -> int:
+    """``torchrun ... fastrank index --tokens``: rank r writes shard r from every world-size-th chunk; stage 1 is
+    trained once by rank 0 on the first chunks (the sample a single process would take) and shared; rank 0
+    publishes the manifest over the shards (fastrank.index.shards)."""
+    import time
+
+    import torch
+
+    from fastrank.data import DataFormatError, corpus_chunks
+    from fastrank.index import shards
+    from fastrank.index.token_stream import (SAMPLE_BYTES, DuplicateIdError, TokenIndexWriter, choose_ncentroids,
+                                             train_stage1, write_stage1)
+
+    token_dtype = args.token_dtype or "int8"
+    stage1 = "exhaustive" if args.exhaustive else "centroids"
+    header = {"dim": dim, "token_dtype": token_dtype, "stage1": stage1, "ncentroids": args.ncentroids,
+              "nprobe": args.nprobe, "ndocs": args.ndocs, "seed": args.seed or 0, "chunk_docs": chunk_docs,
+              "encoder": encoder_text}
+    if world.rank == 0:
+        shards.begin(out, world.size, header, {ENCODER_FILE: encoder_text})
+    world.barrier()
+    build_id = shards.read_building(out)["build_id"]
+
+    def encode(chunk):
+        return enc.encode([text for _, _, text in chunk], dense=False, tokens=True, max_length=max_length,
+                          progress=False).tokens
+
+    if stage1 == "centroids":
+        if world.rank == 0 and not shards.stage1_done(out):
+            sample, ended, need = [], True, max(1, SAMPLE_BYTES // (4 * dim))
+            for chunk in corpus_chunks(args.corpus, chunk_docs):
+                sample.append(encode(chunk).vectors.float())
+                if sum(x.shape[0] for x in sample) >= need:
+                    ended = False
+                    break
+            sample = torch.cat(sample)
+            c = choose_ncentroids(sample.shape[0], ended, args.ncentroids)
+            centroids, codec = train_stage1(sample, c, seed=args.seed or 0, token_dtype=token_dtype)
+            write_stage1(out / shards.STAGE1_DIR, centroids, codec)
+            shards.write_stage1_done(out, {"ncentroids": c})
+        world.barrier()
+    t0, encoding, encoded_docs = time.perf_counter(), 0.0, 0
+    with TokenIndexWriter(out / shards.shard_name(world.rank), dim, token_dtype=token_dtype, stage1=stage1,
+                          nprobe=args.nprobe, ndocs=args.ndocs, seed=args.seed or 0, build_id=build_id,
+                          stage1_from=out / shards.STAGE1_DIR if stage1 == "centroids" else None, replay=False,
+                          progress=world.rank == 0, label=f"shard {world.rank}") as writer:
+        skip = writer.committed_documents
+        for i, chunk in enumerate(corpus_chunks(args.corpus, chunk_docs)):
+            if i % world.size != world.rank:
+                continue
+            if skip >= len(chunk):
+                skip -= len(chunk)
+                continue
+            chunk, skip = chunk[skip:], 0
+            e0 = time.perf_counter()
+            tok = encode(chunk)
+            encoding += time.perf_counter() - e0
+            encoded_docs += len(chunk)
+            try:
+                writer.add(tok, [docid for _, docid, _ in chunk])
+            except DuplicateIdError as exc:
+                lineno = next(n for n, docid, _ in chunk if docid == exc.id)
+                raise DataFormatError(f"{args.corpus}:{lineno}: duplicate document id {exc.id!r} (each document "
+                                      "needs its own id)") from None
+        writer.finish()
+    print(f"rank {world.rank}: encoded {encoded_docs} documents in {encoding:.1f} s; wrote "
+          f"{shards.shard_name(world.rank)} in {time.perf_counter() - t0 - encoding:.1f} s")
+    world.barrier()
+    if world.rank == 0:
+        meta = shards.finish(out, world.size)
+        print(f"indexed {meta['documents']} documents ({meta['tokens']} tokens, {token_dtype}) into {out} as "
+              f"{world.size} shards")
+    world.barrier()
     return 0
 
 
@@ -431,7 +521,8 @@ def add_retrieve(sub) -> None:
 
 def cmd_retrieve(args) -> int:
     from fastrank.data import check_tag, read_qrels, read_queries, write_run
-    from fastrank.index import DenseIndex, TokenIndex
+    from fastrank.index import DenseIndex
+    from fastrank.index.shards import load_token_index
 
     if args.token_k is not None:
         raise ValueError("--token-k is gone: token indexes now find candidates through centroids; "
@@ -476,7 +567,7 @@ def cmd_retrieve(args) -> int:
     enc = _encoder(args, pooling=info.get("pooling", "mean"))
     qids, texts = list(queries), list(queries.values())
     if info["tokens"]:
-        index = TokenIndex.load(index_dir, device=enc.device)
+        index = load_token_index(index_dir, device=enc.device)
         run = index.to_run(qids, enc.encode_queries(texts, progress="queries"), args.k, nprobe=args.nprobe,
                            ndocs=args.ndocs, exhaustive=True if args.exhaustive else None)
     else:

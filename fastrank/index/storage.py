@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 META = "meta.json"
 WRITER = "fastrank"
 # Formats whose directories a save may replace: a dense index may become a token index and back.
-INDEX_FORMATS = ("fastrank.DenseIndex", "fastrank.TokenIndex")
+INDEX_FORMATS = ("fastrank.DenseIndex", "fastrank.TokenIndex", "fastrank.ShardedTokenIndex")
 # A file being written by a save: ".<name>.partial-<pid>-<8 hex>" (data.atomic_output names its files so too).
 PARTIAL_NAME = re.compile(r"\..+\.partial-(\d+)-[0-9a-f]{8}")
 
@@ -188,7 +188,11 @@ def _owned_by_manifest(path: Path) -> set[str] | None:
     columns = meta.get("columns", {})
     if not isinstance(columns, dict) or not all(_is_plain_name(name) for name in columns):
         return None
-    return {META, *sums, *columns}
+    # A sharded index owns its stage-1 and shard directories (never removed as files: see save_index_dir).
+    dirs = meta.get("dirs", [])
+    if not isinstance(dirs, list) or not all(_is_plain_name(name) for name in dirs):
+        return None
+    return {META, *sums, *columns, *dirs}
 
 
 def check_index_dir(path: str | os.PathLike, names: Iterable[str] = (), label: str = "path") -> set[str]:

@@ -130,6 +130,9 @@ class TokenIndexWriter:
     - ``sample_tokens``: stage 1's sample, the first tokens of the stream (default: :data:`SAMPLE_BYTES` worth
       of float32 tokens).
     - ``attach``: name -> text of files stored with the index (the CLI's ``encoder.json``).
+    - ``stage1_from``: a directory holding trained ``centroids.npy`` (and ``codec.npy``) to use instead of
+      training: the shards of a distributed build share one stage 1. ``build_id`` marks the index a shard
+      belongs to.
     - ``replay``: when resuming, whether the chunks given to :meth:`add` start again from the stream's first
       document (the default: the writer skips the :attr:`committed_documents`) or, ``False``, from the first
       document not yet stored (the caller skipped them unencoded, as the CLI does).
@@ -142,7 +145,8 @@ class TokenIndexWriter:
                  ncentroids: int | None = None, nprobe: int | None = None, ndocs: int | None = None, seed: int = 0,
                  expected_tokens: int | None = None, sample_tokens: int | None = None,
                  expected_documents: int | None = None, attach: dict[str, str] | None = None,
-                 replay: bool = True, progress: bool = True, label: str = "path"):
+                 replay: bool = True, stage1_from: str | os.PathLike | None = None, build_id: str | None = None,
+                 progress: bool = True, label: str = "path"):
         if ti.residual_bits(token_dtype) is None and token_dtype not in ti.TOKEN_DTYPES:
             raise ValueError(f"token_dtype must be one of {ti.ALL_TOKEN_DTYPES}, got {token_dtype!r}")
         if ti.residual_bits(token_dtype) is not None:
@@ -182,8 +186,21 @@ class TokenIndexWriter:
         self.expected_documents = expected_documents
         self._bar = None
         self._started = None
+        if stage1_from is not None:
+            if stage1 != "centroids":
+                raise ValueError("stage1_from: an exhaustive index has no stage 1 to share")
+            if ncentroids is not None:
+                raise ValueError("ncentroids and stage1_from: the shared stage 1 fixes the centroids")
+            from fastrank.index.storage import sha256_file
+
+            self.header["stage1_sha256"] = sha256_file(Path(stage1_from) / "centroids.npy")
+        if build_id is not None:
+            self.header["build_id"] = build_id
         self.path = self._build_dir()
         self._open_partial()
+        if stage1_from is not None and self.centroids is None:
+            self.centroids, self.codec = read_stage1(Path(stage1_from), token_dtype)
+            self._commit_stage1()
         if not replay:
             self._given, self._skip = self._documents, 0
 
@@ -196,6 +213,9 @@ class TokenIndexWriter:
         cols = storage_columns(self.token_dtype, self.dim, self.stage1, self.requested_ncentroids or 1)
         names = [*cols, "centroids.npy", "codec.npy", "ivf_offsets.npy", "ivf_docs.bin", *self.attach]
         owned = check_index_dir(out, names, label=self.label)
+        if _format_of(out) == "fastrank.ShardedTokenIndex":
+            raise ValueError(f"{self.label} {out}: holds a sharded index ({_state(out)}), written by several processes "
+                             "(torchrun); resume it with the same torchrun command, or pick another directory")
         if (staging / META).is_file():
             return staging
         if owned and (out / META).is_file() and _state(out) != "building":
@@ -240,11 +260,7 @@ class TokenIndexWriter:
         self._columns = ColumnWriter(self.path, format=_format(), version=_version(), columns=cols,
                                      header=self.header, label=self.label)
         if self.stage1 == "centroids":
-            self.centroids = torch.from_numpy(np.load(self.path / "centroids.npy"))
-            if ti.residual_bits(self.token_dtype) is not None:
-                codec = np.load(self.path / "codec.npy")
-                nb = 2 ** ti.residual_bits(self.token_dtype)
-                self.codec = (torch.from_numpy(codec[:nb - 1].copy()), torch.from_numpy(codec[nb - 1:].copy()))
+            self.centroids, self.codec = read_stage1(self.path, self.token_dtype)
         self._documents = self._columns.committed_documents
         self._tokens = self._columns.meta["columns"]["tokens.bin"]
         self._skip = self._documents
@@ -342,45 +358,24 @@ class TokenIndexWriter:
         return None
 
     # -- stage 1 ---------------------------------------------------------------------------------------
-    def _choose_ncentroids(self, sample_tokens: int, stream_ended: bool) -> int:
-        if self.requested_ncentroids is not None:
-            c = self.requested_ncentroids
-        elif self.expected_tokens is not None:
-            c = ti.default_ncentroids(self.expected_tokens)
-        elif stream_ended:
-            c = ti.default_ncentroids(sample_tokens)
-        else:
-            c = 2 ** int(math.log2(max(1, sample_tokens // ti.KMEANS_POINTS_PER_CENTROID)))
-        if c > sample_tokens:
-            raise ValueError(f"ncentroids={c} exceeds the {sample_tokens} tokens of the stage-1 sample; lower "
-                             "ncentroids or raise sample_tokens")
-        return int(c)
-
     def _train_and_flush(self, stream_ended: bool = False) -> None:
         sample = torch.cat([b[1].float() for b in self._buffer])
-        t = sample.shape[0]
-        c = self._choose_ncentroids(t, stream_ended)
-        g = torch.Generator().manual_seed(self.seed)
-        n_sample = min(t, c * ti.KMEANS_POINTS_PER_CENTROID)
-        rows = torch.randperm(t, generator=g)[:n_sample].sort().values
-        x = sample.index_select(0, rows).float()
-        self.centroids = ti.spherical_kmeans(x, c, iters=ti.KMEANS_ITERS, generator=g, progress=self.progress)
-        bits = ti.residual_bits(self.token_dtype)
-        if bits is not None:
-            from fastrank.ops.residual import train_residual_codec
-
-            codes = ti.nearest_centroid(x, self.centroids).long()
-            self.codec = train_residual_codec(x - self.centroids[codes], bits)
-        del x, sample
-        self._open_columns(c)
-        if bits is not None:
-            codec = torch.cat([self.codec[0], self.codec[1]]).numpy()
-            self._columns.write_file("codec.npy", _npy_writer(codec))
-        self._columns.write_file("centroids.npy", _npy_writer(self.centroids.numpy()))
-        self._columns.commit(extra={"ncentroids": c})
+        c = choose_ncentroids(sample.shape[0], stream_ended, self.requested_ncentroids, self.expected_tokens)
+        self.centroids, self.codec = train_stage1(sample, c, seed=self.seed, token_dtype=self.token_dtype,
+                                                  progress=self.progress)
+        del sample
+        self._commit_stage1()
         buffered, self._buffer, self._buffered_tokens = self._buffer, [], 0
         for encoded, vectors, offsets in buffered:
             self._write(encoded, vectors, offsets)
+
+    def _commit_stage1(self) -> None:
+        c = self.centroids.shape[0]
+        self._open_columns(c)
+        if self.codec is not None:
+            self._columns.write_file("codec.npy", _npy_writer(torch.cat([self.codec[0], self.codec[1]]).numpy()))
+        self._columns.write_file("centroids.npy", _npy_writer(self.centroids.numpy()))
+        self._columns.commit(extra={"ncentroids": c})
 
     def _open_columns(self, ncentroids: int | None) -> None:
         cols = storage_columns(self.token_dtype, self.dim, self.stage1, ncentroids)
@@ -511,12 +506,88 @@ class TokenIndexWriter:
         cols.write_file("ivf_offsets.npy", _npy_writer(ivf_offsets))
 
 
-def _state(path: Path) -> str | None:
+def choose_ncentroids(sample_tokens: int, stream_ended: bool, requested: int | None = None,
+                      expected_tokens: int | None = None) -> int:
+    """Stage 1's centroid count: ``requested``, else :func:`~fastrank.index.tokens.default_ncentroids` of
+    ``expected_tokens``, else of the whole corpus when the stream ended inside the sample, else the largest
+    power of two giving each centroid 48 sample tokens."""
+    if requested is not None:
+        c = requested
+    elif expected_tokens is not None:
+        c = ti.default_ncentroids(expected_tokens)
+    elif stream_ended:
+        c = ti.default_ncentroids(sample_tokens)
+    else:
+        c = 2 ** int(math.log2(max(1, sample_tokens // ti.KMEANS_POINTS_PER_CENTROID)))
+    if c > sample_tokens:
+        raise ValueError(f"ncentroids={c} exceeds the {sample_tokens} tokens of the stage-1 sample; lower "
+                         "ncentroids or raise sample_tokens")
+    return int(c)
+
+
+def train_stage1(sample: torch.Tensor, ncentroids: int, *, seed: int, token_dtype: str, progress: bool = False
+                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Centroids (spherical k-means on a seeded subset of ``sample``) and, for residual storage, the codec
+    (bucket cutoffs and weights) trained on that subset's residuals."""
+    t = sample.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    n_sample = min(t, ncentroids * ti.KMEANS_POINTS_PER_CENTROID)
+    rows = torch.randperm(t, generator=g)[:n_sample].sort().values
+    x = sample.index_select(0, rows).float()
+    centroids = ti.spherical_kmeans(x, ncentroids, iters=ti.KMEANS_ITERS, generator=g, progress=progress)
+    bits = ti.residual_bits(token_dtype)
+    if bits is None:
+        return centroids, None
+    from fastrank.ops.residual import train_residual_codec
+
+    codes = ti.nearest_centroid(x, centroids).long()
+    return centroids, train_residual_codec(x - centroids[codes], bits)
+
+
+def read_stage1(path: Path, token_dtype: str) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """``centroids.npy`` (and ``codec.npy`` for residual storage) from directory ``path``."""
+    centroids = torch.from_numpy(np.load(path / "centroids.npy", allow_pickle=False))
+    bits = ti.residual_bits(token_dtype)
+    if bits is None:
+        return centroids, None
+    codec = np.load(path / "codec.npy", allow_pickle=False)
+    nb = 2 ** bits
+    return centroids, (torch.from_numpy(codec[:nb - 1].copy()), torch.from_numpy(codec[nb - 1:].copy()))
+
+
+def write_stage1(path: Path, centroids: torch.Tensor, codec) -> dict[str, str]:
+    """Write ``centroids.npy`` (and ``codec.npy``) into directory ``path``, each staged and renamed; returns
+    their sha256."""
+    from fastrank.index.storage import partial_name, sha256_file
+
+    arrays = {"centroids.npy": centroids.numpy()}
+    if codec is not None:
+        arrays["codec.npy"] = torch.cat([codec[0], codec[1]]).numpy()
+    sums = {}
+    for name, arr in arrays.items():
+        tmp = partial_name(path, name)
+        _npy_writer(arr)(tmp)
+        fsync_path(tmp)
+        os.replace(tmp, path / name)
+        sums[name] = sha256_file(path / name)
+    fsync_path(path, directory=True)
+    return sums
+
+
+def _manifest_field(path: Path, field: str):
     try:
         meta = json.loads((path / META).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return meta.get("state") if isinstance(meta, dict) else None
+    return meta.get(field) if isinstance(meta, dict) else None
+
+
+def _state(path: Path) -> str | None:
+    return _manifest_field(path, "state")
+
+
+def _format_of(path: Path) -> str | None:
+    return _manifest_field(path, "format")
 
 
 def _npy_writer(array: np.ndarray):

@@ -240,6 +240,10 @@ class TokenIndex:
     def ids(self) -> list:
         return list(self._ids)
 
+    def iter_ids(self):
+        """The ids in document order, one at a time (a streamed index decodes them as it goes)."""
+        return iter(self._ids)
+
     @property
     def num_tokens(self) -> int:
         return int(self._tokens.shape[0])
