@@ -17,7 +17,8 @@
   X(Int32, 5, int32)         \
   X(Int64, 6, int64)         \
   X(Bool, 7, bool)           \
-  X(UInt8, 8, uint8)
+  X(UInt8, 8, uint8)         \
+  X(UInt16, 9, uint16)
 
 namespace fastrank {
 

@@ -73,6 +73,36 @@ inline PaddedArgs padded_problem(pybind11::handle q_obj, pybind11::handle d_obj,
   return {p, q.elem, q.data<void>(), d.data<void>(), q.device_index};
 }
 
+// ---- packed documents (maxsim_packed, maxsim_residual): offsets and a docs subset -----------------------
+
+// offsets: int64 (N + 1,), 0 first, T last, non-decreasing. Read on every call (O(N), against scoring's
+// O(T Lq H)): Python's cached validation cannot see writes that bypass the version counter (a shared numpy
+// array, .data), and no offset read below may lie outside tokens.
+inline void check_offsets(const TensorArg& off, int64_t rows, const char* where) {
+  check_elem(off, Elem::Int64, where);
+  FASTRANK_CHECK(off.dim() == 1 && off.size[0] >= 1,
+                 where << ": offsets must have shape (N + 1,) with N >= 0, got " << off.shape_text());
+  check_contiguous(off, where);
+  const int64_t* o = off.data<int64_t>();
+  const int64_t n = off.size[0] - 1;
+  FASTRANK_CHECK(o[0] == 0, where << ": offsets[0] must be 0, got " << o[0]);
+  for (int64_t i = 0; i < n; ++i)
+    FASTRANK_CHECK(o[i + 1] >= o[i], where << ": offsets must be non-decreasing, got offsets[" << i << "] = " << o[i]
+                                           << " > offsets[" << i + 1 << "] = " << o[i + 1]);
+  FASTRANK_CHECK(o[n] == rows, where << ": offsets[-1] must equal the number of token rows (" << rows << "), got "
+                                     << o[n]);
+}
+
+inline void check_docs(const TensorArg& docs, int64_t n, const char* where) {
+  check_elem(docs, Elem::Int64, where);
+  FASTRANK_CHECK(docs.dim() == 1, where << ": docs must be 1-D, got " << docs.shape_text());
+  check_contiguous(docs, where);
+  const int64_t* dp = docs.data<int64_t>();
+  for (int64_t i = 0; i < docs.size[0]; ++i)
+    FASTRANK_CHECK(dp[i] >= 0 && dp[i] < n, where << ": docs[" << i << "] = " << dp[i] << " does not index the " << n
+                                                  << " documents of offsets (0 .. " << n - 1 << ")");
+}
+
 // Every saved argmax is a row of its pair's document, or -1 (masked query token, empty document).
 inline void check_argmax_rows(const int32_t* arg, int64_t pairs, int64_t Lq,
                               const std::function<int64_t(int64_t)>& rows, const char* where) {

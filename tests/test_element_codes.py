@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 HEADER = CSRC / "element_codes.h"
 ELEMENT = re.compile(r"X\((\w+),\s*(\d+),\s*(\w+)\)")
-ENUMERATORS = ("Float32", "Float16", "BFloat16", "Float64", "Int8", "Int32", "Int64", "Bool", "UInt8")
+ENUMERATORS = ("Float32", "Float16", "BFloat16", "Float64", "Int8", "Int32", "Int64", "Bool", "UInt8", "UInt16")
 
 
 def _strip_comments(text: str) -> str:

@@ -251,7 +251,7 @@ def test_every_entry_point_is_fuzzed():
     """A new extension function must join this file: the list of those fuzzed above is checked against the
     module's own."""
     fuzzed = {"maxsim_forward", "maxsim_backward", "maxsim_packed_forward", "maxsim_packed_backward",
-              "distill_forward", "inbatch_ce_forward"}
+              "distill_forward", "inbatch_ce_forward", "maxsim_residual_forward"}
     # Not kernels: cpuid queries, the thread count, the element codes (tests/test_element_codes.py), and the
     # host-side index-math self-test of the CUDA code.
     informational = {"cpu_isa_support", "cpu_flags", "num_threads", "has_cuda", "has_openmp", "ELEMENT_CODES"}
@@ -279,3 +279,68 @@ def test_packed_backward_through_any_layout_matches_the_reference(case):
     (maxsim_packed_ref(qr, tr, case["offsets"]) * seed).sum().backward()
     torch.testing.assert_close(q.grad, qr.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(tokens.grad, tr.grad, rtol=1e-4, atol=1e-4)
+
+
+@st.composite
+def residual_problems(draw):
+    """A residual-compressed corpus (fastrank.ops.residual) with packed_problems' documents and hostile
+    indices, plus a hostile code: negative, one past the centroids, or huge."""
+    case = draw(packed_problems())
+    nbits = draw(st.sampled_from([1, 2, 4]))
+    h = draw(st.integers(1, 5)) * (8 // nbits)  # whole bytes per row
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    num_centroids, T = draw(st.integers(1, 5)), case["tokens"].shape[0]
+    code_dtype = draw(st.sampled_from([torch.int32, torch.uint16, torch.int64]))
+    case.update(
+        nbits=nbits, q=torch.randn(case["q"].shape[0], h, generator=gen),
+        packed=torch.randint(0, 256, (T, h * nbits // 8), generator=gen, dtype=torch.uint8),
+        codes=torch.randint(0, num_centroids, (T,), generator=gen).to(code_dtype),
+        centroids=torch.randn(num_centroids, h, generator=gen), weights=torch.randn(1 << nbits, generator=gen),
+        bad_code=draw(st.sampled_from([None, None, -1, num_centroids, 2**15 + 7])),
+        codes_layout=draw(st.sampled_from(["contiguous", "row_gaps_1d"])))
+    return case
+
+
+@FUZZ
+@given(residual_problems())
+def test_residual_extension_reads_any_layout_it_accepts_and_names_the_bad_argument(case):
+    """Direct calls to ``_C.maxsim_residual_forward`` with raw views, hostile offsets, docs and codes: the C++
+    boundary alone decides, and what it accepts matches the reference."""
+    from fastrank.ops.maxsim_residual import maxsim_residual_ref
+
+    ext, isa = _ext.require(), cpu_isa.selected()
+    lay = case["layouts"]
+    offsets_values, docs_values, bad = hostile_indices(case["offsets"], case["docs"], case["hostile"], case["n"])
+    codes_values = case["codes"].clone()
+    if case["bad_code"] is not None and codes_values.numel() and bad is None:
+        value = case["bad_code"]
+        if not (value < 0 and codes_values.dtype == torch.uint16):
+            codes_values[-1] = value
+            # only a scored row's code is read, and checked
+            scored_rows = set(range(codes_values.numel())) if docs_values is None else {
+                r for d in docs_values.tolist() for r in range(int(case["offsets"][d]), int(case["offsets"][d + 1]))}
+            if codes_values.numel() - 1 in scored_rows:
+                bad = "codes"
+    q = laid_out(case["q"], lay["q"] if lay["q"] != "expanded" else "contiguous")
+    packed = laid_out(case["packed"], lay["tokens"] if lay["tokens"] != "expanded" else "contiguous")
+    codes = codes_values.clone()
+    if case["codes_layout"] == "row_gaps_1d":  # a 1-D view at stride 2: read through its stride
+        big = torch.zeros(2 * codes.numel(), dtype=codes.dtype)
+        big[::2] = codes
+        codes = big[::2]
+    offsets = laid_out(offsets_values, "contiguous" if lay["offsets"] == "expanded" else lay["offsets"])
+    docs = None if docs_values is None else laid_out(docs_values, "contiguous" if lay["docs"] == "expanded" else lay["docs"])
+    scored = case["n"] if docs is None else docs.numel()
+    out = torch.full((scored,), math.nan)
+    refusals = [("q", _needs_copy(q, False)), ("packed", _needs_copy(packed, False)),
+                ("offsets", _needs_copy(offsets, True)), ("docs", docs is not None and _needs_copy(docs, True))]
+    expected = [name for name, refused in refusals if refused] + ([bad] if bad else [])
+    args = (isa, q, packed, codes, offsets, docs, case["centroids"], case["weights"], case["nbits"], out, 1)
+    if expected:
+        with pytest.raises(ValueError, match="|".join(expected)):
+            ext.maxsim_residual_forward(*args)
+        return
+    ext.maxsim_residual_forward(*args)
+    want = maxsim_residual_ref(case["q"], case["packed"], codes_values, offsets_values, case["centroids"],
+                               case["weights"], nbits=case["nbits"], docs=docs_values)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
