@@ -435,7 +435,7 @@ def _index_tokens_sharded(args, out: Path, world, enc, dim: int, max_length: int
             sample = torch.cat(sample)
             c = choose_ncentroids(sample.shape[0], ended, args.ncentroids)
             centroids, codec = train_stage1(sample, c, seed=args.seed or 0, token_dtype=token_dtype)
-            write_stage1(out / shards.STAGE1_DIR, centroids, codec)
+            write_stage1(out / shards.STAGE1_DIR, centroids, codec, seed=args.seed or 0)
             shards.write_stage1_done(out, {"ncentroids": c})
         world.barrier()
     t0, encoding, encoded_docs = time.perf_counter(), 0.0, 0

@@ -250,6 +250,57 @@ def _add_sweeps(ops) -> None:
         add_common(q, quick=SWEEP_QUICK, json_what="the rows", out_what=SWEEP_OUT)
         _add_sweep_options(q)
         q.set_defaults(func=_checked_out(lambda args, name=name: _report_sections([name], args)))
+        if name == "index":
+            _add_index_scale(q)
+
+
+def _add_index_scale(q) -> None:
+    from fastrank.bench.index_scale import DEFAULT_DTYPES, DTYPES
+
+    g = q.add_argument_group("token indexes at scale (--scale)")
+    g.add_argument("--scale", action="store_true",
+                   help="instead: stream synthetic token corpora (H=128) at 1M, 10M and 100M tokens into TokenIndexes "
+                        "and record build time, peak memory, bytes per token, load time, queries/s and recall@10, "
+                        "with fitted exponents and MS MARCO projected")
+    g.add_argument("--max-tokens", type=int, default=None,
+                   help="the largest corpus (default 100000000; 1000000 with --quick); below 10M, two sizes: N/10 and N")
+    g.add_argument("--token-dtypes", default=None,
+                   help=f"comma-separated subset of {','.join(DTYPES)} (default {','.join(DEFAULT_DTYPES)})")
+    g.add_argument("--workdir", default=None,
+                   help="where the indexes are built (default: the system's temporary directory; each is removed "
+                        "after its row)")
+    q.set_defaults(func=_checked_out(_cli_index))
+
+
+def _cli_index(args) -> int:
+    scale_only = [f for f, v in (("--max-tokens", args.max_tokens), ("--token-dtypes", args.token_dtypes),
+                                 ("--workdir", args.workdir)) if v is not None]
+    if not args.scale:
+        if scale_only:
+            raise ValueError(f"{', '.join(scale_only)} apply to --scale only")
+        return _report_sections(["index"], args)
+    from fastrank.bench import index_scale
+    from fastrank.bench.report import print_report
+
+    if args.device not in (None, "cpu"):
+        raise ValueError(f"--device {args.device}: bench index --scale builds and searches on the CPU")
+    max_tokens = args.max_tokens or (1_000_000 if args.quick else 100_000_000)
+    if max_tokens < 10_000:
+        raise ValueError(f"--max-tokens {max_tokens}: expected at least 10000")
+    dtypes = tuple(d.strip() for d in (args.token_dtypes or ",".join(index_scale.DEFAULT_DTYPES)).split(",")
+                   if d.strip())
+    bad = [d for d in dtypes if d not in index_scale.DTYPES]
+    if bad or not dtypes:
+        raise ValueError(f"--token-dtypes: expected a comma-separated subset of {','.join(index_scale.DTYPES)}, "
+                         f"got {args.token_dtypes!r}")
+    res = index_scale.run(max_tokens, dtypes, workdir=args.workdir, quick=args.quick)
+    rc = print_report(res, index_scale.markdown, args.json, args.out, command_line(args))
+    if args.out:
+        try:
+            index_scale.draw(res, Path(args.out))
+        except ImportError:
+            print("bench index --scale: matplotlib is not installed: no figure", file=sys.stderr)
+    return rc
 
 
 def _cli_all(args) -> int:

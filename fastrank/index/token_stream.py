@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from fastrank.index import tokens as ti
+from fastrank.index.centroid_router import MIN_CENTROIDS, CentroidRouter
 from fastrank.index.columns import ColumnWriter
 from fastrank.index.storage import META, STAGING_DIR, check_finite_rows, check_index_dir, fsync_path, is_int
 from fastrank.progress import progress_bar
@@ -181,6 +182,7 @@ class TokenIndexWriter:
         self._hashes = IdHashes()
         self.centroids: torch.Tensor | None = None
         self.codec: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.router: CentroidRouter | None = None
         self._documents = self._tokens = 0
         self._given = 0  # documents handed to add() by this run, skipped ones included
         self.expected_documents = expected_documents
@@ -199,7 +201,7 @@ class TokenIndexWriter:
         self.path = self._build_dir()
         self._open_partial()
         if stage1_from is not None and self.centroids is None:
-            self.centroids, self.codec = read_stage1(Path(stage1_from), token_dtype)
+            self.centroids, self.codec, self.router = read_stage1(Path(stage1_from), token_dtype)
             self._commit_stage1()
         if not replay:
             self._given, self._skip = self._documents, 0
@@ -211,7 +213,8 @@ class TokenIndexWriter:
         takes a mix of the two for an index: the old manifest's checksums refuse any replaced file)."""
         out, staging = self.out, self.out / STAGING_DIR
         cols = storage_columns(self.token_dtype, self.dim, self.stage1, self.requested_ncentroids or 1)
-        names = [*cols, "centroids.npy", "codec.npy", "ivf_offsets.npy", "ivf_docs.bin", *self.attach]
+        names = [*cols, "centroids.npy", "codec.npy", "router_groups.npy", "router_centres.npy", "ivf_offsets.npy",
+                 "ivf_docs.bin", *self.attach]
         owned = check_index_dir(out, names, label=self.label)
         if _format_of(out) == "fastrank.ShardedTokenIndex":
             raise ValueError(f"{self.label} {out}: holds a sharded index ({_state(out)}), written by several processes "
@@ -260,7 +263,7 @@ class TokenIndexWriter:
         self._columns = ColumnWriter(self.path, format=_format(), version=_version(), columns=cols,
                                      header=self.header, label=self.label)
         if self.stage1 == "centroids":
-            self.centroids, self.codec = read_stage1(self.path, self.token_dtype)
+            self.centroids, self.codec, self.router = read_stage1(self.path, self.token_dtype)
         self._documents = self._columns.committed_documents
         self._tokens = self._columns.meta["columns"]["tokens.bin"]
         self._skip = self._documents
@@ -372,10 +375,16 @@ class TokenIndexWriter:
     def _commit_stage1(self) -> None:
         c = self.centroids.shape[0]
         self._open_columns(c)
-        if self.codec is not None:
-            self._columns.write_file("codec.npy", _npy_writer(torch.cat([self.codec[0], self.codec[1]]).numpy()))
-        self._columns.write_file("centroids.npy", _npy_writer(self.centroids.numpy()))
+        if self.router is None and c >= MIN_CENTROIDS:
+            self.router = CentroidRouter.train(self.centroids, self.seed)
+        for name, array in stage1_arrays(self.centroids, self.codec, self.router).items():
+            self._columns.write_file(name, _npy_writer(array))
         self._columns.commit(extra={"ncentroids": c})
+
+    def _nearest(self, x: torch.Tensor) -> torch.Tensor:
+        if self.router is not None:
+            return self.router.assign(x)
+        return ti.nearest_centroid(x, self.centroids)
 
     def _open_columns(self, ncentroids: int | None) -> None:
         cols = storage_columns(self.token_dtype, self.dim, self.stage1, ncentroids)
@@ -409,7 +418,7 @@ class TokenIndexWriter:
                 from fastrank.ops.residual import compress_residuals
 
                 x = x.float()
-                c = ti.nearest_centroid(x, self.centroids)
+                c = self._nearest(x)
                 cols.append("tokens.bin", compress_residuals(x, c, self.centroids, self.codec[0], bits).numpy())
                 codes = c
             else:
@@ -418,7 +427,7 @@ class TokenIndexWriter:
                                            else stored).numpy())
             if self.stage1 == "centroids":
                 if bits is None:
-                    codes = ti.nearest_centroid(stored, self.centroids)
+                    codes = self._nearest(stored)
                 cols.append("codes.bin", codes.numpy().astype(cols.columns["codes.bin"][0]))
                 self._append_pairs(codes, offsets, s, s + x.shape[0])
         cols.append("offsets.bin", (offsets[1:] + self._tokens).numpy())
@@ -544,27 +553,40 @@ def train_stage1(sample: torch.Tensor, ncentroids: int, *, seed: int, token_dtyp
     return centroids, train_residual_codec(x - centroids[codes], bits)
 
 
-def read_stage1(path: Path, token_dtype: str) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """``centroids.npy`` (and ``codec.npy`` for residual storage) from directory ``path``."""
-    centroids = torch.from_numpy(np.load(path / "centroids.npy", allow_pickle=False))
-    bits = ti.residual_bits(token_dtype)
-    if bits is None:
-        return centroids, None
-    codec = np.load(path / "codec.npy", allow_pickle=False)
-    nb = 2 ** bits
-    return centroids, (torch.from_numpy(codec[:nb - 1].copy()), torch.from_numpy(codec[nb - 1:].copy()))
-
-
-def write_stage1(path: Path, centroids: torch.Tensor, codec) -> dict[str, str]:
-    """Write ``centroids.npy`` (and ``codec.npy``) into directory ``path``, each staged and renamed; returns
-    their sha256."""
-    from fastrank.index.storage import partial_name, sha256_file
-
+def stage1_arrays(centroids: torch.Tensor, codec, router) -> dict[str, np.ndarray]:
+    """The files of stage 1: centroids, the residual codec (cutoffs then weights) and the router's groups."""
     arrays = {"centroids.npy": centroids.numpy()}
     if codec is not None:
         arrays["codec.npy"] = torch.cat([codec[0], codec[1]]).numpy()
+    if router is not None:
+        arrays["router_groups.npy"] = router.arrays()["groups"].numpy()
+        arrays["router_centres.npy"] = router.arrays()["centres"].numpy()
+    return arrays
+
+
+def read_stage1(path: Path, token_dtype: str):
+    """``(centroids, codec or None, router or None)`` from the stage-1 files in directory ``path``."""
+    centroids = torch.from_numpy(np.load(path / "centroids.npy", allow_pickle=False))
+    codec = router = None
+    bits = ti.residual_bits(token_dtype)
+    if bits is not None:
+        arr = np.load(path / "codec.npy", allow_pickle=False)
+        nb = 2 ** bits
+        codec = (torch.from_numpy(arr[:nb - 1].copy()), torch.from_numpy(arr[nb - 1:].copy()))
+    if (path / "router_groups.npy").is_file():
+        router = CentroidRouter(centroids, torch.from_numpy(np.load(path / "router_groups.npy", allow_pickle=False)),
+                                torch.from_numpy(np.load(path / "router_centres.npy", allow_pickle=False)))
+    return centroids, codec, router
+
+
+def write_stage1(path: Path, centroids: torch.Tensor, codec, seed: int = 0) -> dict[str, str]:
+    """Write stage 1 (centroids, codec, and the router's groups when there are enough centroids) into
+    directory ``path``, each file staged and renamed; returns their sha256."""
+    from fastrank.index.storage import partial_name, sha256_file
+
+    router = CentroidRouter.train(centroids, seed) if centroids.shape[0] >= MIN_CENTROIDS else None
     sums = {}
-    for name, arr in arrays.items():
+    for name, arr in stage1_arrays(centroids, codec, router).items():
         tmp = partial_name(path, name)
         _npy_writer(arr)(tmp)
         fsync_path(tmp)
