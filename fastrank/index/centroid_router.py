@@ -1,17 +1,18 @@
 """Nearest centroid among many through groups of centroids: the token assignment of large streamed builds.
 
 Coding every token against all ``C`` centroids costs ``T x C x H`` multiply-adds: at 100M tokens and the
-default 32,768 centroids that is 840 TFLOP, most of a build on a 2-core CPU, and it grows as ``T^1.5`` when
-``C`` follows ``sqrt(T)``. The router clusters the centroids themselves into ``G ~ sqrt(C)`` groups (spherical
-k-means, once, stored with stage 1); a token is scored against the ``G`` group centres, and then exactly
-against the members of its ``probes`` best groups, one GEMM per group over the tokens that probe it. That is
-``G + probes x C / G`` products a token instead of ``C`` (1,600 instead of 32,768 at ``C = 32,768``).
+default 32,768 centroids that is 840 TFLOP, more than two hours of a 2-core CPU's bfloat16 GEMM rate, and it
+grows as ``T^1.5`` when ``C`` follows ``sqrt(T)``. The router clusters the centroids themselves into groups of
+about :data:`GROUP_SIZE` (spherical k-means, once, stored with stage 1); a token is scored against the group
+centres and then exactly against the members of its :data:`PROBES` best groups, one GEMM per group over the
+tokens that probe it: ``C / 256 + 16 x 256`` products a token instead of ``C`` (4,224 instead of 32,768).
 
-The result is the exact nearest centroid whenever it lies in a probed group: a token's nearest centroid is
-near the token, so its group's centre almost always is too. When it is not, the token gets the best centroid
-of the probed groups, a near tie by construction; codes only choose inverted lists and residual bases, so a
-near tie costs a slightly larger residual, never a wrong score. ``tests/test_centroid_router.py`` measures the
-agreement with the exact assignment.
+A token gets its exact nearest centroid whenever that centroid's group is probed: measured at 32,768
+centroids on the scale benchmark's tokens, 99.8% of tokens, a mean score loss of 0.0002 and a 99.9th
+percentile of 0.05 (and 97.6-98.3% with 8 probes of 64 groups on SciFact's MiniLM tokens). The rest get the
+best centroid of the probed groups, which can be a poor one: such a token sits in a list its query tokens may
+not probe, and its residual is larger. Codes never change a score except through that residual.
+``tests/test_centroid_router.py`` holds the agreement to these figures.
 """
 from __future__ import annotations
 
