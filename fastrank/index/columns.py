@@ -26,8 +26,8 @@ from typing import Callable
 
 import numpy as np
 
-from fastrank.index.storage import (META, PARTIAL_NAME, WRITER, IndexFormatError, check_index_dir, fsync_path, meta_checksum,
-                                    partial_name, sha256_file)
+from fastrank.index.storage import (META, PARTIAL_NAME, STAGING_DIR, WRITER, IndexFormatError, check_index_dir, fsync_path,
+                                    meta_checksum, partial_name, sha256_file)
 
 # A chunk's per-column sha256 is recorded in the manifest; verify re-reads in blocks of this many bytes.
 _READ_BLOCK = 1 << 24
@@ -168,15 +168,30 @@ class ColumnWriter:
         """Write a large file once from an iterable of arrays of ``dtype`` (staged, hashed as it is written,
         fsynced, renamed). It is mapped like a column at load and its sha256 is checked only by
         :func:`verify`, so that a load never reads it whole."""
+        def fill(f) -> tuple[str, int]:
+            h, rows = hashlib.sha256(), 0
+            for block in blocks:
+                data = memoryview(np.ascontiguousarray(block, dtype=dtype).reshape(-1).view(np.uint8))
+                f.write(data)
+                h.update(data)
+                rows += len(block)
+            return h.hexdigest(), rows
+        self._write_large(name, fill, dtype)
+
+    def write_large_file_with(self, name: str, write: Callable, dtype: str) -> None:
+        """As :meth:`write_large_file`, for a file written out of order or by another library: ``write`` gets
+        the open staged file (binary, empty, seekable) and fills it; the file is then hashed by reading it back."""
+        def fill(f) -> tuple[str, int]:
+            write(f)
+            f.flush()
+            return sha256_file(Path(f.name)), os.fstat(f.fileno()).st_size // np.dtype(dtype).itemsize
+        self._write_large(name, fill, dtype)
+
+    def _write_large(self, name: str, fill: Callable, dtype: str) -> None:
         tmp = partial_name(self.path, name)
-        h, rows = hashlib.sha256(), 0
         try:
-            with open(tmp, "wb") as f:
-                for block in blocks:
-                    data = memoryview(np.ascontiguousarray(block, dtype=dtype).reshape(-1).view(np.uint8))
-                    f.write(data)
-                    h.update(data)
-                    rows += len(block)
+            with open(tmp, "r+b") as f:
+                digest, rows = fill(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path / name)
@@ -189,7 +204,7 @@ class ColumnWriter:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        self.meta.setdefault("large_files", {})[name] = {"sha256": h.hexdigest(), "rows": rows, "dtype": dtype}
+        self.meta.setdefault("large_files", {})[name] = {"sha256": digest, "rows": rows, "dtype": dtype}
 
     @property
     def committed_documents(self) -> int:
@@ -293,6 +308,63 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# -- building beside a complete index ----------------------------------------------------------------------
+def manifest_state(path: Path) -> str | None:
+    """The ``state`` of the manifest in ``path`` (``"building"``, ``"complete"``), None when there is none."""
+    try:
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta.get("state") if isinstance(meta, dict) else None
+
+
+def large_file_names(path: Path) -> set[str]:
+    """The large files (:meth:`ColumnWriter.write_large_file`) that the manifest in ``path`` lists. A manifest
+    owns them as it owns its columns; ``check_index_dir`` counts only the columns and the small files, so the
+    build helpers below add these (for a manifest that ``check_index_dir`` trusts: it refuses any other)."""
+    try:
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    large = meta.get("large_files") if isinstance(meta, dict) else None
+    if not isinstance(large, dict):
+        return set()
+    return {name for name in large if isinstance(name, str) and name not in ("", ".", "..", META)
+            and Path(name).name == name and "\\" not in name}
+
+
+def build_directory(out: Path, names, label: str = "path") -> Path:
+    """Where a streamed build into ``out`` writes: ``out`` itself, unless ``out`` holds a complete index; then
+    the staging directory inside it (:data:`~fastrank.index.storage.STAGING_DIR`), moved over the old index
+    by :func:`publish_staged` once the new one is complete, so that the old one stays searchable meanwhile.
+    ``names`` are the files the build writes: ``out`` must not hold such a file that no manifest owns."""
+    staging = out / STAGING_DIR
+    large = large_file_names(out)
+    owned = check_index_dir(out, [n for n in names if n not in large], label=label)
+    if (staging / META).is_file():
+        return staging
+    if owned and (out / META).is_file() and manifest_state(out) != "building":
+        return staging
+    return out
+
+
+def publish_staged(staging: Path, out: Path, label: str = "path") -> Path:
+    """Move a complete staged build over the index in ``out``: its files first, meta.json last (atomic renames
+    on one filesystem; a reader never takes a mix of the two for an index, since the old manifest's checksums
+    refuse any replaced file), then the old index's files that the new one does not have."""
+    old = check_index_dir(out, label=label) | large_file_names(out)
+    new = {name for name in os.listdir(staging) if name != META}
+    for name in sorted(new):
+        os.replace(staging / name, out / name)
+    os.replace(staging / META, out / META)
+    fsync_path(out, directory=True)
+    for name in sorted(old - new - {META}):
+        if (out / name).is_file():
+            (out / name).unlink()
+    staging.rmdir()
+    return out
 
 
 # -- reading a complete index ----------------------------------------------------------------------------
