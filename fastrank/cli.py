@@ -196,7 +196,7 @@ def add_index(sub) -> None:
                    help="instead of building: read every byte of the token index INDEX and check it against its "
                         "checksums (a load checks sizes and stage 1 only, so that a large index loads in seconds; default: build, not verify)")
     p.add_argument("--chunk-docs", type=int,
-                   help="token index: documents encoded and committed at a time (default 4096; memory grows with it)")
+                   help="documents encoded and committed at a time (default 4096; memory grows with it)")
     p.add_argument("--kind", metavar="{flat,ivf_flat,ivf_pq,hnsw}", help="dense index only (default flat)")
     p.add_argument("--metric", choices=("ip", "l2"), help="dense index only (default ip; MaxSim is inner product)")
     p.add_argument("--tokens", action="store_true", help="index token embeddings for MaxSim (TokenIndex)")
@@ -230,26 +230,26 @@ def cmd_verify_index(args) -> int:
 
     if args.corpus is not None or args.out is not None:
         raise ValueError("--verify INDEX checks an index and builds nothing: drop CORPUS and OUT")
-    index = load_token_index(args.verify, verify=True)
-    print(f"verified {args.verify}: {len(index)} documents, {index.num_tokens} tokens ({index.token_dtype}); every "
-          "byte matches its checksum")
+    from fastrank.index import DenseIndex
+    from fastrank.index.storage import read_meta
+
+    if read_meta(Path(args.verify), None).get("format") == "fastrank.DenseIndex":
+        index = DenseIndex.load(args.verify, verify=True)
+        what = f"{len(index)} documents ({index.kind}, dense)"
+    else:
+        index = load_token_index(args.verify, verify=True)
+        what = f"{len(index)} documents, {index.num_tokens} tokens ({index.token_dtype})"
+    print(f"verified {args.verify}: {what}; every byte matches its checksum")
     return 0
 
 
 def cmd_index(args) -> int:
-    import time
-
     if args.verify is not None:
         return cmd_verify_index(args)
     if args.corpus is None or args.out is None:
         raise ValueError("CORPUS and OUT are required (or --verify INDEX to check an index)")
-    if args.chunk_docs is not None and not args.tokens:
-        raise ValueError("--chunk-docs applies to token indexes only: add --tokens")
-    from fastrank.data import read_corpus
-    from fastrank.encoders import DOC_MAX_LENGTH, check_device
-    from fastrank.index import KINDS, DenseIndex, TokenIndex
+    from fastrank.index import KINDS
     from fastrank.index.storage import check_index_dir, check_not_inside
-    from fastrank.index.tokens import DEFAULT_NPROBE
 
     token_only = [flag for flag, value in (("--token-dtype", args.token_dtype), ("--ncentroids", args.ncentroids),
                                            ("--nprobe", args.nprobe), ("--ndocs", args.ndocs),
@@ -279,49 +279,7 @@ def cmd_index(args) -> int:
     check_index_dir(out, label="OUT")
     if args.tokens:
         return _index_tokens_streamed(args, out)
-    corpus = read_corpus(args.corpus)
-    dense_dim, token_dim = _model_dims(args.model)
-    device = check_device(args.device, "--device")
-    # Built empty before the encoder loads, so that their own checks run first.
-    if args.tokens:
-        index = TokenIndex(token_dim, token_dtype=args.token_dtype or "int8",
-                           stage1="exhaustive" if args.exhaustive else "centroids", ncentroids=args.ncentroids,
-                           nprobe=DEFAULT_NPROBE if args.nprobe is None else args.nprobe, ndocs=args.ndocs,
-                           seed=args.seed or 0, device=device)
-    else:
-        index = DenseIndex(dense_dim, args.kind or "flat", args.metric or "ip", device=device, seed=args.seed or 0)
-        nlist, least = index.training_points(len(corpus))
-        if len(corpus) < least:
-            raise ValueError(f"--kind {index.kind}: {args.corpus} has {len(corpus)} documents, too few to train it "
-                             f"(at least {least}); use --kind flat or hnsw")
-    check_index_dir(out, [*index.saved_files(), ENCODER_FILE], label="OUT")
-    enc = _encoder(args)
-    ids, texts = list(corpus), list(corpus.values())
-    t0 = time.perf_counter()
-    if args.tokens:
-        max_length = args.max_length or DOC_MAX_LENGTH
-        tok = enc.encode(texts, dense=False, tokens=True, max_length=max_length, progress="corpus").tokens
-        encoded = time.perf_counter()
-        index.add(tok, ids).build()
-        kind = f"tokens, {index.token_dtype}, " + ("exhaustive" if args.exhaustive else
-                                                    f"{index.ncentroids} centroids")
-    else:
-        max_length = args.max_length or enc.max_length
-        vectors = enc.encode(texts, max_length=max_length, progress="corpus").dense
-        encoded = time.perf_counter()
-        index.add(vectors, ids)
-        kind = f"{index.kind}, dense"
-    built = time.perf_counter()
-    # The model is stored relative to the index, so a project folder holding both can move as a whole; the
-    # packaged default is stored as null (whatever path it has on the machine that reads the index).
-    model = None if args.model is None else os.path.relpath(Path(args.model).resolve(), out.resolve())
-    info = {"format": ENCODER_FORMAT, "model": model, "model_name": Path(args.model or enc.path).name,
-            "tokens": args.tokens, "max_length": max_length, "pooling": enc.pooling}
-    index.save(out, attach={ENCODER_FILE: json.dumps(info, indent=1)})
-    print(f"encoded {len(index)} documents in {encoded - t0:.1f} s; built the index in {built - encoded:.1f} s; "
-          f"saved in {time.perf_counter() - built:.1f} s")
-    print(f"indexed {len(index)} documents ({kind}) into {out}")
-    return 0
+    return _index_dense_streamed(args, out)
 
 
 def _index_tokens_streamed(args, out: Path) -> int:
@@ -384,6 +342,61 @@ def _index_tokens_streamed(args, out: Path) -> int:
     print(f"encoded {encoded_docs} documents in {encoding:.1f} s; built the index in {total - encoding:.1f} s "
           "(written as it went)")
     print(f"indexed {len(index)} documents ({kind}, {index.num_tokens} tokens) into {out}")
+    return 0
+
+
+def _index_dense_streamed(args, out: Path) -> int:
+    """``fastrank index`` (dense): the corpus read, encoded and committed a chunk at a time
+    (fastrank.index.dense_stream); an interrupted build resumes when the same command runs again."""
+    import time
+
+    from fastrank.data import DataFormatError, count_lines, corpus_chunks
+    from fastrank.encoders import check_device
+    from fastrank.index import DenseIndex
+    from fastrank.index.dense_stream import DenseIndexWriter
+    from fastrank.index.token_stream import DuplicateIdError
+
+    dense_dim, _ = _model_dims(args.model)
+    device = check_device(args.device, "--device")
+    kind, metric = args.kind or "flat", args.metric or "ip"
+    probe = DenseIndex(dense_dim, kind, metric, device=device, seed=args.seed or 0)
+    lines = count_lines(args.corpus)
+    nlist, least = probe.training_points(lines)
+    if lines < least:
+        raise ValueError(f"--kind {kind}: {args.corpus} has {lines} documents, too few to train it (at least {least}); "
+                         "use --kind flat or hnsw")
+    enc = _encoder(args)
+    max_length = args.max_length or enc.max_length
+    model = None if args.model is None else os.path.relpath(Path(args.model).resolve(), out.resolve())
+    info = {"format": ENCODER_FORMAT, "model": model, "model_name": Path(args.model or enc.path).name,
+            "tokens": False, "max_length": max_length, "pooling": enc.pooling}
+    t0, encoding, encoded_docs = time.perf_counter(), 0.0, 0
+    with DenseIndexWriter(out, dense_dim, kind, metric, seed=args.seed or 0, expected_documents=lines,
+                          attach={ENCODER_FILE: json.dumps(info, indent=1)}, replay=False, label="OUT") as writer:
+        skip = writer.committed_documents
+        if skip:
+            print(f"resuming {out}: {skip} documents already indexed")
+        for chunk in corpus_chunks(args.corpus, args.chunk_docs or 4096):
+            if skip >= len(chunk):
+                skip -= len(chunk)
+                continue
+            chunk, skip = chunk[skip:], 0
+            e0 = time.perf_counter()
+            vectors = enc.encode([text for _, _, text in chunk], max_length=max_length, progress=False).dense
+            encoding += time.perf_counter() - e0
+            encoded_docs += len(chunk)
+            try:
+                writer.add(vectors, [docid for _, docid, _ in chunk])
+            except DuplicateIdError as exc:
+                lineno = next(n for n, docid, _ in chunk if docid == exc.id)
+                raise DataFormatError(f"{args.corpus}:{lineno}: duplicate document id {exc.id!r} (each document "
+                                      "needs its own id)") from None
+        writer.finish()
+    index = DenseIndex.load(out)
+    total = time.perf_counter() - t0
+    print(f"encoded {encoded_docs} documents in {encoding:.1f} s; built the index in {total - encoding:.1f} s "
+          "(written as it went)")
+    print(f"indexed {len(index)} documents ({index.kind}, dense) into {out}")
     return 0
 
 

@@ -271,3 +271,27 @@ def test_residual_tokens_score_their_decompressed_values_and_shrink_with_the_bit
     assert (ic == ids).all()
     with pytest.raises(ValueError, match="residual tokens are coded against centroids"):
         TokenIndex(H, token_dtype=dtype)
+
+
+def test_a_kill_between_staging_a_stage1_file_and_its_commit_is_resumed(tmp_path, monkeypatch):
+    """The window between renaming centroids.npy into place and the commit that lists it: the rerun must
+    take the directory as its own partial build, not refuse centroids.npy as a stranger's file."""
+    from fastrank.index import columns
+
+    x, off = corpus()
+    real_commit, seen = columns.ColumnWriter.commit, []
+
+    def die_at_stage1_commit(self, chunk=None, extra=None):
+        if extra and "ncentroids" in extra:
+            seen.append(sorted(p.name for p in self.path.iterdir()))
+            raise KeyboardInterrupt  # killed after write_file renamed the stage-1 files, before this commit
+        return real_commit(self, chunk, extra)
+
+    monkeypatch.setattr(columns.ColumnWriter, "commit", die_at_stage1_commit)
+    with pytest.raises(KeyboardInterrupt):
+        build_token_index(tmp_path / "p", chunks(x, off), dim=H, ncentroids=16, sample_tokens=2000, progress=False)
+    assert "centroids.npy" in seen[0]
+    monkeypatch.setattr(columns.ColumnWriter, "commit", real_commit)
+    build_token_index(tmp_path / "p", chunks(x, off), dim=H, ncentroids=16, sample_tokens=2000, progress=False)
+    build_token_index(tmp_path / "w", chunks(x, off), dim=H, ncentroids=16, sample_tokens=2000, progress=False)
+    assert column_bytes(tmp_path / "p") == column_bytes(tmp_path / "w")

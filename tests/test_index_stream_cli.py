@@ -110,3 +110,30 @@ def test_verify_reads_every_byte(capsys, tmp_path, tiny_model):
     assert rc == 2 and "drop CORPUS and OUT" in err
     rc, _, err = run(capsys, "index", SCIFACT / "corpus.jsonl")
     assert rc == 2 and "CORPUS and OUT are required" in err
+
+
+def test_a_dense_build_streams_resumes_and_verifies(capsys, tmp_path, tiny_model, monkeypatch):
+    from fastrank.index import DenseIndex
+    from fastrank.index import dense_stream
+
+    args = ["--chunk-docs", "10", "--model", tiny_model, "--device", "cpu"]
+    assert run(capsys, "index", SCIFACT / "corpus.jsonl", tmp_path / "whole", *args)[0] == 0
+    real_add, calls = dense_stream.DenseIndexWriter.add, []
+
+    def add_then_die(self, vectors, ids=None):
+        calls.append(len(ids))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_add(self, vectors, ids)
+
+    monkeypatch.setattr(dense_stream.DenseIndexWriter, "add", add_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        main([str(a) for a in ["index", SCIFACT / "corpus.jsonl", tmp_path / "cut", *args]])
+    monkeypatch.setattr(dense_stream.DenseIndexWriter, "add", real_add)
+    capsys.readouterr()
+    rc, out, err = run(capsys, "index", SCIFACT / "corpus.jsonl", tmp_path / "cut", *args)
+    assert rc == 0 and "20 documents already indexed" in out and "encoded 41 documents" in out, (out, err)
+    assert files(tmp_path / "cut") == files(tmp_path / "whole")
+    assert len(DenseIndex.load(tmp_path / "cut")) == 61
+    rc, text, _ = run(capsys, "index", "--verify", tmp_path / "cut")
+    assert rc == 0 and "61 documents (flat, dense); every byte matches" in text

@@ -192,7 +192,10 @@ def _owned_by_manifest(path: Path) -> set[str] | None:
     dirs = meta.get("dirs", [])
     if not isinstance(dirs, list) or not all(_is_plain_name(name) for name in dirs):
         return None
-    return {META, *sums, *columns, *dirs}
+    large = meta.get("large_files", {})
+    if not isinstance(large, dict) or not all(_is_plain_name(name) for name in large):
+        return None
+    return {META, *sums, *columns, *dirs, *large}
 
 
 def check_index_dir(path: str | os.PathLike, names: Iterable[str] = (), label: str = "path") -> set[str]:

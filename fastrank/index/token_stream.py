@@ -212,6 +212,10 @@ class TokenIndexWriter:
         old index once the new one is complete (the old one stays searchable meanwhile, and a reader never
         takes a mix of the two for an index: the old manifest's checksums refuse any replaced file)."""
         out, staging = self.out, self.out / STAGING_DIR
+        if _format_of(out) == ti.FORMAT and _state(out) == "building" and (out / META).is_file():
+            # Our own partial build: a file it staged and renamed into place just before a crash (stage 1, the
+            # lists) is not in its manifest yet; the rerun writes it again, so it is not refused as foreign.
+            return out
         cols = storage_columns(self.token_dtype, self.dim, self.stage1, self.requested_ncentroids or 1)
         names = [*cols, "centroids.npy", "codec.npy", "router_groups.npy", "router_centres.npy", "ivf_offsets.npy",
                  "ivf_docs.bin", *self.attach]
