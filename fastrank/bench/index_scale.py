@@ -70,9 +70,11 @@ class SyntheticCorpus:
         x = self.words[word] + NOISE * torch.randn(topic.numel(), self.dim, generator=g)
         return torch.nn.functional.normalize(x, dim=1)
 
-    def chunks(self):
-        """``(vectors, offsets)`` per chunk of :data:`CHUNK_DOCS` documents until ``tokens`` tokens."""
-        done, i = 0, 0
+    def chunks(self, skip_documents: int = 0):
+        """``(vectors, offsets)`` per chunk of :data:`CHUNK_DOCS` documents until ``tokens`` tokens. Chunks
+        within the first ``skip_documents`` are passed over without generating their tokens (a resumed build
+        skips what it stored, as the CLI skips documents without encoding them); they must be whole chunks."""
+        done, i, skipped = 0, 0, 0
         while done < self.tokens:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + i + 1)
             lens = torch.randint(DOC_LEN[0], DOC_LEN[1] + 1, (CHUNK_DOCS,), generator=g)
@@ -83,9 +85,12 @@ class SyntheticCorpus:
             offsets = torch.zeros(lens.numel() + 1, dtype=torch.int64)
             offsets[1:] = torch.cumsum(lens, 0)
             topic = torch.randint(0, self.topics, (lens.numel(),), generator=g).repeat_interleave(lens)
-            yield self._tokens_of(topic, g), offsets
             done += int(offsets[-1])
             i += 1
+            if skipped + lens.numel() <= skip_documents:
+                skipped += lens.numel()
+                continue
+            yield self._tokens_of(topic, g), offsets
 
     def queries(self, n: int):
         """``(vectors, offsets)`` of ``n`` queries of :data:`QUERY_LEN` tokens, each from one topic."""
@@ -100,8 +105,8 @@ def _child_build(out: str, tokens: int, dtype: str, result: str) -> None:
 
     corpus = SyntheticCorpus(tokens)
     t0 = time.perf_counter()
-    with TokenIndexWriter(out, DIM, token_dtype=dtype, expected_tokens=tokens, progress=True) as w:
-        for vectors, offsets in corpus.chunks():
+    with TokenIndexWriter(out, DIM, token_dtype=dtype, expected_tokens=tokens, progress=True, replay=False) as w:
+        for vectors, offsets in corpus.chunks(skip_documents=w.committed_documents):
             w.add((vectors, offsets))
         w.finish()
     build_s = time.perf_counter() - t0
@@ -152,17 +157,25 @@ def run(max_tokens: int, dtypes: tuple[str, ...], workdir: str | None = None, qu
         keep: bool = False) -> dict:
     from fastrank.bench.machine import machine_info
 
-    rows = []
+    rows, resume = [], None
+    # The resume check runs at the second size (10M tokens in a full run): large enough that a process's
+    # start-up, which a resumed build pays twice, is a small part of it.
+    sizes = sizes_for(max_tokens)
+    resume_size = sizes[1] if len(sizes) > 1 else sizes[0]
     root = Path(tempfile.mkdtemp(prefix="fastrank-scale-", dir=workdir))
     try:
-        for tokens in sizes_for(max_tokens):
+        for tokens in sizes:
             for dtype in dtypes:
                 out = root / f"{dtype}-{tokens}"
                 print(f"bench index --scale: {tokens:,} tokens, {dtype}", file=sys.stderr)
+                start = time.perf_counter()
                 built, build_rss = _run_child(["build", str(out), str(tokens), dtype], root / "build.json")
+                build_wall = time.perf_counter() - start
                 nq = queries_for(tokens, quick)
                 found, search_rss = _run_child(["search", str(out), str(tokens), str(nq), "0"], root / "s.json")
                 exact, _ = _run_child(["search", str(out), str(tokens), str(nq), "1"], root / "e.json")
+                if resume is None and tokens == resume_size and dtype == dtypes[0]:
+                    resume = _resume_check(out, tokens, dtype, build_wall, root)
                 a, b = np.load(root / "s.json.ids.npy"), np.load(root / "e.json.ids.npy")
                 recall = float(np.mean([len(set(x) & set(y)) / len(y) for x, y in zip(a, b)]))
                 rows.append({"tokens": tokens, "dtype": dtype, "documents": built["documents"],
@@ -179,7 +192,39 @@ def run(max_tokens: int, dtypes: tuple[str, ...], workdir: str | None = None, qu
     machine = machine_info("cpu")
     for r in rows:
         r["machine"] = machine
-    return {"rows": rows, "fits": fits(rows), "machine": machine, "workdir": str(root) if keep else None}
+    return {"rows": rows, "fits": fits(rows), "resume": resume, "machine": machine,
+            "workdir": str(root) if keep else None}
+
+
+def _resume_check(whole: Path, tokens: int, dtype: str, build_s: float, root: Path) -> dict:
+    """The same build killed (SIGKILL) halfway through and run again: the two runs' wall time (process start
+    included, as for ``build_s``, the uninterrupted build child's wall time) against the uninterrupted one's,
+    and whether the resumed index holds the same bytes."""
+    out = root / "resumed"
+    result = root / "resume.json"
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "fastrank.bench.index_scale", "build", str(out), str(tokens),
+                             dtype, str(result)], stderr=subprocess.DEVNULL)
+    time.sleep(0.5 * build_s)
+    killed = proc.poll() is None
+    proc.kill()
+    proc.wait()
+    first = time.perf_counter() - start
+    meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
+    committed = sum(c.get("documents", 0) for c in meta.get("chunks", []))
+    start = time.perf_counter()
+    _run_child(["build", str(out), str(tokens), dtype], result)
+    second = time.perf_counter() - start
+
+    def files(path: Path) -> dict:
+        m = json.loads((path / "meta.json").read_text())
+        return {n: (path / n).read_bytes() for n in [*m["columns"], *m.get("large_files", {}), *m["sha256"]]}
+
+    same = files(out) == files(whole)
+    shutil.rmtree(out)
+    return {"tokens": tokens, "dtype": dtype, "killed": killed, "killed_after_s": first,
+            "committed_documents_at_kill": committed, "resumed_s": second, "uninterrupted_s": build_s,
+            "ratio": (first + second) / build_s, "identical": same}
 
 
 def _slope(xs, ys) -> float | None:
@@ -222,6 +267,12 @@ def markdown(res: dict) -> str:
         lines.append(f"| {r['tokens']:,} | {r['dtype']} | {r['documents']:,} | {r['ncentroids']} | {r['build_s']:.1f} | "
                      f"{_gib(r['peak_rss_bytes'])} | {_gib(r['search_peak_rss_bytes'])} | {r['bytes_per_token']:.1f} "
                      f"| {r['load_s']:.3f} | {r['qps']:.1f} | {r['recall_at_10']:.3f} | {r['exhaustive_qps']:.2f} |")
+    r = res.get("resume")
+    if r:
+        lines += ["", f"Resume: the {r['tokens']:,}-token {r['dtype']} build killed (SIGKILL) after {r['killed_after_s']:.1f} s "
+                  f"({r['committed_documents_at_kill']:,} documents committed), then run again ({r['resumed_s']:.1f} s): "
+                  f"{r['ratio']:.2f}x the uninterrupted build ({r['uninterrupted_s']:.1f} s); the resumed index is "
+                  + ("byte for byte the uninterrupted one." if r["identical"] else "NOT identical to the uninterrupted one.")]
     lines += ["", "Fits (log-log slope against tokens) and MS MARCO passage (600M tokens) projected from the largest "
               "size:", "", "| dtype | build exponent | queries/s exponent | queries/s fall | MS MARCO build | "
               "MS MARCO disk | MS MARCO queries/s | peak RSS at the largest size |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
