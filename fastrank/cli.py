@@ -287,9 +287,9 @@ def _index_tokens_streamed(args, out: Path) -> int:
     an interrupted build resumes from its last commit when the same command runs again."""
     import time
 
-    from fastrank.data import DataFormatError, corpus_chunks, count_lines
+    from fastrank.data import corpus_chunks, count_lines
     from fastrank.encoders import DOC_MAX_LENGTH, check_device
-    from fastrank.index.token_stream import DuplicateIdError, TokenIndexWriter
+    from fastrank.index.token_stream import TokenIndexWriter
 
     if args.exhaustive and args.token_dtype in ("residual1", "residual2", "residual4"):
         raise ValueError(f"--token-dtype {args.token_dtype} and --exhaustive: residual tokens are coded against "
@@ -313,26 +313,13 @@ def _index_tokens_streamed(args, out: Path) -> int:
                               expected_documents=count_lines(args.corpus), label="OUT",
                               attach={ENCODER_FILE: json.dumps(info, indent=1)}, replay=False)
     with writer:
-        skip = writer.committed_documents
-        if skip:
-            print(f"resuming {out}: {skip} documents already indexed")
-        t0, encoding, encoded_docs = time.perf_counter(), 0.0, 0
-        for chunk in corpus_chunks(args.corpus, chunk_docs):
-            if skip >= len(chunk):
-                skip -= len(chunk)
-                continue
-            chunk, skip = chunk[skip:], 0
-            e0 = time.perf_counter()
-            tok = enc.encode([text for _, _, text in chunk], dense=False, tokens=True, max_length=max_length,
-                             progress=False).tokens
-            encoding += time.perf_counter() - e0
-            encoded_docs += len(chunk)
-            try:
-                writer.add(tok, [docid for _, docid, _ in chunk])
-            except DuplicateIdError as exc:
-                lineno = next(n for n, docid, _ in chunk if docid == exc.id)
-                raise DataFormatError(f"{args.corpus}:{lineno}: duplicate document id {exc.id!r} (each document "
-                                      "needs its own id)") from None
+        if writer.committed_documents:
+            print(f"resuming {out}: {writer.committed_documents} documents already indexed")
+        t0 = time.perf_counter()
+        encoding, encoded_docs = _stream_into(
+            writer, corpus_chunks(args.corpus, chunk_docs),
+            lambda chunk: enc.encode([t for _, _, t in chunk], dense=False, tokens=True, max_length=max_length,
+                                     progress=False).tokens, args.corpus)
         writer.finish()
     from fastrank.index import TokenIndex
 
@@ -345,16 +332,59 @@ def _index_tokens_streamed(args, out: Path) -> int:
     return 0
 
 
+def _duplicate_line(corpus, chunk: list, exc) -> Exception:
+    """The error for a repeated document id, naming the line that repeats it (and the first, when it is in
+    the same chunk)."""
+    from fastrank.data import DataFormatError
+
+    lineno = chunk[exc.position][0]
+    first = next((n for n, docid, _ in chunk[:exc.position] if docid == exc.id), None)
+    where = f" (first at line {first})" if first is not None else " (an earlier document has it)"
+    return DataFormatError(f"{corpus}:{lineno}: duplicate document id {exc.id!r}{where}; each document needs its "
+                           "own id")
+
+
+def _stream_into(writer, chunks, encode, corpus) -> tuple[float, int]:
+    """Encode and add each chunk (those a resumed build stored are skipped unencoded); on a malformed or
+    repeated document, a build this run started is removed again (no partial output), while a resumed one
+    keeps its earlier commits. Returns the seconds spent encoding and the documents encoded."""
+    import time
+
+    from fastrank.data import DataFormatError
+    from fastrank.index.token_stream import DuplicateIdError
+
+    fresh = writer.committed_documents == 0
+    skip, encoding, encoded = writer.committed_documents, 0.0, 0
+    try:
+        for chunk in chunks:
+            if skip >= len(chunk):
+                skip -= len(chunk)
+                continue
+            chunk, skip = chunk[skip:], 0
+            e0 = time.perf_counter()
+            data = encode(chunk)
+            encoding += time.perf_counter() - e0
+            encoded += len(chunk)
+            try:
+                writer.add(data, [docid for _, docid, _ in chunk])
+            except DuplicateIdError as exc:
+                raise _duplicate_line(corpus, chunk, exc) from None
+    except DataFormatError:
+        if fresh:
+            writer.discard()
+        raise
+    return encoding, encoded
+
+
 def _index_dense_streamed(args, out: Path) -> int:
     """``fastrank index`` (dense): the corpus read, encoded and committed a chunk at a time
     (fastrank.index.dense_stream); an interrupted build resumes when the same command runs again."""
     import time
 
-    from fastrank.data import DataFormatError, count_lines, corpus_chunks
+    from fastrank.data import count_lines, corpus_chunks
     from fastrank.encoders import check_device
     from fastrank.index import DenseIndex
     from fastrank.index.dense_stream import DenseIndexWriter
-    from fastrank.index.token_stream import DuplicateIdError
 
     dense_dim, _ = _model_dims(args.model)
     device = check_device(args.device, "--device")
@@ -370,27 +400,15 @@ def _index_dense_streamed(args, out: Path) -> int:
     model = None if args.model is None else os.path.relpath(Path(args.model).resolve(), out.resolve())
     info = {"format": ENCODER_FORMAT, "model": model, "model_name": Path(args.model or enc.path).name,
             "tokens": False, "max_length": max_length, "pooling": enc.pooling}
-    t0, encoding, encoded_docs = time.perf_counter(), 0.0, 0
+    t0 = time.perf_counter()
     with DenseIndexWriter(out, dense_dim, kind, metric, seed=args.seed or 0, expected_documents=lines,
                           attach={ENCODER_FILE: json.dumps(info, indent=1)}, replay=False, label="OUT") as writer:
-        skip = writer.committed_documents
-        if skip:
-            print(f"resuming {out}: {skip} documents already indexed")
-        for chunk in corpus_chunks(args.corpus, args.chunk_docs or 4096):
-            if skip >= len(chunk):
-                skip -= len(chunk)
-                continue
-            chunk, skip = chunk[skip:], 0
-            e0 = time.perf_counter()
-            vectors = enc.encode([text for _, _, text in chunk], max_length=max_length, progress=False).dense
-            encoding += time.perf_counter() - e0
-            encoded_docs += len(chunk)
-            try:
-                writer.add(vectors, [docid for _, docid, _ in chunk])
-            except DuplicateIdError as exc:
-                lineno = next(n for n, docid, _ in chunk if docid == exc.id)
-                raise DataFormatError(f"{args.corpus}:{lineno}: duplicate document id {exc.id!r} (each document "
-                                      "needs its own id)") from None
+        if writer.committed_documents:
+            print(f"resuming {out}: {writer.committed_documents} documents already indexed")
+        encoding, encoded_docs = _stream_into(
+            writer, corpus_chunks(args.corpus, args.chunk_docs or 4096),
+            lambda chunk: enc.encode([t for _, _, t in chunk], max_length=max_length, progress=False).dense,
+            args.corpus)
         writer.finish()
     index = DenseIndex.load(out)
     total = time.perf_counter() - t0
@@ -418,10 +436,9 @@ def _index_tokens_sharded(args, out: Path, world, enc, dim: int, max_length: int
 
     import torch
 
-    from fastrank.data import DataFormatError, corpus_chunks
+    from fastrank.data import corpus_chunks
     from fastrank.index import shards
-    from fastrank.index.token_stream import (SAMPLE_BYTES, DuplicateIdError, TokenIndexWriter, choose_ncentroids,
-                                             train_stage1, write_stage1)
+    from fastrank.index.token_stream import SAMPLE_BYTES, TokenIndexWriter, choose_ncentroids, train_stage1, write_stage1
 
     token_dtype = args.token_dtype or "int8"
     stage1 = "exhaustive" if args.exhaustive else "centroids"
@@ -451,29 +468,13 @@ def _index_tokens_sharded(args, out: Path, world, enc, dim: int, max_length: int
             write_stage1(out / shards.STAGE1_DIR, centroids, codec, seed=args.seed or 0)
             shards.write_stage1_done(out, {"ncentroids": c})
         world.barrier()
-    t0, encoding, encoded_docs = time.perf_counter(), 0.0, 0
+    t0 = time.perf_counter()
     with TokenIndexWriter(out / shards.shard_name(world.rank), dim, token_dtype=token_dtype, stage1=stage1,
                           nprobe=args.nprobe, ndocs=args.ndocs, seed=args.seed or 0, build_id=build_id,
                           stage1_from=out / shards.STAGE1_DIR if stage1 == "centroids" else None, replay=False,
                           progress=world.rank == 0, label=f"shard {world.rank}") as writer:
-        skip = writer.committed_documents
-        for i, chunk in enumerate(corpus_chunks(args.corpus, chunk_docs)):
-            if i % world.size != world.rank:
-                continue
-            if skip >= len(chunk):
-                skip -= len(chunk)
-                continue
-            chunk, skip = chunk[skip:], 0
-            e0 = time.perf_counter()
-            tok = encode(chunk)
-            encoding += time.perf_counter() - e0
-            encoded_docs += len(chunk)
-            try:
-                writer.add(tok, [docid for _, docid, _ in chunk])
-            except DuplicateIdError as exc:
-                lineno = next(n for n, docid, _ in chunk if docid == exc.id)
-                raise DataFormatError(f"{args.corpus}:{lineno}: duplicate document id {exc.id!r} (each document "
-                                      "needs its own id)") from None
+        mine = (chunk for i, chunk in enumerate(corpus_chunks(args.corpus, chunk_docs)) if i % world.size == world.rank)
+        encoding, encoded_docs = _stream_into(writer, mine, encode, args.corpus)
         writer.finish()
     print(f"rank {world.rank}: encoded {encoded_docs} documents in {encoding:.1f} s; wrote "
           f"{shards.shard_name(world.rank)} in {time.perf_counter() - t0 - encoding:.1f} s")

@@ -78,7 +78,8 @@ def test_bad_lines_and_duplicate_ids_name_the_file_and_line(capsys, tmp_path, ti
     dup.write_text("\n".join(lines[:25] + [lines[3]]) + "\n")
     rc, _, err = run(capsys, "index", dup, tmp_path / "b", "--tokens", "--chunk-docs", "8", "--model", tiny_model)
     first_id = json.loads(lines[3])["_id"]
-    assert rc == 2 and f"{dup}:26:" in err and f"duplicate document id {first_id!r}" in err
+    assert rc == 2 and f"{dup}:26:" in err and f"duplicate document id {first_id!r} (an earlier document has it)" in err
+    assert not (tmp_path / "b").exists()  # a fresh build given bad input leaves nothing behind
 
 
 def test_a_trec_tsv_collection_indexes_like_its_jsonl(capsys, tmp_path, tiny_model):

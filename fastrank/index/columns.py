@@ -367,6 +367,29 @@ def publish_staged(staging: Path, out: Path, label: str = "path") -> Path:
     return out
 
 
+def discard_build(path: Path, remove_dir: bool) -> None:
+    """Remove a build in progress in ``path`` that a run started and gave up on (bad input, not a crash): the
+    files its manifest owns, staging files, and ``path`` itself when ``remove_dir`` (the run made it) and it is
+    then empty. A complete index, or a directory without a build manifest, is left as it is."""
+    meta_file = path / META
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(meta, dict) or meta.get("state") != "building" or meta.get("written_by") != WRITER:
+        return
+    for name in [*meta.get("columns", {}), *meta.get("sha256", {}), *meta.get("large_files", {})]:
+        if isinstance(name, str) and "/" not in name and (path / name).is_file():
+            (path / name).unlink()
+    remove_stale_partials(path)
+    meta_file.unlink()
+    if remove_dir:
+        try:
+            path.rmdir()
+        except OSError:
+            pass  # something else is there: it stays
+
+
 # -- reading a complete index ----------------------------------------------------------------------------
 def map_columns(path: Path, meta: dict, *, mmap: bool = True) -> dict[str, np.ndarray]:
     """The committed rows of every column of a complete index: read-only memory maps (a search then reads

@@ -47,9 +47,9 @@ import numpy as np
 import torch
 
 from fastrank.index import dense
-from fastrank.index.columns import ColumnWriter, build_directory, manifest_state, publish_staged
+from fastrank.index.columns import ColumnWriter, build_directory, discard_build, manifest_state, publish_staged
 from fastrank.index.storage import META, check_finite_rows, is_int
-from fastrank.index.token_stream import DuplicateIdError, IdHashes, encode_ids, id_hash
+from fastrank.index.token_stream import IdHashes, check_new_ids, id_hash
 from fastrank.progress import progress_bar
 
 # The IVF training sample is at most this many bytes of float32 vectors (1M vectors at dim 128).
@@ -176,6 +176,7 @@ class DenseIndexWriter:
         self._bar = None
         self._started = 0.0
         self.path = build_directory(self.out, self._names(), label=label)
+        self._made_dir = not self.path.exists()  # discard() removes the directory only if this run made it
         self._open_partial()
         if not replay:
             self._given, self._skip = self._documents, 0
@@ -254,6 +255,14 @@ class DenseIndexWriter:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def discard(self) -> None:
+        """Give up a build this run started on bad input: close it and remove what it wrote (a resumed build's
+        earlier commits too, since the run that resumes them is being abandoned as well; see
+        :func:`fastrank.index.columns.discard_build`). The CLI calls it on a malformed or repeated document
+        when it started the build itself."""
+        self.close()
+        discard_build(self.path, self._made_dir)
+
     def close(self) -> None:
         if self._columns is not None:
             self._columns.close()
@@ -279,19 +288,14 @@ class DenseIndexWriter:
         if len(ids) != n:
             raise ValueError(f"ids has {len(ids)} entries for {n} vectors")
         self._given += n
+        drop = 0
         if self._skip:
             drop = min(self._skip, n)
             self._skip -= drop
             if drop == n:
                 return 0
             x, ids, n = x[drop:], ids[drop:], n - drop
-        encoded, err = encode_ids(ids)
-        if err:
-            raise ValueError(f"ids: {err}")
-        hashes = np.array([id_hash(e) for e in encoded], dtype=np.int64)
-        dup = self._first_duplicate(hashes, ids)
-        if dup is not None:
-            raise DuplicateIdError(*dup)
+        encoded, hashes = check_new_ids(ids, self._hashes, offset=drop)
         check_finite_rows(x, "vectors")
         if self._bar is None:
             self._started, self._at_start = time.perf_counter(), self._documents
@@ -300,18 +304,6 @@ class DenseIndexWriter:
         self._write(encoded, ids, x)
         self._hashes.add(hashes)
         return n
-
-    def _first_duplicate(self, hashes: np.ndarray, ids: list) -> tuple[str, object] | None:
-        order = np.argsort(hashes, kind="stable")
-        same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
-        if same.size:
-            a, b = int(order[same[0]]), int(order[same[0] + 1])
-            if ids[a] == ids[b]:
-                return f"ids: {ids[b]!r} appears twice (each document needs its own id)", ids[b]
-        for j, h in enumerate(hashes.tolist()):
-            if h in self._hashes:
-                return f"ids: {ids[j]!r} is already in the index (each document needs its own id)", ids[j]
-        return None
 
     def _write(self, encoded: list[bytes], ids: list, x: np.ndarray) -> None:
         if self._columns is None:

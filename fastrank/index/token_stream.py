@@ -35,7 +35,7 @@ import torch
 
 from fastrank.index import tokens as ti
 from fastrank.index.centroid_router import MIN_CENTROIDS, CentroidRouter
-from fastrank.index.columns import ColumnWriter
+from fastrank.index.columns import ColumnWriter, discard_build
 from fastrank.index.storage import META, STAGING_DIR, check_finite_rows, check_index_dir, fsync_path, is_int
 from fastrank.progress import progress_bar
 
@@ -99,11 +99,33 @@ class IdHashes:
 
 
 class DuplicateIdError(ValueError):
-    """An id given twice; ``id`` is the id."""
+    """An id given twice: ``id`` is the id, ``position`` its place among the ids of the :meth:`add` call that
+    repeated it (the second occurrence when both are in that call)."""
 
-    def __init__(self, message: str, docid):
+    def __init__(self, message: str, docid, position: int | None = None):
         super().__init__(message)
-        self.id = docid
+        self.id, self.position = docid, position
+
+
+def check_new_ids(ids: list, known: IdHashes, offset: int = 0) -> tuple[list[bytes], np.ndarray]:
+    """The JSON bytes and 64-bit hashes of ``ids``, after refusing an id that is not an int or a string, one
+    given twice among ``ids`` or one already in ``known`` (:class:`DuplicateIdError`, its position among
+    ``ids`` plus ``offset``)."""
+    encoded, err = encode_ids(ids)
+    if err:
+        raise ValueError(f"ids: {err}")
+    hashes = np.array([id_hash(e) for e in encoded], dtype=np.int64)
+    order = np.argsort(hashes, kind="stable")
+    for j in np.flatnonzero(hashes[order][1:] == hashes[order][:-1]).tolist():
+        a, b = int(order[j]), int(order[j + 1])
+        if ids[a] == ids[b]:
+            raise DuplicateIdError(f"ids: {ids[b]!r} appears twice (each document needs its own id)", ids[b],
+                                   max(a, b) + offset)
+    for j, h in enumerate(hashes.tolist()):
+        if h in known:
+            raise DuplicateIdError(f"ids: {ids[j]!r} is already in the index (each document needs its own id)",
+                                   ids[j], j + offset)
+    return encoded, hashes
 
 
 def encode_ids(ids: list) -> tuple[list[bytes], str | None]:
@@ -199,6 +221,7 @@ class TokenIndexWriter:
         if build_id is not None:
             self.header["build_id"] = build_id
         self.path = self._build_dir()
+        self._made_dir = not self.path.exists()  # discard() removes the directory only if this run made it
         self._open_partial()
         if stage1_from is not None and self.centroids is None:
             self.centroids, self.codec, self.router = read_stage1(Path(stage1_from), token_dtype)
@@ -294,6 +317,14 @@ class TokenIndexWriter:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def discard(self) -> None:
+        """Give up a build this run started on bad input: close it and remove what it wrote (a resumed build's
+        earlier commits too, since the run that resumes them is being abandoned as well; see
+        :func:`fastrank.index.columns.discard_build`). The CLI calls it on a malformed or repeated document
+        when it started the build itself."""
+        self.close()
+        discard_build(self.path, self._made_dir)
+
     def close(self) -> None:
         if self._columns is not None:
             self._columns.close()
@@ -320,21 +351,16 @@ class TokenIndexWriter:
         if len(ids) != n:
             raise ValueError(f"ids has {len(ids)} entries for {n} documents")
         self._given += n
+        dropped = 0
         if self._skip:
-            drop = min(self._skip, n)
+            drop = dropped = min(self._skip, n)
             self._skip -= drop
             if drop == n:
                 return 0
             offsets = tok.offsets[drop:] - tok.offsets[drop]
             tok = ti.as_token_embeddings((tok.vectors[int(tok.offsets[drop]):], offsets), "tokens")
             ids, n = ids[drop:], n - drop
-        encoded, err = encode_ids(ids)
-        if err:
-            raise ValueError(f"ids: {err}")
-        hashes = np.array([id_hash(e) for e in encoded], dtype=np.int64)
-        dup = self._first_duplicate(hashes, ids)
-        if dup is not None:
-            raise DuplicateIdError(*dup)
+        encoded, hashes = check_new_ids(ids, self._hashes, offset=dropped)
         vectors = tok.vectors.detach()
         check_finite_rows(vectors, "tokens", ti.token_row_of(tok.offsets, "document"))
         self._hashes.add(hashes)
@@ -351,18 +377,6 @@ class TokenIndexWriter:
         else:
             self._write(encoded, vectors, tok.offsets)
         return n
-
-    def _first_duplicate(self, hashes: np.ndarray, ids: list) -> tuple[str, object] | None:
-        order = np.argsort(hashes, kind="stable")
-        same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
-        if same.size:
-            a, b = int(order[same[0]]), int(order[same[0] + 1])
-            if ids[a] == ids[b]:
-                return f"ids: {ids[b]!r} appears twice (each document needs its own id)", ids[b]
-        for j, h in enumerate(hashes.tolist()):
-            if h in self._hashes:
-                return f"ids: {ids[j]!r} is already in the index (each document needs its own id)", ids[j]
-        return None
 
     # -- stage 1 ---------------------------------------------------------------------------------------
     def _train_and_flush(self, stream_ended: bool = False) -> None:
