@@ -89,7 +89,7 @@ void check_codes_scored(const ResidualProblem& p) {
 
 void maxsim_residual_forward(const std::string& isa, py::handle q_obj, py::handle packed_obj, py::handle codes_obj,
                              py::handle offsets_obj, py::handle docs_obj, py::handle centroids_obj,
-                             py::handle weights_obj, int nbits, py::handle out_obj, int threads) {
+                             py::handle weights_obj, int nbits, py::handle out_obj, int threads, bool normalize) {
   const TensorArg q = tensor_arg(q_obj, "q", kWhere), packed = tensor_arg(packed_obj, "packed", kWhere);
   const TensorArg codes = tensor_arg(codes_obj, "codes", kWhere), off = tensor_arg(offsets_obj, "offsets", kWhere);
   const TensorArg docs = tensor_arg(docs_obj, "docs", kWhere, true);
@@ -135,6 +135,7 @@ void maxsim_residual_forward(const std::string& isa, py::handle q_obj, py::handl
   p.weights = w.data<float>(); p.nbits = nbits;
   p.offsets = off.data<int64_t>(); p.docs = docs.present ? docs.data<int64_t>() : nullptr; p.scored = scored;
   p.threads = threads;
+  p.normalize = normalize;
   const ForwardFn kernel = kernel_for(isa);
   if (scored == 0) return;
   switch (static_cast<Elem>(codes.elem)) {
@@ -153,9 +154,9 @@ void register_residual(py::module_& m) {
         "(Lq, H); packed uint8 (T, H*nbits/8); codes int32, uint16 or int64 (T,) (any stride), each checked against "
         "centroids for every scored row; offsets int64 (N+1) and docs int64 (M,) or None, both bounds-checked; "
         "centroids float32 (C, H); weights float32 (2^nbits,); out float32 (M or N,), contiguous. Last dims stride 1, "
-        "row strides free.",
+        "row strides free. normalize: each decompressed row scaled to unit length before scoring.",
         arg("isa"), arg("q"), arg("packed"), arg("codes"), arg("offsets"), arg("docs"), arg("centroids"), arg("weights"),
-        arg("nbits"), arg("out"), arg("threads"));
+        arg("nbits"), arg("out"), arg("threads"), arg("normalize") = false);
 }
 
 }  // namespace

@@ -397,3 +397,57 @@ def test_extension_checks_its_tensors_naming_the_argument():
     for kw, match in bad:
         with pytest.raises(ValueError, match=match):
             call(**kw)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# normalize=True: each decompressed row scaled to unit length before scoring (ColBERTv2's decompression)
+def _normalized_truth(case, docs=None):
+    (q, packed, codes, offsets, centroids, weights), nbits = _args(case)
+    return maxsim_residual_ref(q.double(), packed, codes, offsets, centroids, weights, nbits=nbits, docs=docs,
+                               normalize=True)
+
+
+def _normalized_tolerance(case) -> float:
+    # Unit rows: each dot is at most |q_l|, its float32 error within (H + the norm's own H terms + a few
+    # roundings) * eps32 * |q_l|; a score adds Lq of them.
+    q = case["q"].double()
+    h = q.shape[1]
+    return 2 * q.shape[0] * q.norm(dim=1).max().item() * (2 * h + 8) * EPS32 + 1e-6
+
+
+def _check_normalized(got, case, docs=None):
+    want = _normalized_truth(case, docs)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got.double().cpu(), want, rtol=0, atol=_normalized_tolerance(case))
+
+
+def test_normalize_reference_is_maxsim_over_unit_rows():
+    from fastrank.ops.maxsim_packed import maxsim_packed_ref
+
+    case = _corpus(LENGTHS, 32, 2, seed=41)
+    (q, packed, codes, offsets, centroids, weights), nbits = _args(case)
+    rows = torch.nn.functional.normalize(decompress_residuals(packed, codes, centroids, weights, nbits), dim=1)
+    want = maxsim_packed_ref(q, rows, offsets)
+    got = maxsim_residual_ref(q, packed, codes, offsets, centroids, weights, nbits=nbits, normalize=True)
+    torch.testing.assert_close(got, want)
+    raw = maxsim_residual_ref(q, packed, codes, offsets, centroids, weights, nbits=nbits)
+    assert (got - raw).abs().max() > 1e-3  # these rows are far from unit length: the flag changes the scores
+
+
+@pytest.mark.parametrize("isa", PATH_PARAMS, indirect=True)
+@pytest.mark.parametrize("nbits", [1, 2, 4])
+def test_cpp_path_normalize_matches_reference(isa, nbits):
+    for h in (8, 64, 136):
+        case = _corpus(LENGTHS, h, nbits, seed=nbits * 13 + h, lq=9)
+        args, nb = _args(case)
+        _check_normalized(maxsim_residual(*args, nbits=nb, normalize=True, backend="cpp"), case)
+    docs = torch.tensor([3, 0, 3, 9, 6])
+    _check_normalized(maxsim_residual(*args, nbits=nb, docs=docs, normalize=True, backend="cpp"), case, docs)
+
+
+@needs_triton
+@pytest.mark.parametrize("nbits", [2, 4])
+def test_triton_normalize_matches_reference(nbits):
+    case = _corpus([0, 3, 1, 20, 0, 16, 2], 64, nbits, seed=nbits * 7, lq=5)
+    args, nb = _args(case, TRITON_DEVICE)
+    _check_normalized(maxsim_residual(*args, nbits=nb, normalize=True, backend=TRITON_BACKEND), case)

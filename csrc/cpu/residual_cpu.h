@@ -26,6 +26,9 @@ struct ResidualProblem {
   const int64_t* docs;        // (scored,) indices into the N documents, or nullptr: every document
   int64_t scored;
   int threads;                // OpenMP threads (torch.get_num_threads() on the Python side)
+  // Scale each decompressed row to unit length (0 stays 0) before scoring, as ColBERTv2's decompression does:
+  // for indexes of unit-length tokens, whose decompressed rows come out a little shorter or longer.
+  bool normalize = false;
 };
 
 }  // namespace cpu

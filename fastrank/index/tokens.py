@@ -270,8 +270,11 @@ class TokenIndex:
         if self._codec is not None:
             from fastrank.ops.residual import decompress_residuals
 
-            return TokenEmbeddings(decompress_residuals(self._tokens, self._codes, self._centroids, self._codec[1],
-                                                        residual_bits(self.token_dtype)), self._offsets)
+            tokens = decompress_residuals(self._tokens, self._codes, self._centroids, self._codec[1],
+                                          residual_bits(self.token_dtype))
+            if self._codec[2]:
+                tokens = torch.nn.functional.normalize(tokens, dim=1)
+            return TokenEmbeddings(tokens, self._offsets)
         if self._scales is None:
             return TokenEmbeddings(self._tokens, self._offsets)
         from fastrank.ops.maxsim_packed import dequantize_tokens
@@ -540,7 +543,7 @@ class TokenIndex:
             from fastrank.ops.maxsim_residual import maxsim_residual
 
             return maxsim_residual(q, self._tokens, self._codes, self._offsets, self._centroids, self._codec[1],
-                                   nbits=residual_bits(self.token_dtype), docs=docs)
+                                   nbits=residual_bits(self.token_dtype), docs=docs, normalize=self._codec[2])
         return maxsim_packed(self._query_for_storage(q), self._tokens, self._offsets, scales=self._scales, docs=docs)
 
     def _score_all(self, q: torch.Tensor) -> torch.Tensor:
@@ -556,7 +559,8 @@ class TokenIndex:
                 from fastrank.ops.maxsim_residual import maxsim_residual
 
                 out[a:b] = maxsim_residual(q, self._tokens[t0:t1], self._codes[t0:t1], self._offsets[a:b + 1] - t0,
-                                           self._centroids, self._codec[1], nbits=residual_bits(self.token_dtype))
+                                           self._centroids, self._codec[1], nbits=residual_bits(self.token_dtype),
+                                           normalize=self._codec[2])
                 continue
             scales = self._scales[t0:t1] if self._scales is not None else None
             out[a:b] = maxsim_packed(qs, self._tokens[t0:t1], self._offsets[a:b + 1] - t0, scales=scales)
@@ -622,7 +626,7 @@ class TokenIndex:
         return save_index_dir(path, writers, meta, attach)
 
     _mapped = False  # arrays mapped from a streamed index: add() copies them into RAM first
-    _codec: tuple[torch.Tensor, torch.Tensor] | None = None  # residual storage: (cutoffs, weights)
+    _codec: tuple[torch.Tensor, torch.Tensor, bool] | None = None  # residual storage: cutoffs, weights, normalize
 
     @classmethod
     def _load_streamed(cls, path, **kw) -> "TokenIndex":
@@ -771,8 +775,9 @@ def _load_streamed(cls, path: Path, *, device, mmap: bool, verify: bool) -> "Tok
         self._ivf_docs = columns.as_tensor(ivf_docs).to(dev)
         if bits:
             nb = 2 ** bits
-            codec = _small_array(path, "codec.npy", (2 * nb - 1,), np.float32)
-            self._codec = (torch.from_numpy(codec[:nb - 1].copy()).to(dev), torch.from_numpy(codec[nb - 1:].copy()).to(dev))
+            codec = _small_array(path, "codec.npy", (2 * nb,), np.float32)
+            self._codec = (torch.from_numpy(codec[:nb - 1].copy()).to(dev),
+                           torch.from_numpy(codec[nb - 1:2 * nb - 1].copy()).to(dev), bool(codec[-1] > 0.5))
     self._mapped = True
     return self
 

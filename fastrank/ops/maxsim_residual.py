@@ -80,7 +80,8 @@ def _check_scored_codes(codes: Tensor, offsets: Tensor, docs: Optional[Tensor], 
 # --------------------------------------------------------------------------------------------------------
 # Backends
 # --------------------------------------------------------------------------------------------------------
-def _cpp_forward(q, packed, codes, offsets, centroids, weights, nbits: int, docs: Optional[Tensor]) -> Tensor:
+def _cpp_forward(q, packed, codes, offsets, centroids, weights, nbits: int, docs: Optional[Tensor],
+                 normalize: bool = False) -> Tensor:
     ext = _ext.require()
     n = offsets.numel() - 1 if docs is None else docs.numel()
     out = torch.zeros((n,), dtype=torch.float32)
@@ -91,19 +92,23 @@ def _cpp_forward(q, packed, codes, offsets, centroids, weights, nbits: int, docs
     ext.maxsim_residual_forward(cpu_isa.selected(), inner_contiguous(q), inner_contiguous(packed), codes,
                                 offsets.contiguous(), None if docs is None else docs.contiguous(),
                                 inner_contiguous(centroids), weights.contiguous(), nbits, out,
-                                torch.get_num_threads())
+                                torch.get_num_threads(), normalize)
     return out
 
 
-def _triton_forward(q, packed, codes, offsets, centroids, weights, nbits: int, docs: Optional[Tensor]) -> Tensor:
+def _triton_forward(q, packed, codes, offsets, centroids, weights, nbits: int, docs: Optional[Tensor],
+                    normalize: bool = False) -> Tensor:
     from fastrank.ops import maxsim_residual_triton
 
     _check_scored_codes(codes, offsets, docs, centroids.shape[0])
-    return maxsim_residual_triton.residual_forward(q, packed, codes, offsets, centroids, weights, nbits, docs)
+    return maxsim_residual_triton.residual_forward(q, packed, codes, offsets, centroids, weights, nbits, docs,
+                                                   normalize=normalize)
 
 
-def _reference_forward(q, packed, codes, offsets, centroids, weights, nbits: int, docs: Optional[Tensor]) -> Tensor:
-    return maxsim_residual_ref(q, packed, codes, offsets, centroids, weights, nbits=nbits, docs=docs)
+def _reference_forward(q, packed, codes, offsets, centroids, weights, nbits: int, docs: Optional[Tensor],
+                       normalize: bool = False) -> Tensor:
+    return maxsim_residual_ref(q, packed, codes, offsets, centroids, weights, nbits=nbits, docs=docs,
+                               normalize=normalize)
 
 
 def _dtype_reasons(*, dtype, **_) -> list[str]:
@@ -175,7 +180,8 @@ dispatch.register_context(OP, _explain_context)
 
 
 def maxsim_residual(q: Tensor, packed: Tensor, codes: Tensor, offsets: Tensor, centroids: Tensor, weights: Tensor, *,
-                    nbits: int, docs: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+                    nbits: int, docs: Optional[Tensor] = None, normalize: bool = False,
+                    backend: Optional[str] = None) -> Tensor:
     """MaxSim of one query against documents stored as PLAID residuals, decompressed inside the kernel.
 
     Args:
@@ -188,6 +194,9 @@ def maxsim_residual(q: Tensor, packed: Tensor, codes: Tensor, offsets: Tensor, c
         weights: float32 (2^nbits,), the buckets' reconstruction values.
         nbits: bits per dimension, 1, 2 or 4; H * nbits must be a multiple of 8.
         docs: optional int64 (M,) indices of the documents to score, in that order (repeats allowed).
+        normalize: scale each decompressed token to unit length before scoring (a zero token stays zero), as
+            ColBERTv2's decompression does: for documents whose tokens were unit length, where it recovers part
+            of the 2-bit loss (SciFact: nDCG@10 0.7564 -> 0.7592, float16 0.7684).
         backend: force a backend (see :data:`fastrank.dispatch.BACKENDS`); default: the first that can run
             (:func:`fastrank.dispatch.explain` says which, and which CPU ISA path).
 
@@ -202,21 +211,24 @@ def maxsim_residual(q: Tensor, packed: Tensor, codes: Tensor, offsets: Tensor, c
         n = _check_inputs(q, packed, codes, offsets, centroids, weights, nbits, docs)
         if q.device.type == "meta":
             return torch.empty((n,), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device="meta")
+        normalize = bool(normalize)
         if q.dtype == torch.float64:
-            return _reference_forward(q, packed, codes, offsets, centroids, weights, nbits, docs)
+            return _reference_forward(q, packed, codes, offsets, centroids, weights, nbits, docs, normalize)
         if n == 0 or q.shape[0] == 0:
             return torch.zeros((n,), dtype=torch.float32, device=q.device)
         tensors = (q, packed, codes, offsets, centroids, weights, docs)
         impl = dispatch.choose(OP, tensors, backend, **dispatch_context(q, packed, offsets, docs, n, nbits))
-        return dispatch.kernels(OP, impl.backend, q).forward(q, packed, codes, offsets, centroids, weights, nbits, docs)
+        return dispatch.kernels(OP, impl.backend, q).forward(q, packed, codes, offsets, centroids, weights, nbits, docs,
+                                                             normalize)
 
 
 def maxsim_residual_ref(q: Tensor, packed: Tensor, codes: Tensor, offsets: Tensor, centroids: Tensor,
-                        weights: Tensor, *, nbits: int, docs: Optional[Tensor] = None,
+                        weights: Tensor, *, nbits: int, docs: Optional[Tensor] = None, normalize: bool = False,
                         backend: Optional[str] = None) -> Tensor:
     """The specification of :func:`maxsim_residual` in plain PyTorch: the scored documents' rows (only those)
     decompressed by :func:`fastrank.ops.residual.decompress_residuals` and scored by
-    :func:`fastrank.ops.maxsim_packed.maxsim_packed_ref`; float32, or float64 for a float64 ``q``.
+    :func:`fastrank.ops.maxsim_packed.maxsim_packed_ref` (each row scaled to unit length first with
+    ``normalize``); float32, or float64 for a float64 ``q``.
     ``backend`` is accepted for the same signature and ignored."""
     del backend
     with torch.no_grad():
@@ -225,6 +237,8 @@ def maxsim_residual_ref(q: Tensor, packed: Tensor, codes: Tensor, offsets: Tenso
             rows, offsets = segment_rows(offsets, docs)
             packed, codes = packed[rows], codes[rows]
         tokens = decompress_residuals(packed, codes, centroids, weights, nbits)
+        if normalize:
+            tokens = torch.nn.functional.normalize(tokens, dim=1)
         if q.dtype == torch.float64:
             tokens = tokens.double()
         if n == 0 or q.shape[0] == 0:

@@ -34,7 +34,7 @@ if triton is not None:
     def _residual_fwd_kernel(
         Q, P, CODES, OFFS, DOCS, CENT, WTS, OUT,
         Lq, H, sq_l, sp_t, sc_t, scent,
-        NBITS: tl.constexpr, HAS_DOCS: tl.constexpr, CODE_U16: tl.constexpr,
+        NBITS: tl.constexpr, HAS_DOCS: tl.constexpr, CODE_U16: tl.constexpr, NORMALIZE: tl.constexpr,
         BLOCK_LQ: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
     ):
         i = tl.program_id(0).to(tl.int64)
@@ -65,6 +65,9 @@ if triton is not None:
             w = tl.load(WTS + bucket)  # always in [0, 2^b)
             c = tl.load(CENT + code[:, None] * scent + offs_h[None, :], mask=m2, other=0.0)
             d = tl.where(m2, c + w, 0.0)
+            if NORMALIZE:  # each row to unit length (a zero row stays zero), as the spec's normalize=True
+                ss = tl.sum(d * d, axis=1)
+                d = d * tl.where(ss > 0.0, 1.0 / tl.sqrt(ss), 0.0)[:, None]
             s = tl.dot(q, tl.trans(d), input_precision="ieee")  # (BLOCK_LQ, BLOCK_T), float32 as the spec
             s = tl.where(r_in[None, :], s, float("-inf"))
             best = tl.maximum(best, tl.max(s, axis=1))
@@ -73,7 +76,7 @@ if triton is not None:
 
 
 def residual_forward(q: Tensor, packed: Tensor, codes: Tensor, offsets: Tensor, centroids: Tensor, weights: Tensor,
-                     nbits: int, docs: Optional[Tensor] = None) -> Tensor:
+                     nbits: int, docs: Optional[Tensor] = None, normalize: bool = False) -> Tensor:
     """Scores (M or N,) float32 of one float32 query q (Lq, H); inputs validated by the caller (codes of the
     scored rows included: the kernel indexes centroids with them)."""
     n = offsets.numel() - 1 if docs is None else docs.numel()
@@ -98,7 +101,7 @@ def residual_forward(q: Tensor, packed: Tensor, codes: Tensor, offsets: Tensor, 
             _residual_fwd_kernel[(n,)](
                 qc, packed, codes_in, offsets, docs, centroids, weights, part,
                 qc.shape[0], H, qc.stride(0), packed.stride(0), codes_in.stride(0), centroids.stride(0),
-                NBITS=nbits, HAS_DOCS=has_docs, CODE_U16=u16,
+                NBITS=nbits, HAS_DOCS=has_docs, CODE_U16=u16, NORMALIZE=bool(normalize),
                 BLOCK_LQ=pow2(qc.shape[0], 16), BLOCK_H=pow2(H, 16), BLOCK_T=block_t,
             )
             out += part
