@@ -20,6 +20,7 @@ import errno
 import hashlib
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -365,6 +366,44 @@ def publish_staged(staging: Path, out: Path, label: str = "path") -> Path:
             (out / name).unlink()
     staging.rmdir()
     return out
+
+
+class StreamedBuild:
+    """What the streamed writers (token_stream.TokenIndexWriter, dense_stream.DenseIndexWriter) share: the
+    committed count a resumed run skips, the context manager, closing, and discarding a build given up on.
+    A writer sets ``_columns`` (its ColumnWriter or None), ``_bar``, ``path`` and ``_made_dir``."""
+
+    _finished = False  # a resumed run found the build complete: nothing is left to add
+    _columns: "ColumnWriter | None" = None
+    _bar = None
+
+    @property
+    def committed_documents(self) -> int:
+        """Documents of the stream stored by earlier runs (a resumed build skips that many)."""
+        if self._finished:
+            return sys.maxsize
+        return self._columns.committed_documents if self._columns is not None else 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def discard(self) -> None:
+        """Give up a build this run started on bad input: close it and remove what it wrote (a resumed build's
+        earlier commits too, since the run that resumes them is being abandoned as well; see
+        :func:`discard_build`). The CLI calls it on a malformed or repeated document when it started the
+        build itself."""
+        self.close()
+        discard_build(self.path, self._made_dir)
+
+    def close(self) -> None:
+        if self._columns is not None:
+            self._columns.close()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 def discard_build(path: Path, remove_dir: bool) -> None:

@@ -38,7 +38,6 @@ import hashlib
 import json
 import os
 import struct
-import sys
 import time
 from pathlib import Path
 from typing import Iterable
@@ -47,7 +46,7 @@ import numpy as np
 import torch
 
 from fastrank.index import dense
-from fastrank.index.columns import ColumnWriter, build_directory, discard_build, manifest_state, publish_staged
+from fastrank.index.columns import ColumnWriter, StreamedBuild, build_directory, manifest_state, publish_staged
 from fastrank.index.storage import META, check_finite_rows, is_int
 from fastrank.index.token_stream import IdHashes, check_new_ids, id_hash
 from fastrank.progress import progress_bar
@@ -118,7 +117,7 @@ def _as_vectors(vectors, dim: int) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-class DenseIndexWriter:
+class DenseIndexWriter(StreamedBuild):
     """Builds a dense index in directory ``path`` from chunks of vectors, committing each to disk.
 
     Args: as :class:`fastrank.index.dense.DenseIndex` (``dim``, ``kind``, ``metric``, ``nlist``, ``nprobe``,
@@ -242,36 +241,7 @@ class DenseIndexWriter:
                 self._columns.write_file(name, lambda p, text=text: p.write_text(text, encoding="utf-8"))
             self._columns.commit()
 
-    @property
-    def committed_documents(self) -> int:
-        """Documents of the stream stored by earlier runs (a resumed build skips that many)."""
-        if self._finished:
-            return sys.maxsize
-        return self._columns.committed_documents if self._columns is not None else 0
-
-    def __enter__(self) -> "DenseIndexWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def discard(self) -> None:
-        """Give up a build this run started on bad input: close it and remove what it wrote (a resumed build's
-        earlier commits too, since the run that resumes them is being abandoned as well; see
-        :func:`fastrank.index.columns.discard_build`). The CLI calls it on a malformed or repeated document
-        when it started the build itself."""
-        self.close()
-        discard_build(self.path, self._made_dir)
-
-    def close(self) -> None:
-        if self._columns is not None:
-            self._columns.close()
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
     # -- adding ----------------------------------------------------------------------------------------
-    _finished = False  # a resumed run found the build complete: nothing is left to add
 
     def add(self, vectors, ids: list | None = None) -> int:
         """Add a chunk: ``vectors`` (N, dim), numpy or torch, any float dtype (stored as float32), and their

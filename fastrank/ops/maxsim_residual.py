@@ -196,7 +196,7 @@ def maxsim_residual(q: Tensor, packed: Tensor, codes: Tensor, offsets: Tensor, c
         docs: optional int64 (M,) indices of the documents to score, in that order (repeats allowed).
         normalize: scale each decompressed token to unit length before scoring (a zero token stays zero), as
             ColBERTv2's decompression does: for documents whose tokens were unit length, where it recovers part
-            of the 2-bit loss (SciFact: nDCG@10 0.7564 -> 0.7592, float16 0.7684).
+            of the 2-bit loss (SciFact through the CLI: nDCG@10 0.7552 -> 0.7573, float16 0.7684).
         backend: force a backend (see :data:`fastrank.dispatch.BACKENDS`); default: the first that can run
             (:func:`fastrank.dispatch.explain` says which, and which CPU ISA path).
 
