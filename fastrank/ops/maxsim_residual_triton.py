@@ -67,7 +67,8 @@ if triton is not None:
             d = tl.where(m2, c + w, 0.0)
             if NORMALIZE:  # each row to unit length (a zero row stays zero), as the spec's normalize=True
                 ss = tl.sum(d * d, axis=1)
-                d = d * tl.where(ss > 0.0, 1.0 / tl.sqrt(ss), 0.0)[:, None]
+                # rsqrt of a floored ss: tl.where evaluates both sides, so a masked row's 0 must not divide.
+                d = d * tl.where(ss > 0.0, tl.rsqrt(tl.maximum(ss, 1e-30)), 0.0)[:, None]
             s = tl.dot(q, tl.trans(d), input_precision="ieee")  # (BLOCK_LQ, BLOCK_T), float32 as the spec
             s = tl.where(r_in[None, :], s, float("-inf"))
             best = tl.maximum(best, tl.max(s, axis=1))
