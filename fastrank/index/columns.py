@@ -384,6 +384,24 @@ class StreamedBuild:
             return sys.maxsize
         return self._columns.committed_documents if self._columns is not None else 0
 
+    _given = 0  # documents handed to add() by this run, skipped ones included
+    _skip = 0  # documents a resumed build stored that add() is still to skip
+
+    def take_ids(self, ids, n: int, what: str) -> tuple[list, int] | None:
+        """The ids of a chunk of ``n`` documents (default: positions continuing from those given before) with
+        the leading ones a resumed build already stored dropped: ``(ids, dropped)``, or None when it stored
+        the whole chunk. Also counts the chunk as given."""
+        if ids is None:
+            ids = list(range(self._given, self._given + n))
+        else:
+            ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        if len(ids) != n:
+            raise ValueError(f"ids has {len(ids)} entries for {n} {what}")
+        self._given += n
+        drop = min(self._skip, n)
+        self._skip -= drop
+        return None if drop == n else (ids[drop:], drop)
+
     def __enter__(self):
         return self
 

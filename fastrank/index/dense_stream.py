@@ -251,20 +251,11 @@ class DenseIndexWriter(StreamedBuild):
         n = x.shape[0]
         if n == 0 or self._finished:
             return 0
-        if ids is None:
-            ids = list(range(self._given, self._given + n))
-        else:
-            ids = ids.tolist() if isinstance(ids, (np.ndarray, torch.Tensor)) else list(ids)
-        if len(ids) != n:
-            raise ValueError(f"ids has {len(ids)} entries for {n} vectors")
-        self._given += n
-        drop = 0
-        if self._skip:
-            drop = min(self._skip, n)
-            self._skip -= drop
-            if drop == n:
-                return 0
-            x, ids, n = x[drop:], ids[drop:], n - drop
+        taken = self.take_ids(ids, n, "vectors")
+        if taken is None:
+            return 0
+        ids, drop = taken
+        x, n = x[drop:], n - drop
         encoded, hashes = check_new_ids(ids, self._hashes, offset=drop)
         check_finite_rows(x, "vectors")
         if self._bar is None:

@@ -302,22 +302,14 @@ class TokenIndexWriter(StreamedBuild):
             return 0
         if tok.vectors.shape[1] != self.dim:
             raise ValueError(f"tokens have dim {tok.vectors.shape[1]}, the index has dim {self.dim}")
-        if ids is None:
-            ids = list(range(self._given, self._given + n))
-        else:
-            ids = ids.tolist() if isinstance(ids, (np.ndarray, torch.Tensor)) else list(ids)
-        if len(ids) != n:
-            raise ValueError(f"ids has {len(ids)} entries for {n} documents")
-        self._given += n
-        dropped = 0
-        if self._skip:
-            drop = dropped = min(self._skip, n)
-            self._skip -= drop
-            if drop == n:
-                return 0
-            offsets = tok.offsets[drop:] - tok.offsets[drop]
-            tok = ti.as_token_embeddings((tok.vectors[int(tok.offsets[drop]):], offsets), "tokens")
-            ids, n = ids[drop:], n - drop
+        taken = self.take_ids(ids, n, "documents")
+        if taken is None:
+            return 0
+        ids, dropped = taken
+        if dropped:
+            offsets = tok.offsets[dropped:] - tok.offsets[dropped]
+            tok = ti.as_token_embeddings((tok.vectors[int(tok.offsets[dropped]):], offsets), "tokens")
+            n -= dropped
         encoded, hashes = check_new_ids(ids, self._hashes, offset=dropped)
         vectors = tok.vectors.detach()
         check_finite_rows(vectors, "tokens", ti.token_row_of(tok.offsets, "document"))
