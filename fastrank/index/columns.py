@@ -16,6 +16,7 @@ with anything but the number of chunks, and a load need not read the columns at 
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -149,10 +150,18 @@ class ColumnWriter:
         """Write a small file once (staged, fsynced, renamed); its checksum is published by the next commit."""
         if name in self.columns or name == META:
             raise ValueError(f"{name} is a column or the manifest")
-        tmp = partial_name(self.path, name)
-        try:
+        with self._staged(name) as tmp:
             write(tmp)
             fsync_path(tmp)
+        self.meta["sha256"][name] = sha256_file(self.path / name)
+
+    @contextlib.contextmanager
+    def _staged(self, name: str):
+        """A staged file for ``name``: renamed into place when the block ends, removed when it fails (a full
+        disk named as :class:`DiskFullError`, the build resumable from its last commit)."""
+        tmp = partial_name(self.path, name)
+        try:
+            yield tmp
             os.replace(tmp, self.path / name)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
@@ -163,7 +172,6 @@ class ColumnWriter:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        self.meta["sha256"][name] = sha256_file(self.path / name)
 
     def write_large_file(self, name: str, blocks, dtype: str) -> None:
         """Write a large file once from an iterable of arrays of ``dtype`` (staged, hashed as it is written,
@@ -189,22 +197,10 @@ class ColumnWriter:
         self._write_large(name, fill, dtype)
 
     def _write_large(self, name: str, fill: Callable, dtype: str) -> None:
-        tmp = partial_name(self.path, name)
-        try:
-            with open(tmp, "r+b") as f:
-                digest, rows = fill(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path / name)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            if exc.errno == errno.ENOSPC:
-                raise DiskFullError(errno.ENOSPC, _disk_full_message(self.path, name, self.committed_documents)) \
-                    from None
-            raise
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with self._staged(name) as tmp, open(tmp, "r+b") as f:
+            digest, rows = fill(f)
+            f.flush()
+            os.fsync(f.fileno())
         self.meta.setdefault("large_files", {})[name] = {"sha256": digest, "rows": rows, "dtype": dtype}
 
     @property
