@@ -93,6 +93,8 @@ except ImportError:  # the SciFact script runs without pytest
     pytest = None
 
 if pytest is not None:
+    from conftest import record, time_provider
+
     @pytest.fixture(scope="module")
     def data():
         return synthetic(N, NQ)
@@ -123,6 +125,63 @@ if pytest is not None:
         print(f"\n{token_dtype}: N={N} T={index.num_tokens} build {build_s:.1f}s | {NQ / search_s:.1f} q/s "
               f"(exhaustive {NQ / exh_s:.2f} q/s) | recall@{K} {recall:.3f}")
         assert recall >= 0.9
+
+
+    def candidate_lists(n_docs: int, ncentroids: int, per_list: int, n_queries: int, q_len: int = 32,
+                        nprobe: int = 8, seed: int = 0):
+        """Stage-1 inputs shaped like an index's: ascending lists of ``per_list`` documents on average over
+        ``n_docs`` documents, and each query token's ``nprobe`` probes with best-first gains. The lists of the
+        100M-token scale benchmark are 1.33M documents, 32,768 lists of about 2,300."""
+        g = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(per_list // 2, per_list * 3 // 2 + 1, (ncentroids,), generator=g)
+        ivf_offsets = torch.zeros(ncentroids + 1, dtype=torch.int64)
+        ivf_offsets[1:] = lengths.cumsum(0)
+        starts = torch.randint(0, n_docs, (int(ivf_offsets[-1]),), generator=g)
+        lists = torch.split(starts, lengths.tolist())
+        ivf_docs = torch.cat([x.unique() for x in lists]).to(torch.int32)
+        ivf_offsets[1:] = torch.tensor([x.unique().numel() for x in lists]).cumsum(0)
+        probe_c = torch.randint(0, ncentroids, (n_queries * q_len, nprobe), generator=g)
+        gain = torch.rand(n_queries * q_len, nprobe, generator=g).sort(1, descending=True).values.contiguous()
+        q_offsets = torch.arange(0, n_queries * q_len + 1, q_len)
+        return probe_c, gain, q_offsets, ivf_offsets, ivf_docs
+
+    CANDIDATE_SIZES = {"1M tokens": (13_392, 4096, 180, 64), "100M tokens": (1_333_260, 32_768, 2_300, 8)}
+
+    @pytest.fixture(scope="module", params=list(CANDIDATE_SIZES))
+    def candidates_case(request):
+        n_docs, c, per, nq = CANDIDATE_SIZES[request.param]
+        return request.param, n_docs, nq, candidate_lists(n_docs, c, per, nq)
+
+    @pytest.mark.parametrize("provider", ["eager", "cpp"])  # eager first: record() takes ratios against it
+    def test_centroid_candidates(benchmark, session_timings, candidates_case, provider):
+        """Stage 1 alone, the C++ kernel against the eager reference, at the list sizes of the scale
+        benchmark's smallest and largest index (4,096 lists of ~180 of 13k documents; 32,768 of ~2,300 of
+        1.33M)."""
+        from fastrank.ops.centroid_candidates import centroid_candidates
+
+        size, n_docs, nq, prob = candidates_case
+        backend = {"eager": "reference", "cpp": "cpp"}[provider]
+        got = centroid_candidates(*prob, n=n_docs, ndocs=128, backend=backend)
+        want = centroid_candidates_ref_cached(size, n_docs, prob)
+        assert all(torch.equal(a.nan_to_num(-1), b.nan_to_num(-1)) for a, b in zip(got, want))
+        group = f"centroid_candidates {size} ({nq} queries x 32 tokens x nprobe 8)"
+        benchmark.group = group
+        _, median = time_provider(benchmark, lambda: centroid_candidates(*prob, n=n_docs, ndocs=128, backend=backend),
+                                  "cpu", max_rounds=10)
+        if median is not None:
+            entries = int((prob[3][prob[0] + 1] - prob[3][prob[0]]).sum())
+            record(benchmark, session_timings, group, provider,
+                   {"entries_per_query": entries / nq, "queries_per_s": nq / median,
+                    "ns_per_entry": median / entries * 1e9, "threads": torch.get_num_threads()})
+
+    _REF_CACHE: dict = {}
+
+    def centroid_candidates_ref_cached(size, n_docs, prob):
+        from fastrank.ops.centroid_candidates import centroid_candidates_ref
+
+        if size not in _REF_CACHE:
+            _REF_CACHE[size] = centroid_candidates_ref(*prob, n_docs, 128)
+        return _REF_CACHE[size]
 
 
 # -- SciFact -----------------------------------------------------------------------------------------

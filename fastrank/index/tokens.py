@@ -12,9 +12,10 @@ Search runs in two stages:
 
    where ``s_l_floor`` is the score of token ``l``'s best unprobed centroid (its ``nprobe + 1``-th): a
    document absent from every list token ``l`` probed has its tokens in unprobed centroids, none scoring
-   more. Ranking only needs the gains over the floor, so the floor itself is never added. Every intermediate
-   is sized by the probed list entries or the distinct candidates, never by the corpus. The best ``ndocs``
-   candidates go on.
+   more. Ranking only needs the gains over the floor, so the floor itself is never added. The best ``ndocs``
+   candidates go on. :func:`fastrank.ops.centroid_candidates.centroid_candidates` computes this: on CPU a C++
+   kernel that walks the probed lists once with a slot per document per thread (8 bytes a document), so its
+   time follows the probed entries and its memory the document count, never the batch's entries.
 2. exact scoring: the candidates' token rows are gathered into one packed tensor (no padding) and scored
    with :func:`fastrank.ops.maxsim_packed.maxsim_packed`; the top ``k`` are returned.
 
@@ -43,7 +44,6 @@ from fastrank.encoders import TokenEmbeddings
 from fastrank.index.storage import (META, IndexFormatError, check_finite_rows, check_ids, check_unique_ids, is_int,
                                     meta_field, optional_positive_int, positive_int, read_meta, save_index_dir,
                                     verify_files, verify_meta_checksum, write_npy)
-from fastrank.ops.maxsim_packed import segment_rows
 from fastrank.progress import progress_bar
 
 FORMAT = "fastrank.TokenIndex"
@@ -490,43 +490,16 @@ class TokenIndex:
 
         qv: (Tq, H) float32, the batch's query tokens back to back; q_offsets: (B + 1,) int64 into qv.
         """
-        dev = qv.device
-        nb, n = q_offsets.numel() - 1, len(self)
-        q_len = q_offsets[1:] - q_offsets[:-1]
-        tq = qv.shape[0]
-        tok_query = torch.repeat_interleave(torch.arange(nb, device=dev), q_len, output_size=tq)
-        tok_pos = torch.arange(tq, device=dev) - q_offsets[tok_query]
-        width = int(q_len.max())
+        from fastrank.ops.centroid_candidates import centroid_candidates
+
         nprobe = min(nprobe, self.ncentroids)
         # One centroid beyond the probes gives each token's floor: a document in none of its probed lists has
         # its tokens in unprobed centroids, the best of which scores that.
         top_s, top_c = (qv @ self._centroids.T).topk(min(nprobe + 1, self.ncentroids), dim=1)
-        gain = (top_s[:, :nprobe] - top_s[:, -1:]).reshape(-1)
-        probe_c = top_c[:, :nprobe].reshape(-1)
-        entries, entry_offsets = segment_rows(self._ivf_offsets, probe_c)  # every probed list, back to back
-        probe = torch.repeat_interleave(torch.arange(probe_c.numel(), device=dev), entry_offsets.diff(),
-                                        output_size=entries.numel())
-        tok = probe // nprobe
-        doc = self._ivf_docs[entries].long()
-        pairs, pair_of_entry = torch.unique(tok_query[tok] * n + doc, return_inverse=True)
-        # best[pair, l]: query token l's best gain among the probed lists holding the pair's document.
-        best = torch.zeros(pairs.numel() * width, dtype=torch.float32, device=dev)
-        best.scatter_reduce_(0, pair_of_entry * width + tok_pos[tok], gain[probe], reduce="amax")
-        approx = best.view(-1, width).sum(1)
-        # pairs are sorted by (query, document): each query's candidates are one contiguous run.
-        pair_query = pairs // n
-        per_query = torch.bincount(pair_query, minlength=nb)
-        first = torch.zeros(nb, dtype=torch.int64, device=dev)
-        torch.cumsum(per_query[:-1], 0, out=first[1:])
-        table_width = max(int(per_query.max()) if pairs.numel() else 0, 1)
-        table = torch.full((nb, table_width), -math.inf, device=dev)
-        table[pair_query, torch.arange(pairs.numel(), device=dev) - first[pair_query]] = approx
-        keep = table.topk(min(ndocs, table_width), dim=1)
-        out = []
-        for b in range(nb):
-            chosen = keep.indices[b][keep.values[b] > -math.inf]
-            out.append((pairs[first[b] + chosen] - b * n).sort().values)
-        return out
+        gain = (top_s[:, :nprobe] - top_s[:, -1:]).clamp_(min=0)
+        docs, _, counts = centroid_candidates(top_c[:, :nprobe].contiguous(), gain.contiguous(), q_offsets,
+                                              self._ivf_offsets, self._ivf_docs, n=len(self), ndocs=ndocs)
+        return [docs[b, :int(c)] for b, c in enumerate(counts.tolist())]
 
     def _query_for_storage(self, q: torch.Tensor) -> torch.Tensor:
         return q if self._scales is not None or self._codec is not None else q.to(self._tokens.dtype)
