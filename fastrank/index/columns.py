@@ -367,7 +367,8 @@ def publish_staged(staging: Path, out: Path, label: str = "path") -> Path:
 class StreamedBuild:
     """What the streamed writers (token_stream.TokenIndexWriter, dense_stream.DenseIndexWriter) share: the
     committed count a resumed run skips, the context manager, closing, and discarding a build given up on.
-    A writer sets ``_columns`` (its ColumnWriter or None), ``_bar``, ``path`` and ``_made_dir``."""
+    A writer sets ``_columns`` (its ColumnWriter or None), ``_bar``, ``path`` (where it builds), ``out`` (where
+    the index goes), ``label`` and ``_made_dir``."""
 
     _finished = False  # a resumed run found the build complete: nothing is left to add
     _columns: "ColumnWriter | None" = None
@@ -397,6 +398,26 @@ class StreamedBuild:
         drop = min(self._skip, n)
         self._skip -= drop
         return None if drop == n else (ids[drop:], drop)
+
+    def partial_meta(self) -> dict | None:
+        """The manifest of a build in progress in ``path`` that this run resumes, else None (no manifest, an
+        unreadable one that ColumnWriter refuses by name when the first chunk is written, or another state).
+        A build found complete in its staging directory (a run stopped while moving it into place) is
+        published first and marks this run finished."""
+        meta_file = self.path / META
+        if not meta_file.is_file():
+            return None
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(meta, dict):
+            return None
+        if meta.get("state") == "complete" and self.path != self.out:
+            self.path = publish_staged(self.path, self.out, self.label)
+            self._finished = True
+            return None
+        return meta if meta.get("state") == "building" else None
 
     def __enter__(self):
         return self

@@ -199,18 +199,8 @@ class DenseIndexWriter(StreamedBuild):
 
     # -- resuming --------------------------------------------------------------------------------------
     def _open_partial(self) -> None:
-        meta_file = self.path / META
-        if not meta_file.is_file():
-            return
-        try:
-            meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return  # ColumnWriter refuses the directory by name when the first chunk is written
-        if isinstance(meta, dict) and meta.get("state") == "complete" and self.path != self.out:
-            self.path = publish_staged(self.path, self.out, self.label)  # a run stopped while moving it into place
-            self._finished = True
-            return
-        if not isinstance(meta, dict) or meta.get("state") != "building" or meta.get("format") != dense.FORMAT:
+        meta = self.partial_meta()
+        if meta is None or meta.get("format") != dense.FORMAT:
             return
         self._open_columns()
         cols = self._columns

@@ -256,18 +256,8 @@ class TokenIndexWriter(StreamedBuild):
 
     # -- resuming --------------------------------------------------------------------------------------
     def _open_partial(self) -> None:
-        meta_file = self.path / "meta.json"
-        if not meta_file.is_file():
-            return
-        try:
-            meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return  # ColumnWriter refuses the directory by name when the first chunk is written
-        if isinstance(meta, dict) and meta.get("state") == "complete" and self.path != self.out:
-            self._publish_staged()  # a run that stopped while moving a finished build into place
-            self._finished = True
-            return
-        if not isinstance(meta, dict) or meta.get("state") != "building" or "header" not in meta:
+        meta = self.partial_meta()
+        if meta is None or "header" not in meta:
             return
         extra = meta.get("extra", {})
         if self.stage1 == "centroids" and "ncentroids" not in extra:
