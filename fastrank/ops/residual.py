@@ -6,7 +6,8 @@ b-bit bucket per dimension of its residual.
     x'     = centroids[code] + weights[bucket]                       the decompressed token
 
 ``cutoffs`` (2^b - 1,) and ``weights`` (2^b,) are shared by every dimension, learned from a sample of
-residuals pooled over dimensions (:func:`train_residual_codec`). Packed layout, one row per token, H * b / 8
+residuals pooled over dimensions (:func:`train_residual_codec`: Lloyd-Max, the least-squares quantizer, by
+default; ColBERTv2's quantiles on request). Packed layout, one row per token, H * b / 8
 bytes: the bucket of dimension h sits in byte (h * b) // 8 at bit offset (h * b) % 8, lowest bits first
 (b = 2: dimension 4k is bits 0-1 of byte k, dimension 4k + 3 bits 6-7).
 
@@ -91,15 +92,36 @@ def check_codec(cutoffs_or_weights: Tensor, name: str, nbits: int, where: str) -
                          f"{tuple(cutoffs_or_weights.shape)}")
 
 
-def train_residual_codec(residuals: Tensor, nbits: int) -> tuple[Tensor, Tensor]:
+# How the codec is trained: Lloyd-Max by default. On SciFact (the trained 128-dim MaxSim head, full retrieval
+# through build_token_index, nDCG@10; float16 0.7684), quantiles then Lloyd-Max: 1 bit 0.7311 and 0.7437,
+# 2 bits 0.7573 and 0.7614, 4 bits 0.7683 and 0.7658. On Laplace residuals Lloyd-Max's squared error is 0.91,
+# 0.62 and 0.29 of the quantiles' at 1, 2 and 4 bits; at 4 bits both sit within 0.003 of float16, about the
+# spread between two builds, so one method serves every width.
+CODEC_METHODS = ("lloyd", "quantile")
+LLOYD_ITERS = 20
+# Lloyd-Max runs on a seeded sample of this many of the values: a bucket mean over a million values is within
+# 0.1% of a bucket's spread of its limit, and 20 passes over 2^24 values would add seconds to every build.
+LLOYD_SAMPLE = 1 << 20
+
+
+def train_residual_codec(residuals: Tensor, nbits: int, *, method: str = "lloyd") -> tuple[Tensor, Tensor]:
     """Bucket cutoffs and reconstruction weights from residuals (n, H), pooled over every dimension.
 
-    As ColBERTv2: ``cutoffs[i - 1]`` is the quantile i / 2^b (i = 1 .. 2^b - 1) and ``weights[i]`` the
-    quantile (i + 0.5) / 2^b (i = 0 .. 2^b - 1), both linear interpolation (torch.quantile). Above 2^24
-    values a seeded random sample of 2^24 of them (with replacement) stands for the whole, so the result is
-    deterministic. Returns float32 ``(cutoffs (2^b - 1,), weights (2^b,))``, both non-decreasing."""
+    ``method="quantile"``, as ColBERTv2: ``cutoffs[i - 1]`` is the quantile i / 2^b (i = 1 .. 2^b - 1) and
+    ``weights[i]`` the quantile (i + 0.5) / 2^b (i = 0 .. 2^b - 1), both linear interpolation (torch.quantile).
+    ``method="lloyd"``: Lloyd-Max, the scalar quantizer of least squared error, started from the quantiles:
+    :data:`LLOYD_ITERS` rounds (on :data:`LLOYD_SAMPLE` of the values) of each weight set to the mean of its bucket's values and each cutoff to the
+    midpoint of its two weights (so a residual goes to its nearest weight). Residuals peak at 0 with long
+    tails; equal-count buckets place the outer weights too far in, Lloyd-Max moves them out. Lloyd-Max is the
+    default (why: the comment above :data:`CODEC_METHODS`).
+
+    Above 2^24 values a seeded random sample of 2^24 of them (with replacement) stands for the whole, so the
+    result is deterministic. Returns float32 ``(cutoffs (2^b - 1,), weights (2^b,))``, both non-decreasing,
+    each weight inside its bucket."""
     where = "train_residual_codec"
     nbits = check_nbits(nbits, where)
+    if method not in CODEC_METHODS:
+        raise ValueError(f"{where}: method must be one of {CODEC_METHODS}, got {method!r}")
     if not isinstance(residuals, Tensor) or residuals.dim() != 2 or not residuals.is_floating_point():
         raise ValueError(f"{where}: residuals must be a float tensor of shape (n, H), got "
                          + (f"{residuals.dtype} {tuple(residuals.shape)}" if isinstance(residuals, Tensor)
@@ -117,7 +139,29 @@ def train_residual_codec(residuals: Tensor, nbits: int) -> tuple[Tensor, Tensor]
     at_cutoffs = torch.arange(1, k, dtype=torch.float32, device=flat.device) / k
     at_weights = (torch.arange(k, dtype=torch.float32, device=flat.device) + 0.5) / k
     quantiles = torch.quantile(flat, torch.cat([at_cutoffs, at_weights]))
-    return quantiles[: k - 1].contiguous(), quantiles[k - 1:].contiguous()
+    cutoffs, weights = quantiles[: k - 1].contiguous(), quantiles[k - 1:].contiguous()
+    if method == "lloyd":
+        cutoffs, weights = _lloyd_max(flat, cutoffs, weights)
+    return cutoffs, weights
+
+
+def _lloyd_max(flat: Tensor, cutoffs: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    k = weights.numel()
+    if flat.numel() > LLOYD_SAMPLE:
+        gen = torch.Generator(device=flat.device).manual_seed(1)
+        flat = flat[torch.randint(flat.numel(), (LLOYD_SAMPLE,), generator=gen, device=flat.device)]
+    for _ in range(LLOYD_ITERS):
+        bucket = torch.bucketize(flat, cutoffs, right=False)  # compress_residuals' rule
+        count = torch.bincount(bucket, minlength=k)
+        total = torch.zeros(k, dtype=torch.float64, device=flat.device).scatter_add_(0, bucket, flat.double())
+        # An empty bucket keeps its weight; cummax keeps the weights ordered if that leaves one behind.
+        new = torch.where(count > 0, total / count.clamp(min=1), weights.double()).float().cummax(0).values
+        moved = not torch.equal(new, weights)
+        weights = new
+        cutoffs = ((weights[1:] + weights[:-1]) / 2).contiguous()
+        if not moved:
+            break
+    return cutoffs, weights.contiguous()
 
 
 def _check_tokens(x, codes, centroids, where: str) -> None:
