@@ -1,7 +1,7 @@
 """Stage 1 of the token index (fastrank.ops.centroid_candidates): the C++ kernel against
-centroid_candidates_ref, the spec, on fresh random inverted lists (ascending like an index's, and unsorted with
-repeats), queries of different lengths, gains with exact ties, ndocs above and below the candidates; a
-brute-force restatement of the estimate; TokenIndex search through both backends; and the errors for bad input,
+centroid_candidates_ref, the spec, on fresh random inverted lists (ascending like an index's, with and without
+repeats, over one and several of the kernel's ranges of documents), queries of different lengths, gains with
+exact ties, ndocs above and below the candidates; a brute-force restatement of the estimate; TokenIndex search through both backends; and the errors for bad input,
 each naming its argument.
 
 Tolerance: none. Both backends add a document's per-token gains in token order, one float32 add per token
@@ -25,14 +25,14 @@ needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="needs the compiled extension
 BACKENDS = ["reference", pytest.param("cpp", marks=needs_cpp)]
 
 
-def _problem(seed, *, n, c, per_list, b, max_len, p, ties=False, sorted_lists=True, empty_lists=0.2):
+def _problem(seed, *, n, c, per_list, b, max_len, p, ties=False, repeats=False, empty_lists=0.2):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, 2 * per_list, (c,), generator=g)
     lengths[torch.rand(c, generator=g) < empty_lists] = 0
     lists = []
     for ln in lengths.tolist():
         docs = torch.randint(0, n, (ln,), generator=g)
-        lists.append(docs.unique() if sorted_lists else docs)  # unsorted lists keep their repeats
+        lists.append(docs.sort().values if repeats else docs.unique())  # ascending, as an index's
     ivf_offsets = torch.zeros(c + 1, dtype=torch.int64)
     ivf_offsets[1:] = torch.tensor([len(x) for x in lists]).cumsum(0)
     ivf_docs = torch.cat(lists).to(torch.int32)
@@ -88,8 +88,10 @@ def test_matches_a_brute_force_statement_of_the_estimate(backend, ties):
 @pytest.mark.parametrize("case", [
     dict(n=5000, c=256, per_list=60, b=9, max_len=32, p=8),
     dict(n=5000, c=256, per_list=60, b=9, max_len=32, p=8, ties=True),
-    dict(n=777, c=50, per_list=30, b=4, max_len=33, p=1, sorted_lists=False),
-    dict(n=40, c=64, per_list=3, b=6, max_len=5, p=64, ties=True, sorted_lists=False, empty_lists=0.6),
+    dict(n=777, c=50, per_list=30, b=4, max_len=33, p=1, repeats=True),
+    # Several ranges of documents (the kernel walks 65,536 at a time), a list resuming in each.
+    dict(n=300_000, c=96, per_list=4000, b=5, max_len=32, p=8, repeats=True),
+    dict(n=40, c=64, per_list=3, b=6, max_len=5, p=64, ties=True, repeats=True, empty_lists=0.6),
 ])
 @pytest.mark.parametrize("ndocs", [1, 16, 128, 100_000])
 def test_the_kernel_equals_the_reference_bit_for_bit(case, ndocs):
@@ -121,7 +123,7 @@ def test_queries_whose_lists_are_all_empty_have_no_candidates(backend):
     gain = torch.tensor([[0.5, 0.25], [0.3, 0.0]])
     q_offsets = torch.tensor([0, 1, 2])
     ivf_offsets = torch.tensor([0, 0, 0, 3])  # lists 0 and 1 empty, list 2 holds 3 documents
-    ivf_docs = torch.tensor([4, 1, 9], dtype=torch.int32)
+    ivf_docs = torch.tensor([1, 4, 9], dtype=torch.int32)
     docs, approx, counts = centroid_candidates(probe_c, gain, q_offsets, ivf_offsets, ivf_docs, n=10, ndocs=2,
                                                backend=backend)
     assert counts.tolist() == [0, 2]
@@ -151,11 +153,13 @@ def _valid():
     (lambda p: p[1].__setitem__((0, 1), 5.0), r"gain must be non-increasing.*gain\[0, 1\]"),
     (lambda p: p[4].__setitem__(0, 50), r"ivf_docs\[0\] = 50 .*does not index the 50 documents"),
     (lambda p: p[2].__setitem__(1, 99), r"offsets"),
+    (lambda p: p[4].__setitem__(1, 2), r"each list of ivf_docs must be ascending, but ivf_docs\[1\] = 2"),
 ])
 def test_bad_values_are_refused_naming_the_argument(backend, break_it, message):
     prob = list(_valid())
     prob[0][:, :] = torch.tensor([0, 1])  # every token probes lists 0 and 1, so list 0's first entry is read
     prob[4][0] = 3
+    prob[4][1] = max(int(prob[4][1]), 3)  # list 0 stays ascending (it holds more than one entry)
     break_it(prob)
     with pytest.raises(ValueError, match=message):
         centroid_candidates(*prob, n=50, ndocs=4, backend=backend)

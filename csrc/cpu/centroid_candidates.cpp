@@ -10,8 +10,8 @@
 // (torch.unique) to deduplicate (query, document) pairs. At 100M tokens a query probes about 590,000 entries,
 // so a batch of 64 queries sorted 38M keys through arrays of several GiB: 5.4 queries/s and 5.1 GiB of peak
 // memory. Here each thread keeps a slot per document (a float32 running estimate and a uint32 stamp) and
-// walks the lists once: O(entries) time, 8 bytes per document per thread of memory, nothing
-// sized by the entries.
+// walks the lists once, a range of documents at a time (kRangeDocs): O(entries) time, 8 bytes per document
+// per thread of memory, nothing sized by the entries.
 //
 // Order of the sums: a document's estimate is added to in query-token order, one float32 add per token that
 // reaches it, starting from 0. Tokens that do not reach it contribute nothing, which the reference writes as
@@ -56,86 +56,129 @@ struct CandidateProblem {
 };
 
 // A document's state in a thread's scratch: its running estimate and the tag of the last query token that
-// reached it. One 8-byte slot, so the random access per list entry touches one cache line, not two.
+// reached it. One 8-byte slot, so an entry touches one cache line, not two.
 struct Slot {
   float acc;
   uint32_t tag;
 };
 
-// Entries ahead of the one being merged whose slots are prefetched: the lists are read in order, the slots
-// at random (a corpus's slots outgrow the caches: 10 MiB at 1.3M documents), so without it every entry
-// waits on a cache miss.
+// Documents per pass over a query's lists. The lists are read in order and the slots at random; over a whole
+// corpus the slots outgrow the caches (10 MiB at 1.3M documents, per thread), and every entry waited on a
+// miss. Each list is ascending, so a query's lists are walked one range of documents at a time, each list
+// resuming where the previous range stopped: the slots a pass touches (512 KiB) stay in L2.
+constexpr int64_t kRangeDocs = int64_t(1) << 16;
+// Within a range a list's slots are still fetched from beyond L2 the first time a query touches them; the
+// slot of the entry this far ahead in the same list is prefetched (the index is masked to a valid document,
+// so a bad entry, refused when reached, never forms an address outside the slots).
 constexpr int64_t kPrefetch = 16;
+constexpr int64_t kMask = 0x7fffffff;
 
-// One query's candidates; returns false (with the bad entry) on a list entry that does not index a document.
-bool query_candidates(const CandidateProblem& p, int64_t b, std::vector<Slot>& slots, uint32_t& tag,
-                      std::vector<int32_t>& touched, int64_t& bad_entry) {
+struct Candidate {
+  float acc;
+  int32_t doc;
+};
+
+enum class Bad { None, OutOfRange, Descending };
+
+// One query's candidates. On a list entry that does not index a document, or that is below its list's
+// previous entry, returns that entry and why.
+Bad query_candidates(const CandidateProblem& p, int64_t b, std::vector<Slot>& slots, uint32_t& tag,
+                     std::vector<int32_t>& touched, std::vector<int64_t>& cursor, std::vector<Candidate>& ranked,
+                     int64_t& bad_entry) {
   touched.clear();
-  const uint32_t first_tag = tag + 1;
-  Slot* __restrict sl = slots.data();
-  const int32_t* __restrict ivf = p.ivf_docs;
-  const uint32_t n = static_cast<uint32_t>(p.n);
-  for (int64_t l = p.q_offsets[b]; l < p.q_offsets[b + 1]; ++l) {
-    const uint32_t t = ++tag;
-    const int64_t* pc = p.probe_c + l * p.probe_stride;
-    const float* g = p.gain + l * p.gain_stride;
-    for (int64_t j = 0; j < p.P; ++j) {
-      const float gj = g[j];
-      const int64_t e0 = p.ivf_offsets[pc[j]], e1 = p.ivf_offsets[pc[j] + 1];
-      for (int64_t e = e0; e < e1; ++e) {
-        if (e + kPrefetch < e1) {
-          const uint32_t ahead = static_cast<uint32_t>(ivf[e + kPrefetch]);
-          if (ahead < n) __builtin_prefetch(sl + ahead, 1);
-        }
-        const uint32_t d = static_cast<uint32_t>(ivf[e]);
-        if (d >= n) {
-          bad_entry = e;
-          return false;
-        }
-        Slot& s = sl[d];
-        if (s.tag == t) continue;  // an earlier (no worse) probe of this token already counted d
-        if (s.tag < first_tag) {   // first reached by this query
-          touched.push_back(static_cast<int32_t>(d));
-          s.acc = gj;
-        } else {
-          s.acc += gj;
-        }
-        s.tag = t;
-      }
+  const int64_t l0 = p.q_offsets[b], L = p.q_offsets[b + 1] - l0, P = p.P;
+  const uint32_t first_tag = tag + 1;  // query token l0 + i has tag first_tag + i
+  tag += static_cast<uint32_t>(L);
+  cursor.resize(static_cast<size_t>(2 * L * P));
+  for (int64_t i = 0; i < L; ++i) {
+    for (int64_t j = 0; j < P; ++j) {
+      const int64_t c = p.probe_c[(l0 + i) * p.probe_stride + j];
+      cursor[2 * (i * P + j)] = p.ivf_offsets[c];
+      cursor[2 * (i * P + j) + 1] = p.ivf_offsets[c + 1];
     }
   }
-  const int64_t m = static_cast<int64_t>(touched.size()), keep = std::min(m, p.ndocs);
+  Slot* __restrict sl = slots.data();
+  const int32_t* __restrict ivf = p.ivf_docs;
+  ranked.clear();
+  for (int64_t lo = 0; lo < p.n; lo += kRangeDocs) {
+    const size_t range_first = touched.size();
+    const int64_t hi = std::min(lo + kRangeDocs, p.n);
+    for (int64_t i = 0; i < L; ++i) {
+      const uint32_t t = first_tag + static_cast<uint32_t>(i);
+      const float* g = p.gain + (l0 + i) * p.gain_stride;
+      for (int64_t j = 0; j < P; ++j) {
+        int64_t* cur = &cursor[2 * (i * P + j)];
+        const int64_t e1 = cur[1];
+        const float gj = g[j];
+        int64_t e = cur[0], prev = lo;  // every entry of this list before e was below lo
+        for (; e < e1; ++e) {
+          if (e + kPrefetch < e1) __builtin_prefetch(sl + std::min<int64_t>(ivf[e + kPrefetch] & kMask, p.n - 1), 1);
+          const int64_t d = ivf[e];
+          if (d >= hi) break;  // the rest of this list lies in later ranges (or past the documents)
+          if (d < prev) {
+            bad_entry = e;
+            return d < 0 ? Bad::OutOfRange : Bad::Descending;
+          }
+          prev = d;
+          Slot& s = sl[d];
+          if (s.tag == t) continue;  // an earlier (no worse) probe of this token already counted d
+          if (s.tag < first_tag) {   // first reached by this query
+            touched.push_back(static_cast<int32_t>(d));
+            s.acc = gj;
+          } else {
+            s.acc += gj;
+          }
+          s.tag = t;
+        }
+        cur[0] = e;
+      }
+    }
+    // This range's estimates are final: read them while their slots are still in cache.
+    for (size_t k = range_first; k < touched.size(); ++k) ranked.push_back(Candidate{sl[touched[k]].acc, touched[k]});
+  }
+  for (int64_t k = 0; k < L * P; ++k) {
+    if (cursor[2 * k] < cursor[2 * k + 1]) {  // an entry at or past n stopped this list
+      bad_entry = cursor[2 * k];
+      return Bad::OutOfRange;
+    }
+  }
+  const int64_t m = static_cast<int64_t>(ranked.size()), keep = std::min(m, p.ndocs);
   // Best estimate first, the lower document first among equal estimates (the reference's stable order).
-  auto better = [sl](int32_t x, int32_t y) { return sl[x].acc > sl[y].acc || (sl[x].acc == sl[y].acc && x < y); };
-  if (keep < m) std::nth_element(touched.begin(), touched.begin() + keep, touched.end(), better);
-  std::sort(touched.begin(), touched.begin() + keep);
+  auto better = [](const Candidate& x, const Candidate& y) { return x.acc > y.acc || (x.acc == y.acc && x.doc < y.doc); };
+  if (keep < m) std::nth_element(ranked.begin(), ranked.begin() + keep, ranked.end(), better);
+  std::sort(ranked.begin(), ranked.begin() + keep, [](const Candidate& x, const Candidate& y) { return x.doc < y.doc; });
   int64_t* od = p.out_docs + b * p.ndocs;
   float* oa = p.out_approx + b * p.ndocs;
-  for (int64_t i = 0; i < keep; ++i) {
-    od[i] = touched[i];
-    oa[i] = sl[touched[i]].acc;
+  for (int64_t k = 0; k < keep; ++k) {
+    od[k] = ranked[k].doc;
+    oa[k] = ranked[k].acc;
   }
   p.out_counts[b] = keep;
-  return true;
+  return Bad::None;
 }
 
-void run(const CandidateProblem& p, int64_t& bad_query, int64_t& bad_entry) {
+void run(const CandidateProblem& p, int64_t& bad_query, int64_t& bad_entry, Bad& why) {
   bad_query = -1;
-  // Stamps are per call and per thread: a tag per query token, so the call's tokens (under 2^31, checked at
-  // the boundary) never wrap a uint32.
+  // Tags are per call and per thread, one per query token: the call's tokens (under 2^31, checked at the
+  // boundary) never wrap a uint32.
 #pragma omp parallel num_threads(p.threads) if (p.threads > 1 && p.B > 1)
   {
     std::vector<Slot> slots(static_cast<size_t>(p.n), Slot{0.0f, 0u});
     std::vector<int32_t> touched;
+    std::vector<int64_t> cursor;
+    std::vector<Candidate> ranked;
     uint32_t tag = 0;
     int64_t my_bad_entry = -1, my_bad_query = -1;
+    Bad my_why = Bad::None;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < p.B; ++b) {
       if (my_bad_query >= 0) continue;
       int64_t e = -1;
-      if (!query_candidates(p, b, slots, tag, touched, e)) {
+      const Bad w = query_candidates(p, b, slots, tag, touched, cursor, ranked, e);
+      if (w != Bad::None) {
         my_bad_query = b;
         my_bad_entry = e;
+        my_why = w;
       }
     }
     if (my_bad_query >= 0) {
@@ -143,6 +186,7 @@ void run(const CandidateProblem& p, int64_t& bad_query, int64_t& bad_entry) {
       if (bad_query < 0 || my_bad_query < bad_query) {
         bad_query = my_bad_query;
         bad_entry = my_bad_entry;
+        why = my_why;
       }
     }
   }
@@ -204,13 +248,19 @@ void centroid_candidates_cpu(py::handle probe_obj, py::handle gain_obj, py::hand
   CandidateProblem p{pc, g, probe.stride[0], gain.stride[0], P, q_off.data<int64_t>(), B, ivf_off.data<int64_t>(),
                      ivf_docs.data<int32_t>(), n, ndocs, od, oa, counts_out.mutable_data<int64_t>(), threads};
   int64_t bad_query = -1, bad_entry = -1;
+  Bad why = Bad::None;
   {
     py::gil_scoped_release nogil;
-    run(p, bad_query, bad_entry);
+    run(p, bad_query, bad_entry, why);
   }
-  FASTRANK_CHECK(bad_query < 0, kWhere << ": ivf_docs[" << bad_entry << "] = " << ivf_docs.data<int32_t>()[bad_entry]
-                                       << " (probed by query " << bad_query << ") does not index the " << n
-                                       << " documents (0 .. " << n - 1 << ")");
+  FASTRANK_CHECK(why != Bad::OutOfRange, kWhere << ": ivf_docs[" << bad_entry << "] = "
+                                               << ivf_docs.data<int32_t>()[bad_entry] << " (probed by query "
+                                               << bad_query << ") does not index the " << n << " documents (0 .. "
+                                               << n - 1 << ")");
+  FASTRANK_CHECK(why != Bad::Descending, kWhere << ": each list of ivf_docs must be ascending, but ivf_docs["
+                                               << bad_entry << "] = " << ivf_docs.data<int32_t>()[bad_entry]
+                                               << " (probed by query " << bad_query
+                                               << ") is below an earlier entry of its list");
 }
 
 void register_centroid_candidates(py::module_& m) {
@@ -218,7 +268,8 @@ void register_centroid_candidates(py::module_& m) {
   m.def("centroid_candidates_cpu", &centroid_candidates_cpu,
         "Stage-1 candidates of a token index on CPU: probe_c int64 (Tq, P) lists probed by each query token and gain "
         "float32 (Tq, P) their gains, each row non-increasing; q_offsets int64 (B + 1,) into the rows; ivf_offsets "
-        "int64 (C + 1,) and ivf_docs int32 (E,) the inverted lists (every probed entry bounds-checked against n); "
+        "int64 (C + 1,) and ivf_docs int32 (E,) the inverted lists, each ascending (every probed entry checked: in "
+        "[0, n) and not below its list's previous one); "
         "writes each query's best ndocs documents by the centroid-interaction estimate, ascending, into out_docs "
         "int64 (B, ndocs) (-1 padded), their estimates into out_approx float32 (B, ndocs) and their number into "
         "out_counts int64 (B,).",

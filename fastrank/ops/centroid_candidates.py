@@ -146,7 +146,8 @@ def centroid_candidates(probe_c: Tensor, gain: Tensor, q_offsets: Tensor, ivf_of
         gain: float32 (Tq, P), their gains: >= 0, each row non-increasing (best probe first).
         q_offsets: int64 (B + 1,), query ``b`` owns rows ``q_offsets[b]:q_offsets[b+1]``.
         ivf_offsets: int64 (C + 1,), list ``c`` is ``ivf_docs[ivf_offsets[c]:ivf_offsets[c+1]]``.
-        ivf_docs: int32 (E,), document positions in ``[0, n)``.
+        ivf_docs: int32 (E,), document positions in ``[0, n)``, ascending within each list (repeats allowed):
+            the kernel walks the lists one range of documents at a time.
         n: documents in the index.
         ndocs: candidates kept per query.
         backend: force a backend (``"cpp"`` or ``"reference"``); default: the first that can run.
@@ -186,6 +187,12 @@ def centroid_candidates_ref(probe_c: Tensor, gain: Tensor, q_offsets: Tensor, iv
     if bool(bad.any()):
         e = int(entries[torch.nonzero(bad)[0, 0]])
         raise ValueError(f"{OP}: ivf_docs[{e}] = {int(ivf_docs[e])} does not index the {n} documents (0 .. {n - 1})")
+    same_list = probe[1:] == probe[:-1]
+    bad = same_list & (doc[1:] < doc[:-1])
+    if bool(bad.any()):
+        e = int(entries[torch.nonzero(bad)[0, 0] + 1])
+        raise ValueError(f"{OP}: each list of ivf_docs must be ascending, but ivf_docs[{e}] = {int(ivf_docs[e])} is "
+                         "below an earlier entry of its list")
     pairs, pair_of_entry = torch.unique(tok_query[tok] * n + doc, return_inverse=True)
     if pairs.numel() == 0:
         return docs, approx, counts
