@@ -251,7 +251,7 @@ def test_every_entry_point_is_fuzzed():
     """A new extension function must join this file: the list of those fuzzed above is checked against the
     module's own."""
     fuzzed = {"maxsim_forward", "maxsim_backward", "maxsim_packed_forward", "maxsim_packed_backward",
-              "distill_forward", "inbatch_ce_forward", "maxsim_residual_forward"}
+              "distill_forward", "inbatch_ce_forward", "maxsim_residual_forward", "centroid_candidates_cpu"}
     # Not kernels: cpuid queries, the thread count, the element codes (tests/test_element_codes.py), and the
     # host-side index-math self-test of the CUDA code.
     informational = {"cpu_isa_support", "cpu_flags", "num_threads", "has_cuda", "has_openmp", "ELEMENT_CODES"}
@@ -344,3 +344,71 @@ def test_residual_extension_reads_any_layout_it_accepts_and_names_the_bad_argume
     want = maxsim_residual_ref(case["q"], case["packed"], codes_values, offsets_values, case["centroids"],
                                case["weights"], nbits=case["nbits"], docs=docs_values)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+
+
+@st.composite
+def candidate_problems(draw):
+    """Stage-1 inputs (fastrank.ops.centroid_candidates) in random layouts, with at most one hostile value the
+    kernel reads: a probe past the lists, a NaN, negative or rising gain, a list entry past the documents,
+    negative, or below its list's previous one, a bad query offset."""
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    n, c, p, b = draw(st.integers(1, 300)), draw(st.integers(1, 12)), draw(st.integers(1, 4)), draw(st.integers(0, 4))
+    lists = [torch.randint(0, n, (int(k),), generator=gen).sort().values
+             for k in torch.randint(0, 20, (c,), generator=gen)]
+    ivf_offsets = torch.zeros(c + 1, dtype=torch.int64)
+    ivf_offsets[1:] = torch.tensor([len(x) for x in lists]).cumsum(0)
+    q_offsets = torch.zeros(b + 1, dtype=torch.int64)
+    q_offsets[1:] = torch.randint(1, 5, (b,), generator=gen).cumsum(0)
+    tq = int(q_offsets[-1])
+    return {"n": n, "ndocs": draw(st.integers(1, 40)), "ivf_offsets": ivf_offsets,
+            "ivf_docs": torch.cat(lists).to(torch.int32), "q_offsets": q_offsets,
+            "probe_c": torch.randint(0, c, (tq, p), generator=gen),
+            "gain": torch.rand(tq, p, generator=gen).sort(1, descending=True).values,
+            "hostile": draw(st.sampled_from([None, None, "probe", "gain_nan", "gain_negative", "gain_rising",
+                                             "doc_past", "doc_negative", "doc_descending", "q_offsets"])),
+            "layouts": {k: draw(st.sampled_from(["contiguous", "row_gaps", "column_stride", "transposed"]))
+                        for k in ("probe_c", "gain", "q_offsets", "ivf_docs")}}
+
+
+@FUZZ
+@given(candidate_problems())
+def test_candidate_extension_reads_any_layout_it_accepts_and_names_the_bad_argument(case):
+    """Direct calls to ``_C.centroid_candidates_cpu``: the C++ boundary alone decides, and what it accepts
+    equals the reference."""
+    from fastrank.ops.centroid_candidates import centroid_candidates_ref
+
+    ext = _ext.require()
+    probe, gain, q_off, docs = (case[k].clone() for k in ("probe_c", "gain", "q_offsets", "ivf_docs"))
+    tq, p = probe.shape
+    bad, h = None, case["hostile"]
+    first_list = int(probe[0, 0]) if tq else None
+    start = int(case["ivf_offsets"][first_list]) if tq else 0
+    length = int(case["ivf_offsets"][first_list + 1]) - start if tq else 0
+    if h == "probe" and tq:
+        probe[0, 0], bad = case["ivf_offsets"].numel() - 1, "probe_c"
+    elif h in ("gain_nan", "gain_negative") and tq:
+        gain[0, -1], bad = (math.nan if h == "gain_nan" else -0.5), "gain"
+    elif h == "gain_rising" and tq and p > 1:
+        gain[0, -1], bad = float(gain[0, 0]) + 1.0, "gain"
+    elif h in ("doc_past", "doc_negative") and length:
+        docs[start + length - 1], bad = (case["n"] if h == "doc_past" else -1), "ivf_docs"
+    elif h == "doc_descending" and length > 1 and int(docs[start]) > 0:
+        docs[start + 1], bad = int(docs[start]) - 1, "ivf_docs"
+    elif h == "q_offsets" and q_off.numel() > 1:
+        q_off[-1], bad = tq + 1, "offsets"
+    lay = case["layouts"]
+    args = [laid_out(probe, lay["probe_c"]), laid_out(gain, lay["gain"]), laid_out(q_off, lay["q_offsets"]),
+            case["ivf_offsets"], laid_out(docs, lay["ivf_docs"])]
+    b, ndocs = q_off.numel() - 1, case["ndocs"]
+    outs = (torch.zeros(b, ndocs, dtype=torch.int64), torch.zeros(b, ndocs), torch.zeros(b, dtype=torch.int64))
+    refusals = [("probe_c", _needs_copy(args[0], False)), ("gain", _needs_copy(args[1], False)),
+                ("q_offsets", _needs_copy(args[2], True)), ("ivf_docs", _needs_copy(args[4], True))]
+    expected = [name for name, refused in refusals if refused] + ([bad] if bad else [])
+    if expected:
+        with pytest.raises(ValueError, match="|".join(expected)):
+            ext.centroid_candidates_cpu(*args, case["n"], ndocs, *outs, 1)
+        return
+    ext.centroid_candidates_cpu(*args, case["n"], ndocs, *outs, 1)
+    want = centroid_candidates_ref(probe, gain, q_off, case["ivf_offsets"], docs, case["n"], ndocs)
+    assert torch.equal(outs[0], want[0]) and torch.equal(outs[2], want[2])
+    assert torch.equal(outs[1].nan_to_num(-1.0), want[1].nan_to_num(-1.0))
