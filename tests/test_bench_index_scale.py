@@ -18,6 +18,8 @@ def test_scale_rows_fits_and_resume(tmp_path, capsys):
         assert set(r) >= {"tokens", "dtype", "build_s", "peak_rss_bytes", "bytes_per_token", "load_s", "qps",
                           "recall_at_10", "machine"}
         assert r["dtype"] == "residual2" and 0 <= r["recall_at_10"] <= 1 and r["qps"] > 0
+        assert set(r["stage_ms"]) == {"centroids", "candidates", "exact"} and min(r["stage_ms"].values()) > 0
+        assert r["search_queries"] >= r["queries"]
         # A child's own peak: more than the interpreter and torch, far less than the machine.
         assert 100 * 2**20 < r["peak_rss_bytes"] < 8 * 2**30 and r["search_peak_rss_bytes"] > 100 * 2**20
         # 16 bytes of residuals and a 2-byte code per token at H = 128 and 2 bits, plus lists and offsets.
@@ -25,7 +27,7 @@ def test_scale_rows_fits_and_resume(tmp_path, capsys):
     assert res["resume"]["identical"] and res["resume"]["tokens"] == 20000
     assert res["fits"][0]["dtype"] == "residual2" and res["fits"][0]["build_exponent"] is not None
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "recall@10" in report and "Resume:" in report and "MS MARCO" in report
+    assert "recall@10" in report and "Resume:" in report and "MS MARCO" in report and "candidates ms" in report
 
 
 def test_scale_options_are_checked(capsys):

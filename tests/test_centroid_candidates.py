@@ -89,8 +89,10 @@ def test_matches_a_brute_force_statement_of_the_estimate(backend, ties):
     dict(n=5000, c=256, per_list=60, b=9, max_len=32, p=8),
     dict(n=5000, c=256, per_list=60, b=9, max_len=32, p=8, ties=True),
     dict(n=777, c=50, per_list=30, b=4, max_len=33, p=1, repeats=True),
-    # Several ranges of documents (the kernel walks 65,536 at a time), a list resuming in each.
+    # Several ranges of documents (the kernel walks 32,768 at a time), a list resuming in each; and one past
+    # a range by a single document.
     dict(n=300_000, c=96, per_list=4000, b=5, max_len=32, p=8, repeats=True),
+    dict(n=32_769, c=40, per_list=3000, b=4, max_len=16, p=4, ties=True),
     dict(n=40, c=64, per_list=3, b=6, max_len=5, p=64, ties=True, repeats=True, empty_lists=0.6),
 ])
 @pytest.mark.parametrize("ndocs", [1, 16, 128, 100_000])

@@ -46,6 +46,8 @@ VOCAB, WORDS_PER_TOPIC = 32768, 256
 FIELDS, FIELD_SPREAD = 1024, 0.6
 DOC_LEN = (30, 120)
 QUERY_LEN = 32
+# Queries timed for queries/s at every size; recall is taken over the first queries_for(tokens) of them.
+SEARCH_QUERIES = 200
 CHUNK_DOCS = 4096
 NOISE = 0.05  # per dimension: a noise vector of norm ~0.57 at H = 128
 
@@ -132,20 +134,53 @@ def _page_in(out: str) -> float:
 
 
 def _child_search(out: str, tokens: int, nq: int, exhaustive: bool, result: str) -> None:
+    """Time the first ``nq`` of the :data:`SEARCH_QUERIES` queries (all of them for the centroid search, the
+    recall prefix for the exhaustive reference)."""
     from fastrank.index import TokenIndex
 
     t0 = time.perf_counter()
     index = TokenIndex.load(out)
     load_s = time.perf_counter() - t0
     page_in_s = _page_in(out)
-    vectors, offsets = SyntheticCorpus(tokens).queries(nq)
+    vectors, offsets = SyntheticCorpus(tokens).queries(SEARCH_QUERIES)
+    vectors, offsets = vectors[:nq * QUERY_LEN], offsets[:nq + 1]
     index.search((vectors[:QUERY_LEN], offsets[:2]), 10, exhaustive=exhaustive, progress=False)  # warm-up
     t0 = time.perf_counter()
     _, ids = index.search((vectors, offsets), 10, exhaustive=exhaustive, progress=False)
     search_s = time.perf_counter() - t0
     np.save(result + ".ids.npy", ids.astype(np.int64))
-    Path(result).write_text(json.dumps({"load_s": load_s, "search_s": search_s, "qps": nq / search_s,
-                                        "page_in_s": page_in_s}))
+    found = {"load_s": load_s, "search_s": search_s, "qps": nq / search_s, "page_in_s": page_in_s}
+    if not exhaustive:
+        found["stage_ms"] = _stage_times(index, vectors, offsets)
+    Path(result).write_text(json.dumps(found))
+
+
+def _stage_times(index, vectors: torch.Tensor, offsets: torch.Tensor, batch: int = 64) -> dict:
+    """Milliseconds a query in each stage of the centroid search, timed apart on the same queries right after
+    the timed search (``TokenIndex`` internals, as ``search`` calls them): the query tokens' best centroids,
+    the candidates from their lists, exact MaxSim of the candidates."""
+    from fastrank.ops.centroid_candidates import centroid_candidates
+
+    nprobe, ndocs, nq = index.nprobe, index.ndocs_for(10), offsets.numel() - 1
+    x = vectors.float()
+    spent = {"centroids": 0.0, "candidates": 0.0, "exact": 0.0}
+    for b0 in range(0, nq, batch):
+        o = offsets[b0:min(b0 + batch, nq) + 1]
+        qv = x[int(o[0]):int(o[-1])]
+        t0 = time.perf_counter()
+        top_s, top_c = index._top_centroids(qv, nprobe + 1, None)
+        gain = (top_s[:, :nprobe] - top_s[:, -1:]).clamp_(min=0)
+        t1 = time.perf_counter()
+        docs, _, counts = centroid_candidates(top_c[:, :nprobe].contiguous(), gain.contiguous(), o - o[0],
+                                              index._ivf_offsets, index._ivf_docs, n=len(index), ndocs=ndocs)
+        t2 = time.perf_counter()
+        for i, c in enumerate(counts.tolist()):
+            index._score(x[int(o[i]):int(o[i + 1])], docs[i, :c])
+        t3 = time.perf_counter()
+        spent["centroids"] += t1 - t0
+        spent["candidates"] += t2 - t1
+        spent["exact"] += t3 - t2
+    return {k: v / nq * 1e3 for k, v in spent.items()}
 
 
 def _run_child(args: list[str], result: Path) -> tuple[dict, int]:
@@ -165,8 +200,8 @@ def sizes_for(max_tokens: int) -> list[int]:
 
 
 def queries_for(tokens: int, quick: bool) -> int:
-    """Fewer queries where exhaustive scoring (the recall reference) costs the most."""
-    n = 200 if tokens <= 2_000_000 else 100 if tokens <= 20_000_000 else 40
+    """Queries scored exhaustively for recall: fewer where that costs the most (12 s a query at 100M tokens)."""
+    n = SEARCH_QUERIES if tokens <= 2_000_000 else 100 if tokens <= 20_000_000 else 40
     return max(10, n // 4) if quick else n
 
 
@@ -189,19 +224,20 @@ def run(max_tokens: int, dtypes: tuple[str, ...], workdir: str | None = None, qu
                 built, build_rss = _run_child(["build", str(out), str(tokens), dtype], root / "build.json")
                 build_wall = time.perf_counter() - start
                 nq = queries_for(tokens, quick)
-                found, search_rss = _run_child(["search", str(out), str(tokens), str(nq), "0"], root / "s.json")
+                nsearch = max(10, SEARCH_QUERIES // 4) if quick else SEARCH_QUERIES
+                found, search_rss = _run_child(["search", str(out), str(tokens), str(nsearch), "0"], root / "s.json")
                 exact, _ = _run_child(["search", str(out), str(tokens), str(nq), "1"], root / "e.json")
                 if resume is None and tokens == resume_size and dtype == dtypes[0]:
                     resume = _resume_check(out, tokens, dtype, build_wall, root)
-                a, b = np.load(root / "s.json.ids.npy"), np.load(root / "e.json.ids.npy")
+                a, b = np.load(root / "s.json.ids.npy")[:nq], np.load(root / "e.json.ids.npy")
                 recall = float(np.mean([len(set(x) & set(y)) / len(y) for x, y in zip(a, b)]))
                 rows.append({"tokens": tokens, "dtype": dtype, "documents": built["documents"],
                              "ncentroids": built["ncentroids"], "build_s": built["build_s"],
                              "peak_rss_bytes": build_rss, "search_peak_rss_bytes": search_rss,
                              "bytes_per_token": built["disk_bytes"] / tokens, "load_s": found["load_s"],
                              "page_in_s": found["page_in_s"],
-                             "qps": found["qps"], "recall_at_10": recall, "queries": nq,
-                             "exhaustive_qps": exact["qps"]})
+                             "qps": found["qps"], "search_queries": nsearch, "stage_ms": found["stage_ms"],
+                             "recall_at_10": recall, "queries": nq, "exhaustive_qps": exact["qps"]})
                 if not keep:
                     shutil.rmtree(out)
     finally:
@@ -288,6 +324,17 @@ def markdown(res: dict) -> str:
         lines.append(f"| {r['tokens']:,} | {r['dtype']} | {r['documents']:,} | {r['ncentroids']} | {r['build_s']:.1f} | "
                      f"{_gib(r['peak_rss_bytes'])} | {_gib(r['search_peak_rss_bytes'])} | {r['bytes_per_token']:.1f} "
                      f"| {r['load_s']:.3f} | {r['qps']:.1f} | {r['recall_at_10']:.3f} | {r['exhaustive_qps']:.2f} |")
+    staged = [r for r in res["rows"] if r.get("stage_ms")]
+    if staged:
+        lines += ["", "Where a query's time goes (ms, the stages timed apart on the same queries after the timed search): "
+                  "its tokens' best centroids (through the centroid router from 8,192 centroids up), the candidates "
+                  "from their lists, exact MaxSim of the candidates.", "",
+                  "| tokens | dtype | centroids ms | candidates ms | exact ms | sum | 1000 / queries/s |",
+                  "|---:|---|---:|---:|---:|---:|---:|"]
+        for r in staged:
+            st = r["stage_ms"]
+            lines.append(f"| {r['tokens']:,} | {r['dtype']} | {st['centroids']:.2f} | {st['candidates']:.2f} | "
+                         f"{st['exact']:.2f} | {sum(st.values()):.2f} | {1000 / r['qps']:.2f} |")
     r = res.get("resume")
     if r:
         lines += ["", f"Resume: the {r['tokens']:,}-token {r['dtype']} build killed (SIGKILL) after {r['killed_after_s']:.1f} s "

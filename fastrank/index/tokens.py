@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from fastrank.encoders import TokenEmbeddings
+from fastrank.index.kmeans import nearest_centroid, spherical_kmeans
 from fastrank.index.storage import (META, IndexFormatError, check_finite_rows, check_ids, check_unique_ids, is_int,
                                     meta_field, optional_positive_int, positive_int, read_meta, save_index_dir,
                                     verify_files, verify_meta_checksum, write_npy)
@@ -122,52 +123,6 @@ def _positive_int(value, name: str) -> int:
     return int(value)
 
 
-def similarity_dtype(device: torch.device) -> torch.dtype:
-    """The dtype of token x centroid products when only their argmax matters. bfloat16 where the hardware
-    multiplies it natively (AMX or AVX512-BF16 on CPU, any CUDA GPU): on SciFact's 1M tokens it runs 5-7x
-    faster than FAISS's float32 k-means step and picks the float32 argmax for 99% of tokens, the rest being
-    near-ties that land in an equally good list. float32 elsewhere, where bfloat16 would be emulated."""
-    if device.type != "cpu":
-        return torch.bfloat16
-    from fastrank import cpu_isa
-
-    return torch.bfloat16 if cpu_isa.selected() in ("amx", "avx512bf16") else torch.float32
-
-
-def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Index of the largest inner product with ``centroids`` (C, H) for each row of ``x`` (n, H), int32."""
-    dt = similarity_dtype(x.device)
-    ct = centroids.to(dt).T.contiguous()
-    out = torch.empty(x.shape[0], dtype=torch.int32, device=x.device)
-    # Blocks of about 16M scores stay in cache between the product and the max over them.
-    rows = max(256, (1 << 24) // centroids.shape[0])
-    for s in range(0, x.shape[0], rows):
-        out[s:s + rows] = (x[s:s + rows].to(dt) @ ct).max(1).indices
-    return out
-
-
-def spherical_kmeans(x: torch.Tensor, k: int, *, iters: int, generator: torch.Generator,
-                     progress: bool = False) -> torch.Tensor:
-    """Lloyd's k-means under inner product: ``k`` unit-norm centroids (k, H) float32 for the rows of ``x``.
-
-    Starts from ``k`` distinct random rows; each iteration assigns every row its nearest centroid
-    (:func:`nearest_centroid`) and moves each centroid to the normalised sum of its rows. A centroid left
-    without rows restarts on a random row, so all ``k`` lists stay in use. (FAISS's ``Kmeans(spherical=True)``
-    computes the same iterations; its float32 step ran 7x slower on the 2-core machine this was tuned on.)"""
-    n = x.shape[0]
-    x = x.float()
-    centroids = torch.nn.functional.normalize(x[torch.randperm(n, generator=generator)[:k].to(x.device)], dim=1)
-    for _ in progress_bar(range(iters), desc=f"k-means ({k} centroids, {n} tokens)", unit="iter", enabled=progress):
-        codes = nearest_centroid(x, centroids).long()
-        sums = torch.zeros_like(centroids).index_add_(0, codes, x)
-        counts = torch.bincount(codes, minlength=k)
-        empty = torch.nonzero(counts == 0).flatten()
-        if empty.numel():
-            sums[empty] = x[torch.randint(n, (empty.numel(),), generator=generator).to(x.device)]
-        centroids = torch.nn.functional.normalize(sums, dim=1)
-    return centroids
-
-
 class TokenIndex:
     """Multi-vector index for MaxSim retrieval: centroid candidates (PLAID-style), exact packed re-scoring.
 
@@ -225,6 +180,7 @@ class TokenIndex:
         self._codes = torch.empty(0, dtype=torch.int32, device=self.device)  # centroid of each assigned token
         self._ivf_offsets: torch.Tensor | None = None  # (C + 1,) int64: centroid c lists ivf_docs[o[c]:o[c+1]]
         self._ivf_docs: torch.Tensor | None = None  # int32 document positions, ascending within each list
+        self._router = None  # the CentroidRouter of stage 1's search, trained on first use (route=True)
 
     # -- contents ---------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -372,6 +328,7 @@ class TokenIndex:
         sample = torch.randperm(t, generator=g)[:n_sample].sort().values.to(self.device)
         self._centroids = spherical_kmeans(self._dequantized(sample), c, iters=KMEANS_ITERS, generator=g,
                                            progress=progress)
+        self._router = None
         self.ncentroids = c
         self._codes = torch.empty(0, dtype=torch.int32, device=self.device)
 
@@ -411,7 +368,8 @@ class TokenIndex:
         return max(DEFAULT_NDOCS, NDOCS_PER_RESULT * k) if ndocs is None else max(ndocs, k)
 
     def search(self, queries, k: int = 10, *, nprobe: int | None = None, ndocs: int | None = None,
-               exhaustive: bool | None = None, batch_size: int = 64, progress: bool = True):
+               exhaustive: bool | None = None, route: bool | None = None, batch_size: int = 64,
+               progress: bool = True):
         """Top-``k`` documents by exact MaxSim for each query.
 
         Args:
@@ -421,6 +379,10 @@ class TokenIndex:
             nprobe, ndocs: override the index's stage-1 parameters for this search.
             exhaustive: score every document exactly (default: when the index was built with
                 ``stage1="exhaustive"``). An exhaustive index has no centroids, so ``False`` is an error there.
+            route: find each query token's ``nprobe + 1`` best centroids among those of its best groups of
+                centroids (:meth:`CentroidRouter.top <fastrank.index.centroid_router.CentroidRouter.top>`) rather
+                than among all of them. Default: when the index has 8,192 centroids or more, where scoring
+                every centroid is most of stage 1's time; ``False`` scores them all.
             batch_size: queries per stage-1 batch (centroid scores and candidate ranking are vectorised over
                 a batch); exact scoring runs one query at a time.
 
@@ -457,7 +419,8 @@ class TokenIndex:
             b1 = min(b0 + batch_size, nq)
             if not exhaustive:
                 qv = q_vectors[q_offsets[b0]:q_offsets[b1]]
-                cands = self._candidates(qv, q.offsets[b0:b1 + 1].to(self.device) - q_offsets[b0], nprobe, ndocs)
+                cands = self._candidates(qv, q.offsets[b0:b1 + 1].to(self.device) - q_offsets[b0], nprobe, ndocs,
+                                         route)
             for i in range(b0, b1):
                 qi = q_vectors[q_offsets[i]:q_offsets[i + 1]]
                 if exhaustive:
@@ -484,7 +447,8 @@ class TokenIndex:
             self._id_array[:] = self._ids
         return self._id_array
 
-    def _candidates(self, qv: torch.Tensor, q_offsets: torch.Tensor, nprobe: int, ndocs: int) -> list[torch.Tensor]:
+    def _candidates(self, qv: torch.Tensor, q_offsets: torch.Tensor, nprobe: int, ndocs: int,
+                    route: bool | None = None) -> list[torch.Tensor]:
         """Stage 1 for a batch of queries: each query's best ``ndocs`` candidates (int64 positions, ascending),
         ranked by the centroid-interaction estimate in the module docstring.
 
@@ -495,11 +459,30 @@ class TokenIndex:
         nprobe = min(nprobe, self.ncentroids)
         # One centroid beyond the probes gives each token's floor: a document in none of its probed lists has
         # its tokens in unprobed centroids, the best of which scores that.
-        top_s, top_c = (qv @ self._centroids.T).topk(min(nprobe + 1, self.ncentroids), dim=1)
+        top_s, top_c = self._top_centroids(qv, min(nprobe + 1, self.ncentroids), route)
         gain = (top_s[:, :nprobe] - top_s[:, -1:]).clamp_(min=0)
         docs, _, counts = centroid_candidates(top_c[:, :nprobe].contiguous(), gain.contiguous(), q_offsets,
                                               self._ivf_offsets, self._ivf_docs, n=len(self), ndocs=ndocs)
         return [docs[b, :int(c)] for b, c in enumerate(counts.tolist())]
+
+    def _top_centroids(self, qv: torch.Tensor, k: int, route: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each query token's ``k`` best centroids, scores descending: through the router (see ``search``'s
+        ``route``), or among all centroids. A token whose probed groups hold fewer than ``k`` centroids is
+        scored against all of them."""
+        from fastrank.index.centroid_router import MIN_CENTROIDS, CentroidRouter
+
+        if route is None:
+            route = self.ncentroids >= MIN_CENTROIDS
+        if not route:
+            return (qv @ self._centroids.T).topk(k, dim=1)
+        if self._router is None:
+            # Trained from the centroids and the index's seed: every load of the index routes the same way.
+            self._router = CentroidRouter.train(self._centroids, self.seed)
+        top_s, top_c = self._router.top(qv, k)
+        short = torch.nonzero(top_s[:, -1] == -math.inf).flatten()
+        if short.numel():
+            top_s[short], top_c[short] = (qv[short] @ self._centroids.T).topk(k, dim=1)
+        return top_s, top_c
 
     def _query_for_storage(self, q: torch.Tensor) -> torch.Tensor:
         return q if self._scales is not None or self._codec is not None else q.to(self._tokens.dtype)

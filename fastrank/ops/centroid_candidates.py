@@ -16,9 +16,9 @@ and the public :func:`centroid_candidates`.
 
 Why a kernel: the reference materialises every probed list entry of the batch and sorts them to merge
 (query, document) pairs. At 100M tokens (32,768 lists of about 2,300 documents) a query probes about 590,000
-entries: a batch of 64 queries sorted 38M keys, at 5.4 queries/s and 5.1 GiB. The kernel walks the lists once
-with a running estimate and a stamp per document (8 bytes a document a thread), so its time is the entries'
-and its memory the corpus's document count.
+entries: a batch of 64 queries sorted 38M keys, at 5.4 queries/s and 5.1 GiB. The kernel walks the lists once,
+a range of 32,768 documents at a time, with a running estimate and a stamp per document of the range (256 KiB
+a thread, in L2), and keeps the best ``ndocs`` in a heap: its time is the entries' and its memory constant.
 """
 from __future__ import annotations
 
@@ -126,8 +126,9 @@ def _cpp_reasons(*, device_types, **_) -> list[str]:
 
 
 dispatch.register(OP, "cpp", {"cpu": dispatch.Kernels(_cpp_forward)}, reasons=_cpp_reasons,
-                  describe=lambda **_: "C++ CPU kernel (one pass over the probed lists: a running estimate and a "
-                                       "stamp per document, per thread; nth_element for the best ndocs)")
+                  describe=lambda **_: "C++ CPU kernel (one pass over the probed lists, 32,768 documents at a time: a "
+                                       "running estimate and a stamp per document, per thread; a heap of the best "
+                                       "ndocs)")
 dispatch.register(OP, "reference", dispatch.Kernels(_reference_forward),
                   describe=lambda **_: "eager PyTorch (centroid_candidates_ref: gather every probed entry, "
                                        "torch.unique the (query, document) pairs, sort)")
