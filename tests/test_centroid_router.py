@@ -154,3 +154,15 @@ def test_a_search_scores_every_centroid_for_a_token_whose_groups_are_short(many_
                                    probes=1)
     _, fallback = index.search(queries, 10, progress=False)
     assert (fallback == unrouted).all()
+
+
+def test_bad_arguments_are_refused_naming_them(many_centroids):
+    corpus, path = many_centroids
+    index = TokenIndex.load(path)
+    with pytest.raises(TypeError, match="route must be None, True or False"):
+        index.search(corpus.queries(2), 10, route="yes", progress=False)
+    r = CentroidRouter.train(index._centroids, seed=0)
+    with pytest.raises(ValueError, match=r"x must be \(n, 32\)"):
+        r.top(torch.randn(4, 16), 3)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        r.top(torch.randn(4, 32), 0)

@@ -108,11 +108,16 @@ class CentroidRouter:
         """The ``k`` best centroids of each row of ``x`` (n, H) among the members of its ``probes`` best
         groups, by float32 inner product: ``(scores (n, k) float32 descending, ids (n, k) int64)``. A row
         whose probed groups hold fewer than ``k`` centroids is padded with ``-inf`` scores (and id 0)."""
+        if x.dim() != 2 or x.shape[1] != self.centroids.shape[1]:
+            raise ValueError(f"x must be (n, {self.centroids.shape[1]}), got {tuple(x.shape)}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
         x = x.float()
         n, p = x.shape[0], self.probes
-        if self._blocks32 is None:
-            self._blocks32 = [self.centroids[m].T.contiguous() for m in self.members]
-            self._centres32 = self.centres.T.contiguous()
+        if self._blocks32 is None:  # assign()'s blocks where they are float32 already
+            f32 = self.dt == torch.float32
+            self._blocks32 = self.blocks if f32 else [self.centroids[m].T.contiguous() for m in self.members]
+            self._centres32 = self.centres_t if f32 else self.centres.T.contiguous()
         top = (x @ self._centres32).topk(p, dim=1).indices.reshape(-1)
         order = torch.argsort(top, stable=True)
         runs = torch.bincount(top, minlength=len(self.members)).tolist()

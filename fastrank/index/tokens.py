@@ -394,6 +394,8 @@ class TokenIndex:
         nprobe = self.nprobe if nprobe is None else _positive_int(nprobe, "nprobe")
         ndocs = self.ndocs_for(k, ndocs)
         batch_size = _positive_int(batch_size, "batch_size")
+        if route is not None and not isinstance(route, bool):
+            raise TypeError(f"route must be None, True or False, got {route!r}")
         if q.vectors.shape[1] != self.dim:
             raise ValueError(f"queries have dim {q.vectors.shape[1]}, the index has dim {self.dim}")
         if len(self) == 0:
