@@ -133,6 +133,25 @@ def test_queries_whose_lists_are_all_empty_have_no_candidates(backend):
     assert approx[1].tolist() == [0.30000001192092896, 0.30000001192092896]
 
 
+@needs_cpp
+def test_a_range_whose_every_document_is_reached_before_more_entries_come():
+    # Two lists each holding every document of two full ranges of the kernel (32,768 documents each), probed by
+    # one token and then a second: after the first list every document of a range is reached, and each further
+    # entry of the range is a repeat (the kernel's bookkeeping of first reaches is then full).
+    n = 2 * 32_768
+    every = torch.arange(n, dtype=torch.int32)
+    ivf_docs = torch.cat([every, every, every[::3]])
+    ivf_offsets = torch.tensor([0, n, 2 * n, 2 * n + every[::3].numel()])
+    probe_c = torch.tensor([[0, 2], [1, 0]])
+    gain = torch.tensor([[0.75, 0.5], [0.625, 0.25]])
+    q_offsets = torch.tensor([0, 2])
+    got = centroid_candidates(probe_c, gain, q_offsets, ivf_offsets, ivf_docs, n=n, ndocs=64, backend="cpp")
+    want = centroid_candidates(probe_c, gain, q_offsets, ivf_offsets, ivf_docs, n=n, ndocs=64, backend="reference")
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    assert got[2].tolist() == [64] and got[1][0].tolist() == [1.375] * 64 and got[0][0].tolist() == list(range(64))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_an_empty_batch_returns_empty_results(backend):
     docs, approx, counts = centroid_candidates(torch.empty(0, 4, dtype=torch.int64), torch.empty(0, 4),

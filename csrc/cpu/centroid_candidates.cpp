@@ -96,9 +96,10 @@ enum class Bad { None, OutOfRange, Descending };
 Bad query_candidates(const CandidateProblem& p, int64_t b, std::vector<Slot>& slots, uint32_t& tag,
                      std::vector<int32_t>& touched, std::vector<int64_t>& cursor, std::vector<Candidate>& ranked,
                      int64_t& bad_entry) {
-  // The documents first reached in the current range: at most kRangeDocs, written unconditionally and kept
-  // by advancing the count (the inner loop below has no data-dependent branch).
-  touched.resize(static_cast<size_t>(kRangeDocs));
+  // The documents first reached in the current range: at most kRangeDocs. Every entry writes its document
+  // at touched[nt] and only a first reach advances nt, so once a full range is reached the next entry writes
+  // one past the last: hence the one spare.
+  touched.resize(static_cast<size_t>(kRangeDocs) + 1);
   const int64_t l0 = p.q_offsets[b], L = p.q_offsets[b + 1] - l0, P = p.P;
   cursor.resize(static_cast<size_t>(2 * L * P));
   for (int64_t i = 0; i < L; ++i) {
@@ -143,9 +144,8 @@ Bad query_candidates(const CandidateProblem& p, int64_t b, std::vector<Slot>& sl
           prev = d;
           // Branch-free: whether this token already counted d (an earlier, no worse probe) and whether the
           // query reaches d for the first time are both random per entry (at 100M tokens: 2.45 ms a query
-          // with branches, 2.27 without, on 2 threads of a Zen 4).
-          // The selects are masks on the float's bits: written as ternaries, gcc turned them back into
-          // branches.
+          // with branches, 2.27 without, on 2 threads of a Zen 4). The selects are masks on the float's bits:
+          // written as ternaries, gcc turned them back into branches.
           Slot& s = sl[d - lo];
           const uint32_t tg = s.tag;
           const uint32_t fresh = tg < first_tag, keep = 0u - static_cast<uint32_t>(tg == t);
@@ -160,9 +160,8 @@ Bad query_candidates(const CandidateProblem& p, int64_t b, std::vector<Slot>& sl
       }
     }
     // This range's estimates are final: read them while their slots are still in cache, into a heap of the
-    // best `ndocs` so far with the worst on top. Most documents lose to that worst one at a single compare;
-    // keeping them all and selecting at the end (nth_element) cost more than walking the lists at 100M
-    // tokens, where a query reaches 380,000 documents.
+    // best `ndocs` so far with the worst on top: most documents lose to that worst one at a single compare,
+    // and no array of every reached document (380,000 a query at 100M tokens) is kept for a final selection.
     for (size_t k = 0; k < nt; ++k) {
       const Candidate c{sl[touched[k] - lo].acc, touched[k]};
       if (static_cast<int64_t>(ranked.size()) < p.ndocs) {
