@@ -309,3 +309,82 @@ def test_a_kill_between_staging_a_stage1_file_and_its_commit_is_resumed(tmp_path
     build_token_index(tmp_path / "p", chunks(x, off), dim=H, ncentroids=16, sample_tokens=2000, progress=False)
     build_token_index(tmp_path / "w", chunks(x, off), dim=H, ncentroids=16, sample_tokens=2000, progress=False)
     assert column_bytes(tmp_path / "p") == column_bytes(tmp_path / "w")
+
+
+KMEANS_KILL_SCRIPT = textwrap.dedent("""
+    import json, os, signal, sys
+    sys.path.insert(0, {tests!r})
+    from test_index_stream import corpus, chunks, H
+    from fastrank.index import kmeans
+    from fastrank.ops import residual
+    from fastrank.index.token_stream import build_token_index
+    out, kill_at, log = sys.argv[1], sys.argv[2], sys.argv[3]
+    calls = []
+    real_nearest, real_codec = kmeans.nearest_centroid, residual.train_residual_codec
+
+    def nearest(x, c):  # one call per k-means iteration
+        calls.append("kmeans")
+        if kill_at == f"kmeans{{len(calls)}}":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_nearest(x, c)
+
+    def codec(r, bits):  # after the codec's assignment of the sample is checkpointed
+        if kill_at == "codec":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_codec(r, bits)
+
+    kmeans.nearest_centroid, residual.train_residual_codec = nearest, codec
+    x, off = corpus(n=400)
+    build_token_index(out, chunks(x, off), dim=H, token_dtype="residual2", ncentroids=16, sample_tokens=3000,
+                      progress=False)
+    open(log, "w").write(json.dumps(calls))
+""")
+
+
+@pytest.mark.parametrize("kill_at, resumed_iterations", [("kmeans1", 4), ("kmeans3", 2), ("kmeans4", 1),
+                                                          ("codec", 0)])
+def test_a_kill_during_kmeans_resumes_from_the_last_iteration(tmp_path, kill_at, resumed_iterations):
+    """SIGKILL during stage 1's training (k-means iteration n, or the codec's step after the last one): the
+    rerun starts from the last checkpointed iteration, and writes the index an uninterrupted build writes."""
+    from fastrank.index.tokens import KMEANS_ITERS
+
+    assert KMEANS_ITERS == 4  # the cases above count iterations of 4
+    script = tmp_path / "build.py"
+    script.write_text(KMEANS_KILL_SCRIPT.format(tests=str(Path(__file__).parent)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, str(script)]
+    subprocess.run([*run, str(tmp_path / "whole"), "-", str(tmp_path / "w.json")], check=True, env=env, timeout=300)
+    assert json.loads((tmp_path / "w.json").read_text()) == ["kmeans"] * 4
+    killed = subprocess.run([*run, str(tmp_path / "cut"), kill_at, str(tmp_path / "k.json")], env=env, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    meta = json.loads((tmp_path / "cut" / "meta.json").read_text())
+    assert "ncentroids" not in meta["extra"]  # killed before stage 1 was committed
+    assert ("stage1_checkpoint.npz" in meta["sha256"]) == (kill_at != "kmeans1")
+    subprocess.run([*run, str(tmp_path / "cut"), "-", str(tmp_path / "r.json")], check=True, env=env, timeout=300)
+    assert json.loads((tmp_path / "r.json").read_text()) == ["kmeans"] * resumed_iterations
+    assert column_bytes(tmp_path / "cut") == column_bytes(tmp_path / "whole")
+    meta = json.loads((tmp_path / "cut" / "meta.json").read_text())
+    assert "stage1_checkpoint.npz" not in meta["sha256"] and not (tmp_path / "cut" / "stage1_checkpoint.npz").exists()
+
+
+def test_a_checkpoint_of_another_sample_is_not_used(tmp_path):
+    """A partial build killed during k-means whose checkpoint belongs to other sampled tokens (the stream
+    changed before the rerun) trains from the start, not from centroids of other data; and a rerun with
+    other options is refused at once, naming the option, before the sample is taken again."""
+    from fastrank.index import token_stream
+
+    x, off = corpus()
+    w = TokenIndexWriter(tmp_path / "p", H, ncentroids=16, sample_tokens=3000, progress=False)
+    w._open_columns(16)  # what _train_and_flush does before training
+    other = token_stream.Stage1Checkpoint(w._columns)
+    other.bind(torch.nn.functional.normalize(torch.randn(3000, H), dim=1), 16)
+    other.save({"iteration": np.array(3), "centroids": np.full((16, H), 0.25, np.float32),
+                "generator": torch.Generator().manual_seed(0).get_state().numpy()})
+    assert other.load() is not None
+    w.close()
+    with pytest.raises(ValueError, match="ncentroids=16.*ncentroids=32"):
+        TokenIndexWriter(tmp_path / "p", H, ncentroids=32, sample_tokens=3000, progress=False)
+    build_token_index(tmp_path / "p", chunks(x, off), dim=H, ncentroids=16, sample_tokens=3000, progress=False)
+    build_token_index(tmp_path / "w", chunks(x, off), dim=H, ncentroids=16, sample_tokens=3000, progress=False)
+    assert column_bytes(tmp_path / "p") == column_bytes(tmp_path / "w")
+    assert not (tmp_path / "p" / "stage1_checkpoint.npz").exists()

@@ -106,12 +106,7 @@ class ColumnWriter:
         if meta.get("version") != self.version:
             raise IndexFormatError(f"{f}: a partial build of format version {meta.get('version')}, this fastrank "
                                    f"writes version {self.version}; delete the directory and build again")
-        old = meta["header"]
-        for key in sorted(set(old) | set(self.header)):
-            if old.get(key) != self.header.get(key):
-                raise ValueError(f"{self.label} {self.path}: holds a partial build made with {key}={old.get(key)!r}; "
-                                 f"this run asks for {key}={self.header.get(key)!r}. Re-run with the same options "
-                                 "to resume it, or pick another directory")
+        check_header(self.path, meta["header"], self.header, self.label)
         if meta.get("column_types") != self._types():
             raise ValueError(f"{self.label} {self.path}: the partial build's column files ({meta.get('column_types')}) "
                              f"differ from this run's ({self._types()}); pick another directory")
@@ -284,6 +279,16 @@ class ColumnWriter:
             f.seek(start * dt.itemsize * width)
             arr = np.fromfile(f, dtype=dt, count=(stop - start) * width)
         return arr.reshape(-1, width) if width != 1 else arr
+
+
+def check_header(path: Path, old: dict, new: dict, label: str = "path") -> None:
+    """Refuse to resume the partial build in ``path``, made with options ``old``, with other options ``new``,
+    naming the first that differs."""
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            raise ValueError(f"{label} {path}: holds a partial build made with {key}={old.get(key)!r}; this run "
+                             f"asks for {key}={new.get(key)!r}. Re-run with the same options to resume it, or pick "
+                             "another directory")
 
 
 def remove_stale_partials(path: Path) -> None:

@@ -17,7 +17,8 @@ topic first (sorted by source, say) should be shuffled, or given a larger ``samp
 :attr:`TokenIndexWriter.committed_documents` says how many documents of the stream are already stored and
 :meth:`add` skips that many (``build_token_index`` and the CLI do so without encoding them). Every stored value
 is a function of the token and of stage 1 alone, and stage 1 is stored before any chunk, so an interrupted and
-resumed build writes the same bytes as one that ran through.
+resumed build writes the same bytes as one that ran through. A kill during stage 1's training loses at most
+the k-means iteration under way: each one is checkpointed (:class:`Stage1Checkpoint`).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import json
 import math
 import os
 import time
+import zipfile
 from pathlib import Path
 from typing import Iterable
 
@@ -34,13 +36,16 @@ import torch
 
 from fastrank.index import tokens as ti
 from fastrank.index.centroid_router import MIN_CENTROIDS, CentroidRouter
-from fastrank.index.columns import ColumnWriter, StreamedBuild, publish_staged
+from fastrank.index.columns import ColumnWriter, StreamedBuild, check_header, publish_staged
+from fastrank.index.kmeans import similarity_dtype
 from fastrank.index.storage import META, STAGING_DIR, check_finite_rows, check_index_dir, fsync_path, is_int
 from fastrank.progress import progress_bar
 
 # The default stage-1 sample: the first tokens of the stream up to this many bytes as float32 (1M tokens at
 # H = 128), held as given until stage 1 is trained.
 SAMPLE_BYTES = 1 << 29
+# Stage 1's training state while it trains (see Stage1Checkpoint); gone once stage 1 is committed.
+CHECKPOINT = "stage1_checkpoint.npz"
 # Inverted lists are built a range of centroids at a time, holding at most this many pairs (16 bytes each).
 LIST_PASS_PAIRS = 1 << 24
 # Rows of pairs read per block while building the lists.
@@ -240,7 +245,7 @@ class TokenIndexWriter(StreamedBuild):
             return out
         cols = storage_columns(self.token_dtype, self.dim, self.stage1, self.requested_ncentroids or 1)
         names = [*cols, "centroids.npy", "codec.npy", "router_groups.npy", "router_centres.npy", "ivf_offsets.npy",
-                 "ivf_docs.bin", *self.attach]
+                 "ivf_docs.bin", CHECKPOINT, *self.attach]
         owned = check_index_dir(out, names, label=self.label)
         if _format_of(out) == "fastrank.ShardedTokenIndex":
             raise ValueError(f"{self.label} {out}: holds a sharded index ({_state(out)}), written by several processes "
@@ -261,12 +266,18 @@ class TokenIndexWriter(StreamedBuild):
             return
         extra = meta.get("extra", {})
         if self.stage1 == "centroids" and "ncentroids" not in extra:
-            return  # stage 1 was never committed: start over (the empty columns are reopened when it is)
+            # Stage 1 was never committed: its sample is taken again from the stream, and its training goes on
+            # from the k-means checkpoint when the manifest holds one. Other options are refused now, not
+            # once the sample is in.
+            if isinstance(meta["header"], dict):
+                check_header(self.path, meta["header"], self.header, self.label)
+            return
         cols = storage_columns(self.token_dtype, self.dim, self.stage1, extra.get("ncentroids", 1))
         self._columns = ColumnWriter(self.path, format=_format(), version=_version(), columns=cols,
                                      header=self.header, label=self.label)
         if self.stage1 == "centroids":
             self.centroids, self.codec, self.router = read_stage1(self.path, self.token_dtype)
+            drop_checkpoint(self._columns)
         self._documents = self._columns.committed_documents
         self._tokens = self._columns.meta["columns"]["tokens.bin"]
         self._skip = self._documents
@@ -322,8 +333,10 @@ class TokenIndexWriter(StreamedBuild):
     def _train_and_flush(self, stream_ended: bool = False) -> None:
         sample = torch.cat([b[1].float() for b in self._buffer])
         c = choose_ncentroids(sample.shape[0], stream_ended, self.requested_ncentroids, self.expected_tokens)
+        # The build's manifest exists before training, so that the k-means checkpoints belong to it.
+        self._open_columns(c)
         self.centroids, self.codec = train_stage1(sample, c, seed=self.seed, token_dtype=self.token_dtype,
-                                                  progress=self.progress)
+                                                  progress=self.progress, checkpoint=Stage1Checkpoint(self._columns))
         del sample
         self._commit_stage1()
         buffered, self._buffer, self._buffered_tokens = self._buffer, [], 0
@@ -332,12 +345,14 @@ class TokenIndexWriter(StreamedBuild):
 
     def _commit_stage1(self) -> None:
         c = self.centroids.shape[0]
-        self._open_columns(c)
+        if self._columns is None:
+            self._open_columns(c)
         if self.router is None and c >= MIN_CENTROIDS:
             self.router = CentroidRouter.train(self.centroids, self.seed)
         for name, array in stage1_arrays(self.centroids, self.codec, self.router).items():
             self._columns.write_file(name, _npy_writer(array))
         self._columns.commit(extra={"ncentroids": c})
+        drop_checkpoint(self._columns)
 
     def _nearest(self, x: torch.Tensor) -> torch.Tensor:
         if self.router is not None:
@@ -492,28 +507,87 @@ def choose_ncentroids(sample_tokens: int, stream_ended: bool, requested: int | N
     return int(c)
 
 
-def train_stage1(sample: torch.Tensor, ncentroids: int, *, seed: int, token_dtype: str, progress: bool = False
+def train_stage1(sample: torch.Tensor, ncentroids: int, *, seed: int, token_dtype: str, progress: bool = False,
+                 checkpoint: "Stage1Checkpoint | None" = None
                  ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Centroids (spherical k-means on a seeded subset of ``sample``) and, for residual storage, the codec
-    (bucket cutoffs and weights) trained on that subset's residuals."""
+    (bucket cutoffs and weights) trained on that subset's residuals. ``checkpoint`` keeps each k-means
+    iteration and the codec's assignment, so that a run killed during training resumes where it was."""
     t = sample.shape[0]
     g = torch.Generator().manual_seed(seed)
     n_sample = min(t, ncentroids * ti.KMEANS_POINTS_PER_CENTROID)
     rows = torch.randperm(t, generator=g)[:n_sample].sort().values
-    x = sample.index_select(0, rows).float()
-    centroids = ti.spherical_kmeans(x, ncentroids, iters=ti.KMEANS_ITERS, generator=g, progress=progress)
+    x = sample.index_select(0, rows).float().contiguous()
+    if checkpoint is not None:
+        checkpoint.bind(x, ncentroids)
+    centroids = ti.spherical_kmeans(x, ncentroids, iters=ti.KMEANS_ITERS, generator=g, progress=progress,
+                                    checkpoint=checkpoint)
     bits = ti.residual_bits(token_dtype)
     if bits is None:
         return centroids, None
     from fastrank.ops.residual import train_residual_codec
 
-    codes = ti.nearest_centroid(x, centroids).long()
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is not None and "codes" in state and state["codes"].shape == (x.shape[0],):
+        codes = torch.from_numpy(state["codes"]).long()
+    else:
+        codes = ti.nearest_centroid(x, centroids).long()
+        if checkpoint is not None and state is not None:
+            checkpoint.save({**state, "codes": codes.to(torch.int32).numpy()})
     cutoffs, weights = train_residual_codec(x - centroids[codes], bits)
     # Unit-length tokens (every sampled norm within 1% of 1, as a normalising encoder gives) are decompressed
     # back to unit length when scored, as ColBERTv2 does: on SciFact's 2-bit index that lifts nDCG@10 from
     # 0.7552 to 0.7573 (float16 0.7684). Tokens of other lengths keep the length their residuals give.
     unit = bool(((x.norm(dim=1) - 1).abs() <= 0.01).all())
     return centroids, (cutoffs, weights, unit)
+
+
+class Stage1Checkpoint:
+    """Stage 1's training state, kept in the build's directory under its manifest so that a build killed
+    during k-means (minutes at 100M tokens) resumes from the last iteration rather than from the start.
+
+    One file, :data:`CHECKPOINT`, rewritten after each iteration (staged, fsynced, renamed, and listed in the
+    manifest by a commit) and removed once stage 1 is committed. It names the training it belongs to (a
+    sha256 of the sampled tokens, the centroid count, the iterations and the product dtype); a run whose
+    training differs ignores it and overwrites it."""
+
+    def __init__(self, columns: ColumnWriter):
+        self.columns, self.key = columns, None
+
+    def bind(self, x: torch.Tensor, ncentroids: int) -> None:
+        digest = hashlib.sha256(x.numpy().data)
+        digest.update(f"{tuple(x.shape)} {ncentroids} {ti.KMEANS_ITERS} {similarity_dtype(x.device)}".encode())
+        self.key = digest.hexdigest()
+
+    def load(self) -> dict[str, np.ndarray] | None:
+        f = self.columns.path / CHECKPOINT
+        if self.key is None or CHECKPOINT not in self.columns.meta["sha256"] or not f.is_file():
+            return None
+        try:
+            with np.load(f, allow_pickle=False) as z:
+                arrays = {name: z[name] for name in z.files}
+        except (OSError, ValueError, zipfile.BadZipFile):
+            return None  # unreadable: training starts over and rewrites it
+        if str(arrays.pop("key", "")) != self.key or not {"iteration", "centroids", "generator"} <= set(arrays):
+            return None
+        return arrays
+
+    def save(self, arrays: dict[str, np.ndarray]) -> None:
+        def write(p: Path) -> None:
+            with open(p, "wb") as f:
+                np.savez(f, key=np.array(self.key), **arrays)
+
+        self.columns.write_file(CHECKPOINT, write)
+        self.columns.commit()
+
+
+def drop_checkpoint(columns: ColumnWriter) -> None:
+    """Remove stage 1's training checkpoint once stage 1 is committed: the file first, then its manifest entry
+    (a kill between the two leaves an entry without a file, which the next run drops the same way)."""
+    if CHECKPOINT in columns.meta["sha256"]:
+        (columns.path / CHECKPOINT).unlink(missing_ok=True)
+        del columns.meta["sha256"][CHECKPOINT]
+        columns.commit()
 
 
 def stage1_arrays(centroids: torch.Tensor, codec, router) -> dict[str, np.ndarray]:
