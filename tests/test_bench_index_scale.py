@@ -24,7 +24,9 @@ def test_scale_rows_fits_and_resume(tmp_path, capsys):
         assert 100 * 2**20 < r["peak_rss_bytes"] < 8 * 2**30 and r["search_peak_rss_bytes"] > 100 * 2**20
         # 16 bytes of residuals and a 2-byte code per token at H = 128 and 2 bits, plus lists and offsets.
         assert 18 <= r["bytes_per_token"] <= 80
-    assert res["resume"]["identical"] and res["resume"]["tokens"] == 20000
+    assert [r["kill_at"] for r in res["resume"]] == [0.25, 0.5]
+    for r in res["resume"]:
+        assert r["identical"] and r["tokens"] == 20000 and r["stage_at_kill"]
     assert res["fits"][0]["dtype"] == "residual2" and res["fits"][0]["build_exponent"] is not None
     report = (tmp_path / "out" / "report.md").read_text()
     assert "recall@10" in report and "Resume:" in report and "MS MARCO" in report and "candidates ms" in report

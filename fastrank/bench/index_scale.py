@@ -38,6 +38,9 @@ MSMARCO_TOKENS = 600_000_000
 DIM = 128
 DTYPES = ("int8", "float16", "bfloat16", "residual1", "residual2", "residual4")
 DEFAULT_DTYPES = ("int8", "residual2", "residual4")
+# The resume check kills the build at these shares of its uninterrupted time: at 10M tokens the first falls
+# in stage 1's training (k-means), the second in the chunks written after it.
+KILL_AT = (0.25, 0.5)
 VOCAB, WORDS_PER_TOPIC = 32768, 256
 # Word vectors sit around semantic fields, as a real model's token embeddings do. The spread is calibrated on
 # the centroid router (fastrank.index.centroid_router): at 4,096 centroids it agrees with the exact nearest
@@ -228,7 +231,7 @@ def run(max_tokens: int, dtypes: tuple[str, ...], workdir: str | None = None, qu
                 found, search_rss = _run_child(["search", str(out), str(tokens), str(nsearch), "0"], root / "s.json")
                 exact, _ = _run_child(["search", str(out), str(tokens), str(nq), "1"], root / "e.json")
                 if resume is None and tokens == resume_size and dtype == dtypes[0]:
-                    resume = _resume_check(out, tokens, dtype, build_wall, root)
+                    resume = [_resume_check(out, tokens, dtype, build_wall, root, at) for at in KILL_AT]
                 a, b = np.load(root / "s.json.ids.npy")[:nq], np.load(root / "e.json.ids.npy")
                 recall = float(np.mean([len(set(x) & set(y)) / len(y) for x, y in zip(a, b)]))
                 rows.append({"tokens": tokens, "dtype": dtype, "documents": built["documents"],
@@ -250,22 +253,24 @@ def run(max_tokens: int, dtypes: tuple[str, ...], workdir: str | None = None, qu
             "workdir": str(root) if keep else None}
 
 
-def _resume_check(whole: Path, tokens: int, dtype: str, build_s: float, root: Path) -> dict:
-    """The same build killed (SIGKILL) halfway through and run again: the two runs' wall time (process start
-    included, as for ``build_s``, the uninterrupted build child's wall time) against the uninterrupted one's,
-    and whether the resumed index holds the same bytes."""
+def _resume_check(whole: Path, tokens: int, dtype: str, build_s: float, root: Path, at: float) -> dict:
+    """The same build killed (SIGKILL) at share ``at`` of its uninterrupted time and run again: the two runs'
+    wall time (process start included, as for ``build_s``, the uninterrupted build child's wall time) against
+    the uninterrupted one's, where the build was when killed, and whether the resumed index holds the same
+    bytes."""
     out = root / "resumed"
     result = root / "resume.json"
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "fastrank.bench.index_scale", "build", str(out), str(tokens),
                              dtype, str(result)], stderr=subprocess.DEVNULL)
-    time.sleep(0.5 * build_s)
+    time.sleep(at * build_s)
     killed = proc.poll() is None
     proc.kill()
     proc.wait()
     first = time.perf_counter() - start
     meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
     committed = sum(c.get("documents", 0) for c in meta.get("chunks", []))
+    stage = _stage_at_kill(out, meta)
     start = time.perf_counter()
     _run_child(["build", str(out), str(tokens), dtype], result)
     second = time.perf_counter() - start
@@ -276,9 +281,27 @@ def _resume_check(whole: Path, tokens: int, dtype: str, build_s: float, root: Pa
 
     same = files(out) == files(whole)
     shutil.rmtree(out)
-    return {"tokens": tokens, "dtype": dtype, "killed": killed, "killed_after_s": first,
-            "committed_documents_at_kill": committed, "resumed_s": second, "uninterrupted_s": build_s,
+    return {"tokens": tokens, "dtype": dtype, "kill_at": at, "killed": killed, "killed_after_s": first,
+            "stage_at_kill": stage, "committed_documents_at_kill": committed, "resumed_s": second, "uninterrupted_s": build_s,
             "ratio": (first + second) / build_s, "identical": same}
+
+
+def _stage_at_kill(out: Path, meta: dict) -> str:
+    """Where a killed build was, from what it had committed: before its manifest, training stage 1 (with the
+    k-means iterations its checkpoint held), or writing chunks."""
+    from fastrank.index.token_stream import CHECKPOINT
+
+    if not meta:
+        return "before its first commit"
+    if "ncentroids" in meta.get("extra", {}):
+        return "writing chunks" if meta.get("state") == "building" else "complete"
+    if CHECKPOINT in meta.get("sha256", {}):
+        try:
+            with np.load(out / CHECKPOINT) as z:
+                return f"training stage 1 ({int(z['iteration'])} k-means iterations checkpointed)"
+        except (OSError, ValueError, KeyError):
+            return "training stage 1 (its checkpoint unreadable)"
+    return "training stage 1 (no iteration checkpointed yet)"
 
 
 def _slope(xs, ys) -> float | None:
@@ -335,10 +358,10 @@ def markdown(res: dict) -> str:
             st = r["stage_ms"]
             lines.append(f"| {r['tokens']:,} | {r['dtype']} | {st['centroids']:.2f} | {st['candidates']:.2f} | "
                          f"{st['exact']:.2f} | {sum(st.values()):.2f} | {1000 / r['qps']:.2f} |")
-    r = res.get("resume")
-    if r:
+    for r in res.get("resume") or []:
         lines += ["", f"Resume: the {r['tokens']:,}-token {r['dtype']} build killed (SIGKILL) after {r['killed_after_s']:.1f} s "
-                  f"({r['committed_documents_at_kill']:,} documents committed), then run again ({r['resumed_s']:.1f} s): "
+                  f"({r['kill_at']:.2f} of its uninterrupted time; {r['stage_at_kill']}, "
+                  f"{r['committed_documents_at_kill']:,} documents committed), then run again ({r['resumed_s']:.1f} s): "
                   f"{r['ratio']:.2f}x the uninterrupted build ({r['uninterrupted_s']:.1f} s); the resumed index is "
                   + ("byte for byte the uninterrupted one." if r["identical"] else "NOT identical to the uninterrupted one.")]
     lines += ["", "Fits (log-log slope against tokens) and MS MARCO passage (600M tokens) projected from the largest "
