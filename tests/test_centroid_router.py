@@ -166,3 +166,27 @@ def test_bad_arguments_are_refused_naming_them(many_centroids):
         r.top(torch.randn(4, 16), 3)
     with pytest.raises(ValueError, match="k must be a positive int"):
         r.top(torch.randn(4, 32), 0)
+
+
+def test_a_search_routes_through_the_groups_stored_with_the_index(many_centroids, tmp_path):
+    """A loaded streamed index routes its query tokens through the groups its build stored, not groups
+    trained again; a groups file altered after the build (here naming a group the index lacks) is refused at
+    load, naming the file."""
+    import shutil
+
+    from fastrank.index.storage import IndexFormatError
+
+    corpus, path = many_centroids
+    index = TokenIndex.load(path)
+    v, o = corpus.queries(4)
+    index.search((v, o), 10, progress=False)
+    stored = torch.from_numpy(np.load(path / "router_groups.npy")).long()
+    assert torch.equal(index._router.groups, stored)
+    assert torch.equal(index._router.centres, torch.from_numpy(np.load(path / "router_centres.npy")))
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    groups = np.load(bad / "router_groups.npy")
+    groups[7] = 32  # the router has 32 groups
+    np.save(bad / "router_groups.npy", groups)
+    with pytest.raises(IndexFormatError, match="router_groups.npy"):
+        TokenIndex.load(bad)

@@ -181,6 +181,7 @@ class TokenIndex:
         self._ivf_offsets: torch.Tensor | None = None  # (C + 1,) int64: centroid c lists ivf_docs[o[c]:o[c+1]]
         self._ivf_docs: torch.Tensor | None = None  # int32 document positions, ascending within each list
         self._router = None  # the CentroidRouter of stage 1's search, trained on first use (route=True)
+        self._stored_router: tuple[torch.Tensor, torch.Tensor] | None = None  # a streamed index's groups
 
     # -- contents ---------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -328,7 +329,7 @@ class TokenIndex:
         sample = torch.randperm(t, generator=g)[:n_sample].sort().values.to(self.device)
         self._centroids = spherical_kmeans(self._dequantized(sample), c, iters=KMEANS_ITERS, generator=g,
                                            progress=progress)
-        self._router = None
+        self._router = self._stored_router = None
         self.ncentroids = c
         self._codes = torch.empty(0, dtype=torch.int32, device=self.device)
 
@@ -477,7 +478,10 @@ class TokenIndex:
             route = self.ncentroids >= MIN_CENTROIDS
         if not route:
             return (qv @ self._centroids.T).topk(k, dim=1)
-        if self._router is None:
+        if self._router is None and self._stored_router is not None:
+            # The groups the build coded the tokens through, as stored with the index.
+            self._router = CentroidRouter(self._centroids, *self._stored_router)
+        elif self._router is None:
             # Trained from the centroids and the index's seed: every load of the index routes the same way.
             self._router = CentroidRouter.train(self._centroids, self.seed)
         top_s, top_c = self._router.top(qv, k)
@@ -731,6 +735,8 @@ def _load_streamed(cls, path: Path, *, device, mmap: bool, verify: bool) -> "Tok
             raise IndexFormatError(f"{path / 'ivf_offsets.npy'}: the inverted lists' offsets do not span ivf_docs.bin")
         self._ivf_offsets = torch.from_numpy(ivf_offsets).to(dev)
         self._ivf_docs = columns.as_tensor(ivf_docs).to(dev)
+        if "router_groups.npy" in meta.get("sha256", {}):
+            self._stored_router = _stored_router(path, c, h)
         if bits:
             nb = 2 ** bits
             codec = _small_array(path, "codec.npy", (2 * nb,), np.float32)
@@ -738,6 +744,20 @@ def _load_streamed(cls, path: Path, *, device, mmap: bool, verify: bool) -> "Tok
                            torch.from_numpy(codec[nb - 1:2 * nb - 1].copy()).to(dev), bool(codec[-1] > 0.5))
     self._mapped = True
     return self
+
+
+def _stored_router(path: Path, c: int, h: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The centroid groups a streamed build coded its tokens through (``router_groups.npy``, each centroid's
+    group, and ``router_centres.npy``), checked, for search to route query tokens the same way."""
+    try:
+        g = np.load(path / "router_centres.npy", allow_pickle=False).shape[0]
+    except (OSError, ValueError, IndexError) as exc:
+        raise IndexFormatError(f"{path / 'router_centres.npy'}: not a readable .npy file ({exc})") from None
+    centres = _small_array(path, "router_centres.npy", (g, h), np.float32)
+    groups = _small_array(path, "router_groups.npy", (c,), np.int32)
+    if g < 1 or groups.min() < 0 or groups.max() >= g:
+        raise IndexFormatError(f"{path / 'router_groups.npy'}: group ids outside the {g} groups of router_centres.npy")
+    return torch.from_numpy(groups), torch.from_numpy(centres)
 
 
 def _small_array(path: Path, name: str, shape: tuple, dtype) -> np.ndarray:
