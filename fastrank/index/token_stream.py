@@ -553,13 +553,17 @@ class Stage1Checkpoint:
 
     def __init__(self, columns: ColumnWriter):
         self.columns, self.key = columns, None
+        self._last: dict[str, np.ndarray] | None = None  # what this run saved or read last: not read again
 
     def bind(self, x: torch.Tensor, ncentroids: int) -> None:
+        self._last = None
         digest = hashlib.sha256(x.numpy().data)
         digest.update(f"{tuple(x.shape)} {ncentroids} {ti.KMEANS_ITERS} {similarity_dtype(x.device)}".encode())
         self.key = digest.hexdigest()
 
     def load(self) -> dict[str, np.ndarray] | None:
+        if self._last is not None:
+            return self._last
         f = self.columns.path / CHECKPOINT
         if self.key is None or CHECKPOINT not in self.columns.meta["sha256"] or not f.is_file():
             return None
@@ -570,6 +574,7 @@ class Stage1Checkpoint:
             return None  # unreadable: training starts over and rewrites it
         if str(arrays.pop("key", "")) != self.key or not {"iteration", "centroids", "generator"} <= set(arrays):
             return None
+        self._last = arrays
         return arrays
 
     def save(self, arrays: dict[str, np.ndarray]) -> None:
@@ -579,6 +584,7 @@ class Stage1Checkpoint:
 
         self.columns.write_file(CHECKPOINT, write)
         self.columns.commit()
+        self._last = arrays
 
 
 def drop_checkpoint(columns: ColumnWriter) -> None:
