@@ -1,6 +1,6 @@
 """LITE: eager reference, torch.compile of the reference, and fastrank, side by side per shape.
 
-    pytest benchmarks/bench_lite.py                      # GPU: the issue's shapes (CPU: skipped, see below)
+    pytest benchmarks/bench_lite.py                      # GPU: the issue's shapes; CPU: the CPU shapes
     pytest benchmarks/bench_lite.py --benchmark-json out.json
 
 The shapes, providers and check are fastrank.bench.lite's (the code `fastrank bench lite` runs). Each group
@@ -8,28 +8,25 @@ is one shape; its rows are the providers. Every provider is checked against the 
 reference before it is timed. extra_info holds pairs/s, TFLOP/s (the model's matmul FLOPs, the same
 numerator for every provider), speedups over eager and torch.compile from this run, and GPU peak memory.
 
-Nothing runs on CPU: LITE has no CPU kernel, so fastrank dispatches to the eager reference there, and a
-CPU fastrank row would time the reference against itself (it did, and measured nothing). The CPU path *is*
-the reference, which tests/test_lite.py checks against an independent PlainLite. torch.compile of the
-reference on CPU is no fastrank path either (and Inductor spends minutes compiling C++ for these shapes).
-On CUDA the fastrank row forces the Triton backend, so a silent fallback to the reference (a scorer wider
-than the kernel tile, an unsupported dtype) fails the row instead of timing eager under fastrank's name.
+The fastrank row forces the kernel (Triton on CUDA, the C++ kernel on CPU), so a silent fallback to the
+reference (a scorer wider than the kernel tile, an unsupported dtype) fails the row instead of timing eager
+under fastrank's name. The CPU kernel is forward only, so the CPU training shape times eager alone, and
+torch.compile of the reference is left out on CPU (Inductor spends minutes compiling C++ for these shapes).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fastrank.bench.lite import PROVIDERS, check, cuda_cases, provider_fn
+from fastrank.bench.lite import PROVIDERS, check, cpu_cases, cuda_cases, default_providers, provider_fn
 
 from conftest import peak_memory, record, time_provider
 
 CUDA = torch.cuda.is_available()
+CASES = cuda_cases() if CUDA else cpu_cases()
 PARAMS = [pytest.param(case, provider, id=f"{case.name}-{str(case.dtype)[6:]}-{provider}".replace(" ", "_").replace("=", ""))
-          for case in cuda_cases() for provider in PROVIDERS]  # eager first within each shape
-if not CUDA:
-    PARAMS = [pytest.param(None, None, id="cpu", marks=pytest.mark.skip(
-        reason="LITE has no CPU kernel: fastrank runs the eager reference there, nothing to compare (module docstring)"))]
+          for case in CASES  # eager first within each shape
+          for provider in (PROVIDERS if CUDA else default_providers("cpu", False, case.backward))]
 
 
 @pytest.mark.parametrize("case,provider", PARAMS)

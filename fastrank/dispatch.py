@@ -8,7 +8,7 @@ reference on this machine (a scalar CPU path, a call that would leave cores idle
 then passes it over, so a fused path is never slower than eager, while a caller who forces it still gets
 it. A caller forces a backend with ``backend=`` or the environment variable ``FASTRANK_BACKEND``; a forced
 backend that cannot run raises an error listing the reasons. The environment variable is process-wide, so it
-forces only the ops that have that backend: an op without it (LITE has no C++ path) ignores the variable,
+forces only the ops that have that backend: an op without it (LITE has no C++ path on CUDA) ignores the variable,
 warns once, and dispatches automatically. :func:`explain` says what runs and why.
 
 Ops register, per backend, one :class:`Kernels` (or one per device type of the backend) holding that

@@ -132,8 +132,9 @@ def test_sections_cover_their_providers_and_sweeps(tiny_result):
     assert {"eager", "einsum", "fastrank"} <= maxsim
     assert {f"fastrank:{i}" for i in machine.isa_paths() if i != "scalar"} <= maxsim
     assert {r["provider"] for r in rows if r["op"] == "losses"} == {"eager", "fastrank"}
-    assert {r["provider"] for r in rows if r["op"] == "lite"} == {"eager"}  # no CPU kernel: said in the notes
-    assert any("LITE has no CPU kernel" in n for n in tiny_result["notes"])
+    lite = {r["provider"] for r in rows if r["op"] == "lite"}
+    assert lite == {"eager", "fastrank"}  # the C++ kernel, forced (forward cases)
+    assert any("forward only" in n for n in tiny_result["notes"])
     fits = {(f["op"], f["sweep"].split(" ")[0], f["provider"]) for f in tiny_result["fits"]}
     assert {("maxsim", "docs", "fastrank"), ("maxsim", "Ld", "eager"), ("lite", "batch", "eager"),
             ("losses", "B", "fastrank")} <= fits

@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from fastrank import BackendUnavailableError, LiteScorer, dispatch, lite_score, maxsim, maxsim_ref
+from fastrank import BackendUnavailableError, dispatch, losses, maxsim, maxsim_ref
 from fastrank.cpu_isa import selected as selected_isa
 
 
@@ -14,35 +14,33 @@ def fresh_warnings(monkeypatch):
     monkeypatch.setattr(dispatch, "_ENV_IGNORED_WARNED", set(), raising=False)
 
 
-def _lite_inputs():
+def _loss_inputs():
     g = torch.Generator().manual_seed(0)
-    scorer = LiteScorer(lq=6, ld=9, row_hidden=8, col_hidden=5)
-    q, d = torch.randn(5, 16, generator=g), torch.randn(3, 7, 16, generator=g)
-    return scorer, q, d
+    return torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
 
 
 def test_env_backend_is_ignored_with_a_warning_where_the_op_lacks_it(monkeypatch, fresh_warnings):
-    scorer, q, d = _lite_inputs()
-    expected = lite_score(q, d, scorer=scorer)
-    monkeypatch.setenv(dispatch.ENV_VAR, "cpp")
-    with pytest.warns(RuntimeWarning, match=r"FASTRANK_BACKEND=cpp ignored: 'lite' has no cpp implementation"):
-        out = lite_score(q, d, scorer=scorer)
+    s, t = _loss_inputs()  # the distillation losses have no Triton implementation
+    expected = losses.margin_mse(s, t)
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    with pytest.warns(RuntimeWarning, match=r"FASTRANK_BACKEND=triton ignored: 'margin_mse' has no triton implementation"):
+        out = losses.margin_mse(s, t)
     torch.testing.assert_close(out, expected)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per op, not once per call
-        lite_score(q, d, scorer=scorer)
-    ex = dispatch.explain("lite", (q, d), dtype=q.dtype, weight_dtype=torch.float32, lq=6, ld=9)
+        losses.margin_mse(s, t)
+    ex = dispatch.explain("margin_mse", (s, t), dtype=s.dtype)
     assert "ignored" in ex.override and "ignored" in str(ex)
-    assert ex.chosen is not None and ex.chosen != "cpp"
+    assert ex.chosen is not None and ex.chosen != "triton"
 
 
 def test_explicit_backend_still_raises_where_the_op_lacks_it(monkeypatch, fresh_warnings):
-    scorer, q, d = _lite_inputs()
-    with pytest.raises(BackendUnavailableError, match="'lite' has no cpp implementation"):
-        lite_score(q, d, scorer=scorer, backend="cpp")
-    monkeypatch.setenv(dispatch.ENV_VAR, "cpp")
-    with pytest.raises(BackendUnavailableError, match="'lite' has no cpp implementation"):
-        lite_score(q, d, scorer=scorer, backend="cpp")
+    s, t = _loss_inputs()
+    with pytest.raises(BackendUnavailableError, match="'margin_mse' has no triton implementation"):
+        losses.margin_mse(s, t, backend="triton")
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    with pytest.raises(BackendUnavailableError, match="'margin_mse' has no triton implementation"):
+        losses.margin_mse(s, t, backend="triton")
 
 
 def test_env_backend_still_forces_ops_that_have_it(monkeypatch, fresh_warnings):

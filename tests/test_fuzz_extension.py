@@ -10,8 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastrank
-from fastrank import _ext, cpu_isa, losses, maxsim_packed, maxsim_packed_ref, maxsim_ref, quantize_tokens
+from fastrank import LiteScorer, _ext, cpu_isa, lite_ref, losses, maxsim_packed, maxsim_packed_ref, maxsim_ref, quantize_tokens
+from fastrank.ops import lite_cpu
 from fastrank.ops import losses as loss_ops
+from fastrank.ops.lite import scorer_params
 
 pytestmark = pytest.mark.skipif(_ext.load() is None, reason="needs the compiled extension")
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
@@ -251,7 +253,7 @@ def test_every_entry_point_is_fuzzed():
     """A new extension function must join this file: the list of those fuzzed above is checked against the
     module's own."""
     fuzzed = {"maxsim_forward", "maxsim_backward", "maxsim_packed_forward", "maxsim_packed_backward",
-              "distill_forward", "inbatch_ce_forward", "maxsim_residual_forward", "centroid_candidates_cpu"}
+              "distill_forward", "inbatch_ce_forward", "maxsim_residual_forward", "centroid_candidates_cpu", "lite_forward"}
     # Not kernels: cpuid queries, the thread count, the element codes (tests/test_element_codes.py), and the
     # host-side index-math self-test of the CUDA code.
     informational = {"cpu_isa_support", "cpu_flags", "num_threads", "has_cuda", "has_openmp", "ELEMENT_CODES"}
@@ -412,3 +414,54 @@ def test_candidate_extension_reads_any_layout_it_accepts_and_names_the_bad_argum
     want = centroid_candidates_ref(probe, gain, q_off, case["ivf_offsets"], docs, case["n"], ndocs)
     assert torch.equal(outs[0], want[0]) and torch.equal(outs[2], want[2])
     assert torch.equal(outs[1].nan_to_num(-1.0), want[1].nan_to_num(-1.0))
+
+
+@st.composite
+def lite_problems(draw):
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    f, y, x = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    lq, ld, h = draw(st.integers(1, 9)), draw(st.integers(1, 40)), draw(st.integers(1, 20))
+    sizes = dict(lq=lq + draw(st.integers(0, 3)), ld=ld + draw(st.integers(0, 3)), row_hidden=draw(st.integers(1, 70)),
+                 col_hidden=draw(st.integers(1, 40)))
+    return dict(q=torch.randn(f, y, lq, h, generator=gen), d=torch.randn(f, x, ld, h, generator=gen),
+                q_mask=torch.rand(f, y, x, lq, generator=gen) > 0.3 if draw(st.booleans()) else None,
+                d_mask=torch.rand(f, y, x, ld, generator=gen) > 0.3 if draw(st.booleans()) else None,
+                layouts={k: draw(st.sampled_from(LAYOUTS[:4])) for k in ("q", "d", "q_mask", "d_mask")},
+                sizes=sizes, seed=draw(st.integers(0, 1000)),
+                hostile=draw(st.sampled_from([None, None, "weight_shape", "weight_layout", "long_query"])))
+
+
+@FUZZ
+@given(lite_problems())
+def test_lite_extension_reads_any_layout_it_accepts_and_names_the_bad_argument(case):
+    ext, isa = _ext.require(), cpu_isa.selected()
+    torch.manual_seed(case["seed"])
+    scorer = LiteScorer(**case["sizes"]).requires_grad_(False)
+    params, lq, ld, eps = scorer_params(scorer)
+    weights, bo = lite_cpu.pack(params)
+    lay = case["layouts"]
+    q, d = laid_out(case["q"], lay["q"]), laid_out(case["d"], lay["d"])
+    qm = None if case["q_mask"] is None else laid_out(case["q_mask"], lay["q_mask"])
+    dm = None if case["d_mask"] is None else laid_out(case["d_mask"], lay["d_mask"])
+    out = torch.empty(q.shape[0], q.shape[1], d.shape[1])
+    r1, c = params[0].shape[0], params[8].shape[0]
+    expected = [name for name, t in (("q", q), ("d", d)) if _needs_copy(t, False)]
+    if case["hostile"] == "weight_shape":
+        weights[4] = weights[4][:-1]
+        expected = expected + ["c2"]
+    elif case["hostile"] == "weight_layout":
+        wide = torch.zeros(*weights[7].shape, 2)  # the same values at stride 2 along the last dim (8 wide)
+        wide[..., 0] = weights[7]
+        weights[7] = wide[..., 0]
+        expected = expected + ["v1p"]
+    elif case["hostile"] == "long_query":  # more query tokens than the scorer's lq
+        q, qm = torch.randn(q.shape[0], q.shape[1], lq + 1, q.shape[3]), None
+        expected = expected + ["lq"]
+    if expected:
+        with pytest.raises(ValueError, match="|".join(expected)):
+            ext.lite_forward(isa, q, d, qm, dm, weights, None, lq, ld, r1, c, eps, bo, out, 1)
+        return
+    ext.lite_forward(isa, q, d, qm, dm, weights, None, lq, ld, r1, c, eps, bo, out, 1)
+    want = lite_ref(case["q"][:, :, None].double(), case["d"][:, None].double(), case["q_mask"], case["d_mask"],
+                    scorer=scorer.double())
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)

@@ -4,10 +4,10 @@ Providers, each checked against :func:`fastrank.lite_ref` before it is timed:
 
 - ``eager``: the reference itself;
 - ``compile``: ``torch.compile`` of the reference (CPU: only when asked; Inductor compiles C++ for minutes);
-- ``fastrank``: :func:`fastrank.lite_score` forced onto the Triton backend, so that a silent fallback to the
-  reference (a scorer wider than the kernel tile, an unsupported dtype) fails the row instead of timing
-  eager under fastrank's name. CUDA only: LITE has no CPU kernel, and a CPU fastrank row would time the
-  reference against itself. On CPU the section reports the reference's own scaling and ceiling fraction.
+- ``fastrank``: :func:`fastrank.lite_score` forced onto its kernel (Triton on CUDA, the C++ kernel on CPU), so
+  that a silent fallback to the reference (a scorer wider than the kernel tile, an unsupported dtype) fails
+  the row instead of timing eager under fastrank's name. The CPU kernel is forward only: CPU training cases
+  time eager alone (a fastrank row there would time the reference against itself).
 
 The unit is pairs/s (query-document pairs scored). The batch sweep re-ranks 1 query against N documents.
 """
@@ -22,7 +22,8 @@ from fastrank.ops.lite import lite_ref, lite_score
 
 LQ, LD, ROW_HIDDEN, COL_HIDDEN = 30, 200, 2400, 360
 PROVIDERS = ("eager", "compile", "fastrank")
-CPU_NO_KERNEL = "LITE has no CPU kernel: fastrank runs the eager reference there, so only eager is timed on CPU"
+CPU_FORWARD_ONLY = ("the CPU LITE kernel is forward only: CPU forward+backward cases time eager alone (lite_score "
+                    "runs eager when gradients are needed)")
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,15 @@ def cuda_cases() -> list[LiteCase]:
     ]
 
 
+def cpu_cases() -> list[LiteCase]:
+    """The issue's CPU shapes: re-ranking 1 x 1,000 in float32 and bfloat16, and a training step."""
+    return [
+        LiteCase("rerank 1x1000 H=128", "rerank", 1, 1000, 128),
+        LiteCase("rerank 1x1000 H=128", "rerank", 1, 1000, 128, torch.bfloat16),
+        LiteCase("train 32x8 fwd+bwd H=128", "train", 32, 8, 128),
+    ]
+
+
 def batch_sweep(device: str, quick: bool, tiny: bool, dtype: torch.dtype) -> list[LiteCase]:
     """1 query x N documents for growing N (the re-ranking batch size)."""
     if tiny:
@@ -110,11 +120,17 @@ def provider_fn(provider: str, case: LiteCase, inputs, scorer):
         torch._dynamo.reset()  # a fresh cache per shape: no silent fallback after the recompile limit
         score = torch.compile(lambda *a: lite_ref(*a, scorer=scorer), dynamic=False)
     elif provider == "fastrank":
-        score = lambda *a: lite_score(*a, scorer=scorer, backend="triton")  # noqa: E731
+        kernel = "triton" if q.device.type == "cuda" else "cpp"
+        score = lambda *a: lite_score(*a, scorer=scorer, backend=kernel)  # noqa: E731
     else:
         raise ValueError(f"unknown LITE provider {provider!r}; expected one of {PROVIDERS}")
-    if not case.backward:
-        return lambda: score(q, d, q_mask, d_mask)
+    if not case.backward:  # inference, as a re-ranker serves: no autograd graph for any provider
+
+        def infer():
+            with torch.no_grad():
+                return score(q, d, q_mask, d_mask)
+
+        return infer
     qg, dg = q.detach().requires_grad_(), d.detach().requires_grad_()
     weights = torch.linspace(0.5, 1.5, case.pairs, device=q.device)
     first = scorer.row_mlp[0].weight
@@ -133,9 +149,9 @@ def check(got, want, dtype: torch.dtype) -> None:
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * b.float().abs().max().item())
 
 
-def default_providers(device: str, compile: bool) -> list[str]:
+def default_providers(device: str, compile: bool, backward: bool = False) -> list[str]:
     if not device.startswith("cuda"):
-        return ["eager"] + (["compile"] if compile else [])
+        return ["eager"] + (["compile"] if compile else []) + ([] if backward else ["fastrank"])
     return list(PROVIDERS)
 
 
@@ -146,12 +162,13 @@ def section(settings, probes) -> tuple[list[dict], list[str]]:
     device = settings.device
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     dtypes = [dtype] if settings.dtypes is None else [getattr(torch, n) for n in settings.dtypes]
-    cases = [c for c in cuda_cases() if device.startswith("cuda") and not settings.tiny and settings.wants(c.dtype_name)]
+    fixed = cuda_cases() if device.startswith("cuda") else cpu_cases()
+    cases = [c for c in fixed if not settings.tiny and settings.wants(c.dtype_name)]
     sweeps = [c for dt in dtypes for c in batch_sweep(device, settings.quick, settings.tiny, dt)]
-    providers = default_providers(device, settings.compile)
-    notes = [] if device.startswith("cuda") else [CPU_NO_KERNEL]
+    notes = [] if device.startswith("cuda") else [CPU_FORWARD_ONLY]
     rows = []
     for case in cases + sweeps:
+        providers = default_providers(device, settings.compile, case.backward)
         swept = case in sweeps
         scorer = case.scorer(device)
         inputs = case.make(device)
@@ -166,4 +183,4 @@ def section(settings, probes) -> tuple[list[dict], list[str]]:
 
 
 def _ceiling(case: LiteCase, device: str) -> str:
-    return "bf16_gemm_gflops" if case.dtype == torch.bfloat16 and device.startswith("cuda") else "sgemm_gflops"
+    return "bf16_gemm_gflops" if case.dtype == torch.bfloat16 else "sgemm_gflops"

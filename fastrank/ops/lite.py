@@ -56,7 +56,9 @@ import torch
 import torch.nn.functional as F_
 from torch import Tensor
 
-from fastrank import dispatch
+from fastrank import cpu_isa, dispatch
+from fastrank.ops import lite_cpu
+from fastrank.ops.lite_cpu import fold_layernorm
 from fastrank.ops.pairs import DOUBLE_BACKWARD_ERROR, QUERY_TILE, check_pair_inputs, cuda_arch, device_guard, dot_precision
 from fastrank.ops.pairs import dtype_reasons, pow2
 from fastrank.ops.pairs import canonicalize as _canonicalize
@@ -472,15 +474,6 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------------------
 # Launcher. Canonical tensors: q (F, Y, Lq, H), d (F, X, Ld, H), masks (F, Y, X, L) or None.
 # --------------------------------------------------------------------------------------------------------
-def _fold(weight: Tensor, gamma: Tensor, beta: Tensor, bias: Tensor, dtype: torch.dtype):
-    """(W diag(gamma), W diag(gamma) 1, bias + W beta): the LayerNorm before ``weight`` folded into it.
-    u is summed from the rounded W diag(gamma), so that r (Wg h) - r m u is exactly Wg (h - m) r."""
-    wg = (weight.float() * gamma.float()[None, :]).to(dtype).contiguous()
-    u = wg.float().sum(dim=1).contiguous()
-    c = (bias.float() + weight.float() @ beta.float()).contiguous()
-    return wg, u, c
-
-
 def _blocks(kernel: str, dtype: torch.dtype, arch: Optional[int], lq: int, ld: int, h: int) -> dict:
     """The launch's constexpr block sizes for ``kernel`` ("fwd", "bwd") on ``dtype`` inputs, and num_warps, on
     a GPU of compute capability ``arch`` (10 * major + minor), or on the interpreter (``arch`` None)."""
@@ -504,8 +497,8 @@ def triton_forward(q, d, q_mask, d_mask, params, lq: int, ld: int, eps) -> Tenso
     q, d = _inner_contiguous(q), _inner_contiguous(d)
     W1, b1, g1, be1, W2, b2, g2, be2, V1, cb1, g3, be3, V2, cb2, g4, be4, wo, bo = (p.detach() for p in params)
     dtype = W1.dtype
-    W2g, u1, c1 = _fold(W2, g1, be1, b2, dtype)
-    V2g, u3, c3 = _fold(V2, g3, be3, cb2, dtype)
+    W2g, u1, c1 = fold_layernorm(W2, g1, be1, b2, dtype)
+    V2g, u3, c3 = fold_layernorm(V2, g3, be3, cb2, dtype)
     Fd, Y, Lq, H = q.shape
     X, Ld = d.shape[1], d.shape[2]
     R1, C = W1.shape[0], V1.shape[0]
@@ -583,8 +576,8 @@ def triton_backward(grad, q, d, q_mask, d_mask, params, lq: int, ld: int, eps) -
     q, d = _inner_contiguous(q), _inner_contiguous(d)
     W1, b1, g1, be1, W2, b2, g2, be2, V1, cb1, g3, be3, V2, cb2, g4, be4, wo, bo = (p.detach().contiguous() for p in params)
     dtype = W1.dtype
-    W2g, u1, c1 = _fold(W2, g1, be1, b2, dtype)
-    V2g, u3, c3 = _fold(V2, g3, be3, cb2, dtype)
+    W2g, u1, c1 = fold_layernorm(W2, g1, be1, b2, dtype)
+    V2g, u3, c3 = fold_layernorm(V2, g3, be3, cb2, dtype)
     Fd, Y, Lq, H = q.shape
     X, Ld = d.shape[1], d.shape[2]
     R1, C = W1.shape[0], V1.shape[0]
@@ -700,6 +693,8 @@ _TRITON = dispatch.Kernels(triton_forward, triton_backward)
 dispatch.register("lite", "triton", _TRITON, reasons=_kernel_reasons)
 dispatch.register("lite", "triton_interpret", _TRITON, reasons=lambda **ctx: _kernel_reasons(interpreter=True, **ctx),
                   slower=lambda **_: ["the Triton interpreter checks the GPU kernels on CPU; it never outruns eager"])
+dispatch.register("lite", "cpp", dispatch.Kernels(lite_cpu.forward, lite_cpu.backward), reasons=lite_cpu.reasons, slower=lite_cpu.slower,
+                  describe=lite_cpu.describe)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -827,6 +822,21 @@ def _project(scorer, q: Tensor, d: Tensor, q_mask: Optional[Tensor], d_mask: Opt
     return (F_.normalize(F_.linear(q, weight, bias), dim=-1), F_.normalize(F_.linear(d, weight, bias), dim=-1))
 
 
+def dispatch_context(q: Tensor, params: list[Tensor], lq: int, ld: int, needs_grad: bool = False,
+                     pairs: Optional[int] = None) -> dict:
+    """What the backends' reasons look at: the dtypes, the scorer's lq and ld, whether the call needs
+    gradients (the CPU kernel is forward only) and, on the CPU, the ISA path and whether there are fewer
+    pairs than threads. For :func:`fastrank.dispatch.explain`:
+    ``explain("lite", (q, d), **dispatch_context(q, scorer_params(scorer)[0], lq, ld, pairs=len(d)))``."""
+    ctx = dict(dtype=q.dtype, weight_dtype=params[0].dtype, lq=lq, ld=ld, needs_grad=needs_grad)
+    if q.device.type == "cpu":
+        ctx["isa"] = cpu_isa.selected()
+        # Not traced: a compiled graph is a training step or a batch, and get_num_threads breaks the graph.
+        few = pairs is not None and not torch.compiler.is_compiling() and pairs < torch.get_num_threads()
+        ctx["underfilled"] = few
+    return ctx
+
+
 def _check_inputs(q, d, q_mask, d_mask, lq: int, ld: int, scorer_device: torch.device) -> torch.Size:
     return check_pair_inputs("lite_score", q, d, q_mask, d_mask, extra_devices={"scorer": scorer_device},
                              limits=(lq, ld))
@@ -871,7 +881,8 @@ def lite_score(
     params, lq, ld, eps = scorer_params(scorer)
     batch = _check_inputs(q, d, q_mask, d_mask, lq, ld, params[0].device)
     q, d = _project(scorer, q, d, q_mask, d_mask)
-    ctx = dict(dtype=q.dtype, weight_dtype=params[0].dtype, lq=lq, ld=ld)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, d, *params))
+    ctx = dispatch_context(q, params, lq, ld, needs_grad, math.prod(batch))
     impl = dispatch.choose("lite", (q, d, q_mask, d_mask), backend, **ctx)
     kernels = dispatch.kernels("lite", impl.backend, q)
     if kernels.backward is None:  # eager PyTorch (the reference), which autograd differentiates itself
@@ -881,7 +892,6 @@ def lite_score(
     if math.prod(batch) == 0 or q.shape[-2] == 0 or d.shape[-2] == 0 or q.shape[-1] == 0:  # outside the kernels' contract
         return _lite_math(q, d, q_mask, d_mask, params, lq, ld, eps)
     c = _canonicalize(q, d, q_mask, d_mask, batch)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, d, *params))
     if needs_grad or torch.compiler.is_compiling():
         scores = _lite_forward_op(c.q, c.d, c.q_mask, c.d_mask, params, lq, ld, eps, impl.backend)
     else:  # inference: no graph to record, so skip the custom-op machinery

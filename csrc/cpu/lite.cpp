@@ -1,0 +1,172 @@
+// Fused LITE on the CPU: argument checks and the choice of instruction-set path. Compiled for the baseline
+// target; the kernel lives in isa/lite_<isa>.cpp (one source, csrc/cpu/lite_kernels.inc, compiled once per
+// ISA). Python packs the scorer's weights (fastrank/ops/lite_cpu.py) and names the path for each call; every
+// tensor, the packed weights included, is checked here on every call.
+#include <string>
+#include <vector>
+
+#include "bindings.h"
+#include "common.h"
+#include "cpu/cpu_isa.h"
+#include "cpu/lite_cpu.h"
+#include "maxsim_boundary.h"
+#include "tensor_arg.h"
+
+FASTRANK_DECLARE_LITE_ISA(isa_scalar)
+#ifdef FASTRANK_ISA_AVX2
+FASTRANK_DECLARE_LITE_ISA(isa_avx2)
+#endif
+#ifdef FASTRANK_ISA_AVX512
+FASTRANK_DECLARE_LITE_ISA(isa_avx512)
+#endif
+#ifdef FASTRANK_ISA_AVX512BF16
+FASTRANK_DECLARE_LITE_ISA(isa_avx512bf16)
+#endif
+
+namespace fastrank {
+namespace {
+
+namespace py = pybind11;
+using cpu::Isa;
+using cpu::LiteWeights;
+using cpu::MaxSimProblem;
+
+using ForwardFn = void (*)(const MaxSimProblem&, int, const void*, const void*, const LiteWeights&, float*);
+
+constexpr const char* kWhere = "lite (cpp)";
+
+ForwardFn kernel_for(const std::string& name) {
+  const cpu::IsaSupport& s = cpu::isa_support();
+  for (int i = 0; i < cpu::kIsaCount; ++i) {
+    const Isa isa = static_cast<Isa>(i);
+    if (name != cpu::isa_name(isa)) continue;
+    FASTRANK_CHECK(s.ok[i], kWhere << ": the CPU ISA path '" << name << "' cannot run here: " << s.reason[i]);
+    switch (isa) {
+      case Isa::Scalar: return isa_scalar::lite_forward;
+#ifdef FASTRANK_ISA_AVX2
+      case Isa::Avx2: return isa_avx2::lite_forward;
+#endif
+#ifdef FASTRANK_ISA_AVX512
+      case Isa::Avx512: return isa_avx512::lite_forward;
+#endif
+#ifdef FASTRANK_ISA_AVX512BF16
+      // No AMX unit: an AMX CPU runs the AVX512-BF16 one (AMX implies AVX512-BF16, cpu_isa.cpp).
+      case Isa::Avx512Bf16:
+      case Isa::Amx: return isa_avx512bf16::lite_forward;
+#endif
+      default: break;
+    }
+  }
+  FASTRANK_CHECK(false, kWhere << ": unknown CPU ISA path '" << name
+                               << "' (expected one of scalar, avx2, avx512, avx512bf16, amx)");
+  return nullptr;
+}
+
+int64_t padded(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// The packed weights, in LiteWeights' order, each float32, contiguous, on the CPU and of exactly its shape:
+// a wrong one would be read out of bounds by the kernel.
+LiteWeights read_weights(py::sequence weights, int64_t lq, int64_t ld, int64_t r1, int64_t c, py::sequence eps,
+                         double bo, std::vector<TensorArg>& keep) {
+  for (auto [name, v] : {std::pair<const char*, int64_t>{"lq", lq}, {"ld", ld}, {"r1", r1}, {"c", c}})
+    FASTRANK_CHECK(v >= 1 && v <= (int64_t{1} << 20), kWhere << ": the scorer's " << name << " must be 1 to 2^20, got " << v);
+  const int64_t P = cpu::kLitePanel, B = cpu::kLiteRowBlock;
+  const int64_t R1p = padded(r1, P), ldp = padded(ld, P), Cp = padded(c, P), lqp = padded(lq, P);
+  struct Spec { const char* name; std::vector<int64_t> shape; };
+  const Spec specs[] = {
+      {"w1p", {R1p / B, ld, B}}, {"b1", {R1p}}, {"w2p", {ldp / P, R1p, P}}, {"u2", {ldp}}, {"c2", {ldp}},
+      {"g2", {ld}}, {"be2", {ld}}, {"v1p", {Cp / B, lq, B}}, {"cb1", {Cp}}, {"g3", {Cp}}, {"be3", {Cp}},
+      {"v2p", {lqp / P, Cp, P}}, {"cb2", {lqp}}, {"g4", {lq}}, {"be4", {lq}}, {"wo", {lq * ld}},
+  };
+  constexpr size_t kCount = sizeof(specs) / sizeof(specs[0]);
+  FASTRANK_CHECK(py::len(weights) == kCount, kWhere << ": expected " << kCount << " packed weight tensors, got "
+                                                    << py::len(weights));
+  FASTRANK_CHECK(py::len(eps) == 4, kWhere << ": expected 4 LayerNorm epsilons, got " << py::len(eps));
+  const float* ptr[kCount];
+  for (size_t i = 0; i < kCount; ++i) {
+    keep.push_back(tensor_arg(weights[i], specs[i].name, kWhere));
+    const TensorArg& t = keep.back();
+    check_elem(t, Elem::Float32, kWhere);
+    check_shape(t, specs[i].shape, kWhere);
+    check_contiguous(t, kWhere);
+    check_device(t, false, kWhere);
+    ptr[i] = t.data<float>();
+  }
+  LiteWeights w;
+  w.lq = lq; w.ld = ld; w.r1 = r1; w.c = c;
+  for (int i = 0; i < 4; ++i) {
+    const double e = eps[i].cast<double>();
+    FASTRANK_CHECK(e >= 0.0 && e < 1e30, kWhere << ": LayerNorm eps must be finite and >= 0, got " << e);
+    w.eps[i] = static_cast<float>(e);
+  }
+  w.w1p = ptr[0]; w.b1 = ptr[1]; w.w2p = ptr[2]; w.u2 = ptr[3]; w.c2 = ptr[4]; w.g2 = ptr[5]; w.be2 = ptr[6];
+  w.v1p = ptr[7]; w.cb1 = ptr[8]; w.g3 = ptr[9]; w.be3 = ptr[10]; w.v2p = ptr[11]; w.cb2 = ptr[12];
+  w.g4 = ptr[13]; w.be4 = ptr[14]; w.wo = ptr[15];
+  w.bo = static_cast<float>(bo);
+  w.w1b = nullptr; w.w2b = nullptr; w.u2b = nullptr;
+  return w;
+}
+
+// The row MLP's bfloat16 pairs (LiteWeights::w1b, w2b as int32 bit patterns; u2b float32), or None.
+void read_bf16_weights(py::handle obj, LiteWeights& w, std::vector<TensorArg>& keep) {
+  if (obj.is_none()) return;
+  const py::sequence seq = py::reinterpret_borrow<py::sequence>(obj);
+  FASTRANK_CHECK(py::len(seq) == 3, kWhere << ": expected 3 bfloat16 weight tensors (w1b, w2b, u2b) or None, got "
+                                           << py::len(seq));
+  const int64_t P = cpu::kLitePanel, B = cpu::kLiteRowBlock;
+  const int64_t R1p = padded(w.r1, P), ldp = padded(w.ld, P);
+  const char* names[3] = {"w1b", "w2b", "u2b"};
+  const std::vector<int64_t> shapes[3] = {{R1p / B, (w.ld + 1) / 2, B}, {ldp / P, R1p / 2, P}, {ldp}};
+  const Elem elems[3] = {Elem::Int32, Elem::Int32, Elem::Float32};
+  for (int i = 0; i < 3; ++i) {
+    keep.push_back(tensor_arg(seq[i], names[i], kWhere));
+    const TensorArg& t = keep.back();
+    check_elem(t, elems[i], kWhere);
+    check_shape(t, shapes[i], kWhere);
+    check_contiguous(t, kWhere);
+    check_device(t, false, kWhere);
+  }
+  const size_t n = keep.size();
+  w.w1b = keep[n - 3].data<uint32_t>();
+  w.w2b = keep[n - 2].data<uint32_t>();
+  w.u2b = keep[n - 1].data<float>();
+}
+
+void lite_forward(const std::string& isa, py::handle q, py::handle d, py::handle q_mask, py::handle d_mask,
+                  py::sequence weights, py::handle bf16_weights, int64_t lq, int64_t ld, int64_t r1, int64_t c,
+                  py::sequence eps, double bo, py::handle out_obj, int threads) {
+  const PaddedArgs a = padded_problem(q, d, q_mask, d_mask, threads, false, kWhere);
+  const MaxSimProblem& p = a.p;
+  std::vector<TensorArg> keep;
+  keep.reserve(20);  // the weights' TensorArgs stay put while their pointers are in use
+  LiteWeights w = read_weights(weights, lq, ld, r1, c, eps, bo, keep);
+  read_bf16_weights(bf16_weights, w, keep);
+  FASTRANK_CHECK(p.Lq <= lq, kWhere << ": q has " << p.Lq << " tokens but the scorer takes at most lq=" << lq);
+  FASTRANK_CHECK(p.Ld <= ld, kWhere << ": d has " << p.Ld << " tokens but the scorer takes at most ld=" << ld);
+  const TensorArg out = tensor_arg(out_obj, "out", kWhere);
+  check_output(out, Elem::Float32, {p.F, p.Y, p.X}, kWhere);
+  check_device(out, false, kWhere);
+  const ForwardFn fn = kernel_for(isa);
+  if (out.numel() == 0) return;
+  py::gil_scoped_release nogil;
+  fn(p, a.dtype, a.q, a.d, w, out.mutable_data<float>());
+}
+
+void register_lite(py::module_& m) {
+  using py::arg;
+  m.def("lite_forward", &lite_forward,
+        "Fused separable LITE forward on CPU with the named ISA path: q (F,Y,Lq,H) and d (F,X,Ld,H) of one float "
+        "dtype (last dim stride 1), masks bool (F,Y,X,Lq) / (F,Y,X,Ld) or None, Lq <= lq and Ld <= ld; weights: the "
+        "16 packed float32 tensors of fastrank/ops/lite_cpu.py (shapes checked); bf16_weights: the row MLP's bfloat16 "
+        "pairs (w1b, w2b int32, u2b float32), which bfloat16 inputs use on a path with AVX512-BF16, or None; "
+        "eps: the 4 LayerNorm epsilons; "
+        "bo: the output bias; out float32 (F,Y,X), contiguous.",
+        arg("isa"), arg("q"), arg("d"), arg("q_mask"), arg("d_mask"), arg("weights"), arg("bf16_weights"), arg("lq"), arg("ld"), arg("r1"),
+        arg("c"), arg("eps"), arg("bo"), arg("out"), arg("threads"));
+}
+
+}  // namespace
+
+FASTRANK_REGISTER(register_lite);
+
+}  // namespace fastrank

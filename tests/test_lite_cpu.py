@@ -1,0 +1,229 @@
+"""The fused LITE forward on the CPU (csrc/cpu/lite_kernels.inc; fastrank/ops/lite_cpu.py) against the
+float64 reference, on every ISA path this CPU has (forced with cpu_isa.use, as FASTRANK_CPU_ISA does): the
+three broadcast forms, masks, odd sizes, the paper's sizes, float32 / bfloat16 / float16 inputs, Small-LITE's
+projection, hostile padding, determinism, the packing cache and dispatch."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fastrank import BackendUnavailableError, LiteScorer, _ext, cpu_isa, dispatch, lite_ref, lite_score
+from fastrank.ops import lite_cpu
+from fastrank.ops.lite import dispatch_context, scorer_params
+
+pytestmark = pytest.mark.skipif(_ext.load() is None, reason="needs the compiled extension")
+PATHS = cpu_isa.available()
+SMALL = dict(lq=8, ld=16, row_hidden=40, col_hidden=24)
+ODD = dict(lq=7, ld=37, row_hidden=45, col_hidden=33)  # nothing a multiple of the 8-row blocks or 32-wide panels
+PAPER = dict(lq=30, ld=200, row_hidden=2400, col_hidden=360)
+# Forward error against the float64 truth, relative to the largest |truth|: float32 accumulation through two
+# wide layers and four LayerNorms (the LayerNorm after the wide row layer folded into the next Linear).
+FWD_TOL = dict(float32=2e-5, widened=2e-5, bf16_dot=4e-2)
+
+
+def _scorer(seed=0, proj=None, **sizes) -> LiteScorer:
+    """Random weights, not the init: LayerNorm affines away from (1, 0) and non-zero biases, so that a kernel
+    that dropped gamma, beta or a bias would fail. Linear weights ~ 1/sqrt(fan_in) keep scores O(1)."""
+    scorer = LiteScorer(**(sizes or SMALL), proj_dim=proj[1], embed_dim=proj[0]) if proj else LiteScorer(**(sizes or SMALL))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in scorer.modules():
+            if isinstance(mod, nn.Linear):
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) / mod.in_features ** 0.5)
+                if mod.bias is not None:
+                    mod.bias.copy_(0.3 * torch.randn(mod.bias.shape, generator=g))
+            elif isinstance(mod, nn.LayerNorm):
+                mod.weight.copy_(1 + 0.5 * torch.randn(mod.weight.shape, generator=g))
+                mod.bias.copy_(0.3 * torch.randn(mod.bias.shape, generator=g))
+    return scorer.requires_grad_(False)
+
+
+def _case(form, lq, ld, h, *, seed, masks=True):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {
+        "rerank": ((lq, h), (5, ld, h), (lq,), (5, ld)),
+        "grouped": ((2, 1, lq, h), (2, 3, ld, h), (2, 1, lq), (2, 3, ld)),
+        "allpairs": ((3, 1, lq, h), (1, 3, ld, h), (3, 1, lq), (1, 3, ld)),
+    }[form]
+    q = torch.randn(shapes[0], generator=g) / h ** 0.25
+    d = torch.randn(shapes[1], generator=g) / h ** 0.25
+    q_mask = d_mask = None
+    if masks:
+        q_mask = torch.rand(shapes[2], generator=g) < 0.8
+        d_mask = torch.rand(shapes[3], generator=g) < 0.7
+        d_mask.view(-1, ld)[1] = False  # a fully padded document
+    return q, d, q_mask, d_mask
+
+
+def _truth(q, d, q_mask, d_mask, scorer):
+    return lite_ref(q.double(), d.double(), q_mask, d_mask, scorer=copy.deepcopy(scorer).double())
+
+
+def _assert_close(got, want, rtol, what=""):
+    assert got.dtype == torch.float32 and got.shape == want.shape, what
+    err, scale = (got.double() - want).abs().max().item(), want.abs().max().item()
+    assert err <= rtol * scale + 1e-6, f"{what}: max error {err:.3g}, max |truth| {scale:.3g}"
+
+
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("form", ["rerank", "grouped", "allpairs"])
+@pytest.mark.parametrize("sizes,lq,ld,h", [(SMALL, 8, 16, 32), (SMALL, 5, 11, 59), (ODD, 7, 37, 13), (ODD, 3, 20, 1)])
+def test_float32_matches_the_reference_on_every_path(isa, form, sizes, lq, ld, h):
+    scorer = _scorer(seed=lq + ld, **sizes)
+    q, d, q_mask, d_mask = _case(form, lq, ld, h, seed=lq * 10 + h)
+    with cpu_isa.use(isa):
+        out = lite_score(q, d, q_mask, d_mask, scorer=scorer, backend="cpp")
+    _assert_close(out, _truth(q, d, q_mask, d_mask, scorer), FWD_TOL["float32"], f"{isa} {form}")
+
+
+@pytest.mark.parametrize("isa", PATHS)
+def test_paper_sizes_match_the_reference(isa):
+    scorer = _scorer(seed=5, **PAPER)
+    q, d, q_mask, d_mask = _case("rerank", 30, 200, 128, seed=11)
+    with cpu_isa.use(isa):
+        out = lite_score(q, d, q_mask, d_mask, scorer=scorer, backend="cpp")
+        unmasked = lite_score(q[:17], d[:, :133], scorer=scorer, backend="cpp")
+    _assert_close(out, _truth(q, d, q_mask, d_mask, scorer), FWD_TOL["float32"], isa)
+    _assert_close(unmasked, _truth(q[:17], d[:, :133], None, None, scorer), FWD_TOL["float32"], isa)
+
+
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sizes,lq,ld,h", [(ODD, 7, 37, 13), (PAPER, 30, 200, 128)])
+def test_16bit_inputs_match_the_reference_on_the_rounded_values(isa, dtype, sizes, lq, ld, h):
+    """16-bit inputs and weights are widened to float32 (float32 accuracy on the rounded values), except
+    bfloat16 on a path with AVX512-BF16, whose row MLP rounds S and each hidden chunk to bfloat16 before its
+    dot products (float32 accumulation): about 2^-9 relative per rounding, the GPU kernels' bound."""
+    scorer = _scorer(seed=lq, **sizes).to(dtype)
+    q, d, q_mask, d_mask = _case("grouped", lq, ld, h, seed=3)
+    q, d = q.to(dtype), d.to(dtype)
+    with cpu_isa.use(isa):
+        out = lite_score(q, d, q_mask, d_mask, scorer=scorer, backend="cpp")
+    kind = "bf16_dot" if lite_cpu.uses_bf16_dot(dtype, isa) else "widened"
+    _assert_close(out, _truth(q, d, q_mask, d_mask, scorer), FWD_TOL[kind], f"{isa} {dtype} ({kind})")
+
+
+@pytest.mark.parametrize("isa", PATHS)
+def test_small_lite_projection_runs_fused(isa):
+    scorer = _scorer(seed=2, proj=(48, 16), **SMALL)
+    q, d, q_mask, d_mask = _case("rerank", 8, 16, 48, seed=4)
+    with cpu_isa.use(isa):
+        out = lite_score(q, d, q_mask, d_mask, scorer=scorer, backend="cpp")
+    _assert_close(out, _truth(q, d, q_mask, d_mask, scorer), 1e-4, isa)
+
+
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("poison", [float("inf"), float("nan")])
+def test_masked_tokens_are_never_read(isa, poison):
+    """Padding may hold anything: a masked token full of inf or NaN scores as the same token zeroed."""
+    scorer = _scorer(seed=1)
+    q, d, q_mask, d_mask = _case("rerank", 8, 16, 24, seed=8)
+    q_bad, d_bad = q.clone(), d.clone()
+    q_bad[~q_mask] = poison
+    d_bad[~d_mask] = poison
+    with cpu_isa.use(isa):
+        out = lite_score(q_bad, d_bad, q_mask, d_mask, scorer=scorer, backend="cpp")
+        clean = lite_score(q, d, q_mask, d_mask, scorer=scorer, backend="cpp")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, clean, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("isa", PATHS)
+def test_nan_in_a_real_token_reaches_only_its_score(isa):
+    scorer = _scorer(seed=1)
+    q, d, _, _ = _case("rerank", 8, 16, 24, seed=9, masks=False)
+    d[2, 3, 5] = float("nan")
+    with cpu_isa.use(isa):
+        out = lite_score(q, d, scorer=scorer, backend="cpp")
+    assert torch.isnan(out[2]) and torch.isfinite(out[[0, 1, 3, 4]]).all()
+
+
+@pytest.mark.parametrize("isa", PATHS)
+def test_deterministic_and_independent_of_the_thread_count(isa):
+    """Each pair is scored by one thread in a fixed order of operations, and the row MLP's grouping of pairs
+    (which follows the thread count) does not change any element's sum: bitwise the same scores."""
+    scorer = _scorer(seed=6, **ODD)
+    q, d, q_mask, d_mask = _case("allpairs", 7, 37, 13, seed=12)
+    threads = torch.get_num_threads()
+    try:
+        with cpu_isa.use(isa):
+            runs = []
+            for n in (1, 2, 3, 1):
+                torch.set_num_threads(n)
+                runs.append(lite_score(q, d, q_mask, d_mask, scorer=scorer, backend="cpp"))
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        torch.testing.assert_close(other, runs[0], rtol=0, atol=0)
+
+
+def test_an_updated_scorer_is_repacked():
+    """The packing is cached per scorer state: an in-place update (an optimiser step) must not score with
+    stale weights, and neither must a new scorer."""
+    scorer = _scorer(seed=3)
+    q, d, _, _ = _case("rerank", 8, 16, 24, seed=1, masks=False)
+    before = lite_score(q, d, scorer=scorer, backend="cpp")
+    with torch.no_grad():
+        scorer.row_mlp[0].weight.mul_(1.5)
+    after = lite_score(q, d, scorer=scorer, backend="cpp")
+    assert not torch.equal(before, after)
+    _assert_close(after, _truth(q, d, None, None, scorer), FWD_TOL["float32"])
+    for seed in (4, 5, 6):  # fresh scorers, possibly where a freed one lived
+        fresh = _scorer(seed=seed)
+        _assert_close(lite_score(q, d, scorer=fresh, backend="cpp"), _truth(q, d, None, None, fresh), FWD_TOL["float32"])
+
+
+def test_dispatch_runs_the_kernel_for_inference_and_eager_for_training():
+    scorer = _scorer(seed=7)
+    q, d, q_mask, d_mask = _case("rerank", 8, 16, 24, seed=2)
+    params, lq, ld, _ = scorer_params(scorer)
+    isa = cpu_isa.selected()
+    infer = dispatch.explain("lite", (q, d, q_mask, d_mask), **dispatch_context(q, params, lq, ld))
+    train = dispatch.explain("lite", (q, d, q_mask, d_mask), **dispatch_context(q, params, lq, ld, needs_grad=True))
+    assert train.chosen == "reference" and "forward only" in "; ".join(train["cpp"])
+    if isa == "scalar":
+        assert infer.chosen == "reference" and "scalar" in "; ".join(infer["cpp"])
+    else:
+        assert infer.chosen == "cpp" and f"ISA path {isa}" in infer.kernel and "LITE" in infer.kernel
+    # Training through lite_score: gradients arrive (eager), and forcing the kernel says why it cannot.
+    trainable = copy.deepcopy(scorer).requires_grad_(True)
+    lite_score(q, d, q_mask, d_mask, scorer=trainable).sum().backward()
+    assert trainable.out.weight.grad is not None
+    with pytest.raises(BackendUnavailableError, match="forward only"):
+        lite_score(q, d, q_mask, d_mask, scorer=trainable, backend="cpp")
+
+
+def test_the_extension_checks_the_packed_weights():
+    """The kernel reads the packed weights by the scorer's sizes: a tensor of the wrong shape, dtype or layout
+    is refused with its name, never read out of bounds."""
+    ext = _ext.require()
+    scorer = _scorer(seed=8)
+    params, lq, ld, eps = scorer_params(scorer)
+    weights, bo = lite_cpu.pack(params)
+    q, d = torch.randn(1, 1, lq, 24), torch.randn(1, 2, ld, 24)
+    out = torch.empty(1, 1, 2)
+    args = lambda w, bf=None, r1=params[0].shape[0]: (cpu_isa.selected(), q, d, None, None, w, bf, lq, ld, r1,  # noqa: E731
+                                                       params[8].shape[0], eps, bo, out, 1)
+    ext.lite_forward(*args(weights))
+    _assert_close(out.reshape(-1), _truth(q[0, 0], d[0], None, None, scorer), FWD_TOL["float32"])
+    bad_shape = list(weights)
+    bad_shape[2] = bad_shape[2][:, :-1]
+    with pytest.raises(ValueError, match="w2p"):
+        ext.lite_forward(*args(bad_shape))
+    bad_dtype = list(weights)
+    bad_dtype[0] = bad_dtype[0].double()
+    with pytest.raises(ValueError, match="w1p"):
+        ext.lite_forward(*args(bad_dtype))
+    strided = list(weights)
+    strided[15] = torch.stack([strided[15], strided[15]], 1)[:, 0]
+    with pytest.raises(ValueError, match="wo"):
+        ext.lite_forward(*args(strided))
+    with pytest.raises(ValueError, match="w1p"):  # sizes that disagree with the tensors
+        ext.lite_forward(*args(weights, r1=params[0].shape[0] + 40))
+    with pytest.raises(ValueError, match="u2b"):
+        w1b, w2b, u2b = lite_cpu.pack_bf16(params)
+        ext.lite_forward(*args(weights, [w1b, w2b, u2b[:-1]]))
+    with pytest.raises(ValueError, match="lq"):
+        ext.lite_forward(cpu_isa.selected(), torch.randn(1, 1, lq + 1, 24), d, None, None, weights, None, lq, ld,
+                         params[0].shape[0], params[8].shape[0], eps, bo, out, 1)
