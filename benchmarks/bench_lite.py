@@ -10,8 +10,7 @@ numerator for every provider), speedups over eager and torch.compile from this r
 
 The fastrank row forces the kernel (Triton on CUDA, the C++ kernel on CPU), so a silent fallback to the
 reference (a scorer wider than the kernel tile, an unsupported dtype) fails the row instead of timing eager
-under fastrank's name. The CPU kernel is forward only, so the CPU training shape times eager alone, and
-torch.compile of the reference is left out on CPU (Inductor spends minutes compiling C++ for these shapes).
+under fastrank's name. torch.compile of the reference is left out on CPU (Inductor spends minutes compiling C++ for these shapes).
 """
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ CUDA = torch.cuda.is_available()
 CASES = cuda_cases() if CUDA else cpu_cases()
 PARAMS = [pytest.param(case, provider, id=f"{case.name}-{str(case.dtype)[6:]}-{provider}".replace(" ", "_").replace("=", ""))
           for case in CASES  # eager first within each shape
-          for provider in (PROVIDERS if CUDA else default_providers("cpu", False, case.backward))]
+          for provider in (PROVIDERS if CUDA else default_providers("cpu", False))]
 
 
 @pytest.mark.parametrize("case,provider", PARAMS)

@@ -133,8 +133,8 @@ def test_sections_cover_their_providers_and_sweeps(tiny_result):
     assert {f"fastrank:{i}" for i in machine.isa_paths() if i != "scalar"} <= maxsim
     assert {r["provider"] for r in rows if r["op"] == "losses"} == {"eager", "fastrank"}
     lite = {r["provider"] for r in rows if r["op"] == "lite"}
-    assert lite == {"eager", "fastrank"}  # the C++ kernel, forced (forward cases)
-    assert any("forward only" in n for n in tiny_result["notes"])
+    assert lite == {"eager", "fastrank"}  # the C++ kernels, forced
+    assert any("C++ LITE kernels" in n for n in tiny_result["notes"])
     fits = {(f["op"], f["sweep"].split(" ")[0], f["provider"]) for f in tiny_result["fits"]}
     assert {("maxsim", "docs", "fastrank"), ("maxsim", "Ld", "eager"), ("lite", "batch", "eager"),
             ("losses", "B", "fastrank")} <= fits

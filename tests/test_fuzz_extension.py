@@ -2,6 +2,7 @@
 transposed storage and expanded rows, and hostile index values (negative, huge, decreasing). Each case must
 either match the reference computed on clean contiguous copies, or raise a ValueError that names the
 argument at fault. Run under scripts/sanitize.sh, this is also the AddressSanitizer's workload."""
+import copy
 import math
 
 import pytest
@@ -253,7 +254,8 @@ def test_every_entry_point_is_fuzzed():
     """A new extension function must join this file: the list of those fuzzed above is checked against the
     module's own."""
     fuzzed = {"maxsim_forward", "maxsim_backward", "maxsim_packed_forward", "maxsim_packed_backward",
-              "distill_forward", "inbatch_ce_forward", "maxsim_residual_forward", "centroid_candidates_cpu", "lite_forward"}
+              "distill_forward", "inbatch_ce_forward", "maxsim_residual_forward", "centroid_candidates_cpu", "lite_forward",
+              "lite_backward"}
     # Not kernels: cpuid queries, the thread count, the element codes (tests/test_element_codes.py), and the
     # host-side index-math self-test of the CUDA code.
     informational = {"cpu_isa_support", "cpu_flags", "num_threads", "has_cuda", "has_openmp", "ELEMENT_CODES"}
@@ -459,9 +461,23 @@ def test_lite_extension_reads_any_layout_it_accepts_and_names_the_bad_argument(c
         expected = expected + ["lq"]
     if expected:
         with pytest.raises(ValueError, match="|".join(expected)):
-            ext.lite_forward(isa, q, d, qm, dm, weights, None, lq, ld, r1, c, eps, bo, out, 1)
+            ext.lite_forward(isa, q, d, qm, dm, weights, None, lq, ld, r1, c, eps, bo, out, None, 1)
         return
-    ext.lite_forward(isa, q, d, qm, dm, weights, None, lq, ld, r1, c, eps, bo, out, 1)
-    want = lite_ref(case["q"][:, :, None].double(), case["d"][:, None].double(), case["q_mask"], case["d_mask"],
-                    scorer=scorer.double())
+    saved = lite_cpu.saved_buffers(out.numel(), params)
+    ext.lite_forward(isa, q, d, qm, dm, weights, None, lq, ld, r1, c, eps, bo, out, saved, 1)
+    scorer64 = copy.deepcopy(scorer).double().requires_grad_(True)
+    q64, d64 = case["q"].double().requires_grad_(), case["d"].double().requires_grad_()
+    want = lite_ref(q64[:, :, None], d64[:, None], case["q_mask"], case["d_mask"], scorer=scorer64)
     torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
+    # The backward through the same layouts, against float64 autograd; a saved buffer of the wrong shape is
+    # refused by name.
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(case["seed"]))
+    bad = [saved[0], saved[1], saved[2][:, :, :-1]] if case["seed"] % 5 == 0 else saved
+    if bad is not saved:
+        with pytest.raises(ValueError, match="a2"):
+            lite_cpu.backward_from(grad, q, d, qm, dm, params, lq, ld, eps, bad)
+        return
+    got = lite_cpu.backward_from(grad, q, d, qm, dm, params, lq, ld, eps, saved)
+    truth = torch.autograd.grad(want, [q64, d64, *scorer64.parameters()], grad.double())
+    for a, b in zip(got, truth):
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-4 * (1 + b.abs().max().item()))

@@ -446,8 +446,8 @@ def test_property_triton_interpret(problem):
 # Dispatch, torch.compile and torch.library registration
 # ---------------------------------------------------------------------------------------------------------
 def test_default_backend_on_cpu_is_the_cpu_kernel_and_triton_needs_cuda():
-    """Inference on CPU runs the C++ kernel (tests/test_lite_cpu.py) where the extension has a vector path,
-    else the reference; training runs the reference (the CPU kernel is forward only); CUDA is never touched."""
+    """On CPU the C++ kernels (tests/test_lite_cpu.py) run inference and training where the extension has a
+    vector path, else the reference; under torch.compile the reference; CUDA is never touched."""
     code = (
         "import torch, fastrank\n"
         "from fastrank import _ext, cpu_isa\n"
@@ -457,6 +457,8 @@ def test_default_backend_on_cpu_is_the_cpu_kernel_and_triton_needs_cuda():
         "kernel = _ext.load() is not None and cpu_isa.selected() != 'scalar'\n"
         "assert impl.backend == ('cpp' if kernel else 'reference'), impl.backend\n"
         "impl = fastrank.dispatch.choose('lite', (q, d), None, needs_grad=True, **ctx)\n"
+        "assert impl.backend == ('cpp' if kernel else 'reference'), impl.backend\n"
+        "impl = fastrank.dispatch.choose('lite', (q, d), None, compiling=True, **ctx)\n"
         "assert impl.backend == 'reference', impl.backend\n"
         "assert not torch.cuda.is_initialized()\n"
     )

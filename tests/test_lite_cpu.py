@@ -1,16 +1,17 @@
-"""The fused LITE forward on the CPU (csrc/cpu/lite_kernels.inc; fastrank/ops/lite_cpu.py) against the
-float64 reference, on every ISA path this CPU has (forced with cpu_isa.use, as FASTRANK_CPU_ISA does): the
-three broadcast forms, masks, odd sizes, the paper's sizes, float32 / bfloat16 / float16 inputs, Small-LITE's
-projection, hostile padding, determinism, the packing cache and dispatch."""
+"""The fused LITE kernels on the CPU (csrc/cpu/lite_kernels.inc; fastrank/ops/lite_cpu.py), forward and
+backward, against the float64 reference, on every ISA path this CPU has (forced with cpu_isa.use, as
+FASTRANK_CPU_ISA does): the three broadcast forms, masks, odd sizes, the paper's sizes, float32 / bfloat16 /
+float16 inputs, Small-LITE's projection, hostile padding, determinism, the packing cache and dispatch."""
 import copy
 
 import pytest
 import torch
 from torch import nn
 
-from fastrank import BackendUnavailableError, LiteScorer, _ext, cpu_isa, dispatch, lite_ref, lite_score
+from fastrank import LiteScorer, _ext, cpu_isa, dispatch, lite_ref, lite_score
 from fastrank.ops import lite_cpu
 from fastrank.ops.lite import dispatch_context, scorer_params
+from test_lite import _check
 
 pytestmark = pytest.mark.skipif(_ext.load() is None, reason="needs the compiled extension")
 PATHS = cpu_isa.available()
@@ -174,24 +175,70 @@ def test_an_updated_scorer_is_repacked():
         _assert_close(lite_score(q, d, scorer=fresh, backend="cpp"), _truth(q, d, None, None, fresh), FWD_TOL["float32"])
 
 
-def test_dispatch_runs_the_kernel_for_inference_and_eager_for_training():
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("form", ["rerank", "grouped", "allpairs"])
+@pytest.mark.parametrize("sizes,lq,ld,h", [(SMALL, 8, 16, 32), (ODD, 7, 37, 13), (ODD, 3, 20, 1)])
+def test_gradients_match_the_reference_on_every_path(isa, form, sizes, lq, ld, h):
+    """Forward and the gradients of q, d and every parameter against float64 lite_ref, held to the float32
+    reference's own error on the same problem (tests/test_lite.py's rule)."""
+    scorer = _scorer(seed=lq + ld, **sizes).requires_grad_(True)
+    with cpu_isa.use(isa):
+        _check(*_case(form, lq, ld, h, seed=lq * 10 + h), scorer, "cpp", perturbed_runs=2)
+
+
+@pytest.mark.parametrize("isa", PATHS)
+def test_paper_sizes_gradients_with_a_frozen_encoder(isa):
+    """The default training recipe: token embeddings without gradients (dS is then never formed), the head's
+    parameters with them; gradients as the float64 reference's, within float32's error of that problem."""
+    scorer = _scorer(seed=9, **PAPER).requires_grad_(True)
+    q, d, q_mask, d_mask = _case("grouped", 30, 200, 64, seed=5)
+    with cpu_isa.use(isa):
+        out = lite_score(q, d, q_mask, d_mask, scorer=scorer, backend="cpp")
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)) + 0.5
+    got = torch.autograd.grad(out, list(scorer.parameters()), upstream)
+    ref32 = lite_ref(q, d, q_mask, d_mask, scorer=scorer)
+    eager = torch.autograd.grad(ref32, list(scorer.parameters()), upstream)
+    scorer64 = copy.deepcopy(scorer).double()
+    ref = lite_ref(q.double(), d.double(), q_mask, d_mask, scorer=scorer64)
+    want = torch.autograd.grad(ref, list(scorer64.parameters()), upstream.double())
+    for (name, _), a, e, b in zip(scorer.named_parameters(), got, eager, want):
+        err, float32_err, scale = ((a.double() - b).abs().max().item(), (e.double() - b).abs().max().item(),
+                                   b.abs().max().item())
+        assert err <= max(1e-4 * scale + 1e-7, 4 * float32_err), f"{name}: {err:.3g} (float32 eager {float32_err:.3g})"
+
+
+@pytest.mark.parametrize("isa", PATHS)
+def test_gradients_are_deterministic(isa):
+    scorer = _scorer(seed=6, **ODD).requires_grad_(True)
+    q, d, q_mask, d_mask = _case("grouped", 7, 37, 13, seed=12)
+    runs = []
+    with cpu_isa.use(isa):
+        for _ in range(2):
+            qg, dg = q.clone().requires_grad_(), d.clone().requires_grad_()
+            out = lite_score(qg, dg, q_mask, d_mask, scorer=scorer, backend="cpp")
+            runs.append(torch.autograd.grad(out.sum(), [qg, dg, *scorer.parameters()]))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_dispatch_runs_the_kernel_for_inference_and_training():
     scorer = _scorer(seed=7)
     q, d, q_mask, d_mask = _case("rerank", 8, 16, 24, seed=2)
     params, lq, ld, _ = scorer_params(scorer)
     isa = cpu_isa.selected()
-    infer = dispatch.explain("lite", (q, d, q_mask, d_mask), **dispatch_context(q, params, lq, ld))
-    train = dispatch.explain("lite", (q, d, q_mask, d_mask), **dispatch_context(q, params, lq, ld, needs_grad=True))
-    assert train.chosen == "reference" and "forward only" in "; ".join(train["cpp"])
-    if isa == "scalar":
-        assert infer.chosen == "reference" and "scalar" in "; ".join(infer["cpp"])
-    else:
-        assert infer.chosen == "cpp" and f"ISA path {isa}" in infer.kernel and "LITE" in infer.kernel
-    # Training through lite_score: gradients arrive (eager), and forcing the kernel says why it cannot.
+    for needs_grad in (False, True):
+        ex = dispatch.explain("lite", (q, d, q_mask, d_mask), **dispatch_context(q, params, lq, ld, needs_grad, pairs=5))
+        if isa == "scalar":
+            assert ex.chosen == "reference" and "scalar" in "; ".join(ex["cpp"])
+        else:
+            assert ex.chosen == "cpp" and f"ISA path {isa}" in ex.kernel and "LITE" in ex.kernel
+    one = dispatch.explain("lite", (q[:1], d[:1]), **dispatch_context(q, params, lq, ld, pairs=1))
+    if torch.get_num_threads() > 1:
+        assert one.chosen == "reference" and "fewer (query, doc) pairs than threads" in "; ".join(one["cpp"])
+    # Training through lite_score reaches every parameter.
     trainable = copy.deepcopy(scorer).requires_grad_(True)
     lite_score(q, d, q_mask, d_mask, scorer=trainable).sum().backward()
-    assert trainable.out.weight.grad is not None
-    with pytest.raises(BackendUnavailableError, match="forward only"):
-        lite_score(q, d, q_mask, d_mask, scorer=trainable, backend="cpp")
+    assert all(p.grad is not None for p in trainable.parameters())
 
 
 def test_the_extension_checks_the_packed_weights():
@@ -204,7 +251,7 @@ def test_the_extension_checks_the_packed_weights():
     q, d = torch.randn(1, 1, lq, 24), torch.randn(1, 2, ld, 24)
     out = torch.empty(1, 1, 2)
     args = lambda w, bf=None, r1=params[0].shape[0]: (cpu_isa.selected(), q, d, None, None, w, bf, lq, ld, r1,  # noqa: E731
-                                                       params[8].shape[0], eps, bo, out, 1)
+                                                       params[8].shape[0], eps, bo, out, None, 1)
     ext.lite_forward(*args(weights))
     _assert_close(out.reshape(-1), _truth(q[0, 0], d[0], None, None, scorer), FWD_TOL["float32"])
     bad_shape = list(weights)
@@ -226,4 +273,4 @@ def test_the_extension_checks_the_packed_weights():
         ext.lite_forward(*args(weights, [w1b, w2b, u2b[:-1]]))
     with pytest.raises(ValueError, match="lq"):
         ext.lite_forward(cpu_isa.selected(), torch.randn(1, 1, lq + 1, 24), d, None, None, weights, None, lq, ld,
-                         params[0].shape[0], params[8].shape[0], eps, bo, out, 1)
+                         params[0].shape[0], params[8].shape[0], eps, bo, out, None, 1)

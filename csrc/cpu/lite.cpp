@@ -2,6 +2,7 @@
 // target; the kernel lives in isa/lite_<isa>.cpp (one source, csrc/cpu/lite_kernels.inc, compiled once per
 // ISA). Python packs the scorer's weights (fastrank/ops/lite_cpu.py) and names the path for each call; every
 // tensor, the packed weights included, is checked here on every call.
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -31,35 +32,41 @@ using cpu::Isa;
 using cpu::LiteWeights;
 using cpu::MaxSimProblem;
 
-using ForwardFn = void (*)(const MaxSimProblem&, int, const void*, const void*, const LiteWeights&, float*);
+using cpu::LiteBackward;
+using cpu::LiteSaved;
+using ForwardFn = void (*)(const MaxSimProblem&, int, const void*, const void*, const LiteWeights&, float*,
+                           const LiteSaved*);
+using BackwardFn = void (*)(const MaxSimProblem&, int, const void*, const void*, const LiteWeights&, const LiteSaved&,
+                            const LiteBackward&);
+struct Kernels { ForwardFn forward; BackwardFn backward; };
 
 constexpr const char* kWhere = "lite (cpp)";
 
-ForwardFn kernel_for(const std::string& name) {
+Kernels kernel_for(const std::string& name) {
   const cpu::IsaSupport& s = cpu::isa_support();
   for (int i = 0; i < cpu::kIsaCount; ++i) {
     const Isa isa = static_cast<Isa>(i);
     if (name != cpu::isa_name(isa)) continue;
     FASTRANK_CHECK(s.ok[i], kWhere << ": the CPU ISA path '" << name << "' cannot run here: " << s.reason[i]);
     switch (isa) {
-      case Isa::Scalar: return isa_scalar::lite_forward;
+      case Isa::Scalar: return {isa_scalar::lite_forward, isa_scalar::lite_backward};
 #ifdef FASTRANK_ISA_AVX2
-      case Isa::Avx2: return isa_avx2::lite_forward;
+      case Isa::Avx2: return {isa_avx2::lite_forward, isa_avx2::lite_backward};
 #endif
 #ifdef FASTRANK_ISA_AVX512
-      case Isa::Avx512: return isa_avx512::lite_forward;
+      case Isa::Avx512: return {isa_avx512::lite_forward, isa_avx512::lite_backward};
 #endif
 #ifdef FASTRANK_ISA_AVX512BF16
       // No AMX unit: an AMX CPU runs the AVX512-BF16 one (AMX implies AVX512-BF16, cpu_isa.cpp).
       case Isa::Avx512Bf16:
-      case Isa::Amx: return isa_avx512bf16::lite_forward;
+      case Isa::Amx: return {isa_avx512bf16::lite_forward, isa_avx512bf16::lite_backward};
 #endif
       default: break;
     }
   }
   FASTRANK_CHECK(false, kWhere << ": unknown CPU ISA path '" << name
                                << "' (expected one of scalar, avx2, avx512, avx512bf16, amx)");
-  return nullptr;
+  return {nullptr, nullptr};
 }
 
 int64_t padded(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
@@ -132,24 +139,95 @@ void read_bf16_weights(py::handle obj, LiteWeights& w, std::vector<TensorArg>& k
   w.u2b = keep[n - 1].data<float>();
 }
 
-void lite_forward(const std::string& isa, py::handle q, py::handle d, py::handle q_mask, py::handle d_mask,
-                  py::sequence weights, py::handle bf16_weights, int64_t lq, int64_t ld, int64_t r1, int64_t c,
-                  py::sequence eps, double bo, py::handle out_obj, int threads) {
-  const PaddedArgs a = padded_problem(q, d, q_mask, d_mask, threads, false, kWhere);
-  const MaxSimProblem& p = a.p;
-  std::vector<TensorArg> keep;
-  keep.reserve(20);  // the weights' TensorArgs stay put while their pointers are in use
-  LiteWeights w = read_weights(weights, lq, ld, r1, c, eps, bo, keep);
-  read_bf16_weights(bf16_weights, w, keep);
+// Float32 tensors of exactly these shapes, contiguous, on the CPU (outputs and the saved activations).
+std::vector<const TensorArg*> read_float_tensors(py::handle obj, std::initializer_list<const char*> names,
+                                                 const std::vector<std::vector<int64_t>>& shapes,
+                                                 std::vector<TensorArg>& keep) {
+  const py::sequence seq = py::reinterpret_borrow<py::sequence>(obj);
+  FASTRANK_CHECK(py::len(seq) == names.size(), kWhere << ": expected " << names.size() << " tensors ("
+                                                      << *names.begin() << ", ...), got " << py::len(seq));
+  std::vector<const TensorArg*> out;
+  size_t i = 0;
+  for (const char* name : names) {
+    keep.push_back(tensor_arg(seq[i], name, kWhere));
+    const TensorArg& t = keep.back();
+    check_output(t, Elem::Float32, shapes[i], kWhere);
+    check_device(t, false, kWhere);
+    ++i;
+  }
+  for (size_t j = keep.size() - names.size(); j < keep.size(); ++j) out.push_back(&keep[j]);
+  return out;
+}
+
+struct Call {
+  PaddedArgs a;
+  LiteWeights w;
+  LiteSaved saved{nullptr, nullptr, nullptr};
+  int64_t pairs;
+};
+
+Call read_call(py::handle q, py::handle d, py::handle q_mask, py::handle d_mask, py::sequence weights,
+               py::handle bf16_weights, int64_t lq, int64_t ld, int64_t r1, int64_t c, py::sequence eps, double bo,
+               py::handle saved, int threads, std::vector<TensorArg>& keep) {
+  keep.reserve(48);  // no reallocation: the pointers read below stay valid
+  Call call{padded_problem(q, d, q_mask, d_mask, threads, false, kWhere), LiteWeights{}, {}, 0};
+  const MaxSimProblem& p = call.a.p;
+  call.w = read_weights(weights, lq, ld, r1, c, eps, bo, keep);
+  read_bf16_weights(bf16_weights, call.w, keep);
   FASTRANK_CHECK(p.Lq <= lq, kWhere << ": q has " << p.Lq << " tokens but the scorer takes at most lq=" << lq);
   FASTRANK_CHECK(p.Ld <= ld, kWhere << ": d has " << p.Ld << " tokens but the scorer takes at most ld=" << ld);
+  call.pairs = p.F * p.Y * p.X;
+  if (!saved.is_none()) {
+    const int64_t P = cpu::kLitePanel;
+    const auto t = read_float_tensors(saved, {"h1", "st1", "a2"},
+                                      {{call.pairs, lq, padded(r1, P)}, {call.pairs, lq, 2}, {call.pairs, lq, padded(ld, P)}},
+                                      keep);
+    call.saved = {t[0]->mutable_data<float>(), t[1]->mutable_data<float>(), t[2]->mutable_data<float>()};
+  }
+  return call;
+}
+
+void lite_forward(const std::string& isa, py::handle q, py::handle d, py::handle q_mask, py::handle d_mask,
+                  py::sequence weights, py::handle bf16_weights, int64_t lq, int64_t ld, int64_t r1, int64_t c,
+                  py::sequence eps, double bo, py::handle out_obj, py::handle saved, int threads) {
+  std::vector<TensorArg> keep;
+  const Call call = read_call(q, d, q_mask, d_mask, weights, bf16_weights, lq, ld, r1, c, eps, bo, saved, threads, keep);
+  const MaxSimProblem& p = call.a.p;
   const TensorArg out = tensor_arg(out_obj, "out", kWhere);
   check_output(out, Elem::Float32, {p.F, p.Y, p.X}, kWhere);
   check_device(out, false, kWhere);
-  const ForwardFn fn = kernel_for(isa);
+  const Kernels k = kernel_for(isa);
   if (out.numel() == 0) return;
   py::gil_scoped_release nogil;
-  fn(p, a.dtype, a.q, a.d, w, out.mutable_data<float>());
+  k.forward(p, call.a.dtype, call.a.q, call.a.d, call.w, out.mutable_data<float>(),
+            saved.is_none() ? nullptr : &call.saved);
+}
+
+void lite_backward(const std::string& isa, py::handle q, py::handle d, py::handle q_mask, py::handle d_mask,
+                   py::sequence weights, int64_t lq, int64_t ld, int64_t r1, int64_t c, py::sequence eps, double bo,
+                   py::handle saved, py::handle raw, py::handle grad_obj, py::handle ds_obj, py::handle grads_obj,
+                   int threads) {
+  FASTRANK_CHECK(!saved.is_none(), kWhere << ": the backward needs the saved activations (h1, st1, a2)");
+  std::vector<TensorArg> keep;
+  const Call call = read_call(q, d, q_mask, d_mask, weights, py::none(), lq, ld, r1, c, eps, bo, saved, threads, keep);
+  const MaxSimProblem& p = call.a.p;
+  const int64_t P = cpu::kLitePanel;
+  const int64_t R1p = padded(r1, P), ldp = padded(ld, P), Cp = padded(c, P), lqp = padded(lq, P);
+  const auto w = read_float_tensors(raw, {"w1r", "w2r", "v1r", "v2r", "g1", "be1"},
+                                    {{R1p, ldp}, {ldp, R1p}, {Cp, lqp}, {lqp, Cp}, {R1p}, {R1p}}, keep);
+  const int64_t nf = R1p * ldp + 3 * R1p + ldp * R1p + 3 * ldp + Cp * lqp + 3 * Cp + lqp * Cp + 3 * lqp + lq * ld + 1;
+  const auto o = read_float_tensors(py::make_tuple(grad_obj, grads_obj), {"grad", "grads"}, {{call.pairs}, {nf}}, keep);
+  float* ds = nullptr;
+  if (!ds_obj.is_none()) ds = read_float_tensors(py::make_tuple(ds_obj), {"ds"}, {{call.pairs, lq, ld}}, keep)[0]->mutable_data<float>();
+  const Kernels k = kernel_for(isa);
+  LiteBackward b{w[0]->data<float>(), w[1]->data<float>(), w[2]->data<float>(), w[3]->data<float>(),
+                 w[4]->data<float>(), w[5]->data<float>(), o[0]->data<float>(), ds, o[1]->mutable_data<float>()};
+  if (call.pairs == 0) {
+    std::fill(b.grads, b.grads + nf, 0.0f);
+    return;
+  }
+  py::gil_scoped_release nogil;
+  k.backward(p, call.a.dtype, call.a.q, call.a.d, call.w, call.saved, b);
 }
 
 void register_lite(py::module_& m) {
@@ -160,9 +238,18 @@ void register_lite(py::module_& m) {
         "16 packed float32 tensors of fastrank/ops/lite_cpu.py (shapes checked); bf16_weights: the row MLP's bfloat16 "
         "pairs (w1b, w2b int32, u2b float32), which bfloat16 inputs use on a path with AVX512-BF16, or None; "
         "eps: the 4 LayerNorm epsilons; "
-        "bo: the output bias; out float32 (F,Y,X), contiguous.",
+        "bo: the output bias; out float32 (F,Y,X), contiguous; saved: None (inference) or (h1, st1, a2) float32 "
+        "(see lite_backward), written for the backward (the forward then runs float32).",
         arg("isa"), arg("q"), arg("d"), arg("q_mask"), arg("d_mask"), arg("weights"), arg("bf16_weights"), arg("lq"), arg("ld"), arg("r1"),
-        arg("c"), arg("eps"), arg("bo"), arg("out"), arg("threads"));
+        arg("c"), arg("eps"), arg("bo"), arg("out"), arg("saved"), arg("threads"));
+  m.def("lite_backward", &lite_backward,
+        "Fused separable LITE backward on CPU (float32): the call's forward arguments, the activations its training "
+        "forward saved (h1 (P,lq,R1p), st1 (P,lq,2), a2 (P,lq,ldp)), the padded unpacked weights (w1r (R1p,ldp), "
+        "w2r (ldp,R1p), v1r (Cp,lqp), v2r (lqp,Cp), g1, be1 (R1p)), grad float32 (P,); writes ds (P,lq,ld) (None: "
+        "q and d need no gradient, and dS is not formed) and grads, every "
+        "parameter's gradient in one float32 block (lite_cpu.h). Every tensor is checked.",
+        arg("isa"), arg("q"), arg("d"), arg("q_mask"), arg("d_mask"), arg("weights"), arg("lq"), arg("ld"), arg("r1"),
+        arg("c"), arg("eps"), arg("bo"), arg("saved"), arg("raw"), arg("grad"), arg("ds"), arg("grads"), arg("threads"));
 }
 
 }  // namespace

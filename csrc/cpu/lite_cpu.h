@@ -44,16 +44,46 @@ struct LiteWeights {
   const float* u2b;       // (ldp): u2 summed from the bfloat16-rounded W2g, so that the fold stays exact
 };
 
+// Training: what the forward saves for the backward (per pair, rows i < lq: the row MLP's ReLU'd hidden layer,
+// its LayerNorm's mean and rstd, and the second Linear's output before its ReLU), and what the backward reads
+// and writes. Weights unpacked but padded, row-major: w1r (R1p, ldp) = W1, w2r (ldp, R1p) = W2 (not folded),
+// v1r (Cp, lqp) = V1, v2r (lqp, Cp) = V2, and that LayerNorm's g1, be1 (R1p). grads: one float32 block laid out as kLiteGradOrder says, sums over
+// every pair (padded: dW1 (R1p, ldp), dW2 (ldp, R1p), dV1 (Cp, lqp), dV2 transposed (Cp, lqp), the vectors
+// padded like their packed forms, dwo (lq * ld), dbo (1)).
+struct LiteSaved {
+  float* h1;   // (pairs, lq, R1p)
+  float* st1;  // (pairs, lq, 2): mean, rstd
+  float* a2;   // (pairs, lq, ldp)
+};
+struct LiteBackward {
+  const float* w1r;
+  const float* w2r;
+  const float* v1r;
+  const float* v2r;
+  const float* g1;    // (R1p): the LayerNorm after the row MLP's hidden layer, folded away in LiteWeights
+  const float* be1;   // (R1p)
+  const float* grad;  // (pairs): dL/dscore
+  float* ds;          // (pairs, lq, ld): dL/dS, zero at padded and masked positions; nullptr: not wanted
+  float* grads;       // the parameter gradients, kLiteGradOrder
+};
+// The parameter gradients' order and sizes in LiteBackward::grads (in floats; R1p, ldp, Cp, lqp as above):
+// w1 R1p*ldp, b1 R1p, g1 R1p, be1 R1p, w2 ldp*R1p, b2 ldp, g2 ldp, be2 ldp, v1 Cp*lqp, cb1 Cp, g3 Cp, be3 Cp,
+// v2^T Cp*lqp, cb2 lqp, g4 lqp, be4 lqp, wo lq*ld, bo 1.
+
 }  // namespace cpu
 }  // namespace fastrank
 
 // Every ISA translation unit defines this entry point in its own namespace, fastrank::isa_<name>.
 // p: the pairs (q (F, Y, Lq, H), d (F, X, Ld, H), masks), Lq <= lq and Ld <= ld; dtype: the element code of
-// q and d (float32, float16 or bfloat16); out: (F, Y, X) float32.
+// q and d (float32, float16 or bfloat16); out: (F, Y, X) float32. With `saved` (training), the forward runs in
+// float32 whatever the dtype and writes what the backward reads; lite_backward then writes dS and the
+// parameter gradients (LiteBackward).
 #define FASTRANK_DECLARE_LITE_ISA(NS)                                                                 \
   namespace fastrank {                                                                                \
   namespace NS {                                                                                      \
   void lite_forward(const cpu::MaxSimProblem& p, int dtype, const void* q, const void* d,             \
-                    const cpu::LiteWeights& w, float* out);                                           \
+                    const cpu::LiteWeights& w, float* out, const cpu::LiteSaved* saved);              \
+  void lite_backward(const cpu::MaxSimProblem& p, int dtype, const void* q, const void* d,            \
+                     const cpu::LiteWeights& w, const cpu::LiteSaved& saved, const cpu::LiteBackward& b); \
   }                                                                                                   \
   }

@@ -226,7 +226,7 @@ def _add_sweep_options(p) -> None:
 
 
 SWEEP_HELP = {
-    "lite": "LITE pairs/s: eager reference, torch.compile, fastrank (CUDA), with the batch-size sweep",
+    "lite": "LITE pairs/s: eager reference, torch.compile, fastrank (the Triton kernels on CUDA, the C++ kernel on CPU), with the batch-size sweep",
     "losses": "distillation losses fwd+bwd queries/s: eager, torch.compile, fastrank, with the B x K sweep",
     "index": "DenseIndex queries/s against raw FAISS on the same index, with the corpus-size sweep",
 }

@@ -6,8 +6,7 @@ Providers, each checked against :func:`fastrank.lite_ref` before it is timed:
 - ``compile``: ``torch.compile`` of the reference (CPU: only when asked; Inductor compiles C++ for minutes);
 - ``fastrank``: :func:`fastrank.lite_score` forced onto its kernel (Triton on CUDA, the C++ kernel on CPU), so
   that a silent fallback to the reference (a scorer wider than the kernel tile, an unsupported dtype) fails
-  the row instead of timing eager under fastrank's name. The CPU kernel is forward only: CPU training cases
-  time eager alone (a fastrank row there would time the reference against itself).
+  the row instead of timing eager under fastrank's name.
 
 The unit is pairs/s (query-document pairs scored). The batch sweep re-ranks 1 query against N documents.
 """
@@ -22,8 +21,8 @@ from fastrank.ops.lite import lite_ref, lite_score
 
 LQ, LD, ROW_HIDDEN, COL_HIDDEN = 30, 200, 2400, 360
 PROVIDERS = ("eager", "compile", "fastrank")
-CPU_FORWARD_ONLY = ("the CPU LITE kernel is forward only: CPU forward+backward cases time eager alone (lite_score "
-                    "runs eager when gradients are needed)")
+CPU_NOTE = ("CPU: the fastrank rows run the C++ LITE kernels (forward; training: forward saving the row MLP's "
+            "hidden layer, then the fused backward); inference rows run under torch.no_grad() for every provider")
 
 
 @dataclass(frozen=True)
@@ -143,15 +142,17 @@ def provider_fn(provider: str, case: LiteCase, inputs, scorer):
 
 
 def check(got, want, dtype: torch.dtype) -> None:
-    # bf16 inputs and weights through two 2400/360-wide layers: compare at bf16's resolution.
-    tol = 1e-3 if dtype == torch.float32 else 5e-2
+    # bf16 inputs and weights through two 2400/360-wide layers: compare at bf16's resolution. Gradients in
+    # float32: the training case is ill-conditioned (float32 eager itself is up to 7e-3 off float64 in dd,
+    # at the default init), so two float32 computations of it are held to 3e-2, still far below a wrong one.
+    tol = 5e-2 if dtype != torch.float32 else 3e-2 if isinstance(got, tuple) else 1e-3
     for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * b.float().abs().max().item())
 
 
-def default_providers(device: str, compile: bool, backward: bool = False) -> list[str]:
+def default_providers(device: str, compile: bool) -> list[str]:
     if not device.startswith("cuda"):
-        return ["eager"] + (["compile"] if compile else []) + ([] if backward else ["fastrank"])
+        return ["eager"] + (["compile"] if compile else []) + ["fastrank"]
     return list(PROVIDERS)
 
 
@@ -165,10 +166,10 @@ def section(settings, probes) -> tuple[list[dict], list[str]]:
     fixed = cuda_cases() if device.startswith("cuda") else cpu_cases()
     cases = [c for c in fixed if not settings.tiny and settings.wants(c.dtype_name)]
     sweeps = [c for dt in dtypes for c in batch_sweep(device, settings.quick, settings.tiny, dt)]
-    notes = [] if device.startswith("cuda") else [CPU_FORWARD_ONLY]
+    notes = [] if device.startswith("cuda") else [CPU_NOTE]
     rows = []
     for case in cases + sweeps:
-        providers = default_providers(device, settings.compile, case.backward)
+        providers = default_providers(device, settings.compile)
         swept = case in sweeps
         scorer = case.scorer(device)
         inputs = case.make(device)

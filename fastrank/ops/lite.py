@@ -58,7 +58,7 @@ from torch import Tensor
 
 from fastrank import cpu_isa, dispatch
 from fastrank.ops import lite_cpu
-from fastrank.ops.lite_cpu import fold_layernorm
+from fastrank.ops.lite_cpu import fold_layernorm, masked_tokens_zeroed
 from fastrank.ops.pairs import DOUBLE_BACKWARD_ERROR, QUERY_TILE, check_pair_inputs, cuda_arch, device_guard, dot_precision
 from fastrank.ops.pairs import dtype_reasons, pow2
 from fastrank.ops.pairs import canonicalize as _canonicalize
@@ -618,31 +618,13 @@ def triton_backward(grad, q, d, q_mask, d_mask, params, lq: int, ld: int, eps) -
         totals = part if totals is None else [a + b for a, b in zip(totals, part)]
     # dS is 0 at masked tokens, but a masked token may hold inf or NaN and 0 * inf is NaN: the host matmuls
     # take q and d with their masked tokens zeroed.
-    d_dq, d_sub = _masked_tokens_zeroed(d, d_mask, pair_axis=1)
-    q_dd, q_sub = _masked_tokens_zeroed(q, q_mask, pair_axis=2)
+    d_dq, d_sub = masked_tokens_zeroed(d, d_mask, pair_axis=1)
+    q_dd, q_sub = masked_tokens_zeroed(q, q_mask, pair_axis=2)
     dq = torch.einsum(f"fyxij,{d_sub}->fyih", ds, d_dq.float()).to(q.dtype)
     dd = torch.einsum(f"fyxij,{q_sub}->fxjh", ds, q_dd.float()).to(d.dtype)
     dbo = grad.sum().reshape(bo.shape)
     grads = totals + [dbo]
     return [dq.contiguous(), dd.contiguous()] + [gr.to(p.dtype).reshape(p.shape) for gr, p in zip(grads, params)]
-
-
-def _masked_tokens_zeroed(t: Tensor, mask: Optional[Tensor], pair_axis: int) -> tuple[Tensor, str]:
-    """``t`` (q as (F, Y, Lq, H) or d as (F, X, Ld, H)) with the tokens its canonical mask (F, Y, X, L)
-    turns off set to 0, and the einsum subscripts of the result. ``pair_axis`` is the mask axis that ``t``
-    does not have (X for q, Y for d). A mask constant along it zeroes ``t`` in place of a copy of the same
-    size; a mask that varies along it (a per-pair mask) needs a per-pair copy, (F, Y, X, L, H), made only
-    when ``t`` holds a non-finite value, the one case where the zeroing changes the product."""
-    plain = "fyih" if pair_axis == 2 else "fxjh"
-    if mask is None:
-        return t, plain
-    if mask.shape[pair_axis] == 1 or mask.stride(pair_axis) == 0:
-        keep = mask.select(pair_axis, 0).unsqueeze(-1)
-        return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device)), plain
-    if bool(torch.isfinite(t).all()):
-        return t, plain
-    per_pair = torch.where(mask.unsqueeze(-1), t.unsqueeze(pair_axis), torch.zeros((), dtype=t.dtype, device=t.device))
-    return per_pair, "fyxih" if pair_axis == 2 else "fyxjh"
 
 
 def _kernel_reasons(*, dtype: torch.dtype, weight_dtype: torch.dtype, lq: int, ld: int,
@@ -693,7 +675,7 @@ _TRITON = dispatch.Kernels(triton_forward, triton_backward)
 dispatch.register("lite", "triton", _TRITON, reasons=_kernel_reasons)
 dispatch.register("lite", "triton_interpret", _TRITON, reasons=lambda **ctx: _kernel_reasons(interpreter=True, **ctx),
                   slower=lambda **_: ["the Triton interpreter checks the GPU kernels on CPU; it never outruns eager"])
-dispatch.register("lite", "cpp", dispatch.Kernels(lite_cpu.forward, lite_cpu.backward), reasons=lite_cpu.reasons, slower=lite_cpu.slower,
+dispatch.register("lite", "cpp", dispatch.Kernels(lite_cpu.score), reasons=lite_cpu.reasons, slower=lite_cpu.slower,
                   describe=lite_cpu.describe)
 
 
@@ -825,10 +807,11 @@ def _project(scorer, q: Tensor, d: Tensor, q_mask: Optional[Tensor], d_mask: Opt
 def dispatch_context(q: Tensor, params: list[Tensor], lq: int, ld: int, needs_grad: bool = False,
                      pairs: Optional[int] = None) -> dict:
     """What the backends' reasons look at: the dtypes, the scorer's lq and ld, whether the call needs
-    gradients (the CPU kernel is forward only) and, on the CPU, the ISA path and whether there are fewer
+    gradients, whether torch.compile is tracing and, on the CPU, the ISA path and whether there are fewer
     pairs than threads. For :func:`fastrank.dispatch.explain`:
     ``explain("lite", (q, d), **dispatch_context(q, scorer_params(scorer)[0], lq, ld, pairs=len(d)))``."""
-    ctx = dict(dtype=q.dtype, weight_dtype=params[0].dtype, lq=lq, ld=ld, needs_grad=needs_grad)
+    ctx = dict(dtype=q.dtype, weight_dtype=params[0].dtype, lq=lq, ld=ld, needs_grad=needs_grad,
+               compiling=torch.compiler.is_compiling())
     if q.device.type == "cpu":
         ctx["isa"] = cpu_isa.selected()
         # Not traced: a compiled graph is a training step or a batch, and get_num_threads breaks the graph.
@@ -885,12 +868,12 @@ def lite_score(
     ctx = dispatch_context(q, params, lq, ld, needs_grad, math.prod(batch))
     impl = dispatch.choose("lite", (q, d, q_mask, d_mask), backend, **ctx)
     kernels = dispatch.kernels("lite", impl.backend, q)
-    if kernels.backward is None:  # eager PyTorch (the reference), which autograd differentiates itself
+    if math.prod(batch) == 0 or q.shape[-2] == 0 or d.shape[-2] == 0 or q.shape[-1] == 0:  # outside the kernels' contract
+        return _lite_math(q, d, q_mask, d_mask, params, lq, ld, eps)
+    if kernels.backward is None:  # eager PyTorch (the reference) or the CPU kernel, each with its own autograd
         if (lq > MAX_LQ or ld > MAX_LD) and dispatch.requested_backend(backend, "lite") is None:
             _warn_size_fallback((q, d, q_mask, d_mask), **ctx)
         return kernels.forward(q, d, q_mask, d_mask, params, lq, ld, eps)
-    if math.prod(batch) == 0 or q.shape[-2] == 0 or d.shape[-2] == 0 or q.shape[-1] == 0:  # outside the kernels' contract
-        return _lite_math(q, d, q_mask, d_mask, params, lq, ld, eps)
     c = _canonicalize(q, d, q_mask, d_mask, batch)
     if needs_grad or torch.compiler.is_compiling():
         scores = _lite_forward_op(c.q, c.d, c.q_mask, c.d_mask, params, lq, ld, eps, impl.backend)

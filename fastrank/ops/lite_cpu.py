@@ -4,7 +4,11 @@ weights packed for its micro-kernels, cached per scorer state, and the call into
 The kernel takes G pairs at a time, runs their row-MLP rows together through the 2400-wide hidden layer in
 256-unit chunks (the LayerNorm after it folded into the second Linear, see :func:`fold_layernorm`), then each
 pair's column MLP 32 columns at a time, and writes only the score: S and the hidden layers stay in cache.
-It is forward only: a call that needs gradients runs eager (the backward is not fused on the CPU).
+Training: the forward also writes the row MLP's ReLU'd hidden layer, its LayerNorm statistics and the
+second Linear's output (float32, what eager autograd would save in several copies), and the backward runs per
+group of pairs: each pair's column MLP forward and backward in cache, then the row MLP's backward as four
+GEMMs (dW2, dn1, dW1, dS) with its LayerNorms and ReLUs fused around them. dq = dS d and dd = dS^T q are
+einsums here. Under torch.compile the CPU kernel is not used (its autograd is a Python autograd.Function).
 
 Packing (float32 whatever the scorer's dtype; every padded position zero; lite_cpu.h names the layouts): the
 first Linear of each MLP as blocks of 8 output units (the A operand, so that the hidden layer comes out
@@ -23,6 +27,7 @@ import torch.nn.functional as F_
 from torch import Tensor
 
 from fastrank import _ext, cpu_isa
+from fastrank.ops.pairs import canonicalize
 
 ROW_BLOCK = 8  # cpu::kLiteRowBlock
 PANEL = 32  # cpu::kLitePanel
@@ -100,21 +105,22 @@ def pack_bf16(params: list[Tensor]) -> list[Tensor]:
 
 _CACHE_LOCK = threading.Lock()
 _CACHE: dict[tuple, tuple[tuple, object]] = {}
-_CACHE_SIZE = 8  # packings kept (float32 and bfloat16 of a training copy and an evaluation copy, say)
+_CACHE_SIZE = 12  # packings kept (forward, bfloat16 and backward of a training copy and an evaluation copy, say)
 
 
-def packed(params: list[Tensor], bf16: bool = False):
-    """:func:`pack` (or with ``bf16`` :func:`pack_bf16`), cached on the parameters' identities, storage and
+def packed(params: list[Tensor], bf16: bool = False, kind: str = ""):
+    """:func:`pack` (with ``bf16`` :func:`pack_bf16`, with ``kind="backward"`` :func:`pack_backward`), cached on the parameters' identities, storage and
     version counters: any in-place update, an optimiser step or ``load_state_dict`` included, bumps a version
     and so repacks. The entry holds weak references and is used only while they still point at these very
     tensors, so a new scorer allocated where a freed one was never inherits its packing. (A write through
     ``param.data`` bypasses version counters; call :func:`clear_cache` after one.)"""
-    key = (bf16,) + tuple((id(p), p.data_ptr(), p._version) for p in params)
+    kind = kind or ("bf16" if bf16 else "forward")
+    key = (kind,) + tuple((id(p), p.data_ptr(), p._version) for p in params)
     with _CACHE_LOCK:
         hit = _CACHE.get(key)
     if hit is not None and all(ref() is p for ref, p in zip(hit[0], params)):
         return hit[1]
-    value = pack_bf16(params) if bf16 else pack(params)
+    value = {"forward": pack, "bf16": pack_bf16, "backward": pack_backward}[kind](params)
     with _CACHE_LOCK:
         _CACHE.pop(key, None)
         while len(_CACHE) >= _CACHE_SIZE:
@@ -129,19 +135,134 @@ def clear_cache() -> None:
         _CACHE.clear()
 
 
+def pack_backward(params: list[Tensor]) -> list[Tensor]:
+    """What the backward reads besides the packed forward weights: W1, W2 (not folded), V1 and V2 zero-padded
+    and row-major (w1r (R1p, ldp), w2r (ldp, R1p), v1r (Cp, lqp), v2r (lqp, Cp)), and g1, be1 (R1p)."""
+    W1, g1, be1, W2, V1, V2 = (params[i].detach().float() for i in (0, 2, 3, 4, 8, 12))
+    r1, ld = W1.shape
+    c, lq = V1.shape
+
+    def pad(w, rows, cols):
+        return F_.pad(w, (0, cols - w.shape[1], 0, rows - w.shape[0])).contiguous()
+
+    r1p, ldp, cp, lqp = _padded(r1), _padded(ld), _padded(c), _padded(lq)
+    return [pad(W1, r1p, ldp), pad(W2, ldp, r1p), pad(V1, cp, lqp), pad(V2, lqp, cp), _vec(g1, r1p), _vec(be1, r1p)]
+
+
+def _sizes(params: list[Tensor]) -> tuple[int, int, int, int]:
+    return params[0].shape[0], params[0].shape[1], params[8].shape[0], params[8].shape[1]  # r1, ld, c, lq
+
+
 def forward(q: Tensor, d: Tensor, q_mask: Optional[Tensor], d_mask: Optional[Tensor], params: list[Tensor],
-            lq: int, ld: int, eps: list[float]) -> Tensor:
-    """Scores (F, Y, X) float32 of canonical q (F, Y, Lq, H) and d (F, X, Ld, H) (fastrank.ops.pairs)."""
+            lq: int, ld: int, eps: list[float], saved: Optional[list[Tensor]] = None) -> Tensor:
+    """Scores (F, Y, X) float32 of canonical q (F, Y, Lq, H) and d (F, X, Ld, H) (fastrank.ops.pairs); with
+    ``saved`` (:func:`saved_buffers`) the training forward, which fills them for :func:`backward_from`."""
     ext = _ext.require()
     isa = cpu_isa.selected()
     weights, bo = packed(params)
-    pairs = packed(params, bf16=True) if uses_bf16_dot(q.dtype, isa) else None
+    pairs = packed(params, bf16=True) if saved is None and uses_bf16_dot(q.dtype, isa) else None
     q = q if q.stride(-1) == 1 else q.contiguous()
     d = d if d.stride(-1) == 1 else d.contiguous()
     out = torch.empty((q.shape[0], q.shape[1], d.shape[1]), dtype=torch.float32)
-    ext.lite_forward(isa, q, d, q_mask, d_mask, weights, pairs, lq, ld, params[0].shape[0], params[8].shape[0],
-                     list(eps), bo, out, torch.get_num_threads())
+    r1, _, c, _ = _sizes(params)
+    ext.lite_forward(isa, q, d, q_mask, d_mask, weights, pairs, lq, ld, r1, c, list(eps), bo, out, saved,
+                     torch.get_num_threads())
     return out
+
+
+def saved_buffers(pairs: int, params: list[Tensor]) -> list[Tensor]:
+    """The training forward's outputs for the backward: h1 (pairs, lq, R1p), st1 (pairs, lq, 2), a2 (pairs, lq, ldp)."""
+    r1, ld, _, lq = _sizes(params)
+    return [torch.empty(pairs, lq, _padded(r1)), torch.empty(pairs, lq, 2), torch.empty(pairs, lq, _padded(ld))]
+
+
+def masked_tokens_zeroed(t: Tensor, mask: Optional[Tensor], pair_axis: int) -> tuple[Tensor, str]:
+    """``t`` (q as (F, Y, Lq, H) or d as (F, X, Ld, H)) with the tokens its canonical mask (F, Y, X, L)
+    turns off set to 0, and the einsum subscripts of the result. ``pair_axis`` is the mask axis that ``t``
+    does not have (X for q, Y for d). A mask constant along it zeroes ``t`` in place of a copy of the same
+    size; a mask that varies along it (a per-pair mask) needs a per-pair copy, (F, Y, X, L, H), made only
+    when ``t`` holds a non-finite value, the one case where the zeroing changes the product."""
+    plain = "fyih" if pair_axis == 2 else "fxjh"
+    if mask is None:
+        return t, plain
+    if mask.shape[pair_axis] == 1 or mask.stride(pair_axis) == 0:
+        keep = mask.select(pair_axis, 0).unsqueeze(-1)
+        return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device)), plain
+    if bool(torch.isfinite(t).all()):
+        return t, plain
+    per_pair = torch.where(mask.unsqueeze(-1), t.unsqueeze(pair_axis), torch.zeros((), dtype=t.dtype, device=t.device))
+    return per_pair, "fyxih" if pair_axis == 2 else "fyxjh"
+
+
+def backward_from(grad: Tensor, q: Tensor, d: Tensor, q_mask: Optional[Tensor], d_mask: Optional[Tensor],
+                  params: list[Tensor], lq: int, ld: int, eps: list[float], saved: list[Tensor],
+                  need_tokens: bool = True) -> list[Optional[Tensor]]:
+    """dq, dd (canonical shapes, the inputs' dtypes; None without ``need_tokens``, which skips forming dS, a
+    quarter of the backward's work) and every parameter's gradient (its shape and dtype) from the upstream
+    gradient (F, Y, X) and what the training forward saved."""
+    ext = _ext.require()
+    weights, bo = packed(params)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    d = d if d.stride(-1) == 1 else d.contiguous()
+    F, Y, Lq, _ = q.shape
+    X, Ld = d.shape[1], d.shape[2]
+    r1, _, c, _ = _sizes(params)
+    r1p, ldp, cp, lqp = _padded(r1), _padded(ld), _padded(c), _padded(lq)
+    ds = torch.empty(F * Y * X, lq, ld) if need_tokens else None
+    sizes = [r1p * ldp, r1p, r1p, r1p, ldp * r1p, ldp, ldp, ldp, cp * lqp, cp, cp, cp, lqp * cp, lqp, lqp, lqp, lq * ld, 1]
+    block = torch.empty(sum(sizes))
+    ext.lite_backward(cpu_isa.selected(), q, d, q_mask, d_mask, weights, lq, ld, r1, c, list(eps), bo, saved,
+                      packed(params, kind="backward"), grad.reshape(-1).float().contiguous(), ds, block,
+                      torch.get_num_threads())
+    parts = list(torch.split(block, sizes))
+    shapes = [(r1p, ldp), (r1p,), (r1p,), (r1p,), (ldp, r1p), (ldp,), (ldp,), (ldp,), (cp, lqp), (cp,), (cp,), (cp,),
+              (cp, lqp), (lqp,), (lqp,), (lqp,), (lq * ld,), (1,)]
+    parts[12] = parts[12].reshape(cp, lqp).t()  # the kernel sums dV2 transposed (lite_cpu.h)
+    shapes[12] = (lqp, cp)
+    grads = []
+    for part, shape, param in zip(parts, shapes, params):
+        g = part.reshape(shape)[tuple(slice(0, n) for n in param.shape)] if len(shape) == param.dim() else part
+        grads.append(g.reshape(param.shape).to(param.dtype))
+    if ds is None:
+        return [None, None] + grads
+    ds = ds.reshape(F, Y, X, lq, ld)[..., :Lq, :Ld]
+    d_dq, d_sub = masked_tokens_zeroed(d, d_mask, pair_axis=1)
+    q_dd, q_sub = masked_tokens_zeroed(q, q_mask, pair_axis=2)
+    dq = torch.einsum(f"fyxij,{d_sub}->fyih", ds, d_dq.float()).to(q.dtype)
+    dd = torch.einsum(f"fyxij,{q_sub}->fxjh", ds, q_dd.float()).to(d.dtype)
+    return [dq, dd] + grads
+
+
+class _TrainingLite(torch.autograd.Function):
+    # Canonical inputs; the activations the kernel saves ride on ctx (they are the kernel's own buffers).
+    @staticmethod
+    def forward(ctx, q, d, q_mask, d_mask, lq, ld, eps, *params):
+        saved = saved_buffers(q.shape[0] * q.shape[1] * d.shape[1], list(params))
+        out = forward(q, d, q_mask, d_mask, list(params), lq, ld, eps, saved)
+        ctx.lq, ctx.ld, ctx.eps = lq, ld, eps
+        ctx.save_for_backward(q, d, q_mask, d_mask, *saved, *params)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, d, q_mask, d_mask, h1, st1, a2, *params = ctx.saved_tensors
+        grads = backward_from(grad, q, d, q_mask, d_mask, params, ctx.lq, ctx.ld, ctx.eps, [h1, st1, a2],
+                              need_tokens=ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        return (grads[0], grads[1], None, None, None, None, None, *grads[2:])
+
+
+def score(q: Tensor, d: Tensor, q_mask: Optional[Tensor], d_mask: Optional[Tensor], params: list[Tensor],
+          lq: int, ld: int, eps: list[float]) -> Tensor:
+    """:func:`fastrank.lite_score` on the CPU kernel, from the op's own (checked, broadcast) arguments, with
+    autograd through the fused backward when any input or parameter needs a gradient."""
+    masks = [m.shape[:-1] for m in (q_mask, d_mask) if m is not None]
+    batch = torch.broadcast_shapes(q.shape[:-2], d.shape[:-2], *masks)
+    c = canonicalize(q, d, q_mask, d_mask, batch)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, d, *params)):
+        out = _TrainingLite.apply(c.q, c.d, c.q_mask, c.d_mask, lq, ld, list(eps), *params)
+    else:
+        out = forward(c.q, c.d, c.q_mask, c.d_mask, params, lq, ld, eps)
+    return c.restore(out)
 
 
 def uses_bf16_dot(dtype: torch.dtype, isa: str) -> bool:
@@ -149,7 +270,8 @@ def uses_bf16_dot(dtype: torch.dtype, isa: str) -> bool:
     return dtype == torch.bfloat16 and isa in ("avx512bf16", "amx")
 
 
-def reasons(*, device_types, dtype: torch.dtype, lq: int, needs_grad: bool = False, **_) -> list[str]:
+def reasons(*, device_types, dtype: torch.dtype, lq: int, needs_grad: bool = False, compiling: bool = False,
+            **_) -> list[str]:
     """What the C++ LITE kernel cannot take."""
     out = []
     if device_types != {"cpu"}:
@@ -158,8 +280,9 @@ def reasons(*, device_types, dtype: torch.dtype, lq: int, needs_grad: bool = Fal
         out.append(f"the C++ LITE kernel takes float32, float16 or bfloat16 inputs, got {dtype}")
     if lq > MAX_LQ:
         out.append(f"lq={lq} exceeds the C++ kernel's {MAX_LQ} query tokens")
-    if needs_grad:
-        out.append("the C++ LITE kernel is forward only (inference): a call that needs gradients runs eager")
+    if compiling:
+        out.append("under torch.compile the C++ LITE kernel is not traced (its autograd is a Python Function); "
+                   "the compiled graph runs the eager math")
     return out
 
 
@@ -185,7 +308,3 @@ def describe(*, isa: str = "", dtype: torch.dtype = torch.float32, **_) -> str:
     return f"C++ CPU kernel (fused LITE forward), ISA path {isa}: {kernel}"
 
 
-def backward(*_args, **_kwargs):
-    # Never chosen for a call that needs gradients (reasons() says why); reaching here is a dispatch bug.
-    raise RuntimeError("fastrank.lite_score: the C++ CPU LITE kernel is forward only; a call that needs "
-                       "gradients must run the eager reference (backend='reference')")
