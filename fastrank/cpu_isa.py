@@ -1,5 +1,6 @@
 """Which instruction-set path the CPU kernels run: the best this CPU, its OS and this build support,
-unless ``FASTRANK_CPU_ISA`` or :func:`use` forces a lower one.
+unless ``FASTRANK_CPU_ISA`` or :func:`use` forces a lower one, or :data:`FASTER_PATHS` records that a lower
+path measured faster on this kind of CPU for that op and dtype (:func:`selected_for`, :func:`why`).
 
 The compiled extension carries every path (``scalar``, ``avx2``, ``avx512``, ``avx512bf16``, ``amx``), each
 compiled with its own target flags, and checks cpuid (and, for AMX, the Linux tile permission) once per
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -94,6 +96,76 @@ def _best() -> str:
     if _SUPPORT is not None:  # the extension answered; without it, ask again next time
         _BEST = best
     return best
+
+
+# Where a lower path measured faster than the best one the CPU supports, for one op and input dtype: chosen by
+# speed, not by what the CPU has. A table keyed by CPU vendor and best path (not a timing at first use: the
+# choice, and so the summation order of every score, must not change between two runs on one machine), each
+# entry with its measurement. FASTRANK_CPU_ISA and use() still force any path.
+@dataclass(frozen=True)
+class FasterPath:
+    vendor: str      # cpuid's vendor string
+    best: str        # the path the CPU's flags make best, which this entry replaces
+    op: str          # "maxsim": the padded and packed MaxSim kernels (one kernel source)
+    dtype: str       # torch dtype name
+    path: str
+    evidence: str
+
+
+FASTER_PATHS: tuple[FasterPath, ...] = (
+    FasterPath("AuthenticAMD", "avx512bf16", "maxsim", "float16", "avx2",
+               "float16 MaxSim on AMD Zen 4 (2-core EPYC VM, 1 x 1,000 H=128, fastrank bench maxsim): the avx2 "
+               "path's F16C widening ran 135,071 docs/s (2.84x eager) against the avx512bf16 path's 123,946 "
+               "(2.61x) (benchmarks/results/maxsim_isa_by_speed_epyc_zen4.md)"),
+    FasterPath("GenuineIntel", "avx512bf16", "maxsim", "bfloat16", "avx512",
+               "bfloat16 MaxSim on Intel without usable AMX (the 2-core Xeon VM's avx512bf16 path, 1 x 1,000 H=128): "
+               "vdpbf16ps issues at half the FMA rate there, and the avx512 path's widening FMAs ran 168,991 "
+               "docs/s against 114,588 (benchmarks/results/maxsim_cpu_xeon_amx.md)"),
+)
+
+_VENDOR: str | None = None
+
+
+def vendor() -> str:
+    """cpuid's vendor string as Linux reports it (``vendor_id`` in /proc/cpuinfo), "" when unknown."""
+    global _VENDOR
+    if _VENDOR is None:
+        _VENDOR = ""
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    if line.startswith("vendor_id"):
+                        _VENDOR = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+    return _VENDOR
+
+
+def _faster(op: str, dtype: torch.dtype) -> FasterPath | None:
+    if getattr(_forced, "name", None) is not None or (os.environ.get(ENV_VAR) or None) is not None:
+        return None
+    best, name = _best(), str(dtype).replace("torch.", "")
+    for entry in FASTER_PATHS:
+        if (entry.op, entry.dtype, entry.best, entry.vendor) == (op, name, best, vendor()) and not support()[entry.path]:
+            return entry
+    return None
+
+
+@torch.compiler.assume_constant_result
+def selected_for(op: str, dtype: torch.dtype) -> str:
+    """The path ``op``'s CPU kernels run on ``dtype`` inputs: :func:`selected`, unless nothing forces a path
+    and :data:`FASTER_PATHS` has a faster lower one for this CPU (:func:`why` says which and why)."""
+    entry = _faster(op, dtype)
+    return entry.path if entry is not None else selected()
+
+
+def why(op: str, dtype: torch.dtype) -> str:
+    """Why :func:`selected_for` picks a lower path than :func:`selected` for ``op`` on ``dtype`` ("" when not)."""
+    entry = _faster(op, dtype)
+    if entry is None:
+        return ""
+    return f"{entry.path} rather than {entry.best}, chosen by speed on this CPU ({entry.vendor}): {entry.evidence}"
 
 
 @contextlib.contextmanager

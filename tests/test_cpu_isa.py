@@ -138,6 +138,45 @@ def test_environment_variable_forces_a_path(monkeypatch):
     _check(q, d, qm, dm, "cpp")
 
 
+def test_a_faster_lower_path_is_chosen_by_speed_and_explained(monkeypatch):
+    """FASTER_PATHS: where a lower path measured faster for an op and dtype on a kind of CPU, that path runs
+    (the others keep the best), dispatch.explain says why, and FASTRANK_CPU_ISA or use() still force a path."""
+    monkeypatch.delenv(cpu_isa.ENV_VAR, raising=False)
+    for entry in cpu_isa.FASTER_PATHS:
+        monkeypatch.setattr(cpu_isa, "_VENDOR", entry.vendor)
+        monkeypatch.setattr(cpu_isa, "_BEST", entry.best)
+        monkeypatch.setattr(cpu_isa, "_SUPPORT", {name: "" for name in cpu_isa.PATHS})
+        dtype = getattr(torch, entry.dtype)
+        assert cpu_isa.selected_for(entry.op, dtype) == entry.path
+        reason = cpu_isa.why(entry.op, dtype)
+        assert entry.path in reason and entry.best in reason and "by speed" in reason
+        assert cpu_isa.selected_for(entry.op, torch.float64) == entry.best and cpu_isa.why(entry.op, torch.float64) == ""
+        assert cpu_isa.selected_for("lite", dtype) == entry.best
+        with cpu_isa.use(entry.best):
+            assert cpu_isa.selected_for(entry.op, dtype) == entry.best
+        monkeypatch.setenv(cpu_isa.ENV_VAR, entry.best)
+        assert cpu_isa.selected_for(entry.op, dtype) == entry.best and cpu_isa.why(entry.op, dtype) == ""
+        monkeypatch.delenv(cpu_isa.ENV_VAR)
+        monkeypatch.setattr(cpu_isa, "_VENDOR", "SomeOtherVendor")
+        assert cpu_isa.selected_for(entry.op, dtype) == entry.best
+
+
+def test_this_cpus_faster_paths_run_and_are_explained(monkeypatch):
+    monkeypatch.delenv(cpu_isa.ENV_VAR, raising=False)
+    q, d = torch.randn(32, 128), torch.randn(64, 200, 128)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        path, reason = cpu_isa.selected_for("maxsim", dtype), cpu_isa.why("maxsim", dtype)
+        assert (path != cpu_isa.selected()) == bool(reason)
+        ex = dispatch.explain("maxsim", (q.to(dtype), d.to(dtype)))
+        if ex.chosen == "cpp":
+            assert f"ISA path {path}" in ex.kernel and (not reason or reason in ex.kernel)
+        if path == "scalar":
+            continue
+        got = maxsim(q.to(dtype), d[:3].to(dtype), backend="cpp")  # the path the table chose, bit for bit
+        with cpu_isa.use(path):
+            torch.testing.assert_close(got, maxsim(q.to(dtype), d[:3].to(dtype), backend="cpp"), rtol=0, atol=0)
+
+
 def test_unknown_path_is_a_clear_error(monkeypatch):
     monkeypatch.setenv(cpu_isa.ENV_VAR, "avx9000")
     with pytest.raises(ValueError, match="FASTRANK_CPU_ISA='avx9000' is not a CPU ISA path; expected one of amx"):
@@ -255,7 +294,7 @@ def _isa_objects():
 def test_isa_objects_define_no_weak_code_symbols():
     # A weak (COMDAT) function compiled with -mavx512f could be the copy the linker keeps for every caller,
     # and crash an AVX2-only CPU: the ISA units must define only their own entry points (MaxSim's two, the
-    # residual MaxSim's one).
+    # residual MaxSim's one, LITE's two).
     objects = _isa_objects()
     if not objects:
         pytest.skip("no build tree here (the extension was installed from a wheel)")
@@ -265,7 +304,8 @@ def test_isa_objects_define_no_weak_code_symbols():
                 and "DW.ref.__gxx_personality_v0" not in line]
         assert not weak, f"{obj} defines weak symbols: {weak[:5]}"
         exported = [line for line in out.splitlines() if " T " in line]
-        entry_points = ("::maxsim_forward(", "::maxsim_backward(", "::maxsim_residual_forward(")
+        entry_points = ("::maxsim_forward(", "::maxsim_backward(", "::maxsim_residual_forward(", "::lite_forward(",
+                        "::lite_backward(")
         assert all(any(name in line for name in entry_points) for line in exported), exported
 
 

@@ -326,7 +326,7 @@ def _triton_backward_tile(q, d, grad, argmax, need_dq: bool, need_dd: bool, dete
 # The extension's CPU and CUDA entry points take the same arguments but the last: the CPU ISA path and
 # thread count, or the CUDA stream. Which one a call takes is dispatch's choice (dispatch.kernels).
 def _cpu_entry(name: str) -> Callable:
-    return lambda ext, t, args: getattr(ext, name)(cpu_isa.selected(), *args, torch.get_num_threads())
+    return lambda ext, t, args: getattr(ext, name)(cpu_isa.selected_for("maxsim", t.dtype), *args, torch.get_num_threads())
 
 
 def _cuda_entry(name: str) -> Callable:
@@ -399,6 +399,13 @@ def _maxsim_cpu_slower(*, device_types, work: int = 64, one_gemm: bool = False, 
 def _cpp_describe(*, device_types, dtype: torch.dtype, isa: str = "", **_) -> str:
     if device_types != {"cpu"}:
         return "CUDA kernels of the compiled extension"
+    faster = cpu_isa.why("maxsim", dtype)
+    if faster:
+        return _cpu_kernel_text(isa, dtype) + f" ({faster})"
+    return _cpu_kernel_text(isa, dtype)
+
+
+def _cpu_kernel_text(isa: str, dtype: torch.dtype) -> str:
     vector = {"amx": "AVX-512", "avx512bf16": "AVX-512", "avx512": "AVX-512", "avx2": "AVX2"}.get(isa, "baseline SIMD")
     kernel = {
         ("amx", torch.bfloat16): "AMX-BF16 tiles (tdpbf16ps)",
@@ -585,7 +592,7 @@ def dispatch_context(q: Tensor, d: Tensor, batch, d_mask: Optional[Tensor] = Non
     gradient)."""
     ctx = {"dtype": q.dtype}
     if q.device.type == "cpu":
-        ctx["isa"] = cpu_isa.selected()
+        ctx["isa"] = cpu_isa.selected_for("maxsim", q.dtype)
     if torch.compiler.is_compiling():
         ctx["work"] = 64  # compiled graphs are training steps: the size-based rule is not traced
     else:

@@ -200,7 +200,7 @@ def _cpp_forward(q, tokens, offsets, q_mask, scales, save_argmax: bool, docs: Op
 
     def tile(qc, mc):
         out, arg = _forward_outputs(qc, n, save_argmax)
-        ext.maxsim_packed_forward(cpu_isa.selected(), qc, tokens, offsets, docs, scales, mc, out,
+        ext.maxsim_packed_forward(cpu_isa.selected_for("maxsim", qc.dtype), qc, tokens, offsets, docs, scales, mc, out,
                                   arg if save_argmax else None, torch.get_num_threads(), exact_int8)
         return out, arg
 
@@ -221,7 +221,7 @@ def _cpp_backward(q, tokens, offsets, grad, argmax, need_dq: bool, need_dt: bool
         dq = alloc(qc.shape, dtype=torch.float32) if need_dq else None
         dt = alloc(tokens.shape, dtype=torch.float32) if need_dt else None
         if n > 0 and (need_dq or need_dt):
-            ext.maxsim_packed_backward(cpu_isa.selected(), qc, tokens, offsets, grad, ac, dq, dt,
+            ext.maxsim_packed_backward(cpu_isa.selected_for("maxsim", qc.dtype), qc, tokens, offsets, grad, ac, dq, dt,
                                        torch.get_num_threads())
         return dq, dt
 
@@ -345,7 +345,7 @@ def dispatch_context(q: Tensor, tokens: Tensor, n: int, scales: Optional[Tensor]
     if scales is not None:
         ctx["exact_int8"] = exact_int8
     if q.device.type == "cpu":
-        ctx["isa"] = cpu_isa.selected()
+        ctx["isa"] = cpu_isa.selected_for("maxsim", q.dtype)
     if torch.compiler.is_compiling():
         ctx["work"] = 64
     else:
