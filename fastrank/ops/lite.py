@@ -19,6 +19,7 @@ applies r, m, u and c once at the end. The same fold serves the column MLP's 360
 
 Read top to bottom: the Triton forward and backward kernels, their launchers, the torch.library custom
 ops with their autograd, the public :func:`lite_score`, and :func:`lite_ref`, the reference that is the spec.
+The CPU kernels (C++, the same fold, per-ISA micro-kernels) are :mod:`fastrank.ops.lite_cpu`'s.
 
 Registers (issue 13: the kernels spilled at 255 registers): neither MLP's input is kept in registers as a
 dot operand (a 32 x 256 operand is held whole by every warp); each program writes it to a scratch tile of

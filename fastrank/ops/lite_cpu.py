@@ -27,12 +27,13 @@ import torch.nn.functional as F_
 from torch import Tensor
 
 from fastrank import _ext, cpu_isa
-from fastrank.ops.pairs import canonicalize
+from fastrank.ops.pairs import QUERY_TILE, canonicalize
 
 ROW_BLOCK = 8  # cpu::kLiteRowBlock
 PANEL = 32  # cpu::kLitePanel
-# The Lq limit of the extension's pair boundary (maxsim_boundary.h), which the LITE kernel shares.
-MAX_LQ = 64
+# The extension's pair boundary (maxsim_boundary.h), which the LITE kernels share, takes up to QUERY_TILE
+# query tokens per call.
+MAX_LQ = QUERY_TILE
 
 
 def fold_layernorm(weight: Tensor, gamma: Tensor, beta: Tensor, bias: Tensor, dtype: torch.dtype):
