@@ -109,19 +109,22 @@ _CACHE: dict[tuple, tuple[tuple, object]] = {}
 _CACHE_SIZE = 12  # packings kept (forward, bfloat16 and backward of a training copy and an evaluation copy, say)
 
 
-def packed(params: list[Tensor], bf16: bool = False, kind: str = ""):
-    """:func:`pack` (with ``bf16`` :func:`pack_bf16`, with ``kind="backward"`` :func:`pack_backward`), cached on the parameters' identities, storage and
-    version counters: any in-place update, an optimiser step or ``load_state_dict`` included, bumps a version
-    and so repacks. The entry holds weak references and is used only while they still point at these very
-    tensors, so a new scorer allocated where a freed one was never inherits its packing. (A write through
-    ``param.data`` bypasses version counters; call :func:`clear_cache` after one.)"""
-    kind = kind or ("bf16" if bf16 else "forward")
+def packed(params: list[Tensor], kind: str = "forward"):
+    """:func:`pack` (``kind`` "forward"), :func:`pack_bf16` ("bf16") or :func:`pack_backward` ("backward"),
+    cached on the parameters' identities, storage and version counters: any in-place update, an optimiser
+    step or ``load_state_dict`` included, bumps a version and so repacks. The entry holds weak references and
+    is used only while they still point at these very tensors, so a new scorer allocated where a freed one
+    was never inherits its packing. (A write through ``param.data`` bypasses version counters; call
+    :func:`clear_cache` after one.)"""
     key = (kind,) + tuple((id(p), p.data_ptr(), p._version) for p in params)
     with _CACHE_LOCK:
         hit = _CACHE.get(key)
     if hit is not None and all(ref() is p for ref, p in zip(hit[0], params)):
         return hit[1]
-    packer = {"forward": pack, "bf16": pack_bf16, "backward": pack_backward}.get(kind)
+    packers = {"forward": pack, "bf16": pack_bf16, "backward": pack_backward}
+    if kind not in packers:
+        raise ValueError(f"lite packing: kind must be one of {sorted(packers)}, got {kind!r}")
+    packer = packers[kind]
     value = packer(params)
     with _CACHE_LOCK:
         _CACHE.pop(key, None)
@@ -162,7 +165,7 @@ def forward(q: Tensor, d: Tensor, q_mask: Optional[Tensor], d_mask: Optional[Ten
     ext = _ext.require()
     isa = cpu_isa.selected()
     weights, bo = packed(params)
-    pairs = packed(params, bf16=True) if saved is None and uses_bf16_dot(q.dtype, isa) else None
+    pairs = packed(params, "bf16") if saved is None and uses_bf16_dot(q.dtype, isa) else None
     q = q if q.stride(-1) == 1 else q.contiguous()
     d = d if d.stride(-1) == 1 else d.contiguous()
     out = torch.empty((q.shape[0], q.shape[1], d.shape[1]), dtype=torch.float32)
@@ -214,7 +217,7 @@ def backward_from(grad: Tensor, q: Tensor, d: Tensor, q_mask: Optional[Tensor], 
     sizes = [r1p * ldp, r1p, r1p, r1p, ldp * r1p, ldp, ldp, ldp, cp * lqp, cp, cp, cp, lqp * cp, lqp, lqp, lqp, lq * ld, 1]
     block = torch.empty(sum(sizes))
     ext.lite_backward(cpu_isa.selected(), q, d, q_mask, d_mask, weights, lq, ld, r1, c, list(eps), bo, saved,
-                      packed(params, kind="backward"), grad.reshape(-1).float().contiguous(), ds, block,
+                      packed(params, "backward"), grad.reshape(-1).float().contiguous(), ds, block,
                       torch.get_num_threads())
     parts = list(torch.split(block, sizes))
     shapes = [(r1p, ldp), (r1p,), (r1p,), (r1p,), (ldp, r1p), (ldp,), (ldp,), (ldp,), (cp, lqp), (cp,), (cp,), (cp,),
