@@ -814,7 +814,7 @@ def dispatch_context(q: Tensor, params: list[Tensor], lq: int, ld: int, needs_gr
     ctx = dict(dtype=q.dtype, weight_dtype=params[0].dtype, lq=lq, ld=ld, needs_grad=needs_grad,
                compiling=torch.compiler.is_compiling())
     if q.device.type == "cpu":
-        ctx["isa"] = cpu_isa.selected()
+        ctx["isa"] = cpu_isa.selected_for("lite", q.dtype)
         # Not traced: a compiled graph is a training step or a batch, and get_num_threads breaks the graph.
         few = pairs is not None and not torch.compiler.is_compiling() and pairs < torch.get_num_threads()
         ctx["underfilled"] = few

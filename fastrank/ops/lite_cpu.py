@@ -163,7 +163,7 @@ def forward(q: Tensor, d: Tensor, q_mask: Optional[Tensor], d_mask: Optional[Ten
     """Scores (F, Y, X) float32 of canonical q (F, Y, Lq, H) and d (F, X, Ld, H) (fastrank.ops.pairs); with
     ``saved`` (:func:`saved_buffers`) the training forward, which fills them for :func:`backward_from`."""
     ext = _ext.require()
-    isa = cpu_isa.selected()
+    isa = cpu_isa.selected_for("lite", q.dtype)
     weights, bo = packed(params)
     pairs = packed(params, "bf16") if saved is None and uses_bf16_dot(q.dtype, isa) else None
     q = q if q.stride(-1) == 1 else q.contiguous()
@@ -216,7 +216,7 @@ def backward_from(grad: Tensor, q: Tensor, d: Tensor, q_mask: Optional[Tensor], 
     ds = torch.empty(F * Y * X, lq, ld) if need_tokens else None
     sizes = [r1p * ldp, r1p, r1p, r1p, ldp * r1p, ldp, ldp, ldp, cp * lqp, cp, cp, cp, lqp * cp, lqp, lqp, lqp, lq * ld, 1]
     block = torch.empty(sum(sizes))
-    ext.lite_backward(cpu_isa.selected(), q, d, q_mask, d_mask, weights, lq, ld, r1, c, list(eps), bo, saved,
+    ext.lite_backward(cpu_isa.selected_for("lite", q.dtype), q, d, q_mask, d_mask, weights, lq, ld, r1, c, list(eps), bo, saved,
                       packed(params, "backward"), grad.reshape(-1).float().contiguous(), ds, block,
                       torch.get_num_threads())
     parts = list(torch.split(block, sizes))
