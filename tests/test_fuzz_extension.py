@@ -255,7 +255,7 @@ def test_every_entry_point_is_fuzzed():
     module's own."""
     fuzzed = {"maxsim_forward", "maxsim_backward", "maxsim_packed_forward", "maxsim_packed_backward",
               "distill_forward", "inbatch_ce_forward", "maxsim_residual_forward", "centroid_candidates_cpu", "lite_forward",
-              "lite_backward"}
+              "lite_backward", "projection_forward", "projection_backward"}
     # Not kernels: cpuid queries, the thread count, the element codes (tests/test_element_codes.py), and the
     # host-side index-math self-test of the CUDA code.
     informational = {"cpu_isa_support", "cpu_flags", "num_threads", "has_cuda", "has_openmp", "ELEMENT_CODES"}
@@ -481,3 +481,66 @@ def test_lite_extension_reads_any_layout_it_accepts_and_names_the_bad_argument(c
     truth = torch.autograd.grad(want, [q64, d64, *scorer64.parameters()], grad.double())
     for a, b in zip(got, truth):
         torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-4 * (1 + b.abs().max().item()))
+
+
+@st.composite
+def projection_problems(draw):
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    n, h, p = draw(st.integers(0, 40)), draw(st.integers(1, 50)), draw(st.integers(1, 70))
+    return dict(h=torch.randn(n, h, generator=gen), w=torch.randn(p, h, generator=gen),
+                bias=torch.randn(p, generator=gen) if draw(st.booleans()) else None,
+                mask=torch.rand(n, generator=gen) > 0.3 if draw(st.booleans()) else None,
+                layout=draw(st.sampled_from(LAYOUTS[:4])), seed=draw(st.integers(0, 1000)),
+                hostile=draw(st.sampled_from([None, None, None, "wt_shape", "wt_layout", "mask_shape", "h_dtype",
+                                              "norms_shape", "wr_shape"])))
+
+
+@FUZZ
+@given(projection_problems())
+def test_projection_extension_reads_any_layout_it_accepts_and_names_the_bad_argument(case):
+    """Direct calls to ``_C.projection_forward`` / ``projection_backward`` with raw views and packed weights:
+    the C++ boundary alone decides what it reads, and the results are the float64 reference's."""
+    from fastrank.ops import projection
+
+    ext, isa = _ext.require(), cpu_isa.selected()
+    h, w, bias, mask = laid_out(case["h"], case["layout"]), case["w"], case["bias"], case["mask"]
+    n, p, hd = h.shape[0], w.shape[0], w.shape[1]
+    pp, hp = -(-p // 32) * 32, -(-hd // 32) * 32
+    wt = lite_cpu.b_panels(w, hd)
+    bp = None if bias is None else torch.nn.functional.pad(bias, (0, pp - p))
+    wr = torch.nn.functional.pad(w, (0, hp - hd, 0, pp - p))
+    out, norms = torch.empty(n, p), torch.empty(n)
+    expected = ["h"] if _needs_copy(h, False) else []
+    if case["hostile"] == "wt_shape":
+        wt, expected = wt[:, :-1], expected + ["wt"]
+    elif case["hostile"] == "wt_layout":
+        wide = torch.zeros(*wt.shape, 2)
+        wide[..., 0] = wt
+        wt, expected = wide[..., 0], expected + ["wt"]
+    elif case["hostile"] == "mask_shape":
+        mask, expected = torch.ones(n + 1, dtype=torch.bool), expected + ["mask"]
+    elif case["hostile"] == "h_dtype":
+        h, expected = h.double(), expected + ["h"]
+    elif case["hostile"] == "norms_shape":
+        norms, expected = torch.empty(n + 1), expected + ["norms"]
+    if expected:
+        with pytest.raises(ValueError, match="|".join(expected)):
+            ext.projection_forward(isa, h, mask, wt, bp, p, 1e-12, out, norms, 1)
+        return
+    ext.projection_forward(isa, h, mask, wt, bp, p, 1e-12, out, norms, 2)
+    h64, w64 = case["h"].double().requires_grad_(), w.double().requires_grad_()
+    b64 = None if bias is None else bias.double().requires_grad_()
+    want = projection.project_tokens_ref(h64, w64, b64, mask)
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
+    grad = torch.randn(n, p, generator=torch.Generator().manual_seed(case["seed"]))
+    dh, dw = torch.empty(n, hd), torch.empty(pp, hp)
+    db = None if bias is None else torch.empty(pp)
+    if case["hostile"] == "wr_shape":
+        with pytest.raises(ValueError, match="wr"):
+            ext.projection_backward(isa, h, mask, wt, bp, p, 1e-12, out, norms, grad, wr[:-1], dh, dw, db, 1)
+        return
+    ext.projection_backward(isa, h, mask, wt, bp, p, 1e-12, out, norms, grad, wr, dh, dw, db, 2)
+    truth = torch.autograd.grad(want, [h64, w64] + ([b64] if bias is not None else []), grad.double())
+    got = [dh, dw[:p, :hd]] + ([db[:p]] if bias is not None else [])
+    for a, b in zip(got, truth):
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-4 * (1 + b.abs().amax().item() if b.numel() else 1))

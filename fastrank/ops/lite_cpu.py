@@ -56,7 +56,7 @@ def _a_blocks(weight: Tensor) -> Tensor:
     return w.reshape(-1, ROW_BLOCK, fan_in).transpose(1, 2).contiguous()
 
 
-def _b_panels(weight: Tensor, k_padded: int) -> Tensor:
+def b_panels(weight: Tensor, k_padded: int) -> Tensor:
     # (out, k) -> (ceil(out / 32), k_padded, 32): panel p holds W[32p .. 32p + 31, :]^T.
     out, k = weight.shape
     w = F_.pad(weight.float(), (0, k_padded - k, 0, _padded(out) - out))
@@ -76,9 +76,9 @@ def pack(params: list[Tensor]) -> tuple[list[Tensor], float]:
     w2g, u2, c2 = fold_layernorm(W2, g1, be1, b2, torch.float32)
     r1p, ldp, cp, lqp = _padded(r1), _padded(ld), _padded(c), _padded(lq)
     packed = [
-        _a_blocks(W1), _vec(b1, r1p), _b_panels(w2g, r1p), _vec(u2, ldp), _vec(c2, ldp),
+        _a_blocks(W1), _vec(b1, r1p), b_panels(w2g, r1p), _vec(u2, ldp), _vec(c2, ldp),
         _vec(g2, ld), _vec(be2, ld),
-        _a_blocks(V1), _vec(cb1, cp), _vec(g3, cp), _vec(be3, cp), _b_panels(V2, cp), _vec(cb2, lqp),
+        _a_blocks(V1), _vec(cb1, cp), _vec(g3, cp), _vec(be3, cp), b_panels(V2, cp), _vec(cb2, lqp),
         _vec(g4, lq), _vec(be4, lq), wo.float().reshape(-1).contiguous(),
     ]
     return packed, float(bo.float().reshape(()))
@@ -101,7 +101,7 @@ def pack_bf16(params: list[Tensor]) -> list[Tensor]:
     w1 = F_.pad(_a_blocks(W1), (0, 0, 0, ld2 - ld))  # (R1p/8, ld2, 8)
     w2g, _, _ = fold_layernorm(W2, g1, be1, b2, torch.bfloat16)
     u2b = _vec(w2g.float().sum(dim=1), _padded(ld))
-    return [_bf16_pairs(w1), _bf16_pairs(_b_panels(w2g, _padded(r1))), u2b]
+    return [_bf16_pairs(w1), _bf16_pairs(b_panels(w2g, _padded(r1))), u2b]
 
 
 _CACHE_LOCK = threading.Lock()

@@ -4,7 +4,8 @@ Every head takes raw hidden states with masks and scores through fastrank's fuse
 through, so the same step runs on the eager references for comparison):
 
 - ``dense``:  masked mean pooling, L2-normalised, dot product (the encoder must train: no parameters here);
-- ``maxsim``: ColBERT: Linear(H -> proj_dim, no bias), L2-normalised tokens, :func:`fastrank.maxsim`;
+- ``maxsim``: ColBERT: Linear(H -> proj_dim, no bias) and L2 normalisation of the real tokens
+  (:func:`fastrank.ops.projection.project_tokens`), :func:`fastrank.maxsim`;
 - ``lite``:   L2-normalised tokens into a :class:`fastrank.LiteScorer` (Small-LITE projection when proj_dim).
 
 ``score(q, d)`` scores groups: q (B, Lq, H) against d (B, K, Ld, H) gives (B, K); ``score_all`` scores every
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastrank.ops.maxsim import maxsim
+from fastrank.ops.projection import project_tokens
 from fastrank.nn import LiteScorer
 
 
@@ -51,15 +53,17 @@ class MaxSimHead(nn.Module):
         if v.shape[0] >= k:
             self.projection.weight.copy_(v[:k])
 
-    def tokens(self, h: Tensor) -> Tensor:
-        return F.normalize(self.projection(h), dim=-1)
+    def tokens(self, h: Tensor, mask: Tensor | None = None, backend=None) -> Tensor:
+        """Projected, L2-normalised tokens (0 where ``mask`` is False: padding is never projected)."""
+        return project_tokens(h, self.projection.weight, None, mask, backend=backend)
 
     def score(self, q, q_mask, d, d_mask, backend=None) -> Tensor:
-        return maxsim(self.tokens(q).unsqueeze(1), self.tokens(d), q_mask.unsqueeze(1), d_mask, backend=backend)
+        return maxsim(self.tokens(q, q_mask, backend).unsqueeze(1), self.tokens(d, d_mask, backend), q_mask.unsqueeze(1),
+                      d_mask, backend=backend)
 
     def score_all(self, q, q_mask, d, d_mask, backend=None) -> Tensor:
-        return maxsim(self.tokens(q).unsqueeze(1), self.tokens(d).unsqueeze(0), q_mask.unsqueeze(1),
-                      d_mask.unsqueeze(0), backend=backend)
+        return maxsim(self.tokens(q, q_mask, backend).unsqueeze(1), self.tokens(d, d_mask, backend).unsqueeze(0),
+                      q_mask.unsqueeze(1), d_mask.unsqueeze(0), backend=backend)
 
     def head_state(self) -> dict:
         return {"projection": self.projection.weight}
