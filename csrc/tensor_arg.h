@@ -13,6 +13,9 @@
 
 #include <cstdint>
 #include <string>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 #include <utility>
 #include <vector>
 
@@ -204,12 +207,38 @@ inline void check_device(const TensorArg& a, bool cuda, const char* where) {
   FASTRANK_CHECK(a.cuda == cuda, where << ": " << a.name << " must be a " << (cuda ? "CUDA" : "CPU") << " tensor");
 }
 
+inline int64_t elem_bytes(int elem) {
+  switch (static_cast<Elem>(elem)) {
+    case Elem::Float64: case Elem::Int64: return 8;
+    case Elem::Float32: case Elem::Int32: return 4;
+    case Elem::Float16: case Elem::BFloat16: case Elem::UInt16: return 2;
+    default: return 1;
+  }
+}
+
+// A large CPU output is usually fresh memory that the kernel touches first: on Linux each 4 KB page then
+// costs a fault and a zeroing (a new 78 MB gradient took 24 ms to fill on the Zen 4 VM, 2.5 ms once
+// resident). Asking for transparent huge pages on the whole 2 MB pages inside it, before the kernel
+// writes, cut that to 6 ms. A hint only: contents never change, and a kernel with THP off ignores it.
+inline void advise_huge_pages(const TensorArg& a) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr std::uintptr_t kHuge = std::uintptr_t{1} << 21;
+  const std::uintptr_t bytes = static_cast<std::uintptr_t>(a.numel() * elem_bytes(a.elem));
+  if (a.cuda || bytes < 4 * kHuge) return;
+  const std::uintptr_t lo = (a.ptr + kHuge - 1) & ~(kHuge - 1), hi = (a.ptr + bytes) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // a refusal changes nothing
+#else
+  (void)a;
+#endif
+}
+
 // Outputs are written as flat arrays, every element once: of the expected type and shape, and dense (an
 // expanded output would have several elements at one address).
 inline void check_output(const TensorArg& a, Elem e, const std::vector<int64_t>& shape, const char* where) {
   check_elem(a, e, where);
   check_shape(a, shape, where);
   check_contiguous(a, where);
+  advise_huge_pages(a);
 }
 
 }  // namespace fastrank
