@@ -181,20 +181,26 @@ def saved_buffers(pairs: int, params: list[Tensor]) -> list[Tensor]:
     return [torch.empty(pairs, lq, _padded(r1)), torch.empty(pairs, lq, 2), torch.empty(pairs, lq, _padded(ld))]
 
 
+def _all_finite(t: Tensor) -> bool:
+    # A finite float32 sum means no inf or NaN anywhere: one read, no temporaries (isfinite(t).all() builds
+    # three tensors of t's size on the CPU). A sum that overflows only sends the caller down the safe path.
+    return bool(torch.isfinite(t.sum(dtype=torch.float32)))
+
+
 def masked_tokens_zeroed(t: Tensor, mask: Optional[Tensor], pair_axis: int) -> tuple[Tensor, str]:
     """``t`` (q as (F, Y, Lq, H) or d as (F, X, Ld, H)) with the tokens its canonical mask (F, Y, X, L)
     turns off set to 0, and the einsum subscripts of the result. ``pair_axis`` is the mask axis that ``t``
-    does not have (X for q, Y for d). A mask constant along it zeroes ``t`` in place of a copy of the same
-    size; a mask that varies along it (a per-pair mask) needs a per-pair copy, (F, Y, X, L, H), made only
-    when ``t`` holds a non-finite value, the one case where the zeroing changes the product."""
+    does not have (X for q, Y for d). dS is already 0 at every masked token, so the zeroing changes the
+    product only where ``t`` holds a non-finite value: ``t`` itself is returned when it holds none (one read
+    of it, where the copy would cost a read and a write of a fresh tensor). Otherwise a mask constant along
+    ``pair_axis`` zeroes a copy of ``t``'s size, and a mask that varies along it (a per-pair mask) a per-pair
+    copy, (F, Y, X, L, H)."""
     plain = "fyih" if pair_axis == 2 else "fxjh"
-    if mask is None:
+    if mask is None or _all_finite(t):
         return t, plain
     if mask.shape[pair_axis] == 1 or mask.stride(pair_axis) == 0:
         keep = mask.select(pair_axis, 0).unsqueeze(-1)
         return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device)), plain
-    if bool(torch.isfinite(t).all()):
-        return t, plain
     per_pair = torch.where(mask.unsqueeze(-1), t.unsqueeze(pair_axis), torch.zeros((), dtype=t.dtype, device=t.device))
     return per_pair, "fyxih" if pair_axis == 2 else "fyxjh"
 
