@@ -112,11 +112,10 @@ class FasterPath:
     evidence: str
 
 
+# (An AMD Zen 4 entry, float16 MaxSim on avx2 rather than avx512bf16, was retired once the MaxSim kernels
+# spread their prefetch over the k loop: the native path then ran 3.48x eager to avx2's 3.18x, 1 x 1,000
+# H=128 on the 2-core EPYC VM, benchmarks/results/maxsim_prefetch_epyc_zen4.md.)
 FASTER_PATHS: tuple[FasterPath, ...] = (
-    FasterPath("AuthenticAMD", "avx512bf16", "maxsim", "float16", "avx2",
-               "float16 MaxSim on AMD Zen 4 (2-core EPYC VM, 1 x 1,000 H=128, fastrank bench maxsim): the avx2 "
-               "path's F16C widening ran 135,071 docs/s (2.84x eager) against the avx512bf16 path's 123,946 "
-               "(2.61x) (benchmarks/results/maxsim_isa_by_speed_epyc_zen4.md)"),
     FasterPath("GenuineIntel", "avx512bf16", "maxsim", "bfloat16", "avx512",
                "bfloat16 MaxSim on Intel without usable AMX (the 2-core Xeon VM's avx512bf16 path, 1 x 1,000 H=128): "
                "vdpbf16ps issues at half the FMA rate there, and the avx512 path's widening FMAs ran 168,991 "
