@@ -36,33 +36,22 @@ using ForwardFn = void (*)(const ResidualProblem&, float*);
 
 // The kernel of ISA path `name`; amx runs the avx512bf16 unit (the tile is float32, scored by FMA).
 ForwardFn kernel_for(const std::string& name) {
-  const cpu::IsaSupport& s = cpu::isa_support();
-  for (int i = 0; i < cpu::kIsaCount; ++i) {
-    const Isa isa = static_cast<Isa>(i);
-    if (name != cpu::isa_name(isa)) continue;
-    if (!s.ok[i]) {
-      std::string flags;
-      for (const auto& f : s.flags) flags += (flags.empty() ? "" : " ") + f;
-      FASTRANK_CHECK(false, kWhere << ": the CPU ISA path '" << name << "' cannot run here: " << s.reason[i]
-                                   << " (CPU flags found: " << (flags.empty() ? "none" : flags) << ")");
-    }
-    switch (isa) {
-      case Isa::Scalar: return isa_scalar::maxsim_residual_forward;
+  switch (cpu::runnable_isa(name, kWhere)) {
+    case Isa::Scalar: return isa_scalar::maxsim_residual_forward;
 #ifdef FASTRANK_ISA_AVX2
-      case Isa::Avx2: return isa_avx2::maxsim_residual_forward;
+    case Isa::Avx2: return isa_avx2::maxsim_residual_forward;
 #endif
 #ifdef FASTRANK_ISA_AVX512
-      case Isa::Avx512: return isa_avx512::maxsim_residual_forward;
+    case Isa::Avx512: return isa_avx512::maxsim_residual_forward;
 #endif
 #ifdef FASTRANK_ISA_AVX512BF16
-      case Isa::Avx512Bf16:
-      case Isa::Amx: return isa_avx512bf16::maxsim_residual_forward;
+    case Isa::Avx512Bf16:
+    case Isa::Amx: return isa_avx512bf16::maxsim_residual_forward;
 #endif
-      default: break;
-    }
+    default: break;
   }
-  FASTRANK_CHECK(false, kWhere << ": unknown CPU ISA path '" << name
-                               << "' (expected one of scalar, avx2, avx512, avx512bf16, amx)");
+  // A path that runs here always has its unit in this build (cpu_isa.cpp marks the others unusable).
+  FASTRANK_CHECK(false, kWhere << ": this build has no kernel for the CPU ISA path '" << name << "'");
   return nullptr;
 }
 

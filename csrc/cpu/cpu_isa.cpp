@@ -16,6 +16,7 @@
 #endif
 
 #include "bindings.h"
+#include "common.h"
 
 namespace fastrank {
 namespace cpu {
@@ -153,6 +154,24 @@ const IsaSupport& isa_support() {
   static const IsaSupport support = detect();  // thread-safe static initialisation
   return support;
 }
+
+Isa runnable_isa(const std::string& name, const char* where) {
+  const IsaSupport& s = isa_support();
+  for (int i = 0; i < kIsaCount; ++i) {
+    if (name != isa_name(static_cast<Isa>(i))) continue;
+    if (!s.ok[i]) {
+      std::string flags;
+      for (const auto& f : s.flags) flags += (flags.empty() ? "" : " ") + f;
+      FASTRANK_CHECK(false, where << ": the CPU ISA path '" << name << "' cannot run here: " << s.reason[i]
+                                  << " (CPU flags found: " << (flags.empty() ? "none" : flags) << ")");
+    }
+    return static_cast<Isa>(i);
+  }
+  FASTRANK_CHECK(false, where << ": unknown CPU ISA path '" << name
+                              << "' (expected one of scalar, avx2, avx512, avx512bf16, amx)");
+  return Isa::Scalar;
+}
+
 
 namespace {
 void register_cpu_isa(pybind11::module_& m) {

@@ -17,5 +17,9 @@ struct IsaSupport {
 // Detected on first call (cpuid, xgetbv, and for AMX the arch_prctl permission request).
 const IsaSupport& isa_support();
 
+// The path named `name` (what FASTRANK_CPU_ISA and fastrank.cpu_isa use), checked to run here: an unknown
+// name, or a path this CPU, kernel or build cannot run, is a ValueError from entry point `where` saying why.
+Isa runnable_isa(const std::string& name, const char* where);
+
 }  // namespace cpu
 }  // namespace fastrank

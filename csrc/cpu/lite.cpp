@@ -43,29 +43,23 @@ struct Kernels { ForwardFn forward; BackwardFn backward; };
 constexpr const char* kWhere = "lite (cpp)";
 
 Kernels kernel_for(const std::string& name) {
-  const cpu::IsaSupport& s = cpu::isa_support();
-  for (int i = 0; i < cpu::kIsaCount; ++i) {
-    const Isa isa = static_cast<Isa>(i);
-    if (name != cpu::isa_name(isa)) continue;
-    FASTRANK_CHECK(s.ok[i], kWhere << ": the CPU ISA path '" << name << "' cannot run here: " << s.reason[i]);
-    switch (isa) {
-      case Isa::Scalar: return {isa_scalar::lite_forward, isa_scalar::lite_backward};
+  switch (cpu::runnable_isa(name, kWhere)) {
+    case Isa::Scalar: return {isa_scalar::lite_forward, isa_scalar::lite_backward};
 #ifdef FASTRANK_ISA_AVX2
-      case Isa::Avx2: return {isa_avx2::lite_forward, isa_avx2::lite_backward};
+    case Isa::Avx2: return {isa_avx2::lite_forward, isa_avx2::lite_backward};
 #endif
 #ifdef FASTRANK_ISA_AVX512
-      case Isa::Avx512: return {isa_avx512::lite_forward, isa_avx512::lite_backward};
+    case Isa::Avx512: return {isa_avx512::lite_forward, isa_avx512::lite_backward};
 #endif
 #ifdef FASTRANK_ISA_AVX512BF16
-      // No AMX unit: an AMX CPU runs the AVX512-BF16 one (AMX implies AVX512-BF16, cpu_isa.cpp).
-      case Isa::Avx512Bf16:
-      case Isa::Amx: return {isa_avx512bf16::lite_forward, isa_avx512bf16::lite_backward};
+    // No AMX unit: an AMX CPU runs the AVX512-BF16 one (AMX implies AVX512-BF16, cpu_isa.cpp).
+    case Isa::Avx512Bf16:
+    case Isa::Amx: return {isa_avx512bf16::lite_forward, isa_avx512bf16::lite_backward};
 #endif
-      default: break;
-    }
+    default: break;
   }
-  FASTRANK_CHECK(false, kWhere << ": unknown CPU ISA path '" << name
-                               << "' (expected one of scalar, avx2, avx512, avx512bf16, amx)");
+  // A path that runs here always has its unit in this build (cpu_isa.cpp marks the others unusable).
+  FASTRANK_CHECK(false, kWhere << ": this build has no kernel for the CPU ISA path '" << name << "'");
   return {nullptr, nullptr};
 }
 

@@ -40,35 +40,24 @@ using BackwardFn = void (*)(const MaxSimProblem&, int, const void*, const void*,
 struct Kernels { ForwardFn forward; BackwardFn backward; };
 
 Kernels kernels_for(const std::string& name) {
-  const cpu::IsaSupport& s = cpu::isa_support();
-  for (int i = 0; i < cpu::kIsaCount; ++i) {
-    const Isa isa = static_cast<Isa>(i);
-    if (name != cpu::isa_name(isa)) continue;
-    if (!s.ok[i]) {
-      std::string flags;
-      for (const auto& f : s.flags) flags += (flags.empty() ? "" : " ") + f;
-      FASTRANK_CHECK(false, "maxsim (cpp): the CPU ISA path '" << name << "' cannot run here: " << s.reason[i]
-                                                                  << " (CPU flags found: " << (flags.empty() ? "none" : flags) << ")");
-    }
-    switch (isa) {
-      case Isa::Scalar: return {isa_scalar::maxsim_forward, isa_scalar::maxsim_backward};
+  switch (cpu::runnable_isa(name, "maxsim (cpp)")) {
+    case Isa::Scalar: return {isa_scalar::maxsim_forward, isa_scalar::maxsim_backward};
 #ifdef FASTRANK_ISA_AVX2
-      case Isa::Avx2: return {isa_avx2::maxsim_forward, isa_avx2::maxsim_backward};
+    case Isa::Avx2: return {isa_avx2::maxsim_forward, isa_avx2::maxsim_backward};
 #endif
 #ifdef FASTRANK_ISA_AVX512
-      case Isa::Avx512: return {isa_avx512::maxsim_forward, isa_avx512::maxsim_backward};
+    case Isa::Avx512: return {isa_avx512::maxsim_forward, isa_avx512::maxsim_backward};
 #endif
 #ifdef FASTRANK_ISA_AVX512BF16
-      case Isa::Avx512Bf16: return {isa_avx512bf16::maxsim_forward, isa_avx512bf16::maxsim_backward};
+    case Isa::Avx512Bf16: return {isa_avx512bf16::maxsim_forward, isa_avx512bf16::maxsim_backward};
 #endif
 #ifdef FASTRANK_ISA_AMX
-      case Isa::Amx: return {isa_amx::maxsim_forward, isa_amx::maxsim_backward};
+    case Isa::Amx: return {isa_amx::maxsim_forward, isa_amx::maxsim_backward};
 #endif
-      default: break;
-    }
+    default: break;
   }
-  FASTRANK_CHECK(false, "maxsim (cpp): unknown CPU ISA path '" << name
-                            << "' (expected one of scalar, avx2, avx512, avx512bf16, amx)");
+  // A path that runs here always has its unit in this build (cpu_isa.cpp marks the others unusable).
+  FASTRANK_CHECK(false, "maxsim (cpp)" << ": this build has no kernel for the CPU ISA path '" << name << "'");
   return {nullptr, nullptr};
 }
 
