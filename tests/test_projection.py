@@ -142,6 +142,8 @@ def test_strided_and_empty_inputs():
     _assert_matches_truth(wide[..., ::2], w, b, m, grad, what="strided")
     transposed = h.transpose(0, 1).contiguous().transpose(0, 1)
     _assert_matches_truth(transposed, w, b, m, grad, what="transposed")
+    one = wide[:1, :1, ::2]  # a single token whose hidden dim is strided
+    _assert_matches_truth(one, w, b, m[:1, :1], grad[:1, :1], what="one strided token")
     empty = torch.randn(0, 7, 24, requires_grad=True)
     ww = w.clone().requires_grad_()
     out = project_tokens(empty, ww, None, torch.zeros(0, 7, dtype=torch.bool), backend="cpp")

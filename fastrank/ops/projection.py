@@ -107,7 +107,6 @@ def dispatch_context(h: Tensor, weight: Tensor, bias: Optional[Tensor] = None, m
     """What the backends' reasons look at, for :func:`fastrank.dispatch.explain`:
     ``explain("project_tokens", (h, weight, bias, mask))``."""
     ctx = dict(dtype=h.dtype, weight_dtype=weight.dtype, bias_dtype=None if bias is None else bias.dtype,
-               rows=h.numel() // max(h.shape[-1], 1), hidden=h.shape[-1], out_features=weight.shape[0],
                compiling=torch.compiler.is_compiling(),
                autocast=torch.is_autocast_enabled(h.device.type) if h.device.type in ("cpu", "cuda") else False)
     if h.device.type == "cpu":
@@ -118,7 +117,7 @@ def dispatch_context(h: Tensor, weight: Tensor, bias: Optional[Tensor] = None, m
 # ---- the C++ CPU kernel ----------------------------------------------------------------------------------
 def _flat(h: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
     h2 = h.reshape(-1, h.shape[-1])
-    if h2.shape[0] > 1 and h2.stride(-1) != 1:
+    if h2.shape[-1] > 1 and h2.stride(-1) != 1:  # the kernel reads each row as a dense vector
         h2 = h2.contiguous()
     m = None if mask is None else mask.expand(h.shape[:-1]).reshape(-1).contiguous()
     return h2, m
