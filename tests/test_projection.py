@@ -153,10 +153,14 @@ def test_strided_and_empty_inputs():
 
 
 def test_dispatch_and_explain():
-    h, w, b, m, _ = _problem((2, 5), 16, 8, True, "random")
+    h, w, b, m, _ = _problem((2, 600), 16, 8, True, "random")
     info = dispatch.explain("project_tokens", (h, w, b, m))
     if cpu_isa.selected() != "scalar":
         assert info.chosen == "cpp" and "projection" in info.kernel and cpu_isa.selected() in info.kernel
+        few = dispatch.explain("project_tokens", (h[:, :10], w, b, m[:, :10]))  # the call's overhead dominates
+        assert few.chosen == "reference" and "fewer tokens" in "; ".join(few["cpp"])
+        trained = h.clone().requires_grad_()  # 1,200 tokens: enough for inference, not with gradients
+        assert dispatch.explain("project_tokens", (trained, w, b, m)).chosen == "reference"
     assert dispatch.explain("project_tokens", (h.double(), w.double())).chosen == "reference"
     reasons = dispatch.reasons_for("project_tokens", "cpp", (h, w), **dispatch_context(h.double(), w.double()))
     assert any("float32" in r for r in reasons)
