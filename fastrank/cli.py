@@ -609,8 +609,9 @@ def add_rerank(sub) -> None:
     p.add_argument("--depth", type=int, help="re-rank only each query's top DEPTH candidates; the rest follow "
                                              "them in the output, in the input run's order (default: every candidate)")
     p.add_argument("--token-dtype", choices=("float32", "float16", "bfloat16", "int8"), default=None,
-                   help="maxsim: dtype the passages' token embeddings are held and scored in (default float32 on "
-                        "CPU, float16 on CUDA; int8 is quantized per token)")
+                   help="maxsim and lite: dtype the token embeddings (and LITE's weights) are held and scored in "
+                        "(default float32 on CPU, float16 on CUDA; int8, quantized per token, is maxsim's only; "
+                        "bfloat16 is the fast one on CPUs with AVX512-BF16 or AMX)")
     p.add_argument("--tag", default=None, help="run tag (default fastrank-SCORER)")
     _add_model_args(p)
     p.set_defaults(func=cmd_rerank)
@@ -688,9 +689,12 @@ def cmd_rerank(args) -> int:
     from fastrank.trained import is_trained, load_trained
 
     _check_rerank_args(args)
-    if args.token_dtype is not None and args.scorer != "maxsim":
-        raise ValueError(f"--token-dtype applies to --scorer maxsim (the packed token embeddings), not --scorer "
+    if args.token_dtype is not None and args.scorer not in ("maxsim", "lite"):
+        raise ValueError(f"--token-dtype applies to --scorer maxsim and lite (the token embeddings), not --scorer "
                          f"{args.scorer}")
+    if args.token_dtype == "int8" and args.scorer == "lite":
+        raise ValueError("--token-dtype int8 is maxsim's (per-token quantized MaxSim); --scorer lite takes float32, "
+                         "bfloat16 or float16")
     trained = load_trained(args.model) if is_trained(args.model) else None
     lite = None
     if args.lite is not None:
@@ -722,6 +726,7 @@ def cmd_rerank(args) -> int:
     else:
         dtype = torch.float16 if enc.device.type == "cuda" else torch.float32
         if lite is not None:  # LITE's MLPs need the padded (lq, ld) grid
+            dtype = getattr(torch, args.token_dtype) if args.token_dtype else dtype
             run = rerank_lite(maxsim_batches(encoded, candidates, device=enc.device, dtype=dtype), lite.to(enc.device, dtype))
         else:
             run = rerank_maxsim(pack_candidates(encoded, candidates, device=enc.device,

@@ -175,14 +175,14 @@ def rerank_maxsim_padded(batches, scorer: Callable | None = None) -> Run:
         return {qid: dict(zip(pids, scorer(q, d, None, d_mask).float().tolist())) for qid, pids, q, d, d_mask in batches}
 
 
-def rerank_lite(batches, scorer) -> Run:
+def rerank_lite(batches, scorer, *, backend: str | None = None) -> Run:
     """Score each candidate with a LITE scorer; queries and passages longer than its (lq, ld) grid keep
-    their first lq / ld tokens, as LITE was trained on."""
+    their first lq / ld tokens, as LITE was trained on. ``backend`` forces one (see :mod:`fastrank.dispatch`)."""
     lq, ld = scorer.lq, scorer.ld
     run: Run = {}
     with torch.no_grad():
         for qid, pids, q, d, d_mask in batches:
-            scores = scorer(q[:lq].to(d.dtype), d[:, :ld], None, d_mask[:, :ld])
+            scores = scorer(q[:lq].to(d.dtype), d[:, :ld], None, d_mask[:, :ld], backend=backend)
             run[qid] = dict(zip(pids, scores.float().tolist()))
     return run
 

@@ -74,18 +74,21 @@ def test_every_scorer_is_a_row_scored_by_fastrank_evaluate(capsys, tmp_path, tin
     bi, cross = tiny_models
     lite_dir, loaded = trained_lite
     table, res = _bench(capsys, tmp_path, bi, "--cross", cross, "--lite-model", lite_dir)
-    names = ["BM25", "dense", "MaxSim", "LITE", "cross-encoder"]
+    names = ["BM25", "dense", "MaxSim", "MaxSim (eager)", "LITE", "LITE (eager)", "cross-encoder"]
     assert [r["scorer"] for r in res["rows"]] == names
     assert [line.split(" | ")[0][2:] for line in table] == names
-    assert res["queries"] == 2 and res["candidates"] == 40 and "runs" not in res
+    assert res["queries"] == 2 and res["candidates"] == 40 and "runs" not in res and res["dtype"] == "float32"
     where = device_name("cpu")
     assert all(line.endswith(f"| {where} |") for line in table)
 
     queries, qrels, cands, passages = two_queries
     enc = encode_for_rerank(Encoder(bi, device="cpu"), queries, passages, cands, progress=False)
     lite_enc = encode_for_rerank(loaded.encoder(device="cpu"), queries, passages, cands, dense=False, progress=False)
+    lite_batches = maxsim_batches(lite_enc, cands)
     runs = {"BM25": cands, "dense": rerank_dense(enc, cands), "MaxSim": rerank_maxsim(pack_candidates(enc, cands)),
-            "LITE": rerank_lite(maxsim_batches(lite_enc, cands), loaded.lite),
+            "MaxSim (eager)": rerank_maxsim(pack_candidates(enc, cands), backend="reference"),
+            "LITE": rerank_lite(lite_batches, loaded.lite),
+            "LITE (eager)": rerank_lite(lite_batches, loaded.lite, backend="reference"),
             "cross-encoder": CrossEncoder(cross, device="cpu").rerank(queries, passages, cands, progress=False)}
     for row, line in zip(res["rows"], table):
         expected = evaluate(qrels, runs[row["scorer"]], MEASURES)
@@ -94,19 +97,67 @@ def test_every_scorer_is_a_row_scored_by_fastrank_evaluate(capsys, tmp_path, tin
         assert row["note"] is None and row["machine"] == where
         if row["scorer"] == "BM25":  # the input run: nothing of it was timed
             assert row["scoring_docs_per_s"] is None and row["end_to_end_docs_per_s"] is None
+        elif row["scorer"].endswith(" (eager)"):  # scoring only, against itself
+            assert row["scoring_docs_per_s"] > 0 and row["end_to_end_docs_per_s"] is None
+            assert row["speedup_vs_eager"] == 1.0 and "- (scoring only)" in line and "| 1.00x |" in line
         else:
             assert row["scoring_docs_per_s"] > 0 and row["end_to_end_docs_per_s"] > 0
+        if row["scorer"] in ("MaxSim", "LITE"):  # its rate over its eager row's, from the same rounds
+            eager = next(r for r in res["rows"] if r["scorer"] == row["scorer"] + " (eager)")
+            assert row["speedup_vs_eager"] == pytest.approx(row["scoring_docs_per_s"] / eager["scoring_docs_per_s"])
+            assert f"| {row['speedup_vs_eager']:.2f}x |" in line
+        elif not row["scorer"].endswith(" (eager)"):
+            assert row["speedup_vs_eager"] is None and line.split(" | ")[-2] == "-"
     assert res["machine"]["cpu"] in where and res["cross"] == cross
 
 
 def test_without_cross_weights_the_cross_encoder_is_timed_but_not_scored(capsys, tmp_path, tiny_models):
     table, res = _bench(capsys, tmp_path, tiny_models[0])
-    assert [r["scorer"] for r in res["rows"]] == ["BM25", "dense", "MaxSim", "cross-encoder"]
+    assert [r["scorer"] for r in res["rows"]] == ["BM25", "dense", "MaxSim", "MaxSim (eager)", "cross-encoder"]
     row, line = res["rows"][-1], table[-1]
     assert row["nDCG@10"] is None and row["RR(rel=2)@10"] is None and row["note"] == NO_CROSS_WEIGHTS
     assert row["scoring_docs_per_s"] > 0 and res["cross"] is None
     assert line.split(" | ")[1:3] == [NO_CROSS_WEIGHTS, "n/a"]
     assert not any(ch.isdigit() for ch in "".join(line.split(" | ")[1:3]))
+
+
+def test_dtype_scores_maxsim_and_lite_in_it_and_no_eager_drops_the_eager_rows(capsys, tmp_path, tiny_models,
+                                                                              trained_lite, two_queries):
+    from fastrank.encoders import Encoder
+    from fastrank.rerank import encode_for_rerank, maxsim_batches, pack_candidates, rerank_lite, rerank_maxsim
+
+    bi = tiny_models[0]
+    lite_dir, loaded = trained_lite
+    table, res = _bench(capsys, tmp_path, bi, "--lite-model", lite_dir, "--dtype", "bfloat16")
+    rows = {r["scorer"]: r for r in res["rows"]}
+    assert list(rows) == ["BM25", "dense", "MaxSim", "MaxSim (eager)", "MaxSim (eager, float32)", "LITE",
+                          "LITE (eager)", "LITE (eager, float32)", "cross-encoder"]
+    for name in ("MaxSim", "LITE"):  # over the faster eager form, whichever dtype that was
+        fastest = max(rows[name + e]["scoring_docs_per_s"] for e in (" (eager)", " (eager, float32)"))
+        for row in (rows[name], rows[name + " (eager)"], rows[name + " (eager, float32)"]):
+            assert row["speedup_vs_eager"] == pytest.approx(row["scoring_docs_per_s"] / fastest)
+    queries, qrels, cands, passages = two_queries
+    lite_enc = encode_for_rerank(loaded.encoder(device="cpu"), queries, passages, cands, dense=False, progress=False)
+    # the float32 rows score with the weights as loaded, not a float32 copy of the bfloat16-rounded ones
+    from fastrank.bench.rerank import run_bench
+
+    scored = run_bench(DL19, bi, lite_model=lite_dir, device="cpu", max_queries=2, rounds=1, dtype="bfloat16",
+                       progress=False)["runs"]
+    float32_run = rerank_lite(maxsim_batches(lite_enc, cands), loaded.lite, backend="reference")
+    for qid, scores in float32_run.items():
+        assert scored["LITE (eager, float32)"][qid] == pytest.approx(scores, rel=1e-6, abs=1e-6), qid
+    table, res = _bench(capsys, tmp_path, bi, "--lite-model", lite_dir, "--dtype", "bfloat16", "--no-eager")
+    assert [r["scorer"] for r in res["rows"]] == ["BM25", "dense", "MaxSim", "LITE", "cross-encoder"]
+    assert res["dtype"] == "bfloat16" and all(r["speedup_vs_eager"] is None for r in res["rows"])
+    enc = encode_for_rerank(Encoder(bi, device="cpu"), queries, passages, cands, progress=False)
+    half = loaded.lite.to(torch.bfloat16)
+    runs = {"MaxSim": rerank_maxsim(pack_candidates(enc, cands, token_dtype=torch.bfloat16)),
+            "LITE": rerank_lite(maxsim_batches(lite_enc, cands, dtype=torch.bfloat16), half)}
+    for row in res["rows"][2:4]:
+        assert {m: row[m] for m in MEASURES} == pytest.approx(evaluate(qrels, runs[row["scorer"]], MEASURES),
+                                                                abs=1e-9), row["scorer"]
+    rc, _, err = run_cli(capsys, "bench", "rerank", "--data", DL19, "--model", bi, "--dtype", "int8")
+    assert rc == 2 and "--dtype: expected one of float32,bfloat16,float16, got 'int8'" in err
 
 
 def test_bad_options_fail_before_any_encoding(capsys, tmp_path, tiny_models):

@@ -137,6 +137,17 @@ def test_rerank_lite_scores_with_the_checkpoint(capsys, tmp_path, tiny_model):
     for qid, pids, q, d, d_mask in maxsim_batches(enc, cands):
         expected = lite_ref(q[:8], d[:, :24], None, d_mask[:, :24], scorer=scorer)
         torch.testing.assert_close(torch.tensor([run[qid][p] for p in pids]), expected, rtol=1e-4, atol=1e-4)
+    # --token-dtype bfloat16: the scorer's weights and the tokens in bfloat16, scored as the API scores them
+    rc, _, err = run_cli(capsys, "rerank", DL19 / "slice.candidates.tsv", DL19 / "queries.tsv",
+                         DL19 / "slice.passages.jsonl", tmp_path / "bf16.txt", "--scorer", "lite",
+                         "--lite", tmp_path / "lite.pt", "--model", tiny_model, "--device", "cpu",
+                         "--token-dtype", "bfloat16")
+    assert rc == 0, err
+    run16, half = read_run(tmp_path / "bf16.txt"), scorer.to(torch.bfloat16)
+    with torch.no_grad():
+        for qid, pids, q, d, d_mask in maxsim_batches(enc, cands, dtype=torch.bfloat16):
+            expected = half(q[:8], d[:, :24], None, d_mask[:, :24])
+            torch.testing.assert_close(torch.tensor([run16[qid][p] for p in pids]), expected, rtol=1e-5, atol=1e-5)
     rc, _, err = run_cli(capsys, "rerank", DL19 / "slice.candidates.tsv", DL19 / "queries.tsv",
                          DL19 / "slice.passages.jsonl", tmp_path / "x.txt", "--scorer", "lite")
     assert rc == 2 and "--lite CHECKPOINT" in err

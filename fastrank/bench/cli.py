@@ -410,16 +410,24 @@ def _add_rerank(ops) -> None:
     p.add_argument("--rounds", type=int, default=None,
                    help="timed rounds after a warm-up; each row's docs/s is its median round (default 3; 1 with "
                         "--quick)")
+    p.add_argument("--dtype", default=None,
+                   help="what MaxSim's packed tokens and LITE's weights and inputs are held and scored in (default "
+                        "float32 on CPU, float16 on CUDA; bfloat16 is the fast one on CPUs with AVX512-BF16 or AMX)")
+    p.add_argument("--no-eager", action="store_true",
+                   help="leave out the eager-reference rows of MaxSim and LITE (default: timed beside the fused ones)")
     p.set_defaults(func=_checked_out(_cli_rerank))
 
 
 def _check_rerank_options(args) -> None:
     """Each option by its flag, before the data is read or any model loads (run_bench's own checks come after
     the bi-encoder has loaded and name its Python arguments)."""
+    from fastrank.bench import rerank
     from fastrank.encoders import check_device
     from fastrank.trained import MANIFEST, is_trained, read_manifest
 
     check_device(args.device, "--device")
+    if args.dtype is not None and args.dtype not in rerank.SCORE_DTYPES:
+        raise ValueError(f"--dtype: expected one of {','.join(rerank.SCORE_DTYPES)}, got {args.dtype!r}")
     for flag, value in (("--batch-size", args.batch_size), ("--max-queries", args.max_queries),
                         ("--rounds", args.rounds)):
         if value is not None and value < 1:
@@ -447,7 +455,8 @@ def _cli_rerank(args) -> int:
     max_queries = args.max_queries if args.max_queries is not None else (10 if args.quick else None)
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     res = rerank.run_bench(args.data, args.model, cross=args.cross, lite_model=args.lite_model, device=args.device,
-                           batch_size=args.batch_size, max_queries=max_queries, rounds=rounds)
+                           batch_size=args.batch_size, max_queries=max_queries, rounds=rounds, dtype=args.dtype,
+                           eager=not args.no_eager)
     res.pop("runs")
     return print_report(res, rerank.format_report, args.json, args.out, command_line(args))
 
