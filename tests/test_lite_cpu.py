@@ -66,7 +66,7 @@ def test_paper_sizes_match_the_reference(isa):
 @pytest.mark.parametrize("sizes,lq,ld,h", [(ODD, 7, 37, 13), (PAPER, 30, 200, 128)])
 def test_16bit_inputs_match_the_reference_on_the_rounded_values(isa, dtype, sizes, lq, ld, h):
     """16-bit inputs and weights are widened to float32 (float32 accuracy on the rounded values), except
-    bfloat16 on a path with AVX512-BF16, whose row MLP rounds S and each hidden chunk to bfloat16 before its
+    bfloat16 on a path with AVX512-BF16, whose MLPs round S, R and each hidden chunk to bfloat16 before their
     dot products (float32 accumulation): about 2^-9 relative per rounding, the GPU kernels' bound."""
     scorer = _scorer(seed=lq, **sizes).to(dtype)
     q, d, q_mask, d_mask = _case("grouped", lq, ld, h, seed=3)
@@ -243,8 +243,14 @@ def test_the_extension_checks_the_packed_weights():
     with pytest.raises(ValueError, match="w1p"):  # sizes that disagree with the tensors
         ext.lite_forward(*args(weights, r1=params[0].shape[0] + 40))
     with pytest.raises(ValueError, match="u2b"):
-        w1b, w2b, u2b = lite_cpu.pack_bf16(params)
-        ext.lite_forward(*args(weights, [w1b, w2b, u2b[:-1]]))
+        w1b, w2b, u2b, v1b, v2b = lite_cpu.pack_bf16(params)
+        ext.lite_forward(*args(weights, [w1b, w2b, u2b[:-1], v1b, v2b]))
+    with pytest.raises(ValueError, match="v1b"):
+        ext.lite_forward(*args(weights, [w1b, w2b, u2b, v1b[:, :-1], v2b]))
+    with pytest.raises(ValueError, match="v2b"):
+        ext.lite_forward(*args(weights, [w1b, w2b, u2b, v1b, v2b.double()]))
+    with pytest.raises(ValueError, match="5 bfloat16 weight tensors"):
+        ext.lite_forward(*args(weights, [w1b, w2b, u2b]))
     with pytest.raises(ValueError, match="lq"):
         ext.lite_forward(cpu_isa.selected(), torch.randn(1, 1, lq + 1, 24), d, None, None, weights, None, lq, ld,
                          params[0].shape[0], params[8].shape[0], eps, bo, out, None, 1)

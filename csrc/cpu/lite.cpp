@@ -104,22 +104,23 @@ LiteWeights read_weights(py::sequence weights, int64_t lq, int64_t ld, int64_t r
   w.v1p = ptr[7]; w.cb1 = ptr[8]; w.g3 = ptr[9]; w.be3 = ptr[10]; w.v2p = ptr[11]; w.cb2 = ptr[12];
   w.g4 = ptr[13]; w.be4 = ptr[14]; w.wo = ptr[15];
   w.bo = static_cast<float>(bo);
-  w.w1b = nullptr; w.w2b = nullptr; w.u2b = nullptr;
+  w.w1b = nullptr; w.w2b = nullptr; w.u2b = nullptr; w.v1b = nullptr; w.v2b = nullptr;
   return w;
 }
 
-// The row MLP's bfloat16 pairs (LiteWeights::w1b, w2b as int32 bit patterns; u2b float32), or None.
+// Both MLPs' bfloat16 pairs (LiteWeights::w1b, w2b, v1b, v2b as int32 bit patterns; u2b float32), or None.
 void read_bf16_weights(py::handle obj, LiteWeights& w, std::vector<TensorArg>& keep) {
   if (obj.is_none()) return;
   const py::sequence seq = py::reinterpret_borrow<py::sequence>(obj);
-  FASTRANK_CHECK(py::len(seq) == 3, kWhere << ": expected 3 bfloat16 weight tensors (w1b, w2b, u2b) or None, got "
-                                           << py::len(seq));
+  FASTRANK_CHECK(py::len(seq) == 5, kWhere << ": expected 5 bfloat16 weight tensors (w1b, w2b, u2b, v1b, v2b) or "
+                                              "None, got " << py::len(seq));
   const int64_t P = cpu::kLitePanel, B = cpu::kLiteRowBlock;
-  const int64_t R1p = padded(w.r1, P), ldp = padded(w.ld, P);
-  const char* names[3] = {"w1b", "w2b", "u2b"};
-  const std::vector<int64_t> shapes[3] = {{R1p / B, (w.ld + 1) / 2, B}, {ldp / P, R1p / 2, P}, {ldp}};
-  const Elem elems[3] = {Elem::Int32, Elem::Int32, Elem::Float32};
-  for (int i = 0; i < 3; ++i) {
+  const int64_t R1p = padded(w.r1, P), ldp = padded(w.ld, P), Cp = padded(w.c, P), lqp = padded(w.lq, P);
+  const char* names[5] = {"w1b", "w2b", "u2b", "v1b", "v2b"};
+  const std::vector<int64_t> shapes[5] = {{R1p / B, (w.ld + 1) / 2, B}, {ldp / P, R1p / 2, P}, {ldp},
+                                          {Cp / B, (w.lq + 1) / 2, B}, {lqp / P, Cp / 2, P}};
+  const Elem elems[5] = {Elem::Int32, Elem::Int32, Elem::Float32, Elem::Int32, Elem::Int32};
+  for (int i = 0; i < 5; ++i) {
     keep.push_back(tensor_arg(seq[i], names[i], kWhere));
     const TensorArg& t = keep.back();
     check_elem(t, elems[i], kWhere);
@@ -128,9 +129,11 @@ void read_bf16_weights(py::handle obj, LiteWeights& w, std::vector<TensorArg>& k
     check_device(t, false, kWhere);
   }
   const size_t n = keep.size();
-  w.w1b = keep[n - 3].data<uint32_t>();
-  w.w2b = keep[n - 2].data<uint32_t>();
-  w.u2b = keep[n - 1].data<float>();
+  w.w1b = keep[n - 5].data<uint32_t>();
+  w.w2b = keep[n - 4].data<uint32_t>();
+  w.u2b = keep[n - 3].data<float>();
+  w.v1b = keep[n - 2].data<uint32_t>();
+  w.v2b = keep[n - 1].data<uint32_t>();
 }
 
 // Float32 tensors of exactly these shapes, contiguous, on the CPU (outputs and the saved activations).
@@ -229,8 +232,8 @@ void register_lite(py::module_& m) {
   m.def("lite_forward", &lite_forward,
         "Fused separable LITE forward on CPU with the named ISA path: q (F,Y,Lq,H) and d (F,X,Ld,H) of one float "
         "dtype (last dim stride 1), masks bool (F,Y,X,Lq) / (F,Y,X,Ld) or None, Lq <= lq and Ld <= ld; weights: the "
-        "16 packed float32 tensors of fastrank/ops/lite_cpu.py (shapes checked); bf16_weights: the row MLP's bfloat16 "
-        "pairs (w1b, w2b int32, u2b float32), which bfloat16 inputs use on a path with AVX512-BF16, or None; "
+        "16 packed float32 tensors of fastrank/ops/lite_cpu.py (shapes checked); bf16_weights: both MLPs' bfloat16 "
+        "pairs (w1b, w2b, u2b, v1b, v2b: int32 but u2b float32), which bfloat16 inputs use on a path with AVX512-BF16, or None; "
         "eps: the 4 LayerNorm epsilons; "
         "bo: the output bias; out float32 (F,Y,X), contiguous; saved: None (inference) or (h1, st1, a2) float32 "
         "(see lite_backward), written for the backward (the forward then runs float32).",

@@ -37,11 +37,13 @@ struct LiteWeights {
   const float* be4;       // (lq)
   const float* wo;        // (lq * ld), row-major over (lq, ld)
   float bo;
-  // bfloat16 inputs on a path with AVX512-BF16: the row MLP's weights as bfloat16 pairs along k for vdpbf16ps
+  // bfloat16 inputs on a path with AVX512-BF16: both MLPs' weights as bfloat16 pairs along k for vdpbf16ps
   // (nullptr otherwise; paths without the instruction ignore them). Each uint32 holds elements k, k + 1.
   const uint32_t* w1b;    // (R1p/8, ld2/2, 8): w1b[b][k/2][t] = W1[8b + t][k, k + 1], ld2 = ld rounded up to even
   const uint32_t* w2b;    // (ldp/32, R1p/2, 32): w2b[p][k/2][t] = W2g[32p + t][k, k + 1]
   const float* u2b;       // (ldp): u2 summed from the bfloat16-rounded W2g, so that the fold stays exact
+  const uint32_t* v1b;    // (Cp/8, lq2/2, 8): v1b[b][i/2][t] = V1[8b + t][i, i + 1], lq2 = lq rounded up to even
+  const uint32_t* v2b;    // (lqp/32, Cp/2, 32): v2b[p][k/2][t] = V2[32p + t][k, k + 1]
 };
 
 // Training: what the forward saves for the backward (per pair, rows i < lq: the row MLP's ReLU'd hidden layer,

@@ -93,15 +93,17 @@ def _bf16_pairs(blocks: Tensor) -> Tensor:
 
 
 def pack_bf16(params: list[Tensor]) -> list[Tensor]:
-    """The row MLP's weights as bfloat16 pairs along k (lite_cpu.h: w1b, w2b) and u2 summed from the rounded
-    W2g (u2b), which bfloat16 inputs use on a path with AVX512-BF16."""
-    W1, g1, be1, W2, b2 = (params[i].detach() for i in (0, 2, 3, 4, 5))
+    """Both MLPs' weights as bfloat16 pairs along k (lite_cpu.h: w1b, w2b, v1b, v2b) and u2 summed from the
+    rounded W2g (u2b), which bfloat16 inputs use on a path with AVX512-BF16."""
+    W1, g1, be1, W2, b2, V1, V2 = (params[i].detach() for i in (0, 2, 3, 4, 5, 8, 12))
     r1, ld = W1.shape
-    ld2 = ld + ld % 2
-    w1 = F_.pad(_a_blocks(W1), (0, 0, 0, ld2 - ld))  # (R1p/8, ld2, 8)
+    c, lq = V1.shape
+    w1 = F_.pad(_a_blocks(W1), (0, 0, 0, ld % 2))  # (R1p/8, ld rounded up to even, 8)
     w2g, _, _ = fold_layernorm(W2, g1, be1, b2, torch.bfloat16)
     u2b = _vec(w2g.float().sum(dim=1), _padded(ld))
-    return [_bf16_pairs(w1), _bf16_pairs(b_panels(w2g, _padded(r1))), u2b]
+    v1 = F_.pad(_a_blocks(V1), (0, 0, 0, lq % 2))  # (Cp/8, lq rounded up to even, 8)
+    return [_bf16_pairs(w1), _bf16_pairs(b_panels(w2g, _padded(r1))), u2b, _bf16_pairs(v1),
+            _bf16_pairs(b_panels(V2, _padded(c)))]
 
 
 _CACHE_LOCK = threading.Lock()
