@@ -170,3 +170,19 @@ def test_cli_rejects_unknown_isa_and_provider(capsys):
     assert capsys.readouterr().err.startswith("fastrank bench: error: --isa")
     assert main(["bench", "maxsim", "--device", "cpu", "--providers", "eager,nope"]) == 2
     assert capsys.readouterr().err.startswith("fastrank bench: error: --providers")
+
+
+def test_lite_bf16_rows_are_held_to_the_rate_of_what_the_path_computes_in():
+    """bfloat16 LITE rows are measured against the bf16 GEMM rate only where the CPU kernel computes in
+    bfloat16 (AVX512-BF16); a path that widens to float32 is bounded by sgemm (torch's emulated bf16 GEMM
+    there ran at 0.4 GFLOP/s and made a 4,480% "of ceiling")."""
+    from fastrank import cpu_isa
+    from fastrank.bench.lite import LiteCase, _ceiling
+    from fastrank.ops import lite_cpu
+
+    bf16, fp32 = (LiteCase("r", "rerank", 1, 4, 16, dt) for dt in (torch.bfloat16, torch.float32))
+    assert _ceiling(fp32, "cpu") == "sgemm_gflops" and _ceiling(bf16, "cuda") == "bf16_gemm_gflops"
+    for isa in cpu_isa.available():
+        with cpu_isa.use(isa):
+            native = lite_cpu.uses_bf16_dot(torch.bfloat16, isa)
+            assert _ceiling(bf16, "cpu") == ("bf16_gemm_gflops" if native else "sgemm_gflops"), isa

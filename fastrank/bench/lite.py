@@ -184,4 +184,14 @@ def section(settings, probes) -> tuple[list[dict], list[str]]:
 
 
 def _ceiling(case: LiteCase, device: str) -> str:
-    return "bf16_gemm_gflops" if case.dtype == torch.bfloat16 else "sgemm_gflops"
+    """bfloat16 rows against the bf16 GEMM rate where the kernel computes in bfloat16 (CUDA, a CPU path with
+    AVX512-BF16); elsewhere the CPU kernel widens bfloat16 to float32, and sgemm bounds it (torch's bf16 GEMM
+    there is an emulation, hundreds of times slower: no ceiling)."""
+    if case.dtype != torch.bfloat16:
+        return "sgemm_gflops"
+    if device.startswith("cuda"):
+        return "bf16_gemm_gflops"
+    from fastrank import cpu_isa
+    from fastrank.ops import lite_cpu
+
+    return "bf16_gemm_gflops" if lite_cpu.uses_bf16_dot(torch.bfloat16, cpu_isa.selected()) else "sgemm_gflops"
