@@ -26,17 +26,20 @@ a re-ranking service pays per query). Every timing is taken in the same interlea
 """
 from __future__ import annotations
 
-import sys
 import copy
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from fastrank.rerank import TOKEN_DTYPES
+
 NO_CROSS_WEIGHTS = "n/a (no trained cross-encoder weights)"
 SCORING, END_TO_END = "scoring_docs_per_s", "end_to_end_docs_per_s"
 SPEEDUP = "speedup_vs_eager"
-SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The float ones of the packed tokens' dtypes: LITE has no int8 form, and MaxSim's int8 is a token format.
+SCORE_DTYPES = {name: TOKEN_DTYPES[name] for name in ("float32", "bfloat16", "float16")}
 EAGER, EAGER_FLOAT32 = " (eager)", " (eager, float32)"
 
 
