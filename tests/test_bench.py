@@ -186,3 +186,37 @@ def test_lite_bf16_rows_are_held_to_the_rate_of_what_the_path_computes_in():
         with cpu_isa.use(isa):
             native = lite_cpu.uses_bf16_dot(torch.bfloat16, isa)
             assert _ceiling(bf16, "cpu") == ("bf16_gemm_gflops" if native else "sgemm_gflops"), isa
+
+
+def _fake_timings(monkeypatch, f32_seconds: float, bf16_seconds: float) -> None:
+    from fastrank.bench import timing
+
+    calls = iter([f32_seconds, bf16_seconds])
+    monkeypatch.setattr(timing, "time_call", lambda *a, **k: next(calls))
+
+
+def test_bf16_probe_shrinks_where_bfloat16_gemm_is_emulated(monkeypatch):
+    # 400x slower than float32 (torch's emulation on a CPU without a bfloat16 GEMM): the cube root is ~7.4,
+    # so a 1024 probe becomes 128, a call that costs about what the float32 one does.
+    _fake_timings(monkeypatch, 1.0, 400.0)
+    assert machine.bf16_gemm_n("cpu", 1024) == 128
+    _fake_timings(monkeypatch, 1.0, 1e9)
+    assert machine.bf16_gemm_n("cpu", 1024) == 64  # never below 64
+
+
+def test_bf16_probe_keeps_its_size_where_bfloat16_gemm_is_native(monkeypatch):
+    _fake_timings(monkeypatch, 1.0, 0.5)
+    assert machine.bf16_gemm_n("cpu", 1024) == 1024
+    assert machine.bf16_gemm_n("cuda", 1024) == 1024
+    assert machine.bf16_gemm_n("cpu", 64) == 64
+
+
+def test_report_names_a_shrunk_bf16_probe():
+    from fastrank.bench import report
+
+    c = {"sgemm_gflops": 150.0, "bf16_gemm_gflops": 2.5, "copy_gbps": 30.0, "read_gbps": 30.0, "gemm_n": 2048,
+         "bf16_gemm_n": 512}
+    m = {"cpu": "x", "isa": "avx2", "isa_paths": ["avx2"], "threads": 2, "logical_cpus": 2, "torch": "t",
+         "python": "p", "device": "cpu"}
+    lines = "\n".join(report.machine_lines({"machine": m, "command": "c", "ceilings": c}))
+    assert "bf16 GEMM 2.5 GFLOP/s (no native bfloat16 GEMM: measured at n=512)" in lines

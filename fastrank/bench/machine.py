@@ -127,6 +127,27 @@ def machine_info(device: str = "cpu") -> dict:
     return info
 
 
+def bf16_gemm_n(device: str, gemm_n: int) -> int:
+    """The bfloat16 GEMM size whose call costs about what the ``gemm_n`` float32 one does. Where the CPU has
+    no bfloat16 GEMM, torch emulates one (0.4 GFLOP/s on the Zen 4 VM limited to AVX2, some 400x below its
+    sgemm), and a full-size probe in every timing round kept two `bench lite --quick` runs busy for 10 minutes:
+    there the bfloat16 probe shrinks by the cube root of the measured speed ratio (its rate is still what
+    the machine does in bfloat16, measured on a smaller problem)."""
+    if not str(device).startswith("cpu") or gemm_n <= 64:
+        return gemm_n
+    from fastrank.bench.timing import time_call
+
+    n = 128
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    f32 = time_call(lambda: a @ b, device, min_seconds=0.01, max_reps=20)
+    bf16 = time_call(lambda: a16 @ b16, device, min_seconds=0.01, max_reps=5, min_reps=1)
+    ratio = f32 / bf16  # bf16 speed over float32 speed
+    if ratio >= 0.25:
+        return gemm_n
+    return max(64, min(gemm_n, int(gemm_n * ratio ** (1 / 3)) // 64 * 64))
+
+
 def ceiling_probes(device: str = "cpu", *, gemm_n: int = 1024, read_mb: int = 512) -> dict:
     """Calls that re-measure the ceilings inside a benchmark's interleaved rounds, so each case's fractions
     use the machine's speed at the moment the case ran (a shared VM's speed drifts by tens of percent
@@ -134,12 +155,12 @@ def ceiling_probes(device: str = "cpu", *, gemm_n: int = 1024, read_mb: int = 51
     a = torch.randn(gemm_n, gemm_n, device=device)
     b = torch.randn(gemm_n, gemm_n, device=device)
     out = torch.empty(gemm_n, gemm_n, device=device)
-    a16, b16, out16 = a.bfloat16(), b.bfloat16(), out.bfloat16()
+    n16 = bf16_gemm_n(device, gemm_n)
+    a16, b16, out16 = (t[:n16, :n16].contiguous().bfloat16() for t in (a, b, out))
     x = torch.full((read_mb * 2 ** 20 // 4,), 1.0, device=device)
-    flop = 2.0 * gemm_n ** 3
     return {
-        "sgemm_gflops": (lambda: torch.matmul(a, b, out=out), flop),
-        "bf16_gemm_gflops": (lambda: torch.matmul(a16, b16, out=out16), flop),
+        "sgemm_gflops": (lambda: torch.matmul(a, b, out=out), 2.0 * gemm_n ** 3),
+        "bf16_gemm_gflops": (lambda: torch.matmul(a16, b16, out=out16), 2.0 * n16 ** 3),
         "read_gbps": (lambda: x.sum(), x.numel() * 4.0),
     }
 
@@ -150,7 +171,8 @@ def measure_ceilings(device: str = "cpu", seconds: float = 2.5, *, gemm_n: int =
 
     - ``sgemm_gflops``: float32 ``gemm_n``^3 matmul, 2·n³ FLOP per call (the rate MaxSim's Q·Dᵀ could reach);
     - ``bf16_gemm_gflops``: the same in bfloat16 (AMX or AVX512-BF16 through oneDNN where the CPU has
-      them, a slow emulation elsewhere: reported as measured, the caller decides whether it is fast);
+      them, a slow emulation elsewhere: reported as measured, the caller decides whether it is fast; there
+      on a ``bf16_gemm_n``^3 problem, :func:`bf16_gemm_n`);
     - ``copy_gbps``: ``dst.copy_(src)`` of ``copy_mb`` MB, counting bytes read plus bytes written;
     - ``read_gbps``: ``x.sum()`` over ``read_mb`` MB of float32, bytes read (a kernel streaming d once).
 
@@ -165,8 +187,8 @@ def measure_ceilings(device: str = "cpu", seconds: float = 2.5, *, gemm_n: int =
     out = torch.empty(gemm_n, gemm_n, device=device)
     gemm_flop = 2.0 * gemm_n ** 3
     sgemm = time_call(lambda: torch.matmul(a, b, out=out), device, min_seconds=share, max_reps=50)
-    a16, b16 = a.bfloat16(), b.bfloat16()
-    out16 = out.bfloat16()
+    n16 = bf16_gemm_n(device, gemm_n)
+    a16, b16, out16 = (t[:n16, :n16].contiguous().bfloat16() for t in (a, b, out))
     bf16 = time_call(lambda: torch.matmul(a16, b16, out=out16), device, min_seconds=share, max_reps=50)
     a = b = out = a16 = b16 = out16 = None  # frees the buffers before the copy is timed
 
@@ -182,11 +204,12 @@ def measure_ceilings(device: str = "cpu", seconds: float = 2.5, *, gemm_n: int =
     x = None
     return {
         "sgemm_gflops": gemm_flop / sgemm / 1e9,
-        "bf16_gemm_gflops": gemm_flop / bf16 / 1e9,
+        "bf16_gemm_gflops": 2.0 * n16 ** 3 / bf16 / 1e9,
         "copy_gbps": copy_bytes / copy / 1e9,
         "read_gbps": read_bytes / read / 1e9,
         "threads": torch.get_num_threads(),
         "gemm_n": gemm_n,
+        "bf16_gemm_n": n16,
         "copy_mb": copy_mb,
         "read_mb": read_mb,
     }

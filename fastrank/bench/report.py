@@ -45,8 +45,10 @@ def machine_lines(res: dict) -> list[str]:
     ]
     c = res.get("ceilings")
     if c:
+        small = c.get("bf16_gemm_n") and c.get("gemm_n") and c["bf16_gemm_n"] < c["gemm_n"]
+        bf16_note = f" (no native bfloat16 GEMM: measured at n={c['bf16_gemm_n']})" if small else ""
         lines.append(f"Ceilings measured in this run: sgemm {c['sgemm_gflops']:.1f} GFLOP/s, bf16 GEMM "
-                     f"{c['bf16_gemm_gflops']:.1f} GFLOP/s, copy {c['copy_gbps']:.1f} GB/s, read {c['read_gbps']:.1f} GB/s "
+                     f"{c['bf16_gemm_gflops']:.1f} GFLOP/s{bf16_note}, copy {c['copy_gbps']:.1f} GB/s, read {c['read_gbps']:.1f} GB/s "
                      "(each shape re-measures sgemm, bf16 GEMM and read in its own timing rounds; its fraction uses those)")
     return lines
 

@@ -18,8 +18,6 @@ by the parameters' identities and version counters: an optimiser step or an in-p
 """
 from __future__ import annotations
 
-import threading
-import weakref
 from typing import Optional
 
 import torch
@@ -28,6 +26,7 @@ from torch import Tensor
 
 from fastrank import _ext, cpu_isa
 from fastrank.ops.pairs import QUERY_TILE, canonicalize
+from fastrank.ops.weight_cache import WeightCache
 
 ROW_BLOCK = 8  # cpu::kLiteRowBlock
 PANEL = 32  # cpu::kLitePanel
@@ -106,40 +105,23 @@ def pack_bf16(params: list[Tensor]) -> list[Tensor]:
             _bf16_pairs(b_panels(V2, _padded(c)))]
 
 
-_CACHE_LOCK = threading.Lock()
-_CACHE: dict[tuple, tuple[tuple, object]] = {}
-_CACHE_SIZE = 12  # packings kept (forward, bfloat16 and backward of a training copy and an evaluation copy, say)
+# Packings kept: forward, bfloat16 and backward of a training copy and an evaluation copy, say.
+_CACHE = WeightCache(12)
 
 
 def packed(params: list[Tensor], kind: str = "forward"):
     """:func:`pack` (``kind`` "forward"), :func:`pack_bf16` ("bf16") or :func:`pack_backward` ("backward"),
-    cached on the parameters' identities, storage and version counters: any in-place update, an optimiser
-    step or ``load_state_dict`` included, bumps a version and so repacks. The entry holds weak references and
-    is used only while they still point at these very tensors, so a new scorer allocated where a freed one
-    was never inherits its packing. (A write through ``param.data`` bypasses version counters; call
-    :func:`clear_cache` after one.)"""
-    key = (kind,) + tuple((id(p), p.data_ptr(), p._version) for p in params)
-    with _CACHE_LOCK:
-        hit = _CACHE.get(key)
-    if hit is not None and all(ref() is p for ref, p in zip(hit[0], params)):
-        return hit[1]
+    cached while the parameters are unchanged (:class:`~fastrank.ops.weight_cache.WeightCache`)."""
     packers = {"forward": pack, "bf16": pack_bf16, "backward": pack_backward}
     if kind not in packers:
         raise ValueError(f"lite packing: kind must be one of {sorted(packers)}, got {kind!r}")
     packer = packers[kind]
-    value = packer(params)
-    with _CACHE_LOCK:
-        _CACHE.pop(key, None)
-        while len(_CACHE) >= _CACHE_SIZE:
-            _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = (tuple(weakref.ref(p) for p in params), value)
-    return value
+    return _CACHE.get(kind, params, lambda: packer(params))
 
 
 def clear_cache() -> None:
     """Forget every packed scorer (after writing parameters through ``.data``, which torch does not count)."""
-    with _CACHE_LOCK:
-        _CACHE.clear()
+    _CACHE.clear()
 
 
 def pack_backward(params: list[Tensor]) -> list[Tensor]:

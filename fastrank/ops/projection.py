@@ -13,7 +13,6 @@ padded row holds inf or NaN the kernel's gradients stay finite and the reference
 """
 from __future__ import annotations
 
-import weakref
 from typing import Optional
 
 import torch
@@ -22,6 +21,7 @@ from torch import Tensor
 
 from fastrank import _ext, cpu_isa, dispatch
 from fastrank.ops.lite_cpu import PANEL, b_panels
+from fastrank.ops.weight_cache import WeightCache
 
 OP = "project_tokens"
 # Below these token counts eager PyTorch is as fast or faster (the call's fixed costs dominate): H=384 -> 128
@@ -132,26 +132,26 @@ def _flat(h: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
     return h2, m
 
 
-_PACKED: dict[tuple, tuple] = {}
+_PACKED = WeightCache(4)
 
 
-def _packed(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """(W^T in 32-wide panels for the forward, W zero-padded for the backward), cached on the weight's identity,
-    storage and version counter (an optimiser step repacks; a query and its documents share one packing)."""
-    key = (id(weight), weight.data_ptr(), weight._version)
-    hit = _PACKED.get(key)
-    if hit is not None:
-        ref, wt, wr = hit  # unpacked: tests/test_device_guard.py reads `x[i](...)` as a kernel launch
-        if ref() is weight:
-            return wt, wr
+def _pack(weight: Tensor) -> tuple[Tensor, Tensor]:
     w = weight.detach()
     p, hdim = w.shape
     wt = b_panels(w, hdim)
     wr = F_.pad(w, (0, _padded(hdim) - hdim, 0, _padded(p) - p)).contiguous()
-    if len(_PACKED) >= 4:
-        _PACKED.pop(next(iter(_PACKED)))
-    _PACKED[key] = (weakref.ref(weight), wt, wr)
     return wt, wr
+
+
+def _packed(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(W^T in 32-wide panels for the forward, W zero-padded for the backward), cached while the weight is
+    unchanged (an optimiser step repacks; a query and its documents share one packing)."""
+    return _PACKED.get("projection", (weight,), lambda: _pack(weight))
+
+
+def clear_cache() -> None:
+    """Forget the packed weights (after writing a weight through ``.data``, which torch does not count)."""
+    _PACKED.clear()
 
 
 class _CppProjection(torch.autograd.Function):
