@@ -49,11 +49,11 @@ const RowKernels& row_kernels(const std::string& isa) {
   return isa_scalar::losses_rows;
 }
 
-inline float row_call(const RowKernels& k, int kind, int64_t K, const float* s, const float* t, const uint8_t* cls,
+inline float row_call(const RowKernels& k, int kind, int64_t K, const float* s, const float* t, const ClsT* cls,
                       float param, float* g, float* work, bool* term) {
   return k.distill_f32(kind, K, s, t, cls, param, g, work, term);
 }
-inline double row_call(const RowKernels& k, int kind, int64_t K, const double* s, const double* t, const uint8_t* cls,
+inline double row_call(const RowKernels& k, int kind, int64_t K, const double* s, const double* t, const ClsT* cls,
                        double param, double* g, double* work, bool* term) {
   return k.distill_f64(kind, K, s, t, cls, param, g, work, term);
 }
@@ -79,7 +79,7 @@ const char* const kLossNames[] = {"mse", "margin_mse", "m3se", "softmax_ce", "kl
 // (j* picked as in the row kernel) of rows with a term, softmax_ce / kl_div every score, where -inf is a
 // zero probability and only +inf is refused, unless the whole row is -inf (*all_neg_inf: no distribution).
 template <typename A>
-int64_t infinite_teacher_read(int kind, int64_t K, const A* t, const uint8_t* cls, bool* all_neg_inf) {
+int64_t infinite_teacher_read(int kind, int64_t K, const A* t, const ClsT* cls, bool* all_neg_inf) {
   *all_neg_inf = false;
   int64_t n_pos = 0, n_neg = 0, first_valid = -1, star = -1;
   for (int64_t k = 0; k < K; ++k) {
@@ -165,12 +165,11 @@ void distill_cpu(const RowKernels& rows, int kind, int reduction, int64_t B, int
 #pragma omp parallel if (B * K >= kParallelMin)
   {
     std::vector<A> s_buf(K), t_buf(K), work(K);
-    std::vector<uint8_t> cls_buf(K);
-    // Locals, not captured struct fields: the uint8 stores below may alias anything, and the compiler would
-    // reload every shared field after each of them.
+    std::vector<ClsT> cls_buf(K);
+    // Locals, not captured struct fields, so that no store below makes the compiler reload a shared field.
     A* __restrict s_row = s_buf.data();
     A* __restrict t_row = t_buf.data();
-    uint8_t* __restrict cls = cls_buf.data();
+    ClsT* __restrict cls = cls_buf.data();
     const int64_t s_sb = s.stride_b, s_sk = s.stride_k, t_sb = t.stride_b, t_sk = t.stride_k;
     const int64_t p_sb = pos.stride_b, p_sk = pos.stride_k, m_sb = mask.stride_b, m_sk = mask.stride_k;
 #pragma omp for schedule(static)
