@@ -44,21 +44,22 @@ def fold_layernorm(weight: Tensor, gamma: Tensor, beta: Tensor, bias: Tensor, dt
     return wg, u, c
 
 
-def _padded(n: int) -> int:
+def panel_padded(n: int) -> int:
+    """``n`` rounded up to whole 32-wide panels (the packed layouts' padding; the projection's too)."""
     return -(-n // PANEL) * PANEL
 
 
 def _a_blocks(weight: Tensor) -> Tensor:
     # (out, in) -> (ceil(out / 32) * 32 / 8, in, 8): block b holds output units 8b .. 8b + 7, one per lane.
     out, fan_in = weight.shape
-    w = F_.pad(weight.float(), (0, 0, 0, _padded(out) - out))
+    w = F_.pad(weight.float(), (0, 0, 0, panel_padded(out) - out))
     return w.reshape(-1, ROW_BLOCK, fan_in).transpose(1, 2).contiguous()
 
 
 def b_panels(weight: Tensor, k_padded: int) -> Tensor:
     # (out, k) -> (ceil(out / 32), k_padded, 32): panel p holds W[32p .. 32p + 31, :]^T.
     out, k = weight.shape
-    w = F_.pad(weight.float(), (0, k_padded - k, 0, _padded(out) - out))
+    w = F_.pad(weight.float(), (0, k_padded - k, 0, panel_padded(out) - out))
     return w.reshape(-1, PANEL, k_padded).transpose(1, 2).contiguous()
 
 
@@ -73,7 +74,7 @@ def pack(params: list[Tensor]) -> tuple[list[Tensor], float]:
     r1, ld = W1.shape
     c, lq = V1.shape
     w2g, u2, c2 = fold_layernorm(W2, g1, be1, b2, torch.float32)
-    r1p, ldp, cp, lqp = _padded(r1), _padded(ld), _padded(c), _padded(lq)
+    r1p, ldp, cp, lqp = panel_padded(r1), panel_padded(ld), panel_padded(c), panel_padded(lq)
     packed = [
         _a_blocks(W1), _vec(b1, r1p), b_panels(w2g, r1p), _vec(u2, ldp), _vec(c2, ldp),
         _vec(g2, ld), _vec(be2, ld),
@@ -99,10 +100,10 @@ def pack_bf16(params: list[Tensor]) -> list[Tensor]:
     c, lq = V1.shape
     w1 = F_.pad(_a_blocks(W1), (0, 0, 0, ld % 2))  # (R1p/8, ld rounded up to even, 8)
     w2g, _, _ = fold_layernorm(W2, g1, be1, b2, torch.bfloat16)
-    u2b = _vec(w2g.float().sum(dim=1), _padded(ld))
+    u2b = _vec(w2g.float().sum(dim=1), panel_padded(ld))
     v1 = F_.pad(_a_blocks(V1), (0, 0, 0, lq % 2))  # (Cp/8, lq rounded up to even, 8)
-    return [_bf16_pairs(w1), _bf16_pairs(b_panels(w2g, _padded(r1))), u2b, _bf16_pairs(v1),
-            _bf16_pairs(b_panels(V2, _padded(c)))]
+    return [_bf16_pairs(w1), _bf16_pairs(b_panels(w2g, panel_padded(r1))), u2b, _bf16_pairs(v1),
+            _bf16_pairs(b_panels(V2, panel_padded(c)))]
 
 
 # Packings kept: forward, bfloat16 and backward of a training copy and an evaluation copy, say.
@@ -134,7 +135,7 @@ def pack_backward(params: list[Tensor]) -> list[Tensor]:
     def pad(w, rows, cols):
         return F_.pad(w, (0, cols - w.shape[1], 0, rows - w.shape[0])).contiguous()
 
-    r1p, ldp, cp, lqp = _padded(r1), _padded(ld), _padded(c), _padded(lq)
+    r1p, ldp, cp, lqp = panel_padded(r1), panel_padded(ld), panel_padded(c), panel_padded(lq)
     return [pad(W1, r1p, ldp), pad(W2, ldp, r1p), pad(V1, cp, lqp), pad(V2, lqp, cp), _vec(g1, r1p), _vec(be1, r1p)]
 
 
@@ -162,7 +163,7 @@ def forward(q: Tensor, d: Tensor, q_mask: Optional[Tensor], d_mask: Optional[Ten
 def saved_buffers(pairs: int, params: list[Tensor]) -> list[Tensor]:
     """The training forward's outputs for the backward: h1 (pairs, lq, R1p), st1 (pairs, lq, 2), a2 (pairs, lq, ldp)."""
     r1, ld, _, lq = _sizes(params)
-    return [torch.empty(pairs, lq, _padded(r1)), torch.empty(pairs, lq, 2), torch.empty(pairs, lq, _padded(ld))]
+    return [torch.empty(pairs, lq, panel_padded(r1)), torch.empty(pairs, lq, 2), torch.empty(pairs, lq, panel_padded(ld))]
 
 
 def _all_finite(t: Tensor) -> bool:
@@ -202,7 +203,7 @@ def backward_from(grad: Tensor, q: Tensor, d: Tensor, q_mask: Optional[Tensor], 
     F, Y, Lq, _ = q.shape
     X, Ld = d.shape[1], d.shape[2]
     r1, _, c, _ = _sizes(params)
-    r1p, ldp, cp, lqp = _padded(r1), _padded(ld), _padded(c), _padded(lq)
+    r1p, ldp, cp, lqp = panel_padded(r1), panel_padded(ld), panel_padded(c), panel_padded(lq)
     ds = torch.empty(F * Y * X, lq, ld) if need_tokens else None
     sizes = [r1p * ldp, r1p, r1p, r1p, ldp * r1p, ldp, ldp, ldp, cp * lqp, cp, cp, cp, lqp * cp, lqp, lqp, lqp, lq * ld, 1]
     block = torch.empty(sum(sizes))

@@ -20,7 +20,7 @@ import torch.nn.functional as F_
 from torch import Tensor
 
 from fastrank import _ext, cpu_isa, dispatch
-from fastrank.ops.lite_cpu import PANEL, b_panels
+from fastrank.ops.lite_cpu import b_panels, panel_padded
 from fastrank.ops.weight_cache import WeightCache
 
 OP = "project_tokens"
@@ -30,10 +30,6 @@ OP = "project_tokens"
 MIN_ROWS_INFERENCE = 1024
 MIN_ROWS_TRAINING = 2048
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _padded(n: int) -> int:
-    return -(-n // PANEL) * PANEL
 
 
 def _check(h, weight, bias, mask, eps) -> None:
@@ -139,7 +135,7 @@ def _pack(weight: Tensor) -> tuple[Tensor, Tensor]:
     w = weight.detach()
     p, hdim = w.shape
     wt = b_panels(w, hdim)
-    wr = F_.pad(w, (0, _padded(hdim) - hdim, 0, _padded(p) - p)).contiguous()
+    wr = F_.pad(w, (0, panel_padded(hdim) - hdim, 0, panel_padded(p) - p)).contiguous()
     return wt, wr
 
 
@@ -160,7 +156,7 @@ class _CppProjection(torch.autograd.Function):
         isa = cpu_isa.selected_for(OP, h2.dtype)
         n, p = h2.shape[0], weight.shape[0]
         wt, _ = _packed(weight)
-        bp = None if bias is None else F_.pad(bias.detach(), (0, _padded(p) - p)).contiguous()
+        bp = None if bias is None else F_.pad(bias.detach(), (0, panel_padded(p) - p)).contiguous()
         out = torch.empty(n, p)
         norms = torch.empty(n) if any(ctx.needs_input_grad[:3]) else None
         _ext.require().projection_forward(isa, h2.detach(), mask, wt, bp, p, eps, out, norms, torch.get_num_threads())
@@ -173,7 +169,7 @@ class _CppProjection(torch.autograd.Function):
         h2, weight, bias, mask, out, norms, wt, bp = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         p, hdim = weight.shape
-        pp, hp = _padded(p), _padded(hdim)
+        pp, hp = panel_padded(p), panel_padded(hdim)
         _, wr = _packed(weight)
         dh = torch.empty_like(h2, memory_format=torch.contiguous_format) if need_h else None
         dw = torch.empty(pp, hp) if need_w else None
