@@ -216,10 +216,16 @@ def test_extension_checks_every_saved_argmax_against_its_document():
 def test_loss_entry_points_check_their_tensors():
     ext, isa = _ext()
     s, t = torch.randn(4, 5), torch.randn(4, 5)
-    loss, grad, scale = torch.empty(()), torch.empty(4, 5), torch.empty(())
+    loss, grad = torch.empty(()), torch.empty(4, 5)
     mse, mean = LOSS_KINDS["mse"], REDUCTIONS["mean"]
-    ext.distill_forward(mse, mean, 0.0, s, t, None, None, loss, grad, scale, isa)
-    torch.testing.assert_close(loss, mse_ref(s, t))
+    # Row 2 fully masked: "mean" divides by 3 queries, and dL/ds comes back with that 1/3 in it.
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    mask[2] = False
+    ext.distill_forward(mse, mean, 0.0, s, t, None, mask, loss, grad, isa)
+    s_ = s.clone().requires_grad_(True)
+    want = mse_ref(s_, t, mask=mask)
+    torch.testing.assert_close(loss, want.detach())
+    torch.testing.assert_close(grad, torch.autograd.grad(want, s_)[0])
     cases = [
         (dict(t=t.double()), r"t must be float32"),
         (dict(t=t[:, :4]), r"t must have shape \(4, 5\)"),
@@ -228,12 +234,12 @@ def test_loss_entry_points_check_their_tensors():
         (dict(mask=torch.ones(4, 4, dtype=torch.bool)), r"mask must have shape \(4, 5\)"),
         (dict(positives=torch.ones(4, 5)), r"positives must be bool"),
     ]
-    base = dict(s=s, t=t, positives=None, mask=None, loss=loss, grad=grad, scale=scale)
+    base = dict(s=s, t=t, positives=None, mask=None, loss=loss, grad=grad)
     for change, message in cases:
         a = {**base, **change}
         with pytest.raises(ValueError, match=message):
-            ext.distill_forward(mse, mean, 0.0, a["s"], a["t"], a["positives"], a["mask"], a["loss"], a["grad"], a["scale"], isa)
+            ext.distill_forward(mse, mean, 0.0, a["s"], a["t"], a["positives"], a["mask"], a["loss"], a["grad"], isa)
     with pytest.raises(ValueError, match=r"target must have shape \(4,\)"):
-        ext.inbatch_ce_forward(mean, 1.0, s, torch.zeros(3, dtype=torch.int64), loss, grad, scale, isa)
+        ext.inbatch_ce_forward(mean, 1.0, s, torch.zeros(3, dtype=torch.int64), loss, grad, isa)
     with pytest.raises(ValueError, match=r"target must be int64 or int32, got torch.float32"):
-        ext.inbatch_ce_forward(mean, 1.0, s, torch.zeros(4), loss, grad, scale, isa)
+        ext.inbatch_ce_forward(mean, 1.0, s, torch.zeros(4), loss, grad, isa)

@@ -332,12 +332,12 @@ def test_fused_loss_issues_no_op_beyond_its_outputs_and_the_gradient_product(red
         loss = losses.softmax_ce(s, t, reduction=reduction)
     with _CountOps() as bwd:
         loss.backward(upstream)
-    # Forward: the three outputs the kernel writes (loss, dL/ds, scale) and nothing else: no copy, cast or
-    # detach of the inputs. Backward: dL/ds times the upstream gradient (for "mean"/"sum" times the scale
-    # first), then autograd accumulating into s.grad.
-    assert sorted(fwd.ops) == ["aten.empty.memory_format"] * 3 or sorted(fwd.ops) == ["aten.new_empty.default"] * 3, fwd.ops
+    # Forward: the two outputs the kernel writes (loss, and dL/ds with the reduction's 1/count folded in) and
+    # nothing else: no copy, cast or detach of the inputs, no scale tensor. Backward: one multiply of dL/ds by
+    # the upstream gradient, then autograd accumulating into s.grad.
+    assert sorted(fwd.ops) == ["aten.empty.memory_format"] * 2 or sorted(fwd.ops) == ["aten.new_empty.default"] * 2, fwd.ops
     ours = [op for op in bwd.ops if not op.startswith("aten.detach")]
-    assert len([op for op in ours if "mul" in op]) == (1 if reduction == "none" else 2), bwd.ops
+    assert len([op for op in ours if "mul" in op]) == 1, bwd.ops
     assert not [op for op in ours if "copy" in op or "_to_copy" in op], bwd.ops
 
 

@@ -1,8 +1,8 @@
 // Fused distillation losses on CPU: loss and gradient w.r.t. the student in one pass, OpenMP over queries.
 // The per-row math (and its formulas) is in losses_rows.inc, compiled once per instruction set; this file
 // gathers rows, picks the ISA's row kernels (the path fastrank.cpu_isa selected, passed from Python) and
-// reduces. Reductions: "mean" divides by the number of queries that have at least one term; the kernel
-// reports that factor in `scale` so backward multiplies instead of re-counting.
+// reduces. Reductions: "mean" divides by the number of queries that have at least one term; that factor is
+// folded into dL/ds here, so backward is one multiply by the upstream gradient.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -126,10 +126,10 @@ struct BF16 { using in_t = uint16_t; template <typename A> static A load(const u
 constexpr int64_t kParallelMin = int64_t(1) << 17;
 
 template <typename A>
-void finish_reduction(int reduction, int64_t B, const A* row_loss, const uint8_t* has_term, A* loss, A* scale) {
+void finish_reduction(int reduction, int64_t B, int64_t K, const A* row_loss, const uint8_t* has_term, A* loss,
+                      A* grad) {
   if (reduction == NONE) {
     for (int64_t b = 0; b < B; ++b) loss[b] = row_loss[b];
-    *scale = 1;
     return;
   }
   double total = 0;
@@ -140,7 +140,14 @@ void finish_reduction(int reduction, int64_t B, const A* row_loss, const uint8_t
   }
   const double factor = reduction == MEAN ? 1.0 / static_cast<double>(std::max<int64_t>(counted, 1)) : 1.0;
   *loss = static_cast<A>(total * factor);
-  *scale = static_cast<A>(factor);
+  // The count is known only once every row is done; dL/ds is still in cache (B*K accumulators, tens of KB
+  // at a training batch), so one more pass over it costs well under a microsecond there.
+  if (factor != 1.0) {
+    const A f = static_cast<A>(factor);
+    const int64_t n = B * K;
+#pragma omp parallel for simd schedule(static) if (n >= kParallelMin)
+    for (int64_t i = 0; i < n; ++i) grad[i] *= f;
+  }
 }
 
 struct View {
@@ -150,7 +157,7 @@ struct View {
 
 template <typename L, typename A>
 void distill_cpu(const RowKernels& rows, int kind, int reduction, int64_t B, int64_t K, A param, View s, View t,
-                 View pos, View mask, A* loss, A* grad, A* scale) {
+                 View pos, View mask, A* loss, A* grad) {
   using in_t = typename L::in_t;
   const in_t* sp = ptr<const in_t>(s.ptr);
   const in_t* tp = ptr<const in_t>(t.ptr);
@@ -220,12 +227,12 @@ void distill_cpu(const RowKernels& rows, int kind, int reduction, int64_t B, int
                               << kLossNames[kind] << " uses, first at [" << inf_row << ", " << inf_col
                               << "]; mask the candidate or give it a finite score");
   }
-  finish_reduction<A>(reduction, B, row_loss.data(), has_term.data(), loss, scale);
+  finish_reduction<A>(reduction, B, K, row_loss.data(), has_term.data(), loss, grad);
 }
 
 template <typename L, typename A>
 void inbatch_ce_cpu(const RowKernels& rows, int reduction, int64_t B, int64_t M, A tau, View x, std::uintptr_t target_ptr, int64_t target_stride,
-                    bool target_is_int64, A* loss, A* grad, A* scale) {
+                    bool target_is_int64, A* loss, A* grad) {
   using in_t = typename L::in_t;
   const in_t* xp = ptr<const in_t>(x.ptr);
   std::vector<A> row_loss(B);
@@ -255,7 +262,7 @@ void inbatch_ce_cpu(const RowKernels& rows, int reduction, int64_t B, int64_t M,
   }
   FASTRANK_CHECK(bad_row < 0, "target[" << bad_row << "] = " << bad_target << " is out of range for scores with M = "
                                         << M << " columns (expected 0 <= target < M, or a negative value to ignore the row)");
-  finish_reduction<A>(reduction, B, row_loss.data(), has_term.data(), loss, scale);
+  finish_reduction<A>(reduction, B, M, row_loss.data(), has_term.data(), loss, grad);
 }
 
 void check_common(int reduction, int64_t B, int64_t K, const char* what) {
@@ -264,7 +271,7 @@ void check_common(int reduction, int64_t B, int64_t K, const char* what) {
 }
 
 void distill_forward_cpu(const RowKernels& rows, int kind, int reduction, int64_t B, int64_t K, int dtype, double param, View s, View t,
-                         View pos, View mask, std::uintptr_t loss, std::uintptr_t grad, std::uintptr_t scale) {
+                         View pos, View mask, std::uintptr_t loss, std::uintptr_t grad) {
   check_common(reduction, B, K, "s");
   FASTRANK_CHECK(kind >= MSE && kind <= RANKDISTIL_B, "unknown loss kind " << kind);
   FASTRANK_CHECK(s.ptr != 0 && t.ptr != 0, "s and t must be given");
@@ -274,17 +281,17 @@ void distill_forward_cpu(const RowKernels& rows, int kind, int reduction, int64_
   switch (float_elem(dtype)) {
     case Elem::Float32:
       return distill_cpu<F32, float>(rows, kind, reduction, B, K, param_f, s, t, pos, mask,
-                                     ptr<float>(loss), ptr<float>(grad), ptr<float>(scale));
+                                     ptr<float>(loss), ptr<float>(grad));
     case Elem::Float16:
       return distill_cpu<F16, float>(rows, kind, reduction, B, K, param_f, s, t, pos, mask,
-                                     ptr<float>(loss), ptr<float>(grad), ptr<float>(scale));
+                                     ptr<float>(loss), ptr<float>(grad));
     case Elem::BFloat16:
       return distill_cpu<BF16, float>(rows, kind, reduction, B, K, param_f, s, t, pos, mask,
-                                      ptr<float>(loss), ptr<float>(grad), ptr<float>(scale));
+                                      ptr<float>(loss), ptr<float>(grad));
     case Elem::Float64:
       // float64 stays float64 end to end so that gradcheck can test the kernel itself.
       return distill_cpu<F64, double>(rows, kind, reduction, B, K, param, s, t, pos, mask, ptr<double>(loss),
-                                      ptr<double>(grad), ptr<double>(scale));
+                                      ptr<double>(grad));
     default:  // float_elem admits the four float codes only
       return;
   }
@@ -292,21 +299,21 @@ void distill_forward_cpu(const RowKernels& rows, int kind, int reduction, int64_
 
 void inbatch_ce_forward_cpu(const RowKernels& rows, int reduction, int64_t B, int64_t M, int dtype, double tau, View x,
                             std::uintptr_t target, int64_t target_stride, bool target_is_int64, std::uintptr_t loss,
-                            std::uintptr_t grad, std::uintptr_t scale) {
+                            std::uintptr_t grad) {
   check_common(reduction, B, M, "scores");
   switch (float_elem(dtype)) {
     case Elem::Float32:
       return inbatch_ce_cpu<F32, float>(rows, reduction, B, M, temperature<float>(tau), x, target, target_stride,
-                                        target_is_int64, ptr<float>(loss), ptr<float>(grad), ptr<float>(scale));
+                                        target_is_int64, ptr<float>(loss), ptr<float>(grad));
     case Elem::Float16:
       return inbatch_ce_cpu<F16, float>(rows, reduction, B, M, temperature<float>(tau), x, target, target_stride,
-                                        target_is_int64, ptr<float>(loss), ptr<float>(grad), ptr<float>(scale));
+                                        target_is_int64, ptr<float>(loss), ptr<float>(grad));
     case Elem::BFloat16:
       return inbatch_ce_cpu<BF16, float>(rows, reduction, B, M, temperature<float>(tau), x, target, target_stride,
-                                         target_is_int64, ptr<float>(loss), ptr<float>(grad), ptr<float>(scale));
+                                         target_is_int64, ptr<float>(loss), ptr<float>(grad));
     case Elem::Float64:
       return inbatch_ce_cpu<F64, double>(rows, reduction, B, M, temperature<double>(tau), x, target, target_stride, target_is_int64,
-                                         ptr<double>(loss), ptr<double>(grad), ptr<double>(scale));
+                                         ptr<double>(loss), ptr<double>(grad));
     default:  // float_elem admits the four float codes only
       return;
   }
@@ -321,18 +328,22 @@ struct LossOutputs {
 };
 
 // The float32 accumulators (float64 for float64 scores): loss (B,) without a reduction, () with one;
-// dL/ds (B, K) contiguous; the backward scale ().
+// dL/ds (B, K) contiguous, with the reduction's factor folded in on CPU. The CUDA kernels finish the reduction
+// in whichever block ends last, so they report the factor in `scale` () instead (None on CPU).
 LossOutputs loss_outputs(const TensorArg& x, int reduction, py::handle loss_obj, py::handle grad_obj,
-                         py::handle scale_obj, const char* where) {
+                         py::handle scale_obj, bool cuda, const char* where) {
   const TensorArg loss = tensor_arg(loss_obj, "loss", where), grad = tensor_arg(grad_obj, "grad", where);
-  const TensorArg scale = tensor_arg(scale_obj, "scale", where);
+  const TensorArg scale = tensor_arg(scale_obj, "scale", where, !cuda);
   const Elem acc = x.elem == static_cast<int>(Elem::Float64) ? Elem::Float64 : Elem::Float32;
   const int64_t B = x.size[0];
   if (reduction == NONE) check_output(loss, acc, {B}, where);
   else check_output(loss, acc, {}, where);
   check_output(grad, acc, x.size, where);
-  check_output(scale, acc, {}, where);
-  for (const TensorArg* t : {&loss, &grad, &scale}) check_same_device(x, *t, where);
+  for (const TensorArg* t : {&loss, &grad}) check_same_device(x, *t, where);
+  if (scale.present) {
+    check_output(scale, acc, {}, where);
+    check_same_device(x, scale, where);
+  }
   return {loss.ptr, grad.ptr, scale.ptr};
 }
 
@@ -371,7 +382,7 @@ DistillArgs distill_args(int kind, int reduction, py::handle s_obj, py::handle t
   }
   for (const TensorArg* x : {&t, &pos, &mask}) check_same_device(s, *x, where);
   return {s.size[0], s.size[1], s.elem, view_of(s), view_of(t), view_of(pos), view_of(mask),
-          loss_outputs(s, reduction, loss, grad, scale, where)};
+          loss_outputs(s, reduction, loss, grad, scale, cuda, where)};
 }
 
 struct InbatchArgs {
@@ -394,7 +405,7 @@ InbatchArgs inbatch_args(int reduction, py::handle x_obj, py::handle target_obj,
   check_shape(target, {x.size[0]}, where);
   check_same_device(x, target, where);
   return {x.size[0], x.size[1], x.elem, view_of(x), target.ptr, target.stride[0],
-          target.elem == static_cast<int>(Elem::Int64), loss_outputs(x, reduction, loss, grad, scale, where)};
+          target.elem == static_cast<int>(Elem::Int64), loss_outputs(x, reduction, loss, grad, scale, cuda, where)};
 }
 
 #ifdef FASTRANK_WITH_CUDA
@@ -414,32 +425,33 @@ void register_losses(py::module_& m) {
   m.def(
       "distill_forward",
       [](int kind, int reduction, double param, py::handle s, py::handle t, py::handle pos, py::handle mask,
-         py::handle loss, py::handle grad, py::handle scale, const std::string& isa) {
-        const DistillArgs a = distill_args(kind, reduction, s, t, pos, mask, loss, grad, scale, false, kCpu);
+         py::handle loss, py::handle grad, const std::string& isa) {
+        const DistillArgs a = distill_args(kind, reduction, s, t, pos, mask, loss, grad, py::none(), false, kCpu);
         const RowKernels& rows = row_kernels(isa);
         py::gil_scoped_release release;
         distill_forward_cpu(rows, kind, reduction, a.B, a.K, a.dtype, param, a.s, a.t, a.pos, a.mask, a.out.loss,
-                            a.out.grad, a.out.scale);
+                            a.out.grad);
       },
       "Distillation loss over (B, K) CPU scores s and teacher scores t (any strides, one float dtype): writes "
-      "the reduced loss, dL/ds (B, K, contiguous) and the backward scale, float32 (float64 for float64 scores). "
+      "the reduced loss and dL/ds (B, K, contiguous, the reduction's 1/count included), float32 (float64 for "
+      "float64 scores). "
       "positives / mask: bool (B, K) or None (column 0 positive / all valid). isa: the CPU ISA path.",
       py::arg("kind"), py::arg("reduction"), py::arg("param"), py::arg("s"), py::arg("t"), py::arg("positives"),
-      py::arg("mask"), py::arg("loss"), py::arg("grad"), py::arg("scale"), py::arg("isa"));
+      py::arg("mask"), py::arg("loss"), py::arg("grad"), py::arg("isa"));
   m.def(
       "inbatch_ce_forward",
       [](int reduction, double tau, py::handle x, py::handle target, py::handle loss, py::handle grad,
-         py::handle scale, const std::string& isa) {
-        const InbatchArgs a = inbatch_args(reduction, x, target, loss, grad, scale, false, kCpu);
+         const std::string& isa) {
+        const InbatchArgs a = inbatch_args(reduction, x, target, loss, grad, py::none(), false, kCpu);
         const RowKernels& rows = row_kernels(isa);
         py::gil_scoped_release release;
         inbatch_ce_forward_cpu(rows, reduction, a.B, a.M, a.dtype, tau, a.x, a.target, a.target_stride,
-                               a.target_is_int64, a.out.loss, a.out.grad, a.out.scale);
+                               a.target_is_int64, a.out.loss, a.out.grad);
       },
       "One-hot softmax cross-entropy over (B, M) CPU scores; target int64/int32 (B,), a negative value ignores "
       "its row, one >= M is an error.",
       py::arg("reduction"), py::arg("tau"), py::arg("scores"), py::arg("target"), py::arg("loss"), py::arg("grad"),
-      py::arg("scale"), py::arg("isa"));
+      py::arg("isa"));
 #ifdef FASTRANK_WITH_CUDA
   m.def("_losses_cuda_blocks", &cuda::losses_blocks,
         "Test hook: the checked grid size of a loss launch over B rows (ValueError naming `what`); no GPU needed.",

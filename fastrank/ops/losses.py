@@ -127,51 +127,63 @@ def _raise_if_flagged(workspace: Tensor, check) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Launchers: tensors in (the extension checks each one), (loss, dL/ds, backward scale) out. Inputs are never
-# written.
+# Launchers: tensors in (the extension checks each one), (loss, dL/ds) out, the reduction's 1/count already in
+# dL/ds. Inputs are never written.
 # --------------------------------------------------------------------------------------------------------
-def _outputs(x: Tensor, reduction: int) -> tuple[Tensor, Tensor, Tensor]:
+def _outputs(x: Tensor, reduction: int) -> tuple[Tensor, Tensor]:
     acc = _accumulator(x.dtype)
     batch = x.shape[0]
     loss = x.new_empty((batch,) if reduction == REDUCTIONS["none"] else (), dtype=acc)
-    return loss, x.new_empty(tuple(x.shape), dtype=acc), x.new_empty((), dtype=acc)
+    return loss, x.new_empty(tuple(x.shape), dtype=acc)
 
 
 def _launch_distill_cpu(s: Tensor, t: Tensor, positives: Optional[Tensor], mask: Optional[Tensor], kind: int,
-                        reduction: int, param: float) -> tuple[Tensor, Tensor, Tensor]:
-    loss, grad, scale = _outputs(s, reduction)
-    _ext.require().distill_forward(kind, reduction, param, s, t, positives, mask, loss, grad, scale, cpu_isa.selected())
-    return loss, grad, scale
+                        reduction: int, param: float) -> tuple[Tensor, Tensor]:
+    loss, grad = _outputs(s, reduction)
+    _ext.require().distill_forward(kind, reduction, param, s, t, positives, mask, loss, grad, cpu_isa.selected())
+    return loss, grad
 
 
 def _launch_distill_cuda(s: Tensor, t: Tensor, positives: Optional[Tensor], mask: Optional[Tensor], kind: int,
-                         reduction: int, param: float) -> tuple[Tensor, Tensor, Tensor]:
+                         reduction: int, param: float) -> tuple[Tensor, Tensor]:
     # The extension launches on the current device; s's stream is passed in, so s's GPU must be current.
     with device_guard(s):
-        loss, grad, scale = _outputs(s, reduction)
+        loss, grad = _outputs(s, reduction)
+        scale = loss.new_empty(())
         workspace = torch.zeros(_workspace_bytes(s.shape[0]), dtype=torch.uint8, device=s.device)
         _ext.require().distill_forward_cuda(kind, reduction, param, s, t, positives, mask, loss, grad, scale, workspace,
                                             _ext.cuda_stream(s))
         if _validation:
             _raise_if_flagged(workspace, lambda: _check_teacher(_KIND_NAMES[kind], t, positives, mask))
-    return loss, grad, scale
+        _fold_scale(grad, scale, reduction)
+    return loss, grad
 
 
-def _launch_inbatch_ce_cpu(scores: Tensor, target: Tensor, reduction: int, tau: float) -> tuple[Tensor, Tensor, Tensor]:
-    loss, grad, scale = _outputs(scores, reduction)
-    _ext.require().inbatch_ce_forward(reduction, tau, scores, target, loss, grad, scale, cpu_isa.selected())
-    return loss, grad, scale
+def _launch_inbatch_ce_cpu(scores: Tensor, target: Tensor, reduction: int, tau: float) -> tuple[Tensor, Tensor]:
+    loss, grad = _outputs(scores, reduction)
+    _ext.require().inbatch_ce_forward(reduction, tau, scores, target, loss, grad, cpu_isa.selected())
+    return loss, grad
 
 
-def _launch_inbatch_ce_cuda(scores: Tensor, target: Tensor, reduction: int, tau: float) -> tuple[Tensor, Tensor, Tensor]:
+def _launch_inbatch_ce_cuda(scores: Tensor, target: Tensor, reduction: int, tau: float) -> tuple[Tensor, Tensor]:
     with device_guard(scores):
-        loss, grad, scale = _outputs(scores, reduction)
+        loss, grad = _outputs(scores, reduction)
+        scale = loss.new_empty(())
         workspace = torch.zeros(_workspace_bytes(scores.shape[0]), dtype=torch.uint8, device=scores.device)
         _ext.require().inbatch_ce_forward_cuda(reduction, tau, scores, target, loss, grad, scale, workspace,
                                                _ext.cuda_stream(scores))
         if _validation:
             _raise_if_flagged(workspace, lambda: _check_target(scores, target))
-    return loss, grad, scale
+        _fold_scale(grad, scale, reduction)
+    return loss, grad
+
+
+def _fold_scale(grad: Tensor, scale: Tensor, reduction: int) -> None:
+    # The CUDA kernels count the queries with a term across the grid, in whichever block finishes last, so
+    # they report "mean"'s 1/count in `scale` rather than apply it; one device-side multiply folds it in,
+    # queued on the same stream, without reading the count back.
+    if reduction == REDUCTIONS["mean"]:
+        grad.mul_(scale)
 
 
 # The "cpp" backend serves both devices, one launcher each. The custom ops below register them with
@@ -182,14 +194,14 @@ _INBATCH_CE_LAUNCHERS = {"cpu": _launch_inbatch_ce_cpu, "cuda": _launch_inbatch_
 
 
 def _launch_distill(s: Tensor, t: Tensor, positives: Optional[Tensor], mask: Optional[Tensor], kind: int,
-                    reduction: int, param: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Raw pointers and strides in, (loss, dL/ds, backward scale) out; inputs are never written."""
+                    reduction: int, param: float) -> tuple[Tensor, Tensor]:
+    """Raw pointers and strides in, (loss, dL/ds) out; inputs are never written."""
     # Named first: tests/test_device_guard.py reads `table[key](...)` as a Triton launch `kernel[grid](...)`.
     launch = _DISTILL_LAUNCHERS[s.device.type]
     return launch(s, t, positives, mask, kind, reduction, param)
 
 
-def _launch_inbatch_ce(scores: Tensor, target: Tensor, reduction: int, tau: float) -> tuple[Tensor, Tensor, Tensor]:
+def _launch_inbatch_ce(scores: Tensor, target: Tensor, reduction: int, tau: float) -> tuple[Tensor, Tensor]:
     launch = _INBATCH_CE_LAUNCHERS[scores.device.type]
     return launch(scores, target, reduction, tau)
 
@@ -199,8 +211,8 @@ def _launch_inbatch_ce(scores: Tensor, target: Tensor, reduction: int, tau: floa
 # --------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastrank::distill_loss", mutates_args=(), device_types="cpu")
 def distill_loss_op(s: Tensor, t: Tensor, positives: Optional[Tensor], mask: Optional[Tensor], kind: int,
-                    reduction: int, param: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, dL/ds, scale): loss is (B,) for reduction "none" else (); dL/ds is (B, K) and unscaled."""
+                    reduction: int, param: float) -> tuple[Tensor, Tensor]:
+    """(loss, dL/ds): loss is (B,) for reduction "none" else (); dL/ds is (B, K), before the upstream gradient."""
     return _launch_distill_cpu(s, t, positives, mask, kind, reduction, param)
 
 
@@ -213,8 +225,8 @@ def _(s, t, positives, mask, kind, reduction, param):
 
 
 @torch.library.custom_op("fastrank::inbatch_ce", mutates_args=(), device_types="cpu")
-def inbatch_ce_op(scores: Tensor, target: Tensor, reduction: int, tau: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, dL/dscores, scale), as :func:`distill_loss_op`."""
+def inbatch_ce_op(scores: Tensor, target: Tensor, reduction: int, tau: float) -> tuple[Tensor, Tensor]:
+    """(loss, dL/dscores), as :func:`distill_loss_op`."""
     return _launch_inbatch_ce_cpu(scores, target, reduction, tau)
 
 
@@ -226,12 +238,11 @@ def _(scores, target, reduction, tau):
     return _outputs(scores, reduction)
 
 
-def _scaled_grad(grad: Tensor, scale: Tensor, grad_loss: Tensor, per_query: bool, dtype: torch.dtype) -> Tensor:
-    """Backward of every fused loss: the saved dL/dx times the upstream gradient."""
-    # "none": one upstream value per query; otherwise one scalar, and "mean" folds 1/#queries into scale.
-    # Each torch op costs microseconds of Python dispatch, as much as the kernel at B=128 K=20: no cast
-    # that would be a no-op.
-    weight = grad_loss.unsqueeze(-1) if per_query else grad_loss * scale
+def _scaled_grad(grad: Tensor, grad_loss: Tensor, per_query: bool, dtype: torch.dtype) -> Tensor:
+    """Backward of every fused loss: the saved dL/dx (reduction included) times the upstream gradient."""
+    # "none": one upstream value per query; otherwise one scalar. Each torch op costs microseconds of Python
+    # dispatch, as much as the kernel at B=128 K=20: no cast that would be a no-op.
+    weight = grad_loss.unsqueeze(-1) if per_query else grad_loss
     if weight.dtype != grad.dtype:
         weight = weight.to(grad.dtype)
     out = grad * weight
@@ -240,15 +251,15 @@ def _scaled_grad(grad: Tensor, scale: Tensor, grad_loss: Tensor, per_query: bool
 
 def _autograd_for(reduction_index: int, n_inputs: int):
     def setup_context(ctx, inputs, output):
-        _, grad, scale = output
-        ctx.save_for_backward(grad, scale)
+        _, grad = output
+        ctx.save_for_backward(grad)
         ctx.per_query = inputs[reduction_index] == REDUCTIONS["none"]
         ctx.input_dtype = inputs[0].dtype
-        ctx.mark_non_differentiable(grad, scale)
+        ctx.mark_non_differentiable(grad)
 
-    def backward(ctx, grad_loss, _grad_grad, _grad_scale):
-        grad, scale = ctx.saved_tensors
-        return (_scaled_grad(grad, scale, grad_loss, ctx.per_query, ctx.input_dtype),) + (None,) * (n_inputs - 1)
+    def backward(ctx, grad_loss, _grad_grad):
+        (grad,) = ctx.saved_tensors
+        return (_scaled_grad(grad, grad_loss, ctx.per_query, ctx.input_dtype),) + (None,) * (n_inputs - 1)
 
     return setup_context, backward
 
@@ -276,8 +287,8 @@ class _EagerFusedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, launch, per_query: bool, name: str) -> Tensor:
-        loss, grad, scale = launch()
-        ctx.save_for_backward(grad, scale)
+        loss, grad = launch()
+        ctx.save_for_backward(grad)
         ctx.per_query, ctx.input_dtype, ctx.name = per_query, x.dtype, name
         return loss
 
@@ -287,8 +298,8 @@ class _EagerFusedLoss(torch.autograd.Function):
         # than hand back a gradient whose own derivative would silently miss the Hessian term.
         if torch.is_grad_enabled():
             raise _double_backward_error(ctx.name)
-        grad, scale = ctx.saved_tensors
-        return _scaled_grad(grad, scale, grad_loss, ctx.per_query, ctx.input_dtype), None, None, None
+        (grad,) = ctx.saved_tensors
+        return _scaled_grad(grad, grad_loss, ctx.per_query, ctx.input_dtype), None, None, None
 
 
 # --------------------------------------------------------------------------------------------------------
