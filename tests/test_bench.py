@@ -81,9 +81,62 @@ def test_check_catches_an_empty_document():
 
 def test_ceilings_are_measured_and_positive():
     ceilings = machine.measure_ceilings("cpu", **TINY_CEILINGS)
-    for key in ("sgemm_gflops", "bf16_gemm_gflops", "copy_gbps", "read_gbps"):
+    for key in ("sgemm_gflops", "bf16_gemm_gflops", "copy_gbps", "read_gbps", "fma_peak_gflops"):
         assert ceilings[key] > 0, key
     assert ceilings["threads"] == torch.get_num_threads()
+    assert ceilings["peak_isa"] == machine.selected_isa()
+    # A bf16 dot peak exactly where the path has vdpbf16ps.
+    assert (ceilings["bf16_dot_peak_gflops"] is not None) == (machine.selected_isa() in ("avx512bf16", "amx"))
+
+
+# Operations one round of each unit's peak loop does on one thread: accumulators x lanes x 2 (a multiply-add),
+# and for vdpbf16ps x 4 (two products and their sums a lane).
+PEAK_FLOP_PER_ROUND = {"scalar": 8 * 2, "avx2": 12 * 8 * 2, "avx512": 16 * 16 * 2, "avx512bf16": 16 * 16 * 2,
+                       "amx": 16 * 16 * 2}
+
+
+@pytest.mark.parametrize("isa", [p for p in machine.isa_paths()])
+def test_peak_probe_counts_the_work_of_its_path(isa):
+    ext = pytest.importorskip("fastrank._C")
+    for threads in (1, 2):
+        assert ext.cpu_peak_flop(isa, "fma", 1000, threads) == PEAK_FLOP_PER_ROUND[isa] * 1000 * threads
+        bf16 = 16 * 16 * 4 * 1000 * threads if isa in ("avx512bf16", "amx") else 0
+        assert ext.cpu_peak_flop(isa, "bf16_dot", 1000, threads) == bf16
+
+
+def test_peak_probe_rejects_bad_arguments():
+    ext = pytest.importorskip("fastrank._C")
+    isa = machine.selected_isa()
+    for args, message in [(("avx9", "fma", 10, 1), "unknown CPU ISA path|avx9"),
+                          ((isa, "fp8", 10, 1), r"kind must be 'fma' or 'bf16_dot', got 'fp8'"),
+                          ((isa, "fma", 0, 1), r"iters must be in \[1, 2\^40\], got 0"),
+                          ((isa, "fma", 10, 0), r"threads must be in \[1, 4096\], got 0")]:
+        with pytest.raises(ValueError, match=message):
+            ext.cpu_peak_flop(*args)
+
+
+def test_peak_probes_follow_the_forced_path(monkeypatch):
+    from fastrank import cpu_isa
+
+    if "avx2" not in machine.isa_paths():
+        pytest.skip("this CPU has no avx2 path")
+    with cpu_isa.use("avx2"):
+        probes = machine.peak_probes("cpu", seconds=0.001)
+        assert set(probes) == {"fma_peak_gflops"}  # AVX2 has no bfloat16 dot product
+        fn, flop = probes["fma_peak_gflops"]
+        assert fn() == flop and flop % (PEAK_FLOP_PER_ROUND["avx2"] * torch.get_num_threads()) == 0
+    assert machine.peak_probes("cuda") == {} and machine.peak_probes("meta") == {}
+
+
+def test_peak_fraction_uses_the_peak_of_what_the_row_computes_in():
+    ceilings = {"fma_peak_gflops": 2.0, "bf16_dot_peak_gflops": 8.0}
+    assert machine.peak_for("sgemm_gflops", ceilings) == 2.0
+    assert machine.peak_for("bf16_gemm_gflops", ceilings) == 8.0
+    assert machine.peak_for("bf16_gemm_gflops", {"fma_peak_gflops": 2.0, "bf16_dot_peak_gflops": None}) == 2.0
+    assert machine.peak_for("read_gbps", ceilings) is None and machine.peak_for("sgemm_gflops", {}) is None
+    assert machine.peak_text({**ceilings, "peak_isa": "avx512bf16"}) == (
+        ", FMA peak 2.0 GFLOP/s (avx512bf16 path), bf16 dot peak 8.0 GFLOP/s")
+    assert machine.peak_text({"fma_peak_gflops": None}) == ""
 
 
 def test_ceiling_arithmetic():
@@ -102,6 +155,12 @@ def test_ceiling_arithmetic():
     amx = bench.ceiling_metrics(case, work, 3.2, "amx", ceilings)
     assert amx["floor_ms"] == pytest.approx(1600.0) and amx["floor_ratio"] == pytest.approx(2.0)
     assert bench.ceiling_metrics(TINY[4], work, 1.0, "amx", ceilings)["floor_ratio"] is None
+    assert avx["peak_fraction"] is None  # no peak measured
+    # 6,400 FLOP in 12.8 s = 500 FLOP/s: a quarter of a 2,000 FLOP/s bf16 dot peak on the avx512bf16 path,
+    # half of a 1,000 FLOP/s FMA peak on the avx512 path (no vdpbf16ps there).
+    peaks = {**ceilings, "fma_peak_gflops": 1e-6, "bf16_dot_peak_gflops": 2e-6}
+    assert bench.ceiling_metrics(case, work, 12.8, "avx512bf16", peaks)["peak_fraction"] == pytest.approx(0.25)
+    assert bench.ceiling_metrics(case, work, 12.8, "avx512", peaks)["peak_fraction"] == pytest.approx(0.5)
 
     allpairs = MaxSimCase("in-batch", "allpairs", 3, 3, lq=4, ld=8, h=16)
     inputs = allpairs.make("cpu")

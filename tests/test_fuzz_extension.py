@@ -256,9 +256,11 @@ def test_every_entry_point_is_fuzzed():
     fuzzed = {"maxsim_forward", "maxsim_backward", "maxsim_packed_forward", "maxsim_packed_backward",
               "distill_forward", "inbatch_ce_forward", "maxsim_residual_forward", "centroid_candidates_cpu", "lite_forward",
               "lite_backward", "projection_forward", "projection_backward"}
-    # Not kernels: cpuid queries, the thread count, the element codes (tests/test_element_codes.py), and the
-    # host-side index-math self-test of the CUDA code.
-    informational = {"cpu_isa_support", "cpu_flags", "num_threads", "has_cuda", "has_openmp", "ELEMENT_CODES"}
+    # Not kernels: cpuid queries, the thread count, the element codes (tests/test_element_codes.py), the
+    # host-side index-math self-test of the CUDA code, and the arithmetic-peak probe (numbers in, no tensors;
+    # its argument checks are in tests/test_bench.py).
+    informational = {"cpu_isa_support", "cpu_flags", "num_threads", "has_cuda", "has_openmp", "ELEMENT_CODES",
+                     "cpu_peak_flop"}
     exported = {name for name in dir(_ext.require()) if not name.startswith("_")}
     cuda_twins = {name for name in exported if name.endswith("_cuda")}
     index_math = {name for name in exported if name.startswith("index_math") or name.startswith("im_")}

@@ -3,7 +3,9 @@
 A kernel's speed means little without the machine's own ceilings next to it: the issue-9 targets are
 fractions of the large-sgemm FLOP rate and of the memory bandwidth, so :func:`measure_ceilings` measures
 both in the same run, at torch's current thread count (the count the kernels use), rather than quoting a
-datasheet. :func:`machine_info` names the CPU, the thread count and the CPU ISA path fastrank dispatches to.
+datasheet. torch's sgemm is not always the CPU's limit (MKL runs its AVX2 code on AMD Zen 4 and Zen 5, a
+half or less of what their AVX-512 units issue), so it also measures the arithmetic peak of the ISA path
+fastrank runs (:func:`peak_probes`): the rate no kernel on that path can pass. :func:`machine_info` names the CPU, the thread count and the CPU ISA path fastrank dispatches to.
 """
 from __future__ import annotations
 
@@ -148,6 +150,37 @@ def bf16_gemm_n(device: str, gemm_n: int) -> int:
     return max(64, min(gemm_n, int(gemm_n * ratio ** (1 / 3)) // 64 * 64))
 
 
+PEAK_SECONDS = 0.005  # one peak-probe call: long against the timer, short against a benchmark's round
+
+
+def peak_probes(device: str = "cpu", *, seconds: float = PEAK_SECONDS) -> dict:
+    """The arithmetic peak of the CPU ISA path fastrank runs, as ceiling probes (name -> (callable, FLOP per
+    call)): ``fma_peak_gflops``, register-only float32 multiply-adds on every torch thread, and
+    ``bf16_dot_peak_gflops``, the same with vdpbf16ps where the path has it (AMX tiles are not probed).
+    Empty off the CPU or without the extension: the peak needs the path's own instructions."""
+    if not str(device).startswith("cpu"):
+        return {}
+    from fastrank import _ext, cpu_isa
+
+    ext = _ext.load()
+    if ext is None or not hasattr(ext, "cpu_peak_flop"):
+        return {}
+    from fastrank.bench.timing import time_call
+
+    isa, threads = cpu_isa.selected(), torch.get_num_threads()
+    probes = {}
+    for name, kind in (("fma_peak_gflops", "fma"), ("bf16_dot_peak_gflops", "bf16_dot")):
+        calib = 20_000
+        if ext.cpu_peak_flop(isa, kind, calib, threads) == 0:
+            continue  # the path has no such instruction
+        per_call = time_call(lambda: ext.cpu_peak_flop(isa, kind, calib, threads), device, min_seconds=0.002,
+                             max_reps=20)
+        iters = max(1_000, int(calib * seconds / max(per_call, 1e-9)))
+        flop = ext.cpu_peak_flop(isa, kind, iters, threads)
+        probes[name] = ((lambda kind=kind, iters=iters: ext.cpu_peak_flop(isa, kind, iters, threads)), flop)
+    return probes
+
+
 def ceiling_probes(device: str = "cpu", *, gemm_n: int = 1024, read_mb: int = 512) -> dict:
     """Calls that re-measure the ceilings inside a benchmark's interleaved rounds, so each case's fractions
     use the machine's speed at the moment the case ran (a shared VM's speed drifts by tens of percent
@@ -162,6 +195,7 @@ def ceiling_probes(device: str = "cpu", *, gemm_n: int = 1024, read_mb: int = 51
         "sgemm_gflops": (lambda: torch.matmul(a, b, out=out), 2.0 * gemm_n ** 3),
         "bf16_gemm_gflops": (lambda: torch.matmul(a16, b16, out=out16), 2.0 * n16 ** 3),
         "read_gbps": (lambda: x.sum(), x.numel() * 4.0),
+        **peak_probes(device),
     }
 
 
@@ -174,7 +208,9 @@ def measure_ceilings(device: str = "cpu", seconds: float = 2.5, *, gemm_n: int =
       them, a slow emulation elsewhere: reported as measured, the caller decides whether it is fast; there
       on a ``bf16_gemm_n``^3 problem, :func:`bf16_gemm_n`);
     - ``copy_gbps``: ``dst.copy_(src)`` of ``copy_mb`` MB, counting bytes read plus bytes written;
-    - ``read_gbps``: ``x.sum()`` over ``read_mb`` MB of float32, bytes read (a kernel streaming d once).
+    - ``read_gbps``: ``x.sum()`` over ``read_mb`` MB of float32, bytes read (a kernel streaming d once);
+    - ``fma_peak_gflops`` and ``bf16_dot_peak_gflops`` (:func:`peak_probes`; None where not measured), with
+      ``peak_isa``, the path they were measured on.
 
     The default buffers (0.5-1 GB) exceed the last-level caches we have met (up to 300 MB on a cloud Xeon),
     so the rates are DRAM's; tests pass small sizes.
@@ -202,7 +238,13 @@ def measure_ceilings(device: str = "cpu", seconds: float = 2.5, *, gemm_n: int =
     read = time_call(lambda: x.sum(), device, min_seconds=share, max_reps=50)
     read_bytes = x.numel() * 4
     x = None
+    peaks = {}
+    for name, (fn, flop) in peak_probes(device).items():
+        peaks[name] = flop / time_call(fn, device, min_seconds=share / 4, max_reps=50) / 1e9
     return {
+        "fma_peak_gflops": peaks.get("fma_peak_gflops"),
+        "bf16_dot_peak_gflops": peaks.get("bf16_dot_peak_gflops"),
+        "peak_isa": selected_isa() if peaks else None,
         "sgemm_gflops": gemm_flop / sgemm / 1e9,
         "bf16_gemm_gflops": 2.0 * n16 ** 3 / bf16 / 1e9,
         "copy_gbps": copy_bytes / copy / 1e9,
@@ -213,6 +255,27 @@ def measure_ceilings(device: str = "cpu", seconds: float = 2.5, *, gemm_n: int =
         "copy_mb": copy_mb,
         "read_mb": read_mb,
     }
+
+
+def peak_for(ceiling: str | None, ceilings: dict) -> float | None:
+    """The arithmetic peak that bounds a row whose ceiling is ``ceiling``: the bf16 dot peak for bf16 GEMM
+    rows where the path has one, else the float32 FMA peak; None for bandwidth rows or when not measured."""
+    if ceiling not in ("sgemm_gflops", "bf16_gemm_gflops"):
+        return None
+    if ceiling == "bf16_gemm_gflops" and ceilings.get("bf16_dot_peak_gflops"):
+        return ceilings["bf16_dot_peak_gflops"]
+    return ceilings.get("fma_peak_gflops")
+
+
+def peak_text(ceilings: dict) -> str:
+    """", FMA peak 541.6 GFLOP/s (avx512bf16 path), bf16 dot peak 1078.0 GFLOP/s", or "" when not measured."""
+    if not ceilings.get("fma_peak_gflops"):
+        return ""
+    isa = f" ({ceilings['peak_isa']} path)" if ceilings.get("peak_isa") else ""
+    text = f", FMA peak {ceilings['fma_peak_gflops']:.1f} GFLOP/s{isa}"
+    if ceilings.get("bf16_dot_peak_gflops"):
+        text += f", bf16 dot peak {ceilings['bf16_dot_peak_gflops']:.1f} GFLOP/s"
+    return text
 
 
 def device_name(device: str) -> str:

@@ -364,7 +364,8 @@ def ceiling_metrics(case: MaxSimCase, work: dict, seconds: float, isa: str, ceil
 
     None for forward+backward rows (their target is a speedup only) and when no ceilings were measured.
     """
-    metrics = {"GFLOP_per_s": None, "sgemm_fraction": None, "floor_ms": None, "floor_ratio": None}
+    metrics = {"GFLOP_per_s": None, "sgemm_fraction": None, "peak_fraction": None, "floor_ms": None,
+               "floor_ratio": None}
     if case.backward:
         return metrics
     metrics["GFLOP_per_s"] = work["flops"] / seconds / 1e9
@@ -373,8 +374,12 @@ def ceiling_metrics(case: MaxSimCase, work: dict, seconds: float, isa: str, ceil
     bf16_gemm = isa in BF16_GEMM_PATHS and case.dtype == torch.bfloat16
     rate = ceilings["bf16_gemm_gflops"] if bf16_gemm else ceilings["sgemm_gflops"]
     floor = max(work["flops"] / (rate * 1e9), work["d_valid_bytes"] / (ceilings["read_gbps"] * 1e9))
+    # The paths with vdpbf16ps (avx512bf16; amx's tiles are not probed) are bounded by the bf16 dot peak.
+    bf16_dot = case.dtype == torch.bfloat16 and isa in ("avx512bf16", "amx")
+    peak = machine.peak_for("bf16_gemm_gflops" if bf16_dot else "sgemm_gflops", ceilings)
     metrics.update({
         "sgemm_fraction": metrics["GFLOP_per_s"] / ceilings["sgemm_gflops"],
+        "peak_fraction": metrics["GFLOP_per_s"] / peak if peak else None,
         "floor_ms": floor * 1e3,
         "floor_ratio": seconds / floor,
     })
@@ -464,7 +469,8 @@ def run_maxsim(cases: list[MaxSimCase], device: str, providers=None, progress: b
         for p, sec in seconds.items():
             row = result_row(case, work, p, sec, eager, case_ceilings, default_isa)
             if case_ceilings:
-                row["ceilings"] = {k: case_ceilings[k] for k in ("sgemm_gflops", "bf16_gemm_gflops", "read_gbps")}
+                row["ceilings"] = {k: case_ceilings.get(k) for k in ("sgemm_gflops", "bf16_gemm_gflops", "read_gbps",
+                                                                      "fma_peak_gflops", "bf16_dot_peak_gflops")}
             rows.append(row)
         del inputs, reference
     return rows
@@ -498,6 +504,7 @@ def format_header(info: dict, ceilings: Optional[dict]) -> str:
             f"sgemm {ceilings['gemm_n']}^3 {ceilings['sgemm_gflops']:.1f} GFLOP/s, "
             f"bf16 GEMM {ceilings['bf16_gemm_gflops']:.1f} GFLOP/s, "
             f"copy {ceilings['copy_gbps']:.1f} GB/s (read+write), read {ceilings['read_gbps']:.1f} GB/s"
+            f"{machine.peak_text(ceilings)}"
         )
         lines.append("  each case re-measures sgemm (1024^3), bf16 GEMM and the read rate (512 MB) in its own "
                      "interleaved rounds; its rows' sgemm and floor columns use those (JSON: row['ceilings'])")
@@ -505,7 +512,8 @@ def format_header(info: dict, ceilings: Optional[dict]) -> str:
         lines.append("  ceilings not measured (sgemm/floor columns empty)")
     lines.append(
         "  vs eager: against the fastest of eager, eager_fp32, einsum on the case; sgemm: valid-token "
-        "FLOP rate / sgemm rate; floor: time / max(FLOPs at the GEMM rate, reading d's valid tokens once); "
+        "FLOP rate / sgemm rate; peak: valid-token FLOP rate / the ISA path's multiply-add peak (bf16 dot peak "
+        "for bf16 on a path with one); floor: time / max(FLOPs at the GEMM rate, reading d's valid tokens once); "
         "sgemm@: the case's sgemm GFLOP/s"
     )
     return "\n".join(lines)
@@ -513,13 +521,14 @@ def format_header(info: dict, ceilings: Optional[dict]) -> str:
 
 def format_rows(rows: list[dict]) -> str:
     header = (f"{'case':<31} {'dtype':<8} {'provider':<19} {'ms':>9} {'docs/s':>11} {'GB/s':>6} {'GFLOP/s':>8} "
-              f"{'vs eager':>8} {'sgemm':>6} {'floor':>7} {'sgemm@':>7}  target")
+              f"{'vs eager':>8} {'sgemm':>6} {'peak':>5} {'floor':>7} {'sgemm@':>7}  target")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
             f"{r['case']:<31} {r['dtype']:<8} {r['provider']:<19} {r['ms']:>9.3f} {r['docs_per_s']:>11,.0f} "
             f"{r['GB_per_s']:>6.2f} {_fmt(r.get('GFLOP_per_s'), '.1f'):>8} "
             f"{_fmt(r.get('vs_fastest_eager'), '.2f', 'x'):>8} {_fmt(r.get('sgemm_fraction'), '.0%'):>6} "
+            f"{_fmt(r.get('peak_fraction'), '.0%'):>5} "
             f"{_fmt(r.get('floor_ratio'), '.2f', 'x'):>7} {_fmt((r.get('ceilings') or {}).get('sgemm_gflops'), '.0f'):>7}"
             f"  {r.get('target', '')}"
         )

@@ -24,6 +24,7 @@ import textwrap
 from pathlib import Path
 from typing import Optional
 
+from fastrank.bench import machine
 from fastrank.bench.suite import CEILING_LABELS
 
 # What `--out DIR` receives, by name: report.md, results.json and the figures.
@@ -48,8 +49,9 @@ def machine_lines(res: dict) -> list[str]:
         small = c.get("bf16_gemm_n") and c.get("gemm_n") and c["bf16_gemm_n"] < c["gemm_n"]
         bf16_note = f" (no native bfloat16 GEMM: measured at n={c['bf16_gemm_n']})" if small else ""
         lines.append(f"Ceilings measured in this run: sgemm {c['sgemm_gflops']:.1f} GFLOP/s, bf16 GEMM "
-                     f"{c['bf16_gemm_gflops']:.1f} GFLOP/s{bf16_note}, copy {c['copy_gbps']:.1f} GB/s, read {c['read_gbps']:.1f} GB/s "
-                     "(each shape re-measures sgemm, bf16 GEMM and read in its own timing rounds; its fraction uses those)")
+                     f"{c['bf16_gemm_gflops']:.1f} GFLOP/s{bf16_note}, copy {c['copy_gbps']:.1f} GB/s, read {c['read_gbps']:.1f} GB/s"
+                     f"{machine.peak_text(c)} (each shape re-measures them in its own timing rounds; its fractions use "
+                     "those; \"of peak\": the GFLOP rate over the ISA path's multiply-add peak, the bound no kernel passes)")
     return lines
 
 
@@ -74,7 +76,9 @@ def op_table(rows: list[dict]) -> list[str]:
         lines.append(
             f"| {r['shape']} | {r['dtype']} | {r['provider']} | {_num(r['docs_per_s'], ',.0f')} | "
             f"{_num(r['ratio_to_eager'], '.2f', 'x')} | {_num(r['ceiling_fraction'], '.1%')}"
-            f"{' ' + ceiling if r['ceiling_fraction'] is not None else ''} | {_num(r['GFLOP_per_s'], '.1f')} | "
+            f"{' ' + ceiling if r['ceiling_fraction'] is not None else ''}"
+            f"{'; ' + format(r['peak_fraction'], '.0%') + ' of peak' if r.get('peak_fraction') else ''} | "
+            f"{_num(r['GFLOP_per_s'], '.1f')} | "
             f"{_num(r['GB_per_s'], '.2f')} | {_bytes(r['peak_mem_bytes'])} | {note} |")
     return lines
 

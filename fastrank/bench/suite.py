@@ -95,7 +95,7 @@ def _why(exc: BaseException) -> str:
 def base_row(shape: Shape, provider: str) -> dict:
     return {"op": shape.op, "provider": provider, "shape": shape.name, "dtype": shape.dtype, "unit": shape.unit,
             "docs_per_s": None, "seconds": None, "ratio_to_eager": None, "eager_provider": None,
-            "peak_mem_bytes": None, "ceiling_fraction": None, "ceiling": shape.ceiling, "GFLOP_per_s": None,
+            "peak_mem_bytes": None, "ceiling_fraction": None, "peak_fraction": None, "ceiling": shape.ceiling, "GFLOP_per_s": None,
             "GB_per_s": None, "arithmetic_intensity": (shape.flops / shape.bytes if shape.flops and shape.bytes
                                                        else None),
             "sweep": shape.sweep, "work": shape.work, "refused": None, **shape.extra}
@@ -141,6 +141,9 @@ def measure(shape: Shape, fns: dict[str, Callable[[], object]], reference: Calla
             achieved = row["GB_per_s"] if shape.ceiling == "read_gbps" else row["GFLOP_per_s"]
             if achieved is not None:
                 row["ceiling_fraction"] = achieved / ceilings[shape.ceiling]
+        peak = machine.peak_for(shape.ceiling, ceilings)
+        if peak and row.get("GFLOP_per_s") is not None:
+            row["peak_fraction"] = row["GFLOP_per_s"] / peak
         row["ceilings"] = ceilings
     return list(rows.values())
 

@@ -1,0 +1,3 @@
+// Peak multiply-add loops for the avx512 unit; compiled with this ISA's flags only (CMakeLists.txt).
+#define FASTRANK_ISA_NS isa_avx512
+#include "cpu/peak_kernels.inc"
