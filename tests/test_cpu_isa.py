@@ -294,7 +294,7 @@ def _isa_objects():
 def test_isa_objects_define_no_weak_code_symbols():
     # A weak (COMDAT) function compiled with -mavx512f could be the copy the linker keeps for every caller,
     # and crash an AVX2-only CPU: the ISA units must define only their own entry points (MaxSim's two, the
-    # residual MaxSim's one, LITE's two, the token projection's two).
+    # residual MaxSim's one, LITE's two, the token projection's two, the arithmetic-peak probe's two).
     objects = _isa_objects()
     if not objects:
         pytest.skip("no build tree here (the extension was installed from a wheel)")
@@ -305,7 +305,8 @@ def test_isa_objects_define_no_weak_code_symbols():
         assert not weak, f"{obj} defines weak symbols: {weak[:5]}"
         exported = [line for line in out.splitlines() if " T " in line]
         entry_points = ("::maxsim_forward(", "::maxsim_backward(", "::maxsim_residual_forward(", "::lite_forward(",
-                        "::lite_backward(", "::projection_forward(", "::projection_backward(")
+                        "::lite_backward(", "::projection_forward(", "::projection_backward(", "::fma_peak(",
+                        "::bf16_dot_peak(")
         assert all(any(name in line for name in entry_points) for line in exported), exported
 
 
