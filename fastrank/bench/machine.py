@@ -151,6 +151,7 @@ def bf16_gemm_n(device: str, gemm_n: int) -> int:
 
 
 PEAK_SECONDS = 0.005  # one peak-probe call: long against the timer, short against a benchmark's round
+_PEAK_CALLS: dict[tuple, tuple[int, float]] = {}  # (isa, kind, threads, seconds) -> (rounds, FLOP) a call
 
 
 def peak_probes(device: str = "cpu", *, seconds: float = PEAK_SECONDS) -> dict:
@@ -173,10 +174,13 @@ def peak_probes(device: str = "cpu", *, seconds: float = PEAK_SECONDS) -> dict:
         calib = 20_000
         if ext.cpu_peak_flop(isa, kind, calib, threads) == 0:
             continue  # the path has no such instruction
-        per_call = time_call(lambda: ext.cpu_peak_flop(isa, kind, calib, threads), device, min_seconds=0.002,
-                             max_reps=20)
-        iters = max(1_000, int(calib * seconds / max(per_call, 1e-9)))
-        flop = ext.cpu_peak_flop(isa, kind, iters, threads)
+        key = (isa, kind, threads, seconds)
+        if key not in _PEAK_CALLS:  # calibrated once a process: every case's probes reuse it
+            per_call = time_call(lambda: ext.cpu_peak_flop(isa, kind, calib, threads), device, min_seconds=0.002,
+                                 max_reps=20)
+            iters = max(1_000, int(calib * seconds / max(per_call, 1e-9)))
+            _PEAK_CALLS[key] = iters, ext.cpu_peak_flop(isa, kind, iters, threads)
+        iters, flop = _PEAK_CALLS[key]
         probes[name] = ((lambda kind=kind, iters=iters: ext.cpu_peak_flop(isa, kind, iters, threads)), flop)
     return probes
 
