@@ -593,6 +593,11 @@ def cmd_retrieve(args) -> int:
 
 
 # -- rerank ------------------------------------------------------------------------------------------
+# Distinct passages per chunk: at most 10,000 x 200 tokens x 384 x 4 bytes = 3 GB of token embeddings for
+# MiniLM; SciFact's or DL19's whole candidate set is one chunk, so nothing is encoded twice there.
+DEFAULT_RERANK_CHUNK = 10_000
+
+
 def add_rerank(sub) -> None:
     p = sub.add_parser("rerank", help="re-score a run's candidates with dense, MaxSim or LITE scoring; write a run")
     p.add_argument("run", help="TREC run or candidate TSV with the candidates")
@@ -613,6 +618,11 @@ def add_rerank(sub) -> None:
                         "(default float32 on CPU, float16 on CUDA; int8, quantized per token, is maxsim's only; "
                         "bfloat16 is the fast one on CPUs with AVX512-BF16 or AMX)")
     p.add_argument("--tag", default=None, help="run tag (default fastrank-SCORER)")
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_RERANK_CHUNK, metavar="PASSAGES",
+                   help="encode and score the queries in chunks whose candidates name at most this many distinct "
+                        "passages, so memory stays bounded for a run of any size (about PASSAGES x 200 tokens x "
+                        "dim x 4 bytes at most); each finished chunk goes to OUT.rerank-journal, from which the "
+                        "same command, run again after a crash, resumes (default %(default)s)")
     _add_model_args(p)
     p.set_defaults(func=cmd_rerank)
 
@@ -638,12 +648,33 @@ def _queries_of(candidates: dict, queries_path: str, run_path: str) -> dict:
 def _check_rerank_args(args) -> None:
     from fastrank.data import check_tag
 
-    _check_positive(args, "--depth")
+    _check_positive(args, "--depth", "--chunk-size")
     _check_out_file(args.out, inputs={"RUN": args.run, "QUERIES": args.queries, "CORPUS": args.corpus,
                                       "--lite": args.lite})
     if args.tag is not None:
         check_tag(args.tag, "--tag")
     _check_model_args(args)
+
+
+def _rerank_journal(args):
+    """The journal of this `rerank` command's finished chunks (:mod:`fastrank.rerank_chunks`), fingerprinted by
+    everything its scores depend on, so that only the same command resumes from it; opened (and a journal of
+    another command refused) before any model loads."""
+    from fastrank.encoders import check_device
+    from fastrank.rerank_chunks import Journal, file_identity
+
+    inputs = [file_identity(p) for p in (args.run, args.queries, args.corpus, args.lite, args.model)]
+    journal = Journal(args.out, {"inputs": inputs, "scorer": args.scorer, "token_dtype": args.token_dtype,
+                                 "depth": args.depth, "chunk_size": args.chunk_size,
+                                 "device": str(check_device(args.device, "--device"))})
+    journal.open()
+    return journal
+
+
+def _resume_note(args, journal):
+    def note(done: int, total: int) -> None:
+        print(f"resuming {args.out}: {done} of {total} chunks were re-ranked before ({journal.path})", file=sys.stderr)
+    return note
 
 
 def _load_lite(path: str):
@@ -683,9 +714,9 @@ def cmd_rerank(args) -> int:
     import torch
 
     from fastrank.data import read_run, write_run
-    from fastrank.rerank import (append_below, encode_for_rerank, maxsim_batches, pack_candidates, rerank_dense,
+    from fastrank.rerank import (append_below, encode_for_rerank, iter_padded_batches, pack_candidates, rerank_dense,
                                  rerank_lite, rerank_maxsim, split_depth)
-
+    from fastrank.rerank_chunks import rerank_in_chunks
     from fastrank.trained import is_trained, load_trained
 
     _check_rerank_args(args)
@@ -718,22 +749,31 @@ def cmd_rerank(args) -> int:
         candidates, tail = split_depth(candidates, args.depth)
     queries = _queries_of(candidates, args.queries, args.run)
     corpus = _corpus_of(candidates, queries, args.corpus, args.run)
+    journal = _rerank_journal(args)
     enc = _encoder(args)
     dense = args.scorer == "dense"
-    encoded = encode_for_rerank(enc, queries, corpus, candidates, dense=dense, tokens=not dense)
-    if dense:
-        run = rerank_dense(encoded, candidates)
-    else:
-        dtype = torch.float16 if enc.device.type == "cuda" else torch.float32
-        if lite is not None:  # LITE's MLPs need the padded (lq, ld) grid
-            dtype = getattr(torch, args.token_dtype) if args.token_dtype else dtype
-            run = rerank_lite(maxsim_batches(encoded, candidates, device=enc.device, dtype=dtype), lite.to(enc.device, dtype))
-        else:
-            run = rerank_maxsim(pack_candidates(encoded, candidates, device=enc.device,
-                                                token_dtype=args.token_dtype or dtype))
+    dtype = torch.float16 if enc.device.type == "cuda" else torch.float32
+    if lite is not None:  # LITE's MLPs need the padded (lq, ld) grid
+        dtype = getattr(torch, args.token_dtype) if args.token_dtype else dtype
+        lite = lite.to(enc.device, dtype)
+
+    def score_chunk(qids, progress):
+        cands = {q: candidates[q] for q in qids}
+        encoded = encode_for_rerank(enc, {q: queries[q] for q in qids}, corpus, cands, dense=dense, tokens=not dense,
+                                    progress=progress)
+        if dense:
+            return rerank_dense(encoded, cands)
+        if lite is not None:
+            return rerank_lite(iter_padded_batches(encoded, cands, device=enc.device, dtype=dtype), lite)
+        return rerank_maxsim(pack_candidates(encoded, cands, device=enc.device, token_dtype=args.token_dtype or dtype))
+
+    qids = [q for q in queries if candidates.get(q)]
+    run = rerank_in_chunks(qids, candidates, score_chunk, chunk_size=args.chunk_size, journal=journal,
+                           on_resume=_resume_note(args, journal))
     reranked = sum(map(len, run.values()))
     run = append_below(run, {q: c for q, c in tail.items() if q in run})
     write_run(run, args.out, tag=args.tag or f"fastrank-{args.scorer}")
+    journal.remove()
     kept = sum(map(len, run.values())) - reranked
     print(f"re-ranked {reranked} candidates for {len(run)} queries into {args.out}"
           + (f" (and kept {kept} beyond --depth {args.depth} below them, in first-stage order)" if kept else ""))
@@ -745,6 +785,7 @@ def _rerank_cross(args) -> int:
     from fastrank.data import read_run, write_run
     from fastrank.encoders import CrossEncoder
     from fastrank.rerank import append_below, split_depth
+    from fastrank.rerank_chunks import rerank_in_chunks
 
     # Checked before anything loads: there is no default cross-encoder to fall back on.
     if args.model is None:
@@ -759,11 +800,17 @@ def _rerank_cross(args) -> int:
         candidates, tail = split_depth(candidates, args.depth)
     queries = _queries_of(candidates, args.queries, args.run)
     corpus = _corpus_of(candidates, queries, args.corpus, args.run)
+    journal = _rerank_journal(args)
     cross = CrossEncoder(args.model, device=args.device, batch_size=args.batch_size)
-    run = cross.rerank(queries, corpus, {q: candidates[q] for q in queries})
+    qids = [q for q in queries if candidates.get(q)]
+    run = rerank_in_chunks(
+        qids, candidates, lambda chunk, progress: cross.rerank({q: queries[q] for q in chunk}, corpus,
+                                                               {q: candidates[q] for q in chunk}, progress=progress),
+        chunk_size=args.chunk_size, journal=journal, on_resume=_resume_note(args, journal))
     reranked = sum(map(len, run.values()))
     run = append_below(run, {q: c for q, c in tail.items() if q in run})
     write_run(run, args.out, tag=args.tag or "fastrank-cross")
+    journal.remove()
     kept = sum(map(len, run.values())) - reranked
     print(f"re-ranked {reranked} candidates for {len(run)} queries into {args.out} with the cross-encoder {cross.path}"
           + (f" (and kept {kept} beyond --depth {args.depth} below them, in first-stage order)" if kept else ""))

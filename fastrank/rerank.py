@@ -2,14 +2,15 @@
 embeddings with the fused ``fastrank.maxsim_packed``, or a trained LITE scorer (``fastrank.LiteScorer``)
 over the same token embeddings.
 
-The pipeline encodes every query and every candidate passage once (one forward pass gives both the dense
-and the token embeddings), then scores each query's candidates. Scoring is separate from encoding so the
+The pipeline encodes the queries it is given and every passage their candidates name once (one forward pass
+gives both the dense and the token embeddings), then scores each query's candidates; ``fastrank rerank``
+runs it chunk by chunk over a run of any size (:mod:`fastrank.rerank_chunks`). Scoring is separate from encoding so the
 fused MaxSim can be timed against the eager reference on identical inputs.
 
 MaxSim keeps every passage's tokens once, back to back (:class:`PackedCandidates`): a query's candidates
 are scored in place by index, so no padded copy of a candidate list is ever made (DL19's passages average
 a third of the longest one's tokens). LITE's MLPs run over a fixed (lq, ld) grid of the similarity matrix,
-so :func:`maxsim_batches` still pads for it.
+so :func:`iter_padded_batches` pads for it, one query's candidates at a time.
 """
 from __future__ import annotations
 
@@ -153,17 +154,22 @@ def rerank_maxsim(packed: PackedCandidates, *, backend: str | None = None) -> Ru
     return run
 
 
-def maxsim_batches(enc: EncodedSet, candidates: Mapping[str, Mapping[str, float]],
-                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """Per query, padded: ``(qid, pids, q (Lq, H), d (n, Ld, H), d_mask (n, Ld))`` for ``maxsim`` and the
-    LITE scorer (whose MLPs need the fixed grid)."""
-    batches = []
+def iter_padded_batches(enc: EncodedSet, candidates: Mapping[str, Mapping[str, float]],
+                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """Per query, padded, made as it is asked for: ``(qid, pids, q (Lq, H), d (n, Ld, H), d_mask (n, Ld))``
+    for ``maxsim`` and the LITE scorer (whose MLPs need the fixed grid). One query's padded candidates exist
+    at a time, where a list of them all would hold every candidate list padded at once."""
     for qid, qi in enc.qrow.items():
         pids = list(candidates[qid])
         q, _ = enc.queries.tokens.padded([qi], dtype=dtype, device=device)
         d, d_mask = enc.passages.tokens.padded([enc.prow[p] for p in pids], dtype=dtype, device=device)
-        batches.append((qid, pids, q[0], d, d_mask))
-    return batches
+        yield qid, pids, q[0], d, d_mask
+
+
+def maxsim_batches(enc: EncodedSet, candidates: Mapping[str, Mapping[str, float]],
+                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """:func:`iter_padded_batches` as a list, to score the same batches again and again (the benchmarks)."""
+    return list(iter_padded_batches(enc, candidates, device=device, dtype=dtype))
 
 
 def rerank_maxsim_padded(batches, scorer: Callable | None = None) -> Run:

@@ -6,7 +6,7 @@ Every module belongs to one layer; a module may import its own layer and those b
     core      _version, _ext (and the compiled _C), cpu_isa, progress, bench.timing, bench.machine
     kernels   dispatch, ops/*
     facade    the package root (__init__), nn, losses
-    app       data, encoders, evaluate, index, rerank, trained, integrations, train, demo
+    app       data, encoders, evaluate, index, rerank, rerank_chunks, trained, integrations, train, demo
     tools     bench (the measurement tools)
     cli       cli, bench.cli, train.cli (command lines)
 
@@ -44,7 +44,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kernels", ("fastrank.dispatch", "fastrank.ops")),
     ("facade", ("fastrank", "fastrank.nn", "fastrank.losses")),
     ("app", ("fastrank.data", "fastrank.encoders", "fastrank.evaluate", "fastrank.index", "fastrank.rerank",
-             "fastrank.trained", "fastrank.integrations", "fastrank.train", "fastrank.demo")),
+             "fastrank.rerank_chunks", "fastrank.trained", "fastrank.integrations", "fastrank.train", "fastrank.demo")),
     ("tools", ("fastrank.bench",)),
     ("cli", ("fastrank.cli", "fastrank.bench.cli", "fastrank.train.cli")),
 )

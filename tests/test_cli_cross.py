@@ -50,6 +50,20 @@ def test_rerank_cross_without_depth_rescores_every_candidate(capsys, tmp_path, t
     assert sum(map(len, read_run(tmp_path / "all.txt").values())) == 60
 
 
+def test_rerank_cross_in_chunks_scores_as_one_pass(capsys, tmp_path, tiny_cross):
+    import torch
+
+    rc, _, err = _rerank(capsys, tmp_path / "one.txt", "--model", tiny_cross, "--device", "cpu")
+    assert rc == 0, err
+    rc, _, err = _rerank(capsys, tmp_path / "three.txt", "--model", tiny_cross, "--device", "cpu", "--chunk-size", "25")
+    assert rc == 0, err
+    one, three = read_run(tmp_path / "one.txt"), read_run(tmp_path / "three.txt")
+    assert one.keys() == three.keys()
+    for q in one:  # pairs batched with other queries' pairs: the same scores up to float32 rounding
+        torch.testing.assert_close(torch.tensor([three[q][p] for p in one[q]]), torch.tensor(list(one[q].values())),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_rerank_cross_errors(capsys, tmp_path):
     # no --model: refused before the (missing) run file is even read
     rc, _, err = run_cli(capsys, "rerank", tmp_path / "missing.run", DL19 / "queries.tsv", DL19 / "slice.passages.jsonl",
