@@ -77,13 +77,14 @@ class Journal:
         self.done: list[dict[str, dict[str, float]]] = []  # per finished chunk: qid -> {pid: score}
         self._good_bytes = 0
         self._opened = False
+        self.finished = 0  # chunks an earlier run finished, as open() found them
 
     def open(self) -> int:
         """Read what an earlier run of the same command finished (a torn last line, from a crash mid-write,
         is dropped) and prepare to append; returns the number of finished chunks. Opening again is a no-op.
         A journal of another command that finished no chunk holds nothing to keep and is started afresh."""
         if self._opened:
-            return len(self.done)
+            return self.finished
         if self.path.exists() and self._read():
             with open(self.path, "r+b") as f:
                 f.truncate(self._good_bytes)
@@ -94,7 +95,8 @@ class Journal:
                 f.flush()
                 os.fsync(f.fileno())
         self._opened = True
-        return len(self.done)
+        self.finished = len(self.done)
+        return self.finished
 
     def _read(self) -> bool:
         """Load a journal of this command (True), or find one of ours that finished nothing (False); refuse
@@ -136,13 +138,13 @@ class Journal:
         return True
 
     def append(self, scores: Mapping[str, Mapping[str, float]]) -> None:
-        """Record one finished chunk, synced to disk before returning."""
+        """Record one finished chunk, synced to disk before returning (on disk only: ``done`` keeps what
+        :meth:`open` read, so the caller's run is the one copy of the scores in memory)."""
         line = json.dumps({"scores": {q: list(s.items()) for q, s in scores.items()}}) + "\n"
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
-        self.done.append({q: dict(s) for q, s in scores.items()})
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -165,6 +167,8 @@ def rerank_in_chunks(qids: Sequence[str], candidates: Mapping[str, Mapping[str, 
     run: dict[str, dict[str, float]] = {}
     for chunk in (journal.done if journal is not None else []):
         run.update(chunk)
+    if journal is not None:
+        journal.done.clear()  # now held by run alone
     if finished and on_resume is not None:
         on_resume(finished, len(chunks))
     total = sum(len(candidates[q]) for q in qids)
