@@ -344,6 +344,25 @@ def test_an_ivf_pq_build_on_few_points_warns_once_not_per_codebook(capfd):
     assert "WARNING clustering" not in capfd.readouterr().err
 
 
+def test_ci_stops_when_the_readme_command_fails(tmp_path):
+    """A failed install must end CI red: under `set -e` a failure before the last command of an && list does
+    not stop a script, and the AVX2 step after it would have run on whatever build was installed before."""
+    import shutil
+    import subprocess
+
+    (tmp_path / ".ci").mkdir()
+    shutil.copy(ROOT / ".ci" / "run", tmp_path / ".ci" / "run")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool, rc in (("pip", 1), ("python", 0)):
+        (bin_dir / tool).write_text(f"#!/bin/sh\necho {tool} >> '{tmp_path}/calls'\nexit {rc}\n")
+        (bin_dir / tool).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    done = subprocess.run(["/bin/bash", str(tmp_path / ".ci" / "run")], env=env, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert (tmp_path / "calls").read_text().split() == ["pip"]  # neither the suite nor the AVX2 step ran
+
+
 def test_readme_test_command_is_what_ci_runs_and_the_test_extra_is_small():
     import re
     import tomllib
@@ -351,7 +370,7 @@ def test_readme_test_command_is_what_ci_runs_and_the_test_extra_is_small():
     readme = (ROOT / "README.md").read_text()
     readme_cmd = re.search(r"# the tests\n(.*)\n", readme).group(1).strip()
     ci_cmd = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("pip install")]
-    assert ci_cmd == [readme_cmd]
+    assert ci_cmd == [readme_cmd + " || exit 1"]  # see the test below
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     name = re.search(r'-e "\.\[(\w+)\]"', readme_cmd).group(1)
     full = " ".join(extras[name])
