@@ -74,7 +74,7 @@ class Journal:
     def __init__(self, out: str | os.PathLike, settings: Mapping):
         self.path = Path(str(out) + JOURNAL_SUFFIX)
         self.fingerprint = fingerprint(settings)
-        self.done: list[dict[str, dict[str, float]]] = []  # per finished chunk: qid -> {pid: score}
+        self._done: list[dict[str, dict[str, float]]] = []  # per finished chunk read back: qid -> {pid: score}
         self._good_bytes = 0
         self._opened = False
         self.finished = 0  # chunks an earlier run finished, as open() found them
@@ -95,7 +95,7 @@ class Journal:
                 f.flush()
                 os.fsync(f.fileno())
         self._opened = True
-        self.finished = len(self.done)
+        self.finished = len(self._done)
         return self.finished
 
     def _read(self) -> bool:
@@ -132,19 +132,27 @@ class Journal:
                     break
                 if not isinstance(chunk, dict) or not isinstance(chunk.get("scores"), dict):
                     break
-                self.done.append({q: dict(pairs) for q, pairs in chunk["scores"].items()})
+                self._done.append({q: dict(pairs) for q, pairs in chunk["scores"].items()})
                 good += len(line)
         self._good_bytes = good
         return True
 
     def append(self, scores: Mapping[str, Mapping[str, float]]) -> None:
-        """Record one finished chunk, synced to disk before returning (on disk only: ``done`` keeps what
-        :meth:`open` read, so the caller's run is the one copy of the scores in memory)."""
+        """Record one finished chunk, synced to disk before returning (on disk only: the caller's run is the
+        one copy of the scores in memory)."""
         line = json.dumps({"scores": {q: list(s.items()) for q, s in scores.items()}}) + "\n"
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
+
+    def take_finished(self) -> dict[str, dict[str, float]]:
+        """The scores of the chunks :meth:`open` read back, handed over once (the journal keeps no copy)."""
+        scores: dict[str, dict[str, float]] = {}
+        for chunk in self._done:
+            scores.update(chunk)
+        self._done = []
+        return scores
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -164,11 +172,7 @@ def rerank_in_chunks(qids: Sequence[str], candidates: Mapping[str, Mapping[str, 
     finished = journal.open() if journal is not None else 0
     if finished > len(chunks):
         raise JournalError(f"{journal.path} records {finished} chunks, more than this command has ({len(chunks)})")
-    run: dict[str, dict[str, float]] = {}
-    for chunk in (journal.done if journal is not None else []):
-        run.update(chunk)
-    if journal is not None:
-        journal.done.clear()  # now held by run alone
+    run: dict[str, dict[str, float]] = journal.take_finished() if journal is not None else {}
     if finished and on_resume is not None:
         on_resume(finished, len(chunks))
     total = sum(len(candidates[q]) for q in qids)
