@@ -87,6 +87,8 @@ def test_ceilings_are_measured_and_positive():
     assert ceilings["peak_isa"] == machine.selected_isa()
     # A bf16 dot peak exactly where the path has vdpbf16ps.
     assert (ceilings["bf16_dot_peak_gflops"] is not None) == (machine.selected_isa() in ("avx512bf16", "amx"))
+    # A tile peak exactly on the amx path.
+    assert (ceilings["amx_tile_peak_gflops"] is not None) == (machine.selected_isa() == "amx")
 
 
 # Operations one round of each unit's peak loop does on one thread: accumulators x lanes x 2 (a multiply-add),
@@ -102,13 +104,16 @@ def test_peak_probe_counts_the_work_of_its_path(isa):
         assert ext.cpu_peak_flop(isa, "fma", 1000, threads) == PEAK_FLOP_PER_ROUND[isa] * 1000 * threads
         bf16 = 16 * 16 * 4 * 1000 * threads if isa in ("avx512bf16", "amx") else 0
         assert ext.cpu_peak_flop(isa, "bf16_dot", 1000, threads) == bf16
+        # six tiles of 16 x 16 x 32 multiply-adds a round
+        tiles = 2 * 16 * 16 * 32 * 6 * 1000 * threads if isa == "amx" else 0
+        assert ext.cpu_peak_flop(isa, "amx_tile", 1000, threads) == tiles
 
 
 def test_peak_probe_rejects_bad_arguments():
     ext = pytest.importorskip("fastrank._C")
     isa = machine.selected_isa()
     for args, message in [(("avx9", "fma", 10, 1), "unknown CPU ISA path|avx9"),
-                          ((isa, "fp8", 10, 1), r"kind must be 'fma' or 'bf16_dot', got 'fp8'"),
+                          ((isa, "fp8", 10, 1), r"kind must be 'fma', 'bf16_dot' or 'amx_tile', got 'fp8'"),
                           ((isa, "fma", 0, 1), r"iters must be in \[1, 2\^40\], got 0"),
                           ((isa, "fma", 10, 0), r"threads must be in \[1, 4096\], got 0")]:
         with pytest.raises(ValueError, match=message):
@@ -137,6 +142,13 @@ def test_peak_fraction_uses_the_peak_of_what_the_row_computes_in():
     assert machine.peak_text({**ceilings, "peak_isa": "avx512bf16"}) == (
         ", FMA peak 2.0 GFLOP/s (avx512bf16 path), bf16 dot peak 8.0 GFLOP/s")
     assert machine.peak_text({"fma_peak_gflops": None}) == ""
+    # On the amx path bfloat16 GEMM rows are bounded by the tiles; a row forced to avx512bf16 by vdpbf16ps.
+    tiles = {**ceilings, "amx_tile_peak_gflops": 32.0, "peak_isa": "amx"}
+    assert machine.peak_for("bf16_gemm_gflops", tiles) == 32.0
+    assert machine.peak_for("bf16_gemm_gflops", tiles, "avx512bf16") == 8.0
+    assert machine.peak_for("sgemm_gflops", tiles) == 2.0
+    assert machine.peak_text(tiles) == (
+        ", FMA peak 2.0 GFLOP/s (amx path), bf16 dot peak 8.0 GFLOP/s, AMX tile peak 32.0 GFLOP/s")
 
 
 def test_ceiling_arithmetic():

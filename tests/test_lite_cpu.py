@@ -77,6 +77,47 @@ def test_16bit_inputs_match_the_reference_on_the_rounded_values(isa, dtype, size
     _assert_close(out, _truth(q, d, q_mask, d_mask, scorer), FWD_TOL[kind], f"{isa} {dtype} ({kind})")
 
 
+LONG_QUERY = (dict(lq=40, ld=50, row_hidden=70, col_hidden=20), 37, 50, 40)  # a query past one 32-row tile
+
+
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("form", ["rerank", "grouped", "allpairs"])
+@pytest.mark.parametrize("sizes,lq,ld,h", [(SMALL, 8, 16, 32), (ODD, 7, 37, 13), LONG_QUERY])
+def test_bfloat16_inputs_in_every_form(isa, form, sizes, lq, ld, h):
+    """bfloat16 scoring as a re-ranker serves it, on each path's own bfloat16 kernel (AMX tiles on amx,
+    vdpbf16ps on avx512bf16, widened FMAs below): the broadcast forms, masks with an empty document, sizes
+    off every tile and panel edge, H not a multiple of 32. (H = 1 is left to the test below: S is then one
+    product per entry, and rounding it to bfloat16 before LayerNorms over three real query tokens costs both
+    bfloat16 paths 7% of the largest score on that problem; the rounding, not the kernels.)"""
+    scorer = _scorer(seed=lq + ld, **sizes).to(torch.bfloat16)
+    q, d, q_mask, d_mask = _case(form, lq, ld, h, seed=lq * 10 + h)
+    q, d = q.to(torch.bfloat16), d.to(torch.bfloat16)
+    with cpu_isa.use(isa):
+        out = lite_score(q, d, q_mask, d_mask, scorer=scorer, backend="cpp")
+    kind = "bf16_dot" if lite_cpu.uses_bf16_dot(torch.bfloat16, isa) else "widened"
+    _assert_close(out, _truth(q, d, q_mask, d_mask, scorer), FWD_TOL[kind], f"{isa} {form} ({kind})")
+
+
+@pytest.mark.skipif(not {"amx", "avx512bf16"} <= set(PATHS), reason="needs a CPU with AMX-BF16")
+@pytest.mark.parametrize("form", ["rerank", "grouped", "allpairs"])
+@pytest.mark.parametrize("sizes,lq,ld,h", [(SMALL, 8, 16, 32), (ODD, 7, 37, 13), (ODD, 3, 20, 1), LONG_QUERY,
+                                           (PAPER, 30, 200, 128)])
+def test_amx_rounds_where_the_vdpbf16ps_kernel_does(form, sizes, lq, ld, h):
+    """The AMX tiles and the vdpbf16ps kernel round the same values (S, the hidden layers, R) to bfloat16 and
+    accumulate in float32, each in its own order: their scores differ only where an accumulation lands on
+    the other side of a bfloat16 rounding boundary (1.4e-4 of the largest score at most, measured on the
+    Xeon), far below the 4e-2 both keep from the truth. A wrong tile, edge or mask would show here."""
+    scorer = _scorer(seed=lq + ld, **sizes).to(torch.bfloat16)
+    q, d, q_mask, d_mask = _case(form, lq, ld, h, seed=lq * 10 + h)
+    q, d = q.to(torch.bfloat16), d.to(torch.bfloat16)
+    with cpu_isa.use("amx"):
+        tiles = lite_score(q, d, q_mask, d_mask, scorer=scorer, backend="cpp")
+    with cpu_isa.use("avx512bf16"):
+        dots = lite_score(q, d, q_mask, d_mask, scorer=scorer, backend="cpp")
+    _assert_close(tiles, dots.double(), 1e-3, form)
+    assert not torch.equal(tiles, lite_score(q, d, q_mask, d_mask, scorer=scorer, backend="reference").float())
+
+
 @pytest.mark.parametrize("isa", PATHS)
 def test_small_lite_projection_runs_fused(isa):
     scorer = _scorer(seed=2, proj=(48, 16), **SMALL)
@@ -87,11 +128,13 @@ def test_small_lite_projection_runs_fused(isa):
 
 
 @pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("poison", [float("inf"), float("nan")])
-def test_masked_tokens_are_never_read(isa, poison):
+def test_masked_tokens_are_never_read(isa, dtype, poison):
     """Padding may hold anything: a masked token full of inf or NaN scores as the same token zeroed."""
-    scorer = _scorer(seed=1)
+    scorer = _scorer(seed=1).to(dtype)
     q, d, q_mask, d_mask = _case("rerank", 8, 16, 24, seed=8)
+    q, d = q.to(dtype), d.to(dtype)
     q_bad, d_bad = q.clone(), d.clone()
     q_bad[~q_mask] = poison
     d_bad[~d_mask] = poison
@@ -103,9 +146,11 @@ def test_masked_tokens_are_never_read(isa, poison):
 
 
 @pytest.mark.parametrize("isa", PATHS)
-def test_nan_in_a_real_token_reaches_only_its_score(isa):
-    scorer = _scorer(seed=1)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_in_a_real_token_reaches_only_its_score(isa, dtype):
+    scorer = _scorer(seed=1).to(dtype)
     q, d, _, _ = _case("rerank", 8, 16, 24, seed=9, masks=False)
+    q, d = q.to(dtype), d.to(dtype)
     d[1, 3, 5] = float("nan")
     with cpu_isa.use(isa):
         out = lite_score(q, d, scorer=scorer, backend="cpp")
@@ -113,11 +158,13 @@ def test_nan_in_a_real_token_reaches_only_its_score(isa):
 
 
 @pytest.mark.parametrize("isa", PATHS)
-def test_deterministic_and_independent_of_the_thread_count(isa):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deterministic_and_independent_of_the_thread_count(isa, dtype):
     """Each pair is scored by one thread in a fixed order of operations, and the row MLP's grouping of pairs
     (which follows the thread count) does not change any element's sum: bitwise the same scores."""
-    scorer = _scorer(seed=6, **ODD)
+    scorer = _scorer(seed=6, **ODD).to(dtype)
     q, d, q_mask, d_mask = _case("allpairs", 7, 37, 13, seed=12)
+    q, d = q.to(dtype), d.to(dtype)
     threads = torch.get_num_threads()
     try:
         with cpu_isa.use(isa):
@@ -193,6 +240,36 @@ def test_gradients_are_deterministic(isa):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("vendor,best", [("GenuineIntel", "avx512bf16"), (None, None)])
+def test_the_path_chosen_by_speed_runs_and_is_explained(monkeypatch, vendor, best):
+    """cpu_isa.FASTER_PATHS for LITE: bfloat16 on an Intel CPU whose best path is avx512bf16 (no usable AMX)
+    runs the avx512 path's widening FMAs, measured faster there, and dispatch.explain says so; (None, None):
+    whatever this CPU's own table says. The scores are the chosen path's, bit for bit."""
+    monkeypatch.delenv(cpu_isa.ENV_VAR, raising=False)
+    if vendor is not None:
+        if best not in PATHS or "avx512" not in PATHS:
+            pytest.skip(f"needs a CPU that runs {best} and avx512")
+        monkeypatch.setattr(cpu_isa, "_VENDOR", vendor)
+        monkeypatch.setattr(cpu_isa, "_BEST", best)
+    scorer = _scorer(seed=4, **ODD).to(torch.bfloat16)
+    params, lq, ld, _ = scorer_params(scorer)
+    q, d, q_mask, d_mask = _case("grouped", 7, 37, 13, seed=7)
+    q, d = q.to(torch.bfloat16), d.to(torch.bfloat16)
+    path, reason = cpu_isa.selected_for("lite", torch.bfloat16), cpu_isa.why("lite", torch.bfloat16)
+    if vendor is not None:
+        assert path == "avx512" and "avx512 rather than avx512bf16" in reason and "by speed" in reason
+    assert (path != cpu_isa.selected()) == bool(reason)
+    ex = dispatch.explain("lite", (q, d, q_mask, d_mask), **dispatch_context(q, params, lq, ld, pairs=4))
+    if ex.chosen == "cpp":
+        assert f"ISA path {path}" in ex.kernel and (not reason or reason in ex.kernel)
+        assert ("AMX tiles" in ex.kernel) == (path == "amx"), ex.kernel
+    if path == "scalar":
+        return
+    got = lite_score(q, d, q_mask, d_mask, scorer=scorer, backend="cpp")
+    with cpu_isa.use(path):
+        torch.testing.assert_close(got, lite_score(q, d, q_mask, d_mask, scorer=scorer, backend="cpp"), rtol=0, atol=0)
+
+
 def test_dispatch_runs_the_kernel_for_inference_and_training():
     scorer = _scorer(seed=7)
     q, d, q_mask, d_mask = _case("rerank", 8, 16, 24, seed=2)
@@ -240,15 +317,20 @@ def test_the_extension_checks_the_packed_weights():
         ext.lite_forward(*args(strided))
     with pytest.raises(ValueError, match="w1p"):  # sizes that disagree with the tensors
         ext.lite_forward(*args(weights, r1=params[0].shape[0] + 40))
-    with pytest.raises(ValueError, match="u2b"):
-        w1b, w2b, u2b, v1b, v2b = lite_cpu.pack_bf16(params)
-        ext.lite_forward(*args(weights, [w1b, w2b, u2b[:-1], v1b, v2b]))
-    with pytest.raises(ValueError, match="v1b"):
-        ext.lite_forward(*args(weights, [w1b, w2b, u2b, v1b[:, :-1], v2b]))
-    with pytest.raises(ValueError, match="v2b"):
-        ext.lite_forward(*args(weights, [w1b, w2b, u2b, v1b, v2b.double()]))
-    with pytest.raises(ValueError, match="5 bfloat16 weight tensors"):
-        ext.lite_forward(*args(weights, [w1b, w2b, u2b]))
+    # The bfloat16 weights: vdpbf16ps pairs on every path but amx, whole AMX tiles on amx (checked by shape
+    # whether or not this CPU can run the path that reads them).
+    for isa in {"avx2", "amx"}:
+        pack16, names = ((lite_cpu.pack_amx, ("w1t", "w2t", "u2b", "v1t", "v2t")) if isa == "amx"
+                         else (lite_cpu.pack_bf16, ("w1b", "w2b", "u2b", "v1b", "v2b")))
+        w1, w2, u2, v1, v2 = pack16(params)
+        for bad, name in (([w1, w2, u2[:-1], v1, v2], "u2b"), ([w1, w2, u2, v1[:, :-1], v2], names[3]),
+                          ([w1, w2, u2, v1, v2.double()], names[4]), ([w1[:1], w2, u2, v1, v2], names[0]),
+                          ([w1, w2.transpose(1, 2), u2, v1, v2], names[1]), ([w1, w2, u2], "5 bfloat16 weight tensors")):
+            with pytest.raises(ValueError, match=name):
+                ext.lite_forward(isa, *args(weights, bad)[1:])
+        if isa == "amx":  # the other layout is refused, not misread
+            with pytest.raises(ValueError, match="w1t"):
+                ext.lite_forward(isa, *args(weights, lite_cpu.pack_bf16(params))[1:])
     with pytest.raises(ValueError, match="lq"):
         ext.lite_forward(cpu_isa.selected(), torch.randn(1, 1, lq + 1, 24), d, None, None, weights, None, lq, ld,
                          params[0].shape[0], params[8].shape[0], eps, bo, out, None, 1)

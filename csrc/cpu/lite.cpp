@@ -23,6 +23,9 @@ FASTRANK_DECLARE_LITE_ISA(isa_avx512)
 #ifdef FASTRANK_ISA_AVX512BF16
 FASTRANK_DECLARE_LITE_ISA(isa_avx512bf16)
 #endif
+#ifdef FASTRANK_ISA_AMX
+FASTRANK_DECLARE_LITE_ISA(isa_amx)
+#endif
 
 namespace fastrank {
 namespace {
@@ -52,9 +55,10 @@ Kernels kernel_for(const std::string& name) {
     case Isa::Avx512: return {isa_avx512::lite_forward, isa_avx512::lite_backward};
 #endif
 #ifdef FASTRANK_ISA_AVX512BF16
-    // No AMX unit: an AMX CPU runs the AVX512-BF16 one (AMX implies AVX512-BF16, cpu_isa.cpp).
-    case Isa::Avx512Bf16:
-    case Isa::Amx: return {isa_avx512bf16::lite_forward, isa_avx512bf16::lite_backward};
+    case Isa::Avx512Bf16: return {isa_avx512bf16::lite_forward, isa_avx512bf16::lite_backward};
+#endif
+#ifdef FASTRANK_ISA_AMX
+    case Isa::Amx: return {isa_amx::lite_forward, isa_amx::lite_backward};
 #endif
     default: break;
   }
@@ -105,35 +109,44 @@ LiteWeights read_weights(py::sequence weights, int64_t lq, int64_t ld, int64_t r
   w.g4 = ptr[13]; w.be4 = ptr[14]; w.wo = ptr[15];
   w.bo = static_cast<float>(bo);
   w.w1b = nullptr; w.w2b = nullptr; w.u2b = nullptr; w.v1b = nullptr; w.v2b = nullptr;
+  w.w1t = nullptr; w.w2t = nullptr; w.v1t = nullptr; w.v2t = nullptr;
   return w;
 }
 
-// Both MLPs' bfloat16 pairs (LiteWeights::w1b, w2b, v1b, v2b as int32 bit patterns; u2b float32), or None.
-void read_bf16_weights(py::handle obj, LiteWeights& w, std::vector<TensorArg>& keep) {
+// Both MLPs' bfloat16 weights (int32 bit patterns; u2b float32), or None: for the amx path as whole tiles
+// (w1t, w2t, u2b, v1t, v2t), for the others as vdpbf16ps pairs (w1b, w2b, u2b, v1b, v2b).
+void read_bf16_weights(py::handle obj, bool tiles, LiteWeights& w, std::vector<TensorArg>& keep) {
   if (obj.is_none()) return;
   const py::sequence seq = py::reinterpret_borrow<py::sequence>(obj);
-  FASTRANK_CHECK(py::len(seq) == 5, kWhere << ": expected 5 bfloat16 weight tensors (w1b, w2b, u2b, v1b, v2b) or "
-                                              "None, got " << py::len(seq));
-  const int64_t P = cpu::kLitePanel, B = cpu::kLiteRowBlock;
+  const int64_t P = cpu::kLitePanel, B = cpu::kLiteRowBlock, T = 16;
   const int64_t R1p = padded(w.r1, P), ldp = padded(w.ld, P), Cp = padded(w.c, P), lqp = padded(w.lq, P);
-  const char* names[5] = {"w1b", "w2b", "u2b", "v1b", "v2b"};
-  const std::vector<int64_t> shapes[5] = {{R1p / B, (w.ld + 1) / 2, B}, {ldp / P, R1p / 2, P}, {ldp},
-                                          {Cp / B, (w.lq + 1) / 2, B}, {lqp / P, Cp / 2, P}};
+  const char* pair_names[5] = {"w1b", "w2b", "u2b", "v1b", "v2b"};
+  const char* tile_names[5] = {"w1t", "w2t", "u2b", "v1t", "v2t"};
+  const char* const* names = tiles ? tile_names : pair_names;
+  FASTRANK_CHECK(py::len(seq) == 5, kWhere << ": expected 5 bfloat16 weight tensors (" << names[0] << ", " << names[1]
+                                           << ", u2b, " << names[3] << ", " << names[4] << ") or None, got "
+                                           << py::len(seq));
+  const std::vector<int64_t> pair_shapes[5] = {{R1p / B, (w.ld + 1) / 2, B}, {ldp / P, R1p / 2, P}, {ldp},
+                                               {Cp / B, (w.lq + 1) / 2, B}, {lqp / P, Cp / 2, P}};
+  const std::vector<int64_t> tile_shapes[5] = {{R1p / T, ldp / 2, T}, {ldp / T, R1p / 2, T}, {ldp},
+                                               {Cp / T, lqp / 2, T}, {lqp / T, Cp / 2, T}};
   const Elem elems[5] = {Elem::Int32, Elem::Int32, Elem::Float32, Elem::Int32, Elem::Int32};
   for (int i = 0; i < 5; ++i) {
     keep.push_back(tensor_arg(seq[i], names[i], kWhere));
     const TensorArg& t = keep.back();
     check_elem(t, elems[i], kWhere);
-    check_shape(t, shapes[i], kWhere);
+    check_shape(t, tiles ? tile_shapes[i] : pair_shapes[i], kWhere);
     check_contiguous(t, kWhere);
     check_device(t, false, kWhere);
   }
   const size_t n = keep.size();
-  w.w1b = keep[n - 5].data<uint32_t>();
-  w.w2b = keep[n - 4].data<uint32_t>();
+  const uint32_t* a = keep[n - 5].data<uint32_t>();
+  const uint32_t* b = keep[n - 4].data<uint32_t>();
+  const uint32_t* c = keep[n - 2].data<uint32_t>();
+  const uint32_t* e = keep[n - 1].data<uint32_t>();
   w.u2b = keep[n - 3].data<float>();
-  w.v1b = keep[n - 2].data<uint32_t>();
-  w.v2b = keep[n - 1].data<uint32_t>();
+  if (tiles) { w.w1t = a; w.w2t = b; w.v1t = c; w.v2t = e; }
+  else { w.w1b = a; w.w2b = b; w.v1b = c; w.v2b = e; }
 }
 
 // Float32 tensors of exactly these shapes, contiguous, on the CPU (outputs and the saved activations).
@@ -163,14 +176,14 @@ struct Call {
   int64_t pairs;
 };
 
-Call read_call(py::handle q, py::handle d, py::handle q_mask, py::handle d_mask, py::sequence weights,
+Call read_call(const std::string& isa, py::handle q, py::handle d, py::handle q_mask, py::handle d_mask, py::sequence weights,
                py::handle bf16_weights, int64_t lq, int64_t ld, int64_t r1, int64_t c, py::sequence eps, double bo,
                py::handle saved, int threads, std::vector<TensorArg>& keep) {
   keep.reserve(48);  // no reallocation: the pointers read below stay valid
   Call call{padded_problem(q, d, q_mask, d_mask, threads, false, kWhere), LiteWeights{}, {}, 0};
   const MaxSimProblem& p = call.a.p;
   call.w = read_weights(weights, lq, ld, r1, c, eps, bo, keep);
-  read_bf16_weights(bf16_weights, call.w, keep);
+  read_bf16_weights(bf16_weights, isa == "amx", call.w, keep);
   FASTRANK_CHECK(p.Lq <= lq, kWhere << ": q has " << p.Lq << " tokens but the scorer takes at most lq=" << lq);
   FASTRANK_CHECK(p.Ld <= ld, kWhere << ": d has " << p.Ld << " tokens but the scorer takes at most ld=" << ld);
   call.pairs = p.F * p.Y * p.X;
@@ -188,7 +201,7 @@ void lite_forward(const std::string& isa, py::handle q, py::handle d, py::handle
                   py::sequence weights, py::handle bf16_weights, int64_t lq, int64_t ld, int64_t r1, int64_t c,
                   py::sequence eps, double bo, py::handle out_obj, py::handle saved, int threads) {
   std::vector<TensorArg> keep;
-  const Call call = read_call(q, d, q_mask, d_mask, weights, bf16_weights, lq, ld, r1, c, eps, bo, saved, threads, keep);
+  const Call call = read_call(isa, q, d, q_mask, d_mask, weights, bf16_weights, lq, ld, r1, c, eps, bo, saved, threads, keep);
   const MaxSimProblem& p = call.a.p;
   const TensorArg out = tensor_arg(out_obj, "out", kWhere);
   check_output(out, Elem::Float32, {p.F, p.Y, p.X}, kWhere);
@@ -206,7 +219,7 @@ void lite_backward(const std::string& isa, py::handle q, py::handle d, py::handl
                    int threads) {
   FASTRANK_CHECK(!saved.is_none(), kWhere << ": the backward needs the saved activations (h1, st1, a2)");
   std::vector<TensorArg> keep;
-  const Call call = read_call(q, d, q_mask, d_mask, weights, py::none(), lq, ld, r1, c, eps, bo, saved, threads, keep);
+  const Call call = read_call(isa, q, d, q_mask, d_mask, weights, py::none(), lq, ld, r1, c, eps, bo, saved, threads, keep);
   const MaxSimProblem& p = call.a.p;
   const int64_t P = cpu::kLitePanel;
   const int64_t R1p = padded(r1, P), ldp = padded(ld, P), Cp = padded(c, P), lqp = padded(lq, P);
@@ -233,7 +246,8 @@ void register_lite(py::module_& m) {
         "Fused separable LITE forward on CPU with the named ISA path: q (F,Y,Lq,H) and d (F,X,Ld,H) of one float "
         "dtype (last dim stride 1), masks bool (F,Y,X,Lq) / (F,Y,X,Ld) or None, Lq <= lq and Ld <= ld; weights: the "
         "16 packed float32 tensors of fastrank/ops/lite_cpu.py (shapes checked); bf16_weights: both MLPs' bfloat16 "
-        "pairs (w1b, w2b, u2b, v1b, v2b: int32 but u2b float32), which bfloat16 inputs use on a path with AVX512-BF16, or None; "
+        "pairs (w1b, w2b, u2b, v1b, v2b: int32 but u2b float32), which bfloat16 inputs use on a path with AVX512-BF16, "
+        "on the amx path whole AMX tiles (w1t, w2t, u2b, v1t, v2t, lite_cpu.h), or None; "
         "eps: the 4 LayerNorm epsilons; "
         "bo: the output bias; out float32 (F,Y,X), contiguous; saved: None (inference) or (h1, st1, a2) float32 "
         "(see lite_backward), written for the backward (the forward then runs float32).",

@@ -44,6 +44,12 @@ struct LiteWeights {
   const float* u2b;       // (ldp): u2 summed from the bfloat16-rounded W2g, so that the fold stays exact
   const uint32_t* v1b;    // (Cp/8, lq2/2, 8): v1b[b][i/2][t] = V1[8b + t][i, i + 1], lq2 = lq rounded up to even
   const uint32_t* v2b;    // (lqp/32, Cp/2, 32): v2b[p][k/2][t] = V2[32p + t][k, k + 1]
+  // bfloat16 inputs on the amx path: the four Linears as whole AMX B tiles, bfloat16 pairs along k, (N/16,
+  // K/2, 16): x[b][k/2][t] = W[16b + t][k, k + 1], W zero-padded to N and K (with u2b above; nullptr otherwise).
+  const uint32_t* w1t;    // (R1p/16, ldp/2, 16) of W1
+  const uint32_t* w2t;    // (ldp/16, R1p/2, 16) of W2g
+  const uint32_t* v1t;    // (Cp/16, lqp/2, 16) of V1
+  const uint32_t* v2t;    // (lqp/16, Cp/2, 16) of V2
 };
 
 // Training: what the forward saves for the backward (per pair, rows i < lq: the row MLP's ReLU'd hidden layer,

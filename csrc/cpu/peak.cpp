@@ -17,14 +17,26 @@ FASTRANK_DECLARE_PEAK_ISA(isa_avx512)
 #ifdef FASTRANK_ISA_AVX512BF16
 FASTRANK_DECLARE_PEAK_ISA(isa_avx512bf16)
 #endif
+#ifdef FASTRANK_ISA_AMX
+FASTRANK_DECLARE_AMX_PEAK(isa_amx)
+#endif
 
 namespace fastrank {
 namespace {
 
 using PeakFn = double (*)(int64_t);
 
-// The unit an ISA path runs (amx: the avx512bf16 unit's loops; its tiles are not probed).
-PeakFn peak_fn(cpu::Isa isa, bool bf16) {
+double no_tiles(int64_t) { return 0; }
+
+// The unit an ISA path runs (amx: the avx512bf16 unit's vector loops, and its own tile loop).
+PeakFn peak_fn(cpu::Isa isa, const std::string& kind) {
+  if (kind == "amx_tile") {
+#ifdef FASTRANK_ISA_AMX
+    if (isa == cpu::Isa::Amx) return isa_amx::amx_tile_peak;
+#endif
+    return no_tiles;
+  }
+  const bool bf16 = kind == "bf16_dot";
   const int level = static_cast<int>(isa);
   (void)level;
 #ifdef FASTRANK_ISA_AVX512BF16
@@ -54,17 +66,17 @@ void register_peak(py::module_& m) {
       [](const std::string& isa, const std::string& kind, int64_t iters, int threads) {
         constexpr const char* where = "cpu_peak_flop";
         const cpu::Isa path = cpu::runnable_isa(isa, where);
-        FASTRANK_CHECK(kind == "fma" || kind == "bf16_dot",
-                       where << ": kind must be 'fma' or 'bf16_dot', got '" << kind << "'");
+        FASTRANK_CHECK(kind == "fma" || kind == "bf16_dot" || kind == "amx_tile",
+                       where << ": kind must be 'fma', 'bf16_dot' or 'amx_tile', got '" << kind << "'");
         FASTRANK_CHECK(iters >= 1 && iters <= (int64_t(1) << 40), where << ": iters must be in [1, 2^40], got " << iters);
         FASTRANK_CHECK(threads >= 1 && threads <= 4096, where << ": threads must be in [1, 4096], got " << threads);
-        const PeakFn fn = peak_fn(path, kind == "bf16_dot");
+        const PeakFn fn = peak_fn(path, kind);
         py::gil_scoped_release release;
         return run_peak(fn, iters, threads);
       },
       "Floating-point operations done by `threads` OpenMP threads each running `iters` rounds of the ISA path's "
-      "register-only multiply-add loop (kind 'fma': float32 FMA; 'bf16_dot': vdpbf16ps, 0 where the path has "
-      "none). Time the call to get the path's peak rate.",
+      "register-only multiply-add loop (kind 'fma': float32 FMA; 'bf16_dot': vdpbf16ps; 'amx_tile': tdpbf16ps on "
+      "AMX tiles; 0 where the path has none). Time the call to get the path's peak rate.",
       py::arg("isa"), py::arg("kind"), py::arg("iters"), py::arg("threads"));
 }
 

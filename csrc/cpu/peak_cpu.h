@@ -14,3 +14,12 @@
   double bf16_dot_peak(int64_t iters);     \
   }                                        \
   }
+
+// The amx unit's tile loop: register-only tdpbf16ps on six accumulator tiles (16 x 16 x 32 multiply-adds
+// each), as many as the tile file holds beside one A and one B tile.
+#define FASTRANK_DECLARE_AMX_PEAK(NS)      \
+  namespace fastrank {                     \
+  namespace NS {                           \
+  double amx_tile_peak(int64_t iters);     \
+  }                                        \
+  }

@@ -157,7 +157,8 @@ _PEAK_CALLS: dict[tuple, tuple[int, float]] = {}  # (isa, kind, threads, seconds
 def peak_probes(device: str = "cpu", *, seconds: float = PEAK_SECONDS) -> dict:
     """The arithmetic peak of the CPU ISA path fastrank runs, as ceiling probes (name -> (callable, FLOP per
     call)): ``fma_peak_gflops``, register-only float32 multiply-adds on every torch thread, and
-    ``bf16_dot_peak_gflops``, the same with vdpbf16ps where the path has it (AMX tiles are not probed).
+    ``bf16_dot_peak_gflops``, the same with vdpbf16ps where the path has it, and ``amx_tile_peak_gflops``,
+    tdpbf16ps on tiles on the amx path.
     Empty off the CPU or without the extension: the peak needs the path's own instructions."""
     if not str(device).startswith("cpu"):
         return {}
@@ -170,7 +171,8 @@ def peak_probes(device: str = "cpu", *, seconds: float = PEAK_SECONDS) -> dict:
 
     isa, threads = cpu_isa.selected(), torch.get_num_threads()
     probes = {}
-    for name, kind in (("fma_peak_gflops", "fma"), ("bf16_dot_peak_gflops", "bf16_dot")):
+    for name, kind in (("fma_peak_gflops", "fma"), ("bf16_dot_peak_gflops", "bf16_dot"),
+                       ("amx_tile_peak_gflops", "amx_tile")):
         calib = 20_000
         if ext.cpu_peak_flop(isa, kind, calib, threads) == 0:
             continue  # the path has no such instruction
@@ -213,8 +215,8 @@ def measure_ceilings(device: str = "cpu", seconds: float = 2.5, *, gemm_n: int =
       on a ``bf16_gemm_n``^3 problem, :func:`bf16_gemm_n`);
     - ``copy_gbps``: ``dst.copy_(src)`` of ``copy_mb`` MB, counting bytes read plus bytes written;
     - ``read_gbps``: ``x.sum()`` over ``read_mb`` MB of float32, bytes read (a kernel streaming d once);
-    - ``fma_peak_gflops`` and ``bf16_dot_peak_gflops`` (:func:`peak_probes`; None where not measured), with
-      ``peak_isa``, the path they were measured on.
+    - ``fma_peak_gflops``, ``bf16_dot_peak_gflops`` and ``amx_tile_peak_gflops`` (:func:`peak_probes`; None
+      where not measured), with ``peak_isa``, the path they were measured on.
 
     The default buffers (0.5-1 GB) exceed the last-level caches we have met (up to 300 MB on a cloud Xeon),
     so the rates are DRAM's; tests pass small sizes.
@@ -248,6 +250,7 @@ def measure_ceilings(device: str = "cpu", seconds: float = 2.5, *, gemm_n: int =
     return {
         "fma_peak_gflops": peaks.get("fma_peak_gflops"),
         "bf16_dot_peak_gflops": peaks.get("bf16_dot_peak_gflops"),
+        "amx_tile_peak_gflops": peaks.get("amx_tile_peak_gflops"),
         "peak_isa": selected_isa() if peaks else None,
         "sgemm_gflops": gemm_flop / sgemm / 1e9,
         "bf16_gemm_gflops": 2.0 * n16 ** 3 / bf16 / 1e9,
@@ -261,24 +264,32 @@ def measure_ceilings(device: str = "cpu", seconds: float = 2.5, *, gemm_n: int =
     }
 
 
-def peak_for(ceiling: str | None, ceilings: dict) -> float | None:
-    """The arithmetic peak that bounds a row whose ceiling is ``ceiling``: the bf16 dot peak for bf16 GEMM
-    rows where the path has one, else the float32 FMA peak; None for bandwidth rows or when not measured."""
+def peak_for(ceiling: str | None, ceilings: dict, isa: str | None = None) -> float | None:
+    """The arithmetic peak that bounds a row whose ceiling is ``ceiling``, run on path ``isa`` (default: the
+    path the peaks were measured on): for bf16 GEMM rows the AMX tile peak on the amx path, else the bf16 dot
+    peak where the path has one, else the float32 FMA peak; None for bandwidth rows or when not measured."""
     if ceiling not in ("sgemm_gflops", "bf16_gemm_gflops"):
         return None
-    if ceiling == "bf16_gemm_gflops" and ceilings.get("bf16_dot_peak_gflops"):
-        return ceilings["bf16_dot_peak_gflops"]
+    isa = isa or ceilings.get("peak_isa")
+    if ceiling == "bf16_gemm_gflops":
+        if isa == "amx" and ceilings.get("amx_tile_peak_gflops"):
+            return ceilings["amx_tile_peak_gflops"]
+        if ceilings.get("bf16_dot_peak_gflops"):
+            return ceilings["bf16_dot_peak_gflops"]
     return ceilings.get("fma_peak_gflops")
 
 
 def peak_text(ceilings: dict) -> str:
-    """", FMA peak 541.6 GFLOP/s (avx512bf16 path), bf16 dot peak 1078.0 GFLOP/s", or "" when not measured."""
+    """", FMA peak 541.6 GFLOP/s (avx512bf16 path), bf16 dot peak 1078.0 GFLOP/s" (and ", AMX tile peak ..."
+    on the amx path), or "" when not measured."""
     if not ceilings.get("fma_peak_gflops"):
         return ""
     isa = f" ({ceilings['peak_isa']} path)" if ceilings.get("peak_isa") else ""
     text = f", FMA peak {ceilings['fma_peak_gflops']:.1f} GFLOP/s{isa}"
     if ceilings.get("bf16_dot_peak_gflops"):
         text += f", bf16 dot peak {ceilings['bf16_dot_peak_gflops']:.1f} GFLOP/s"
+    if ceilings.get("amx_tile_peak_gflops"):
+        text += f", AMX tile peak {ceilings['amx_tile_peak_gflops']:.1f} GFLOP/s"
     return text
 
 

@@ -374,9 +374,10 @@ def ceiling_metrics(case: MaxSimCase, work: dict, seconds: float, isa: str, ceil
     bf16_gemm = isa in BF16_GEMM_PATHS and case.dtype == torch.bfloat16
     rate = ceilings["bf16_gemm_gflops"] if bf16_gemm else ceilings["sgemm_gflops"]
     floor = max(work["flops"] / (rate * 1e9), work["d_valid_bytes"] / (ceilings["read_gbps"] * 1e9))
-    # The paths with vdpbf16ps (avx512bf16; amx's tiles are not probed) are bounded by the bf16 dot peak.
+    # bfloat16 on the paths with bfloat16 products is bounded by their peak (amx: its tiles; avx512bf16:
+    # vdpbf16ps), anything else by the FMA peak.
     bf16_dot = case.dtype == torch.bfloat16 and isa in ("avx512bf16", "amx")
-    peak = machine.peak_for("bf16_gemm_gflops" if bf16_dot else "sgemm_gflops", ceilings)
+    peak = machine.peak_for("bf16_gemm_gflops" if bf16_dot else "sgemm_gflops", ceilings, isa)
     metrics.update({
         "sgemm_fraction": metrics["GFLOP_per_s"] / ceilings["sgemm_gflops"],
         "peak_fraction": metrics["GFLOP_per_s"] / peak if peak else None,
@@ -470,7 +471,8 @@ def run_maxsim(cases: list[MaxSimCase], device: str, providers=None, progress: b
             row = result_row(case, work, p, sec, eager, case_ceilings, default_isa)
             if case_ceilings:
                 row["ceilings"] = {k: case_ceilings.get(k) for k in ("sgemm_gflops", "bf16_gemm_gflops", "read_gbps",
-                                                                      "fma_peak_gflops", "bf16_dot_peak_gflops")}
+                                                                      "fma_peak_gflops", "bf16_dot_peak_gflops",
+                                                                      "amx_tile_peak_gflops")}
             rows.append(row)
         del inputs, reference
     return rows

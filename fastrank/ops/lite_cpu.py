@@ -106,14 +106,38 @@ def pack_bf16(params: list[Tensor]) -> list[Tensor]:
             _bf16_pairs(b_panels(V2, panel_padded(c)))]
 
 
+TILE = 16  # an AMX tile's columns
+
+
+def _tile_pairs(weight: Tensor, k_padded: int) -> Tensor:
+    # (out, k) -> (ceil(out / 32) * 32 / 16, k_padded / 2, 16) int32: whole AMX B tiles, block b holding
+    # W[16b .. 16b + 15, :]^T as bfloat16 pairs along k (the row of a tile: 16 output units, one k pair).
+    out, k = weight.shape
+    w = F_.pad(weight.float(), (0, k_padded - k, 0, panel_padded(out) - out))
+    return _bf16_pairs(w.reshape(-1, TILE, k_padded).transpose(1, 2))
+
+
+def pack_amx(params: list[Tensor]) -> list[Tensor]:
+    """The four Linears as whole AMX tiles (lite_cpu.h: w1t, w2t, v1t, v2t; the LayerNorm folded into W2 as
+    for :func:`pack_bf16`) and u2b, which bfloat16 inputs use on the amx path."""
+    W1, g1, be1, W2, b2, V1, V2 = (params[i].detach() for i in (0, 2, 3, 4, 5, 8, 12))
+    r1, ld = W1.shape
+    c, lq = V1.shape
+    w2g, _, _ = fold_layernorm(W2, g1, be1, b2, torch.bfloat16)
+    u2b = _vec(w2g.float().sum(dim=1), panel_padded(ld))
+    return [_tile_pairs(W1, panel_padded(ld)), _tile_pairs(w2g, panel_padded(r1)), u2b,
+            _tile_pairs(V1, panel_padded(lq)), _tile_pairs(V2, panel_padded(c))]
+
+
 # Packings kept: forward, bfloat16 and backward of a training copy and an evaluation copy, say.
 _CACHE = WeightCache(12)
 
 
 def packed(params: list[Tensor], kind: str = "forward"):
-    """:func:`pack` (``kind`` "forward"), :func:`pack_bf16` ("bf16") or :func:`pack_backward` ("backward"),
-    cached while the parameters are unchanged (:class:`~fastrank.ops.weight_cache.WeightCache`)."""
-    packers = {"forward": pack, "bf16": pack_bf16, "backward": pack_backward}
+    """:func:`pack` (``kind`` "forward"), :func:`pack_bf16` ("bf16"), :func:`pack_amx` ("amx") or
+    :func:`pack_backward` ("backward"), cached while the parameters are unchanged
+    (:class:`~fastrank.ops.weight_cache.WeightCache`)."""
+    packers = {"forward": pack, "bf16": pack_bf16, "amx": pack_amx, "backward": pack_backward}
     if kind not in packers:
         raise ValueError(f"lite packing: kind must be one of {sorted(packers)}, got {kind!r}")
     packer = packers[kind]
@@ -150,7 +174,9 @@ def forward(q: Tensor, d: Tensor, q_mask: Optional[Tensor], d_mask: Optional[Ten
     ext = _ext.require()
     isa = cpu_isa.selected_for("lite", q.dtype)
     weights, bo = packed(params)
-    pairs = packed(params, "bf16") if saved is None and uses_bf16_dot(q.dtype, isa) else None
+    pairs = None
+    if saved is None and uses_bf16_dot(q.dtype, isa):
+        pairs = packed(params, "amx" if isa == "amx" else "bf16")
     q = q if q.stride(-1) == 1 else q.contiguous()
     d = d if d.stride(-1) == 1 else d.contiguous()
     out = torch.empty((q.shape[0], q.shape[1], d.shape[1]), dtype=torch.float32)
@@ -262,7 +288,8 @@ def score(q: Tensor, d: Tensor, q_mask: Optional[Tensor], d_mask: Optional[Tenso
 
 
 def uses_bf16_dot(dtype: torch.dtype, isa: str) -> bool:
-    """Whether the row MLP runs on bfloat16 dot products (vdpbf16ps): bfloat16 inputs on a path that has them."""
+    """Whether both MLPs run on bfloat16 products (AMX tiles on the amx path, vdpbf16ps on avx512bf16):
+    bfloat16 inputs on a path that has them. Training (the float32 backward) runs float32 whatever this says."""
     return dtype == torch.bfloat16 and isa in ("avx512bf16", "amx")
 
 
@@ -299,10 +326,14 @@ def slower(*, device_types, isa: str = "", underfilled: bool = False, **_) -> li
 
 def describe(*, isa: str = "", dtype: torch.dtype = torch.float32, **_) -> str:
     vector = {"amx": "AVX-512", "avx512bf16": "AVX-512", "avx512": "AVX-512", "avx2": "AVX2"}.get(isa, "baseline SIMD")
-    if uses_bf16_dot(dtype, isa):
+    if uses_bf16_dot(dtype, isa) and isa == "amx":
+        kernel = ("row and column MLPs on AMX tiles (tdpbf16ps, float32 accumulation), S on AVX-512 FMA; "
+                  "training runs the float32 AVX-512 kernels")
+    elif uses_bf16_dot(dtype, isa):
         kernel = "row and column MLPs on AVX512-BF16 dot products (vdpbf16ps), S on AVX-512 FMA"
     else:
         kernel = f"{vector} FMA micro-kernel" + ("" if dtype == torch.float32 else f", {dtype} widened to float32")
-    return f"C++ CPU kernel (fused LITE forward), ISA path {isa}: {kernel}"
+    faster = cpu_isa.why("lite", dtype)
+    return f"C++ CPU kernel (fused LITE forward), ISA path {isa}: {kernel}" + (f" ({faster})" if faster else "")
 
 
