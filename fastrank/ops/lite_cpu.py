@@ -92,15 +92,21 @@ def _bf16_pairs(blocks: Tensor) -> Tensor:
     return (lo | (hi << 16)).contiguous()
 
 
+def _bf16_folded(params: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # W1, V1, V2 as given, W2g (the LayerNorm folded in) rounded to bfloat16, and u2b summed from it: what
+    # both bfloat16 packings start from.
+    W1, g1, be1, W2, b2, V1, V2 = (params[i].detach() for i in (0, 2, 3, 4, 5, 8, 12))
+    w2g, _, _ = fold_layernorm(W2, g1, be1, b2, torch.bfloat16)
+    return W1, V1, V2, w2g, _vec(w2g.float().sum(dim=1), panel_padded(W1.shape[1]))
+
+
 def pack_bf16(params: list[Tensor]) -> list[Tensor]:
     """Both MLPs' weights as bfloat16 pairs along k (lite_cpu.h: w1b, w2b, v1b, v2b) and u2 summed from the
     rounded W2g (u2b), which bfloat16 inputs use on a path with AVX512-BF16."""
-    W1, g1, be1, W2, b2, V1, V2 = (params[i].detach() for i in (0, 2, 3, 4, 5, 8, 12))
+    W1, V1, V2, w2g, u2b = _bf16_folded(params)
     r1, ld = W1.shape
     c, lq = V1.shape
     w1 = F_.pad(_a_blocks(W1), (0, 0, 0, ld % 2))  # (R1p/8, ld rounded up to even, 8)
-    w2g, _, _ = fold_layernorm(W2, g1, be1, b2, torch.bfloat16)
-    u2b = _vec(w2g.float().sum(dim=1), panel_padded(ld))
     v1 = F_.pad(_a_blocks(V1), (0, 0, 0, lq % 2))  # (Cp/8, lq rounded up to even, 8)
     return [_bf16_pairs(w1), _bf16_pairs(b_panels(w2g, panel_padded(r1))), u2b, _bf16_pairs(v1),
             _bf16_pairs(b_panels(V2, panel_padded(c)))]
@@ -120,11 +126,9 @@ def _tile_pairs(weight: Tensor, k_padded: int) -> Tensor:
 def pack_amx(params: list[Tensor]) -> list[Tensor]:
     """The four Linears as whole AMX tiles (lite_cpu.h: w1t, w2t, v1t, v2t; the LayerNorm folded into W2 as
     for :func:`pack_bf16`) and u2b, which bfloat16 inputs use on the amx path."""
-    W1, g1, be1, W2, b2, V1, V2 = (params[i].detach() for i in (0, 2, 3, 4, 5, 8, 12))
+    W1, V1, V2, w2g, u2b = _bf16_folded(params)
     r1, ld = W1.shape
     c, lq = V1.shape
-    w2g, _, _ = fold_layernorm(W2, g1, be1, b2, torch.bfloat16)
-    u2b = _vec(w2g.float().sum(dim=1), panel_padded(ld))
     return [_tile_pairs(W1, panel_padded(ld)), _tile_pairs(w2g, panel_padded(r1)), u2b,
             _tile_pairs(V1, panel_padded(lq)), _tile_pairs(V2, panel_padded(c))]
 
@@ -327,7 +331,7 @@ def slower(*, device_types, isa: str = "", underfilled: bool = False, **_) -> li
 def describe(*, isa: str = "", dtype: torch.dtype = torch.float32, **_) -> str:
     vector = {"amx": "AVX-512", "avx512bf16": "AVX-512", "avx512": "AVX-512", "avx2": "AVX2"}.get(isa, "baseline SIMD")
     if uses_bf16_dot(dtype, isa) and isa == "amx":
-        kernel = ("row and column MLPs on AMX tiles (tdpbf16ps, float32 accumulation), S on AVX-512 FMA; "
+        kernel = ("S and the row and column MLPs on AMX tiles (tdpbf16ps, float32 accumulation); "
                   "training runs the float32 AVX-512 kernels")
     elif uses_bf16_dot(dtype, isa):
         kernel = "row and column MLPs on AVX512-BF16 dot products (vdpbf16ps), S on AVX-512 FMA"
